@@ -1,0 +1,16 @@
+"""The typer application every command module registers on.
+
+Command modules stay thin: they parse flags, call a plain module (providers, fanout,
+jobs, babysit) and render its result. Heavy libraries are imported inside commands.
+"""
+
+import typer
+
+app = typer.Typer(
+    name="tpuctl",
+    help="Create, drive and babysit Cloud TPU pods, and train JAX models on them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)

@@ -1,0 +1,1 @@
+"""Test doubles that speak real protocols: a Cloud TPU API server, a pod of sshd hosts."""

@@ -1,0 +1,1 @@
+"""The bundled JAX trainer: `python -m trainer RECIPE [key=value ...]`."""
