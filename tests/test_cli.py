@@ -1,0 +1,41 @@
+"""The CLI shell: fast start-up, no heavy imports, one-line errors."""
+
+import subprocess
+import sys
+
+HEAVY_MODULES = ("jax", "flax", "optax", "orbax", "google.cloud.tpu_v2", "google.cloud.storage")
+
+
+def tpuctl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tpuctl", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_help_lists_commands_and_exits_zero():
+    result = tpuctl("--help")
+    assert result.returncode == 0
+    assert "Usage" in result.stdout
+
+
+def test_version():
+    result = tpuctl("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("tpuctl ")
+
+
+def test_cli_import_pulls_in_no_heavy_library():
+    code = (
+        "import sys, tpuctl.cli; "
+        f"print([m for m in {HEAVY_MODULES!r} if any(k == m or k.startswith(m + '.') "
+        "for k in sys.modules)])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_unknown_command_is_a_usage_error_not_a_traceback():
+    result = tpuctl("no-such-command")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "No such command" in result.stderr
