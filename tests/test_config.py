@@ -1,0 +1,114 @@
+"""Settings precedence: flags > env > ./tpuctl.yaml > user file > defaults, with sources."""
+
+import pytest
+import yaml
+
+from tpuctl import config
+from tpuctl.errors import TpuctlError
+
+
+@pytest.fixture
+def clean_env(tmp_path, monkeypatch):
+    """No TPUCTL_* variables, XDG dirs under tmp_path, cwd an empty project dir."""
+    for var in config.ENV_KEYS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    return tmp_path
+
+
+def write_user_file(tmp_path, data):
+    path = tmp_path / "xdg-config" / "tpuctl" / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_each_layer_overrides_the_one_below(clean_env, monkeypatch):
+    user_file = write_user_file(clean_env, {"zone": "user-zone", "project": "user-proj"})
+    (clean_env / "project" / "tpuctl.yaml").write_text("zone: project-zone\nbucket: b1\n")
+    assert config.load().get("zone") == "project-zone"
+    assert config.load().get("project") == "user-proj"
+    assert config.load().source("project") == str(user_file)
+    assert config.load().source("zone") == "./tpuctl.yaml"
+
+    monkeypatch.setenv("TPUCTL_ZONE", "env-zone")
+    settings = config.load()
+    assert (settings.get("zone"), settings.source("zone")) == ("env-zone", "env TPUCTL_ZONE")
+
+    settings = config.load({"zone": "flag-zone", "project": None})
+    assert (settings.get("zone"), settings.source("zone")) == ("flag-zone", "flag --zone")
+    assert settings.get("project") == "user-proj"  # a None flag is "not given"
+
+
+def test_defaults_and_their_source(clean_env):
+    settings = config.load()
+    assert settings.get("provider") == "cloud"
+    assert settings.source("provider") == "default"
+    assert settings.get("ssh.internal_ip") is False
+    assert settings.get("zone") is None
+    assert settings.get("zone", "fallback") == "fallback"
+
+
+def test_dirs_follow_xdg(clean_env):
+    assert config.config_dir() == clean_env / "xdg-config" / "tpuctl"
+    assert config.state_dir() == clean_env / "xdg-state" / "tpuctl"
+
+
+def test_per_accelerator_defaults_from_nested_yaml(clean_env):
+    write_user_file(
+        clean_env,
+        {
+            "accelerators": {
+                "v3-8": {"zone": "us-central1-a"},
+                "v3-256": {"zone": "us-east1-d", "project": "ai2-tpu", "zones": ["europe-west4-a"]},
+            }
+        },
+    )
+    settings = config.load()
+    assert settings.get("accelerators.v3-256.zone") == "us-east1-d"
+    assert config.accelerator_settings(settings, "v3-256") == {
+        "zone": "us-east1-d",
+        "project": "ai2-tpu",
+        "zones": ["europe-west4-a"],
+    }
+    assert config.accelerator_settings(settings, "v4-8") == {}
+
+
+def test_config_set_writes_the_user_file_and_keeps_other_keys(clean_env):
+    config.set_user_value("project", "ai2-tpu")
+    path = config.set_user_value("accelerators.v3-256.zones", "us-east1-d, europe-west4-a")
+    config.set_user_value("ssh.internal_ip", "yes")
+    data = yaml.safe_load(path.read_text())
+    assert data == {
+        "project": "ai2-tpu",
+        "accelerators": {"v3-256": {"zones": ["us-east1-d", "europe-west4-a"]}},
+        "ssh": {"internal_ip": True},
+    }
+    assert config.load().get("ssh.internal_ip") is True
+
+
+def test_unknown_key_is_refused_with_the_known_keys(clean_env):
+    with pytest.raises(TpuctlError, match=r"unknown config key 'zonee'.*zone"):
+        config.set_user_value("zonee", "x")
+    with pytest.raises(TpuctlError, match=r"accelerators\.TYPE\.zone"):
+        config.set_user_value("accelerators.v3-8.region", "x")
+
+
+def test_bad_values_name_the_key_and_where_they_came_from(clean_env, monkeypatch):
+    monkeypatch.setenv("TPUCTL_SSH_INTERNAL_IP", "maybe")
+    with pytest.raises(TpuctlError, match=r"ssh.internal_ip from env TPUCTL_SSH_INTERNAL_IP"):
+        config.load()
+    monkeypatch.delenv("TPUCTL_SSH_INTERNAL_IP")
+    monkeypatch.setenv("TPUCTL_PROVIDER", "aws")
+    with pytest.raises(TpuctlError, match=r"provider 'aws' \(from env TPUCTL_PROVIDER\)"):
+        config.load()
+
+
+def test_broken_yaml_is_a_one_line_error_naming_the_file(clean_env):
+    (clean_env / "project" / "tpuctl.yaml").write_text("zone: [unclosed\n")
+    with pytest.raises(TpuctlError, match=r"tpuctl.yaml line \d+: not valid YAML"):
+        config.load()

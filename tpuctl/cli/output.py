@@ -1,0 +1,79 @@
+"""Shared rendering for commands: consoles, JSON output, a live status line.
+
+Progress and diagnostics go to stderr so that stdout stays clean for `--json`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from types import TracebackType
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_json(data: Any) -> None:
+    """Write `data` as indented JSON on stdout (no colour, no wrapping: for scripts)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def format_duration(seconds: float) -> str:
+    """Short human duration: 42s, 3m05s, 2h10m."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class StatusLine:
+    """A live spinner line on stderr; each `update` also leaves a permanent, timestamped line.
+
+    The permanent lines keep the history (state transitions, retries) visible in logs and
+    non-terminal output; the spinner shows the current state and elapsed time.
+
+        with StatusLine("creating alice-v3-32") as status:
+            status.update("CREATING")
+    """
+
+    def __init__(self, title: str, console: Console | None = None):
+        self.title = title
+        self.console = console or err_console
+        self.started = time.monotonic()
+        self._live = None
+
+    def __enter__(self) -> StatusLine:
+        self.started = time.monotonic()
+        if self.console.is_terminal:
+            self._live = self.console.status(self.title)
+            self._live.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def update(self, message: str) -> None:
+        """Record a new state or event: printed once, and shown on the spinner."""
+        stamp = format_duration(self.elapsed)
+        self.console.print(f"[dim]{stamp:>6}[/dim]  {escape(message)}")
+        if self._live is not None:
+            self._live.update(f"{self.title}: {message} ({stamp})")

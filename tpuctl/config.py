@@ -1,0 +1,252 @@
+"""Settings resolution: flags > environment > ./tpuctl.yaml > user config file > defaults.
+
+Every value remembers where it came from, so `tpuctl config show` can explain itself.
+Keys are dotted paths (`ssh.user`, `accelerators.v3-256.zone`); YAML files hold the
+same keys as nested mappings.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tpuctl.errors import TpuctlError
+
+PROJECT_FILE = Path("tpuctl.yaml")
+
+# Environment variables and the keys they set (public contract).
+ENV_KEYS: dict[str, str] = {
+    "TPUCTL_PROJECT": "project",
+    "TPUCTL_ZONE": "zone",
+    "TPUCTL_PROVIDER": "provider",
+    "TPUCTL_BUCKET": "bucket",
+    "TPUCTL_SSH_USER": "ssh.user",
+    "TPUCTL_SSH_KEY": "ssh.key",
+    "TPUCTL_SSH_INTERNAL_IP": "ssh.internal_ip",
+    "TPUCTL_NODE": "node",
+}
+
+PROVIDERS = ("cloud", "local")
+
+# The keys a user may set, with one line each for `config show` and error messages.
+# Per-accelerator keys (accelerators.<TYPE>.<field>) are validated separately.
+KNOWN_KEYS: dict[str, str] = {
+    "project": "Google Cloud project that owns the TPUs",
+    "zone": "default zone, e.g. us-central1-a",
+    "provider": "where nodes come from: cloud (Cloud TPU API) or local (simulated pod)",
+    "bucket": "GCS bucket for run files (gs://NAME or NAME)",
+    "node": "default node name for commands that take one",
+    "ssh.user": "user name on the TPU VMs",
+    "ssh.key": "SSH private key path (default: a key pair tpuctl generates)",
+    "ssh.internal_ip": "connect to workers' internal IPs (true when running inside the VPC)",
+}
+ACCELERATOR_FIELDS = ("zone", "zones", "project", "runtime_version")
+BOOL_KEYS = frozenset({"ssh.internal_ip"})
+LIST_FIELDS = frozenset({"zones"})
+
+
+def config_dir() -> Path:
+    """tpuctl's user configuration directory ($XDG_CONFIG_HOME/tpuctl)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "tpuctl"
+
+
+def state_dir() -> Path:
+    """Where tpuctl keeps caches, known_hosts, local pods and job records."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tpuctl"
+
+
+def user_config_path() -> Path:
+    """The user file that `tpuctl config set` writes."""
+    return config_dir() / "config.yaml"
+
+
+def _defaults() -> dict[str, Any]:
+    return {
+        "provider": "cloud",
+        "ssh.user": _local_user(),
+        "ssh.internal_ip": False,
+    }
+
+
+def _local_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return "tpuctl"
+
+
+@dataclass
+class Settings:
+    """Resolved settings: flat dotted keys, each with the layer it came from."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of a dotted key; a prefix such as `accelerators.v3-8` gives a dict."""
+        if key in self.values:
+            return self.values[key]
+        prefix = key + "."
+        nested = {k[len(prefix) :]: v for k, v in self.values.items() if k.startswith(prefix)}
+        return _unflatten(nested) if nested else default
+
+    def source(self, key: str) -> str:
+        """Where a key's value came from: "flag --zone", "env TPUCTL_ZONE", a file, "default"."""
+        return self.sources.get(key, "default")
+
+    def items(self) -> list[tuple[str, Any, str]]:
+        """(key, value, source) for every resolved key, sorted by key."""
+        return [(k, self.values[k], self.source(k)) for k in sorted(self.values)]
+
+
+def load(flags: dict[str, object] | None = None) -> Settings:
+    """Resolve settings from flags, environment, project file, user file and defaults.
+
+    `flags` maps dotted keys to command-line values; None values mean "flag not given".
+    """
+    settings = Settings()
+    layers: list[tuple[dict[str, Any], Any]] = [
+        (_defaults(), lambda _k: "default"),
+        (_read_yaml(user_config_path()), lambda _k: _display_path(user_config_path())),
+        (_read_yaml(PROJECT_FILE), lambda _k: f"./{PROJECT_FILE}"),
+        (_from_env(), lambda k: f"env {_env_name(k)}"),
+        (
+            {k: v for k, v in (flags or {}).items() if v is not None},
+            lambda k: f"flag --{k.replace('.', '-').replace('_', '-')}",
+        ),
+    ]
+    for layer, describe in layers:  # lowest precedence first; later layers win
+        for key, value in layer.items():
+            settings.values[key] = _coerce(key, value, describe(key))
+            settings.sources[key] = describe(key)
+    _check_provider(settings)
+    return settings
+
+
+def accelerator_settings(settings: Settings, accelerator_type: str) -> dict[str, Any]:
+    """Per-accelerator defaults (`accelerators.<TYPE>.*`), e.g. {"zone": ..., "zones": [...]}."""
+    found = settings.get(f"accelerators.{accelerator_type}", {})
+    return found if isinstance(found, dict) else {}
+
+
+def validate_key(key: str) -> None:
+    """Raise a TpuctlError unless `key` is one tpuctl understands."""
+    if key in KNOWN_KEYS:
+        return
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] == "accelerators" and parts[2] in ACCELERATOR_FIELDS:
+        return
+    known = ", ".join([*KNOWN_KEYS, *(f"accelerators.TYPE.{f}" for f in ACCELERATOR_FIELDS)])
+    raise TpuctlError(f"unknown config key {key!r}; known keys: {known}")
+
+
+def set_user_value(key: str, raw_value: str) -> Path:
+    """Write one key into the user config file (creating it) and return the file's path."""
+    import yaml
+
+    validate_key(key)
+    value = _coerce(key, raw_value, f"tpuctl config set {key}")
+    if key == "provider":
+        _check_provider(Settings(values={"provider": value}, sources={"provider": "value"}))
+    path = user_config_path()
+    data = _read_yaml_nested(path)
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[leaf] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+def _from_env() -> dict[str, Any]:
+    return {key: os.environ[var] for var, key in ENV_KEYS.items() if os.environ.get(var)}
+
+
+def _env_name(key: str) -> str:
+    return next(var for var, k in ENV_KEYS.items() if k == key)
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """Turn strings from env, flags and `config set` into the key's type."""
+    leaf = key.rsplit(".", 1)[-1]
+    if key in BOOL_KEYS:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise TpuctlError(f"{key} from {where} must be true or false, not {value!r}")
+    if key.startswith("accelerators.") and leaf in LIST_FIELDS and isinstance(value, str):
+        return [z.strip() for z in value.split(",") if z.strip()]
+    return value
+
+
+def _check_provider(settings: Settings) -> None:
+    provider = settings.values.get("provider")
+    if provider not in PROVIDERS:
+        raise TpuctlError(
+            f"provider {provider!r} (from {settings.source('provider')}) is not one of "
+            f"{', '.join(PROVIDERS)}; fix it with `tpuctl config set provider cloud`"
+        )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    return _flatten(_read_yaml_nested(path))
+
+
+def _read_yaml_nested(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise TpuctlError(f"{path}{line}: not valid YAML; fix or remove the file") from None
+    if not isinstance(data, dict):
+        raise TpuctlError(f"{path}: expected a mapping of settings (key: value), got {data!r}")
+    return data
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _display_path(path: Path) -> str:
+    home = str(Path.home())
+    text = str(path)
+    return "~" + text[len(home) :] if text.startswith(home + os.sep) else text
