@@ -1,0 +1,79 @@
+"""The local pod provider: nodes are directories, one working directory per worker."""
+
+import os
+
+import pytest
+
+from tpuctl import config
+from tpuctl.errors import TpuctlError
+from tpuctl.providers import provider_for, resolve_node
+from tpuctl.providers.base import NodeSpec
+from tpuctl.providers.local import LocalProvider, topology
+
+
+@pytest.fixture
+def provider(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("TPUCTL_PROVIDER", "local")
+    return provider_for(config.load())
+
+
+def spec(name="pod", accelerator_type="v3-32"):
+    return NodeSpec(name=name, zone="local", accelerator_type=accelerator_type, runtime_version="")
+
+
+def test_provider_for_local_setting_gives_a_local_provider(provider):
+    assert isinstance(provider, LocalProvider)
+
+
+def test_up_v3_32_makes_four_ready_workers_each_with_its_own_directory(provider, tmp_path):
+    messages = []
+    node = provider.create(spec(), messages.append)
+    assert node.state == "READY" and node.provider == "local"
+    assert [w.index for w in node.workers] == [0, 1, 2, 3]
+    workdirs = {w.workdir for w in node.workers}
+    assert len(workdirs) == 4
+    for workdir in workdirs:
+        assert workdir.startswith(str(tmp_path / "state"))
+    assert messages and "READY" in messages[0]
+
+
+def test_pod_survives_a_new_provider_and_resolves_as_the_only_node(provider):
+    provider.create(spec("alpha"), lambda _m: None)
+    again = resolve_node(config.load(), None)
+    assert again.name == "alpha"
+    assert again.accelerator_type == "v3-32"
+    assert len(again.workers) == 4
+    assert again.created is not None
+
+
+def test_second_pod_with_the_same_name_is_refused(provider):
+    provider.create(spec(), lambda _m: None)
+    with pytest.raises(TpuctlError, match="already exists"):
+        provider.create(spec(), lambda _m: None)
+
+
+def test_down_removes_the_pod_but_not_data_outside_it(provider, tmp_path):
+    node = provider.create(spec(), lambda _m: None)
+    run_data = tmp_path / "state" / "tpuctl" / "local" / "gcs" / "bucket" / "ckpt"
+    run_data.mkdir(parents=True)
+    assert provider.delete("pod", lambda _m: None) is True
+    assert provider.get("pod") is None
+    assert provider.list() == []
+    assert not any(os.path.exists(w.workdir) for w in node.workers)
+    assert run_data.is_dir()
+    assert provider.delete("pod", lambda _m: None) is False
+
+
+@pytest.mark.parametrize(
+    ("accelerator_type", "expected"),
+    [("v3-8", (1, 8)), ("v3-32", (4, 8)), ("v4-32", (4, 4)), ("v5litepod-16", (4, 4))],
+)
+def test_topology_of_common_types(accelerator_type, expected):
+    assert topology(accelerator_type) == expected
+
+
+def test_bad_accelerator_type_is_a_one_line_error(provider):
+    with pytest.raises(TpuctlError, match="v3-32"):
+        provider.create(spec(accelerator_type="v3"), lambda _m: None)

@@ -1,0 +1,153 @@
+"""A simulated pod on this machine: each worker is a directory, its commands local processes.
+
+`tpuctl up v3-32 --local` makes one. The node record and one working directory per
+worker live under `state_dir()/local/pods/NAME/`; the fan-out layer runs commands there
+with the local transport, so `run`, `logs`, `kill`, `ps`, `exec` and `down` work unchanged.
+Deleting a pod removes only that directory: run outputs (a recipe's local `run_dir`, or
+the local GCS emulator's data under `state_dir()/local/gcs/`) live elsewhere and stay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tpuctl.errors import TpuctlError
+from tpuctl.providers.base import Node, NodeSpec, ProgressFn, Worker
+
+if TYPE_CHECKING:
+    from tpuctl.config import Settings
+
+LOCAL_ZONE = "local"
+RECORD_FILE = "node.json"
+
+
+def local_root() -> Path:
+    """The directory that holds everything local pods keep (pods, the GCS emulator's data)."""
+    from tpuctl.config import state_dir
+
+    return state_dir() / "local"
+
+
+class LocalProvider:
+    """Nodes that are directories under `root`; creating one is instant and it is READY at once."""
+
+    def __init__(self, root: Path | None = None):
+        self.pods_dir = (root or local_root()) / "pods"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LocalProvider:
+        """The provider for `provider: local`; settings carry nothing it needs beyond state_dir."""
+        return cls()
+
+    def get(self, name: str) -> Node | None:
+        """The pod called `name`, or None."""
+        record = self.pods_dir / name / RECORD_FILE
+        if not record.is_file():
+            return None
+        return _node_from_record(json.loads(record.read_text()))
+
+    def list(self) -> list[Node]:
+        """Every local pod, by name."""
+        if not self.pods_dir.is_dir():
+            return []
+        names = sorted(p.name for p in self.pods_dir.iterdir() if (p / RECORD_FILE).is_file())
+        return [node for node in map(self.get, names) if node is not None]
+
+    def create(self, spec: NodeSpec, progress: ProgressFn) -> Node:
+        """Make the pod's directory, one working directory per worker, and its record."""
+        if self.get(spec.name) is not None:
+            raise TpuctlError(
+                f"a local pod named {spec.name!r} already exists; pick another name or "
+                f"remove it with `tpuctl down {spec.name}`",
+                exit_code=1,
+            )
+        hosts = hosts_per_type(spec.accelerator_type)
+        pod_dir = self.pods_dir / spec.name
+        workers = []
+        for index in range(hosts):
+            workdir = pod_dir / "workers" / f"w{index:02d}"
+            # The local transport points TMPDIR here, so each worker has its own lockfiles.
+            (workdir / "tmp").mkdir(parents=True, exist_ok=True)
+            workers.append(Worker(index=index, internal_ip="127.0.0.1", workdir=str(workdir)))
+        node = Node(
+            name=spec.name,
+            zone=LOCAL_ZONE,
+            accelerator_type=spec.accelerator_type,
+            state="READY",
+            project=None,
+            scheduling=spec.scheduling,
+            runtime_version=spec.runtime_version,
+            created=datetime.now(UTC),
+            workers=tuple(workers),
+            labels=dict(spec.labels),
+            provider="local",
+        )
+        _write_record(pod_dir / RECORD_FILE, node)
+        progress(f"READY: {hosts} local workers under {pod_dir / 'workers'}")
+        return node
+
+    def delete(self, name: str, progress: ProgressFn) -> bool:
+        """Remove the pod's directory (its workers' job logs with it); False if there was none.
+
+        Jobs still running on the pod are the caller's to stop first (`tpuctl kill`).
+        """
+        pod_dir = self.pods_dir / name
+        if not (pod_dir / RECORD_FILE).is_file():
+            return False
+        shutil.rmtree(pod_dir)
+        progress(f"deleted local pod {name}")
+        return True
+
+
+def hosts_per_type(accelerator_type: str) -> int:
+    """How many hosts (workers) a pod of this type has, e.g. 4 for v3-32."""
+    return topology(accelerator_type)[0]
+
+
+def devices_per_host(accelerator_type: str) -> int:
+    """How many JAX devices each host of this type has, e.g. 8 for v3 (one per TensorCore)."""
+    return topology(accelerator_type)[1]
+
+
+def topology(accelerator_type: str) -> tuple[int, int]:
+    """(hosts, JAX devices per host) for an accelerator type name such as v3-32 or v5litepod-16."""
+    generation, _, size_text = accelerator_type.partition("-")
+    if not size_text.isdigit() or int(size_text) < 1:
+        raise TpuctlError(
+            f"accelerator type {accelerator_type!r} is not GENERATION-SIZE (e.g. v3-32, v4-8, "
+            "v5litepod-16)"
+        )
+    size = int(size_text)
+    if generation in ("v2", "v3"):  # size counts TensorCores; each is a device, 8 per host
+        return max(1, size // 8), min(size, 8)
+    if generation in ("v4", "v5p"):  # size counts TensorCores; 2 per chip (megacore), 4 chips/host
+        chips = max(1, size // 2)
+        return max(1, chips // 4), min(chips, 4)
+    if generation in ("v5litepod", "v5e", "v6e"):  # size counts chips; one host up to 8
+        return (1, size) if size <= 8 else (size // 4, 4)
+    raise TpuctlError(
+        f"accelerator type {accelerator_type!r}: unknown generation {generation!r}; "
+        "use one of v2, v3, v4, v5p, v5litepod, v6e"
+    )
+
+
+def _write_record(path: Path, node: Node) -> None:
+    data = asdict(node)
+    data["created"] = node.created.isoformat() if node.created else None
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _node_from_record(data: dict) -> Node:
+    workers = tuple(Worker(**w) for w in data.pop("workers", []))
+    created = data.pop("created", None)
+    return Node(
+        **data, workers=workers, created=datetime.fromisoformat(created) if created else None
+    )
