@@ -1,0 +1,470 @@
+"""Recipes: one YAML file describes a training run.
+
+This module imports no jax: tpuctl validates recipes on the user's machine with it before
+anything is launched. `load_recipe` parses YAML, applies dotted `key=value` overrides, checks
+every key and type against the dataclasses below and raises `RecipeError` with one line naming
+the key and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe problem, described in one line that names the key and the fix."""
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Llama-family decoder dimensions. `preset` fills the dimensions you leave out."""
+
+    preset: str | None = None
+    init_from: str | None = None  # a Hugging Face Llama directory (config.json + safetensors)
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: same as n_heads (no grouped-query attention)
+    mlp_dim: int = 11008
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"  # master weights and optimizer state
+    remat: bool = False  # recompute each layer's activations in the backward pass
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=192,
+                 max_seq_len=512),
+    "llama-1b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                     mlp_dim=5632, max_seq_len=2048),
+    "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, mlp_dim=11008,
+                      max_seq_len=4096),
+    "llama2-13b": dict(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, mlp_dim=13824,
+                       max_seq_len=4096),
+    "llama2-70b": dict(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                       mlp_dim=28672, max_seq_len=4096),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    path: str = ""  # a sentencepiece tokenizer.model (local or gs://)
+    add_bos: bool = True
+    add_eos: bool = True
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # .txt / .jsonl files, local or gs://
+    eval: list[str] = field(default_factory=list)
+    format: str = "text"  # text | chat | prompt_completion
+    text_field: str = "text"
+    cache_dir: str | None = None  # default: {run_dir}/data_cache
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; one axis may be -1, meaning "the rest of the devices"."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | adafactor | lion
+    lr: float = 3e-4
+    end_lr: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int | None = None  # optimizer updates; or give `epochs`
+    epochs: float | None = None
+    batch_size: int = 8  # global sequences per optimizer update
+    seq_len: int = 2048
+    grad_accum: int = 1  # micro-batches per update (scanned inside the jitted step)
+    seed: int = 0
+    objective: str = "lm"  # next-token loss; the loss is separate from the loop
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = 0  # 0: no periodic eval
+    batches: int = 4
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    every_steps: int = 10
+    wandb_project: str | None = None
+    tensorboard: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep: int = 3
+    milestone_every: int | None = None
+    every_minutes: float | None = None
+    async_save: bool = True
+    save_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    run_dir: str
+    run_id: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    env: dict[str, str] = field(default_factory=dict)  # exported on every worker
+
+    @property
+    def data_cache_dir(self) -> str:
+        return self.data.cache_dir or join_path(self.run_dir, "data_cache")
+
+
+def join_path(base: str, *parts: str) -> str:
+    """Join path parts for a local path or a gs:// URI."""
+    return "/".join([base.rstrip("/"), *parts]) if "://" in base else str(Path(base, *parts))
+
+
+def load_recipe(source: str, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a recipe (local path or gs:// URI), apply `a.b=value` overrides and validate it."""
+    raw = _parse_yaml(_read_recipe_text(source), source)
+    for override in overrides:
+        _apply_override(raw, override)
+    raw.setdefault("run_id", _default_run_id(source))
+    recipe = _build(Recipe, raw, "")
+    recipe = _with_model_preset(recipe, raw.get("model") or {})
+    recipe = _resolve_local_paths(recipe, source)
+    validate(recipe)
+    return recipe
+
+
+def _read_recipe_text(source: str) -> str:
+    if "://" in source:
+        from trainer import io  # only remote recipes need the storage layer
+
+        if not io.exists(source):
+            raise RecipeError(f"recipe {source} does not exist: check the URI")
+        return io.read_text(source)
+    path = Path(source)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {source} not found: give a path to a YAML recipe")
+    return path.read_text()
+
+
+def _parse_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{source}{where}: not valid YAML ({getattr(e, 'problem', e)})") from e
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping of keys, not {type(raw).__name__}")
+    return raw
+
+
+def _default_run_id(source: str) -> str:
+    return Path(source.rstrip("/").rsplit("/", 1)[-1]).stem
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise RecipeError(
+            f"override {override!r}: write overrides as key=value, e.g. train.steps=200"
+        )
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {key}: {part} is not a section, so it has no sub-keys")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and value type."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{prefix.rstrip('.')}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise RecipeError(
+            f"unknown key {prefix}{unknown[0]}: remove it or use one of {', '.join(sorted(fields))}"
+        )
+    values = {}
+    for name, value in raw.items():
+        key = prefix + name
+        annotation = hints[name]
+        values[name] = (
+            _build(annotation, value or {}, key + ".")
+            if dataclasses.is_dataclass(annotation)
+            else _check_type(key, value, annotation)
+        )
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise RecipeError(f"missing key {prefix}{missing[0]}: add it to the recipe")
+    return cls(**values)
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _check_type(key, value, inner)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        items = value if isinstance(value, list) else [value]
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(items)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping of NAME: value, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise RecipeError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise RecipeError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unhandled recipe type {annotation} for {key}")
+
+
+def _with_model_preset(recipe: Recipe, raw_model: dict[str, Any]) -> Recipe:
+    """Fill dimensions from the preset, keeping the ones the recipe sets explicitly."""
+    model = recipe.model
+    if model.preset is None:
+        return recipe
+    if model.preset not in PRESETS:
+        raise RecipeError(
+            f"model.preset: unknown preset {model.preset!r}; use one of {', '.join(PRESETS)}"
+        )
+    dims = {k: v for k, v in PRESETS[model.preset].items() if k not in raw_model}
+    return dataclasses.replace(recipe, model=dataclasses.replace(model, **dims))
+
+
+def _resolve_local_paths(recipe: Recipe, source: str) -> Recipe:
+    """Relative file paths are taken from the working directory, else from the recipe's folder."""
+    base = Path(source).parent if "://" not in source else None
+
+    def resolve(path: str) -> str:
+        if "://" in path or os.path.isabs(path) or os.path.exists(path) or base is None:
+            return path
+        candidate = base / path
+        return str(candidate) if candidate.exists() else path
+
+    data = recipe.data
+    return dataclasses.replace(
+        recipe,
+        tokenizer=dataclasses.replace(recipe.tokenizer, path=resolve(recipe.tokenizer.path)),
+        data=dataclasses.replace(
+            data, train=[resolve(p) for p in data.train], eval=[resolve(p) for p in data.eval]
+        ),
+        model=dataclasses.replace(
+            recipe.model,
+            init_from=resolve(recipe.model.init_from) if recipe.model.init_from else None,
+        ),
+    )
+
+
+def validate(recipe: Recipe) -> None:
+    """Check everything that can be checked without devices; raise RecipeError on the first problem."""
+    _validate_model(recipe.model)
+    _validate_train(recipe.train, recipe.model)
+    _validate_choices(recipe)
+    _validate_mesh_axes(recipe.mesh)
+    _validate_files(recipe)
+
+
+def _validate_model(model: ModelConfig) -> None:
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "mlp_dim", "max_seq_len"):
+        if getattr(model, name) <= 0:
+            raise RecipeError(f"model.{name} must be positive, got {getattr(model, name)}")
+    if model.dim % model.n_heads:
+        raise RecipeError(
+            f"model.dim ({model.dim}) must be divisible by model.n_heads ({model.n_heads})"
+        )
+    if model.head_dim % 2:
+        raise RecipeError(
+            f"model.dim / model.n_heads = {model.head_dim} must be even for rotary embeddings"
+        )
+    if model.n_heads % model.kv_heads:
+        raise RecipeError(
+            f"model.n_heads ({model.n_heads}) must be a multiple of model.n_kv_heads ({model.kv_heads})"
+        )
+    for name in ("dtype", "param_dtype"):
+        if getattr(model, name) not in ("float32", "bfloat16", "float16"):
+            raise RecipeError(
+                f"model.{name}: use float32, bfloat16 or float16, not {getattr(model, name)!r}"
+            )
+
+
+def _validate_train(train: TrainConfig, model: ModelConfig) -> None:
+    if (train.steps is None) == (train.epochs is None):
+        raise RecipeError("train.steps / train.epochs: set exactly one of them")
+    if train.steps is not None and train.steps <= 0:
+        raise RecipeError(f"train.steps must be positive, got {train.steps}")
+    if train.epochs is not None and train.epochs <= 0:
+        raise RecipeError(f"train.epochs must be positive, got {train.epochs}")
+    for name in ("batch_size", "seq_len", "grad_accum"):
+        if getattr(train, name) <= 0:
+            raise RecipeError(f"train.{name} must be positive, got {getattr(train, name)}")
+    if train.batch_size % train.grad_accum:
+        raise RecipeError(
+            f"train.batch_size ({train.batch_size}) must be divisible by train.grad_accum ({train.grad_accum})"
+        )
+    if train.seq_len > model.max_seq_len:
+        raise RecipeError(
+            f"train.seq_len ({train.seq_len}) exceeds model.max_seq_len ({model.max_seq_len}): lower it or raise max_seq_len"
+        )
+
+
+CHOICES = {
+    "data.format": ("text", "chat", "prompt_completion"),
+    "optimizer.name": ("adamw", "adafactor", "lion"),
+    "optimizer.schedule": ("cosine", "linear", "constant"),
+    "train.objective": ("lm",),
+}
+
+
+def _validate_choices(recipe: Recipe) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(recipe, section), name)
+        if value not in allowed:
+            raise RecipeError(f"{key}: {value!r} is not supported; use one of {', '.join(allowed)}")
+
+
+def _validate_mesh_axes(mesh: MeshConfig) -> None:
+    sizes = {axis: getattr(mesh, axis) for axis in MESH_AXES}
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise RecipeError(f"mesh.{axis} must be a positive size or -1 (the rest), got {size}")
+    if list(sizes.values()).count(-1) > 1:
+        raise RecipeError("mesh: at most one axis may be -1 (the rest of the devices)")
+
+
+def _validate_files(recipe: Recipe) -> None:
+    if not recipe.tokenizer.path and recipe.model.init_from is None:
+        raise RecipeError("tokenizer.path: set it to a sentencepiece tokenizer.model file")
+    if not recipe.data.train:
+        raise RecipeError("data.train: list at least one training file (.txt or .jsonl)")
+    checks = [("tokenizer.path", recipe.tokenizer.path)] if recipe.tokenizer.path else []
+    checks += [(f"data.train[{i}]", p) for i, p in enumerate(recipe.data.train)]
+    checks += [(f"data.eval[{i}]", p) for i, p in enumerate(recipe.data.eval)]
+    if recipe.model.init_from:
+        checks.append(("model.init_from", recipe.model.init_from))
+    for key, path in checks:
+        if not _path_exists(path):
+            raise RecipeError(f"{key}: {path} does not exist; fix the path or create the file")
+
+
+def _path_exists(path: str) -> bool:
+    if "://" in path:
+        from trainer import io  # remote files need the storage layer
+
+        return io.exists(path)
+    return os.path.exists(path)
+
+
+def mesh_shape(mesh: MeshConfig, device_count: int) -> dict[str, int]:
+    """Resolve -1 and check that the axes multiply to `device_count` (no jax needed)."""
+    sizes = {axis: getattr(mesh, axis) for axis in MESH_AXES}
+    known = math.prod(s for s in sizes.values() if s != -1)
+    rest = [axis for axis, s in sizes.items() if s == -1]
+    described = ", ".join(f"{a}={s}" for a, s in sizes.items())
+    if rest:
+        if device_count % known:
+            raise RecipeError(
+                f"mesh ({described}): {device_count} devices are not divisible by {known}; change the mesh sizes"
+            )
+        sizes[rest[0]] = device_count // known
+    elif known != device_count:
+        raise RecipeError(
+            f"mesh ({described}) needs {known} devices but there are {device_count}; make the product {device_count} or set one axis to -1"
+        )
+    return sizes
+
+
+def check_batch_divisible(train: TrainConfig, sizes: dict[str, int]) -> None:
+    """Each micro-batch is split over data x fsdp, so it must divide evenly."""
+    parallel = sizes["data"] * sizes["fsdp"]
+    micro = train.batch_size // train.grad_accum
+    if micro % parallel:
+        raise RecipeError(
+            f"train.batch_size ({train.batch_size}) / grad_accum ({train.grad_accum}) = {micro} is not divisible by the data-parallel size data*fsdp = {parallel}; use a multiple of {parallel}"
+        )

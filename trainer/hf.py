@@ -1,0 +1,185 @@
+"""Hugging Face Llama <-> our parameters and ModelConfig.
+
+HF stores each linear layer as weight[out, in] per layer (`model.layers.{i}.self_attn.q_proj.weight`);
+we store kernel[in, out] stacked over layers (`layers/attn/wq/kernel` of shape [L, in, out]).
+Pure numpy, so conversion needs no devices; `load_hf_dir` reads config.json + *.safetensors
+(local or gs://) for `model.init_from`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer.config import ModelConfig, RecipeError
+
+# (our path inside a layer, HF name inside `model.layers.{i}.`, is a linear weight to transpose)
+LAYER_TENSORS = [
+    (("attn", "wq", "kernel"), "self_attn.q_proj.weight", True),
+    (("attn", "wk", "kernel"), "self_attn.k_proj.weight", True),
+    (("attn", "wv", "kernel"), "self_attn.v_proj.weight", True),
+    (("attn", "wo", "kernel"), "self_attn.o_proj.weight", True),
+    (("mlp", "gate", "kernel"), "mlp.gate_proj.weight", True),
+    (("mlp", "up", "kernel"), "mlp.up_proj.weight", True),
+    (("mlp", "down", "kernel"), "mlp.down_proj.weight", True),
+    (("attn_norm", "weight"), "input_layernorm.weight", False),
+    (("mlp_norm", "weight"), "post_attention_layernorm.weight", False),
+]
+
+
+def params_from_hf(state_dict: dict[str, Any], model_cfg: ModelConfig) -> dict:
+    """Our params pytree (numpy, param_dtype) from HF tensors keyed by HF names."""
+    dtype = np.dtype(_numpy_dtype(model_cfg.param_dtype))
+
+    def get(name: str) -> np.ndarray:
+        if name not in state_dict:
+            raise RecipeError(f"model.init_from: tensor {name} is missing from the checkpoint")
+        return np.asarray(state_dict[name], dtype=np.float32).astype(dtype)
+
+    layers: dict = {}
+    for path, hf_name, transpose in LAYER_TENSORS:
+        per_layer = [get(f"model.layers.{i}.{hf_name}") for i in range(model_cfg.n_layers)]
+        stacked = np.stack([w.T if transpose else w for w in per_layer])
+        _set(layers, path, stacked)
+    params = {
+        "embed": {"embedding": get("model.embed_tokens.weight")},
+        "layers": layers,
+        "norm": {"weight": get("model.norm.weight")},
+    }
+    if not model_cfg.tie_embeddings:
+        params["lm_head"] = {"kernel": get("lm_head.weight").T}
+    return params
+
+
+def params_to_hf(params: dict, model_cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """HF-named float32 numpy tensors from our params (gathered to the host)."""
+    out = {
+        "model.embed_tokens.weight": _np(params["embed"]["embedding"]),
+        "model.norm.weight": _np(params["norm"]["weight"]),
+    }
+    for path, hf_name, transpose in LAYER_TENSORS:
+        stacked = _np(_get(params["layers"], path))
+        for i in range(model_cfg.n_layers):
+            out[f"model.layers.{i}.{hf_name}"] = np.ascontiguousarray(
+                stacked[i].T if transpose else stacked[i]
+            )
+    if not model_cfg.tie_embeddings:
+        out["lm_head.weight"] = np.ascontiguousarray(_np(params["lm_head"]["kernel"]).T)
+    return out
+
+
+def model_config_from_hf(cfg: dict[str, Any], base: ModelConfig | None = None) -> ModelConfig:
+    """Our ModelConfig from an HF Llama config.json dict; dtypes etc. come from `base`."""
+    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise RecipeError("model.init_from: only Llama models (silu MLP, no biases) are supported")
+    rope = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    if (rope.get("rope_type") or scaling.get("rope_type") or "default") != "default":
+        raise RecipeError(
+            "model.init_from: rotary scaling (e.g. Llama 3.1 'llama3') is not supported yet"
+        )
+    dims = dict(
+        vocab_size=cfg["vocab_size"],
+        dim=cfg["hidden_size"],
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=cfg["num_attention_heads"],
+        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+        mlp_dim=cfg["intermediate_size"],
+        max_seq_len=cfg.get("max_position_embeddings", 4096),
+        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+    head_dim = cfg.get("head_dim")
+    if head_dim and head_dim != dims["dim"] // dims["n_heads"]:
+        raise RecipeError(
+            "model.init_from: head_dim other than hidden_size/num_heads is not supported"
+        )
+    return dataclasses.replace(base or ModelConfig(), preset=None, **dims)
+
+
+def hf_config_from_model(model_cfg: ModelConfig) -> dict[str, Any]:
+    """An HF LlamaConfig dict (config.json) describing `model_cfg`."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": model_cfg.vocab_size,
+        "hidden_size": model_cfg.dim,
+        "num_hidden_layers": model_cfg.n_layers,
+        "num_attention_heads": model_cfg.n_heads,
+        "num_key_value_heads": model_cfg.kv_heads,
+        "intermediate_size": model_cfg.mlp_dim,
+        "max_position_embeddings": model_cfg.max_seq_len,
+        "rope_theta": model_cfg.rope_theta,
+        "rms_norm_eps": model_cfg.norm_eps,
+        "tie_word_embeddings": model_cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": "float32",
+    }
+
+
+def load_hf_dir(path: str, base: ModelConfig | None = None) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) from a directory with config.json and *.safetensors (local or gs://)."""
+    from safetensors.numpy import load_file
+
+    local = _local_dir(path)
+    config_file = local / "config.json"
+    if not config_file.exists():
+        raise RecipeError(
+            f"model.init_from: {path} has no config.json; point it at a Hugging Face model directory"
+        )
+    model_cfg = model_config_from_hf(json.loads(config_file.read_text()), base)
+    files = sorted(local.glob("*.safetensors"))
+    if not files:
+        raise RecipeError(f"model.init_from: {path} has no *.safetensors files")
+    tensors: dict[str, np.ndarray] = {}
+    for file in files:
+        tensors.update(load_file(str(file)))
+    return model_cfg, params_from_hf(tensors, model_cfg)
+
+
+def _local_dir(path: str) -> Path:
+    """A local directory holding the model files: `path` itself, or a staged copy of gs:// files."""
+    if "://" not in path:
+        return Path(path)
+    import shutil
+    import tempfile
+
+    from trainer import io
+
+    staging = Path(tempfile.mkdtemp(prefix="init_from_"))
+    for name in io.listdir(path):
+        if name == "config.json" or name.endswith(".safetensors"):
+            with io.open_file(io.join(path, name), "rb") as src, open(staging / name, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=64 << 20)
+    return staging
+
+
+def _numpy_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return name
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value

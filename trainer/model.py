@@ -1,0 +1,173 @@
+"""A Llama-architecture decoder in Flax, numerically the same model as HF LlamaForCausalLM.
+
+RMSNorm, rotary position embeddings (the "rotate half" layout HF uses), SwiGLU MLP and
+grouped-query attention through `jax.nn.dot_product_attention` (fused where the backend has a
+fused kernel). Layers are stacked with `nn.scan`, so compile time does not grow with depth and
+every layer parameter has a leading layer axis. Packed sequences are supported by segment ids:
+attention never crosses a document boundary and positions restart per document.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from trainer.config import ModelConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables of shape [batch, seq, 1, head_dim] for integer positions [batch, seq]."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask):
+        cfg = self.cfg
+        dense = _dense_factory(cfg)
+        batch, seq, _ = x.shape
+        q = dense(cfg.n_heads * cfg.head_dim, name="wq")(x).reshape(
+            batch, seq, cfg.n_heads, cfg.head_dim
+        )
+        k = dense(cfg.kv_heads * cfg.head_dim, name="wk")(x).reshape(
+            batch, seq, cfg.kv_heads, cfg.head_dim
+        )
+        v = dense(cfg.kv_heads * cfg.head_dim, name="wv")(x).reshape(
+            batch, seq, cfg.kv_heads, cfg.head_dim
+        )
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return dense(cfg.dim, name="wo")(out.reshape(batch, seq, cfg.n_heads * cfg.head_dim))
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        dense = _dense_factory(self.cfg)
+        gate = dense(self.cfg.mlp_dim, name="gate")(x)
+        up = dense(self.cfg.mlp_dim, name="up")(x)
+        return dense(self.cfg.dim, name="down")(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask):
+        cfg = self.cfg
+        dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="attn_norm")(x)
+        x = x + Attention(cfg, name="attn")(h, cos, sin, mask)
+        h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="mlp_norm")(x)
+        return x + MLP(cfg, name="mlp")(h), None
+
+
+class Llama(nn.Module):
+    """Call with tokens [batch, seq] (and optionally segment_ids, positions); returns logits."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, segment_ids=None, positions=None):
+        cfg = self.cfg
+        dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        if positions is None:
+            positions = positions_from_segments(segment_ids)
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.dim,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=nn.initializers.normal(cfg.init_std),
+            name="embed",
+        )
+        x = embed(tokens)
+        cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+        mask = attention_mask(segment_ids)
+        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.n_layers,
+        )(cfg, name="layers")
+        x, _ = layers(x, cos, sin, mask)
+        x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="norm")(x)
+        if cfg.tie_embeddings:
+            return embed.attend(x)
+        return _dense_factory(cfg)(cfg.vocab_size, name="lm_head")(x)
+
+
+def _dense_factory(cfg: ModelConfig):
+    def dense(features: int, name: str) -> nn.Dense:
+        return nn.Dense(
+            features,
+            use_bias=False,
+            dtype=DTYPES[cfg.dtype],
+            param_dtype=DTYPES[cfg.param_dtype],
+            kernel_init=nn.initializers.normal(cfg.init_std),
+            name=name,
+        )
+
+    return dense
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token within its own document (restarting at 0 per segment)."""
+    seq = segment_ids.shape[-1]
+    index = jnp.arange(seq)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    last_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return index - last_start
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """Causal and same-document mask, [batch, 1, seq, seq]; padding (segment 0) sees itself only."""
+    seq = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((seq, seq), bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & causal)[:, None]
+
+
+def count_params(params) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
+    """Parameters for `cfg` (use under jax.jit with out_shardings to create them sharded)."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return Llama(cfg).init(rng, tokens)["params"]
