@@ -1,0 +1,70 @@
+"""trainer.io against local disk and a real GCS emulator (read back with google-cloud-storage)."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainer import io
+
+
+@pytest.fixture(params=["local", "gcs"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "root")
+    request.getfixturevalue("gcs")
+    return "gs://test-bucket/root"
+
+
+def test_write_read_list_remove(root):
+    io.makedirs(root)
+    io.write_text(io.join(root, "a.txt"), "hello\n")
+    io.write_bytes(io.join(root, "sub", "b.bin"), b"\x00\x01")
+    assert io.read_text(io.join(root, "a.txt")) == "hello\n"
+    assert io.read_bytes(io.join(root, "sub", "b.bin")) == b"\x00\x01"
+    assert io.listdir(root) == ["a.txt", "sub"]
+    assert io.isdir(io.join(root, "sub")) and not io.isdir(io.join(root, "a.txt"))
+    assert io.exists(io.join(root, "a.txt")) and not io.exists(io.join(root, "nope"))
+    io.remove(io.join(root, "a.txt"))
+    assert not io.exists(io.join(root, "a.txt"))
+    assert io.listdir(root) == ["sub"]
+
+
+def test_open_file_streams_lines(root):
+    path = io.join(root, "metrics.jsonl")
+    with io.open_file(path, "w") as f:
+        f.write('{"step": 1}\n{"step": 2}\n')
+    with io.open_file(path) as f:
+        assert [line.strip() for line in f] == ['{"step": 1}', '{"step": 2}']
+
+
+def test_local_copy_gives_a_real_file_and_directory(root, tmp_path):
+    io.write_bytes(io.join(root, "tok", "tokenizer.model"), b"model-bytes")
+    file_copy = io.local_copy(io.join(root, "tok", "tokenizer.model"))
+    with open(file_copy, "rb") as f:
+        assert f.read() == b"model-bytes"
+    dir_copy = io.local_copy(io.join(root, "tok"), str(tmp_path / "dl"))
+    with open(f"{dir_copy}/tokenizer.model", "rb") as f:
+        assert f.read() == b"model-bytes"
+
+
+def test_copy_tree_uploads_a_directory(root, tmp_path):
+    source = tmp_path / "export"
+    (source / "nested").mkdir(parents=True)
+    (source / "config.json").write_text("{}")
+    (source / "nested" / "x").write_text("y")
+    io.copy_tree(str(source), io.join(root, "out"))
+    assert io.listdir(io.join(root, "out")) == ["config.json", "nested"]
+    assert io.read_text(io.join(root, "out", "nested", "x")) == "y"
+
+
+def test_objects_are_real_gcs_objects(gcs):
+    io.write_text("gs://test-bucket/run/DONE", '{"step": 3}')
+    blob = gcs.client().bucket("test-bucket").blob("run/DONE")
+    assert blob.download_as_text() == '{"step": 3}'
+    gcs.client().bucket("test-bucket").blob("run/from-client").upload_from_string(b"x")
+    assert io.listdir("gs://test-bucket/run") == ["DONE", "from-client"]
+
+
+def test_missing_gcs_object_raises_file_not_found(gcs):
+    with pytest.raises(FileNotFoundError):
+        io.read_text("gs://test-bucket/does/not/exist")

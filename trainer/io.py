@@ -1,0 +1,171 @@
+"""One small I/O layer for local paths and gs:// URIs.
+
+Every file the trainer reads or writes (recipe, tokenizer, data, metrics, DONE marker,
+checkpoints) goes through here, so a run directory can live on local disk or in a bucket
+without the caller caring. On a TPU VM gs:// uses the worker's service account (gcsfs's
+default credential chain); with `STORAGE_EMULATOR_HOST` set it talks to that emulator
+anonymously, and points tensorstore (orbax's array writer) at it too.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import tempfile
+from typing import IO, Any
+
+GCS_PREFIX = "gs://"
+
+
+def is_gcs(path: str) -> bool:
+    """True for gs:// URIs."""
+    return str(path).startswith(GCS_PREFIX)
+
+
+def configure_gcs_emulator() -> None:
+    """Route gcsfs and tensorstore to `STORAGE_EMULATOR_HOST`, if it is set, anonymously.
+
+    Idempotent; called on import and before each gs:// operation, since tests may set the
+    variable after this module was imported.
+    """
+    url = os.environ.get("STORAGE_EMULATOR_HOST")
+    if not url:
+        return
+    if not url.startswith(("http://", "https://")):
+        url = f"http://{url}"
+    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
+    # The emulator has no gRPC storage-control API; gcsfs would wait 60 s per bucket for it.
+    # Only read when gcsfs is first imported, hence set here before any gs:// access.
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    import fsspec.config
+
+    fsspec.config.conf.setdefault("gs", {})["token"] = "anon"
+
+
+def _gcs():
+    import fsspec
+
+    configure_gcs_emulator()
+    # No listing cache: other hosts write to the same prefixes (checkpoints, markers).
+    return fsspec.filesystem("gs", use_listings_cache=False)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts with '/' for URIs and os.path.join for local paths."""
+    if is_gcs(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def open_file(path: str, mode: str = "r") -> IO[Any]:
+    """Open a local file or a gs:// object; writing creates missing parent directories.
+
+    Writing to gs:// uploads on close, and GCS objects cannot be appended to: to grow a
+    file on gs:// (metrics.jsonl), rewrite it whole.
+    """
+    if is_gcs(path):
+        return _gcs().open(path, mode)
+    if any(flag in mode for flag in "wax"):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return open(path, mode)
+
+
+def exists(path: str) -> bool:
+    """True if a file or directory (or, on GCS, any object under the prefix) exists."""
+    if is_gcs(path):
+        return _gcs().exists(path)
+    return os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+    """True for a local directory or a gs:// prefix holding objects."""
+    if is_gcs(path):
+        return _gcs().isdir(path)
+    return os.path.isdir(path)
+
+
+def listdir(path: str) -> list[str]:
+    """Sorted names (not paths) of the entries directly under `path`."""
+    if not is_gcs(path):
+        return sorted(os.listdir(path))
+    prefix = path.rstrip("/")[len(GCS_PREFIX) :]
+    entries = _gcs().ls(path, detail=False)
+    return sorted({posixpath.basename(e.rstrip("/")) for e in entries if e.rstrip("/") != prefix})
+
+
+def makedirs(path: str) -> None:
+    """Create a local directory and its parents; a no-op on GCS (prefixes need no creation)."""
+    if not is_gcs(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole content of a file or object."""
+    with open_file(path, "rb") as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    """The whole content of a file or object as UTF-8 text."""
+    return read_bytes(path).decode("utf-8")
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file atomically: readers see the old content or the new, never a part.
+
+    GCS objects are atomic by nature; local files are written beside and renamed.
+    """
+    if is_gcs(path):
+        _gcs().pipe_file(path, data)
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    """Write UTF-8 text atomically (see `write_bytes`)."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def remove(path: str) -> None:
+    """Delete one file or object (not a directory)."""
+    if is_gcs(path):
+        _gcs().rm_file(path)
+    else:
+        os.remove(path)
+
+
+def local_copy(path: str, directory: str | None = None) -> str:
+    """A local filesystem path with the content of `path`, for libraries that need a real file
+    (sentencepiece). Local paths are returned as they are; gs:// objects (or prefixes) are
+    downloaded into `directory` (default: a fresh temporary directory)."""
+    if not is_gcs(path):
+        return path
+    directory = directory or tempfile.mkdtemp(prefix="trainer-io-")
+    target = os.path.join(directory, posixpath.basename(path.rstrip("/")))
+    fs = _gcs()
+    if fs.isdir(path):
+        fs.get(path.rstrip("/") + "/", target, recursive=True)
+    else:
+        fs.get(path, target)
+    return target
+
+
+def copy_tree(source: str, destination: str) -> None:
+    """Copy a local directory to a local path or a gs:// prefix."""
+    if is_gcs(destination):
+        _gcs().put(source.rstrip("/") + "/", destination.rstrip("/"), recursive=True)
+    else:
+        shutil.copytree(source, destination, dirs_exist_ok=True)
+
+
+configure_gcs_emulator()
