@@ -1,0 +1,214 @@
+"""Run a command, or copy files, on many hosts at once: SSH workers or local directories.
+
+    from tpuctl.fanout import Host, run
+    results = run(hosts, "hostname", on_line=print_line)
+
+Each host gets one worker thread from a bounded pool (no thread per line, no process per
+host). Environment values travel inside the script fed on stdin, never in any argv. On
+Ctrl-C every remote command is stopped and `Interrupted` carries the per-host results.
+This module is light; paramiko is imported only when an SSH host is actually contacted.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+from tpuctl.fanout.base import (
+    UNREACHABLE,
+    Host,
+    HostResult,
+    LineFn,
+    ResultFn,
+    StopSignal,
+    merged_env,
+)
+
+__all__ = [
+    "UNREACHABLE",
+    "Host",
+    "HostResult",
+    "Interrupted",
+    "StopSignal",
+    "get",
+    "put",
+    "run",
+]
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C arrived: every host's command was stopped; `results` says where each one was."""
+
+    def __init__(self, results: list[HostResult]) -> None:
+        super().__init__("interrupted")
+        self.results = results
+
+
+def run(
+    hosts: Iterable[Host],
+    command: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    on_line: LineFn | None = None,
+    fail_fast: bool = False,
+    max_parallel: int = 64,
+    connect_timeout: float = 10.0,
+    on_result: ResultFn | None = None,
+    stop: StopSignal | None = None,
+) -> list[HostResult]:
+    """Run `command` under `bash -c` on every host in parallel; results in `hosts` order.
+
+    `on_line(host, stream, line)` sees each output line as it arrives; `on_result` each
+    host's result as it finishes. `timeout` bounds each command's wall time, after which
+    its process group is stopped. `fail_fast` stops everyone once one host fails.
+    """
+    hosts = list(hosts)
+    envs = [merged_env(host, env) for host in hosts]
+    stop = stop or StopSignal()
+    ctx = _ssh_context(hosts, connect_timeout)
+
+    def run_one(index: int) -> HostResult:
+        host = hosts[index]
+        if stop.is_set():
+            return HostResult(host, None, "", "", stop.reason, 0.0)
+        if host.transport == "local":
+            from tpuctl.fanout import local
+
+            return local.run_on_host(host, command, envs[index], stop, timeout, on_line)
+        from tpuctl.fanout import ssh
+
+        return ssh.run_on_host(host, command, envs[index], ctx, stop, timeout, on_line)
+
+    return _fan_out(hosts, run_one, max_parallel, fail_fast, stop, on_result)
+
+
+def put(
+    hosts: Iterable[Host],
+    local_path: str | Path,
+    remote_path: str,
+    *,
+    max_parallel: int = 64,
+    connect_timeout: float = 10.0,
+    on_result: ResultFn | None = None,
+) -> list[HostResult]:
+    """Copy a local file or directory to `remote_path` on every host."""
+    hosts, source = list(hosts), Path(local_path)
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist")
+    stop = StopSignal()
+    ctx = _ssh_context(hosts, connect_timeout)
+
+    def put_one(index: int) -> HostResult:
+        host = hosts[index]
+
+        def copy() -> int:
+            if host.transport == "local":
+                from tpuctl.fanout import local
+
+                return local.copy_tree(source, local.resolve(host, remote_path))
+            from tpuctl.fanout import ssh
+
+            with ssh.sftp_session(host, ctx, stop) as sftp:
+                return ssh.put_tree(sftp, source, remote_path)
+
+        return _transfer(host, copy, f"-> {remote_path}")
+
+    return _fan_out(hosts, put_one, max_parallel, False, stop, on_result)
+
+
+def get(
+    hosts: Iterable[Host],
+    remote_path: str,
+    local_dir: str | Path,
+    *,
+    max_parallel: int = 64,
+    connect_timeout: float = 10.0,
+    on_result: ResultFn | None = None,
+) -> list[HostResult]:
+    """Copy `remote_path` (file or directory) from every host to `local_dir/<label>/<name>`."""
+    hosts = list(hosts)
+    name = Path(remote_path.rstrip("/")).name or "root"
+    stop = StopSignal()
+    ctx = _ssh_context(hosts, connect_timeout)
+
+    def get_one(index: int) -> HostResult:
+        host = hosts[index]
+        target = Path(local_dir) / host.label / name
+
+        def copy() -> int:
+            if host.transport == "local":
+                from tpuctl.fanout import local
+
+                return local.copy_tree(local.resolve(host, remote_path), target)
+            from tpuctl.fanout import ssh
+
+            with ssh.sftp_session(host, ctx, stop) as sftp:
+                return ssh.get_tree(sftp, remote_path, target)
+
+        return _transfer(host, copy, f"-> {target}")
+
+    return _fan_out(hosts, get_one, max_parallel, False, stop, on_result)
+
+
+def _transfer(host: Host, copy: Callable[[], int], where: str) -> HostResult:
+    started = time.monotonic()
+    try:
+        count = copy()
+    except ConnectionError as err:
+        return HostResult(host, None, "", "", str(err), time.monotonic() - started)
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        message = f"{reason}: {err.filename}" if err.filename else reason
+        return HostResult(host, 1, "", message, None, time.monotonic() - started)
+    files = "file" if count == 1 else "files"
+    return HostResult(host, 0, f"{count} {files} {where}", "", None, time.monotonic() - started)
+
+
+def _ssh_context(hosts: list[Host], connect_timeout: float):
+    if not any(host.transport == "ssh" for host in hosts):
+        return None
+    from tpuctl.fanout.ssh import SshContext
+
+    return SshContext(connect_timeout)
+
+
+def _fan_out(
+    hosts: list[Host],
+    one: Callable[[int], HostResult],
+    max_parallel: int,
+    fail_fast: bool,
+    stop: StopSignal,
+    on_result: ResultFn | None,
+) -> list[HostResult]:
+    if not hosts:
+        return []
+
+    def job(index: int) -> HostResult:
+        result = one(index)
+        if fail_fast and not result.ok:
+            stop.set(f"stopped because {result.host.label} failed (--fail-fast)")
+        if on_result is not None:
+            on_result(result)
+        return result
+
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, min(max_parallel, len(hosts))))
+    futures = [pool.submit(job, index) for index in range(len(hosts))]
+    try:
+        _wait_all(futures)
+    except KeyboardInterrupt:
+        stop.set("interrupted")
+        concurrent.futures.wait(futures)
+        pool.shutdown()
+        raise Interrupted([future.result() for future in futures]) from None
+    pool.shutdown()
+    return [future.result() for future in futures]
+
+
+def _wait_all(futures: list[concurrent.futures.Future]) -> None:
+    # Short waits keep the main thread responsive to Ctrl-C.
+    pending = set(futures)
+    while pending:
+        _, pending = concurrent.futures.wait(pending, timeout=0.5)

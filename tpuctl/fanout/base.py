@@ -1,0 +1,133 @@
+"""What every transport shares: the host description, the per-host result, and how a
+command and its environment are handed to a worker without exposing secrets."""
+
+from __future__ import annotations
+
+import shlex
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+# (host, "stdout" | "stderr", line without its newline)
+LineFn = Callable[["Host", str, str], None]
+ResultFn = Callable[["HostResult"], None]
+
+# The wrapper prints this before anything else, so the caller learns the process group
+# it must signal to stop the command (sshd makes every session its own group).
+PID_MARKER = "__tpuctl_pgid__"
+
+
+@dataclass(frozen=True)
+class Host:
+    """One worker as the fan-out sees it: where to reach it and what it is called."""
+
+    label: str  # "w03": the prefix users see
+    address: str  # IP or hostname (SSH); "localhost" for local hosts
+    user: str | None = None
+    port: int = 22
+    key_filename: str | None = None
+    known_hosts: str | None = None  # tpuctl's per-node known_hosts file
+    workdir: str | None = None  # local transport: the worker's directory
+    env: Mapping[str, str] = field(default_factory=dict)  # e.g. TPUCTL_PROCESS_ID
+    transport: str = "ssh"  # "ssh" | "local"
+
+
+@dataclass
+class HostResult:
+    """What happened on one host. `exit_code` is None when the command never finished
+    (unreachable, timed out, interrupted); `error` then says why."""
+
+    host: Host
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    error: str | None
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and self.error is None
+
+    @property
+    def unreachable(self) -> bool:
+        return self.error is not None and self.error.startswith(UNREACHABLE)
+
+
+UNREACHABLE = "unreachable"
+
+
+class StopSignal:
+    """Shared between the caller and every host's worker thread: set it and each host stops
+    its remote command and reports `reason`."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def set(self, reason: str) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+
+def merged_env(host: Host, env: Mapping[str, str] | None) -> dict[str, str]:
+    """The call's environment overlaid with the host's own (the host wins: TPUCTL_PROCESS_ID)."""
+    for name in [*(env or {}), *host.env]:
+        if not name.isidentifier():
+            raise ValueError(f"environment variable name {name!r} is not a valid shell name")
+    return {**(env or {}), **host.env}
+
+
+def remote_script(command: str, env: Mapping[str, str]) -> str:
+    """The bash script fed to `bash -s` on stdin: exports (values never reach any argv),
+    the process-group marker, then the user's command under `bash -c`.
+
+    The command is run as a child rather than exec'd so the marker line is complete before
+    the command writes anything, and its exit status passes straight through.
+    """
+    exports = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
+    return (
+        f"{exports}"
+        f'printf "%s %s\\n" {PID_MARKER} "$$"\n'
+        f"bash -c {shlex.quote(command)} </dev/null\n"
+        "exit $?\n"
+    )
+
+
+def kill_group_script(pgid: int) -> str:
+    """Stop a process group politely, then for good: TERM, wait up to 2 s, KILL."""
+    return (
+        f"kill -TERM -- -{pgid} 2>/dev/null || exit 0\n"
+        f"for _ in $(seq 20); do kill -0 -- -{pgid} 2>/dev/null || exit 0; sleep 0.1; done\n"
+        f"kill -KILL -- -{pgid} 2>/dev/null; exit 0\n"
+    )
+
+
+class LineSplitter:
+    """Turns a byte stream into complete lines for `on_line`, keeping the whole text too."""
+
+    def __init__(self, host: Host, stream: str, on_line: LineFn | None) -> None:
+        self.host, self.stream, self.on_line = host, stream, on_line
+        self._pending = b""
+        self._chunks: list[bytes] = []
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        if self.on_line is None:
+            return
+        self._pending += data
+        *lines, self._pending = self._pending.split(b"\n")
+        for line in lines:
+            self.on_line(self.host, self.stream, line.decode(errors="replace"))
+
+    def close(self) -> str:
+        if self.on_line is not None and self._pending:
+            self.on_line(self.host, self.stream, self._pending.decode(errors="replace"))
+            self._pending = b""
+        return b"".join(self._chunks).decode(errors="replace")

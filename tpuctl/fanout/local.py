@@ -1,0 +1,145 @@
+"""The local transport: each "host" is a directory on this machine and the command a local
+process, with the same script, environment handling and stopping rules as over SSH."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tpuctl.fanout.base import (
+    Host,
+    HostResult,
+    LineFn,
+    LineSplitter,
+    StopSignal,
+    remote_script,
+)
+
+POLL_S = 0.2
+TERM_GRACE_S = 2.0
+
+
+def workdir_of(host: Host) -> Path:
+    if not host.workdir:
+        raise ValueError(f"local host {host.label} has no workdir")
+    return Path(host.workdir)
+
+
+def run_on_host(
+    host: Host,
+    command: str,
+    env: dict[str, str],
+    stop: StopSignal,
+    timeout: float | None,
+    on_line: LineFn | None,
+) -> HostResult:
+    """Run `command` under `bash` in the host's workdir, each worker with its own TMPDIR."""
+    started = time.monotonic()
+    workdir = workdir_of(host)
+    (workdir / "tmp").mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        ["bash", "-s"],
+        cwd=workdir,
+        env={**os.environ, "TMPDIR": str(workdir / "tmp")},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, like an sshd session
+    )
+    assert process.stdin is not None
+    process.stdin.write(remote_script(command, env).encode())
+    process.stdin.close()
+    out = LineSplitter(host, "stdout", on_line)
+    err = LineSplitter(host, "stderr", on_line)
+    deadline = None if timeout is None else started + timeout
+    error = _pump(process, out, err, stop, deadline, timeout)
+    if error is not None:
+        _kill_group(process)
+    exit_code = process.wait()
+    if error is None and exit_code < 0:
+        error = f"terminated by signal {-exit_code}"
+    return HostResult(
+        host,
+        None if error else exit_code,
+        out.close(),
+        err.close(),
+        error,
+        time.monotonic() - started,
+    )
+
+
+def _pump(process, out, err, stop: StopSignal, deadline, timeout) -> str | None:
+    streams = {process.stdout: _SkipFirstLine(out), process.stderr: err}
+    with selectors.DefaultSelector() as selector:
+        for stream in streams:
+            selector.register(stream, selectors.EVENT_READ)
+        while selector.get_map():
+            wait = (
+                POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
+            )
+            for key, _ in selector.select(wait):
+                data = os.read(key.fileobj.fileno(), 65536)
+                if data:
+                    streams[key.fileobj].feed(data)
+                else:
+                    selector.unregister(key.fileobj)
+            if stop.is_set():
+                return stop.reason
+            if deadline is not None and time.monotonic() >= deadline:
+                return f"timed out after {timeout:g} s"
+    return None
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        if grace is None:
+            return
+        end = time.monotonic() + grace
+        while time.monotonic() < end:
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+
+class _SkipFirstLine:
+    """The wrapper's first stdout line is the process-group marker: the local transport
+    already knows the group, so the marker is simply dropped."""
+
+    def __init__(self, splitter: LineSplitter) -> None:
+        self.splitter = splitter
+        self._skipping = True
+
+    def feed(self, data: bytes) -> None:
+        if self._skipping:
+            newline = data.find(b"\n")
+            if newline < 0:
+                return
+            self._skipping, data = False, data[newline + 1 :]
+        if data:
+            self.splitter.feed(data)
+
+
+def resolve(host: Host, path: str) -> Path:
+    """A worker path: relative paths live in the worker's directory (its "home")."""
+    return Path(path) if os.path.isabs(path) else workdir_of(host) / path
+
+
+def copy_tree(source: Path, target: Path) -> int:
+    """Copy a file or directory tree; returns the number of files copied."""
+    if source.is_dir():
+        shutil.copytree(source, target, dirs_exist_ok=True)
+        return sum(1 for path in source.rglob("*") if path.is_file())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, target)
+    return 1

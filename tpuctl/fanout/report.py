@@ -1,0 +1,153 @@
+"""How fan-out output reaches the user: one prefixed line per remote line as it arrives,
+progress while workers are still running, and a summary at the end.
+
+Remote stdout goes to stdout and remote stderr to stderr, each line prefixed `[w03]`
+(coloured on a terminal, plain when piped); progress and the summary go to stderr, so
+`tpuctl exec -- cat f | sort` sees only the workers' output.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import TextIO
+
+from tpuctl.fanout.base import Host, HostResult
+
+PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "bright_cyan", "bright_magenta")
+TAIL_LINES = 5
+WAITING_SHOWN = 8
+
+
+class Reporter:
+    """Streams lines and progress for one fan-out. Use `on_line`/`on_result` as the
+    fan-out's callbacks, then `summary(results)`. A context manager: the progress ticker
+    runs while inside."""
+
+    def __init__(
+        self,
+        hosts: Sequence[Host],
+        *,
+        stream_lines: bool = True,
+        progress_every: float = 5.0,
+        color: bool | None = None,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+    ) -> None:
+        self.hosts = list(hosts)
+        self.stream_lines = stream_lines
+        self.progress_every = progress_every
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.color = self.err.isatty() if color is None else color
+        self._styles = {h.label: PALETTE[i % len(PALETTE)] for i, h in enumerate(self.hosts)}
+        self._lock = threading.Lock()
+        self._done: set[str] = set()
+        self._finished = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self._console = None  # rich, created on first coloured line
+        self.started = time.monotonic()
+
+    def __enter__(self) -> Reporter:
+        self.started = time.monotonic()
+        self._ticker = threading.Thread(target=self._tick, daemon=True)
+        self._ticker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._finished.set()
+        if self._ticker is not None:
+            self._ticker.join()
+
+    def on_line(self, host: Host, stream: str, line: str) -> None:
+        if not self.stream_lines:
+            return
+        target = self.out if stream == "stdout" else self.err
+        with self._lock:
+            target.write(f"{self._prefix(host.label, self._styles.get(host.label))} {line}\n")
+            target.flush()
+
+    def on_result(self, result: HostResult) -> None:
+        with self._lock:
+            self._done.add(result.host.label)
+
+    def progress_line(self) -> str:
+        """`29/32 done, waiting on w04 w17 w30` (at most WAITING_SHOWN names)."""
+        with self._lock:
+            waiting = [h.label for h in self.hosts if h.label not in self._done]
+        shown = " ".join(waiting[:WAITING_SHOWN])
+        more = f" (+{len(waiting) - WAITING_SHOWN} more)" if len(waiting) > WAITING_SHOWN else ""
+        elapsed = time.monotonic() - self.started
+        done = len(self.hosts) - len(waiting)
+        return f"{done}/{len(self.hosts)} done after {elapsed:.0f} s, waiting on {shown}{more}"
+
+    def _tick(self) -> None:
+        while not self._finished.wait(self.progress_every):
+            line = self.progress_line()
+            with self._lock:
+                self.err.write(self._paint(line, "dim") + "\n")
+                self.err.flush()
+
+    def summary(self, results: Sequence[HostResult], interrupted: bool = False) -> str:
+        """The end-of-run summary (also written to stderr): who succeeded, who failed with
+        which exit code and last lines, who could not be reached or timed out."""
+        text = "\n".join(summary_lines(results, interrupted, self._paint))
+        with self._lock:
+            self.err.write(text + "\n")
+            self.err.flush()
+        return text
+
+    def _prefix(self, label: str, style: str | None) -> str:
+        return self._paint(f"[{label}]", style)
+
+    def _paint(self, text: str, style: str | None) -> str:
+        if not self.color or style is None:
+            return text
+        from rich.text import Text
+
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(force_terminal=True, color_system="standard", width=10_000)
+        with self._console.capture() as capture:
+            self._console.print(Text(text, style=style), end="")
+        return capture.get()
+
+
+def summary_lines(results: Sequence[HostResult], interrupted: bool, paint) -> list[str]:
+    total = len(results)
+    ok = [r for r in results if r.ok]
+    failed = [r for r in results if r.error is None and not r.ok]
+    unreachable = [r for r in results if r.unreachable]
+    stopped = [r for r in results if r.error is not None and not r.unreachable]
+    if len(ok) == total:
+        return [paint(f"✓ all {total} workers succeeded", "bold green")]
+    heading = "interrupted: " if interrupted else ""
+    lines = [paint(f"✗ {heading}{len(ok)}/{total} workers succeeded", "bold red")]
+    if failed:
+        codes = ", ".join(f"{r.host.label} (exit {r.exit_code})" for r in failed)
+        lines.append(paint(f"failed: {codes}", "red"))
+    for result in unreachable:
+        reason = result.error.split(": ", 1)[-1] if result.error else ""
+        lines.append(
+            paint(f"unreachable: {result.host.label} ({result.host.address}): {reason}", "red")
+        )
+    if stopped:
+        by_reason: dict[str, list[str]] = {}
+        for result in stopped:
+            by_reason.setdefault(str(result.error), []).append(result.host.label)
+        for reason, labels in by_reason.items():
+            lines.append(paint(f"{reason}: {' '.join(labels)}", "yellow"))
+    for result in failed:
+        tail = last_lines(result)
+        if tail:
+            lines.append(f"--- last lines of {result.host.label} ---")
+            lines.extend(f"[{result.host.label}] {line}" for line in tail)
+    return lines
+
+
+def last_lines(result: HostResult, count: int = TAIL_LINES) -> list[str]:
+    """The failing worker's last lines: stderr's if it wrote any, else stdout's."""
+    text = result.stderr if result.stderr.strip() else result.stdout
+    return text.rstrip("\n").splitlines()[-count:] if text.strip() else []

@@ -1,0 +1,340 @@
+"""The SSH transport: one paramiko connection per host, driven from a bounded thread pool.
+
+paramiko (the SSH engine under fabric) is used directly rather than through fabric's
+`Connection.run`, because the fan-out needs things fabric hides: feeding the script on
+stdin, reading stdout and stderr from one loop, and signalling the remote process group
+on timeout or Ctrl-C. Everything here is imported lazily by `tpuctl.fanout`.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import select
+import socket
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import paramiko
+
+from tpuctl.fanout.base import (
+    PID_MARKER,
+    UNREACHABLE,
+    Host,
+    HostResult,
+    LineFn,
+    LineSplitter,
+    StopSignal,
+    kill_group_script,
+    remote_script,
+)
+
+# Failures worth another try: the host is booting or sshd is briefly overloaded.
+TRANSIENT_ERRORS = (ConnectionRefusedError, ConnectionResetError, EOFError, paramiko.SSHException)
+CONNECT_ATTEMPTS = 3
+RETRY_PAUSE_S = 0.5
+POLL_S = 0.2
+DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
+
+
+class HostKeyChanged(Exception):
+    """The host presented a different key than the one recorded for its address."""
+
+
+class KnownHosts:
+    """tpuctl's per-node known_hosts file: new addresses are recorded on first contact
+    (tpuctl created the node, so trust on first use is the only information there is),
+    a changed key is refused. Shared by every thread of one fan-out."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._keys = paramiko.HostKeys()
+        self._lock = threading.Lock()
+        if path and os.path.exists(path):
+            self._keys.load(path)
+
+    def verify(self, host: Host, key: paramiko.PKey) -> None:
+        if self.path is None:
+            return
+        name = host.address if host.port == 22 else f"[{host.address}]:{host.port}"
+        with self._lock:
+            known = self._keys.lookup(name)
+            if known is None or key.get_name() not in known:
+                self._keys.add(name, key.get_name(), key)
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a") as out:
+                    out.write(f"{name} {key.get_name()} {key.get_base64()}\n")
+                return
+            if known[key.get_name()] != key:
+                raise HostKeyChanged(
+                    f"host key of {host.label} ({name}) changed since tpuctl first connected; "
+                    f"if you trust the new key, delete its line from {self.path}"
+                )
+
+
+class Credentials:
+    """Private keys loaded once per fan-out and shared by every connection."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str | None, list[paramiko.PKey]] = {}
+        self._lock = threading.Lock()
+
+    def keys_for(self, key_filename: str | None) -> list[paramiko.PKey]:
+        with self._lock:
+            if key_filename not in self._cache:
+                self._cache[key_filename] = self._load(key_filename)
+            return self._cache[key_filename]
+
+    @staticmethod
+    def _load(key_filename: str | None) -> list[paramiko.PKey]:
+        if key_filename is not None:
+            return [paramiko.PKey.from_path(key_filename)]
+        found = [Path.home() / ".ssh" / name for name in DEFAULT_KEYS]
+        return [paramiko.PKey.from_path(path) for path in found if path.exists()]
+
+
+class SshContext:
+    """State shared by all hosts of one fan-out call."""
+
+    def __init__(self, connect_timeout: float) -> None:
+        self.connect_timeout = connect_timeout
+        self.credentials = Credentials()
+        self._known: dict[str | None, KnownHosts] = {}
+        self._lock = threading.Lock()
+
+    def known_hosts(self, path: str | None) -> KnownHosts:
+        with self._lock:
+            if path not in self._known:
+                self._known[path] = KnownHosts(path)
+            return self._known[path]
+
+
+def _user(host: Host) -> str:
+    return host.user or os.environ.get("USER") or "root"
+
+
+def _connect_once(host: Host, ctx: SshContext) -> paramiko.Transport:
+    sock = socket.create_connection((host.address, host.port), timeout=ctx.connect_timeout)
+    transport = paramiko.Transport(sock)
+    try:
+        transport.banner_timeout = ctx.connect_timeout
+        transport.handshake_timeout = ctx.connect_timeout
+        transport.start_client(timeout=ctx.connect_timeout)
+        ctx.known_hosts(host.known_hosts).verify(host, transport.get_remote_server_key())
+        _authenticate(transport, host, ctx)
+    except BaseException:
+        transport.close()
+        raise
+    return transport
+
+
+def _authenticate(transport: paramiko.Transport, host: Host, ctx: SshContext) -> None:
+    keys = ctx.credentials.keys_for(host.key_filename)
+    for key in keys:
+        try:
+            transport.auth_publickey(_user(host), key)
+            return
+        except paramiko.AuthenticationException:
+            continue
+    raise paramiko.AuthenticationException(
+        f"no key accepted for user {_user(host)!r}"
+        + (f" (tried {host.key_filename})" if host.key_filename else " (no key configured)")
+    )
+
+
+def connect(host: Host, ctx: SshContext, stop: StopSignal) -> paramiko.Transport:
+    """An authenticated transport, retrying transient failures a bounded number of times.
+    Raises ConnectionError with a one-line reason when the host cannot be reached."""
+    last: Exception | None = None
+    for attempt in range(CONNECT_ATTEMPTS):
+        if attempt and stop.wait(RETRY_PAUSE_S * attempt):
+            break
+        try:
+            return _connect_once(host, ctx)
+        except (paramiko.AuthenticationException, HostKeyChanged) as err:
+            raise ConnectionError(f"{UNREACHABLE}: {err}") from err
+        except TimeoutError as err:
+            # A silent host has already cost a full connect timeout: do not wait again.
+            raise ConnectionError(
+                f"{UNREACHABLE}: no answer from {host.address}:{host.port} "
+                f"within {ctx.connect_timeout:g} s"
+            ) from err
+        except (*TRANSIENT_ERRORS, OSError) as err:
+            last = err
+    reason = f"{type(last).__name__}: {last}" if last else "stopped"
+    raise ConnectionError(f"{UNREACHABLE}: {host.address}:{host.port}: {reason}")
+
+
+def run_on_host(
+    host: Host,
+    command: str,
+    env: dict[str, str],
+    ctx: SshContext,
+    stop: StopSignal,
+    timeout: float | None,
+    on_line: LineFn | None,
+) -> HostResult:
+    """Run `command` on one host and stream its lines; never raises for remote trouble."""
+    started = time.monotonic()
+    try:
+        transport = connect(host, ctx, stop)
+    except ConnectionError as err:
+        return HostResult(host, None, "", "", str(err), time.monotonic() - started)
+    try:
+        return _run_on_transport(transport, host, command, env, stop, timeout, on_line, started)
+    finally:
+        transport.close()
+
+
+def _run_on_transport(
+    transport: paramiko.Transport,
+    host: Host,
+    command: str,
+    env: dict[str, str],
+    stop: StopSignal,
+    timeout: float | None,
+    on_line: LineFn | None,
+    started: float,
+) -> HostResult:
+    channel = transport.open_session(timeout=10)
+    channel.exec_command("bash -s")
+    channel.sendall(remote_script(command, env).encode())
+    channel.shutdown_write()
+    out = _MarkedStdout(LineSplitter(host, "stdout", on_line))
+    err = LineSplitter(host, "stderr", on_line)
+    deadline = None if timeout is None else started + timeout
+    error = _pump(channel, out, err, stop, deadline, timeout)
+    if error is not None and out.pgid is not None:
+        _kill_remote(transport, out.pgid)
+    exit_code = None
+    if error is None:
+        exit_code = channel.recv_exit_status()
+        if exit_code == -1:  # killed by a signal: sshd reports no status
+            exit_code, error = None, "terminated by a signal"
+    channel.close()
+    return HostResult(host, exit_code, out.close(), err.close(), error, time.monotonic() - started)
+
+
+def _pump(
+    channel: paramiko.Channel,
+    out: _MarkedStdout,
+    err: LineSplitter,
+    stop: StopSignal,
+    deadline: float | None,
+    timeout: float | None,
+) -> str | None:
+    """Copy the channel's output until EOF; returns why it stopped early, or None."""
+    while True:
+        wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
+        select.select([channel], [], [], wait)
+        drained = False
+        while channel.recv_ready():
+            out.feed(channel.recv(65536))
+            drained = True
+        while channel.recv_stderr_ready():
+            err.feed(channel.recv_stderr(65536))
+            drained = True
+        if channel.eof_received and not drained:
+            return None
+        if stop.is_set():
+            return stop.reason
+        if deadline is not None and time.monotonic() >= deadline:
+            return f"timed out after {timeout:g} s"
+
+
+def _kill_remote(transport: paramiko.Transport, pgid: int) -> None:
+    """Signal the command's process group over a second channel of the same connection."""
+    try:
+        channel = transport.open_session(timeout=5)
+        channel.exec_command("bash -s")
+        channel.sendall(kill_group_script(pgid).encode())
+        channel.shutdown_write()
+        channel.status_event.wait(5)
+        channel.close()
+    except (paramiko.SSHException, OSError, EOFError):
+        pass  # the connection died with the command; nothing is left to stop
+
+
+class _MarkedStdout:
+    """Stdout whose first line is the wrapper's process-group marker, not user output."""
+
+    def __init__(self, splitter: LineSplitter) -> None:
+        self.splitter = splitter
+        self.pgid: int | None = None
+        self._head = b""
+        self._seen_marker = False
+
+    def feed(self, data: bytes) -> None:
+        if self._seen_marker:
+            self.splitter.feed(data)
+            return
+        self._head += data
+        if b"\n" not in self._head:
+            return
+        first, rest = self._head.split(b"\n", 1)
+        self._seen_marker = True
+        marker, _, pgid = first.decode(errors="replace").partition(" ")
+        if marker == PID_MARKER and pgid.strip().isdigit():
+            self.pgid = int(pgid)
+        else:
+            rest = self._head
+        if rest:
+            self.splitter.feed(rest)
+
+    def close(self) -> str:
+        if not self._seen_marker and self._head:
+            self.splitter.feed(self._head)
+        return self.splitter.close()
+
+
+# --- file transfer ---------------------------------------------------------------
+
+
+@contextmanager
+def sftp_session(host: Host, ctx: SshContext, stop: StopSignal) -> Iterator[paramiko.SFTPClient]:
+    transport = connect(host, ctx, stop)
+    try:
+        sftp = paramiko.SFTPClient.from_transport(transport)
+        assert sftp is not None
+        yield sftp
+        sftp.close()
+    finally:
+        transport.close()
+
+
+def put_tree(sftp: paramiko.SFTPClient, local: Path, remote: str) -> int:
+    """Copy a file or directory tree to `remote`; returns the number of files copied."""
+    if local.is_file():
+        sftp.put(str(local), remote)
+        sftp.chmod(remote, stat.S_IMODE(local.stat().st_mode))
+        return 1
+    _sftp_makedirs(sftp, remote)
+    copied = 0
+    for child in sorted(local.iterdir()):
+        copied += put_tree(sftp, child, posixpath.join(remote, child.name))
+    return copied
+
+
+def get_tree(sftp: paramiko.SFTPClient, remote: str, local: Path) -> int:
+    """Copy a remote file or directory tree to `local`; returns the number of files copied."""
+    if not stat.S_ISDIR(sftp.stat(remote).st_mode or 0):
+        local.parent.mkdir(parents=True, exist_ok=True)
+        sftp.get(remote, str(local))
+        return 1
+    local.mkdir(parents=True, exist_ok=True)
+    return sum(
+        get_tree(sftp, posixpath.join(remote, name), local / name)
+        for name in sorted(sftp.listdir(remote))
+    )
+
+
+def _sftp_makedirs(sftp: paramiko.SFTPClient, remote: str) -> None:
+    try:
+        sftp.mkdir(remote)
+    except OSError:
+        if not stat.S_ISDIR(sftp.stat(remote).st_mode or 0):
+            raise

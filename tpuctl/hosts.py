@@ -1,0 +1,188 @@
+"""From a node to the hosts the fan-out connects to: addresses, login, host keys, worker
+selection, and a per-node address cache so repeated commands skip the TPU API.
+
+The cache lives in `state_dir()/nodes/PROJECT/ZONE/NAME.json`; tpuctl's own known_hosts
+file for the node sits next to it. When a fresh lookup shows the node was recreated (its
+creation time changed), the node's known host keys are dropped: TPU VM addresses are
+reused, and the new VMs have new keys.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tpuctl.errors import TpuctlError
+from tpuctl.fanout.base import Host
+from tpuctl.providers.base import Node, Worker
+
+if TYPE_CHECKING:
+    from tpuctl.config import Settings
+
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def parse_workers(spec: str | None, count: int | None = None) -> list[int] | None:
+    """`--worker 0,3,5-7` -> [0, 3, 5, 6, 7]; None or "all" -> None (every worker).
+
+    With `count`, indexes must be below it. Raises a TpuctlError naming the bad part.
+    """
+    if spec is None or spec.strip().lower() == "all":
+        return None
+    chosen: list[int] = []
+    for part in (p.strip() for p in spec.split(",")):
+        match = _RANGE.match(part)
+        if not match:
+            raise TpuctlError(
+                f"--worker {spec!r}: {part!r} is not a worker number or range; "
+                "use e.g. --worker 0,3,5-7"
+            )
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise TpuctlError(
+                f"--worker {spec!r}: range {part!r} runs backwards; write {last}-{first}"
+            )
+        chosen.extend(i for i in range(first, last + 1) if i not in chosen)
+    if count is not None and (too_big := [i for i in chosen if i >= count]):
+        raise TpuctlError(
+            f"--worker {spec!r}: worker {too_big[0]} does not exist; "
+            f"the node has workers 0-{count - 1}"
+        )
+    return chosen
+
+
+def worker_label(index: int, count: int) -> str:
+    """`w03`: zero-padded to the node's width so prefixes line up (w007 on a 512-host pod)."""
+    return f"w{index:0{max(2, len(str(count - 1)))}d}"
+
+
+def hosts_for(settings: Settings, node: Node, workers: list[int] | None = None) -> list[Host]:
+    """The fan-out hosts for a node's workers (all of them when `workers` is None)."""
+    if workers is not None:
+        parse_workers(",".join(map(str, workers)), len(node.workers))
+    chosen = [w for w in node.workers if workers is None or w.index in workers]
+    count = len(node.workers)
+    if node.provider == "local":
+        return [
+            Host(worker_label(w.index, count), "localhost", workdir=w.workdir, transport="local")
+            for w in chosen
+        ]
+    user, key = settings.get("ssh.user"), _private_key(settings)
+    known_hosts = str(known_hosts_path(settings, node.name))
+    return [
+        Host(
+            worker_label(w.index, count),
+            _address(settings, node, w),
+            user=user,
+            key_filename=key,
+            known_hosts=known_hosts,
+        )
+        for w in chosen
+    ]
+
+
+def _address(settings: Settings, node: Node, worker: Worker) -> str:
+    if settings.get("ssh.internal_ip") or not worker.external_ip:
+        if not worker.internal_ip:
+            raise TpuctlError(f"worker {worker.index} of {node.name} has no IP address yet")
+        return worker.internal_ip
+    return worker.external_ip
+
+
+def _private_key(settings: Settings) -> str:
+    configured = settings.get("ssh.key")
+    if configured:
+        path = Path(str(configured)).expanduser()
+        if not path.is_file():
+            raise TpuctlError(
+                f"ssh.key ({settings.source('ssh.key')}) is {path}, which does not exist; "
+                "point it at a private key or unset it to use tpuctl's own key pair"
+            )
+        return str(path)
+    from tpuctl.sshkeys import ensure_keypair
+
+    return str(ensure_keypair(settings)[0])
+
+
+# --- address cache --------------------------------------------------------------------
+
+
+def _node_dir(project: str | None, zone: str) -> Path:
+    from tpuctl.config import state_dir
+
+    return state_dir() / "nodes" / (project or "-") / zone
+
+
+def cache_path(project: str | None, zone: str, name: str) -> Path:
+    return _node_dir(project, zone) / f"{name}.json"
+
+
+def known_hosts_path(settings: Settings, name: str) -> Path:
+    """tpuctl's known_hosts file for one node."""
+    return _node_dir(settings.get("project"), str(settings.get("zone"))) / f"{name}.known_hosts"
+
+
+def cached_node(settings: Settings, name: str) -> Node | None:
+    """The node as last seen by the API, if tpuctl has looked it up before."""
+    path = cache_path(settings.get("project"), str(settings.get("zone")), name)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    workers = tuple(Worker(**w) for w in record.pop("workers"))
+    created = record.pop("created")
+    return Node(
+        **record, workers=workers, created=datetime.fromisoformat(created) if created else None
+    )
+
+
+def remember(settings: Settings, node: Node) -> None:
+    """Store a freshly looked-up node; forget its host keys if it was recreated."""
+    path = cache_path(settings.get("project"), str(settings.get("zone")), node.name)
+    previous = _read_created(path)
+    if previous is not None and previous != _created_text(node):
+        known_hosts_path(settings, node.name).unlink(missing_ok=True)
+    record = asdict(node)
+    record["created"] = _created_text(node)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(path)
+
+
+def forget(settings: Settings, name: str) -> None:
+    """Drop a node's cached addresses (its workers could not be reached)."""
+    cache_path(settings.get("project"), str(settings.get("zone")), name).unlink(missing_ok=True)
+
+
+def _read_created(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("created") or ""
+    except (OSError, ValueError):
+        return None
+
+
+def _created_text(node: Node) -> str:
+    return node.created.isoformat() if node.created else ""
+
+
+def lookup_node(settings: Settings, name: str | None, *, use_cache: bool = True) -> Node:
+    """The node a command targets, from the cache when it has an entry for the name,
+    else from the provider (and then cached). Local pods are never cached: reading
+    them is as cheap as reading the cache."""
+    from tpuctl.providers import resolve_node
+
+    chosen = name or settings.get("node")
+    cacheable = settings.get("provider") != "local"
+    if use_cache and cacheable and chosen:
+        node = cached_node(settings, chosen)
+        if node is not None:
+            return node
+    node = resolve_node(settings, chosen)
+    if cacheable and node.ready:
+        remember(settings, node)
+    return node

@@ -1,0 +1,349 @@
+"""A pod of real OpenSSH hosts on this machine, for tests and benchmarks (needs root).
+
+Each host is one `sshd` in its own network namespace (a veth on a bridge this pod creates,
+with an address in 10.231.0.0/16), its own mount namespace (a private /tmp and /root) and
+its own PID namespace (its `ps` shows only its processes; stopping the host ends them all).
+Where namespaces are not allowed, hosts fall back to sshd on distinct 127.0.x.y addresses.
+
+    pod = SshPod(4, key=(private_key_path, public_key_line)).start()
+    pod.hosts            # ["10.231.7.10", ...]
+    pod.stop_host(2)     # host 2 goes away: connections are refused
+    pod.stop()           # namespaces, veths, bridge, sshd: all gone
+
+Every name starts with `tpf<owner pid>`, so leftovers of a crashed run are recognised (their
+owner is dead) and removed by the next pod, while a concurrently running pod is left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+PREFIX = "tpf"
+SUBNET = "10.231"  # a /16 used only by these pods; each pod takes one /24 of it
+LOCK_FILE = "/run/lock/tpuctl-sshpod.lock"
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+START_DEADLINE_S = 20.0
+
+SSHD_CONFIG = """\
+ListenAddress {address}
+Port 22
+HostKey {host_key}
+PidFile none
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+AuthorizedKeysFile .ssh/authorized_keys
+StrictModes no
+MaxStartups 500
+MaxSessions 100
+UseDNS no
+PrintMotd no
+Subsystem sftp internal-sftp
+"""
+
+
+@dataclass
+class _Host:
+    index: int
+    address: str
+    directory: Path
+    namespace: str | None
+    process: subprocess.Popen | None = None
+
+
+def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, check=check)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SshPod:
+    """`n` sshd hosts accepting root logins with `key` = (private key path, public key line)."""
+
+    def __init__(self, n: int, key: tuple[str, str]) -> None:
+        if n < 1 or n > 200:
+            raise ValueError("an SshPod has 1 to 200 hosts")
+        self.n = n
+        self.private_key, self.public_key = key
+        self.tag = f"{PREFIX}{os.getpid()}"
+        self.bridge = f"{self.tag}b"
+        # Outside /tmp: each host mounts its own /tmp over the real one.
+        self.directory = Path(tempfile.mkdtemp(prefix="tpuctl-sshpod-", dir="/var/tmp"))
+        self.isolated = True  # False: the 127.0.x.y fallback
+        self._hosts: list[_Host] = []
+
+    @property
+    def hosts(self) -> list[str]:
+        """The hosts' IP addresses, in index order."""
+        return [host.address for host in self._hosts]
+
+    def start(self) -> SshPod:
+        """Start every host and wait until each accepts TCP connections."""
+        if os.geteuid() != 0:
+            raise PermissionError("an SshPod needs root (network namespaces, sshd as root)")
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        try:
+            with _exclusive_lock():
+                clean_leftovers()
+                self.isolated = self._try_bridge()
+            self._hosts = [self._prepare_host(i) for i in range(self.n)]
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(self._launch, self._hosts))
+            self._wait_until_listening(range(self.n))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop_host(self, index: int) -> None:
+        """Take one host down: its sshd and every process it started end; connections to
+        its address are refused from now on."""
+        host = self._hosts[index]
+        if host.process is not None and host.process.poll() is None:
+            _kill_tree(host.process)
+        host.process = None
+
+    def start_host(self, index: int) -> None:
+        """Bring a stopped host back (same address, same files, same host key)."""
+        host = self._hosts[index]
+        if host.process is None:
+            self._launch(host)
+            self._wait_until_listening([index])
+
+    def processes(self, index: int) -> list[str]:
+        """Command lines of the processes running on one host (its sshd's descendants)."""
+        host = self._hosts[index]
+        if host.process is None:
+            return []
+        return [_cmdline(pid) for pid in _descendants(host.process.pid)]
+
+    def path(self, index: int, inside: str) -> Path:
+        """Where a host's private /tmp or /root path lives on this machine."""
+        for root in ("/tmp", "/root"):
+            if inside == root or inside.startswith(root + "/"):
+                return self._hosts[index].directory / root.strip("/") / inside[len(root) + 1 :]
+        raise ValueError(f"{inside} is not under a host's private /tmp or /root")
+
+    def stop(self) -> None:
+        """Stop every sshd and remove the namespaces, veths, bridge and files. Idempotent."""
+        for index in range(len(self._hosts)):
+            self.stop_host(index)
+        for host in self._hosts:
+            if host.namespace:
+                _sh("ip", "netns", "del", host.namespace, check=False)
+        _sh("ip", "link", "del", self.bridge, check=False)
+        for host in self._hosts:
+            if not self.isolated:
+                _sh("ip", "addr", "del", f"{host.address}/32", "dev", "lo", check=False)
+        self._hosts = []
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> SshPod:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- setup -----------------------------------------------------------------
+
+    def _try_bridge(self) -> bool:
+        """Create this pod's bridge on a free /24; False when namespaces are not allowed."""
+        probe = f"{self.tag}probe"
+        if _sh("ip", "netns", "add", probe, check=False).returncode != 0:
+            return False
+        _sh("ip", "netns", "del", probe, check=False)
+        self.octet = _free_octet()
+        _sh("ip", "link", "add", self.bridge, "type", "bridge")
+        _sh("ip", "addr", "add", f"{SUBNET}.{self.octet}.1/24", "dev", self.bridge)
+        _sh("ip", "link", "set", self.bridge, "up")
+        return True
+
+    def _prepare_host(self, index: int) -> _Host:
+        directory = self.directory / f"h{index}"
+        (directory / "tmp").mkdir(parents=True)
+        os.chmod(directory / "tmp", 0o1777)
+        ssh_dir = directory / "root" / ".ssh"
+        ssh_dir.mkdir(parents=True, mode=0o700)
+        (ssh_dir / "authorized_keys").write_text(self.public_key.strip() + "\n")
+        os.chmod(ssh_dir / "authorized_keys", 0o600)
+        host_key = directory / "ssh_host_ed25519_key"
+        _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"h{index}", "-f", str(host_key))
+        if self.isolated:
+            address, namespace = f"{SUBNET}.{self.octet}.{10 + index}", f"{self.tag}-h{index}"
+            self._wire_namespace(namespace, index, address)
+        else:
+            address, namespace = f"127.0.{1 + index // 250}.{2 + index % 250}", None
+        (directory / "sshd_config").write_text(
+            SSHD_CONFIG.format(address=address, host_key=host_key)
+        )
+        return _Host(index, address, directory, namespace)
+
+    def _wire_namespace(self, namespace: str, index: int, address: str) -> None:
+        veth = f"{self.tag}v{index}"
+        _sh("ip", "netns", "add", namespace)
+        _sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", namespace)
+        _sh("ip", "link", "set", veth, "master", self.bridge, "up")
+        batch = f"addr add {address}/24 dev eth0\nlink set eth0 up\nlink set lo up\n"
+        subprocess.run(["ip", "-n", namespace, "-batch", "-"], input=batch, text=True, check=True)
+
+    def _launch(self, host: _Host) -> None:
+        sshd = f"{SSHD} -D -e -f {host.directory}/sshd_config"
+        log = open(host.directory / "sshd.log", "ab")  # noqa: SIM115 (outlives this call)
+        if host.namespace:
+            binds = (
+                f"mount --bind {host.directory}/tmp /tmp && "
+                f"mount --bind {host.directory}/root /root && exec {sshd}"
+            )
+            argv = [
+                "ip", "netns", "exec", host.namespace,
+                "unshare", "--mount", "--propagation", "private",
+                "--pid", "--fork", "--mount-proc", "--kill-child",
+                "sh", "-c", binds,
+            ]  # fmt: skip
+        else:
+            _sh("ip", "addr", "add", f"{host.address}/32", "dev", "lo", check=False)
+            argv = ["sh", "-c", f"exec {sshd}"]
+        host.process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+        log.close()
+
+    def _wait_until_listening(self, indexes) -> None:
+        deadline = time.monotonic() + START_DEADLINE_S
+        for index in indexes:
+            host = self._hosts[index]
+            while not _accepts(host.address):
+                if host.process is None or host.process.poll() is not None:
+                    log = (host.directory / "sshd.log").read_text(errors="replace")
+                    raise RuntimeError(f"sshd for host {index} exited: {log[-500:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"sshd for host {index} at {host.address} never listened")
+                time.sleep(0.02)
+
+
+def clean_leftovers() -> None:
+    """Remove namespaces, bridges and sshd processes of pods whose owner process is gone."""
+    for namespace in _sh("ip", "netns", "list", check=False).stdout.split():
+        owner = _owner(namespace)
+        if owner is not None and not _alive(owner):
+            for pid in _sh("ip", "netns", "pids", namespace, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            _sh("ip", "netns", "del", namespace, check=False)
+    links = _sh("ip", "-o", "link", "show", "type", "bridge", check=False).stdout
+    for line in links.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        owner = _owner(name)
+        if owner is not None and not _alive(owner):
+            _sh("ip", "link", "del", name, check=False)
+
+
+def _owner(name: str) -> int | None:
+    if not name.startswith(PREFIX):
+        return None
+    digits = ""
+    for char in name[len(PREFIX) :]:
+        if not char.isdigit():
+            break
+        digits += char
+    return int(digits) if digits else None
+
+
+def _free_octet() -> int:
+    used = _sh("ip", "-o", "-4", "addr", "show", check=False).stdout
+    for octet in range(1, 255):
+        if f" {SUBNET}.{octet}." not in used:
+            return octet
+    raise RuntimeError(f"no free /24 left in {SUBNET}.0.0/16")
+
+
+@contextlib.contextmanager
+def _exclusive_lock():
+    Path(LOCK_FILE).parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK_FILE, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _accepts(address: str) -> bool:
+    try:
+        with socket.create_connection((address, 22), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """End a host: killing its PID namespace's init ends every process inside."""
+    for pid in reversed([process.pid, *_descendants(process.pid)]):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, queue = [], [root]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def make_keypair(directory: Path) -> tuple[str, str]:
+    """An ed25519 login key pair for a pod: (private key path, public key line)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = directory / "pod_key"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    os.chmod(private, 0o600)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return str(private), public.decode() + " tpuctl-test-pod"

@@ -1,0 +1,138 @@
+"""The bash that `clear-locks` and `check` run on every worker, and the parsers for what it
+prints. Paths use `${TMPDIR:-/tmp}` so local-pod workers (each with its own TMPDIR) have
+their own lockfiles; on TPU VMs TMPDIR is unset and the runtime's /tmp paths are used.
+
+Each script prints one `key value...` record per line, so parsing never depends on the
+wording of tools' messages.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+# Devices the TPU runtime opens: /dev/accel* on v2-v4, VFIO on v5e and later.
+TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/*")
+# What a crashed or previous user's job leaves behind and blocks the next libtpu start.
+LOCK_PATHS = ("libtpu_lockfile", "tpu_logs")
+REFUSED_EXIT = 3
+
+_PRELUDE = """\
+tmp="${TMPDIR:-/tmp}"
+sudo=""
+if [ "$(id -u)" != 0 ]; then sudo="sudo -n"; fi
+"""
+
+
+def _holders_snippet(device_globs: tuple[str, ...]) -> str:
+    """Print `held PID COMMAND DEVICE` for every process with a TPU device open."""
+    tests = " -o ".join(f"-lname {shlex.quote(glob)}" for glob in device_globs)
+    return f"""\
+for fd in $($sudo find /proc/[0-9]*/fd -maxdepth 1 \\( {tests} \\) 2>/dev/null); do
+  pid=${{fd#/proc/}}; pid=${{pid%%/*}}
+  [ "$pid" = "$$" ] && continue
+  echo "held $pid $(cat /proc/$pid/comm 2>/dev/null || echo '?') $($sudo readlink "$fd")"
+done | sort -u
+"""
+
+
+def clear_locks_script(force: bool, device_globs: tuple[str, ...] = TPU_DEVICE_GLOBS) -> str:
+    """Remove the TPU runtime's lock and log files, unless a live process holds the device
+    (then print who and exit REFUSED_EXIT) and `force` is False."""
+    paths = " ".join(f'"$tmp/{name}"' for name in LOCK_PATHS)
+    refuse = "" if force else f'if [ -n "$held" ]; then exit {REFUSED_EXIT}; fi\n'
+    return (
+        _PRELUDE
+        + f"held=$({_holders_snippet(device_globs)})\n"
+        + '[ -n "$held" ] && echo "$held"\n'
+        + refuse
+        + f"""status=0
+for path in {paths}; do
+  if [ -e "$path" ] || [ -L "$path" ]; then
+    if $sudo rm -rf -- "$path"; then echo "removed $path"; else echo "failed $path"; status=1; fi
+  fi
+done
+exit $status
+"""
+    )
+
+
+def check_script(python: str = "python3", device_globs: tuple[str, ...] = TPU_DEVICE_GLOBS) -> str:
+    """Report device holders, JAX's device counts (skipped while the device is held: JAX
+    would block on it), free disk in $HOME and available memory."""
+    probe = "import jax; print(jax.device_count(), jax.local_device_count())"
+    return (
+        _PRELUDE
+        + f"held=$({_holders_snippet(device_globs)})\n"
+        + '[ -n "$held" ] && echo "$held"\n'
+        + f"""if [ -z "$held" ]; then
+  if out=$({shlex.quote(python)} -c {shlex.quote(probe)} 2>&1); then
+    echo "devices $(echo "$out" | tail -n 1)"
+  else
+    echo "jax_error $(echo "$out" | tail -n 1)"
+  fi
+fi
+df -Pk "$HOME" | awk 'NR==2 {{print "disk_free_kb", $4}}'
+awk '/^MemAvailable:/ {{print "mem_free_kb", $2}}' /proc/meminfo
+exit 0
+"""
+    )
+
+
+@dataclass
+class LockReport:
+    """What clear-locks did on one worker."""
+
+    removed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    holders: list[str] = field(default_factory=list)  # "pid 123 (python3) on /dev/accel0"
+
+
+def parse_lock_report(stdout: str) -> LockReport:
+    report = LockReport()
+    for kind, _, rest in (line.partition(" ") for line in stdout.splitlines()):
+        if kind == "removed":
+            report.removed.append(rest)
+        elif kind == "failed":
+            report.failed.append(rest)
+        elif kind == "held":
+            report.holders.append(_describe_holder(rest))
+    return report
+
+
+@dataclass
+class WorkerHealth:
+    """One worker's answers to `check`."""
+
+    devices: int | None = None  # jax.device_count(): the whole pod's devices
+    local_devices: int | None = None
+    jax_error: str | None = None
+    holders: list[str] = field(default_factory=list)
+    disk_free_gb: float | None = None
+    mem_free_gb: float | None = None
+
+
+def parse_health(stdout: str) -> WorkerHealth:
+    health = WorkerHealth()
+    for kind, _, rest in (line.partition(" ") for line in stdout.splitlines()):
+        if kind == "devices":
+            counts = rest.split()
+            if len(counts) == 2 and all(c.isdigit() for c in counts):
+                health.devices, health.local_devices = int(counts[0]), int(counts[1])
+            else:
+                health.jax_error = f"unexpected output: {rest}"
+        elif kind == "jax_error":
+            health.jax_error = rest or "python exited with an error"
+        elif kind == "held":
+            health.holders.append(_describe_holder(rest))
+        elif kind == "disk_free_kb" and rest.isdigit():
+            health.disk_free_gb = int(rest) / 2**20
+        elif kind == "mem_free_kb" and rest.isdigit():
+            health.mem_free_gb = int(rest) / 2**20
+    return health
+
+
+def _describe_holder(record: str) -> str:
+    pid, _, rest = record.partition(" ")
+    command, _, device = rest.partition(" ")
+    return f"pid {pid} ({command}) on {device}"
