@@ -1,0 +1,478 @@
+"""Cloud TPU nodes through the v2 API (google-cloud-tpu), including queued resources.
+
+The google-cloud-tpu library is imported inside methods: it costs ~0.4 s and the CLI must
+start fast. `TPUCTL_TPU_API_ENDPOINT` points the client elsewhere (an `http://` endpoint
+uses the REST transport with anonymous credentials: a local or fake server).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from tpuctl.durations import Clock, format_duration
+from tpuctl.errors import TpuctlError
+from tpuctl.providers.base import Node, NodeSpec, ProgressFn, Worker
+
+if TYPE_CHECKING:
+    from tpuctl.config import Settings
+
+ENDPOINT_ENV = "TPUCTL_TPU_API_ENDPOINT"
+# A node creation that the API answers with this (RESOURCE_EXHAUSTED) lacks capacity; quota
+# errors share the code but not the wording, and retrying them cannot help.
+_CAPACITY_MARKERS = ("no more capacity", "stockout", "insufficient capacity", "out of capacity")
+_TRANSIENT_ATTEMPTS = 4
+T = TypeVar("T")
+
+
+class Stockout(TpuctlError):
+    """The zone has no capacity for this accelerator right now; trying again may work."""
+
+    def __init__(self, zone: str, message: str):
+        super().__init__(f"no capacity for this TPU in {zone}: {message}", exit_code=1)
+        self.zone = zone
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter for stockout retries: initial * factor**k, capped."""
+
+    initial: float = 5.0
+    factor: float = 2.0
+    maximum: float = 300.0
+    jitter: float = 0.2  # each delay is scaled by a random factor in [1 - jitter, 1 + jitter]
+
+    def delay(self, retry_index: int, rng: random.Random | None = None) -> float:
+        base = min(self.maximum, self.initial * self.factor**retry_index)
+        return base * (rng or random).uniform(1 - self.jitter, 1 + self.jitter)
+
+
+class CloudTpuProvider:
+    """Nodes in one project; `zone` is where get/list/delete look, `spec.zone` where create goes."""
+
+    name = "cloud"
+
+    def __init__(self, project: str, zone: str, clock: Clock | None = None):
+        self.project = project
+        self.zone = zone
+        self.clock = clock or Clock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CloudTpuProvider:
+        """Build from resolved settings; project and zone are required."""
+        project, zone = settings.get("project"), settings.get("zone")
+        if not project:
+            raise TpuctlError(
+                "no Google Cloud project: pass --project, set TPUCTL_PROJECT or run "
+                "`tpuctl config set project PROJECT`"
+            )
+        if not zone:
+            raise TpuctlError(
+                "no zone: pass --zone, set TPUCTL_ZONE or run `tpuctl config set zone ZONE`"
+            )
+        return cls(project, zone)
+
+    @cached_property
+    def client(self) -> Any:
+        """A google.cloud.tpu_v2.TpuClient for the configured endpoint."""
+        from google.cloud import tpu_v2
+
+        endpoint = os.environ.get(ENDPOINT_ENV)
+        if not endpoint:
+            return tpu_v2.TpuClient()
+        from google.api_core.client_options import ClientOptions
+
+        credentials = None
+        if endpoint.startswith("http://"):
+            from google.auth.credentials import AnonymousCredentials
+
+            credentials = AnonymousCredentials()
+        return tpu_v2.TpuClient(
+            transport="rest",
+            credentials=credentials,
+            client_options=ClientOptions(api_endpoint=endpoint),
+        )
+
+    # -- paths -----------------------------------------------------------------------------
+
+    def _parent(self, zone: str | None = None) -> str:
+        return f"projects/{self.project}/locations/{zone or self.zone}"
+
+    def _node_path(self, name: str, zone: str | None = None) -> str:
+        return f"{self._parent(zone)}/nodes/{name}"
+
+    # -- describe --------------------------------------------------------------------------
+
+    def get(self, name: str, zone: str | None = None) -> Node | None:
+        """The node called `name` in the zone, or None."""
+        from google.api_core import exceptions
+
+        try:
+            raw = self._call(self.client.get_node, name=self._node_path(name, zone))
+        except exceptions.NotFound:
+            return None
+        return node_from_api(raw)
+
+    def list(self, all_zones: bool = False) -> list[Node]:
+        """Nodes in the zone (or every zone of the project), sorted by name."""
+        parent = self._parent("-" if all_zones else None)
+        pages = self._call(self.client.list_nodes, parent=parent)
+        return sorted((node_from_api(n) for n in pages), key=lambda n: (n.zone, n.name))
+
+    # -- create ----------------------------------------------------------------------------
+
+    def create(self, spec: NodeSpec, progress: ProgressFn, wait: bool = True) -> Node | None:
+        """Create a node in `spec.zone` and wait until it is READY (one attempt, no retries).
+
+        Raises Stockout when the zone has no capacity, TpuctlError for errors that retrying
+        cannot fix (quota, invalid arguments, permissions). Returns None when not waiting.
+        """
+        from google.cloud import tpu_v2
+
+        node = tpu_v2.Node(
+            accelerator_type=spec.accelerator_type,
+            runtime_version=spec.runtime_version,
+            labels=spec.labels,
+            metadata=spec.metadata,
+            scheduling_config=_scheduling_config(spec.scheduling),
+            network_config=_network_config(spec),
+        )
+        operation = self._api_errors(spec, lambda: self._call(
+            self.client.create_node,
+            parent=self._parent(spec.zone),
+            node_id=spec.name,
+            node=node,
+        ))  # fmt: skip
+        progress(f"creating {spec.name} ({spec.accelerator_type}) in {spec.zone}")
+        if not wait:
+            return None
+        self._wait_for_operation(operation, spec, progress)
+        return self._wait_until_ready(spec.name, spec.zone, progress)
+
+    def _wait_for_operation(self, operation: Any, spec: NodeSpec, progress: ProgressFn) -> None:
+        """Poll the create operation, reporting the node's state as it changes."""
+        last_state = None
+        for delay in _poll_delays():
+            if self._call(operation.done):
+                break
+            node = self.get(spec.name, spec.zone)
+            if node is not None and node.state != last_state:
+                last_state = node.state
+                progress(f"{spec.name}: {node.state}")
+            self.clock.sleep(delay)
+        error = operation.exception()
+        if error is not None:
+            self._raise_for(error, spec)
+
+    def _wait_until_ready(self, name: str, zone: str, progress: ProgressFn) -> Node:
+        last_state = None
+        for delay in _poll_delays():
+            node = self.get(name, zone)
+            if node is None:
+                raise TpuctlError(f"node {name} disappeared from {zone} while starting", 1)
+            if node.state != last_state:
+                last_state = node.state
+                progress(f"{name}: {node.state}")
+            if node.ready:
+                return node
+            if node.state in ("PREEMPTED", "TERMINATED", "STOPPED"):
+                raise TpuctlError(
+                    f"node {name} is {node.state} instead of READY; delete it with "
+                    f"`tpuctl down {name}` and try again",
+                    exit_code=1,
+                )
+            self.clock.sleep(delay)
+        raise AssertionError("unreachable: _poll_delays is endless")
+
+    def wait_until_ready(self, name: str, progress: ProgressFn, zone: str | None = None) -> Node:
+        """Wait for an existing node (e.g. one still CREATING) to become READY."""
+        return self._wait_until_ready(name, zone or self.zone, progress)
+
+    def create_with_retries(
+        self,
+        spec: NodeSpec,
+        progress: ProgressFn,
+        *,
+        fallback_zones: Sequence[str] = (),
+        retry_for: float = 1800.0,
+        backoff: Backoff = Backoff(),
+        queued: bool = False,
+        valid_for: float | None = None,
+        wait: bool = True,
+    ) -> Node | None:
+        """Create the node, walking `spec.zone` then `fallback_zones` and backing off between
+        rounds while every zone is out of capacity, for at most `retry_for` seconds."""
+        zones = [spec.zone, *(z for z in fallback_zones if z != spec.zone)]
+        attempts = 0
+        for round_index in range(10_000):
+            for zone in zones:
+                attempts += 1
+                zoned = replace(spec, zone=zone)
+                try:
+                    if queued:
+                        return self.create_queued(zoned, progress, valid_for=valid_for, wait=wait)
+                    return self.create(zoned, progress, wait=wait)
+                except Stockout as stockout:
+                    progress(f"no capacity in {zone} (attempt {attempts}): {stockout}")
+            used = self.clock.elapsed()
+            remaining = retry_for - used
+            if remaining <= 0:
+                break
+            delay = min(backoff.delay(round_index), remaining)
+            where = "all zones" if len(zones) > 1 else zones[0]
+            progress(
+                f"{where} out of capacity; retrying in {format_duration(delay)} "
+                f"(attempt {attempts + 1}, {format_duration(used)} of "
+                f"{format_duration(retry_for)} retry budget used)"
+            )
+            self.clock.sleep(delay)
+        raise TpuctlError(
+            f"no capacity for {spec.accelerator_type} in {', '.join(zones)} after {attempts} "
+            f"attempts over {format_duration(self.clock.elapsed())}; retry longer with "
+            f"--retry-for 2h, or add zones with `tpuctl config set "
+            f"accelerators.{spec.accelerator_type}.zones ZONE1,ZONE2`",
+            exit_code=1,
+        )
+
+    # -- queued resources ------------------------------------------------------------------
+
+    def create_queued(
+        self,
+        spec: NodeSpec,
+        progress: ProgressFn,
+        *,
+        valid_for: float | None = None,
+        wait: bool = True,
+    ) -> Node | None:
+        """Ask for the node through a queued resource named like the node; wait until READY.
+
+        A queued resource that ends FAILED or SUSPENDED, or that we give up on (interrupt,
+        error while waiting), is deleted: orphans keep holding quota.
+        """
+        from google.api_core import exceptions
+        from google.cloud import tpu_v2
+        from google.protobuf import duration_pb2
+
+        node = tpu_v2.Node(
+            accelerator_type=spec.accelerator_type,
+            runtime_version=spec.runtime_version,
+            labels=spec.labels,
+            metadata=spec.metadata,
+            network_config=_network_config(spec),
+        )
+        queued = tpu_v2.QueuedResource(
+            tpu=tpu_v2.QueuedResource.Tpu(
+                node_spec=[
+                    tpu_v2.QueuedResource.Tpu.NodeSpec(
+                        parent=self._parent(spec.zone), node_id=spec.name, node=node
+                    )
+                ]
+            )
+        )
+        if spec.scheduling == "spot":
+            queued.spot = tpu_v2.QueuedResource.Spot()
+        elif spec.scheduling == "reserved":
+            queued.guaranteed = tpu_v2.QueuedResource.Guaranteed(reserved=True)
+        if valid_for:
+            queued.queueing_policy = tpu_v2.QueuedResource.QueueingPolicy(
+                valid_until_duration=duration_pb2.Duration(seconds=int(valid_for))
+            )
+        path = f"{self._parent(spec.zone)}/queuedResources/{spec.name}"
+        try:
+            operation = self._api_errors(spec, lambda: self._call(
+                self.client.create_queued_resource,
+                parent=self._parent(spec.zone),
+                queued_resource_id=spec.name,
+                queued_resource=queued,
+            ))  # fmt: skip
+            self._wait_for_operation(operation, spec, lambda _msg: None)
+            progress(f"queued resource {spec.name} created in {spec.zone}")
+        except exceptions.Conflict:
+            progress(f"queued resource {spec.name} already exists in {spec.zone}; waiting on it")
+        if not wait:
+            return None
+        try:
+            self._wait_for_queued(path, spec, progress)
+            return self._wait_until_ready(spec.name, spec.zone, progress)
+        except BaseException:
+            progress(f"giving up: deleting queued resource {spec.name} so it holds no quota")
+            self.delete_queued(path, lambda _msg: None)
+            raise
+
+    def _wait_for_queued(self, path: str, spec: NodeSpec, progress: ProgressFn) -> None:
+        last_state = None
+        for delay in _poll_delays():
+            queued = self._call(self.client.get_queued_resource, name=path)
+            state = queued.state.state.name
+            if state != last_state:
+                last_state = state
+                progress(f"queued resource {spec.name}: {state}")
+            if state == "ACTIVE":
+                return
+            if state in ("FAILED", "SUSPENDED"):
+                reason = queued.state.failed_data.error.message or state.lower()
+                raise TpuctlError(
+                    f"queued resource {spec.name} in {spec.zone} ended {state}: {reason}",
+                    exit_code=1,
+                )
+            self.clock.sleep(delay)
+
+    def delete_queued(self, path: str, progress: ProgressFn) -> None:
+        """Delete a queued resource and its node (force), waiting until it is gone."""
+        from google.api_core import exceptions
+
+        try:
+            operation = self._call(
+                self.client.delete_queued_resource, request={"name": path, "force": True}
+            )
+        except exceptions.NotFound:
+            return
+        progress(f"deleting queued resource {path.rsplit('/', 1)[-1]}")
+        for delay in _poll_delays():
+            if self._call(operation.done):
+                return
+            self.clock.sleep(delay)
+
+    # -- delete ----------------------------------------------------------------------------
+
+    def delete(self, name: str, progress: ProgressFn) -> bool:
+        """Delete the node (and the queued resource that made it); False if there was none."""
+        from google.api_core import exceptions
+
+        try:
+            raw = self._call(self.client.get_node, name=self._node_path(name))
+        except exceptions.NotFound:
+            return False
+        if raw.queued_resource:
+            self.delete_queued(raw.queued_resource, progress)
+            return True
+        try:
+            operation = self._call(self.client.delete_node, name=self._node_path(name))
+        except exceptions.NotFound:
+            return False
+        progress(f"{name}: DELETING")
+        for delay in _poll_delays():
+            if self._call(operation.done):
+                break
+            self.clock.sleep(delay)
+        error = operation.exception()
+        if error is not None:
+            raise TpuctlError(f"deleting {name} failed: {error.message}", exit_code=1)
+        progress(f"{name}: deleted")
+        return True
+
+    # -- errors and retries of transient failures -----------------------------------------
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call the API, retrying transient server errors (500, 503) a few times."""
+        from google.api_core import exceptions
+
+        transient = (exceptions.InternalServerError, exceptions.ServiceUnavailable)
+        for attempt in range(_TRANSIENT_ATTEMPTS):
+            try:
+                return fn(*args, **kwargs)
+            except transient:
+                if attempt == _TRANSIENT_ATTEMPTS - 1:
+                    raise
+                self.clock.sleep(2.0**attempt)
+        raise AssertionError("unreachable")
+
+    def _api_errors(self, spec: NodeSpec, request: Callable[[], T]) -> T:
+        """Run a create request, turning API errors into Stockout or one-line TpuctlErrors."""
+        from google.api_core import exceptions
+
+        try:
+            return request()
+        except exceptions.Conflict:
+            raise
+        except exceptions.GoogleAPICallError as error:
+            self._raise_for(error, spec)
+            raise
+
+    def _raise_for(self, error: Exception, spec: NodeSpec) -> None:
+        from google.api_core import exceptions
+
+        message = getattr(error, "message", None) or str(error)
+        if isinstance(error, exceptions.ResourceExhausted):
+            if any(marker in message.lower() for marker in _CAPACITY_MARKERS):
+                raise Stockout(spec.zone, message) from None
+            raise TpuctlError(f"quota exceeded, not retrying: {message}", exit_code=1) from None
+        if isinstance(error, exceptions.InvalidArgument | exceptions.FailedPrecondition):
+            raise TpuctlError(f"the TPU API refused the request: {message}") from None
+        if isinstance(error, exceptions.PermissionDenied | exceptions.Unauthenticated):
+            raise TpuctlError(
+                f"permission denied in project {self.project}: {message} (check "
+                "`gcloud auth application-default login` and the project's TPU API access)",
+                exit_code=1,
+            ) from None
+        if isinstance(error, exceptions.GoogleAPICallError):
+            raise TpuctlError(f"creating {spec.name} failed: {message}", exit_code=1) from None
+        raise error
+
+
+def _poll_delays(initial: float = 1.0, factor: float = 1.5, maximum: float = 10.0):
+    """Endless polling intervals: 1s growing to 10s (scaled by the provider's clock)."""
+    delay = initial
+    while True:
+        yield delay
+        delay = min(maximum, delay * factor)
+
+
+def _scheduling_config(scheduling: str) -> Any:
+    from google.cloud import tpu_v2
+
+    if scheduling == "on-demand":
+        return None
+    return tpu_v2.SchedulingConfig(**{scheduling: True})
+
+
+def _network_config(spec: NodeSpec) -> Any:
+    from google.cloud import tpu_v2
+
+    return tpu_v2.NetworkConfig(
+        network=spec.network or "",
+        subnetwork=spec.subnetwork or "",
+        enable_external_ips=True,
+    )
+
+
+def node_from_api(raw: Any) -> Node:
+    """Convert a tpu_v2.Node into tpuctl's provider-neutral Node."""
+    parts = raw.name.split("/")
+    scheduling = "on-demand"
+    config = raw.scheduling_config
+    if config.spot:
+        scheduling = "spot"
+    elif config.preemptible:
+        scheduling = "preemptible"
+    elif config.reserved:
+        scheduling = "reserved"
+    health = raw.health.name if raw.health else None
+    created = raw.create_time if isinstance(raw.create_time, datetime) else None
+    workers = tuple(
+        Worker(
+            index=i,
+            internal_ip=endpoint.ip_address,
+            external_ip=endpoint.access_config.external_ip or None,
+        )
+        for i, endpoint in enumerate(raw.network_endpoints)
+    )
+    return Node(
+        name=parts[-1],
+        zone=parts[3],
+        accelerator_type=raw.accelerator_type,
+        state=raw.state.name,
+        project=parts[1],
+        health=health,
+        scheduling=scheduling,
+        runtime_version=raw.runtime_version or None,
+        created=created,
+        workers=workers,
+        labels=dict(raw.labels),
+        provider="cloud",
+    )
