@@ -1,0 +1,200 @@
+"""Job scripts on local-transport workers: launch, status, logs, kill, refusals, secrets."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tpuctl import jobs
+from tpuctl.fanout import Host
+
+# A stand-in job that behaves like the trainer where it matters here: it prints progress,
+# saves and exits 0 on SIGTERM, and worker 2 can be told to crash with a traceback.
+JOB = r"""
+import os, signal, sys, time
+def on_term(*_):
+    print("SIGTERM: saved checkpoint", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+if os.environ.get("IGNORE_TERM"):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+steps = int(os.environ.get("STEPS", "3"))
+for step in range(steps):
+    print(f"step {step} secret_len={len(os.environ.get('SECRET_TOKEN', ''))}", flush=True)
+    if os.environ.get("CRASH_ON") == os.environ["TPUCTL_PROCESS_ID"] and step == 1:
+        raise RuntimeError("worker crashed")
+    time.sleep(float(os.environ.get("STEP_S", "0.1")))
+print("finished", flush=True)
+"""
+
+
+@pytest.fixture
+def hosts(tmp_path):
+    made = []
+    for index in range(3):
+        workdir = tmp_path / f"w{index}"
+        workdir.mkdir()
+        made.append(
+            Host(
+                label=f"w{index:02d}",
+                address="localhost",
+                workdir=str(workdir),
+                transport="local",
+                env={"TPUCTL_PROCESS_ID": str(index)},
+            )
+        )
+    yield made
+    jobs.kill(made, grace=1)  # never leave a job behind, whatever the test did
+
+
+def spec(run_id="r1", **env):
+    return jobs.JobSpec(run_id=run_id, command=[sys.executable, "-c", JOB], env=env)
+
+
+def wait_for(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met before the deadline")
+
+
+def states(hosts):
+    return [job.state for job in jobs.status(hosts)]
+
+
+def collect_logs(hosts, **options):
+    lines = []
+    jobs.logs(hosts, on_line=lambda host, _s, line: lines.append((host.label, line)), **options)
+    return lines
+
+
+def test_run_follow_to_the_end_then_status_shows_exit_codes(hosts):
+    jobs.launch(hosts, spec())
+    lines = collect_logs(hosts, follow=True)  # returns by itself once every worker exited
+    assert ("w00", "finished") in lines
+    assert all(label == "w00" for label, _ in lines)  # others: errors only, and none
+    report = jobs.status(hosts)
+    assert [j.state for j in report] == ["exited"] * 3
+    assert [j.exit_code for j in report] == [0, 0, 0]
+    assert all(j.run_id == "r1" and j.last_line == "finished" for j in report)
+
+
+def test_crashing_worker_shows_in_status_and_default_logs(hosts):
+    jobs.launch(hosts, spec(CRASH_ON="2"))
+    lines = collect_logs(hosts, follow=True)
+    crashed = [line for label, line in lines if label == "w02"]
+    assert any("Traceback" in line for line in crashed)
+    assert any("RuntimeError: worker crashed" in line for line in crashed)
+    assert not any(line.startswith("step") for line in crashed)  # progress is filtered
+    assert not any(label == "w01" for label, _ in lines)
+    report = jobs.status(hosts)
+    assert report[2].state == "exited" and report[2].exit_code == 1
+    assert "RuntimeError" in report[2].last_line
+    assert report[0].exit_code == 0
+
+
+def test_all_lines_shows_every_worker(hosts):
+    jobs.launch(hosts, spec())
+    wait_for(lambda: states(hosts) == ["exited"] * 3)
+    lines = collect_logs(hosts, all_lines=True, lines=1)
+    assert sorted(lines) == [("w00", "finished"), ("w01", "finished"), ("w02", "finished")]
+
+
+def test_second_run_refused_while_one_runs_and_force_replaces_it(hosts):
+    jobs.launch(hosts, spec(STEPS="1000"))
+    with pytest.raises(jobs.JobBusy, match="run r1 is still running on w00, w01, w02"):
+        jobs.launch(hosts, spec(run_id="r2"))
+    assert states(hosts) == ["running"] * 3
+    jobs.launch(hosts, jobs.JobSpec("r2", [sys.executable, "-c", JOB], {"STEPS": "1"}, force=True))
+    wait_for(lambda: states(hosts) == ["exited"] * 3)
+    old = jobs.status(hosts, run_id="r1")
+    assert [j.exit_code for j in old] == [0, 0, 0]  # r1 got SIGTERM and saved
+    assert [j.run_id for j in jobs.status(hosts)] == ["r2"] * 3
+
+
+def trainer_pids(marker):
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        if marker.encode() in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+def test_kill_sigterms_so_the_job_saves_and_leaves_no_process(hosts):
+    jobs.launch(hosts, spec(STEPS="1000"))
+    wait_for(lambda: trainer_pids("secret_len"))
+    reports = jobs.kill(hosts, grace=10)
+    assert [(r.run_id, r.signal) for r in reports] == [("r1", "SIGTERM")] * 3
+    assert trainer_pids("secret_len") == []
+    assert [j.exit_code for j in jobs.status(hosts)] == [0, 0, 0]
+    assert collect_logs(hosts[:1], lines=1) == [("w00", "SIGTERM: saved checkpoint")]
+    again = jobs.kill(hosts)  # nothing running: not an error
+    assert [r.run_id for r in again] == [None] * 3
+
+
+def test_kill_escalates_to_sigkill_after_the_grace_period(hosts):
+    jobs.launch(hosts[:1], spec(STEPS="1000", IGNORE_TERM="1"))
+    wait_for(lambda: collect_logs(hosts[:1]))
+    started = time.monotonic()
+    (report,) = jobs.kill(hosts[:1], grace=0.5)
+    assert report.signal == "SIGKILL"
+    assert time.monotonic() - started < 10
+    assert trainer_pids("secret_len") == []
+    assert jobs.status(hosts[:1])[0].exit_code == 137
+
+
+def test_secrets_reach_the_job_but_not_process_arguments(hosts):
+    secret = "s3cr3t-value-for-test"
+    jobs.launch(hosts, spec(STEPS="1000", SECRET_TOKEN=secret))
+    wait_for(lambda: all(j.last_line.startswith("step") for j in jobs.status(hosts)))
+    listing = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
+    assert "secret_len" in listing  # the job is in the listing ...
+    assert secret not in listing  # ... without the secret
+    assert all(j.last_line.endswith(f"secret_len={len(secret)}") for j in jobs.status(hosts))
+    jobs.kill(hosts, grace=10)
+    logged = "".join(line for _, line in collect_logs(hosts, all_lines=True))
+    assert secret not in logged
+
+
+def holds(pid, path):
+    fds = Path(f"/proc/{pid}/fd")
+    return any(os.readlink(fd) == str(path) for fd in fds.iterdir())
+
+
+def test_stale_lockfile_is_cleared_but_a_holder_refuses_launch_until_force(hosts):
+    host = hosts[0]
+    lockfile = Path(host.workdir) / "tmp" / "libtpu_lockfile"
+    lockfile.parent.mkdir(exist_ok=True)
+    lockfile.write_text("")
+    jobs.launch([host], spec(STEPS="1"))
+    assert not lockfile.exists()
+    wait_for(lambda: states([host]) == ["exited"])
+
+    lockfile.write_text("")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"f = open({str(lockfile)!r}); import time; time.sleep(600)"]
+    )
+    try:
+        wait_for(lambda: holds(holder.pid, lockfile))
+        with pytest.raises(jobs.JobBusy, match=f"pids {holder.pid}"):
+            jobs.launch([host], spec(run_id="r2"))
+        (report,) = jobs.kill([host], grace=5, force=True)
+        assert report.holders and report.holders[0].startswith(f"{holder.pid} python")
+        assert holder.wait(timeout=10) != 0
+        assert not lockfile.exists()
+    finally:
+        holder.kill()
+        holder.wait()

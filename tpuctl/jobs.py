@@ -1,0 +1,385 @@
+"""Jobs on a pod's workers: launch, status, logs and kill, over the fan-out.
+
+One set of bash scripts serves SSH workers and local-pod workers alike. On each worker a
+job lives in `${TPUCTL_WORKER_DIR:-$HOME/.tpuctl}/jobs/RUN_ID/`: `log` (stdout and stderr),
+`pid` (the job's process group: it runs under setsid, detached from the session that
+started it), `started` (epoch seconds) and `exit_status` (written when it ends).
+`jobs/current` names the worker's latest run. The job's environment (secrets included)
+travels through the fan-out's environment channel, never through any argv.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from tpuctl.errors import TpuctlError
+from tpuctl.fanout import Host, HostResult, run
+
+BUSY_EXIT = 75  # a job (or another process) holds the worker
+NO_RUN_EXIT = 3  # logs: the worker has no such run
+DEFAULT_GRACE_S = 30.0
+# Lines from workers other than 0 that `logs` shows by default: errors and tracebacks.
+ERROR_LINE = (
+    r"Traceback|Error|Exception|FATAL|Fatal|CRITICAL|^\s+File \"|Killed|Aborted|Segmentation fault"
+)
+
+_PRELUDE = r"""
+set -u
+jobs_dir="${TPUCTL_WORKER_DIR:-$HOME/.tpuctl}/jobs"
+lockfile="${TMPDIR:-/tmp}/libtpu_lockfile"
+current_run() { cat "$jobs_dir/current" 2>/dev/null; }
+run_pid() { cat "$jobs_dir/$1/pid" 2>/dev/null; }
+# A group is alive while any member is not a zombie (orphans may never be reaped here).
+group_alive() {
+  [ -n "${1:-}" ] && ps -eo pgid=,stat= |
+    awk -v g="$1" '$1 == g && $2 !~ /^Z/ {found = 1} END {exit !found}'
+}
+# Processes in this worker's mount namespace holding the TPU devices or libtpu's lockfile.
+accelerator_holders() {
+  local own_ns; own_ns=$(readlink /proc/self/ns/mnt)
+  find /proc/[0-9]*/fd -maxdepth 1 \( -lname '/dev/accel*' -o -lname '/dev/vfio/*' \
+      -o -lname "$lockfile" \) 2>/dev/null | cut -d/ -f3 | sort -un |
+    while read -r pid; do
+      [ "$pid" != $$ ] && [ "$(readlink "/proc/$pid/ns/mnt" 2>/dev/null)" = "$own_ns" ] &&
+        echo "$pid"
+    done
+}
+process_alive() { ps -o stat= -p "$1" 2>/dev/null | grep -qv '^Z'; }
+# SIGTERM a process group (group PGID) or one process (process PID), SIGKILL it after
+# GRACE seconds; prints which signal ended it.
+stop_after_grace() {
+  local alive=${1}_alive target=$2 ticks
+  [ "$1" = group ] && target=-$2
+  kill -TERM -- "$target" 2>/dev/null
+  ticks=$(awk -v g="$3" 'BEGIN {print int(g * 10) + 1}')
+  while [ "$ticks" -gt 0 ] && $alive "$2"; do sleep 0.1; ticks=$((ticks - 1)); done
+  if $alive "$2"; then
+    kill -KILL -- "$target" 2>/dev/null
+    ticks=50
+    while [ "$ticks" -gt 0 ] && $alive "$2"; do sleep 0.1; ticks=$((ticks - 1)); done
+    echo SIGKILL
+  else
+    echo SIGTERM
+  fi
+}
+stop_holders() {
+  for pid in $(accelerator_holders); do
+    echo "holder $pid $(cat "/proc/$pid/comm" 2>/dev/null) $(stop_after_grace process "$pid" "$grace")"
+  done
+}
+clear_locks() { [ -n "$(accelerator_holders)" ] || rm -f "$lockfile"; }
+"""
+
+# Runs under setsid in the job's own session; its pid is the job's process group id.
+# The TERM trap keeps it alive to record the trainer's exit status after SIGTERM.
+_JOB_WRAPPER = r"""
+run_dir=$1; shift
+echo $$ > "$run_dir/pid.tmp" && mv "$run_dir/pid.tmp" "$run_dir/pid"
+trap : TERM
+"$@" >>"$run_dir/log" 2>&1 </dev/null
+echo $? > "$run_dir/exit_status.tmp" && mv "$run_dir/exit_status.tmp" "$run_dir/exit_status"
+"""
+
+_LAUNCH = r"""
+mkdir -p "$jobs_dir"
+current=$(current_run)
+if [ -n "$current" ] && group_alive "$(run_pid "$current")"; then
+  [ "$force" = 1 ] || { echo "busy $current"; exit 75; }
+  echo "stopped $current $(stop_after_grace group "$(run_pid "$current")" "$grace")"
+  [ -f "$jobs_dir/$current/exit_status" ] || echo 137 > "$jobs_dir/$current/exit_status"
+fi
+holders=$(accelerator_holders)
+if [ -n "$holders" ]; then
+  [ "$force" = 1 ] || { echo "held" $holders; exit 75; }
+  stop_holders
+fi
+clear_locks
+run_dir="$jobs_dir/$run_id"
+mkdir -p "$run_dir"
+rm -f "$run_dir/pid" "$run_dir/exit_status"
+[ -f "$run_dir/log" ] && mv -f "$run_dir/log" "$run_dir/log.previous"
+: > "$run_dir/log"
+date +%s > "$run_dir/started"
+echo "$run_id" > "$jobs_dir/current"
+setsid bash -c "$job_wrapper" tpuctl-job "$run_dir" "${job_command[@]}" >/dev/null 2>&1 </dev/null &
+ticks=100
+while [ "$ticks" -gt 0 ] && [ ! -s "$run_dir/pid" ]; do sleep 0.05; ticks=$((ticks - 1)); done
+[ -s "$run_dir/pid" ] || { echo "the job did not start; see $run_dir/log" >&2; exit 1; }
+echo "started $(cat "$run_dir/pid") $run_dir/log"
+"""
+
+_STATUS = r"""
+if ls /dev/accel* /dev/vfio/[0-9]* >/dev/null 2>&1; then echo accelerator=tpu
+else echo accelerator=none; fi
+[ -n "$run_id" ] || run_id=$(current_run)
+if [ -z "$run_id" ] || [ ! -d "$jobs_dir/$run_id" ]; then echo state=absent; exit 0; fi
+run_dir="$jobs_dir/$run_id"
+echo "run_id=$run_id"
+if group_alive "$(run_pid "$run_id")"; then echo state=running
+else
+  echo state=exited
+  [ -f "$run_dir/exit_status" ] && echo "exit_code=$(cat "$run_dir/exit_status")" &&
+    echo "ended=$(stat -c %Y "$run_dir/exit_status")"
+fi
+echo "started=$(cat "$run_dir/started" 2>/dev/null)"
+echo "now=$(date +%s)"
+echo "last=$(tail -n 1 "$run_dir/log" 2>/dev/null | tr -d '\r')"
+"""
+
+_LOGS = r"""
+[ -n "$run_id" ] || run_id=$(current_run)
+if [ -z "$run_id" ] || [ ! -d "$jobs_dir/$run_id" ]; then
+  echo "no tpuctl run${run_id:+ $run_id} on this worker" >&2; exit 3
+fi
+log="$jobs_dir/$run_id/log"
+show() { if [ "${TPUCTL_LOG_ONLY_ERRORS:-0}" = 1 ]; then grep --line-buffered -E "$error_line"; else cat; fi; }
+pid=$(run_pid "$run_id")
+if [ "$follow" = 1 ] && group_alive "$pid"; then
+  # tail ends once this watcher (our own child, so it is reaped) sees the job gone.
+  ( while group_alive "$pid"; do sleep 0.5; done ) &
+  tail -n "$lines" -F --pid=$! "$log" 2>/dev/null | show
+else
+  tail -n "$lines" "$log" 2>/dev/null | show
+fi
+exit 0
+"""
+
+_KILL = r"""
+current=$(current_run)
+pid=""
+[ -n "$current" ] && pid=$(run_pid "$current")
+if group_alive "$pid"; then
+  echo "killed $current $(stop_after_grace group "$pid" "$grace")"
+  [ -f "$jobs_dir/$current/exit_status" ] || echo 137 > "$jobs_dir/$current/exit_status"
+else
+  echo "idle ${current:--}"
+fi
+[ "$force" = 1 ] && stop_holders
+clear_locks
+exit 0
+"""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What `launch` starts on every worker."""
+
+    run_id: str
+    command: list[str]  # the job's argv, identical on every worker (no secrets here)
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)  # secrets go here
+    force: bool = False  # stop a running job (and other accelerator holders) first
+    grace: float = DEFAULT_GRACE_S
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """One worker's view of its latest (or a named) run, as `ps` shows it."""
+
+    label: str
+    state: str  # running | exited | absent | unreachable
+    run_id: str | None = None
+    exit_code: int | None = None
+    uptime: float | None = None
+    last_line: str = ""
+    accelerator: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class KillReport:
+    """What `kill` did on one worker."""
+
+    label: str
+    run_id: str | None  # the run it stopped, None if nothing ran
+    signal: str | None  # SIGTERM if the job ended within the grace period, else SIGKILL
+    holders: list[str]  # "PID COMM SIGNAL" for other accelerator holders stopped (--force)
+    error: str | None = None
+
+
+class JobBusy(TpuctlError):
+    """A job or another process already holds some workers."""
+
+
+def job_hosts(hosts: Iterable[Host]) -> list[Host]:
+    """Hosts whose job records live in the right place: a local worker's own directory."""
+    placed = []
+    for host in hosts:
+        if host.transport == "local" and host.workdir:
+            env = {**host.env, "TPUCTL_WORKER_DIR": f"{host.workdir}/.tpuctl"}
+            host = dataclasses.replace(host, env=env)
+        placed.append(host)
+    return placed
+
+
+def _script(body: str, **params: object) -> str:
+    assignments = "".join(f"{name}={_shell_value(value)}\n" for name, value in params.items())
+    return _PRELUDE + assignments + body
+
+
+def _shell_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, list | tuple):
+        return "(" + " ".join(shlex.quote(str(v)) for v in value) + ")"
+    return shlex.quote(str(value))
+
+
+def status(hosts: Iterable[Host], run_id: str | None = None) -> list[WorkerJob]:
+    """Each worker's latest run (or `run_id`): running, exited with its code, or absent."""
+    results = run(job_hosts(hosts), _script(_STATUS, run_id=run_id or ""), timeout=60)
+    return [_parse_status(result) for result in results]
+
+
+def _parse_status(result: HostResult) -> WorkerJob:
+    label = result.host.label
+    if not result.ok:
+        reason = result.error or result.stderr.strip() or f"exit {result.exit_code}"
+        return WorkerJob(label, "unreachable", error=reason)
+    fields: dict[str, str] = {}
+    for line in result.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key not in fields:
+            fields[key] = value
+    exit_text = fields.get("exit_code", "")
+    started = _number(fields.get("started"))
+    end = _number(fields.get("ended")) or _number(fields.get("now"))
+    return WorkerJob(
+        label=label,
+        state=fields.get("state", "absent"),
+        run_id=fields.get("run_id"),
+        exit_code=int(exit_text) if exit_text.lstrip("-").isdigit() else None,
+        uptime=end - started if started is not None and end is not None else None,
+        last_line=fields.get("last", ""),
+        accelerator=fields.get("accelerator") == "tpu",
+    )
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
+def launch(hosts: Iterable[Host], spec: JobSpec) -> list[HostResult]:
+    """Start `spec.command` detached on every worker, refusing if a job already runs there.
+
+    Raises JobBusy naming the running run and the workers (unless `spec.force`), or a
+    TpuctlError naming the workers where the job did not start.
+    """
+    hosts = job_hosts(hosts)
+    if not spec.force:
+        _refuse_if_busy(status(hosts))
+    script = _script(
+        _LAUNCH,
+        run_id=spec.run_id,
+        force=spec.force,
+        grace=spec.grace,
+        job_wrapper=_JOB_WRAPPER,
+        job_command=spec.command,
+    )
+    results = run(hosts, script, env=spec.env, timeout=120)
+    busy = [r for r in results if r.exit_code == BUSY_EXIT]
+    if busy:  # a job started between the status check and the launch
+        raise JobBusy(_busy_message([(r.host.label, r.stdout.strip()) for r in busy]), 1)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        details = "; ".join(f"{r.host.label}: {_failure(r)}" for r in failed)
+        raise TpuctlError(f"the job did not start on {len(failed)} worker(s): {details}", 1)
+    return results
+
+
+def _refuse_if_busy(jobs: list[WorkerJob]) -> None:
+    unreachable = [j for j in jobs if j.state == "unreachable"]
+    if unreachable:
+        details = "; ".join(f"{j.label}: {j.error}" for j in unreachable)
+        raise TpuctlError(f"cannot check workers before launching: {details}", 1)
+    running = [(j.label, f"busy {j.run_id}") for j in jobs if j.state == "running"]
+    if running:
+        raise JobBusy(_busy_message(running), 1)
+
+
+def _busy_message(busy: list[tuple[str, str]]) -> str:
+    runs = sorted({text.split(" ", 1)[1] for _, text in busy if text.startswith("busy ")})
+    labels = ", ".join(label for label, _ in busy)
+    if runs:
+        return (
+            f"run {', '.join(runs)} is still running on {labels}; stop it with `tpuctl kill` "
+            "or replace it with --force"
+        )
+    holders = "; ".join(f"{label}: pids {text.removeprefix('held ')}" for label, text in busy)
+    return f"other processes hold the TPU ({holders}); stop them or use --force to kill them"
+
+
+def _failure(result: HostResult) -> str:
+    text = result.error or result.stderr.strip() or result.stdout.strip()
+    return text.splitlines()[-1] if text else f"exit {result.exit_code}"
+
+
+def logs(
+    hosts: Iterable[Host],
+    *,
+    run_id: str | None = None,
+    lines: int | None = None,
+    follow: bool = False,
+    all_lines: bool = False,
+    on_line: Callable[[Host, str, str], None],
+) -> list[HostResult]:
+    """Stream each worker's job log to `on_line(host, stream, line)`.
+
+    By default the first host shows everything and the others only error lines.
+    `follow` keeps streaming until the job has exited on every worker; `lines` is how
+    many lines of history to start from (None: all).
+    """
+    # Per-host switch, so one fan-out serves both kinds of worker.
+    hosts = [
+        dataclasses.replace(
+            host, env={**host.env, "TPUCTL_LOG_ONLY_ERRORS": "0" if all_lines or i == 0 else "1"}
+        )
+        for i, host in enumerate(job_hosts(hosts))
+    ]
+    script = _script(
+        _LOGS,
+        run_id=run_id or "",
+        lines="+1" if lines is None else lines,
+        follow=follow,
+        error_line=ERROR_LINE,
+    )
+    return run(hosts, script, on_line=on_line)
+
+
+def kill(
+    hosts: Iterable[Host], *, grace: float = DEFAULT_GRACE_S, force: bool = False
+) -> list[KillReport]:
+    """Stop the current job on every worker: SIGTERM to its process group, SIGKILL after
+    `grace` seconds, then clear stale lockfiles. `force` also stops any other process
+    holding the TPU. Nothing running is not an error."""
+    results = run(job_hosts(hosts), _script(_KILL, grace=grace, force=force), timeout=grace + 60)
+    return [_parse_kill(result) for result in results]
+
+
+def _parse_kill(result: HostResult) -> KillReport:
+    label = result.host.label
+    if not result.ok:
+        return KillReport(label, None, None, [], error=_failure(result))
+    run_id = signal = None
+    holders = []
+    for line in result.stdout.splitlines():
+        word, _, rest = line.partition(" ")
+        if word == "killed":
+            run_id, _, signal = rest.partition(" ")
+        elif word == "holder":
+            holders.append(rest)
+    return KillReport(label, run_id, signal or None, holders)
+
+
+def new_run_id(stem: str) -> str:
+    """A run id from a recipe name and the current time: tiny-20261123-141502."""
+    import time
+
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-") or "run"
+    return f"{clean}-{time.strftime('%Y%m%d-%H%M%S')}"
