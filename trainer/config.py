@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from trainer import io
+
 
 class RecipeError(ValueError):
     """A recipe problem, described in one line that names the key and the fix."""
@@ -162,12 +164,7 @@ class Recipe:
 
     @property
     def data_cache_dir(self) -> str:
-        return self.data.cache_dir or join_path(self.run_dir, "data_cache")
-
-
-def join_path(base: str, *parts: str) -> str:
-    """Join path parts for a local path or a gs:// URI."""
-    return "/".join([base.rstrip("/"), *parts]) if "://" in base else str(Path(base, *parts))
+        return self.data.cache_dir or io.join(self.run_dir, "data_cache")
 
 
 def load_recipe(source: str, overrides: typing.Sequence[str] = ()) -> Recipe:
@@ -185,8 +182,6 @@ def load_recipe(source: str, overrides: typing.Sequence[str] = ()) -> Recipe:
 
 def _read_recipe_text(source: str) -> str:
     if "://" in source:
-        from trainer import io  # only remote recipes need the storage layer
-
         if not io.exists(source):
             raise RecipeError(f"recipe {source} does not exist: check the URI")
         return io.read_text(source)
@@ -435,8 +430,6 @@ def _validate_files(recipe: Recipe) -> None:
 
 def _path_exists(path: str) -> bool:
     if "://" in path:
-        from trainer import io  # remote files need the storage layer
-
         return io.exists(path)
     return os.path.exists(path)
 

@@ -1,0 +1,48 @@
+"""`python -m trainer RECIPE [key=value ...]`: validate the recipe, join the pod, train.
+
+Recipe problems and multi-host start-up failures print one `error: ...` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from trainer.config import RecipeError, load_recipe
+
+USAGE = """usage: python -m trainer RECIPE [key=value ...]
+
+RECIPE is a YAML file (local path or gs:// URI); overrides use dotted keys,
+e.g. train.steps=200 optimizer.lr=1e-5 run_dir=gs://bucket/runs/x"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    try:
+        recipe = load_recipe(args[0], args[1:])
+        for name, value in recipe.env.items():  # before jax starts, so LIBTPU_INIT_ARGS etc. apply
+            os.environ.setdefault(name, value)
+        from trainer import distributed
+
+        distributed.initialize()
+        from trainer.train import train
+
+        train(recipe)
+    except (RecipeError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from trainer.distributed import TrainerError
+
+        if not isinstance(e, TrainerError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The training loop: one jitted step per optimizer update, sharded over the recipe's mesh.
+
+Gradient accumulation is a `lax.scan` over micro-batches inside the step, so `step` always
+counts optimizer updates and the schedule never sees micro-steps. The loss is a per-token sum
+divided by the number of target tokens of the whole (accumulated, packed) batch. The objective
+is a function of (params, apply_fn, batch) -> (loss_sum, tokens): swap it without touching the loop.
+Nothing forces a host sync per step: metrics are fetched only on logging steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from trainer import data, io, metrics, sharding
+from trainer.config import Recipe, RecipeError, check_batch_divisible, mesh_shape
+from trainer.model import Llama, count_params, init_params
+from trainer.optim import make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs; the data position is `step` itself."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def lm_loss(params, apply_fn: Callable, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Next-token cross-entropy summed over weighted targets, and the number of targets."""
+    logits = apply_fn({"params": params}, batch["tokens"], batch["segment_ids"])
+    per_token = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["targets"]
+    )
+    return jnp.sum(per_token * batch["weights"]), jnp.sum(batch["weights"])
+
+
+OBJECTIVES = {"lm": lm_loss}
+
+
+def accumulate(
+    objective: Callable, params, apply_fn: Callable, batch
+) -> tuple[Any, jax.Array, jax.Array]:
+    """(summed gradients, summed loss, tokens) over the leading micro-batch axis of `batch`."""
+    grad_fn = jax.value_and_grad(lambda p, mb: objective(p, apply_fn, mb), has_aux=True)
+    micro_batches = next(iter(batch.values())).shape[0]
+    if micro_batches == 1:
+        (loss, tokens), grads = grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], batch))
+        return grads, loss, tokens
+
+    def body(carry, micro_batch):
+        grads_sum, loss_sum, tokens_sum = carry
+        (loss, tokens), grads = grad_fn(params, micro_batch)
+        grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, grads)
+        return (grads_sum, loss_sum + loss, tokens_sum + tokens), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    (grads, loss, tokens), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), batch)
+    return grads, loss, tokens
+
+
+def make_train_step(
+    apply_fn: Callable, optimizer: optax.GradientTransformation, schedule, objective: Callable
+):
+    def train_step(state: TrainState, batch):
+        grads, loss_sum, tokens = accumulate(objective, state.params, apply_fn, batch)
+        denominator = jnp.maximum(tokens, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        stats = {
+            "loss": loss_sum / denominator,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state.step),
+            "tokens": tokens,
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), stats
+
+    return train_step
+
+
+def make_eval_step(apply_fn: Callable, objective: Callable):
+    def eval_step(params, batch):
+        def body(carry, micro_batch):
+            loss, tokens = objective(params, apply_fn, micro_batch)
+            return (carry[0] + loss, carry[1] + tokens), None
+
+        (loss, tokens), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), batch)
+        return loss, tokens
+
+    return eval_step
+
+
+def global_batch(
+    dataset: data.Dataset, step: int, grad_accum: int, batch_sharding
+) -> dict[str, jax.Array]:
+    """Global batch `step` as sharded arrays [grad_accum, micro, seq]; this process reads only the
+    rows its devices hold."""
+    rows = dataset.batch_rows(step).reshape(grad_accum, -1)
+    shape = (*rows.shape, dataset.reader.row_len - 1)
+    local: dict[tuple, dict[str, np.ndarray]] = {}
+    for index in batch_sharding.addressable_devices_indices_map(shape).values():
+        key = _index_key(index)
+        if key not in local:
+            picked = rows[index[0], index[1]]
+            arrays = data.batch_arrays(dataset.reader.read(picked.reshape(-1)))
+            local[key] = {k: v.reshape(*picked.shape, -1) for k, v in arrays.items()}
+    fields = next(iter(local.values())).keys()
+    return {
+        name: jax.make_array_from_callback(
+            shape, batch_sharding, lambda i, n=name: local[_index_key(i)][n]
+        )
+        for name in fields
+    }
+
+
+def _index_key(index: tuple[slice, ...]) -> tuple:
+    return tuple((s.start, s.stop) for s in index[:2])
+
+
+@dataclass
+class Run:
+    """The pieces of a run that the loop, eval and the benchmark share."""
+
+    recipe: Recipe
+    mesh: jax.sharding.Mesh
+    state: TrainState
+    state_shardings: Any
+    batch_sharding: Any
+    train_step: Callable
+    eval_step: Callable
+    total_steps: int
+    flops_per_step: float
+
+
+def setup(recipe: Recipe, train_set: data.Dataset | None, init_params_from: Any = None) -> Run:
+    """Mesh, sharded initial state (fresh or from `init_params_from`) and compiled-on-demand steps."""
+    mesh = sharding.make_mesh(recipe.mesh)
+    check_batch_divisible(recipe.train, mesh_shape(recipe.mesh, jax.device_count()))
+    total_steps = recipe.train.steps or math.ceil(recipe.train.epochs * train_set.steps_per_epoch())
+    optimizer, schedule = make_optimizer(recipe.optimizer, total_steps)
+    model = Llama(recipe.model)
+
+    def fresh_state(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        params = init_params(recipe.model, init_rng)
+        return TrainState(jnp.int32(0), params, optimizer.init(params), state_rng)
+
+    rng = jax.random.key(recipe.train.seed)
+    specs = sharding.state_specs(jax.eval_shape(fresh_state, rng), mesh)
+    state_shardings = sharding.named(mesh, specs)
+    state = jax.jit(fresh_state, out_shardings=state_shardings)(rng)
+    if init_params_from is not None:
+        params = jax.tree_util.tree_map(
+            lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i, x=x: x[i]),
+            init_params_from,
+            state_shardings.params,
+        )
+        state = jax.jit(lambda st, p: st.replace(params=p, opt_state=optimizer.init(p)),
+                        out_shardings=state_shardings, donate_argnums=0)(state, params)  # fmt: skip
+    batch_sharding = sharding.batch_sharding(mesh)
+    objective = OBJECTIVES[recipe.train.objective]
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    train_step = jax.jit(
+        make_train_step(model.apply, optimizer, schedule, objective),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        make_eval_step(model.apply, objective),
+        in_shardings=(state_shardings.params, batch_sharding),
+        out_shardings=replicated,
+    )
+    tokens_per_step = recipe.train.batch_size * recipe.train.seq_len
+    flops = metrics.flops_per_token(recipe.model, recipe.train.seq_len) * tokens_per_step
+    return Run(
+        recipe,
+        mesh,
+        state,
+        state_shardings,
+        batch_sharding,
+        train_step,
+        eval_step,
+        total_steps,
+        flops,
+    )
+
+
+def prepare_data(recipe: Recipe, split: str, files: list[str], shuffle: bool) -> data.Dataset:
+    """Process 0 builds the cache on the run's storage; the others use it once it is committed,
+    or build their own copy when the storage is not shared (a local run_dir on a real pod)."""
+    args = (
+        recipe.data_cache_dir,
+        split,
+        files,
+        recipe.tokenizer,
+        recipe.data,
+        recipe.train.seq_len,
+    )
+    reader = data.ensure_split(*args, build=jax.process_index() == 0)
+    multihost_utils.sync_global_devices(f"data cache {split}")
+    reader = reader or data.ensure_split(*args, build=True)
+    return data.Dataset(reader, recipe.train.batch_size, recipe.train.seed, shuffle=shuffle)
+
+
+def evaluate(run: Run, eval_set: data.Dataset) -> dict[str, float]:
+    loss_sum = tokens = 0.0
+    for i in range(run.recipe.eval.batches):
+        batch = global_batch(eval_set, i, run.recipe.train.grad_accum, run.batch_sharding)
+        loss, count = jax.device_get(run.eval_step(run.state.params, batch))
+        loss_sum, tokens = loss_sum + float(loss), tokens + float(count)
+    mean = loss_sum / max(tokens, 1.0)
+    return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
+
+
+def load_initial_params(recipe: Recipe) -> tuple[Recipe, Any]:
+    """With `model.init_from`, the model config and numpy params of that HF checkpoint."""
+    if not recipe.model.init_from:
+        return recipe, None
+    from dataclasses import replace
+
+    from trainer.hf import load_hf_dir
+
+    model_cfg, params = load_hf_dir(recipe.model.init_from, recipe.model)
+    return replace(recipe, model=replace(model_cfg, init_from=recipe.model.init_from)), params
+
+
+def check_tokenizer(recipe: Recipe) -> None:
+    vocab = data.Tokenizer(recipe.tokenizer).vocab_size
+    if vocab > recipe.model.vocab_size:
+        raise RecipeError(
+            f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's {vocab} pieces; raise it"
+        )
+
+
+def train(recipe: Recipe) -> dict[str, Any]:
+    """Run the recipe to completion (or until the checkpointer asks to stop); returns the last metrics."""
+    started = time.time()
+    is_main = jax.process_index() == 0
+    recipe, hf_params = load_initial_params(recipe)
+    check_tokenizer(recipe)
+    train_set = prepare_data(recipe, "train", recipe.data.train, shuffle=True)
+    eval_set = (
+        prepare_data(recipe, "eval", recipe.data.eval, shuffle=False) if recipe.data.eval else None
+    )
+    run = setup(recipe, train_set, hf_params)
+    log = (
+        metrics.MetricsLog(
+            recipe.run_dir, recipe.logging.wandb_project, recipe.logging.tensorboard, recipe.run_id
+        )
+        if is_main
+        else None
+    )
+    peak, peak_source = metrics.hardware_peak(jax.devices(), recipe.model.dtype)
+    if is_main:
+        n_params = count_params(run.state.params)
+        print(f"trainer: {n_params / 1e6:.1f}M params, mesh {dict(run.mesh.shape)}, {run.total_steps} steps, "
+              f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})", flush=True)  # fmt: skip
+
+    step = int(jax.device_get(run.state.step))
+    last: dict[str, Any] = {}
+    batch = global_batch(train_set, step, recipe.train.grad_accum, run.batch_sharding)
+    compiled = run.train_step.lower(
+        run.state, batch
+    ).compile()  # keep compile time out of step times
+    interval_start, interval_steps = time.perf_counter(), 0
+    while step < run.total_steps:
+        run.state, stats = compiled(run.state, batch)
+        step += 1
+        interval_steps += 1
+        if step < run.total_steps:  # read the next batch while the devices work on this one
+            batch = global_batch(train_set, step, recipe.train.grad_accum, run.batch_sharding)
+        if step % recipe.logging.every_steps == 0 or step == run.total_steps:
+            stats = jax.device_get(stats)
+            elapsed = time.perf_counter() - interval_start
+            last = _step_record(
+                step, stats, elapsed / interval_steps, run.flops_per_step, peak, recipe
+            )
+            if is_main:
+                log.write(last)
+                print(metrics.progress_line(last), flush=True)
+            interval_start, interval_steps = time.perf_counter(), 0
+        if (
+            eval_set
+            and recipe.eval.every_steps
+            and (step % recipe.eval.every_steps == 0 or step == run.total_steps)
+        ):
+            result = {"step": step, **evaluate(run, eval_set)}
+            last.update(result)
+            if is_main:
+                log.write(result)
+                print(
+                    f"eval step {step}  loss {result['eval_loss']:.4f}  ppl {result['eval_perplexity']:.2f}",
+                    flush=True,
+                )
+            interval_start = time.perf_counter()
+    if is_main:
+        done = {"step": step, "final": last, "wall_time_s": time.time() - started}
+        io.write_text(io.join(recipe.run_dir, "DONE"), json.dumps(done) + "\n")
+    return last
+
+
+def _step_record(
+    step: int, stats: dict, step_time: float, flops_per_step: float, peak: float, recipe: Recipe
+) -> dict[str, Any]:
+    tokens_per_s = recipe.train.batch_size * recipe.train.seq_len / step_time
+    return {
+        "step": step,
+        "loss": float(stats["loss"]),
+        "lr": float(stats["lr"]),
+        "grad_norm": float(stats["grad_norm"]),
+        "tokens_per_s": tokens_per_s,
+        "mfu": flops_per_step / step_time / peak if peak else 0.0,
+        "step_time_s": step_time,
+    }
