@@ -114,7 +114,7 @@ def put(
             with ssh.sftp_session(host, ctx, stop) as sftp:
                 return ssh.put_tree(sftp, source, remote_path)
 
-        return _transfer(host, copy, f"-> {remote_path}")
+        return _transfer(host, copy, remote_path, f"-> {remote_path}")
 
     return _fan_out(hosts, put_one, max_parallel, False, stop, on_result)
 
@@ -148,12 +148,12 @@ def get(
             with ssh.sftp_session(host, ctx, stop) as sftp:
                 return ssh.get_tree(sftp, remote_path, target)
 
-        return _transfer(host, copy, f"-> {target}")
+        return _transfer(host, copy, remote_path, f"-> {target}")
 
     return _fan_out(hosts, get_one, max_parallel, False, stop, on_result)
 
 
-def _transfer(host: Host, copy: Callable[[], int], where: str) -> HostResult:
+def _transfer(host: Host, copy: Callable[[], int], remote_path: str, where: str) -> HostResult:
     started = time.monotonic()
     try:
         count = copy()
@@ -161,7 +161,7 @@ def _transfer(host: Host, copy: Callable[[], int], where: str) -> HostResult:
         return HostResult(host, None, "", "", str(err), time.monotonic() - started)
     except OSError as err:
         reason = err.strerror or str(err) or type(err).__name__
-        message = f"{reason}: {err.filename}" if err.filename else reason
+        message = f"{reason}: {err.filename or remote_path}"
         return HostResult(host, 1, "", message, None, time.monotonic() - started)
     files = "file" if count == 1 else "files"
     return HostResult(host, 0, f"{count} {files} {where}", "", None, time.monotonic() - started)

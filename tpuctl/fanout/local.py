@@ -105,11 +105,31 @@ def _kill_group(process: subprocess.Popen) -> None:
             return
         end = time.monotonic() + grace
         while time.monotonic() < end:
-            try:
-                os.killpg(process.pid, 0)
-            except ProcessLookupError:
+            process.poll()  # reap our own child
+            if not _group_alive(process.pid):
                 return
             time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs. Zombies do not count: orphans are
+    reaped by whoever adopted them, on that process's schedule."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    if not os.path.isdir("/proc"):
+        return True
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 class _SkipFirstLine:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import shutil
 import signal
@@ -63,6 +64,14 @@ class _Host:
     process: subprocess.Popen | None = None
 
 
+_pods_made = itertools.count()
+
+
+def _next_pod_letter() -> str:
+    """Tells apart the pods of one process within the 15 characters an interface name has."""
+    return "abcdefghijklmnopqrstuvwxyz"[next(_pods_made) % 26]
+
+
 def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, check=check)
 
@@ -85,7 +94,7 @@ class SshPod:
             raise ValueError("an SshPod has 1 to 200 hosts")
         self.n = n
         self.private_key, self.public_key = key
-        self.tag = f"{PREFIX}{os.getpid()}"
+        self.tag = f"{PREFIX}{os.getpid()}{_next_pod_letter()}"
         self.bridge = f"{self.tag}b"
         # Outside /tmp: each host mounts its own /tmp over the real one.
         self.directory = Path(tempfile.mkdtemp(prefix="tpuctl-sshpod-", dir="/var/tmp"))

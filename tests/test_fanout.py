@@ -1,0 +1,153 @@
+"""The SSH fan-out against real sshd hosts (tests/fixtures_pod.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.fixtures_pod import pod_hosts
+from tpuctl.fanout import StopSignal, get, put, run
+
+pytestmark = pytest.mark.pod
+
+
+@pytest.fixture
+def hosts(ssh_pod, pod_key, tmp_path):
+    return pod_hosts(ssh_pod, pod_key, str(tmp_path / "known_hosts"))
+
+
+def wait_for(condition, deadline_s: float = 10.0) -> None:
+    end = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < end, "condition not met before the deadline"
+        time.sleep(0.05)
+
+
+def test_every_host_runs_the_command_and_streams_its_own_lines(ssh_pod, hosts):
+    lines = []
+    results = run(hosts, "hostname -I; echo to-stderr >&2", on_line=lambda *a: lines.append(a))
+    assert [r.exit_code for r in results] == [0, 0, 0, 0]
+    for host, result in zip(hosts, results, strict=True):
+        assert result.stdout.split() == [host.address]
+        assert result.stderr == "to-stderr\n"
+        assert (host, "stdout", host.address) in [(h, s, ln.strip()) for h, s, ln in lines]
+        assert (host, "stderr", "to-stderr") in lines
+
+
+def test_each_host_has_its_own_tmp(ssh_pod, hosts):
+    run(hosts, "hostname -I > /tmp/whoami")
+    for index, address in enumerate(ssh_pod.hosts):
+        assert ssh_pod.path(index, "/tmp/whoami").read_text().split() == [address]
+
+
+def test_one_failing_worker_gets_its_exit_code_and_output(ssh_pod, hosts):
+    target = ssh_pod.hosts[2]
+    command = f"if hostname -I | grep -qw {target}; then echo boom >&2; exit 7; fi; echo fine"
+    results = run(hosts, command)
+    assert [r.exit_code for r in results] == [0, 0, 7, 0]
+    assert results[2].stderr == "boom\n" and not results[2].ok
+    assert all(r.stdout == "fine\n" for i, r in enumerate(results) if i != 2)
+
+
+def test_unreachable_worker_is_named_and_does_not_block_the_others(ssh_pod, hosts):
+    ssh_pod.stop_host(1)
+    started = time.monotonic()
+    results = run(hosts, "echo up", connect_timeout=3)
+    assert time.monotonic() - started < 6
+    assert results[1].unreachable and results[1].exit_code is None
+    assert "refused" in results[1].error.lower()
+    assert [r.stdout for i, r in enumerate(results) if i != 1] == ["up\n"] * 3
+
+
+def test_timeout_stops_the_remote_command(ssh_pod, hosts):
+    started = time.monotonic()
+    results = run(hosts, "sleep 31", timeout=1)
+    assert time.monotonic() - started < 5
+    assert all(r.error == "timed out after 1 s" and r.exit_code is None for r in results)
+    wait_for(lambda: not any("sleep 31" in p for i in range(4) for p in ssh_pod.processes(i)))
+
+
+def test_fail_fast_stops_the_others(ssh_pod, hosts):
+    first = ssh_pod.hosts[0]
+    command = f"if hostname -I | grep -qw {first}; then exit 3; fi; sleep 32"
+    started = time.monotonic()
+    results = run(hosts, command, fail_fast=True)
+    assert time.monotonic() - started < 6
+    assert results[0].exit_code == 3
+    assert all("w00 failed" in r.error for r in results[1:])
+    wait_for(lambda: not any("sleep 32" in p for i in range(4) for p in ssh_pod.processes(i)))
+
+
+def test_env_values_reach_the_command_but_never_any_process_arguments(ssh_pod, hosts):
+    secret = "hunter2-very-secret"
+    stop = StopSignal()
+    seen: list[str] = []
+    worker = threading.Thread(
+        target=lambda: seen.extend(
+            r.stdout
+            for r in run(hosts, 'echo "got=$TOKEN"; sleep 33', env={"TOKEN": secret}, stop=stop)
+        )
+    )
+    worker.start()
+    try:
+        wait_for(lambda: all(any("sleep 33" in p for p in ssh_pod.processes(i)) for i in range(4)))
+        every_argv = [p for i in range(4) for p in ssh_pod.processes(i)]
+        assert every_argv and not any(secret in p for p in every_argv)
+    finally:
+        stop.set("test over")
+        worker.join(10)
+    assert seen == [f"got={secret}\n"] * 4
+
+
+def test_per_host_env_overrides_the_shared_env(ssh_pod, hosts):
+    from dataclasses import replace
+
+    hosts = [replace(h, env={"RANK": str(i)}) for i, h in enumerate(hosts)]
+    results = run(hosts, 'echo "$RANK/$SIZE"', env={"RANK": "x", "SIZE": "4"})
+    assert [r.stdout for r in results] == ["0/4\n", "1/4\n", "2/4\n", "3/4\n"]
+
+
+def test_a_command_reading_stdin_does_not_hang(hosts):
+    results = run(hosts, "cat; echo done", timeout=10)
+    assert [r.stdout for r in results] == ["done\n"] * 4
+
+
+def test_changed_host_key_is_refused(ssh_pod, hosts, tmp_path):
+    assert all(r.ok for r in run(hosts, "true"))
+    known = tmp_path / "known_hosts"
+    lines = known.read_text().splitlines()
+    keys = {line.split()[0]: line.split(None, 1)[1] for line in lines}
+    # Host 0's address now presents host 1's key: what a recreated VM looks like.
+    keys[ssh_pod.hosts[0]], keys[ssh_pod.hosts[1]] = keys[ssh_pod.hosts[1]], keys[ssh_pod.hosts[0]]
+    known.write_text("".join(f"{name} {key}\n" for name, key in keys.items()))
+    results = run(hosts, "true")
+    assert "host key of w00" in results[0].error and "changed" in results[0].error
+    assert results[0].unreachable and results[2].ok
+
+
+def test_put_and_get_copy_files_per_worker(ssh_pod, hosts, tmp_path):
+    source = tmp_path / "setup.sh"
+    source.write_text("echo hi\n")
+    source.chmod(0o755)
+    assert all(r.ok for r in put(hosts, source, "/tmp/setup.sh"))
+    for index in range(4):
+        copied = ssh_pod.path(index, "/tmp/setup.sh")
+        assert copied.read_text() == "echo hi\n" and copied.stat().st_mode & 0o111
+    run(hosts, "hostname -I > /tmp/me")
+    results = get(hosts, "/tmp/me", tmp_path / "fetched")
+    assert all(r.ok for r in results)
+    for host in hosts:
+        assert (tmp_path / "fetched" / host.label / "me").read_text().split() == [host.address]
+    missing = get(hosts[:1], "/tmp/does-not-exist", tmp_path / "fetched")
+    assert missing[0].exit_code == 1 and "does-not-exist" in missing[0].stderr
+
+
+def test_32_workers_in_parallel(make_ssh_pod, pod_key, tmp_path):
+    pod = make_ssh_pod(32)
+    hosts = pod_hosts(pod, pod_key, str(tmp_path / "known_hosts"))
+    started = time.monotonic()
+    results = run(hosts, "hostname -I")
+    assert time.monotonic() - started < 10
+    assert [r.stdout.split() for r in results] == [[address] for address in pod.hosts]

@@ -1,0 +1,114 @@
+"""The local transport: workers as directories on this machine, same semantics as SSH."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from tpuctl.fanout import Host, Interrupted, StopSignal, get, put, run
+
+
+def local_hosts(root: Path, n: int = 3) -> list[Host]:
+    hosts = []
+    for index in range(n):
+        workdir = root / f"worker-{index}"
+        workdir.mkdir()
+        hosts.append(Host(f"w{index:02d}", "localhost", workdir=str(workdir), transport="local"))
+    return hosts
+
+
+def processes_matching(text: str) -> list[str]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if text.encode() in cmdline:
+                found.append(cmdline.decode(errors="replace"))
+    return found
+
+
+def wait_for(condition, deadline_s: float = 10.0) -> None:
+    end = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < end, "condition not met before the deadline"
+        time.sleep(0.05)
+
+
+def test_each_worker_runs_in_its_own_directory_with_its_own_tmpdir(tmp_path):
+    hosts = local_hosts(tmp_path)
+    lines = []
+    results = run(
+        hosts,
+        'pwd; echo "$TMPDIR"; touch "${TMPDIR:-/tmp}/libtpu_lockfile"',
+        on_line=lambda *a: lines.append(a),
+    )
+    for host, result in zip(hosts, results, strict=True):
+        assert result.ok
+        assert result.stdout.splitlines() == [host.workdir, f"{host.workdir}/tmp"]
+        assert (Path(host.workdir) / "tmp" / "libtpu_lockfile").exists()
+        assert (host, "stdout", host.workdir) in lines
+
+
+def test_exit_codes_and_stderr_per_worker(tmp_path):
+    hosts = local_hosts(tmp_path)
+    results = run(hosts, 'case "$PWD" in *-1) echo bad >&2; exit 4;; esac')
+    assert [r.exit_code for r in results] == [0, 4, 0]
+    assert results[1].stderr == "bad\n" and results[0].stderr == ""
+
+
+def test_env_reaches_the_command_but_not_its_arguments(tmp_path):
+    hosts = local_hosts(tmp_path, 2)
+    secret = "local-secret-value-123"
+    stop = StopSignal()
+    seen: list[str] = []
+    worker = threading.Thread(
+        target=lambda: seen.extend(
+            r.stdout for r in run(hosts, 'echo "$KEY"; sleep 34', env={"KEY": secret}, stop=stop)
+        )
+    )
+    worker.start()
+    try:
+        wait_for(lambda: len(processes_matching("sleep 34")) >= 2)
+        assert processes_matching(secret) == []
+    finally:
+        stop.set("test over")
+        worker.join(10)
+    assert seen == [f"{secret}\n"] * 2
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    hosts = local_hosts(tmp_path, 2)
+    results = run(hosts, "sleep 35 & sleep 35; wait", timeout=0.5)
+    assert all(r.error == "timed out after 0.5 s" for r in results)
+    wait_for(lambda: processes_matching("sleep 35") == [])
+
+
+def test_ctrl_c_stops_every_worker_and_reports_them(tmp_path):
+    hosts = local_hosts(tmp_path, 2)
+    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), 2))
+    timer.start()
+    try:
+        run(hosts, "sleep 36")
+    except Interrupted as interrupted:
+        assert [r.error for r in interrupted.results] == ["interrupted", "interrupted"]
+    else:
+        raise AssertionError("run() returned although SIGINT arrived")
+    wait_for(lambda: processes_matching("sleep 36") == [])
+
+
+def test_put_and_get_use_the_worker_directories(tmp_path):
+    hosts = local_hosts(tmp_path, 2)
+    source = tmp_path / "data"
+    source.mkdir()
+    (source / "a.txt").write_text("A")
+    assert all(r.ok for r in put(hosts, source, "inputs"))
+    assert all((Path(h.workdir) / "inputs" / "a.txt").read_text() == "A" for h in hosts)
+    run(hosts, "basename $PWD > out.txt")
+    results = get(hosts, "out.txt", tmp_path / "fetched")
+    assert all(r.ok for r in results)
+    assert (tmp_path / "fetched" / "w01" / "out.txt").read_text() == "worker-1\n"
