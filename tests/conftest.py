@@ -1,4 +1,9 @@
 """Shared pytest configuration. Fixtures live in tests/fixtures_*.py, one file per real part
 (the fake Cloud TPU API, the sshd test pod, the GCS emulator), registered here."""
 
-pytest_plugins: list[str] = ["tests.fixtures_gcs", "tests.fixtures_tpu", "tests.fixtures_pod"]
+pytest_plugins: list[str] = [
+    "tests.fixtures_gcs",
+    "tests.fixtures_tpu",
+    "tests.fixtures_pod",
+    "tests.fixtures_trainer",
+]

@@ -1,0 +1,83 @@
+"""Trainer test fixtures: eight virtual CPU devices, the tiny recipe, multi-process launches.
+
+XLA reads the device count once, when jax's CPU backend starts, so it is set here at plugin
+import time, before any test module imports jax. Eight devices let one process hold the same
+data=2 x fsdp=4 mesh that the 4-process tests spread over four processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DEVICES_FLAG = "--xla_force_host_platform_device_count"
+if DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DEVICES_FLAG}=8".strip()
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_RECIPE = REPO / "recipes" / "tiny.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trainer_env(devices: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPUCTL_")}
+    env["XLA_FLAGS"] = f"{DEVICES_FLAG}={devices}"
+    env["PYTHONPATH"] = str(REPO)
+    return {**env, **extra}
+
+
+def launch_trainer(
+    args: list[str], processes: int, devices_per_process: int, cwd: Path, **extra_env: str
+) -> list[subprocess.Popen]:
+    """Start `python -m trainer ARGS` as `processes` jax.distributed processes (or one plain one)."""
+    port = free_port()
+    procs = []
+    for index in range(processes):
+        env = trainer_env(devices_per_process, **extra_env)
+        if processes > 1:
+            env |= {
+                "TPUCTL_COORDINATOR": f"127.0.0.1:{port}",
+                "TPUCTL_NUM_PROCESSES": str(processes),
+                "TPUCTL_PROCESS_ID": str(index),
+            }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "trainer", *args],
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
+    """(exit code, output) of each process; kills the rest if one overruns the deadline."""
+    results = []
+    try:
+        for proc in procs:
+            output, _ = proc.communicate(timeout=timeout)
+            results.append((proc.returncode, output))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+@pytest.fixture
+def tiny_recipe() -> Path:
+    return TINY_RECIPE

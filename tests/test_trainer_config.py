@@ -1,0 +1,175 @@
+"""Recipes: parsing, overrides, one-line errors naming the key, and the shipped recipes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.fixtures_trainer import REPO, trainer_env
+from trainer import io
+from trainer.config import (
+    MeshConfig,
+    RecipeError,
+    TrainConfig,
+    check_batch_divisible,
+    load_recipe,
+    mesh_shape,
+)
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def recipe_text(extra: str = "") -> str:
+    data = REPO / "recipes" / "data"
+    return (
+        f"run_dir: runs/x\nmodel: {{preset: tiny}}\ntokenizer: {{path: {data}/tokenizer.model}}\n"
+        f"data: {{train: [{data}/tiny_train.txt]}}\ntrain: {{steps: 5, batch_size: 8, seq_len: 64}}\n"
+        + extra
+    )
+
+
+def test_tiny_recipe_loads_with_preset_dims_and_relative_paths(tiny_recipe, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # paths resolve against the recipe's folder when not in cwd
+    recipe = load_recipe(str(tiny_recipe))
+    assert recipe.model.dim == 64 and recipe.model.dtype == "float32"
+    assert Path(recipe.tokenizer.path).is_file()
+    assert recipe.run_id == "tiny" and recipe.train.steps == 100
+    assert recipe.data_cache_dir == str(Path("runs/tiny/data_cache"))
+
+
+def test_dotted_overrides_are_typed_and_win(tiny_recipe):
+    recipe = load_recipe(
+        str(tiny_recipe),
+        ["train.steps=7", "optimizer.lr=1e-5", "run_dir=gs://b/r", "model.remat=true", "env.A=1"],
+    )
+    assert recipe.train.steps == 7 and recipe.optimizer.lr == 1e-5
+    assert recipe.run_dir == "gs://b/r" and recipe.model.remat is True
+    assert recipe.env == {"A": "1"}
+    assert recipe.model.dim == 64  # the preset still fills what was not overridden
+
+
+def test_explicit_dims_override_the_preset(tmp_path):
+    recipe = load_recipe(
+        write(tmp_path, recipe_text().replace("{preset: tiny}", "{preset: tiny, dim: 96}"))
+    )
+    assert recipe.model.dim == 96 and recipe.model.n_layers == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "overrides", "message"),
+    [
+        ("optimizer: {lrr: 1}\n", [], "unknown key optimizer.lrr: remove it or use one of"),
+        ("", ["train.steps=abc"], "train.steps: expected an integer, got 'abc'"),
+        ("", ["model.remat=maybe"], "model.remat: expected true or false"),
+        ("", ["mesh.data=0"], "mesh.data must be a positive size or -1"),
+        ("mesh: {data: -1, fsdp: -1}\n", [], "at most one axis may be -1"),
+        (
+            "",
+            ["train.batch_size=6", "train.grad_accum=4"],
+            "train.batch_size (6) must be divisible",
+        ),
+        ("", ["tokenizer.path=/nope/tok.model"], "tokenizer.path: /nope/tok.model does not exist"),
+        ("", ["data.format=csv"], "data.format: 'csv' is not supported; use one of text, chat"),
+        ("", ["model.preset=llama9"], "model.preset: unknown preset 'llama9'"),
+        ("", ["train.epochs=2"], "set exactly one of them"),
+        ("", ["train.seq_len=4096"], "exceeds model.max_seq_len"),
+        ("", ["steps=3"], "unknown key steps"),
+        ("", ["train"], "write overrides as key=value"),
+    ],
+)
+def test_bad_recipes_get_one_line_errors_naming_the_key(tmp_path, extra, overrides, message):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, recipe_text(extra)), overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_mesh_rest_axis_and_impossible_meshes():
+    assert mesh_shape(MeshConfig(data=2, fsdp=-1, tensor=1), 8) == {
+        "data": 2,
+        "fsdp": 4,
+        "tensor": 1,
+    }
+    with pytest.raises(RecipeError, match="needs 12 devices but there are 8"):
+        mesh_shape(MeshConfig(data=2, fsdp=3, tensor=2), 8)
+    with pytest.raises(RecipeError, match="8 devices are not divisible by 3"):
+        mesh_shape(MeshConfig(data=3, fsdp=-1), 8)
+
+
+def test_batch_must_divide_over_data_parallel_devices():
+    sizes = {"data": 2, "fsdp": 4, "tensor": 1}
+    check_batch_divisible(TrainConfig(steps=1, batch_size=16, grad_accum=2), sizes)
+    with pytest.raises(
+        RecipeError, match="not divisible by the data-parallel size data\\*fsdp = 8"
+    ):
+        check_batch_divisible(TrainConfig(steps=1, batch_size=16, grad_accum=4), sizes)
+
+
+def remote_files(recipe_path: Path) -> list[str]:
+    """The gs:// inputs a recipe names (everything but its run_dir)."""
+    raw = yaml.safe_load(recipe_path.read_text())
+    found: list[str] = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and value.startswith("gs://"):
+            found.append(value)
+
+    walk({k: v for k, v in raw.items() if k != "run_dir"})
+    return found
+
+
+@pytest.mark.parametrize(
+    ("name", "devices"), [("llama2-7b-sft-v3-256.yaml", 256), ("llama-1b-pretrain-v4-64.yaml", 32)]
+)
+def test_realistic_recipes_validate_for_their_pod(gcs, name, devices):
+    recipe_path = REPO / "recipes" / name
+    inputs = remote_files(recipe_path)
+    gcs.create_bucket("tpuctl-examples")
+    with pytest.raises(RecipeError, match="does not exist; fix the path"):
+        load_recipe(str(recipe_path))  # the inputs are not there yet
+    for uri in inputs:  # placeholders stand in for the real tokenizer, data and weights
+        io.write_text(uri if "." in uri.rsplit("/", 1)[-1] else f"{uri}/config.json", "{}")
+    recipe = load_recipe(str(recipe_path))
+    sizes = mesh_shape(recipe.mesh, devices)
+    check_batch_divisible(recipe.train, sizes)
+    assert sizes["data"] * sizes["fsdp"] * sizes["tensor"] == devices
+    assert recipe.model.dtype == "bfloat16" and recipe.model.n_layers >= 22
+
+
+def test_malformed_recipe_on_the_command_line_is_one_error_line_and_exit_2(tmp_path):
+    bad = write(tmp_path, recipe_text("optimizer: {name: sgd}\n"))
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", bad],
+        capture_output=True,
+        text=True,
+        env=trainer_env(1),
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr
+        == "error: optimizer.name: 'sgd' is not supported; use one of adamw, adafactor, lion\n"
+    )
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_config_module_does_not_import_jax(tiny_recipe):
+    code = f"import sys, trainer.config as c; c.load_recipe({str(tiny_recipe)!r}); print('jax' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=trainer_env(1), timeout=60
+    )
+    assert out.stdout.strip() == "False", out.stderr
