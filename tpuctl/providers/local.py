@@ -12,6 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +32,7 @@ if TYPE_CHECKING:
 
 LOCAL_ZONE = "local"
 RECORD_FILE = "node.json"
+EMULATOR_START_S = 30.0
 
 
 def local_root() -> Path:
@@ -102,7 +110,78 @@ class LocalProvider:
             return False
         shutil.rmtree(pod_dir)
         progress(f"deleted local pod {name}")
+        if not self.list() and stop_gcs_emulator():
+            progress(f"stopped the local GCS emulator (its data stays in {gcs_dir() / 'data'})")
         return True
+
+
+def gcs_dir() -> Path:
+    """The local pods' GCS emulator: its record, log and (persistent) data."""
+    return local_root() / "gcs"
+
+
+def gcs_emulator_url() -> str:
+    """The URL of the local pods' GCS emulator, starting it if it is not running.
+
+    It runs detached (it must outlive this command: the workers read and write through
+    it), keeps its objects on disk under `gcs_dir()/data`, and stops with the last pod.
+    """
+    record = gcs_dir() / "emulator.json"
+    if record.is_file():
+        url = json.loads(record.read_text())["url"]
+        if _answers(url):
+            return url
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    gcs_dir().mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "tpuctl.testing.gcs_emulator", "--port", str(port)]
+    with open(gcs_dir() / "emulator.log", "ab") as log:
+        process = subprocess.Popen(
+            [*command, "--data-dir", str(gcs_dir() / "data")],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + EMULATOR_START_S
+    while not _answers(url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise TpuctlError(
+                f"the local GCS emulator did not start; see {gcs_dir() / 'emulator.log'}", 1
+            )
+        time.sleep(0.1)
+    record.write_text(json.dumps({"pid": process.pid, "url": url}))
+    return url
+
+
+def stop_gcs_emulator() -> bool:
+    """Stop the local pods' GCS emulator if it runs (its data stays); True if it did."""
+    record = gcs_dir() / "emulator.json"
+    if not record.is_file():
+        return False
+    pid = json.loads(record.read_text())["pid"]
+    record.unlink()
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{url}/storage/v1/b?project=local", timeout=1).close()
+        return True
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
 
 
 def hosts_per_type(accelerator_type: str) -> int:

@@ -1,0 +1,92 @@
+"""A thin layer over google-cloud-storage for the files tpuctl keeps in GCS (run recipes).
+
+With `STORAGE_EMULATOR_HOST` set, the client talks to that emulator anonymously (buckets
+are created on demand there); otherwise it uses the default credential chain and the
+bucket must already exist. google.cloud.storage is imported only when a call needs it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tpuctl.errors import TpuctlError
+
+RUNS_PREFIX = "tpuctl/runs"
+
+
+def emulator_url() -> str | None:
+    """The GCS emulator this process talks to, if any."""
+    return os.environ.get("STORAGE_EMULATOR_HOST") or None
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """`gs://bucket/a/b` -> ("bucket", "a/b"); a TpuctlError for anything else."""
+    if not uri.startswith("gs://") or "/" not in uri[5:]:
+        raise TpuctlError(f"{uri!r} is not a gs://BUCKET/PATH URI")
+    bucket, _, path = uri[5:].partition("/")
+    return bucket, path
+
+
+def bucket_name(value: str) -> str:
+    """The bucket setting accepts `NAME` or `gs://NAME`; returns NAME."""
+    name = value.removeprefix("gs://").strip("/")
+    if not name or "/" in name:
+        raise TpuctlError(
+            f"bucket {value!r} is not a bucket name; set it with `tpuctl config set bucket NAME`"
+        )
+    return name
+
+
+def recipe_uri(bucket: str, run_id: str) -> str:
+    """Where a run's recipe lives: gs://BUCKET/tpuctl/runs/RUN_ID/recipe.yaml."""
+    return f"gs://{bucket_name(bucket)}/{RUNS_PREFIX}/{run_id}/recipe.yaml"
+
+
+def _client() -> Any:
+    from google.cloud import storage
+
+    url = emulator_url()
+    if url:
+        from google.api_core.client_options import ClientOptions
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(
+            project="tpuctl-emulator",
+            credentials=AnonymousCredentials(),
+            client_options=ClientOptions(api_endpoint=url),
+        )
+    return storage.Client()
+
+
+def upload_text(uri: str, text: str) -> None:
+    """Write `text` to a gs:// object, creating the bucket only on an emulator."""
+    from google.api_core import exceptions
+
+    bucket_id, path = split_uri(uri)
+    client = _client()
+    bucket = client.bucket(bucket_id)
+    try:
+        bucket.blob(path).upload_from_string(text, content_type="text/yaml")
+    except exceptions.NotFound:
+        if not emulator_url():
+            raise TpuctlError(
+                f"bucket gs://{bucket_id} does not exist; create it (`gcloud storage buckets "
+                "create`) or set another with `tpuctl config set bucket NAME`",
+                exit_code=1,
+            ) from None
+        client.create_bucket(bucket_id)
+        bucket.blob(path).upload_from_string(text, content_type="text/yaml")
+    except exceptions.Forbidden as err:
+        raise TpuctlError(f"no permission to write {uri}: {err.message}", exit_code=1) from None
+
+
+def read_text(uri: str) -> str | None:
+    """The text of a gs:// object, or None when it does not exist."""
+    from google.api_core import exceptions
+
+    bucket_id, path = split_uri(uri)
+    try:
+        return _client().bucket(bucket_id).blob(path).download_as_text()
+    except exceptions.NotFound:
+        return None
