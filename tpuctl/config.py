@@ -68,12 +68,13 @@ def user_config_path() -> Path:
 def _defaults() -> dict[str, Any]:
     return {
         "provider": "cloud",
-        "ssh.user": _local_user(),
+        "ssh.user": local_user(),
         "ssh.internal_ip": False,
     }
 
 
-def _local_user() -> str:
+def local_user() -> str:
+    """The name of the user running tpuctl (default ssh.user and node-name prefix)."""
     try:
         return getpass.getuser()
     except (KeyError, OSError):  # no passwd entry (some containers)

@@ -2,11 +2,14 @@
 
 import sys
 
-from tpuctl.cli.app import app
-from tpuctl.errors import TpuctlError
-
 # Each module registers its commands on `app` when imported. Keep these imports
 # cheap: no jax, no google-cloud libraries at module level.
+from tpuctl.cli import (
+    config_cmd,  # noqa: F401
+    lifecycle,  # noqa: F401
+)
+from tpuctl.cli.app import app
+from tpuctl.errors import TpuctlError
 
 
 def main() -> None:

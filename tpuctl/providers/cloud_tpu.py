@@ -33,9 +33,11 @@ T = TypeVar("T")
 class Stockout(TpuctlError):
     """The zone has no capacity for this accelerator right now; trying again may work."""
 
-    def __init__(self, zone: str, message: str):
-        super().__init__(f"no capacity for this TPU in {zone}: {message}", exit_code=1)
+    def __init__(self, zone: str, api_message: str):
+        super().__init__(f"no capacity for this TPU in {zone}: {api_message}", exit_code=1)
         self.zone = zone
+        # The API's first clause ("There is no more capacity in the zone ...") is the news.
+        self.reason = api_message.split(";")[0].strip()
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,7 @@ class CloudTpuProvider:
                         return self.create_queued(zoned, progress, valid_for=valid_for, wait=wait)
                     return self.create(zoned, progress, wait=wait)
                 except Stockout as stockout:
-                    progress(f"no capacity in {zone} (attempt {attempts}): {stockout}")
+                    progress(f"stockout in {zone} (attempt {attempts}): {stockout.reason}")
             used = self.clock.elapsed()
             remaining = retry_for - used
             if remaining <= 0:

@@ -1,0 +1,48 @@
+"""`tpuctl config show` and `tpuctl config set`: resolved settings and where they came from."""
+
+from __future__ import annotations
+
+import typer
+
+from tpuctl import config
+from tpuctl.cli.app import app
+from tpuctl.cli.output import console, print_json
+
+config_app = typer.Typer(
+    help="Show resolved settings, or set one in the user config file.", no_args_is_help=True
+)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def show(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Print every resolved setting, its value and where it came from."""
+    settings = config.load()
+    rows = settings.items()
+    # Known keys that nothing sets are shown too, so users see what they could set.
+    unset = [(key, None, "unset") for key in config.KNOWN_KEYS if settings.get(key) is None]
+    if json_out:
+        print_json({key: {"value": value, "source": source} for key, value, source in rows})
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("KEY", "VALUE", "SOURCE"):
+        table.add_column(column, no_wrap=True)
+    for key, value, source in sorted([*rows, *unset]):
+        shown = (
+            "-" if value is None else ", ".join(value) if isinstance(value, list) else str(value)
+        )
+        table.add_row(key, shown, source)
+    console.print(table)
+    console.print(f"user file: {config.user_config_path()}")
+
+
+@config_app.command("set")
+def set_value(
+    key: str = typer.Argument(..., help="Dotted key, e.g. zone or accelerators.v3-256.zone."),
+    value: str = typer.Argument(..., help="Value; lists (zones) are comma-separated."),
+) -> None:
+    """Write KEY=VALUE into the user config file ($XDG_CONFIG_HOME/tpuctl/config.yaml)."""
+    path = config.set_user_value(key, value)
+    console.print(f"{key} = {config.load().get(key)!r} written to {path}")

@@ -1,0 +1,435 @@
+"""`tpuctl up`, `down`, `list`, `status` and `types`: the TPU VMs themselves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from tpuctl import catalog, config
+from tpuctl.cli.app import app
+from tpuctl.cli.output import StatusLine, console, err_console, print_json
+from tpuctl.durations import format_duration, parse_duration
+from tpuctl.errors import TpuctlError
+from tpuctl.naming import default_node_name, validate_node_name
+from tpuctl.providers import describe_location, provider_for, resolve_node
+from tpuctl.providers.base import Node, NodeSpec
+
+if TYPE_CHECKING:
+    from tpuctl.config import Settings
+
+DEFAULT_RETRY_FOR = "30m"
+
+ZONE_OPTION = typer.Option(None, "--zone", "-z", help="Zone (default: config `zone`).")
+PROJECT_OPTION = typer.Option(None, "--project", "-p", help="Project (default: config `project`).")
+JSON_OPTION = typer.Option(False, "--json", help="Print JSON (documented in the README).")
+
+
+def node_json(node: Node) -> dict[str, Any]:
+    """A node as the stable JSON object `up`, `list` and `status` print."""
+    age = None
+    if node.created is not None:
+        age = max(0, int((datetime.now(UTC) - node.created).total_seconds()))
+    return {
+        "name": node.name,
+        "project": node.project,
+        "zone": node.zone,
+        "accelerator_type": node.accelerator_type,
+        "state": node.state,
+        "health": node.health,
+        "scheduling": node.scheduling,
+        "spot": node.scheduling in ("spot", "preemptible"),
+        "runtime_version": node.runtime_version,
+        "created": node.created.isoformat() if node.created else None,
+        "age_s": age,
+        "labels": dict(node.labels),
+        "provider": node.provider,
+        "workers": [
+            {"index": w.index, "internal_ip": w.internal_ip, "external_ip": w.external_ip}
+            for w in node.workers
+        ],
+    }
+
+
+# -- up ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpPlan:
+    """Everything `up` decided before calling the API, from flags, config and the catalogue."""
+
+    spec: NodeSpec
+    fallback_zones: list[str]
+    queued: bool
+    retry_for: float
+    valid_for: float | None
+
+
+@app.command()
+def up(
+    accelerator_type: str = typer.Argument(..., help="TPU type, e.g. v3-8, v4-32, v5e-16."),
+    name: str | None = typer.Option(None, "--name", help="Node name (default: USER-TYPE)."),
+    zone: str | None = ZONE_OPTION,
+    project: str | None = PROJECT_OPTION,
+    spot: bool = typer.Option(False, "--spot", help="Spot capacity (cheaper, preemptible)."),
+    preemptible: bool = typer.Option(False, "--preemptible", help="Legacy preemptible VMs."),
+    reserved: bool = typer.Option(False, "--reserved", help="Use the project's reservation."),
+    runtime_version: str | None = typer.Option(
+        None, "--runtime-version", help="TPU software image (default: per generation)."
+    ),
+    network: str | None = typer.Option(None, "--network", help="VPC network."),
+    subnetwork: str | None = typer.Option(None, "--subnetwork", help="VPC subnetwork."),
+    label: list[str] = typer.Option([], "--label", help="Label k=v (repeatable)."),
+    queued: bool | None = typer.Option(
+        None, "--queued/--no-queued", help="Use the queued-resources API (default: catalogue)."
+    ),
+    retry_for: str = typer.Option(
+        DEFAULT_RETRY_FOR, "--retry-for", help="Keep retrying stockouts this long (e.g. 2h)."
+    ),
+    valid_for: str | None = typer.Option(
+        None, "--valid-for", help="Queued resources: give up waiting after this long."
+    ),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Return once creation is requested."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Create a TPU VM or pod slice and wait until every worker is READY.
+
+    Reuses an existing READY node of the same name and type. Stockouts are retried with
+    exponential backoff (and fallback zones from `accelerators.TYPE.zones`).
+    """
+    settings = config.load({"zone": zone, "project": project})
+    plan = _plan_up(
+        settings,
+        accelerator_type,
+        name=name,
+        explicit_zone=zone,
+        explicit_project=project,
+        scheduling=_scheduling(spot, preemptible, reserved),
+        runtime_version=runtime_version,
+        network=network,
+        subnetwork=subnetwork,
+        labels=_parse_labels(label),
+        queued=queued,
+        retry_for=parse_duration(retry_for, "--retry-for"),
+        valid_for=parse_duration(valid_for, "--valid-for") if valid_for else None,
+    )
+    node = _bring_up(settings, plan, wait=not no_wait)
+    if node is None:
+        message = f"creation of {plan.spec.name} requested; follow it with `tpuctl status {plan.spec.name}`"
+        if json_out:
+            print_json({"name": plan.spec.name, "zone": plan.spec.zone, "requested": True})
+        else:
+            console.print(message)
+        return
+    if json_out:
+        print_json(node_json(node))
+    else:
+        _print_node(node)
+
+
+def _plan_up(
+    settings: Settings,
+    accelerator_type: str,
+    *,
+    name: str | None,
+    explicit_zone: str | None,
+    explicit_project: str | None,
+    scheduling: str,
+    runtime_version: str | None,
+    network: str | None,
+    subnetwork: str | None,
+    labels: dict[str, str],
+    queued: bool | None,
+    retry_for: float,
+    valid_for: float | None,
+) -> UpPlan:
+    from tpuctl.sshkeys import ensure_keypair, metadata_ssh_keys
+
+    accelerator = catalog.parse(accelerator_type)
+    # Per-accelerator defaults beat the general zone/project (quota differs by zone);
+    # only an explicit flag beats them.
+    per_type = config.accelerator_settings(settings, accelerator.name)
+    zone = explicit_zone or per_type.get("zone") or settings.get("zone")
+    project = explicit_project or per_type.get("project") or settings.get("project")
+    if not zone:
+        raise TpuctlError(
+            f"no zone for {accelerator.name}: pass --zone, set TPUCTL_ZONE or run "
+            f"`tpuctl config set accelerators.{accelerator.name}.zone ZONE`"
+        )
+    settings.values.update(zone=zone, project=project)
+    use_queued = accelerator.needs_queued(spot=scheduling == "spot") if queued is None else queued
+    if use_queued and scheduling == "preemptible":
+        raise TpuctlError("--preemptible does not work with queued resources; use --spot")
+    node_name = validate_node_name(name) if name else None
+    node_name = node_name or default_node_name(config.local_user(), accelerator.name)
+    _private_key, public_line = ensure_keypair(settings)
+    spec = NodeSpec(
+        name=node_name,
+        zone=zone,
+        accelerator_type=accelerator.name,
+        runtime_version=runtime_version
+        or per_type.get("runtime_version")
+        or accelerator.runtime_version,
+        project=project,
+        scheduling=scheduling,
+        network=network,
+        subnetwork=subnetwork,
+        labels=labels,
+        metadata={"ssh-keys": metadata_ssh_keys(settings.get("ssh.user"), public_line)},
+    )
+    fallback = per_type.get("zones") or []
+    return UpPlan(
+        spec=spec,
+        fallback_zones=[fallback] if isinstance(fallback, str) else list(fallback),
+        queued=use_queued,
+        retry_for=retry_for,
+        valid_for=valid_for,
+    )
+
+
+def _bring_up(settings: Settings, plan: UpPlan, wait: bool) -> Node | None:
+    """Create the node, or reuse/await an existing one of the same name and type."""
+    from tpuctl.providers.cloud_tpu import CloudTpuProvider
+
+    provider = provider_for(settings)
+    spec = plan.spec
+    with StatusLine(f"up {spec.name}") as status:
+        existing = provider.get(spec.name)
+        if existing is not None:
+            return _reuse(provider, existing, spec, status, wait)
+        if not isinstance(provider, CloudTpuProvider):
+            return provider.create(spec, status.update)
+        how = "through a queued resource" if plan.queued else "directly"
+        status.update(
+            f"creating {spec.name} ({spec.accelerator_type}, {spec.scheduling}) {how}; "
+            f"stockouts retried for up to {format_duration(plan.retry_for)}"
+        )
+        node = provider.create_with_retries(
+            spec,
+            status.update,
+            fallback_zones=plan.fallback_zones,
+            retry_for=plan.retry_for,
+            queued=plan.queued,
+            valid_for=plan.valid_for,
+            wait=wait,
+        )
+        if node is not None:
+            status.update(f"{node.name} is READY with {len(node.workers)} workers")
+        return node
+
+
+def _reuse(provider: Any, existing: Node, spec: NodeSpec, status: StatusLine, wait: bool):
+    if existing.accelerator_type != spec.accelerator_type:
+        raise TpuctlError(
+            f"node {spec.name} already exists in {existing.zone} as {existing.accelerator_type}, "
+            f"not {spec.accelerator_type}; pick another --name or delete it with "
+            f"`tpuctl down {spec.name}`"
+        )
+    if existing.ready:
+        status.update(f"{spec.name} already exists and is READY; reusing it")
+        return existing
+    if existing.state in ("CREATING", "STARTING", "RESTARTING", "REPAIRING") and wait:
+        status.update(f"{spec.name} already exists and is {existing.state}; waiting for READY")
+        return provider.wait_until_ready(spec.name, status.update)
+    if not wait:
+        return None
+    raise TpuctlError(
+        f"node {spec.name} exists but is {existing.state}; delete it with "
+        f"`tpuctl down {spec.name}` and run `tpuctl up` again",
+        exit_code=1,
+    )
+
+
+def _scheduling(spot: bool, preemptible: bool, reserved: bool) -> str:
+    chosen = [
+        n for n, on in (("spot", spot), ("preemptible", preemptible), ("reserved", reserved)) if on
+    ]
+    if len(chosen) > 1:
+        raise TpuctlError(
+            f"choose one of --spot, --preemptible, --reserved (got {', '.join('--' + c for c in chosen)})"
+        )
+    return chosen[0] if chosen else "on-demand"
+
+
+def _parse_labels(pairs: list[str]) -> dict[str, str]:
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise TpuctlError(f"--label {pair!r} must be KEY=VALUE, e.g. --label team=nlp")
+        labels[key] = value
+    return labels
+
+
+# -- down -------------------------------------------------------------------------------
+
+
+@app.command()
+def down(
+    name: str | None = typer.Argument(
+        None, help="Node name (default: config `node`, or the only node)."
+    ),
+    zone: str | None = ZONE_OPTION,
+    project: str | None = PROJECT_OPTION,
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Delete a node and wait until it is gone. A node that does not exist is not an error."""
+    settings = config.load({"zone": zone, "project": project})
+    provider = provider_for(settings)
+    chosen = name or settings.get("node")
+    if chosen and provider.get(chosen) is None:
+        err_console.print(
+            f"node {chosen} does not exist in {describe_location(settings)}; nothing to delete"
+        )
+        return
+    node = resolve_node(settings, chosen)
+    summary = f"{node.name} ({node.accelerator_type}, {len(node.workers)} workers, {node.state}) in {describe_location(settings)}"
+    if not yes:
+        typer.confirm(f"Delete {summary}?", abort=True)
+    with StatusLine(f"down {node.name}") as status:
+        status.update(f"deleting {summary}")
+        provider.delete(node.name, status.update)
+    console.print(f"deleted {node.name}")
+
+
+# -- list / status ----------------------------------------------------------------------
+
+
+@app.command("list")
+def list_nodes(
+    zone: str | None = ZONE_OPTION,
+    project: str | None = PROJECT_OPTION,
+    all_zones: bool = typer.Option(False, "--all-zones", help="Every zone of the project."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """List nodes: name, type, zone, state, health, spot, age, workers."""
+    settings = config.load({"zone": zone, "project": project})
+    from tpuctl.providers.cloud_tpu import CloudTpuProvider
+
+    if all_zones and not settings.get("zone"):
+        settings.values["zone"] = "-"  # the API's wildcard location; list() needs no zone then
+    provider = provider_for(settings)
+    if all_zones and isinstance(provider, CloudTpuProvider):
+        nodes = provider.list(all_zones=True)
+    else:
+        nodes = provider.list()
+    if json_out:
+        print_json({"nodes": [node_json(n) for n in nodes]})
+        return
+    if not nodes:
+        err_console.print(
+            f"no nodes in {describe_location(settings) if not all_zones else 'any zone'}"
+        )
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "TYPE", "ZONE", "STATE", "HEALTH", "SPOT", "AGE", "WORKERS"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("IPS")
+    for node in nodes:
+        data = node_json(node)
+        table.add_row(
+            node.name,
+            node.accelerator_type,
+            node.zone,
+            node.state,
+            node.health or "-",
+            "yes" if data["spot"] else "no",
+            format_duration(data["age_s"]) if data["age_s"] is not None else "-",
+            str(len(node.workers)),
+            _ip_summary(node),
+        )
+    console.print(table)
+
+
+@app.command()
+def status(
+    name: str | None = typer.Argument(
+        None, help="Node name (default: config `node`, or the only node)."
+    ),
+    zone: str | None = ZONE_OPTION,
+    project: str | None = PROJECT_OPTION,
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Show one node: state, health, scheduling, age and every worker's IPs."""
+    settings = config.load({"zone": zone, "project": project})
+    node = resolve_node(settings, name)
+    if json_out:
+        print_json(node_json(node))
+    else:
+        _print_node(node)
+
+
+def _ip_summary(node: Node) -> str:
+    ips = [w.internal_ip for w in node.workers]
+    if len(ips) <= 2:
+        return " ".join(ips) or "-"
+    return f"{ips[0]} … {ips[-1]}"
+
+
+def _print_node(node: Node) -> None:
+    from rich.table import Table
+
+    data = node_json(node)
+    age = format_duration(data["age_s"]) if data["age_s"] is not None else "-"
+    console.print(
+        f"[bold]{node.name}[/bold]  {node.accelerator_type}  {node.zone}  {node.state}"
+        f"  health={node.health or '-'}  {node.scheduling}  age={age}"
+    )
+    table = Table(box=None, header_style="bold")
+    for column in ("WORKER", "INTERNAL IP", "EXTERNAL IP"):
+        table.add_column(column)
+    for worker in node.workers:
+        table.add_row(f"w{worker.index:02d}", worker.internal_ip, worker.external_ip or "-")
+    console.print(table)
+
+
+# -- types ------------------------------------------------------------------------------
+
+
+@app.command()
+def types(
+    generation: str | None = typer.Argument(None, help="Only this generation, e.g. v4 or v5e."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """List the accelerator types tpuctl knows: hosts, chips and cores per host, runtime."""
+    known = catalog.all_types()
+    if generation:
+        wanted = catalog.ALIASES.get(generation.lower(), generation.lower())
+        if wanted not in catalog.GENERATIONS:
+            raise TpuctlError(
+                f"unknown generation {generation!r}; known: {', '.join(catalog.GENERATIONS)}"
+            )
+        known = [t for t in known if t.generation.name == wanted]
+    rows = [
+        {
+            "type": t.name,
+            "hosts": t.hosts,
+            "chips": t.chips,
+            "chips_per_host": t.chips_per_host,
+            "cores_per_host": t.cores_per_host,
+            "runtime_version": t.runtime_version,
+            "queued": t.needs_queued(),
+            "queued_spot": t.needs_queued(spot=True),
+        }
+        for t in known
+    ]
+    if json_out:
+        print_json({"types": rows})
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("TYPE", "HOSTS", "CHIPS", "CHIPS/HOST", "CORES/HOST", "RUNTIME", "QUEUED"):
+        table.add_column(column)
+    for row in rows:
+        queued = "yes" if row["queued"] else ("spot" if row["queued_spot"] else "no")
+        table.add_row(
+            row["type"], str(row["hosts"]), str(row["chips"]), str(row["chips_per_host"]),
+            str(row["cores_per_host"]), row["runtime_version"], queued,
+        )  # fmt: skip
+    console.print(table)
+    console.print("v5e-N is an alias of v5litepod-N. QUEUED: provisioned through queued resources.")

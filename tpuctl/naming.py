@@ -1,0 +1,34 @@
+"""Node names: the `<user>-<type>` default TPU users already follow, checked against the API's rules."""
+
+from __future__ import annotations
+
+import re
+
+from tpuctl.errors import TpuctlError
+
+# Cloud TPU node ids: lowercase letters, digits and hyphens, starting with a letter and
+# not ending with a hyphen, at most 63 characters (RFC 1035 labels).
+NODE_ID_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+MAX_NODE_ID = 63
+
+
+def default_node_name(user: str, accelerator_type: str) -> str:
+    """`alice-v3-256`: the user name made node-id safe, then the type."""
+    safe_user = re.sub(r"[^a-z0-9-]+", "-", user.lower()).strip("-")
+    if not safe_user or not safe_user[0].isalpha():
+        safe_user = f"u{safe_user}".rstrip("-") or "tpuctl"
+    return validate_node_name(f"{safe_user}-{accelerator_type.lower()}"[:MAX_NODE_ID].rstrip("-"))
+
+
+def validate_node_name(name: str) -> str:
+    """Return `name` if the TPU API accepts it as a node id; otherwise raise a clear error."""
+    if len(name) > MAX_NODE_ID:
+        raise TpuctlError(
+            f"node name {name!r} is {len(name)} characters; --name allows at most {MAX_NODE_ID}"
+        )
+    if not NODE_ID_RE.match(name):
+        raise TpuctlError(
+            f"node name {name!r} is not a valid TPU node id: use lowercase letters, digits "
+            "and hyphens, start with a letter and do not end with a hyphen (e.g. alice-v3-8)"
+        )
+    return name
