@@ -1,0 +1,24 @@
+"""Default node names (USER-TYPE) and the TPU API's node-id rules."""
+
+import pytest
+
+from tpuctl.errors import TpuctlError
+from tpuctl.naming import default_node_name, validate_node_name
+
+
+def test_default_name_is_user_dash_type():
+    assert default_node_name("alice", "v3-256") == "alice-v3-256"
+    assert default_node_name("Hamish.Ivison", "v3-8") == "hamish-ivison-v3-8"
+    assert default_node_name("9lives", "v4-8") == "u9lives-v4-8"
+
+
+def test_long_user_names_are_cut_to_63_characters():
+    name = default_node_name("a" * 80, "v5litepod-256")
+    assert len(name) <= 63
+    assert validate_node_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["Alice-v3-8", "1node", "node-", "my_node", "a" * 64, ""])
+def test_invalid_names_are_refused_with_the_rule(name):
+    with pytest.raises(TpuctlError, match="node name"):
+        validate_node_name(name)
