@@ -8,7 +8,7 @@ from tpuctl import config
 from tpuctl.errors import TpuctlError
 from tpuctl.providers import provider_for, resolve_node
 from tpuctl.providers.base import NodeSpec
-from tpuctl.providers.local import LocalProvider, topology
+from tpuctl.providers.local import LocalProvider, devices_per_host, hosts_per_type
 
 
 @pytest.fixture
@@ -70,10 +70,10 @@ def test_down_removes_the_pod_but_not_data_outside_it(provider, tmp_path):
     ("accelerator_type", "expected"),
     [("v3-8", (1, 8)), ("v3-32", (4, 8)), ("v4-32", (4, 4)), ("v5litepod-16", (4, 4))],
 )
-def test_topology_of_common_types(accelerator_type, expected):
-    assert topology(accelerator_type) == expected
+def test_hosts_and_devices_of_common_types(accelerator_type, expected):
+    assert (hosts_per_type(accelerator_type), devices_per_host(accelerator_type)) == expected
 
 
 def test_bad_accelerator_type_is_a_one_line_error(provider):
-    with pytest.raises(TpuctlError, match="v3-32"):
+    with pytest.raises(TpuctlError, match="v3-8"):
         provider.create(spec(accelerator_type="v3"), lambda _m: None)

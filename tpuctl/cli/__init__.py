@@ -6,6 +6,7 @@ import sys
 # cheap: no jax, no google-cloud libraries at module level.
 from tpuctl.cli import (
     config_cmd,  # noqa: F401
+    jobs,  # noqa: F401
     lifecycle,  # noqa: F401
 )
 from tpuctl.cli.app import app

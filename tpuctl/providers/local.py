@@ -186,34 +186,20 @@ def _answers(url: str) -> bool:
 
 def hosts_per_type(accelerator_type: str) -> int:
     """How many hosts (workers) a pod of this type has, e.g. 4 for v3-32."""
-    return topology(accelerator_type)[0]
+    from tpuctl import catalog
+
+    return catalog.parse(accelerator_type).hosts
 
 
 def devices_per_host(accelerator_type: str) -> int:
-    """How many JAX devices each host of this type has, e.g. 8 for v3 (one per TensorCore)."""
-    return topology(accelerator_type)[1]
+    """How many JAX devices each host of this type has: one per TensorCore on v2 and v3,
+    one per chip from v4 on (megacore), e.g. 8 for v3-32 and 4 for v4-32."""
+    from tpuctl import catalog
 
-
-def topology(accelerator_type: str) -> tuple[int, int]:
-    """(hosts, JAX devices per host) for an accelerator type name such as v3-32 or v5litepod-16."""
-    generation, _, size_text = accelerator_type.partition("-")
-    if not size_text.isdigit() or int(size_text) < 1:
-        raise TpuctlError(
-            f"accelerator type {accelerator_type!r} is not GENERATION-SIZE (e.g. v3-32, v4-8, "
-            "v5litepod-16)"
-        )
-    size = int(size_text)
-    if generation in ("v2", "v3"):  # size counts TensorCores; each is a device, 8 per host
-        return max(1, size // 8), min(size, 8)
-    if generation in ("v4", "v5p"):  # size counts TensorCores; 2 per chip (megacore), 4 chips/host
-        chips = max(1, size // 2)
-        return max(1, chips // 4), min(chips, 4)
-    if generation in ("v5litepod", "v5e", "v6e"):  # size counts chips; one host up to 8
-        return (1, size) if size <= 8 else (size // 4, 4)
-    raise TpuctlError(
-        f"accelerator type {accelerator_type!r}: unknown generation {generation!r}; "
-        "use one of v2, v3, v4, v5p, v5litepod, v6e"
-    )
+    accelerator = catalog.parse(accelerator_type)
+    if accelerator.generation.name in ("v2", "v3"):
+        return accelerator.cores_per_host
+    return accelerator.chips_per_host
 
 
 def _write_record(path: Path, node: Node) -> None:

@@ -265,15 +265,19 @@ def _number(text: str | None) -> float | None:
         return None
 
 
-def launch(hosts: Iterable[Host], spec: JobSpec) -> list[HostResult]:
+def launch(
+    hosts: Iterable[Host], spec: JobSpec, current: list[WorkerJob] | None = None
+) -> list[HostResult]:
     """Start `spec.command` detached on every worker, refusing if a job already runs there.
 
+    `current` is the workers' status if the caller just took it (saves a round trip).
     Raises JobBusy naming the running run and the workers (unless `spec.force`), or a
     TpuctlError naming the workers where the job did not start.
     """
     hosts = job_hosts(hosts)
     if not spec.force:
-        _refuse_if_busy(status(hosts))
+        # Check everywhere first: a worker's own refusal would come after others started.
+        refuse_if_busy(status(hosts) if current is None else current)
     script = _script(
         _LAUNCH,
         run_id=spec.run_id,
@@ -293,7 +297,8 @@ def launch(hosts: Iterable[Host], spec: JobSpec) -> list[HostResult]:
     return results
 
 
-def _refuse_if_busy(jobs: list[WorkerJob]) -> None:
+def refuse_if_busy(jobs: list[WorkerJob]) -> None:
+    """Raise JobBusy if a job runs on any worker, a TpuctlError if one could not be checked."""
     unreachable = [j for j in jobs if j.state == "unreachable"]
     if unreachable:
         details = "; ".join(f"{j.label}: {j.error}" for j in unreachable)

@@ -1,0 +1,193 @@
+"""`tpuctl run`, `logs`, `ps` and `kill`: training jobs on every worker of a node.
+
+Thin layer: resolve the node and its hosts, call tpuctl.jobs, render the result.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import typer
+
+from tpuctl import config
+from tpuctl.cli.app import app
+from tpuctl.cli.output import err_console, format_duration
+from tpuctl.errors import TpuctlError
+
+if TYPE_CHECKING:
+    from tpuctl.config import Settings
+    from tpuctl.fanout import Host
+    from tpuctl.providers.base import Node
+
+NODE_ARGUMENT = typer.Argument(None, help="Node name (default: config `node`, or the only node).")
+WORKER_OPTION = typer.Option(None, "--worker", "-w", help="Workers, e.g. 0,3,5-7 (default: all).")
+RUN_ID_OPTION = typer.Option(None, "--run-id", help="Run id (default: the node's latest run).")
+
+
+def _target(name: str | None, worker: str | None = None) -> tuple[Settings, Node, list[Host]]:
+    from tpuctl.hosts import hosts_for, lookup_node, parse_workers
+
+    settings = config.load()
+    node = lookup_node(settings, name)
+    if not node.ready:
+        raise TpuctlError(
+            f"node {node.name} is {node.state}, not READY; see `tpuctl status {node.name}`", 1
+        )
+    workers = parse_workers(worker, len(node.workers))
+    return settings, node, hosts_for(settings, node, workers)
+
+
+def _print_line(host: Host, _stream: str, line: str) -> None:
+    sys.stdout.write(f"{host.label} | {line}\n")
+    sys.stdout.flush()
+
+
+def _follow(hosts: list[Host], run_id: str | None, lines: int | None, all_lines: bool) -> None:
+    """Stream logs until the job exits everywhere; Ctrl-C stops following, not the job."""
+    from tpuctl import jobs
+    from tpuctl.fanout import Interrupted
+
+    try:
+        jobs.logs(
+            hosts, run_id=run_id, lines=lines, follow=True, all_lines=all_lines, on_line=_print_line
+        )
+    except Interrupted:
+        err_console.print(
+            "stopped following; the job keeps running (`tpuctl logs --tail` to follow again, "
+            "`tpuctl kill` to stop it)"
+        )
+        raise typer.Exit(130) from None
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def run(
+    ctx: typer.Context,
+    recipe: str = typer.Argument(..., help="Recipe: a local YAML file or a gs:// URI."),
+    name: str | None = typer.Option(None, "--name", "-n", help="Node (default: config `node`)."),
+    all_workers: bool = typer.Option(
+        False, "--all-workers", help="Run on every worker (needed on multi-host nodes)."
+    ),
+    env: list[str] = typer.Option(
+        [], "--env", "-e", help="K=V, or K to pass your local value (repeatable); kept secret."
+    ),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Stream the logs after launch."),
+    run_id: str | None = typer.Option(None, "--run-id", help="Run id (default: RECIPE-TIME)."),
+    force: bool = typer.Option(False, "--force", help="Stop a running job first."),
+) -> None:
+    """Train RECIPE on the node: validate it here, store it in GCS, prepare the workers and
+    start the trainer detached on each. Recipe overrides go after `--` (train.steps=20)."""
+    from tpuctl.jobs.runs import RunRequest, parse_env_flags, run_summary, start_run
+
+    settings, node, hosts = _target(name)
+    if len(hosts) > 1 and not all_workers:
+        raise TpuctlError(
+            f"{node.name} has {len(hosts)} workers and the trainer must run on all of them: "
+            "add --all-workers"
+        )
+    request = RunRequest(recipe, list(ctx.args), parse_env_flags(env), run_id, force)
+    started = start_run(settings, node, hosts, request, lambda m: err_console.print(m))
+    print(f"run {started.run_id} started on {len(hosts)} worker(s) of {node.name}")
+    print(f"  recipe:      {started.recipe_uri}")
+    print(f"  logs:        ~/{started.worker_log} on each worker (`tpuctl logs --tail`)")
+    print(f"  checkpoints: {started.run_dir.rstrip('/')}/checkpoints")
+    sys.stdout.flush()
+    if not follow:
+        return
+    _follow(hosts, started.run_id, None, all_lines=False)
+    _report_end(hosts, started.run_id, run_summary(started.run_dir), started.run_dir)
+
+
+def _report_end(hosts: list[Host], run_id: str, summary: dict | None, run_dir: str) -> None:
+    from tpuctl import jobs
+
+    final = jobs.status(hosts, run_id)
+    failed = [j for j in final if j.exit_code != 0]
+    if failed:
+        details = ", ".join(f"{j.label} exit {j.exit_code}" for j in failed)
+        raise TpuctlError(f"run {run_id} failed: {details}; see `tpuctl logs --all-lines`", 1)
+    if summary is None:
+        print(f"run {run_id} exited 0 on every worker but wrote no DONE record in {run_dir}")
+        return
+    loss = summary.get("final", {}).get("loss")
+    loss_text = f"final loss {loss:.4f}" if isinstance(loss, int | float) else "no loss logged"
+    print(f"run {run_id} finished: step {summary.get('step')}, {loss_text}")
+    print(f"checkpoints: {run_dir.rstrip('/')}/checkpoints")
+
+
+@app.command()
+def logs(
+    name: str | None = NODE_ARGUMENT,
+    tail: bool = typer.Option(False, "--tail", "-f", help="Follow until the job exits."),
+    lines: int | None = typer.Option(
+        None, "-n", "--lines", help="Lines of history (default: all; 20 with --tail)."
+    ),
+    worker: str | None = WORKER_OPTION,
+    run_id: str | None = RUN_ID_OPTION,
+    all_lines: bool = typer.Option(
+        False, "--all-lines", help="Every line of every worker (default: worker 0, and errors)."
+    ),
+) -> None:
+    """Show the run's log: worker 0 in full plus error lines from the others."""
+    from tpuctl import jobs
+
+    _settings, _node, hosts = _target(name, worker)
+    if lines is not None and lines < 0:
+        raise TpuctlError(f"-n {lines}: give a number of lines, 0 or more")
+    if tail:
+        _follow(hosts, run_id, 20 if lines is None else lines, all_lines)
+        return
+    results = jobs.logs(hosts, run_id=run_id, lines=lines, all_lines=all_lines, on_line=_print_line)
+    missing = [r for r in results if r.exit_code == jobs.NO_RUN_EXIT or not r.ok]
+    if len(missing) == len(results):
+        raise TpuctlError(f"no run{f' {run_id}' if run_id else ''} on these workers", 1)
+
+
+@app.command()
+def ps(name: str | None = NODE_ARGUMENT, run_id: str | None = RUN_ID_OPTION) -> None:
+    """Per worker: the run, its state (running / exited with code / absent), uptime, last line."""
+    from tpuctl import jobs
+
+    _settings, _node, hosts = _target(name)
+    rows = [("WORKER", "RUN", "STATE", "UPTIME", "LAST LINE")]
+    for job in jobs.status(hosts, run_id):
+        state = job.state
+        if job.state == "exited":
+            state = f"exited {job.exit_code if job.exit_code is not None else '?'}"
+        elif job.error:
+            state = f"unreachable: {job.error}"
+        uptime = format_duration(job.uptime) if job.uptime is not None else "-"
+        rows.append((job.label, job.run_id or "-", state, uptime, job.last_line[:100]))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+            + "  "
+            + row[4]
+        )
+
+
+@app.command()
+def kill(
+    name: str | None = NODE_ARGUMENT,
+    grace: float = typer.Option(30.0, "--grace", help="Seconds between SIGTERM and SIGKILL."),
+    force: bool = typer.Option(
+        False, "--force", help="Also kill other processes holding the TPU devices."
+    ),
+) -> None:
+    """Stop the job on every worker: SIGTERM (the trainer saves), SIGKILL after --grace,
+    then clear lockfiles. Nothing running is not an error."""
+    from tpuctl import jobs
+
+    _settings, _node, hosts = _target(name)
+    failed = 0
+    for report in jobs.kill(hosts, grace=grace, force=force):
+        if report.error:
+            failed += 1
+            print(f"{report.label}: failed: {report.error}")
+            continue
+        what = f"stopped {report.run_id} ({report.signal})" if report.run_id else "nothing running"
+        holders = "".join(f"; killed {h}" for h in report.holders)
+        print(f"{report.label}: {what}{holders}")
+    if failed:
+        raise TpuctlError(f"kill failed on {failed} worker(s)", 1)
