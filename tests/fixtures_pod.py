@@ -1,13 +1,14 @@
 """The SSH test pod: real sshd hosts, each in its own network, mount and PID namespace.
 
 `ssh_pod` (4 hosts) is shared by the whole session: tests that stop a host bring it back.
-`make_ssh_pod(n)` starts a bigger pod (the 32-host scale test, the benchmark's peers) and
-stops it at the end of the session. Both need root; without it the tests are skipped.
+`ssh_pod32` is a shared 32-host pod for the scale tests; `make_ssh_pod(n)` starts any other
+size, stopped at the end of the session. Both need root; without it the tests are skipped.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -31,7 +32,7 @@ def make_ssh_pod(pod_key) -> Iterator[Callable[[int], SshPod]]:
     pods: list[SshPod] = []
 
     def make(n: int) -> SshPod:
-        pod = SshPod(n, pod_key)
+        pod = SshPod(n, pod_key, keep_visible=_python_home())
         pods.append(pod)
         return pod.start()
 
@@ -40,9 +41,23 @@ def make_ssh_pod(pod_key) -> Iterator[Callable[[int], SshPod]]:
         pod.stop()
 
 
+def _python_home() -> tuple[str, ...]:
+    """This interpreter's installation, when it lives under /root (pyenv): `tpuctl check`
+    tests run it on the workers, whose /root is otherwise their own."""
+    real = os.path.realpath(sys.executable)
+    parts = real.split(os.sep)
+    return ("/" + "/".join(parts[1:3]),) if real.startswith("/root/") else ()
+
+
 @pytest.fixture(scope="session")
 def _shared_pod(make_ssh_pod) -> SshPod:
     return make_ssh_pod(4)
+
+
+@pytest.fixture(scope="session")
+def ssh_pod32(make_ssh_pod) -> SshPod:
+    """A 32-host pod (a v3-256's worth of workers), shared by the scale tests."""
+    return make_ssh_pod(32)
 
 
 @pytest.fixture

@@ -144,8 +144,8 @@ def test_put_and_get_copy_files_per_worker(ssh_pod, hosts, tmp_path):
     assert missing[0].exit_code == 1 and "does-not-exist" in missing[0].stderr
 
 
-def test_32_workers_in_parallel(make_ssh_pod, pod_key, tmp_path):
-    pod = make_ssh_pod(32)
+def test_32_workers_in_parallel(ssh_pod32, pod_key, tmp_path):
+    pod = ssh_pod32
     hosts = pod_hosts(pod, pod_key, str(tmp_path / "known_hosts"))
     started = time.monotonic()
     results = run(hosts, "hostname -I")

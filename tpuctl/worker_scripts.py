@@ -136,3 +136,27 @@ def _describe_holder(record: str) -> str:
     pid, _, rest = record.partition(" ")
     command, _, device = rest.partition(" ")
     return f"pid {pid} ({command}) on {device}"
+
+
+LOW_DISK_GB = 5.0
+
+
+def health_verdict(results, health: dict[str, WorkerHealth]) -> list[str]:
+    """One line per problem found by `check`; an empty list means the pod is healthy."""
+    problems = [f"{r.host.label}: {r.error}" for r in results if r.error is not None]
+    counts: dict[int, list[str]] = {}
+    for label, row in health.items():
+        if row.holders:
+            problems.append(f"{label}: TPU held by {'; '.join(row.holders)}")
+        elif row.jax_error:
+            problems.append(f"{label}: jax failed: {row.jax_error}")
+        if row.devices is not None:
+            counts.setdefault(row.devices, []).append(label)
+        if row.disk_free_gb is not None and row.disk_free_gb < LOW_DISK_GB:
+            problems.append(f"{label}: only {row.disk_free_gb:.1f} GB free on disk")
+    if len(counts) > 1:
+        views = "; ".join(
+            f"{n} devices on {' '.join(labels)}" for n, labels in sorted(counts.items())
+        )
+        problems.append(f"workers disagree on the device count: {views}")
+    return problems

@@ -87,13 +87,19 @@ def _alive(pid: int) -> bool:
 
 
 class SshPod:
-    """`n` sshd hosts accepting root logins with `key` = (private key path, public key line)."""
+    """`n` sshd hosts accepting root logins with `key` = (private key path, public key line).
 
-    def __init__(self, n: int, key: tuple[str, str]) -> None:
+    `keep_visible` lists paths under /root of this machine that hosts still see through
+    their private /root (e.g. the Python installation a test runs on the workers)."""
+
+    def __init__(self, n: int, key: tuple[str, str], keep_visible: tuple[str, ...] = ()) -> None:
         if n < 1 or n > 200:
             raise ValueError("an SshPod has 1 to 200 hosts")
         self.n = n
         self.private_key, self.public_key = key
+        self.keep_visible = tuple(str(Path(p)) for p in keep_visible)
+        if any(not p.startswith("/root/") for p in self.keep_visible):
+            raise ValueError("keep_visible paths must lie under /root")
         self.tag = f"{PREFIX}{os.getpid()}{_next_pod_letter()}"
         self.bridge = f"{self.tag}b"
         # Outside /tmp: each host mounts its own /tmp over the real one.
@@ -219,9 +225,14 @@ class SshPod:
         sshd = f"{SSHD} -D -e -f {host.directory}/sshd_config"
         log = open(host.directory / "sshd.log", "ab")  # noqa: SIM115 (outlives this call)
         if host.namespace:
+            home = host.directory / "root"
+            shared = "".join(
+                f"mkdir -p {home}{inside} && mount --bind /root{inside} {home}{inside} && "
+                for inside in (path.removeprefix("/root") for path in self.keep_visible)
+            )
             binds = (
-                f"mount --bind {host.directory}/tmp /tmp && "
-                f"mount --bind {host.directory}/root /root && exec {sshd}"
+                f"{shared}mount --bind {host.directory}/tmp /tmp && "
+                f"mount --rbind {home} /root && exec {sshd}"
             )
             argv = [
                 "ip", "netns", "exec", host.namespace,

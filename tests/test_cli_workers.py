@@ -1,0 +1,245 @@
+"""`tpuctl exec`, `ssh`, `put`, `get`, `clear-locks`, `check` end to end, on production's path:
+the real Cloud TPU client asks the fake API for the node, whose network endpoints are the
+test pod's sshd hosts, and the fan-out logs in over SSH."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.fixtures_pod import pod_hosts
+from tpuctl.fanout import run
+from tpuctl.worker_scripts import REFUSED_EXIT, clear_locks_script, parse_lock_report
+
+pytestmark = pytest.mark.pod
+
+PROJECT, ZONE = "test-project", "us-central1-a"
+
+
+def tpuctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tpuctl", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def wait_for(condition, deadline_s: float = 15.0) -> None:
+    end = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < end, "condition not met before the deadline"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def pod_node(fake_tpu, ssh_pod, pod_key, monkeypatch):
+    """Node `pod` (v3-32: 4 workers) whose workers are the 4 sshd hosts."""
+    fake_tpu.add_node("pod", "v3-32", project=PROJECT, zone=ZONE, worker_ips=ssh_pod.hosts)
+    monkeypatch.setenv("TPUCTL_SSH_KEY", pod_key[0])
+    monkeypatch.setenv("TPUCTL_SSH_USER", "root")
+    return ssh_pod
+
+
+def prefixed(stdout: str) -> dict[str, str]:
+    return dict(line.split(" ", 1) for line in stdout.splitlines())
+
+
+def test_exec_streams_prefixed_lines_and_a_green_summary(pod_node):
+    result = tpuctl("exec", "--", "hostname", "-I")
+    assert result.returncode == 0, result.stderr
+    lines = prefixed(result.stdout)
+    assert {k: v.strip() for k, v in lines.items()} == {
+        f"[w0{i}]": address for i, address in enumerate(pod_node.hosts)
+    }
+    assert "all 4 workers succeeded" in result.stderr
+
+
+def test_exec_on_32_workers(fake_tpu, ssh_pod32, pod_key, monkeypatch):
+    fake_tpu.add_node("big", "v3-256", project=PROJECT, zone=ZONE, worker_ips=ssh_pod32.hosts)
+    monkeypatch.setenv("TPUCTL_SSH_KEY", pod_key[0])
+    monkeypatch.setenv("TPUCTL_SSH_USER", "root")
+    result = tpuctl("exec", "big", "--", "hostname -I")
+    assert result.returncode == 0, result.stderr
+    lines = prefixed(result.stdout)
+    assert len(lines) == 32
+    assert lines["[w31]"].strip() == ssh_pod32.hosts[31]
+    assert "all 32 workers succeeded" in result.stderr
+
+
+def test_a_failing_worker_makes_exec_fail_and_is_summarised_with_its_last_lines(pod_node):
+    target = pod_node.hosts[2]
+    command = f"if hostname -I | grep -qw {target}; then echo boom >&2; exit 7; fi"
+    result = tpuctl("exec", "--", command)
+    assert result.returncode == 1
+    assert "3/4 workers succeeded" in result.stderr
+    assert "failed: w02 (exit 7)" in result.stderr
+    assert result.stderr.count("[w02] boom") == 2  # streamed, then repeated in the summary
+
+
+def test_an_unreachable_worker_ends_exec_in_bounded_time_and_is_named(pod_node):
+    pod_node.stop_host(1)
+    started = time.monotonic()
+    result = tpuctl("exec", "--connect-timeout", "3", "--", "echo up")
+    assert time.monotonic() - started < 15
+    assert result.returncode == 1
+    assert f"unreachable: w01 ({pod_node.hosts[1]})" in result.stderr
+    assert prefixed(result.stdout) == {"[w00]": "up", "[w02]": "up", "[w03]": "up"}
+
+
+def test_timeout_per_worker(pod_node):
+    result = tpuctl("exec", "--timeout", "1", "--", "sleep 30")
+    assert result.returncode == 1
+    assert "timed out after 1 s: w00 w01 w02 w03" in result.stderr
+    wait_for(lambda: not any("sleep 30" in p for i in range(4) for p in pod_node.processes(i)))
+
+
+def test_json_gives_per_worker_exit_code_and_output(pod_node):
+    result = tpuctl("exec", "--json", "--worker", "0,2-3", "--", "echo out; echo err >&2; exit 2")
+    rows = json.loads(result.stdout)
+    assert [r["worker"] for r in rows] == ["w00", "w02", "w03"]
+    assert all(
+        r["exit_code"] == 2 and r["stdout"] == "out\n" and r["stderr"] == "err\n" for r in rows
+    )
+    assert result.returncode == 1
+
+
+def test_env_values_reach_the_workers_but_never_tpuctl_output(pod_node, monkeypatch):
+    secret = "wandb-0123456789abcdef"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    result = tpuctl(
+        "exec",
+        "--env",
+        "WANDB_API_KEY",
+        "--env",
+        "MODE=x",
+        "--",
+        'echo "${#WANDB_API_KEY} $MODE"; exit 1',
+    )
+    assert prefixed(result.stdout)["[w00]"] == f"{len(secret)} x"
+    assert secret not in result.stdout + result.stderr
+
+
+def test_ctrl_c_stops_every_remote_command_then_prints_the_summary(pod_node):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tpuctl", "exec", "--", "sleep", "1000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: all(any("sleep 1000" in p for p in pod_node.processes(i)) for i in range(4))
+        )
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=15)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert "interrupted: 0/4 workers succeeded" in stderr
+    assert "interrupted: w00 w01 w02 w03" in stderr
+    assert not any("sleep 1000" in p for i in range(4) for p in pod_node.processes(i))
+
+
+def test_repeated_exec_uses_cached_addresses_without_the_api(pod_node, fake_tpu):
+    assert tpuctl("exec", "pod", "--", "true").returncode == 0
+    fake_tpu.stop()  # any API call would now fail
+    result = tpuctl("exec", "pod", "--", "echo cached")
+    assert result.returncode == 0, result.stderr
+    assert len(prefixed(result.stdout)) == 4
+
+
+def test_recreated_node_refreshes_cached_addresses(pod_node, fake_tpu):
+    assert tpuctl("exec", "pod", "--", "true").returncode == 0
+    # The node is recreated and worker 3 now has another address; its old one is dead.
+    pod_node.stop_host(3)
+    fake_tpu.vanish("pod")
+    moved = [*pod_node.hosts[:3], pod_node.hosts[2]]
+    fake_tpu.add_node("pod", "v3-32", project=PROJECT, zone=ZONE, worker_ips=moved)
+    result = tpuctl("exec", "pod", "--connect-timeout", "3", "--", "hostname -I")
+    assert result.returncode == 0, result.stderr
+    assert "addresses of w03 changed" in result.stderr
+    assert prefixed(result.stdout)["[w03]"].strip() == pod_node.hosts[2]
+
+
+def test_ssh_logs_into_the_chosen_worker_with_tpuctl_key(pod_node):
+    result = tpuctl("ssh", "--worker", "2", "--", "-o", "BatchMode=yes", "hostname", "-I")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [pod_node.hosts[2]]
+
+
+def test_put_and_get_on_all_workers(pod_node, tmp_path):
+    source = tmp_path / "config.yaml"
+    source.write_text("lr: 0.1\n")
+    put = tpuctl("put", str(source), "/tmp/config.yaml")
+    assert put.returncode == 0, put.stderr
+    assert all(pod_node.path(i, "/tmp/config.yaml").read_text() == "lr: 0.1\n" for i in range(4))
+    got = tpuctl("get", "/tmp/config.yaml", str(tmp_path / "back"), "--worker", "1")
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "back" / "w01" / "config.yaml").read_text() == "lr: 0.1\n"
+    assert not (tmp_path / "back" / "w00").exists()
+
+
+def test_clear_locks_removes_lock_files_on_every_worker(pod_node):
+    for index in (0, 2, 3):
+        pod_node.path(index, "/tmp/libtpu_lockfile").write_text("")
+        (pod_node.path(index, "/tmp/tpu_logs")).mkdir()
+        (pod_node.path(index, "/tmp/tpu_logs") / "tpu_driver.INFO").write_text("log")
+    result = tpuctl("clear-locks")
+    assert result.returncode == 0, result.stderr
+    lines = prefixed(result.stdout)
+    assert lines["[w00]"] == "removed /tmp/libtpu_lockfile, /tmp/tpu_logs"
+    assert lines["[w01]"] == "nothing to remove"
+    for index in range(4):
+        assert not pod_node.path(index, "/tmp/libtpu_lockfile").exists()
+        assert not pod_node.path(index, "/tmp/tpu_logs").exists()
+
+
+def test_clear_locks_refuses_while_a_process_holds_the_device(ssh_pod, pod_key, tmp_path):
+    hosts = pod_hosts(ssh_pod, pod_key, str(tmp_path / "known_hosts"))
+    fake_device = ("/tmp/fake-accel*",)  # the pod has no TPU: a file stands in for /dev/accel0
+    for index in range(2):
+        ssh_pod.path(index, "/tmp/libtpu_lockfile").write_text("")
+    holder = "setsid sh -c 'exec 3>/tmp/fake-accel0; exec sleep 41' </dev/null >/dev/null 2>&1 &"
+    run(hosts[1:2], holder)
+    wait_for(lambda: any("sleep 41" in p for p in ssh_pod.processes(1)))
+    try:
+        results = run(hosts[:2], clear_locks_script(force=False, device_globs=fake_device))
+        assert results[0].ok and parse_lock_report(results[0].stdout).removed
+        assert results[1].exit_code == REFUSED_EXIT
+        assert "(sleep) on /tmp/fake-accel0" in parse_lock_report(results[1].stdout).holders[0]
+        assert ssh_pod.path(1, "/tmp/libtpu_lockfile").exists()
+        forced = run(hosts[1:2], clear_locks_script(force=True, device_globs=fake_device))
+        assert forced[0].ok and not ssh_pod.path(1, "/tmp/libtpu_lockfile").exists()
+    finally:
+        run(hosts[1:2], "pkill -f 'sleep 41'; true")
+
+
+def test_check_reports_a_healthy_pod_when_jax_works_everywhere(pod_node):
+    result = tpuctl("check", "--python", sys.executable, "--json", timeout=120)
+    report = json.loads(result.stdout)
+    assert result.returncode == 0, result.stderr
+    assert report["healthy"] and report["problems"] == []
+    assert [w["devices"] for w in report["workers"]] == [1, 1, 1, 1]
+    assert all(w["disk_free_gb"] > 0 and w["mem_free_gb"] > 0 for w in report["workers"])
+
+
+def test_check_names_workers_where_jax_fails(pod_node):
+    result = tpuctl("check", "--python", "/nonexistent/python3")
+    assert result.returncode == 1
+    assert "unhealthy" in result.stderr
+    assert "w00: jax failed" in result.stderr
+    assert "w00" in result.stdout  # the table
+
+
+def test_usage_errors_are_one_line(pod_node):
+    no_command = tpuctl("exec")
+    assert no_command.returncode == 2 and "put it after --" in no_command.stderr
+    bad_worker = tpuctl("exec", "--worker", "9", "--", "true")
+    assert bad_worker.returncode == 2
+    assert "worker 9 does not exist; the node has workers 0-3" in bad_worker.stderr
+    missing = tpuctl("exec", "nope", "--", "true")
+    assert missing.returncode == 1 and "no node named 'nope'" in missing.stderr
+    assert "Traceback" not in no_command.stderr + bad_worker.stderr + missing.stderr

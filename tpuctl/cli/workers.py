@@ -1,0 +1,432 @@
+"""`tpuctl exec`, `ssh`, `put`, `get`, `clear-locks` and `check`: every worker at once.
+
+Thin layer: resolve the node (from the address cache when possible), build hosts
+(tpuctl.hosts), fan out (tpuctl.fanout), render (tpuctl.fanout.report).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from typer.core import TyperCommand
+
+from tpuctl import config
+from tpuctl.cli.app import app
+from tpuctl.errors import TpuctlError
+
+if TYPE_CHECKING:
+    from tpuctl.config import Settings
+    from tpuctl.fanout import Host, HostResult
+    from tpuctl.providers.base import Node
+
+NAME_ARGUMENT = typer.Argument(None, help="Node name (default: config `node`, or the only node).")
+NAME_OPTION = typer.Option(None, "--name", "-n", help="Node name (default: config `node`).")
+WORKER_OPTION = typer.Option(
+    None, "--worker", "-w", help="Workers to use, e.g. 0,3,5-7 (default: all)."
+)
+ALL_WORKERS_OPTION = typer.Option(False, "--all-workers", help="Every worker (the default).")
+ZONE_OPTION = typer.Option(None, "--zone", "-z", help="Zone (default: config `zone`).")
+PROJECT_OPTION = typer.Option(None, "--project", "-p", help="Project (default: config `project`).")
+SSH_USER_OPTION = typer.Option(
+    None, "--ssh-user", help="Login user (default: config `ssh.user`, else your user name)."
+)
+INTERNAL_IP_OPTION = typer.Option(
+    None, "--internal-ip/--external-ip", help="Connect to internal IPs (inside the VPC)."
+)
+CONNECT_TIMEOUT_OPTION = typer.Option(10.0, "--connect-timeout", help="Seconds per connection.")
+EXIT_INTERRUPTED = 130
+
+
+class DashDashCommand(TyperCommand):
+    """A command whose arguments after `--` are kept verbatim in `ctx.meta["after_dashdash"]`
+    (the remote command, or extra ssh arguments) instead of being mixed with NAME."""
+
+    def parse_args(self, ctx, args):
+        if "--" in args:
+            split = args.index("--")
+            ctx.meta["after_dashdash"], args = args[split + 1 :], args[:split]
+        else:
+            ctx.meta["after_dashdash"] = []
+        return super().parse_args(ctx, args)
+
+
+@dataclass
+class Target:
+    """The node and hosts a command acts on; `cached` when the addresses came from the
+    address cache (so a connection failure is worth a fresh lookup)."""
+
+    settings: Settings
+    node: Node
+    workers: list[int] | None
+    hosts: list[Host]
+    cached: bool
+
+
+def _settings(zone, project, ssh_user=None, internal_ip=None) -> Settings:
+    return config.load(
+        {"zone": zone, "project": project, "ssh.user": ssh_user, "ssh.internal_ip": internal_ip}
+    )
+
+
+def _target(settings: Settings, name: str | None, worker: str | None, all_workers: bool) -> Target:
+    from tpuctl.hosts import cached_node, hosts_for, lookup_node, parse_workers
+
+    if worker is not None and all_workers:
+        raise TpuctlError("--worker and --all-workers both given; keep one")
+    chosen = name or settings.get("node")
+    node = None
+    if chosen and settings.get("provider") != "local":
+        node = cached_node(settings, chosen)
+    cached = node is not None
+    if node is None:
+        node = lookup_node(settings, chosen, use_cache=False)
+    if not node.ready:
+        raise TpuctlError(
+            f"node {node.name} is {node.state}, not READY; see `tpuctl status {node.name}`",
+            exit_code=1,
+        )
+    workers = parse_workers(worker, len(node.workers))
+    return Target(settings, node, workers, hosts_for(settings, node, workers), cached)
+
+
+def _fan_out(target: Target, action, **kwargs) -> list[HostResult]:
+    """Run `action(hosts, **kwargs)`; if cached addresses turned out unreachable, look the
+    node up again and retry the workers whose address changed (the node was recreated)."""
+    results = action(target.hosts, **kwargs)
+    unreachable = [r for r in results if r.unreachable]
+    if not unreachable or not target.cached:
+        return results
+    from tpuctl.hosts import forget, hosts_for, lookup_node
+
+    try:
+        fresh = lookup_node(target.settings, target.node.name, use_cache=False)
+    except TpuctlError as err:
+        forget(target.settings, target.node.name)
+        print(f"note: {err}", file=sys.stderr)
+        return results
+    new_hosts = {h.label: h for h in hosts_for(target.settings, fresh, target.workers)}
+    moved = [
+        new_hosts[r.host.label]
+        for r in unreachable
+        if r.host.label in new_hosts and new_hosts[r.host.label].address != r.host.address
+    ]
+    if not moved:
+        return results
+    labels = " ".join(h.label for h in moved)
+    print(f"addresses of {labels} changed; retrying with the node's new addresses", file=sys.stderr)
+    retried = {r.host.label: r for r in action(moved, **kwargs)}
+    return [retried.get(r.host.label, r) for r in results]
+
+
+def _parse_env(pairs: list[str]) -> dict[str, str]:
+    """`--env K=V`, or `--env K` to pass the local value of K (keeps it out of argv too)."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, has_value, value = pair.partition("=")
+        if not name.isidentifier():
+            raise TpuctlError(f"--env {name!r}: use --env NAME=VALUE or --env NAME")
+        if not has_value:
+            if name not in os.environ:
+                raise TpuctlError(f"--env {name}: {name} is not set in your environment")
+            value = os.environ[name]
+        env[name] = value
+    return env
+
+
+def _result_json(result: HostResult) -> dict[str, Any]:
+    return {
+        "worker": result.host.label,
+        "address": result.host.address,
+        "exit_code": result.exit_code,
+        "ok": result.ok,
+        "error": result.error,
+        "stdout": result.stdout,
+        "stderr": result.stderr,
+        "duration_s": round(result.duration, 3),
+    }
+
+
+# -- exec -------------------------------------------------------------------------------
+
+
+@app.command("exec", cls=DashDashCommand)
+def exec_(
+    ctx: typer.Context,
+    name: str | None = NAME_ARGUMENT,
+    worker: str | None = WORKER_OPTION,
+    all_workers: bool = ALL_WORKERS_OPTION,
+    timeout: float | None = typer.Option(None, "--timeout", help="Seconds per worker."),
+    env: list[str] = typer.Option([], "--env", "-e", help="K=V, or K to pass your $K."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop all once one fails."),
+    json_out: bool = typer.Option(False, "--json", help="Per-worker results as JSON."),
+    ssh_user: str | None = SSH_USER_OPTION,
+    internal_ip: bool | None = INTERNAL_IP_OPTION,
+    connect_timeout: float = CONNECT_TIMEOUT_OPTION,
+    zone: str | None = ZONE_OPTION,
+    project: str | None = PROJECT_OPTION,
+) -> None:
+    """Run COMMAND (after `--`) on every worker at once: `tpuctl exec -- hostname`."""
+    from tpuctl.fanout import Interrupted, run
+    from tpuctl.fanout.report import Reporter
+
+    command = " ".join(ctx.meta["after_dashdash"])
+    if not command.strip():
+        raise TpuctlError("no command: put it after --, e.g. `tpuctl exec -- hostname`")
+    variables = _parse_env(env)
+    target = _target(_settings(zone, project, ssh_user, internal_ip), name, worker, all_workers)
+    reporter = Reporter(target.hosts, stream_lines=not json_out)
+    try:
+        with reporter:
+            results = _fan_out(
+                target,
+                run,
+                command=command,
+                env=variables,
+                timeout=timeout,
+                fail_fast=fail_fast,
+                connect_timeout=connect_timeout,
+                on_line=reporter.on_line,
+                on_result=reporter.on_result,
+            )
+    except Interrupted as interrupted:
+        reporter.summary(interrupted.results, interrupted=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if json_out:
+        from tpuctl.cli.output import print_json
+
+        print_json([_result_json(r) for r in results])
+    reporter.summary(results)
+    raise typer.Exit(0 if all(r.ok for r in results) else 1)
+
+
+# -- ssh --------------------------------------------------------------------------------
+
+
+@app.command("ssh", cls=DashDashCommand)
+def ssh(
+    ctx: typer.Context,
+    name: str | None = NAME_ARGUMENT,
+    worker: int = typer.Option(0, "--worker", "-w", help="Worker number (default: 0)."),
+    ssh_user: str | None = SSH_USER_OPTION,
+    internal_ip: bool | None = INTERNAL_IP_OPTION,
+    zone: str | None = ZONE_OPTION,
+    project: str | None = PROJECT_OPTION,
+) -> None:
+    """A shell on one worker; arguments after `--` go to ssh (e.g. -L 6006:localhost:6006)."""
+    target = _target(_settings(zone, project, ssh_user, internal_ip), name, str(worker), False)
+    host = target.hosts[0]
+    extra = ctx.meta["after_dashdash"]
+    if host.transport == "local":
+        os.chdir(str(host.workdir))
+        os.environ["TMPDIR"] = str(Path(str(host.workdir)) / "tmp")
+        shell = os.environ.get("SHELL", "bash")
+        os.execvp(shell, [shell, *(["-c", " ".join(extra)] if extra else [])])
+    os.execvp("ssh", ssh_argv(host, extra))
+
+
+def ssh_argv(host: Host, extra: list[str]) -> list[str]:
+    """The OpenSSH command line for an interactive login with fan-out's key and host keys."""
+    argv = [shutil.which("ssh") or "ssh", "-p", str(host.port), "-o", "IdentitiesOnly=yes"]
+    if host.key_filename:
+        argv += ["-i", host.key_filename]
+    if host.known_hosts:
+        Path(host.known_hosts).parent.mkdir(parents=True, exist_ok=True)
+        argv += ["-o", f"UserKnownHostsFile={host.known_hosts}"]
+        argv += ["-o", "StrictHostKeyChecking=accept-new"]
+    user = f"{host.user}@" if host.user else ""
+    return [*argv, f"{user}{host.address}", *extra]
+
+
+# -- put / get --------------------------------------------------------------------------
+
+
+def _report_transfers(results: list[HostResult], json_out: bool) -> None:
+    from tpuctl.fanout.report import Reporter
+
+    reporter = Reporter([r.host for r in results])
+    if json_out:
+        from tpuctl.cli.output import print_json
+
+        print_json([_result_json(r) for r in results])
+    else:
+        for result in results:
+            text = result.stdout or result.stderr or result.error or ""
+            reporter.on_line(result.host, "stdout" if result.ok else "stderr", text.strip())
+    reporter.summary(results)
+    raise typer.Exit(0 if all(r.ok for r in results) else 1)
+
+
+@app.command("put")
+def put(
+    local: Path = typer.Argument(..., help="Local file or directory."),
+    remote: str = typer.Argument(..., help="Path on the workers (relative: home directory)."),
+    name: str | None = NAME_OPTION,
+    worker: str | None = WORKER_OPTION,
+    all_workers: bool = ALL_WORKERS_OPTION,
+    json_out: bool = typer.Option(False, "--json", help="Per-worker results as JSON."),
+    ssh_user: str | None = SSH_USER_OPTION,
+    internal_ip: bool | None = INTERNAL_IP_OPTION,
+    zone: str | None = ZONE_OPTION,
+    project: str | None = PROJECT_OPTION,
+) -> None:
+    """Copy a local file or directory to the same path on every worker."""
+    from tpuctl import fanout
+
+    if not local.exists():
+        raise TpuctlError(f"LOCAL {local} does not exist")
+    target = _target(_settings(zone, project, ssh_user, internal_ip), name, worker, all_workers)
+    results = _fan_out(target, fanout.put, local_path=local, remote_path=remote)
+    _report_transfers(results, json_out)
+
+
+@app.command("get")
+def get(
+    remote: str = typer.Argument(..., help="Path on the workers (file or directory)."),
+    local_dir: Path = typer.Argument(..., help="Local directory: one subdirectory per worker."),
+    name: str | None = NAME_OPTION,
+    worker: str | None = WORKER_OPTION,
+    all_workers: bool = ALL_WORKERS_OPTION,
+    json_out: bool = typer.Option(False, "--json", help="Per-worker results as JSON."),
+    ssh_user: str | None = SSH_USER_OPTION,
+    internal_ip: bool | None = INTERNAL_IP_OPTION,
+    zone: str | None = ZONE_OPTION,
+    project: str | None = PROJECT_OPTION,
+) -> None:
+    """Copy REMOTE from every worker into LOCAL_DIR/<worker>/."""
+    from tpuctl import fanout
+
+    target = _target(_settings(zone, project, ssh_user, internal_ip), name, worker, all_workers)
+    results = _fan_out(target, fanout.get, remote_path=remote, local_dir=local_dir)
+    _report_transfers(results, json_out)
+
+
+# -- clear-locks / check ----------------------------------------------------------------
+
+
+def _run_script(target: Target, script: str, timeout: float) -> list[HostResult]:
+    from tpuctl.fanout import Interrupted, run
+    from tpuctl.fanout.report import Reporter
+
+    reporter = Reporter(target.hosts, stream_lines=False)
+    try:
+        with reporter:
+            return _fan_out(
+                target, run, command=script, timeout=timeout, on_result=reporter.on_result
+            )
+    except Interrupted as interrupted:
+        reporter.summary(interrupted.results, interrupted=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+@app.command("clear-locks")
+def clear_locks(
+    name: str | None = NAME_ARGUMENT,
+    worker: str | None = WORKER_OPTION,
+    all_workers: bool = ALL_WORKERS_OPTION,
+    force: bool = typer.Option(
+        False, "--force", help="Remove even while a process holds the TPU device."
+    ),
+    ssh_user: str | None = SSH_USER_OPTION,
+    internal_ip: bool | None = INTERNAL_IP_OPTION,
+    zone: str | None = ZONE_OPTION,
+    project: str | None = PROJECT_OPTION,
+) -> None:
+    """Remove the TPU runtime's stale lockfile and logs (/tmp/libtpu_lockfile, /tmp/tpu_logs)
+    on every worker; refuses where a live process holds the TPU, unless --force."""
+    from tpuctl.fanout.report import Reporter
+    from tpuctl.worker_scripts import REFUSED_EXIT, clear_locks_script, parse_lock_report
+
+    target = _target(_settings(zone, project, ssh_user, internal_ip), name, worker, all_workers)
+    results = _run_script(target, clear_locks_script(force), timeout=60)
+    reporter = Reporter(target.hosts)
+    for result in results:
+        report = parse_lock_report(result.stdout)
+        if result.exit_code == REFUSED_EXIT:
+            line = f"refused: {'; '.join(report.holders)} holds the TPU (stop it, or --force)"
+        elif result.error is not None:
+            line = result.error
+        else:
+            parts = [
+                f"removed {', '.join(report.removed)}" if report.removed else "nothing to remove"
+            ]
+            parts += [f"could not remove {', '.join(report.failed)}"] * bool(report.failed)
+            parts += [f"forced despite {'; '.join(report.holders)}"] * bool(report.holders)
+            line = "; ".join(parts)
+        reporter.on_line(result.host, "stdout" if result.ok else "stderr", line)
+    reporter.summary(results)
+    raise typer.Exit(0 if all(r.ok for r in results) else 1)
+
+
+@app.command("check")
+def check(
+    name: str | None = NAME_ARGUMENT,
+    worker: str | None = WORKER_OPTION,
+    all_workers: bool = ALL_WORKERS_OPTION,
+    python: str = typer.Option("python3", "--python", help="Python with jax on the workers."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds per worker."),
+    json_out: bool = typer.Option(False, "--json", help="Per-worker health as JSON."),
+    ssh_user: str | None = SSH_USER_OPTION,
+    internal_ip: bool | None = INTERNAL_IP_OPTION,
+    zone: str | None = ZONE_OPTION,
+    project: str | None = PROJECT_OPTION,
+) -> None:
+    """Health of every worker: does JAX see the devices, do all workers agree, is the TPU
+    held by another process, how much disk and memory are free."""
+    from dataclasses import asdict
+
+    from tpuctl.worker_scripts import check_script, health_verdict, parse_health
+
+    target = _target(_settings(zone, project, ssh_user, internal_ip), name, worker, all_workers)
+    results = _run_script(target, check_script(python), timeout=timeout)
+    health = {r.host.label: parse_health(r.stdout) for r in results if r.error is None}
+    problems = health_verdict(results, health)
+    if json_out:
+        from tpuctl.cli.output import print_json
+
+        rows = [
+            {"worker": r.host.label, "address": r.host.address, "error": r.error}
+            | (asdict(health[r.host.label]) if r.host.label in health else {})
+            for r in results
+        ]
+        print_json({"healthy": not problems, "problems": problems, "workers": rows})
+    else:
+        _print_health(results, health, problems)
+    raise typer.Exit(0 if not problems else 1)
+
+
+def _print_health(results, health, problems: list[str]) -> None:
+    from rich.table import Table
+
+    from tpuctl.cli.output import console, err_console
+
+    table = Table("worker", "address", "devices", "local", "TPU held by", "disk free", "mem free")
+    for result in results:
+        row = health.get(result.host.label)
+        if row is None:
+            table.add_row(result.host.label, result.host.address, f"[red]{result.error}[/red]")
+            continue
+        devices = (
+            str(row.devices) if row.devices is not None else f"[red]{row.jax_error or '-'}[/red]"
+        )
+        table.add_row(
+            result.host.label,
+            result.host.address,
+            devices,
+            str(row.local_devices) if row.local_devices is not None else "-",
+            "; ".join(row.holders) or "-",
+            f"{row.disk_free_gb:.1f} GB" if row.disk_free_gb is not None else "?",
+            f"{row.mem_free_gb:.1f} GB" if row.mem_free_gb is not None else "?",
+        )
+    console.print(table)
+    if problems:
+        err_console.print("[bold red]✗ unhealthy[/bold red]")
+        for problem in problems:
+            err_console.print(f"  {problem}", markup=False)
+    else:
+        err_console.print(f"[bold green]✓ healthy: all {len(results)} workers agree[/bold green]")
