@@ -8,6 +8,7 @@ from tpuctl.cli import (
     config_cmd,  # noqa: F401
     jobs,  # noqa: F401
     lifecycle,  # noqa: F401
+    workers,  # noqa: F401
 )
 from tpuctl.cli.app import app
 from tpuctl.errors import TpuctlError
