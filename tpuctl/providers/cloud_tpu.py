@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -86,7 +87,16 @@ class CloudTpuProvider:
 
         endpoint = os.environ.get(ENDPOINT_ENV)
         if not endpoint:
-            return tpu_v2.TpuClient()
+            from google.auth.exceptions import DefaultCredentialsError
+
+            try:
+                return tpu_v2.TpuClient()
+            except DefaultCredentialsError:
+                raise TpuctlError(
+                    "no Google credentials: run `gcloud auth application-default login` "
+                    "(or set GOOGLE_APPLICATION_CREDENTIALS)",
+                    exit_code=1,
+                ) from None
         from google.api_core.client_options import ClientOptions
 
         credentials = None
@@ -371,50 +381,81 @@ class CloudTpuProvider:
     # -- errors and retries of transient failures -----------------------------------------
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Call the API, retrying transient server errors (500, 503) a few times."""
+        """Call the API, retrying transient server errors (500, 503) a few times.
+
+        NotFound, Conflict and ResourceExhausted reach the caller, which knows what they
+        mean there; every other failure becomes a one-line TpuctlError.
+        """
         from google.api_core import exceptions
+        from requests.exceptions import ConnectionError as RequestsConnectionError
 
         transient = (exceptions.InternalServerError, exceptions.ServiceUnavailable)
         for attempt in range(_TRANSIENT_ATTEMPTS):
             try:
                 return fn(*args, **kwargs)
-            except transient:
+            except transient as error:
                 if attempt == _TRANSIENT_ATTEMPTS - 1:
-                    raise
+                    raise TpuctlError(
+                        f"the TPU API keeps failing ({error.code}: {api_message(error)}) after "
+                        f"{_TRANSIENT_ATTEMPTS} attempts; try again later",
+                        exit_code=1,
+                    ) from None
                 self.clock.sleep(2.0**attempt)
+            except (exceptions.NotFound, exceptions.Conflict, exceptions.ResourceExhausted):
+                raise
+            except exceptions.GoogleAPICallError as error:
+                self._raise_unexpected(error)
+            except RequestsConnectionError:
+                endpoint = os.environ.get(ENDPOINT_ENV) or "tpu.googleapis.com"
+                raise TpuctlError(
+                    f"cannot reach the TPU API at {endpoint}; check the network "
+                    f"(or {ENDPOINT_ENV} if you set it)",
+                    exit_code=1,
+                ) from None
         raise AssertionError("unreachable")
 
-    def _api_errors(self, spec: NodeSpec, request: Callable[[], T]) -> T:
-        """Run a create request, turning API errors into Stockout or one-line TpuctlErrors."""
+    def _raise_unexpected(self, error: Any) -> None:
         from google.api_core import exceptions
 
-        try:
-            return request()
-        except exceptions.Conflict:
-            raise
-        except exceptions.GoogleAPICallError as error:
-            self._raise_for(error, spec)
-            raise
-
-    def _raise_for(self, error: Exception, spec: NodeSpec) -> None:
-        from google.api_core import exceptions
-
-        message = getattr(error, "message", None) or str(error)
-        if isinstance(error, exceptions.ResourceExhausted):
-            if any(marker in message.lower() for marker in _CAPACITY_MARKERS):
-                raise Stockout(spec.zone, message) from None
-            raise TpuctlError(f"quota exceeded, not retrying: {message}", exit_code=1) from None
-        if isinstance(error, exceptions.InvalidArgument | exceptions.FailedPrecondition):
-            raise TpuctlError(f"the TPU API refused the request: {message}") from None
+        message = api_message(error)
         if isinstance(error, exceptions.PermissionDenied | exceptions.Unauthenticated):
             raise TpuctlError(
                 f"permission denied in project {self.project}: {message} (check "
                 "`gcloud auth application-default login` and the project's TPU API access)",
                 exit_code=1,
             ) from None
+        refused = (exceptions.BadRequest, exceptions.InvalidArgument, exceptions.FailedPrecondition)
+        if isinstance(error, refused):
+            raise TpuctlError(f"the TPU API refused the request: {message}") from None
+        raise TpuctlError(f"the TPU API failed: {error.code} {message}", exit_code=1) from None
+
+    def _api_errors(self, spec: NodeSpec, request: Callable[[], T]) -> T:
+        """Run a create request; RESOURCE_EXHAUSTED becomes Stockout or a quota error."""
+        from google.api_core import exceptions
+
+        try:
+            return request()
+        except exceptions.ResourceExhausted as error:
+            self._raise_for(error, spec)
+            raise
+
+    def _raise_for(self, error: Exception, spec: NodeSpec) -> None:
+        from google.api_core import exceptions
+
+        message = api_message(error)
+        if isinstance(error, exceptions.ResourceExhausted):
+            if any(marker in message.lower() for marker in _CAPACITY_MARKERS):
+                raise Stockout(spec.zone, message) from None
+            raise TpuctlError(f"quota exceeded, not retrying: {message}", exit_code=1) from None
         if isinstance(error, exceptions.GoogleAPICallError):
-            raise TpuctlError(f"creating {spec.name} failed: {message}", exit_code=1) from None
+            self._raise_unexpected(error)
         raise error
+
+
+def api_message(error: Any) -> str:
+    """The API's own words, without the "POST http://...: " prefix REST errors carry."""
+    message = getattr(error, "message", None) or str(error)
+    return re.sub(r"^(GET|POST|PUT|PATCH|DELETE) \S+: ", "", message)
 
 
 def _poll_delays(initial: float = 1.0, factor: float = 1.5, maximum: float = 10.0):
