@@ -92,6 +92,9 @@ def up(
         None, "--valid-for", help="Queued resources: give up waiting after this long."
     ),
     no_wait: bool = typer.Option(False, "--no-wait", help="Return once creation is requested."),
+    local: bool = typer.Option(
+        False, "--local", help="A simulated pod on this machine (same as provider: local)."
+    ),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Create a TPU VM or pod slice and wait until every worker is READY.
@@ -99,7 +102,9 @@ def up(
     Reuses an existing READY node of the same name and type. Stockouts are retried with
     exponential backoff (and fallback zones from `accelerators.TYPE.zones`).
     """
-    settings = config.load({"zone": zone, "project": project})
+    settings = config.load(
+        {"zone": zone, "project": project, "provider": "local" if local else None}
+    )
     plan = _plan_up(
         settings,
         accelerator_type,
@@ -152,6 +157,8 @@ def _plan_up(
     # only an explicit flag beats them.
     per_type = config.accelerator_settings(settings, accelerator.name)
     zone = explicit_zone or per_type.get("zone") or settings.get("zone")
+    if settings.get("provider") == "local":
+        zone = "local"  # local pods live on this machine, whatever the configured zone
     project = explicit_project or per_type.get("project") or settings.get("project")
     if not zone:
         raise TpuctlError(
