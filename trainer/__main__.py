@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from trainer.config import RecipeError, load_recipe
+from trainer.config import RecipeError, TrainerError, load_recipe
 
 USAGE = """usage: python -m trainer RECIPE [key=value ...]
 
@@ -31,14 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.train import train
 
         train(recipe)
-    except (RecipeError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from trainer.distributed import TrainerError
-
-        if not isinstance(e, TrainerError):
-            raise
+    except (RecipeError, TrainerError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

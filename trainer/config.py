@@ -27,6 +27,10 @@ class RecipeError(ValueError):
     """A recipe problem, described in one line that names the key and the fix."""
 
 
+class TrainerError(RuntimeError):
+    """A run-time failure (e.g. a pod started on only some workers), in one line."""
+
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 

@@ -8,16 +8,15 @@ preemption) for the others, then fails with a message saying the run was not sta
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import time
 from pathlib import Path
 
-from trainer.config import RecipeError
+from trainer.config import RecipeError, TrainerError
 
 DEFAULT_TIMEOUT_S = 900
-
-
-class TrainerError(RuntimeError):
-    """A run-time failure with a one-line explanation (printed as `error: ...`)."""
 
 
 def coordinator_env() -> tuple[str, int, int] | None:
@@ -52,18 +51,72 @@ def initialize() -> None:
 
     timeout = int(os.environ.get("TPUCTL_INIT_TIMEOUT", DEFAULT_TIMEOUT_S))
     explicit = coordinator_env()
-    if explicit is None and not on_tpu_vm():
+    if explicit:
+        address, count, index = explicit
+        # jax aborts the whole process (no exception) when a peer never registers, so first
+        # make sure every worker is there, with an error that says what happened.
+        rendezvous(address, count, index, timeout)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(address, count, index, initialization_timeout=timeout)
+    elif on_tpu_vm():
+        jax.distributed.initialize(initialization_timeout=timeout)
+
+
+def rendezvous(address: str, count: int, index: int, timeout: float) -> None:
+    """Wait until all `count` processes reach this point, on the coordinator's own port (which
+    jax's coordination service takes over right after), or raise TrainerError."""
+    if count == 1:
         return
-    try:
-        if explicit:
-            address, count, index = explicit
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-            jax.distributed.initialize(address, count, index, initialization_timeout=timeout)
-        else:
-            jax.distributed.initialize(initialization_timeout=timeout)
-    except Exception as e:  # jax reports a missing peer as a generic runtime error
-        where = f"coordinator {explicit[0]}" if explicit else "the TPU pod's coordinator"
-        raise TrainerError(
-            f"not all workers joined {where} within {timeout} s: start the run on every worker "
-            f"of the pod (tpuctl run does), or raise TPUCTL_INIT_TIMEOUT ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from e
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    if index == 0:
+        _gather(int(port), count, deadline, address)
+    else:
+        _report(host, int(port), index, deadline, address)
+
+
+def _gather(port: int, count: int, deadline: float, address: str) -> None:
+    peers: dict[int, socket.socket] = {}
+    with socket.create_server(("", port), reuse_port=False) as server:
+        server.settimeout(0.5)
+        while len(peers) < count - 1:
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(1, count)) - set(peers))
+                raise TrainerError(
+                    f"only {len(peers) + 1} of {count} workers joined coordinator {address} "
+                    f"(missing process ids {_ranges(missing)}): start the run on every worker of the "
+                    "pod (tpuctl run does), or raise TPUCTL_INIT_TIMEOUT"
+                )
+            with contextlib.suppress(TimeoutError):
+                conn, _ = server.accept()
+                conn.settimeout(10)
+                peers[int(conn.recv(16).decode() or -1)] = conn
+        for conn in peers.values():
+            conn.sendall(b"go")
+        for conn in peers.values():  # peers close first, so no port is left in TIME_WAIT here
+            with contextlib.suppress(OSError):
+                conn.recv(1)
+            conn.close()
+
+
+def _report(host: str, port: int, index: int, deadline: float, address: str) -> None:
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=2) as conn:
+                conn.sendall(str(index).encode())
+                conn.settimeout(max(deadline - time.monotonic(), 1))
+                if conn.recv(2) == b"go":
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TrainerError(
+                f"not all workers joined coordinator {address}: process 0 did not release this "
+                "worker in time; start the run on every worker of the pod (tpuctl run does), or "
+                "raise TPUCTL_INIT_TIMEOUT"
+            )
+        time.sleep(0.2)
+
+
+def _ranges(ids: list[int]) -> str:
+    return ",".join(str(i) for i in ids[:8]) + ("..." if len(ids) > 8 else "")

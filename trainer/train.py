@@ -83,7 +83,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         stats = {
             "loss": loss_sum / denominator,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
             "tokens": tokens,
         }

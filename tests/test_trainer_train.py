@@ -1,0 +1,92 @@
+"""The training loop: accumulation inside the step, loss falls, 1 process == 4 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from tests.fixtures_trainer import launch_trainer, wait_all
+from trainer import train
+from trainer.config import load_recipe
+
+STEPS = 12
+SHORT = [
+    f"train.steps={STEPS}",
+    "logging.every_steps=3",
+    "eval.every_steps=12",
+    "eval.batches=1",
+    "optimizer.warmup_steps=2",
+]
+
+
+def losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_grad_accumulation_is_one_update_over_the_whole_batch(tiny_recipe, tmp_path):
+    results = {}
+    for accum in (1, 2):
+        recipe = load_recipe(str(tiny_recipe), [f"run_dir={tmp_path}", f"train.grad_accum={accum}"])
+        dataset = train.prepare_data(recipe, "train", recipe.data.train, shuffle=True)
+        run = train.setup(recipe, dataset)
+        batch = train.global_batch(dataset, 0, accum, run.batch_sharding)
+        assert batch["tokens"].shape == (accum, 16 // accum, 128)
+        state, stats = run.train_step(run.state, batch)
+        results[accum] = (jax.device_get(stats), jax.device_get(state.params), int(state.step))
+    (s1, p1, step1), (s4, p4, step4) = results[1], results[2]
+    assert step1 == step4 == 1  # one optimizer update, however many micro-batches
+    np.testing.assert_allclose(s1["loss"], s4["loss"], rtol=1e-5)
+    np.testing.assert_allclose(s1["grad_norm"], s4["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p4), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_one_process_and_four_processes_give_the_same_losses_and_loss_falls(tiny_recipe, tmp_path):
+    one, four = tmp_path / "one", tmp_path / "four"
+    single = launch_trainer([str(tiny_recipe), f"run_dir={one}", *SHORT], 1, 8, tmp_path)
+    ((code, output),) = wait_all(single, timeout=180)
+    assert code == 0, output
+    pod = launch_trainer([str(tiny_recipe), f"run_dir={four}", *SHORT], 4, 2, tmp_path)
+    results = wait_all(pod, timeout=240)
+    assert [c for c, _ in results] == [0, 0, 0, 0], results[0][1][-3000:]
+
+    assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in output
+    assert (
+        "step 12  loss" in results[0][1] and "step 12  loss" not in results[1][1]
+    )  # only process 0 logs
+    single_losses, pod_losses = losses(one), losses(four)
+    assert len(single_losses) == STEPS // 3
+    np.testing.assert_allclose(pod_losses, single_losses, rtol=2e-4)
+    assert single_losses[-1] < single_losses[0] - 1.0  # it learns
+
+    done = json.loads((four / "DONE").read_text())
+    assert done["step"] == STEPS and done["final"]["eval_loss"] < single_losses[0]
+    record = json.loads((one / "metrics.jsonl").read_text().splitlines()[0])
+    assert {
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "mfu",
+        "step_time_s",
+    } <= record.keys()
+    assert 0 < record["mfu"] < 1 and record["step"] == 3
+
+
+def test_a_pod_started_on_only_some_workers_fails_with_a_message(tiny_recipe, tmp_path):
+    procs = launch_trainer(
+        [str(tiny_recipe), f"run_dir={tmp_path}"], 2, 1, tmp_path, TPUCTL_INIT_TIMEOUT="3"
+    )
+    procs[1].kill()  # worker 1 never joins
+    code, output = wait_all(procs[:1], timeout=120)[0]
+    procs[1].wait()
+    assert code == 2, output
+    assert "error: only 1 of 2 workers joined coordinator 127.0.0.1:" in output
+    assert "start the run on every worker" in output and "Traceback" not in output
+    assert not os.path.exists(tmp_path / "DONE")
