@@ -94,15 +94,7 @@ def _address(settings: Settings, node: Node, worker: Worker) -> str:
 
 
 def _private_key(settings: Settings) -> str:
-    configured = settings.get("ssh.key")
-    if configured:
-        path = Path(str(configured)).expanduser()
-        if not path.is_file():
-            raise TpuctlError(
-                f"ssh.key ({settings.source('ssh.key')}) is {path}, which does not exist; "
-                "point it at a private key or unset it to use tpuctl's own key pair"
-            )
-        return str(path)
+    """`ssh.key`, else the key pair tpuctl generated (whose public half `up` installs)."""
     from tpuctl.sshkeys import ensure_keypair
 
     return str(ensure_keypair(settings)[0])
