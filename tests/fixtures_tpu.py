@@ -1,4 +1,9 @@
-"""The `fake_tpu` fixture: a fake Cloud TPU v2 API server that tpuctl's real client talks to."""
+"""The `fake_tpu` fixture (a fake Cloud TPU v2 API that tpuctl's real client talks to) and
+`run_tpuctl` (the CLI run in-process, as users run it)."""
+
+import io
+import sys
+from dataclasses import dataclass
 
 import pytest
 
@@ -23,3 +28,32 @@ def fake_tpu(tmp_path, monkeypatch):
         yield api
     finally:
         api.stop()
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_tpuctl(capsys, monkeypatch):
+    """Run the CLI in-process as `tpuctl ARGS` (through `main`, so errors print as they do
+    for users), with `stdin` as input; returns the exit code, stdout and stderr."""
+
+    from tpuctl.cli import main  # here, not at plugin load: collection must not need the CLI
+
+    def run(*args: str, stdin: str = "") -> CliResult:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["tpuctl", *args])
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run

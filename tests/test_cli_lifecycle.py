@@ -1,6 +1,5 @@
 """`tpuctl up/down/list/status/types` against the fake Cloud TPU API (real client, REST)."""
 
-import io
 import json
 import os
 import re
@@ -8,39 +7,9 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import yaml
-
-from tpuctl.cli import main
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-@pytest.fixture
-def tpuctl(capsys, monkeypatch):
-    """Run the CLI in-process (as `tpuctl ARGS`), returning exit code, stdout and stderr."""
-
-    def run(*args: str, stdin: str = "") -> Result:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["tpuctl", *args])
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return run
 
 
 def retry_delays(stderr: str) -> list[int]:
@@ -61,9 +30,9 @@ def creates(fake) -> int:
 # -- up ---------------------------------------------------------------------------------
 
 
-def test_up_survives_stockouts_with_visible_growing_backoff(tpuctl, fake_tpu):
+def test_up_survives_stockouts_with_visible_growing_backoff(run_tpuctl, fake_tpu):
     fake_tpu.inject_stockouts(3)
-    result = tpuctl("up", "v3-32", "--spot", "--name", "alice-v3-32")
+    result = run_tpuctl("up", "v3-32", "--spot", "--name", "alice-v3-32")
     assert result.code == 0, result.err
     assert result.err.count("stockout in us-central1-a") == 3
     delays = retry_delays(result.err)
@@ -79,8 +48,8 @@ def test_up_survives_stockouts_with_visible_growing_backoff(tpuctl, fake_tpu):
     assert fake_tpu.node("alice-v3-32")["schedulingConfig"] == {"spot": True}
 
 
-def test_up_puts_the_generated_public_key_into_ssh_keys_metadata(tpuctl, fake_tpu):
-    result = tpuctl("up", "v3-8", "--name", "keyed")
+def test_up_puts_the_generated_public_key_into_ssh_keys_metadata(run_tpuctl, fake_tpu):
+    result = run_tpuctl("up", "v3-8", "--name", "keyed")
     assert result.code == 0, result.err
     key_dir = Path(os.environ["XDG_CONFIG_HOME"]) / "tpuctl" / "ssh"
     public = (key_dir / "id_ed25519.pub").read_text().split()
@@ -92,17 +61,17 @@ def test_up_puts_the_generated_public_key_into_ssh_keys_metadata(tpuctl, fake_tp
     assert user
 
 
-def test_default_name_is_user_dash_type(tpuctl, fake_tpu, monkeypatch):
+def test_default_name_is_user_dash_type(run_tpuctl, fake_tpu, monkeypatch):
     monkeypatch.setenv("USER", "Alice_B")
     monkeypatch.setenv("LOGNAME", "Alice_B")
-    result = tpuctl("up", "v3-8")
+    result = run_tpuctl("up", "v3-8")
     assert result.code == 0, result.err
     assert fake_tpu.node_state("alice-b-v3-8") == "READY"
 
 
-def test_retries_stop_at_retry_for_and_say_how_to_go_on(tpuctl, fake_tpu):
+def test_retries_stop_at_retry_for_and_say_how_to_go_on(run_tpuctl, fake_tpu):
     fake_tpu.inject_stockouts(100)
-    result = tpuctl("up", "v3-32", "--name", "n", "--retry-for", "40s")
+    result = run_tpuctl("up", "v3-32", "--name", "n", "--retry-for", "40s")
     assert result.code == 1
     assert "Traceback" not in result.err
     last = result.err.strip().splitlines()[-1]
@@ -115,17 +84,17 @@ def test_retries_stop_at_retry_for_and_say_how_to_go_on(tpuctl, fake_tpu):
     assert fake_tpu.node_state("n") is None
 
 
-def test_quota_error_is_not_retried(tpuctl, fake_tpu):
+def test_quota_error_is_not_retried(run_tpuctl, fake_tpu):
     fake_tpu.inject_quota_errors(1)
-    result = tpuctl("up", "v3-32", "--name", "n")
+    result = run_tpuctl("up", "v3-32", "--name", "n")
     assert result.code == 1
     assert "retrying in" not in result.err
     assert result.err.strip().splitlines()[-1].startswith("error: quota exceeded, not retrying")
     assert creates(fake_tpu) == 1
 
 
-def test_invalid_type_names_the_nearest_valid_ones_before_any_api_call(tpuctl, fake_tpu):
-    result = tpuctl("up", "v3-12")
+def test_invalid_type_names_the_nearest_valid_ones_before_any_api_call(run_tpuctl, fake_tpu):
+    result = run_tpuctl("up", "v3-12")
     assert result.code == 2
     assert (
         result.err.strip() == "error: 'v3-12' is not a v3 slice size; nearest valid: v3-8 or v3-32"
@@ -133,34 +102,34 @@ def test_invalid_type_names_the_nearest_valid_ones_before_any_api_call(tpuctl, f
     assert fake_tpu.requests == []
 
 
-def test_bad_name_and_conflicting_flags_are_one_line_errors(tpuctl, fake_tpu):
-    result = tpuctl("up", "v3-8", "--name", "Bad_Name")
+def test_bad_name_and_conflicting_flags_are_one_line_errors(run_tpuctl, fake_tpu):
+    result = run_tpuctl("up", "v3-8", "--name", "Bad_Name")
     assert result.code == 2 and "not a valid TPU node id" in result.err
-    result = tpuctl("up", "v3-8", "--spot", "--preemptible")
+    result = run_tpuctl("up", "v3-8", "--spot", "--preemptible")
     assert result.code == 2 and "choose one of --spot, --preemptible, --reserved" in result.err
-    result = tpuctl("up", "v3-8", "--retry-for", "soon")
+    result = run_tpuctl("up", "v3-8", "--retry-for", "soon")
     assert result.code == 2 and "--retry-for 'soon' is not a duration" in result.err
     assert fake_tpu.requests == []
 
 
-def test_up_reuses_a_ready_node_of_the_same_type(tpuctl, fake_tpu):
+def test_up_reuses_a_ready_node_of_the_same_type(run_tpuctl, fake_tpu):
     fake_tpu.add_node("n", "v3-32", project="test-project", zone="us-central1-a")
-    result = tpuctl("up", "v3-32", "--name", "n", "--json")
+    result = run_tpuctl("up", "v3-32", "--name", "n", "--json")
     assert result.code == 0, result.err
     assert "reusing it" in result.err
     assert json.loads(result.out)["state"] == "READY"
     assert creates(fake_tpu) == 0
 
 
-def test_up_refuses_a_node_of_another_type(tpuctl, fake_tpu):
+def test_up_refuses_a_node_of_another_type(run_tpuctl, fake_tpu):
     fake_tpu.add_node("n", "v3-8", project="test-project", zone="us-central1-a")
-    result = tpuctl("up", "v3-32", "--name", "n")
+    result = run_tpuctl("up", "v3-32", "--name", "n")
     assert result.code == 2
     assert "already exists in us-central1-a as v3-8, not v3-32" in result.err
     assert fake_tpu.node_state("n") == "READY"  # untouched
 
 
-def test_per_accelerator_defaults_and_fallback_zones(tpuctl, fake_tpu, monkeypatch):
+def test_per_accelerator_defaults_and_fallback_zones(run_tpuctl, fake_tpu, monkeypatch):
     monkeypatch.delenv("TPUCTL_ZONE")
     monkeypatch.delenv("TPUCTL_PROJECT")
     user_file = Path(os.environ["XDG_CONFIG_HOME"]) / "tpuctl" / "config.yaml"
@@ -180,7 +149,7 @@ def test_per_accelerator_defaults_and_fallback_zones(tpuctl, fake_tpu, monkeypat
         )
     )
     fake_tpu.inject_stockouts(2, zone="us-east1-d")
-    result = tpuctl("up", "v3-256", "--name", "big")
+    result = run_tpuctl("up", "v3-256", "--name", "big")
     assert result.code == 0, result.err
     assert "stockout in us-east1-d" in result.err
     node = fake_tpu.node("big")
@@ -188,45 +157,45 @@ def test_per_accelerator_defaults_and_fallback_zones(tpuctl, fake_tpu, monkeypat
     assert len(node["networkEndpoints"]) == 32
 
 
-def test_queued_resource_states_are_shown_until_ready(tpuctl, fake_tpu):
-    result = tpuctl("up", "v4-32", "--spot", "--name", "q", "--valid-for", "1h")
+def test_queued_resource_states_are_shown_until_ready(run_tpuctl, fake_tpu):
+    result = run_tpuctl("up", "v4-32", "--spot", "--name", "q", "--valid-for", "1h")
     assert result.code == 0, result.err
     states = re.findall(r"queued resource q: (\w+)", result.err)
     assert states == ["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"]
     assert fake_tpu.queued_resource_state("q") == "ACTIVE"
     assert fake_tpu.node_state("q") == "READY"
     # Deleting the node deletes the queued resource with it.
-    assert tpuctl("down", "q", "--yes").code == 0
+    assert run_tpuctl("down", "q", "--yes").code == 0
     assert fake_tpu.queued_resource_state("q") is None
 
 
-def test_failed_queued_resource_is_deleted(tpuctl, fake_tpu):
+def test_failed_queued_resource_is_deleted(run_tpuctl, fake_tpu):
     fake_tpu.fail_queued(1)
-    result = tpuctl("up", "v4-32", "--name", "q")
+    result = run_tpuctl("up", "v4-32", "--name", "q")
     assert result.code == 1
     assert "ended FAILED" in result.err.strip().splitlines()[-1]
     assert fake_tpu.queued_resource_state("q") is None
 
 
-def test_valid_for_bounds_the_queue_wait(tpuctl, fake_tpu):
+def test_valid_for_bounds_the_queue_wait(run_tpuctl, fake_tpu):
     fake_tpu.set_queued_wait(60)
     start = time.monotonic()
-    result = tpuctl("up", "v5e-16", "--name", "q", "--valid-for", "1s")
+    result = run_tpuctl("up", "v5e-16", "--name", "q", "--valid-for", "1s")
     assert result.code == 1
     assert time.monotonic() - start < 30
     assert fake_tpu.queued_resource_state("q") is None
 
 
-def test_no_queued_creates_the_node_directly(tpuctl, fake_tpu):
-    result = tpuctl("up", "v4-32", "--no-queued", "--name", "d")
+def test_no_queued_creates_the_node_directly(run_tpuctl, fake_tpu):
+    result = run_tpuctl("up", "v4-32", "--no-queued", "--name", "d")
     assert result.code == 0, result.err
     assert creates(fake_tpu) == 1
     assert fake_tpu.queued_resource_state("d") is None
 
 
-def test_no_wait_returns_while_creating(tpuctl, fake_tpu):
+def test_no_wait_returns_while_creating(run_tpuctl, fake_tpu):
     fake_tpu.set_create_delay(30)
-    result = tpuctl("up", "v3-8", "--name", "n", "--no-wait", "--json")
+    result = run_tpuctl("up", "v3-8", "--name", "n", "--no-wait", "--json")
     assert result.code == 0, result.err
     assert json.loads(result.out) == {"name": "n", "zone": "us-central1-a", "requested": True}
     assert fake_tpu.node_state("n") == "CREATING"
@@ -235,36 +204,36 @@ def test_no_wait_returns_while_creating(tpuctl, fake_tpu):
 # -- down -------------------------------------------------------------------------------
 
 
-def test_down_asks_first_and_keeps_the_node_on_no(tpuctl, fake_tpu):
+def test_down_asks_first_and_keeps_the_node_on_no(run_tpuctl, fake_tpu):
     fake_tpu.add_node("n", "v3-8", project="test-project", zone="us-central1-a")
-    result = tpuctl("down", "n", stdin="n\n")
+    result = run_tpuctl("down", "n", stdin="n\n")
     assert result.code == 1
     assert "Delete n (v3-8, 1 workers, READY)" in result.out
     assert fake_tpu.node_state("n") == "READY"
-    result = tpuctl("down", "n", stdin="y\n")
+    result = run_tpuctl("down", "n", stdin="y\n")
     assert result.code == 0, result.err
     assert fake_tpu.node_state("n") is None
 
 
-def test_down_yes_deletes_and_waits(tpuctl, fake_tpu):
+def test_down_yes_deletes_and_waits(run_tpuctl, fake_tpu):
     fake_tpu.add_node("n", "v3-8", project="test-project", zone="us-central1-a")
     fake_tpu.delete_delay = 0.2
-    result = tpuctl("down", "--yes")  # the only node in the zone
+    result = run_tpuctl("down", "--yes")  # the only node in the zone
     assert result.code == 0, result.err
     assert "DELETING" in result.err
     assert fake_tpu.node_state("n") is None  # gone by the time down returns
 
 
-def test_down_of_a_missing_node_is_not_an_error(tpuctl, fake_tpu):
-    result = tpuctl("down", "ghost", "--yes")
+def test_down_of_a_missing_node_is_not_an_error(run_tpuctl, fake_tpu):
+    result = run_tpuctl("down", "ghost", "--yes")
     assert result.code == 0
     assert "does not exist" in result.err
 
 
-def test_down_without_name_among_several_nodes_names_them(tpuctl, fake_tpu):
+def test_down_without_name_among_several_nodes_names_them(run_tpuctl, fake_tpu):
     for name in ("a", "b"):
         fake_tpu.add_node(name, "v3-8", project="test-project", zone="us-central1-a")
-    result = tpuctl("down", "--yes")
+    result = run_tpuctl("down", "--yes")
     assert result.code == 2
     assert "(a, b); pick one with --name NAME or `tpuctl config set node NAME`" in result.err
     assert fake_tpu.node_state("a") == fake_tpu.node_state("b") == "READY"
@@ -278,11 +247,11 @@ NODE_KEYS = {
 }  # fmt: skip
 
 
-def test_list_json_shape(tpuctl, fake_tpu):
+def test_list_json_shape(run_tpuctl, fake_tpu):
     fake_tpu.add_node("a", "v3-32", project="test-project", zone="us-central1-a", scheduling="spot")
     fake_tpu.add_node("b", "v3-8", project="test-project", zone="us-central1-a", state="PREEMPTED")
     fake_tpu.add_node("c", "v3-8", project="test-project", zone="europe-west4-a")
-    result = tpuctl("list", "--json")
+    result = run_tpuctl("list", "--json")
     assert result.code == 0, result.err
     nodes = json.loads(result.out)["nodes"]
     assert [n["name"] for n in nodes] == ["a", "b"]
@@ -292,24 +261,24 @@ def test_list_json_shape(tpuctl, fake_tpu):
     assert [w["index"] for w in nodes[0]["workers"]] == [0, 1, 2, 3]
     assert set(nodes[0]["workers"][0]) == {"index", "internal_ip", "external_ip"}
     assert isinstance(nodes[0]["age_s"], int)
-    every = json.loads(tpuctl("list", "--all-zones", "--json").out)["nodes"]
+    every = json.loads(run_tpuctl("list", "--all-zones", "--json").out)["nodes"]
     assert [n["name"] for n in every] == ["c", "a", "b"]  # by zone, then name
 
 
-def test_list_table(tpuctl, fake_tpu):
+def test_list_table(run_tpuctl, fake_tpu):
     fake_tpu.add_node("alpha", "v3-32", project="test-project", zone="us-central1-a")
-    result = tpuctl("list")
+    result = run_tpuctl("list")
     assert result.code == 0, result.err
     row = next(line for line in result.out.splitlines() if line.split()[:1] == ["alpha"])
     assert row.split()[:5] == ["alpha", "v3-32", "us-central1-a", "READY", "HEALTHY"]
 
 
-def test_status_shows_every_worker(tpuctl, fake_tpu):
+def test_status_shows_every_worker(run_tpuctl, fake_tpu):
     fake_tpu.add_node(
         "n", "v3-32", project="test-project", zone="us-central1-a",
         worker_ips=["10.9.0.1", "10.9.0.2", "10.9.0.3", "10.9.0.4"],
     )  # fmt: skip
-    result = tpuctl("status", "n", "--json")
+    result = run_tpuctl("status", "n", "--json")
     data = json.loads(result.out)
     assert set(data) == NODE_KEYS
     assert [w["internal_ip"] for w in data["workers"]] == [
@@ -318,12 +287,12 @@ def test_status_shows_every_worker(tpuctl, fake_tpu):
         "10.9.0.3",
         "10.9.0.4",
     ]
-    text = tpuctl("status").out
+    text = run_tpuctl("status").out
     assert "w03" in text and "10.9.0.4" in text
 
 
-def test_status_of_a_missing_node_names_it_and_the_zone(tpuctl, fake_tpu):
-    result = tpuctl("status", "ghost")
+def test_status_of_a_missing_node_names_it_and_the_zone(run_tpuctl, fake_tpu):
+    result = run_tpuctl("status", "ghost")
     assert result.code == 1
     assert result.err.strip() == (
         "error: no node named 'ghost' in zone us-central1-a of project test-project; "
@@ -331,9 +300,9 @@ def test_status_of_a_missing_node_names_it_and_the_zone(tpuctl, fake_tpu):
     )
 
 
-def test_missing_project_is_a_one_line_error(tpuctl, fake_tpu, monkeypatch):
+def test_missing_project_is_a_one_line_error(run_tpuctl, fake_tpu, monkeypatch):
     monkeypatch.delenv("TPUCTL_PROJECT")
-    result = tpuctl("list")
+    result = run_tpuctl("list")
     assert result.code == 2
     assert result.err.startswith("error: no Google Cloud project: pass --project")
 
@@ -341,12 +310,12 @@ def test_missing_project_is_a_one_line_error(tpuctl, fake_tpu, monkeypatch):
 # -- types ------------------------------------------------------------------------------
 
 
-def test_types_json_and_table(tpuctl):
-    rows = {r["type"]: r for r in json.loads(tpuctl("types", "--json").out)["types"]}
+def test_types_json_and_table(run_tpuctl):
+    rows = {r["type"]: r for r in json.loads(run_tpuctl("types", "--json").out)["types"]}
     assert rows["v3-32"]["hosts"] == 4 and rows["v3-32"]["cores_per_host"] == 8
     assert rows["v5litepod-16"]["queued"] is True
     assert rows["v3-8"]["queued"] is False
-    text = tpuctl("types", "v5e").out
+    text = run_tpuctl("types", "v5e").out
     assert "v5litepod-256" in text and "v3-8" not in text
 
 
@@ -379,23 +348,23 @@ def test_readme_demo_from_a_shell(tmp_path):
         }
         env.pop("TPUCTL_NODE", None)
 
-        def tpuctl(*args):
+        def shell(*args):
             return subprocess.run(
                 [sys.executable, "-m", "tpuctl", *args], env=env, capture_output=True, text=True,
                 timeout=120,
             )  # fmt: skip
 
-        up = tpuctl("up", "v3-32", "--spot")
+        up = shell("up", "v3-32", "--spot")
         assert up.returncode == 0, up.stderr
         assert up.stderr.count("stockout in us-central1-a") == 3
         assert len(re.findall(r"^ w0[0-3] ", up.stdout, re.MULTILINE)) == 4
-        listed = json.loads(tpuctl("list", "--json").stdout)["nodes"]
+        listed = json.loads(shell("list", "--json").stdout)["nodes"]
         assert [(n["accelerator_type"], n["state"], len(n["workers"])) for n in listed] == [
             ("v3-32", "READY", 4)
         ]
-        down = tpuctl("down", "--yes")
+        down = shell("down", "--yes")
         assert down.returncode == 0, down.stderr
-        assert json.loads(tpuctl("list", "--json").stdout) == {"nodes": []}
+        assert json.loads(shell("list", "--json").stdout) == {"nodes": []}
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -1,5 +1,7 @@
 """Settings precedence: flags > env > ./tpuctl.yaml > user file > defaults, with sources."""
 
+import json
+
 import pytest
 import yaml
 
@@ -112,3 +114,30 @@ def test_broken_yaml_is_a_one_line_error_naming_the_file(clean_env):
     (clean_env / "project" / "tpuctl.yaml").write_text("zone: [unclosed\n")
     with pytest.raises(TpuctlError, match=r"tpuctl.yaml line \d+: not valid YAML"):
         config.load()
+
+
+# -- tpuctl config show / set -----------------------------------------------------------
+
+
+def test_config_set_then_show_with_sources(clean_env, run_tpuctl, monkeypatch):
+    result = run_tpuctl("config", "set", "accelerators.v3-256.zone", "us-east1-d")
+    assert result.code == 0, result.err
+    assert run_tpuctl("config", "set", "project", "ai2-tpu").code == 0
+    monkeypatch.setenv("TPUCTL_ZONE", "us-central1-a")
+    shown = json.loads(run_tpuctl("config", "show", "--json").out)
+    user_file = str(clean_env / "xdg-config" / "tpuctl" / "config.yaml")
+    assert shown["accelerators.v3-256.zone"] == {"value": "us-east1-d", "source": user_file}
+    assert shown["project"] == {"value": "ai2-tpu", "source": user_file}
+    assert shown["zone"] == {"value": "us-central1-a", "source": "env TPUCTL_ZONE"}
+    assert shown["provider"] == {"value": "cloud", "source": "default"}
+    table = run_tpuctl("config", "show").out
+    zone_row = next(line.split() for line in table.splitlines() if line.split()[:1] == ["zone"])
+    assert zone_row == ["zone", "us-central1-a", "env", "TPUCTL_ZONE"]
+    assert any(line.split() == ["bucket", "-", "unset"] for line in table.splitlines())
+
+
+def test_config_set_unknown_key_is_a_one_line_error(clean_env, run_tpuctl):
+    result = run_tpuctl("config", "set", "zonee", "x")
+    assert result.code == 2
+    assert result.err.startswith("error: unknown config key 'zonee'; known keys: project, zone")
+    assert "Traceback" not in result.err

@@ -24,17 +24,16 @@ def show(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> 
     if json_out:
         print_json({key: {"value": value, "source": source} for key, value, source in rows})
         return
-    from rich.table import Table
-
-    table = Table(box=None, header_style="bold")
-    for column in ("KEY", "VALUE", "SOURCE"):
-        table.add_column(column, no_wrap=True)
+    lines = [("KEY", "VALUE", "SOURCE")]
     for key, value, source in sorted([*rows, *unset]):
         shown = (
             "-" if value is None else ", ".join(value) if isinstance(value, list) else str(value)
         )
-        table.add_row(key, shown, source)
-    console.print(table)
+        lines.append((key, shown, source))
+    key_width = max(len(k) for k, _, _ in lines)
+    value_width = max(len(v) for _, v, _ in lines)
+    for key, shown, source in lines:
+        console.print(f"{key:<{key_width}}  {shown:<{value_width}}  {source}", markup=False)
     console.print(f"user file: {config.user_config_path()}")
 
 
