@@ -157,6 +157,15 @@ def test_per_accelerator_defaults_and_fallback_zones(run_tpuctl, fake_tpu, monke
     assert len(node["networkEndpoints"]) == 32
 
 
+def test_up_finds_an_earlier_node_in_a_fallback_zone(run_tpuctl, fake_tpu):
+    run_tpuctl("config", "set", "accelerators.v3-32.zones", "europe-west4-a")
+    fake_tpu.add_node("n", "v3-32", project="test-project", zone="europe-west4-a")
+    result = run_tpuctl("up", "v3-32", "--name", "n", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["zone"] == "europe-west4-a"
+    assert creates(fake_tpu) == 0
+
+
 def test_queued_resource_states_are_shown_until_ready(run_tpuctl, fake_tpu):
     result = run_tpuctl("up", "v4-32", "--spot", "--name", "q", "--valid-for", "1h")
     assert result.code == 0, result.err

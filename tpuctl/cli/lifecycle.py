@@ -156,16 +156,17 @@ def _plan_up(
     # Per-accelerator defaults beat the general zone/project (quota differs by zone);
     # only an explicit flag beats them.
     per_type = config.accelerator_settings(settings, accelerator.name)
-    zone = explicit_zone or per_type.get("zone") or settings.get("zone")
-    if settings.get("provider") == "local":
-        zone = "local"  # local pods live on this machine, whatever the configured zone
-    project = explicit_project or per_type.get("project") or settings.get("project")
+    explicit = {"zone": explicit_zone, "project": explicit_project}
+    for key in ("zone", "project"):
+        if not explicit[key] and per_type.get(key):
+            settings.values[key] = per_type[key]
+            settings.sources[key] = f"accelerators.{accelerator.name}.{key}"
+    zone, project = settings.get("zone"), settings.get("project")
     if not zone:
         raise TpuctlError(
             f"no zone for {accelerator.name}: pass --zone, set TPUCTL_ZONE or run "
             f"`tpuctl config set accelerators.{accelerator.name}.zone ZONE`"
         )
-    settings.values.update(zone=zone, project=project)
     use_queued = accelerator.needs_queued(spot=scheduling == "spot") if queued is None else queued
     if use_queued and scheduling == "preemptible":
         raise TpuctlError("--preemptible does not work with queued resources; use --spot")
@@ -203,11 +204,16 @@ def _bring_up(settings: Settings, plan: UpPlan, wait: bool) -> Node | None:
     provider = provider_for(settings)
     spec = plan.spec
     with StatusLine(f"up {spec.name}") as status:
-        existing = provider.get(spec.name)
-        if existing is not None:
-            return _reuse(provider, existing, spec, status, wait)
         if not isinstance(provider, CloudTpuProvider):
+            existing = provider.get(spec.name)
+            if existing is not None:
+                return _reuse(provider, existing, spec, status, wait)
             return provider.create(spec, status.update)
+        # A node made earlier may sit in a fallback zone: reuse it rather than make a twin.
+        for zone in [spec.zone, *plan.fallback_zones]:
+            existing = provider.get(spec.name, zone)
+            if existing is not None:
+                return _reuse(provider, existing, spec, status, wait)
         how = "through a queued resource" if plan.queued else "directly"
         status.update(
             f"creating {spec.name} ({spec.accelerator_type}, {spec.scheduling}) {how}; "
@@ -239,7 +245,7 @@ def _reuse(provider: Any, existing: Node, spec: NodeSpec, status: StatusLine, wa
         return existing
     if existing.state in ("CREATING", "STARTING", "RESTARTING", "REPAIRING") and wait:
         status.update(f"{spec.name} already exists and is {existing.state}; waiting for READY")
-        return provider.wait_until_ready(spec.name, status.update)
+        return provider.wait_until_ready(spec.name, status.update, zone=existing.zone)
     if not wait:
         return None
     raise TpuctlError(
