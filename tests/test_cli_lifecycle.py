@@ -186,6 +186,16 @@ def test_failed_queued_resource_is_deleted(run_tpuctl, fake_tpu):
     assert fake_tpu.queued_resource_state("q") is None
 
 
+def test_queued_resource_quota_error_is_one_line(run_tpuctl, fake_tpu):
+    fake_tpu.inject_quota_errors(1)
+    result = run_tpuctl("up", "v4-32", "--name", "q")
+    assert result.code == 1
+    assert result.err.strip().splitlines()[-1] == (
+        "error: quota exceeded, not retrying: "
+        "Quota limit exceeded for queued resources in projects/test-project/locations/us-central1-a"
+    )
+
+
 def test_valid_for_bounds_the_queue_wait(run_tpuctl, fake_tpu):
     fake_tpu.set_queued_wait(60)
     start = time.monotonic()

@@ -144,6 +144,7 @@ class CloudTpuProvider:
         Raises Stockout when the zone has no capacity, TpuctlError for errors that retrying
         cannot fix (quota, invalid arguments, permissions). Returns None when not waiting.
         """
+        from google.api_core import exceptions
         from google.cloud import tpu_v2
 
         node = tpu_v2.Node(
@@ -154,12 +155,15 @@ class CloudTpuProvider:
             scheduling_config=_scheduling_config(spec.scheduling),
             network_config=_network_config(spec),
         )
-        operation = self._api_errors(spec, lambda: self._call(
-            self.client.create_node,
-            parent=self._parent(spec.zone),
-            node_id=spec.name,
-            node=node,
-        ))  # fmt: skip
+        try:
+            operation = self._call(
+                self.client.create_node,
+                parent=self._parent(spec.zone),
+                node_id=spec.name,
+                node=node,
+            )
+        except exceptions.TooManyRequests as error:
+            self._raise_for(error, spec)
         progress(f"creating {spec.name} ({spec.accelerator_type}) in {spec.zone}")
         if not wait:
             return None
@@ -296,16 +300,18 @@ class CloudTpuProvider:
             )
         path = f"{self._parent(spec.zone)}/queuedResources/{spec.name}"
         try:
-            operation = self._api_errors(spec, lambda: self._call(
+            operation = self._call(
                 self.client.create_queued_resource,
                 parent=self._parent(spec.zone),
                 queued_resource_id=spec.name,
                 queued_resource=queued,
-            ))  # fmt: skip
+            )
             self._wait_for_operation(operation, spec, lambda _msg: None)
             progress(f"queued resource {spec.name} created in {spec.zone}")
         except exceptions.Conflict:
             progress(f"queued resource {spec.name} already exists in {spec.zone}; waiting on it")
+        except exceptions.TooManyRequests as error:
+            self._raise_for(error, spec)
         if not wait:
             return None
         try:
@@ -401,7 +407,7 @@ class CloudTpuProvider:
                         exit_code=1,
                     ) from None
                 self.clock.sleep(2.0**attempt)
-            except (exceptions.NotFound, exceptions.Conflict, exceptions.ResourceExhausted):
+            except (exceptions.NotFound, exceptions.Conflict, exceptions.TooManyRequests):
                 raise
             except exceptions.GoogleAPICallError as error:
                 self._raise_unexpected(error)
@@ -429,21 +435,11 @@ class CloudTpuProvider:
             raise TpuctlError(f"the TPU API refused the request: {message}") from None
         raise TpuctlError(f"the TPU API failed: {error.code} {message}", exit_code=1) from None
 
-    def _api_errors(self, spec: NodeSpec, request: Callable[[], T]) -> T:
-        """Run a create request; RESOURCE_EXHAUSTED becomes Stockout or a quota error."""
-        from google.api_core import exceptions
-
-        try:
-            return request()
-        except exceptions.ResourceExhausted as error:
-            self._raise_for(error, spec)
-            raise
-
     def _raise_for(self, error: Exception, spec: NodeSpec) -> None:
         from google.api_core import exceptions
 
         message = api_message(error)
-        if isinstance(error, exceptions.ResourceExhausted):
+        if isinstance(error, exceptions.TooManyRequests):
             if any(marker in message.lower() for marker in _CAPACITY_MARKERS):
                 raise Stockout(spec.zone, message) from None
             raise TpuctlError(f"quota exceeded, not retrying: {message}", exit_code=1) from None

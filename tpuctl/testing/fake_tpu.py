@@ -185,7 +185,8 @@ class FakeTpuApi:
             self._faults.stockout_zone = zone
 
     def inject_quota_errors(self, n: int = 1) -> None:
-        """The next `n` node creations fail with a quota error (RESOURCE_EXHAUSTED, not capacity)."""
+        """The next `n` creations fail with a quota error: a node's operation ends
+        RESOURCE_EXHAUSTED (not capacity); a queued resource request gets HTTP 429."""
         with self._lock:
             self._faults.quota_errors = n
 
@@ -426,6 +427,9 @@ class FakeTpuApi:
         spec = specs[0]
         node_path = f"{spec['parent']}/nodes/{spec['nodeId']}"
         self._check_new_node(node_path, spec["nodeId"], spec.get("node", {}))
+        if self._faults.quota_errors > 0:
+            self._faults.quota_errors -= 1
+            raise ApiError(429, f"Quota limit exceeded for queued resources in {location}")
         valid_until = body.get("queueingPolicy", {}).get("validUntilDuration")
         queued = _QueuedResource(
             body={
