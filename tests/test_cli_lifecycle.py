@@ -220,6 +220,20 @@ def test_no_wait_returns_while_creating(run_tpuctl, fake_tpu):
     assert fake_tpu.node_state("n") == "CREATING"
 
 
+def test_up_local_needs_no_zone_or_project(run_tpuctl, fake_tpu, monkeypatch):
+    monkeypatch.delenv("TPUCTL_ZONE")
+    monkeypatch.delenv("TPUCTL_PROJECT")
+    result = run_tpuctl("up", "v3-32", "--local", "--name", "loc", "--json")
+    assert result.code == 0, result.err
+    node = json.loads(result.out)
+    assert (node["provider"], node["zone"], len(node["workers"])) == ("local", "local", 4)
+    assert fake_tpu.requests == []
+    monkeypatch.setenv("TPUCTL_PROVIDER", "local")
+    assert [n["name"] for n in json.loads(run_tpuctl("list", "--json").out)["nodes"]] == ["loc"]
+    assert run_tpuctl("down", "loc", "--yes").code == 0
+    assert json.loads(run_tpuctl("list", "--json").out) == {"nodes": []}
+
+
 # -- down -------------------------------------------------------------------------------
 
 

@@ -162,6 +162,8 @@ def _plan_up(
             settings.values[key] = per_type[key]
             settings.sources[key] = f"accelerators.{accelerator.name}.{key}"
     zone, project = settings.get("zone"), settings.get("project")
+    if settings.get("provider") == "local":
+        zone = "local"  # local pods live on this machine, whatever the configured zone
     if not zone:
         raise TpuctlError(
             f"no zone for {accelerator.name}: pass --zone, set TPUCTL_ZONE or run "
