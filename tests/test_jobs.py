@@ -64,6 +64,11 @@ def wait_for(condition, timeout=20.0):
     raise AssertionError("condition not met before the deadline")
 
 
+def wait_until_stepping(hosts):
+    """Until every worker's job printed a step: its SIGTERM handler is installed by then."""
+    wait_for(lambda: all(j.last_line.startswith("step") for j in jobs.status(hosts)))
+
+
 def states(hosts):
     return [job.state for job in jobs.status(hosts)]
 
@@ -95,7 +100,8 @@ def test_crashing_worker_shows_in_status_and_default_logs(hosts):
     assert not any(label == "w01" for label, _ in lines)
     report = jobs.status(hosts)
     assert report[2].state == "exited" and report[2].exit_code == 1
-    assert "RuntimeError" in report[2].last_line
+    assert report[2].last_line == "tpuctl: job failed with exit status 1"
+    assert crashed[-1] == "tpuctl: job failed with exit status 1"
     assert report[0].exit_code == 0
 
 
@@ -108,6 +114,7 @@ def test_all_lines_shows_every_worker(hosts):
 
 def test_second_run_refused_while_one_runs_and_force_replaces_it(hosts):
     jobs.launch(hosts, spec(STEPS="1000"))
+    wait_until_stepping(hosts)
     with pytest.raises(jobs.JobBusy, match="run r1 is still running on w00, w01, w02"):
         jobs.launch(hosts, spec(run_id="r2"))
     assert states(hosts) == ["running"] * 3
@@ -135,7 +142,7 @@ def trainer_pids(marker):
 
 def test_kill_sigterms_so_the_job_saves_and_leaves_no_process(hosts):
     jobs.launch(hosts, spec(STEPS="1000"))
-    wait_for(lambda: trainer_pids("secret_len"))
+    wait_until_stepping(hosts)
     reports = jobs.kill(hosts, grace=10)
     assert [(r.run_id, r.signal) for r in reports] == [("r1", "SIGTERM")] * 3
     assert trainer_pids("secret_len") == []
@@ -159,7 +166,7 @@ def test_kill_escalates_to_sigkill_after_the_grace_period(hosts):
 def test_secrets_reach_the_job_but_not_process_arguments(hosts):
     secret = "s3cr3t-value-for-test"
     jobs.launch(hosts, spec(STEPS="1000", SECRET_TOKEN=secret))
-    wait_for(lambda: all(j.last_line.startswith("step") for j in jobs.status(hosts)))
+    wait_until_stepping(hosts)
     listing = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
     assert "secret_len" in listing  # the job is in the listing ...
     assert secret not in listing  # ... without the secret

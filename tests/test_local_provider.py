@@ -1,6 +1,7 @@
 """The local pod provider: nodes are directories, one working directory per worker."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,19 @@ def test_hosts_and_devices_of_common_types(accelerator_type, expected):
 def test_bad_accelerator_type_is_a_one_line_error(provider):
     with pytest.raises(TpuctlError, match="v3-8"):
         provider.create(spec(accelerator_type="v3"), lambda _m: None)
+
+
+def test_down_stops_a_job_still_running_on_the_pod(provider):
+    from tpuctl import jobs
+    from tpuctl.hosts import hosts_for
+
+    node = provider.create(spec(accelerator_type="v3-8"), lambda _m: None)
+    hosts = hosts_for(config.load(), node)
+    jobs.launch(hosts, jobs.JobSpec("r1", ["sleep", "600"]))
+    assert jobs.status(hosts)[0].state == "running"
+    pid_file = Path(node.workers[0].workdir) / ".tpuctl" / "jobs" / "r1" / "pid"
+    stat = Path(f"/proc/{pid_file.read_text().strip()}/stat")
+    messages = []
+    provider.delete("pod", messages.append)
+    assert messages[0] == "w00: stopped run r1 (SIGTERM)"
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"

@@ -24,7 +24,8 @@ NO_RUN_EXIT = 3  # logs: the worker has no such run
 DEFAULT_GRACE_S = 30.0
 # Lines from workers other than 0 that `logs` shows by default: errors and tracebacks.
 ERROR_LINE = (
-    r"Traceback|Error|Exception|FATAL|Fatal|CRITICAL|^\s+File \"|Killed|Aborted|Segmentation fault"
+    r"Traceback|[Ee]rror|Exception|FATAL|Fatal|CRITICAL|^\s+File \"|Killed|Aborted|"
+    r"Segmentation fault|tpuctl: job failed"
 )
 
 _PRELUDE = r"""
@@ -75,13 +76,20 @@ clear_locks() { [ -n "$(accelerator_holders)" ] || rm -f "$lockfile"; }
 """
 
 # Runs under setsid in the job's own session; its pid is the job's process group id.
-# The TERM trap keeps it alive to record the trainer's exit status after SIGTERM.
+# The TERM trap keeps it alive to record the trainer's exit status after SIGTERM; a
+# failure is noted in the log, so a worker killed without a word (OOM) still shows up.
 _JOB_WRAPPER = r"""
 run_dir=$1; shift
 echo $$ > "$run_dir/pid.tmp" && mv "$run_dir/pid.tmp" "$run_dir/pid"
 trap : TERM
 "$@" >>"$run_dir/log" 2>&1 </dev/null
-echo $? > "$run_dir/exit_status.tmp" && mv "$run_dir/exit_status.tmp" "$run_dir/exit_status"
+status=$?
+if [ "$status" -gt 128 ]; then
+  echo "tpuctl: job failed: killed by signal $((status - 128))" >>"$run_dir/log"
+elif [ "$status" -ne 0 ]; then
+  echo "tpuctl: job failed with exit status $status" >>"$run_dir/log"
+fi
+echo "$status" > "$run_dir/exit_status.tmp" && mv "$run_dir/exit_status.tmp" "$run_dir/exit_status"
 """
 
 _LAUNCH = r"""

@@ -101,18 +101,30 @@ class LocalProvider:
         return node
 
     def delete(self, name: str, progress: ProgressFn) -> bool:
-        """Remove the pod's directory (its workers' job logs with it); False if there was none.
-
-        Jobs still running on the pod are the caller's to stop first (`tpuctl kill`).
-        """
-        pod_dir = self.pods_dir / name
-        if not (pod_dir / RECORD_FILE).is_file():
+        """Stop the pod's jobs as a VM's deletion would (SIGTERM first, so the trainer saves),
+        then remove its directory; False if there was no such pod."""
+        node = self.get(name)
+        if node is None:
             return False
-        shutil.rmtree(pod_dir)
+        _stop_jobs(node, progress)
+        shutil.rmtree(self.pods_dir / name)
         progress(f"deleted local pod {name}")
         if not self.list() and stop_gcs_emulator():
             progress(f"stopped the local GCS emulator (its data stays in {gcs_dir() / 'data'})")
         return True
+
+
+def _stop_jobs(node: Node, progress: ProgressFn) -> None:
+    from tpuctl import jobs
+    from tpuctl.fanout import Host
+
+    hosts = [
+        Host(f"w{w.index:02d}", "localhost", workdir=w.workdir, transport="local")
+        for w in node.workers
+    ]
+    for report in jobs.kill(hosts):
+        if report.run_id:
+            progress(f"{report.label}: stopped run {report.run_id} ({report.signal})")
 
 
 def gcs_dir() -> Path:
