@@ -167,6 +167,7 @@ def test_up_finds_an_earlier_node_in_a_fallback_zone(run_tpuctl, fake_tpu):
 
 
 def test_queued_resource_states_are_shown_until_ready(run_tpuctl, fake_tpu):
+    fake_tpu.set_queued_wait(0.5)  # long enough for a poll to see WAITING_FOR_RESOURCES
     result = run_tpuctl("up", "v4-32", "--spot", "--name", "q", "--valid-for", "1h")
     assert result.code == 0, result.err
     states = re.findall(r"queued resource q: (\w+)", result.err)
@@ -329,8 +330,15 @@ def test_status_of_a_missing_node_names_it_and_the_zone(run_tpuctl, fake_tpu):
     assert result.code == 1
     assert result.err.strip() == (
         "error: no node named 'ghost' in zone us-central1-a of project test-project; "
-        "see `tpuctl list` for the nodes there"
+        "it is in no zone of the project (`tpuctl list --all-zones`)"
     )
+    fake_tpu.add_node("far", "v3-8", project="test-project", zone="europe-west4-a")
+    result = run_tpuctl("status", "far")
+    assert result.err.strip().endswith("it is in zone europe-west4-a: pass --zone europe-west4-a")
+    assert run_tpuctl("status", "far", "--zone", "europe-west4-a", "--json").code == 0
+    result = run_tpuctl("down", "far", "--yes")
+    assert result.code == 0 and "nothing deleted (it is in zone europe-west4-a" in result.err
+    assert fake_tpu.node_state("far") == "READY"
 
 
 def test_missing_project_is_a_one_line_error(run_tpuctl, fake_tpu, monkeypatch):

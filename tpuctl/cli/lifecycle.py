@@ -14,7 +14,7 @@ from tpuctl.cli.output import StatusLine, console, err_console, print_json
 from tpuctl.durations import format_duration, parse_duration
 from tpuctl.errors import TpuctlError
 from tpuctl.naming import default_node_name, validate_node_name
-from tpuctl.providers import describe_location, provider_for, resolve_node
+from tpuctl.providers import describe_location, elsewhere_hint, provider_for, resolve_node
 from tpuctl.providers.base import Node, NodeSpec
 
 if TYPE_CHECKING:
@@ -295,8 +295,10 @@ def down(
     provider = provider_for(settings)
     chosen = name or settings.get("node")
     if chosen and provider.get(chosen) is None:
+        hint = elsewhere_hint(provider, chosen)
         err_console.print(
-            f"node {chosen} does not exist in {describe_location(settings)}; nothing to delete"
+            f"node {chosen} does not exist in {describe_location(settings)}; nothing deleted "
+            f"({hint})"
         )
         return
     node = resolve_node(settings, chosen)

@@ -43,6 +43,17 @@ def describe_location(settings: Settings) -> str:
     return f"zone {settings.get('zone')} of project {settings.get('project')}"
 
 
+def elsewhere_hint(provider: Provider, name: str) -> str:
+    """How to reach a node that is not where we looked: its zone, if the provider can find it."""
+    locate = getattr(provider, "locate", None)
+    if locate is None:
+        return "`tpuctl list` shows the nodes there are"
+    found = locate(name)
+    if found is not None:
+        return f"it is in zone {found.zone}: pass --zone {found.zone}"
+    return "it is in no zone of the project (`tpuctl list --all-zones`)"
+
+
 def resolve_node(settings: Settings, name: str | None) -> Node:
     """The node a command acts on: `name`, else the `node` setting, else the only node.
 
@@ -56,7 +67,7 @@ def resolve_node(settings: Settings, name: str | None) -> Node:
         if node is None:
             raise TpuctlError(
                 f"no node named {chosen!r} in {describe_location(settings)}; "
-                "see `tpuctl list` for the nodes there",
+                + elsewhere_hint(provider, chosen),
                 exit_code=1,
             )
         return node

@@ -136,6 +136,10 @@ class CloudTpuProvider:
         pages = self._call(self.client.list_nodes, parent=parent)
         return sorted((node_from_api(n) for n in pages), key=lambda n: (n.zone, n.name))
 
+    def locate(self, name: str) -> Node | None:
+        """The node called `name` in any zone of the project (for "did you mean" hints)."""
+        return next((node for node in self.list(all_zones=True) if node.name == name), None)
+
     # -- create ----------------------------------------------------------------------------
 
     def create(self, spec: NodeSpec, progress: ProgressFn, wait: bool = True) -> Node | None:
