@@ -48,7 +48,7 @@ def test_get_converts_the_api_node(provider, fake_tpu):
 
 
 def test_create_reports_state_transitions(provider, fake_tpu):
-    fake_tpu.set_create_delay(0.2)
+    fake_tpu.set_create_delay(0.6)  # several polls see CREATING, even on a loaded machine
     progress = Progress()
     node = provider.create(spec(labels={"a": "b"}, metadata={"ssh-keys": "u:k"}), progress)
     assert node.ready and len(node.workers) == 4

@@ -38,7 +38,7 @@ def new_node(accelerator_type="v3-32", **kwargs):
 
 
 def test_create_is_a_polled_operation_creating_then_ready(client, fake_tpu):
-    fake_tpu.set_create_delay(0.3)
+    fake_tpu.set_create_delay(0.8)  # ample time to observe CREATING on a loaded machine
     operation = client.create_node(parent=PARENT, node_id="n1", node=new_node())
     assert client.get_node(name=f"{PARENT}/nodes/n1").state.name == "CREATING"
     assert not operation.done()
@@ -85,7 +85,7 @@ def test_stockouts_can_be_limited_to_one_zone(client, fake_tpu):
 
 def test_delete_goes_through_deleting(client, fake_tpu):
     fake_tpu.add_node("n1", "v3-8", project="test-project", zone="us-central1-a")
-    fake_tpu.delete_delay = 0.3
+    fake_tpu.delete_delay = 0.8
     operation = client.delete_node(name=f"{PARENT}/nodes/n1")
     assert fake_tpu.node_state("n1") == "DELETING"
     finish(operation)
