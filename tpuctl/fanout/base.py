@@ -84,20 +84,21 @@ def merged_env(host: Host, env: Mapping[str, str] | None) -> dict[str, str]:
     return {**(env or {}), **host.env}
 
 
-def remote_script(command: str, env: Mapping[str, str]) -> str:
-    """The bash script fed to `bash -s` on stdin: exports (values never reach any argv),
-    the process-group marker, then the user's command under `bash -c`.
-
-    The command is run as a child rather than exec'd so the marker line is complete before
-    the command writes anything, and its exit status passes straight through.
-    """
-    exports = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
+def wrapped_command(command: str) -> str:
+    """The script run with `bash -c` on each host: read the environment from stdin (so
+    values never reach any argv), detach stdin, announce the process group, then run the
+    user's command in the same shell (one bash per host, no nesting)."""
     return (
-        f"{exports}"
+        "IFS= read -r -d '' __tpuctl_env; eval \"$__tpuctl_env\"; unset __tpuctl_env\n"
+        "exec </dev/null\n"
         f'printf "%s %s\\n" {PID_MARKER} "$$"\n'
-        f"bash -c {shlex.quote(command)} </dev/null\n"
-        "exit $?\n"
+        f"{command}\n"
     )
+
+
+def env_script(env: Mapping[str, str]) -> bytes:
+    """What is written to the wrapper's stdin: one `export` line per variable."""
+    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items()).encode()
 
 
 def kill_group_script(pgid: int) -> str:

@@ -17,7 +17,8 @@ from tpuctl.fanout.base import (
     LineFn,
     LineSplitter,
     StopSignal,
-    remote_script,
+    env_script,
+    wrapped_command,
 )
 
 POLL_S = 0.2
@@ -43,7 +44,7 @@ def run_on_host(
     workdir = workdir_of(host)
     (workdir / "tmp").mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        ["bash", "-s"],
+        ["bash", "-c", wrapped_command(command)],
         cwd=workdir,
         env={**os.environ, "TMPDIR": str(workdir / "tmp")},
         stdin=subprocess.PIPE,
@@ -52,7 +53,7 @@ def run_on_host(
         start_new_session=True,  # its own process group, like an sshd session
     )
     assert process.stdin is not None
-    process.stdin.write(remote_script(command, env).encode())
+    process.stdin.write(env_script(env))
     process.stdin.close()
     out = LineSplitter(host, "stdout", on_line)
     err = LineSplitter(host, "stderr", on_line)

@@ -222,7 +222,7 @@ class SshPod:
         subprocess.run(["ip", "-n", namespace, "-batch", "-"], input=batch, text=True, check=True)
 
     def _launch(self, host: _Host) -> None:
-        sshd = f"{SSHD} -D -e -f {host.directory}/sshd_config"
+        sshd = f"{SSHD} -D -e -r -f {host.directory}/sshd_config"
         log = open(host.directory / "sshd.log", "ab")  # noqa: SIM115 (outlives this call)
         if host.namespace:
             home = host.directory / "root"
