@@ -96,6 +96,13 @@ def test_timeout_per_worker(pod_node):
     wait_for(lambda: not any("sleep 30" in p for i in range(4) for p in pod_node.processes(i)))
 
 
+def test_slow_workers_are_shown_as_progress(pod_node):
+    slow = pod_node.hosts[0]
+    result = tpuctl("exec", "--", f"if hostname -I | grep -qw {slow}; then sleep 1.5; fi")
+    assert result.returncode == 0
+    assert "3/4 done after" in result.stderr and "waiting on w00\n" in result.stderr
+
+
 def test_json_gives_per_worker_exit_code_and_output(pod_node):
     result = tpuctl("exec", "--json", "--worker", "0,2-3", "--", "echo out; echo err >&2; exit 2")
     rows = json.loads(result.stdout)

@@ -41,6 +41,7 @@ INTERNAL_IP_OPTION = typer.Option(
 )
 CONNECT_TIMEOUT_OPTION = typer.Option(10.0, "--connect-timeout", help="Seconds per connection.")
 EXIT_INTERRUPTED = 130
+PROGRESS_EVERY_S = 5.0
 
 
 class DashDashCommand(TyperCommand):
@@ -124,6 +125,13 @@ def _fan_out(target: Target, action, **kwargs) -> list[HostResult]:
     return [retried.get(r.host.label, r) for r in results]
 
 
+def _progress_every() -> float:
+    """Seconds between progress lines; TPUCTL_TIME_SCALE shortens it (down to 0.2 s)."""
+    from tpuctl.durations import time_scale
+
+    return max(0.2, PROGRESS_EVERY_S * time_scale())
+
+
 def _parse_env(pairs: list[str]) -> dict[str, str]:
     """`--env K=V`, or `--env K` to pass the local value of K (keeps it out of argv too)."""
     env: dict[str, str] = {}
@@ -180,7 +188,7 @@ def exec_(
         raise TpuctlError("no command: put it after --, e.g. `tpuctl exec -- hostname`")
     variables = _parse_env(env)
     target = _target(_settings(zone, project, ssh_user, internal_ip), name, worker, all_workers)
-    reporter = Reporter(target.hosts, stream_lines=not json_out)
+    reporter = Reporter(target.hosts, stream_lines=not json_out, progress_every=_progress_every())
     try:
         with reporter:
             results = _fan_out(
@@ -313,7 +321,7 @@ def _run_script(target: Target, script: str, timeout: float) -> list[HostResult]
     from tpuctl.fanout import Interrupted, run
     from tpuctl.fanout.report import Reporter
 
-    reporter = Reporter(target.hosts, stream_lines=False)
+    reporter = Reporter(target.hosts, stream_lines=False, progress_every=_progress_every())
     try:
         with reporter:
             return _fan_out(

@@ -40,6 +40,7 @@ TRANSIENT_ERRORS = (ConnectionRefusedError, ConnectionResetError, EOFError, para
 CONNECT_ATTEMPTS = 3
 RETRY_PAUSE_S = 0.5
 POLL_S = 0.2
+MARKER_WAIT_S = 3.0
 DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
 
 
@@ -213,6 +214,8 @@ def _run_on_transport(
     err = LineSplitter(host, "stderr", on_line)
     deadline = None if timeout is None else started + timeout
     error = _pump(channel, out, err, stop, deadline, timeout)
+    if error is not None:
+        _await_marker(channel, out, MARKER_WAIT_S)
     if error is not None and out.pgid is not None:
         _kill_remote(transport, out.pgid)
     exit_code = None
@@ -249,6 +252,16 @@ def _pump(
             return stop.reason
         if deadline is not None and time.monotonic() >= deadline:
             return f"timed out after {timeout:g} s"
+
+
+def _await_marker(channel: paramiko.Channel, out: _MarkedStdout, seconds: float) -> None:
+    """Stopped before the command announced its process group (it had barely started):
+    give it a moment to, so that it can still be stopped rather than left running."""
+    end = time.monotonic() + seconds
+    while out.pgid is None and not channel.eof_received and time.monotonic() < end:
+        select.select([channel], [], [], POLL_S)
+        while channel.recv_ready():
+            out.feed(channel.recv(65536))
 
 
 def _kill_remote(transport: paramiko.Transport, pgid: int) -> None:
