@@ -61,7 +61,7 @@ def test_exec_on_32_workers(fake_tpu, ssh_pod32, pod_key, monkeypatch):
     fake_tpu.add_node("big", "v3-256", project=PROJECT, zone=ZONE, worker_ips=ssh_pod32.hosts)
     monkeypatch.setenv("TPUCTL_SSH_KEY", pod_key[0])
     monkeypatch.setenv("TPUCTL_SSH_USER", "root")
-    result = tpuctl("exec", "big", "--", "hostname -I")
+    result = tpuctl("exec", "--", "hostname -I")
     assert result.returncode == 0, result.stderr
     lines = prefixed(result.stdout)
     assert len(lines) == 32

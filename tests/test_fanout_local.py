@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import time
 from pathlib import Path
 
 from tpuctl.fanout import Host, Interrupted, StopSignal, get, put, run
+from tpuctl.fanout.report import Reporter
 
 
 def local_hosts(root: Path, n: int = 3) -> list[Host]:
@@ -112,3 +114,32 @@ def test_put_and_get_use_the_worker_directories(tmp_path):
     results = get(hosts, "out.txt", tmp_path / "fetched")
     assert all(r.ok for r in results)
     assert (tmp_path / "fetched" / "w01" / "out.txt").read_text() == "worker-1\n"
+
+
+def test_reporter_prefixes_lines_and_summarises_failures(tmp_path):
+    hosts = local_hosts(tmp_path)
+    out, err = io.StringIO(), io.StringIO()
+    reporter = Reporter(hosts, out=out, err=err)
+    command = 'case "$PWD" in *-1) echo bad >&2; exit 4;; *) echo fine;; esac'
+    results = run(hosts, command, on_line=reporter.on_line, on_result=reporter.on_result)
+    reporter.summary(results)
+    assert sorted(out.getvalue().splitlines()) == ["[w00] fine", "[w02] fine"]
+    assert err.getvalue().splitlines() == [
+        "[w01] bad",
+        "✗ 2/3 workers succeeded",
+        "failed: w01 (exit 4)",
+        "--- last lines of w01 ---",
+        "[w01] bad",
+    ]
+    assert "\x1b[" not in out.getvalue() + err.getvalue()  # not terminals: no colour codes
+
+
+def test_reporter_colours_terminal_output_and_names_waiting_workers(tmp_path):
+    hosts = local_hosts(tmp_path, 2)
+    out, err = io.StringIO(), io.StringIO()
+    reporter = Reporter(hosts, out=out, err=err, color=True)
+    reporter.on_line(hosts[0], "stdout", "hello")
+    assert out.getvalue().startswith("\x1b[") and out.getvalue().endswith("[w00]\x1b[0m hello\n")
+    [first] = run(hosts[:1], "true")
+    reporter.on_result(first)
+    assert reporter.progress_line().startswith("1/2 done after 0 s, waiting on w01")

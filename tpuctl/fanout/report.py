@@ -8,6 +8,7 @@ Remote stdout goes to stdout and remote stderr to stderr, each line prefixed `[w
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -40,7 +41,12 @@ class Reporter:
         self.stream_lines = stream_lines
         self.progress_every = progress_every
         self.out, self.err = out or sys.stdout, err or sys.stderr
-        self.color = self.err.isatty() if color is None else color
+        # Each stream is coloured only when it is a terminal: `exec ... | sort` gets plain
+        # lines on stdout while the summary on the terminal stays coloured.
+        self._colored = {
+            id(stream): _wants_color(stream) if color is None else color
+            for stream in (self.out, self.err)
+        }
         self._styles = {h.label: PALETTE[i % len(PALETTE)] for i, h in enumerate(self.hosts)}
         self._lock = threading.Lock()
         self._done: set[str] = set()
@@ -65,7 +71,8 @@ class Reporter:
             return
         target = self.out if stream == "stdout" else self.err
         with self._lock:
-            target.write(f"{self._prefix(host.label, self._styles.get(host.label))} {line}\n")
+            prefix = self._paint(f"[{host.label}]", self._styles.get(host.label), target)
+            target.write(f"{prefix} {line}\n")
             target.flush()
 
     def on_result(self, result: HostResult) -> None:
@@ -86,23 +93,24 @@ class Reporter:
         while not self._finished.wait(self.progress_every):
             line = self.progress_line()
             with self._lock:
-                self.err.write(self._paint(line, "dim") + "\n")
+                self.err.write(self._paint(line, "dim", self.err) + "\n")
                 self.err.flush()
 
     def summary(self, results: Sequence[HostResult], interrupted: bool = False) -> str:
         """The end-of-run summary (also written to stderr): who succeeded, who failed with
         which exit code and last lines, who could not be reached or timed out."""
-        text = "\n".join(summary_lines(results, interrupted, self._paint))
+        text = "\n".join(
+            summary_lines(
+                results, interrupted, lambda text, style: self._paint(text, style, self.err)
+            )
+        )
         with self._lock:
             self.err.write(text + "\n")
             self.err.flush()
         return text
 
-    def _prefix(self, label: str, style: str | None) -> str:
-        return self._paint(f"[{label}]", style)
-
-    def _paint(self, text: str, style: str | None) -> str:
-        if not self.color or style is None:
+    def _paint(self, text: str, style: str | None, stream: TextIO) -> str:
+        if not self._colored[id(stream)] or style is None:
             return text
         from rich.text import Text
 
@@ -113,6 +121,10 @@ class Reporter:
         with self._console.capture() as capture:
             self._console.print(Text(text, style=style), end="")
         return capture.get()
+
+
+def _wants_color(stream: TextIO) -> bool:
+    return stream.isatty() and "NO_COLOR" not in os.environ
 
 
 def summary_lines(results: Sequence[HostResult], interrupted: bool, paint) -> list[str]:
