@@ -45,7 +45,7 @@ UsePAM no
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 PermitRootLogin prohibit-password
-AuthorizedKeysFile .ssh/authorized_keys
+AuthorizedKeysFile {authorized_keys}
 StrictModes no
 MaxStartups 500
 MaxSessions 100
@@ -208,8 +208,10 @@ class SshPod:
             self._wire_namespace(namespace, index, address)
         else:
             address, namespace = f"127.0.{1 + index // 250}.{2 + index % 250}", None
+        # Without a mount namespace the host has no /root of its own: point sshd at the file.
+        authorized_keys = ".ssh/authorized_keys" if namespace else ssh_dir / "authorized_keys"
         (directory / "sshd_config").write_text(
-            SSHD_CONFIG.format(address=address, host_key=host_key)
+            SSHD_CONFIG.format(address=address, host_key=host_key, authorized_keys=authorized_keys)
         )
         return _Host(index, address, directory, namespace)
 
