@@ -1,0 +1,193 @@
+"""`tpuctl run / logs / ps / kill` end to end on local pods: the real CLI in a subprocess,
+the real trainer as jax.distributed processes on the CPU, the recipe stored in the local
+pods' GCS emulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = str(REPO / "recipes" / "tiny.yaml")
+# Few, small steps: the point is the job machinery, not the model.
+FAST = ["train.batch_size=16", "train.grad_accum=1", "eval.every_steps=0", "logging.every_steps=1"]
+
+
+class Cli:
+    """`tpuctl` as a user runs it, with private config and state directories."""
+
+    def __init__(self, root: Path):
+        self.env = {
+            **os.environ,
+            "XDG_CONFIG_HOME": str(root / "config"),
+            "XDG_STATE_HOME": str(root / "state"),
+            "TPUCTL_PROVIDER": "local",
+        }
+        for name in ("STORAGE_EMULATOR_HOST", "TPUCTL_NODE", "TPUCTL_BUCKET"):
+            self.env.pop(name, None)
+        self.cwd = root
+
+    def __call__(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "tpuctl", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            cwd=self.cwd,
+        )
+
+    def ok(self, *args: str, timeout: float = 240) -> str:
+        result = self(*args, timeout=timeout)
+        assert result.returncode == 0, result.stderr + result.stdout
+        return result.stdout
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    cli = Cli(tmp_path_factory.mktemp("local-jobs"))
+    yield cli
+    for name in ("pod", "big"):
+        cli("down", name, "--yes")  # stops leftover jobs and the GCS emulator
+
+
+@pytest.fixture(scope="module")
+def pod(cli):
+    """A 2-worker local pod (v4-16: 2 processes x 4 devices)."""
+    cli.ok("up", "v4-16", "--local", "--name", "pod")
+    return "pod"
+
+
+def ps_rows(cli, name):
+    lines = cli.ok("ps", name).splitlines()[1:]
+    return [line.split(None, 3) for line in lines]
+
+
+def wait_for(condition, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("condition not met before the deadline")
+
+
+def live_processes(text: str) -> list[str]:
+    """Command lines on this machine containing `text` (zombies excluded)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if text in cmdline and state != "Z":
+            found.append(cmdline)
+    return found
+
+
+def test_run_follow_on_a_four_worker_pod_trains_and_reports_the_final_loss(cli, tmp_path):
+    cli.ok("up", "v3-32", "--local", "--name", "big")
+    run_dir = tmp_path / "run"
+    out = cli.ok(
+        "run", TINY, "--name", "big", "--all-workers", "--follow", "--run-id", "e2e",
+        "--", "train.steps=3", "train.batch_size=32", "train.grad_accum=1", "eval.every_steps=0",
+        "logging.every_steps=1", f"run_dir={run_dir}",
+    )  # fmt: skip
+    assert "run e2e started on 4 worker(s) of big" in out
+    assert "gs://tpuctl-local/tpuctl/runs/e2e/recipe.yaml" in out
+    assert "w00 | trainer:" in out and "x 4 process(es)" in out  # one jax.distributed job
+    done = json.loads((run_dir / "DONE").read_text())
+    assert done["step"] == 3
+    assert f"run e2e finished: step 3, final loss {done['final']['loss']:.4f}" in out
+    assert f"checkpoints: {run_dir}/checkpoints" in out
+    rows = ps_rows(cli, "big")
+    assert [row[:3] for row in rows] == [[f"w0{i}", "e2e", "exited"] for i in range(4)]
+    assert all(row[3].startswith("0 ") for row in rows)
+    assert "deleted big" in cli.ok("down", "big", "--yes")
+
+
+def test_recipe_errors_are_caught_before_anything_is_launched(cli, pod):
+    result = cli("run", TINY, "--name", "pod", "--all-workers", "--", "train.stepz=3")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: recipe")
+    assert "unknown key train.stepz" in result.stderr and "Traceback" not in result.stderr
+    # Wrong for this node's 8 devices: caught here too, not on the workers.
+    result = cli("run", TINY, "--name", "pod", "--all-workers", "--", "train.batch_size=4")
+    assert result.returncode == 2 and "8 devices" in result.stderr
+    assert "absent" in cli.ok("ps", "pod")
+    result = cli("run", TINY, "--name", "pod")
+    assert result.returncode == 2 and "--all-workers" in result.stderr
+
+
+def test_running_job_refuses_a_second_run_hides_secrets_and_dies_with_kill(cli, pod, tmp_path):
+    secret = "wandb-secret-value-42"
+    cli.env["MY_LOCAL_TOKEN"] = "hf-token-value-43"
+    out = cli.ok(
+        "run", TINY, "--name", "pod", "--all-workers", "--run-id", "long",
+        "--env", f"WANDB_API_KEY={secret}", "--env", "MY_LOCAL_TOKEN",
+        "--", *FAST, "train.steps=100000", f"run_dir={tmp_path / 'long'}",
+    )  # fmt: skip
+    assert "run long started" in out
+    wait_for(lambda: "step 1 " in cli.ok("logs", "pod", "-n", "5"))
+    listing = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
+    assert "tpuctl/runs/long/recipe.yaml" in listing
+    assert secret not in listing and "hf-token-value-43" not in listing
+
+    second = cli("run", TINY, "--name", "pod", "--all-workers", "--", *FAST)
+    assert second.returncode == 1
+    assert "run long is still running on w00, w01" in second.stderr
+    assert [row[2] for row in ps_rows(cli, "pod")] == ["running", "running"]
+
+    killed = cli.ok("kill", "pod", "--grace", "10").splitlines()
+    # SIGTERM first; SIGKILL once the grace period is over if the trainer did not exit.
+    assert [line.rsplit(" (", 1)[0] for line in killed] == [
+        "w00: stopped long",
+        "w01: stopped long",
+    ]
+    assert all(line.endswith(("(SIGTERM)", "(SIGKILL)")) for line in killed)
+    assert live_processes("tpuctl/runs/long/recipe.yaml") == []
+    everything = cli.ok("logs", "pod", "--all-lines")
+    assert secret not in everything and secret not in out + second.stdout + second.stderr
+    assert "nothing running" in cli.ok("kill", "pod")
+
+
+def test_a_crashing_worker_shows_in_ps_and_logs(cli, pod, tmp_path):
+    cli.ok(
+        "run", TINY, "--name", "pod", "--all-workers", "--run-id", "crash",
+        "--", *FAST, "train.steps=100000", f"run_dir={tmp_path / 'crash'}",
+    )  # fmt: skip
+    wait_for(lambda: "step 1 " in cli.ok("logs", "pod", "-n", "5"))
+    # Worker 1's trainer dies without a word, as under the OOM killer.
+    (victim,) = [
+        line.split()[0]
+        for line in subprocess.run(
+            ["ps", "-eww", "-o", "pid=,args="], capture_output=True, text=True
+        ).stdout.splitlines()
+        if "tpuctl/runs/crash/recipe.yaml" in line
+        and "w01" in _cwd(line.split()[0])
+        and "-m trainer" in line
+        and "tpuctl-job" not in line
+    ]
+    os.kill(int(victim), 9)
+    wait_for(lambda: "exited 137" in cli.ok("ps", "pod"))
+    logs = cli.ok("logs", "pod")
+    assert "w01 | tpuctl: job failed: killed by signal 9" in logs
+    assert "w00 | step 1 " in logs  # worker 0 in full, worker 1 only its error lines
+    assert not any(line.startswith("w01 | step") for line in logs.splitlines())
+    cli.ok("kill", "pod", "--grace", "5")
+    assert live_processes("tpuctl/runs/crash/recipe.yaml") == []
+
+
+def _cwd(pid: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
