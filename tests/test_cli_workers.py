@@ -250,3 +250,23 @@ def test_usage_errors_are_one_line(pod_node):
     missing = tpuctl("exec", "nope", "--", "true")
     assert missing.returncode == 1 and "no node named 'nope'" in missing.stderr
     assert "Traceback" not in no_command.stderr + bad_worker.stderr + missing.stderr
+
+
+def test_check_verdict_flags_disagreeing_device_counts_and_busy_tpus(tmp_path):
+    from tpuctl.fanout import Host, HostResult
+    from tpuctl.worker_scripts import health_verdict, parse_health
+
+    outputs = {
+        "w00": "devices 32 8\ndisk_free_kb 99999999\nmem_free_kb 1000",
+        "w01": "devices 8 8\ndisk_free_kb 1000\nmem_free_kb 1000",
+        "w02": "held 4242 python3 /dev/accel0\ndisk_free_kb 99999999",
+    }
+    results = [
+        HostResult(Host(label, "h"), 0, text, "", None, 0.1) for label, text in outputs.items()
+    ]
+    problems = health_verdict(results, {r.host.label: parse_health(r.stdout) for r in results})
+    assert problems == [
+        "w01: only 0.0 GB free on disk",
+        "w02: TPU held by pid 4242 (python3) on /dev/accel0",
+        "workers disagree on the device count: 8 devices on w01; 32 devices on w00",
+    ]

@@ -143,3 +143,15 @@ def test_reporter_colours_terminal_output_and_names_waiting_workers(tmp_path):
     [first] = run(hosts[:1], "true")
     reporter.on_result(first)
     assert reporter.progress_line().startswith("1/2 done after 0 s, waiting on w01")
+
+
+def test_concurrency_is_bounded_by_max_parallel(tmp_path):
+    hosts = local_hosts(tmp_path, 24)
+    running = tmp_path / "running"
+    running.mkdir()
+    # Each worker registers itself, counts who else is running, then leaves.
+    command = f"touch {running}/$$; ls {running} | wc -l; sleep 0.05; rm {running}/$$"
+    results = run(hosts, command, max_parallel=4)
+    counts = [int(r.stdout) for r in results]
+    assert all(r.ok for r in results)
+    assert max(counts) <= 4
