@@ -151,3 +151,25 @@ def test_32_workers_in_parallel(ssh_pod32, pod_key, tmp_path):
     results = run(hosts, "hostname -I")
     assert time.monotonic() - started < 10
     assert [r.stdout.split() for r in results] == [[address] for address in pod.hosts]
+
+
+def test_a_worker_that_dies_mid_command_is_reported_without_waiting(ssh_pod, hosts):
+    lost = threading.Event()
+    stop = StopSignal()
+    results = []
+
+    def fan_out():
+        on_result = lambda r: r.host.label == "w01" and lost.set()  # noqa: E731
+        results.extend(run(hosts[:2], "sleep 38", stop=stop, on_result=on_result))
+
+    worker = threading.Thread(target=fan_out)
+    worker.start()
+    try:
+        wait_for(lambda: all(any("sleep 38" in p for p in ssh_pod.processes(i)) for i in range(2)))
+        ssh_pod.stop_host(1)
+        assert lost.wait(5), "the dead worker's result did not arrive"
+    finally:
+        stop.set("test over")
+        worker.join(10)
+    assert results[1].error == "connection lost" and results[1].exit_code is None
+    assert results[0].error == "test over"

@@ -248,6 +248,8 @@ def _pump(
             drained = True
         if channel.eof_received and not drained:
             return None
+        if channel.closed or not channel.get_transport().is_active():
+            return "connection lost"
         if stop.is_set():
             return stop.reason
         if deadline is not None and time.monotonic() >= deadline:
