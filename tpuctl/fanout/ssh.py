@@ -246,10 +246,9 @@ def _pump(
         while channel.recv_stderr_ready():
             err.feed(channel.recv_stderr(65536))
             drained = True
-        if channel.eof_received and not drained:
-            return None
-        if channel.closed or not channel.get_transport().is_active():
-            return "connection lost"
+        if not drained and (channel.eof_received or channel.closed):
+            # sshd always sends EOF before closing: a close without it is a dead connection.
+            return None if channel.eof_received else "connection lost"
         if stop.is_set():
             return stop.reason
         if deadline is not None and time.monotonic() >= deadline:
