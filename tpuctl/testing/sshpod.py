@@ -35,6 +35,8 @@ SUBNET = "10.231"  # a /16 used only by these pods; each pod takes one /24 of it
 LOCK_FILE = "/run/lock/tpuctl-sshpod.lock"
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 START_DEADLINE_S = 20.0
+POD_DIRS = "/var/tmp"  # not /tmp: each host mounts its own /tmp over the real one
+DIR_PREFIX = "tpuctl-sshpod-"
 
 SSHD_CONFIG = """\
 ListenAddress {address}
@@ -77,13 +79,12 @@ def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a pod's owner still runs (a killed owner may linger as a zombie)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class SshPod:
@@ -102,8 +103,7 @@ class SshPod:
             raise ValueError("keep_visible paths must lie under /root")
         self.tag = f"{PREFIX}{os.getpid()}{_next_pod_letter()}"
         self.bridge = f"{self.tag}b"
-        # Outside /tmp: each host mounts its own /tmp over the real one.
-        self.directory = Path(tempfile.mkdtemp(prefix="tpuctl-sshpod-", dir="/var/tmp"))
+        self.directory = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{self.tag}-", dir=POD_DIRS))
         self.isolated = True  # False: the 127.0.x.y fallback
         self._hosts: list[_Host] = []
 
@@ -122,6 +122,7 @@ class SshPod:
                 clean_leftovers()
                 self.isolated = self._try_bridge()
             self._hosts = [self._prepare_host(i) for i in range(self.n)]
+            self._write_hosts_file()
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(self._launch, self._hosts))
             self._wait_until_listening(range(self.n))
@@ -215,6 +216,12 @@ class SshPod:
         )
         return _Host(index, address, directory, namespace)
 
+    def _write_hosts_file(self) -> None:
+        # Each host has its own hostname (h0, h1, ...) resolving to its own address, as on
+        # real VMs: gloo (jax's CPU collectives) advertises the address its hostname has.
+        lines = ["127.0.0.1 localhost", *(f"{h.address} h{h.index}" for h in self._hosts)]
+        (self.directory / "hosts").write_text("\n".join(lines) + "\n")
+
     def _wire_namespace(self, namespace: str, index: int, address: str) -> None:
         veth = f"{self.tag}v{index}"
         _sh("ip", "netns", "add", namespace)
@@ -233,12 +240,13 @@ class SshPod:
                 for inside in (path.removeprefix("/root") for path in self.keep_visible)
             )
             binds = (
-                f"{shared}mount --bind {host.directory}/tmp /tmp && "
+                f"{shared}hostname h{host.index} && mount --bind {self.directory}/hosts /etc/hosts && "
+                f"mount --bind {host.directory}/tmp /tmp && "
                 f"mount --rbind {home} /root && exec {sshd}"
             )
             argv = [
                 "ip", "netns", "exec", host.namespace,
-                "unshare", "--mount", "--propagation", "private",
+                "unshare", "--mount", "--uts", "--propagation", "private",
                 "--pid", "--fork", "--mount-proc", "--kill-child",
                 "sh", "-c", binds,
             ]  # fmt: skip
@@ -264,7 +272,7 @@ class SshPod:
 
 
 def clean_leftovers() -> None:
-    """Remove namespaces, bridges and sshd processes of pods whose owner process is gone."""
+    """Remove namespaces, bridges, sshd processes and files of pods whose owner is gone."""
     for namespace in _sh("ip", "netns", "list", check=False).stdout.split():
         owner = _owner(namespace)
         if owner is not None and not _alive(owner):
@@ -272,6 +280,10 @@ def clean_leftovers() -> None:
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
             _sh("ip", "netns", "del", namespace, check=False)
+    for directory in Path(POD_DIRS).glob(f"{DIR_PREFIX}{PREFIX}*"):
+        owner = _owner(directory.name.removeprefix(DIR_PREFIX))
+        if owner is not None and not _alive(owner):
+            shutil.rmtree(directory, ignore_errors=True)
     links = _sh("ip", "-o", "link", "show", "type", "bridge", check=False).stdout
     for line in links.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
