@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
+import http.server
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +39,19 @@ def emulator_env(url: str) -> dict[str, str]:
     }
 
 
+def storage_client(url: str):
+    """A real google-cloud-storage client for the emulator at `url`, anonymous."""
+    from google.api_core.client_options import ClientOptions
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    return storage.Client(
+        project="test-project",
+        credentials=AnonymousCredentials(),
+        client_options=ClientOptions(api_endpoint=url),
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -54,21 +69,17 @@ class GcsEmulator:
         self.port = port
         self.url: str | None = None
         self._process: subprocess.Popen | None = None
+        self._log = None
 
     def start(self) -> str:
         """Start the server and wait until it answers; returns its URL."""
         self.port = self.port or _free_port()
-        command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--quiet"]
-        command += ["--host", "127.0.0.1", "--port", str(self.port)]
-        env = dict(os.environ)
-        if self.data_dir is None:
-            command.append("--in-memory")
-        else:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            env["STORAGE_BASE"] = str(self.data_dir)
-        self._process = subprocess.Popen(
-            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        command = [sys.executable, "-m", "tpuctl.testing.gcs_emulator", "--port", str(self.port)]
+        if self.data_dir is not None:
+            command += ["--data-dir", str(self.data_dir)]
+        # A file, not a pipe: nobody drains a pipe while tests run, and a full one blocks the server.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server)
+        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._log)
         self.url = f"http://127.0.0.1:{self.port}"
         self._wait_until_serving()
         return self.url
@@ -77,8 +88,7 @@ class GcsEmulator:
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                stderr = self._process.stderr.read().decode(errors="replace")
-                raise RuntimeError(f"GCS emulator exited at start: {stderr.strip()[-500:]}")
+                raise RuntimeError(f"GCS emulator exited at start: {self.log()[-500:]}")
             try:
                 urllib.request.urlopen(f"{self.url}/storage/v1/b?project=test", timeout=1)
                 return
@@ -96,9 +106,19 @@ class GcsEmulator:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
-        if self._process is not None and self._process.stderr:
-            self._process.stderr.close()
         self._process = None
+
+    def log(self) -> str:
+        """What the server wrote to stderr so far."""
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace").strip()
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id (tests pause it with SIGSTOP to make GCS hang)."""
+        return self._process.pid if self._process is not None else None
 
     def wait(self) -> None:
         """Block until the server process exits."""
@@ -107,15 +127,7 @@ class GcsEmulator:
 
     def client(self):
         """A real google-cloud-storage client bound to this emulator."""
-        from google.api_core.client_options import ClientOptions
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import storage
-
-        return storage.Client(
-            project="test-project",
-            credentials=AnonymousCredentials(),
-            client_options=ClientOptions(api_endpoint=self.url),
-        )
+        return storage_client(self.url)
 
     def create_bucket(self, name: str) -> None:
         """Create a bucket (with the real google-cloud-storage client)."""
@@ -129,21 +141,70 @@ class GcsEmulator:
         self.stop()
 
 
+def _add_generation_headers() -> None:
+    """Make downloads carry `x-goog-generation`/`x-goog-metageneration`, as real GCS does.
+
+    tensorstore (orbax's array store) reads an object's generation from these headers and
+    fails with "Malformed StorageGeneration" without them; gcp-storage-emulator omits them.
+    """
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import objects
+
+    original = objects.download
+
+    def download(request, response, storage, *args, **kwargs):
+        original(request, response, storage, *args, **kwargs)
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except Exception:  # not found: the original handler already answered 404
+            return
+        response["x-goog-generation"] = str(obj["generation"])
+        response["x-goog-metageneration"] = str(obj["metageneration"])
+
+    objects.download = download  # objects.get (alt=media) calls it by this name
+    for _, handlers in server.HANDLERS:
+        for method, handler in handlers.items():
+            if handler is original:
+                handlers[method] = download
+
+
+def serve(port: int, data_dir: str | None = None, buckets: list[str] = ()) -> None:
+    """Run the emulator in this process until SIGTERM or Ctrl-C."""
+    import logging
+
+    from gcp_storage_emulator.server import create_server
+
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
+    _add_generation_headers()
+    # The emulator serves one request at a time; tensorstore opens dozens of connections per
+    # process at once. With the default listen backlog of 5 the kernel drops the excess and
+    # clients back off for seconds to minutes; a deep backlog just queues them.
+    http.server.HTTPServer.request_queue_size = 1024
+    if data_dir:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+    server = create_server("127.0.0.1", port, in_memory=not data_dir, data_dir=data_dir)
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for bucket in buckets:
+            storage_client(url).create_bucket(bucket)
+        exports = " ".join(f"{k}={v}" for k, v in emulator_env(url).items())
+        print(f"GCS emulator on {url}; export {exports}", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            stopped.wait()
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=9023)
     parser.add_argument("--data-dir", help="keep objects on disk here (default: in memory)")
     parser.add_argument("--bucket", action="append", default=[], help="bucket to create")
     args = parser.parse_args(argv)
-    # Turn SIGTERM into a normal exit so the emulator child is stopped with us.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with GcsEmulator(args.data_dir, args.port) as emulator:
-        for bucket in args.bucket:
-            emulator.create_bucket(bucket)
-        exports = " ".join(f"{k}={v}" for k, v in emulator_env(emulator.url).items())
-        print(f"GCS emulator on {emulator.url}; export {exports}", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            emulator.wait()
+    serve(args.port, args.data_dir, args.bucket)
 
 
 if __name__ == "__main__":
