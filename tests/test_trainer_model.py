@@ -62,11 +62,23 @@ def test_packed_documents_do_not_see_each_other():
     np.testing.assert_allclose(logits_packed[0, 10:], logits_b[0], atol=1e-5)
 
 
+def test_chunked_attention_matches_whole_sequence_attention_with_packing():
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 128, (2, 32)))
+    segments = jnp.asarray([[1] * 20 + [2] * 12, [1] * 7 + [2] * 21 + [0] * 4])
+    params = init_params(TINY, jax.random.key(0))
+    whole = Llama(TINY).apply({"params": params}, tokens, segments)
+    chunked_cfg = dataclasses.replace(TINY, attention_chunk=8, scan_unroll=2)
+    chunked = Llama(chunked_cfg).apply({"params": params}, tokens, segments)
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+
+
 def test_positions_restart_per_document_and_padding_is_isolated():
     segments = jnp.array([[1, 1, 1, 2, 2, 0, 0]])
     assert positions_from_segments(segments).tolist() == [[0, 1, 2, 0, 1, 0, 1]]
     mask = attention_mask(segments)[0, 0]
     assert bool(mask[4, 3]) and not bool(mask[3, 2]) and not bool(mask[4, 5])
+    assert not bool(mask[3, 4])  # causal
+    assert (attention_mask(segments, slice(3, 5))[0, 0] == mask[3:5, :5]).all()
 
 
 def test_bfloat16_compute_keeps_float32_master_weights():

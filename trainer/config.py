@@ -53,6 +53,10 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"  # master weights and optimizer state
     remat: bool = False  # recompute each layer's activations in the backward pass
+    # 0: one jax.nn.dot_product_attention over the whole sequence (fused kernels on GPU/TPU);
+    # N: causal query chunks of N tokens that skip the masked key blocks (faster on CPU).
+    attention_chunk: int = 0
+    scan_unroll: int = 1  # layers per iteration of the layer scan (n_layers: no loop at all)
     init_std: float = 0.02
 
     @property

@@ -49,7 +49,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, segment_ids):
         cfg = self.cfg
         dense = _dense_factory(cfg)
         batch, seq, _ = x.shape
@@ -63,7 +63,7 @@ class Attention(nn.Module):
             batch, seq, cfg.kv_heads, cfg.head_dim
         )
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        out = causal_attention(q, k, v, segment_ids, cfg.attention_chunk)
         return dense(cfg.dim, name="wo")(out.reshape(batch, seq, cfg.n_heads * cfg.head_dim))
 
 
@@ -82,11 +82,11 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, segment_ids):
         cfg = self.cfg
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="attn_norm")(x)
-        x = x + Attention(cfg, name="attn")(h, cos, sin, mask)
+        x = x + Attention(cfg, name="attn")(h, cos, sin, segment_ids)
         h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="mlp_norm")(x)
         return x + MLP(cfg, name="mlp")(h), None
 
@@ -114,7 +114,6 @@ class Llama(nn.Module):
         )
         x = embed(tokens)
         cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
-        mask = attention_mask(segment_ids)
         block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
         layers = nn.scan(
             block,
@@ -122,8 +121,9 @@ class Llama(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.n_layers,
+            unroll=cfg.scan_unroll,
         )(cfg, name="layers")
-        x, _ = layers(x, cos, sin, mask)
+        x, _ = layers(x, cos, sin, segment_ids)
         x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="norm")(x)
         if cfg.tie_embeddings:
             return embed.attend(x)
@@ -155,12 +155,29 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     return index - last_start
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """Causal and same-document mask, [batch, 1, seq, seq]; padding (segment 0) sees itself only."""
-    seq = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((seq, seq), bool))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+def attention_mask(segment_ids: jax.Array, queries: slice | None = None) -> jax.Array:
+    """Causal same-document mask [batch, 1, queries, keys] for the query rows `queries` (all by
+    default) against the keys up to the last of them; padding (segment 0) sees padding only."""
+    queries = queries or slice(0, segment_ids.shape[-1])
+    position = jnp.arange(queries.stop)
+    causal = position[queries, None] >= position[None, :]
+    same = segment_ids[:, queries, None] == segment_ids[:, None, : queries.stop]
     return (same & causal)[:, None]
+
+
+def causal_attention(q, k, v, segment_ids, chunk: int) -> jax.Array:
+    """Causal attention within documents; with `chunk`, query chunk i only attends to keys
+    [0, (i + 1) * chunk), so the fully masked blocks are neither computed nor stored."""
+    seq = q.shape[1]
+    if not chunk or chunk >= seq or seq % chunk:
+        return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids))
+    outputs = []
+    for start in range(0, seq, chunk):
+        rows = slice(start, start + chunk)
+        keys = slice(0, start + chunk)
+        mask = attention_mask(segment_ids, rows)
+        outputs.append(jax.nn.dot_product_attention(q[:, rows], k[:, keys], v[:, keys], mask=mask))
+    return jnp.concatenate(outputs, axis=1)
 
 
 def count_params(params) -> int:
