@@ -270,3 +270,13 @@ def test_check_verdict_flags_disagreeing_device_counts_and_busy_tpus(tmp_path):
         "w02: TPU held by pid 4242 (python3) on /dev/accel0",
         "workers disagree on the device count: 8 devices on w01; 32 devices on w00",
     ]
+
+
+def test_unreachable_workers_of_a_preempted_node_say_so(pod_node, fake_tpu):
+    assert tpuctl("exec", "pod", "--", "true").returncode == 0
+    fake_tpu.preempt("pod")
+    pod_node.stop_host(0)
+    result = tpuctl("exec", "pod", "--connect-timeout", "3", "--", "true")
+    assert result.returncode == 1
+    assert "unreachable: w00" in result.stderr
+    assert "note: node pod is now PREEMPTED" in result.stderr

@@ -111,6 +111,9 @@ def _fan_out(target: Target, action, **kwargs) -> list[HostResult]:
         forget(target.settings, target.node.name)
         print(f"note: {err}", file=sys.stderr)
         return results
+    if not fresh.ready:
+        print(f"note: node {fresh.name} is now {fresh.state}", file=sys.stderr)
+        return results
     new_hosts = {h.label: h for h in hosts_for(target.settings, fresh, target.workers)}
     moved = [
         new_hosts[r.host.label]

@@ -105,7 +105,13 @@ class SshPod:
         self.bridge = f"{self.tag}b"
         self.directory = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{self.tag}-", dir=POD_DIRS))
         self.isolated = True  # False: the 127.0.x.y fallback
+        self.octet: int | None = None  # isolated pods: hosts are 10.231.<octet>.10+i
         self._hosts: list[_Host] = []
+
+    @property
+    def gateway(self) -> str:
+        """This machine's address as the hosts reach it (services tests run for them)."""
+        return f"{SUBNET}.{self.octet}.1" if self.isolated else "127.0.0.1"
 
     @property
     def hosts(self) -> list[str]:
