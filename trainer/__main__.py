@@ -30,11 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         distributed.initialize()
         from trainer.train import train
 
-        train(recipe)
+        return train(recipe)
     except (RecipeError, TrainerError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import optax
 from jax.experimental import multihost_utils
 
 from trainer import data, io, metrics, sharding
-from trainer.config import Recipe, RecipeError, check_batch_divisible, mesh_shape
+from trainer.checkpoint import EXIT_PREEMPTED, Checkpointer, CheckpointError
+from trainer.config import Recipe, RecipeError, TrainerError, check_batch_divisible, mesh_shape
 from trainer.model import Llama, count_params, init_params
 from trainer.optim import make_optimizer
 
@@ -247,8 +248,9 @@ def check_tokenizer(recipe: Recipe) -> None:
         )
 
 
-def train(recipe: Recipe) -> dict[str, Any]:
-    """Run the recipe to completion (or until the checkpointer asks to stop); returns the last metrics."""
+def train(recipe: Recipe) -> int:
+    """Run the recipe to completion, resuming from its newest checkpoint; returns the exit status
+    (0, or EXIT_PREEMPTED when SIGTERM stopped it after a committed save)."""
     started = time.time()
     is_main = jax.process_index() == 0
     recipe, hf_params = load_initial_params(recipe)
@@ -258,6 +260,13 @@ def train(recipe: Recipe) -> dict[str, Any]:
         prepare_data(recipe, "eval", recipe.data.eval, shuffle=False) if recipe.data.eval else None
     )
     run = setup(recipe, train_set, hf_params)
+    checkpointer = Checkpointer(io.join(recipe.run_dir, "checkpoints"), recipe.checkpoint)
+    try:
+        restored = checkpointer.restore(jax.tree_util.tree_map(_abstract, run.state))
+    except CheckpointError as e:
+        raise TrainerError(str(e)) from e
+    if restored is not None:
+        run.state = restored
     log = (
         metrics.MetricsLog(
             recipe.run_dir, recipe.logging.wandb_project, recipe.logging.tensorboard, recipe.run_id
@@ -308,10 +317,23 @@ def train(recipe: Recipe) -> dict[str, Any]:
                     flush=True,
                 )
             interval_start = time.perf_counter()
+        if checkpointer.maybe_save(run.state):
+            checkpointer.close()
+            if is_main:
+                print(
+                    f"trainer: stopped on SIGTERM at step {step}, checkpoint committed", flush=True
+                )
+            return EXIT_PREEMPTED
+    checkpointer.save(run.state)  # the final state, whatever the save interval
+    checkpointer.close()
     if is_main:
         done = {"step": step, "final": last, "wall_time_s": time.time() - started}
         io.write_text(io.join(recipe.run_dir, "DONE"), json.dumps(done) + "\n")
-    return last
+    return 0
+
+
+def _abstract(x: jax.Array) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
 
 def _step_record(
