@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -142,6 +145,18 @@ def test_put_and_get_copy_files_per_worker(ssh_pod, hosts, tmp_path):
         assert (tmp_path / "fetched" / host.label / "me").read_text().split() == [host.address]
     missing = get(hosts[:1], "/tmp/does-not-exist", tmp_path / "fetched")
     assert missing[0].exit_code == 1 and "does-not-exist" in missing[0].stderr
+
+
+def test_commands_start_everywhere_even_with_few_handshake_slots(ssh_pod32, pod_key, tmp_path):
+    # The hosts share this machine's /var/tmp: a barrier none passes until all 32 started.
+    hosts = pod_hosts(ssh_pod32, pod_key, str(tmp_path / "known_hosts"))
+    started = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="tpuctl-barrier-"))
+    try:
+        barrier = f"touch {started}/$(hostname -I); until [ $(ls {started} | wc -l) -ge 32 ]; do sleep 0.05; done"
+        results = run(hosts, barrier, max_parallel=4, timeout=30)
+        assert [r.error for r in results] == [None] * 32
+    finally:
+        shutil.rmtree(started)
 
 
 def test_32_workers_in_parallel(ssh_pod32, pod_key, tmp_path):

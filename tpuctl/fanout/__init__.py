@@ -3,8 +3,10 @@
     from tpuctl.fanout import Host, run
     results = run(hosts, "hostname", on_line=print_line)
 
-Each host gets one worker thread from a bounded pool (no thread per line, no process per
-host). Environment values travel inside the script fed on stdin, never in any argv. On
+`run` starts the command on every host at once (a multi-host JAX program only starts when
+all of its processes do), with at most `max_parallel` SSH handshakes in flight; `put` and
+`get` copy to at most `max_parallel` hosts at a time. One thread per active host, none per
+line, no process per host. Environment values travel inside the script fed on stdin, never in any argv. On
 Ctrl-C every remote command is stopped and `Interrupted` carries the per-host results.
 This module is light; paramiko is imported only when an SSH host is actually contacted.
 """
@@ -64,11 +66,12 @@ def run(
     `on_line(host, stream, line)` sees each output line as it arrives; `on_result` each
     host's result as it finishes. `timeout` bounds each command's wall time, after which
     its process group is stopped. `fail_fast` stops everyone once one host fails.
+    `max_parallel` bounds simultaneous connection handshakes, never running commands.
     """
     hosts = list(hosts)
     envs = [merged_env(host, env) for host in hosts]
     stop = stop or StopSignal()
-    ctx = _ssh_context(hosts, connect_timeout)
+    ctx = _ssh_context(hosts, connect_timeout, max_parallel)
 
     def run_one(index: int) -> HostResult:
         host = hosts[index]
@@ -82,7 +85,7 @@ def run(
 
         return ssh.run_on_host(host, command, envs[index], ctx, stop, timeout, on_line)
 
-    return _fan_out(hosts, run_one, max_parallel, fail_fast, stop, on_result)
+    return _fan_out(hosts, run_one, len(hosts), fail_fast, stop, on_result)
 
 
 def put(
@@ -99,7 +102,7 @@ def put(
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist")
     stop = StopSignal()
-    ctx = _ssh_context(hosts, connect_timeout)
+    ctx = _ssh_context(hosts, connect_timeout, max_parallel)
 
     def put_one(index: int) -> HostResult:
         host = hosts[index]
@@ -132,7 +135,7 @@ def get(
     hosts = list(hosts)
     name = Path(remote_path.rstrip("/")).name or "root"
     stop = StopSignal()
-    ctx = _ssh_context(hosts, connect_timeout)
+    ctx = _ssh_context(hosts, connect_timeout, max_parallel)
 
     def get_one(index: int) -> HostResult:
         host = hosts[index]
@@ -167,18 +170,18 @@ def _transfer(host: Host, copy: Callable[[], int], remote_path: str, where: str)
     return HostResult(host, 0, f"{count} {files} {where}", "", None, time.monotonic() - started)
 
 
-def _ssh_context(hosts: list[Host], connect_timeout: float):
+def _ssh_context(hosts: list[Host], connect_timeout: float, max_handshakes: int):
     if not any(host.transport == "ssh" for host in hosts):
         return None
     from tpuctl.fanout.ssh import SshContext
 
-    return SshContext(connect_timeout)
+    return SshContext(connect_timeout, max_handshakes)
 
 
 def _fan_out(
     hosts: list[Host],
     one: Callable[[int], HostResult],
-    max_parallel: int,
+    workers: int,
     fail_fast: bool,
     stop: StopSignal,
     on_result: ResultFn | None,
@@ -194,7 +197,7 @@ def _fan_out(
             on_result(result)
         return result
 
-    pool = concurrent.futures.ThreadPoolExecutor(max(1, min(max_parallel, len(hosts))))
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(hosts))))
     futures = [pool.submit(job, index) for index in range(len(hosts))]
     try:
         _wait_all(futures)

@@ -103,8 +103,10 @@ class Credentials:
 class SshContext:
     """State shared by all hosts of one fan-out call."""
 
-    def __init__(self, connect_timeout: float) -> None:
+    def __init__(self, connect_timeout: float, max_handshakes: int = 64) -> None:
         self.connect_timeout = connect_timeout
+        # Handshakes cost CPU here and on the hosts; commands, once started, cost nothing.
+        self.handshakes = threading.BoundedSemaphore(max(1, max_handshakes))
         self.credentials = Credentials()
         self._known: dict[str | None, KnownHosts] = {}
         self._lock = threading.Lock()
@@ -159,7 +161,8 @@ def connect(host: Host, ctx: SshContext, stop: StopSignal) -> paramiko.Transport
         if attempt and stop.wait(RETRY_PAUSE_S * attempt):
             break
         try:
-            return _connect_once(host, ctx)
+            with ctx.handshakes:
+                return _connect_once(host, ctx)
         except (paramiko.AuthenticationException, HostKeyChanged) as err:
             raise ConnectionError(f"{UNREACHABLE}: {err}") from err
         except TimeoutError as err:
