@@ -153,3 +153,11 @@ def test_every_command_runs_at_once_whatever_max_parallel(tmp_path):
     barrier = f"touch {started}/$$; until [ $(ls {started} | wc -l) -ge 24 ]; do sleep 0.02; done"
     results = run(hosts, barrier, max_parallel=4, timeout=20)
     assert [r.error for r in results] == [None] * 24
+
+
+def test_512_workers(tmp_path):
+    hosts = local_hosts(tmp_path, 512)
+    lines = []
+    results = run(hosts, "basename $PWD", on_line=lambda h, _s, line: lines.append((h.label, line)))
+    assert all(r.ok for r in results)
+    assert sorted(lines) == sorted((f"w{i:02d}", f"worker-{i}") for i in range(512))
