@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -92,8 +93,12 @@ def test_timeout_kills_the_whole_process_group(tmp_path):
 
 def test_ctrl_c_stops_every_worker_and_reports_them(tmp_path):
     hosts = local_hosts(tmp_path, 2)
-    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), 2))
-    timer.start()
+
+    def press_ctrl_c_once_both_run() -> None:
+        wait_for(lambda: len(processes_matching("sleep 36")) == 2)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c_once_both_run, daemon=True).start()
     try:
         run(hosts, "sleep 36")
     except Interrupted as interrupted:
