@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import sys
@@ -28,7 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from trainer.config import CheckpointConfig
+from trainer import io
+from trainer.config import CheckpointConfig, ModelConfig, TrainerError
 
 # Distinct exit statuses, so tpuctl can tell "saved and stopped on SIGTERM" (resume it) and
 # "a checkpoint save hung" from a crash. 75 and 74 are sysexits' EX_TEMPFAIL and EX_IOERR.
@@ -36,10 +39,11 @@ EXIT_PREEMPTED = 75
 EXIT_SAVE_TIMEOUT = 74
 
 _WATCHDOG_POLL_S = 0.2
+MODEL_INFO_FILE = "model.json"  # beside the step directories: what export needs to know
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint exists but cannot be used; the message says which one and what to do."""
+class CheckpointError(TrainerError):
+    """A checkpoint is missing or cannot be used; the message says which one and what to do."""
 
 
 class Checkpointer:
@@ -49,10 +53,20 @@ class Checkpointer:
     same points of the loop: orbax coordinates the processes inside these calls.
     """
 
-    def __init__(self, directory: str, cfg: CheckpointConfig):
-        from trainer import io  # routes gcsfs/tensorstore to STORAGE_EMULATOR_HOST if set
-
+    def __init__(
+        self,
+        directory: str,
+        cfg: CheckpointConfig,
+        *,
+        model: ModelConfig | None = None,
+        tokenizer_path: str | None = None,
+    ):
+        """`model` and `tokenizer_path`, when given, are recorded beside the checkpoints so that
+        `python -m trainer.export` can rebuild a Hugging Face directory from the run alone."""
         io.makedirs(directory)
+        if model is not None and jax.process_index() == 0:
+            info = {"model": dataclasses.asdict(model), "tokenizer": tokenizer_path}
+            io.write_text(io.join(directory, MODEL_INFO_FILE), json.dumps(info, indent=1) + "\n")
         self.directory = directory
         self.cfg = cfg
         self._manager = ocp.CheckpointManager(directory, options=self._options(cfg))
@@ -97,9 +111,8 @@ class Checkpointer:
         try:
             state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} cannot be loaded ({reason}); "
+                f"checkpoint step {step} in {self.directory} cannot be loaded ({_first_line(e)}); "
                 "run with the model config it was saved with, or move that step directory "
                 "away to resume from an earlier one (it was not treated as 'no checkpoint')"
             ) from e
@@ -222,3 +235,70 @@ class Checkpointer:
                     flush=True,
                 )
                 os._exit(EXIT_SAVE_TIMEOUT)
+
+
+# -- parameters-only reads (export, serving) --------------------------------------------------
+
+
+def read_model_info(directory: str) -> tuple[ModelConfig, str | None]:
+    """The ModelConfig and tokenizer path a Checkpointer recorded in `directory`."""
+    path = io.join(directory, MODEL_INFO_FILE)
+    if not io.exists(path):
+        raise CheckpointError(
+            f"{path} not found: this run did not record its model config; pass --recipe RECIPE"
+        )
+    info = json.loads(io.read_text(path))
+    return ModelConfig(**info["model"]), info.get("tokenizer")
+
+
+def load_params(directory: str, step: int | None = None) -> tuple[int, Any]:
+    """(step, params) of a committed checkpoint (default: the newest) as numpy arrays on this
+    host, whatever mesh saved them; the optimizer state is not read."""
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    manager = ocp.CheckpointManager(directory, options=options)
+    steps = manager.all_steps()
+    manager.close()
+    if not steps:
+        raise CheckpointError(f"no committed checkpoint in {directory}")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise CheckpointError(
+            f"--step {step}: no committed checkpoint at that step in {directory}; "
+            f"committed steps: {', '.join(map(str, sorted(steps)))}"
+        )
+    item_dir = io.join(directory, str(step), "default")
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        tree = checkpointer.metadata(item_dir).item_metadata.tree
+        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+
+        def on_host(meta):
+            return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=cpu)
+
+        def skipped(meta):
+            return ocp.PLACEHOLDER
+
+        wanted = {
+            key: jax.tree.map(on_host if key == "params" else skipped, subtree)
+            for key, subtree in tree.items()
+        }
+        restore_args = jax.tree.map(
+            lambda x: (
+                ocp.PLACEHOLDER if x is ocp.PLACEHOLDER else ocp.ArrayRestoreArgs(sharding=cpu)
+            ),
+            wanted,
+        )
+        restored = checkpointer.restore(
+            item_dir, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args)
+        )
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint step {step} in {directory} cannot be read: {_first_line(e)}"
+        ) from e
+    return step, jax.tree.map(np.asarray, restored["params"])
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

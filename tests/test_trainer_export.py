@@ -1,0 +1,164 @@
+"""trainer.export: a Hugging Face Llama imported into a checkpoint exports back to the identical
+tensors, and the exported directory loads in transformers with the JAX model's logits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer import io
+from trainer.config import CheckpointConfig, ModelConfig
+
+REPO = Path(__file__).resolve().parent.parent
+TOKENIZER = REPO / "recipes" / "data" / "tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def hf_model_dir(tmp_path_factory) -> Path:
+    """A small random LlamaForCausalLM saved by transformers itself (grouped-query attention)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    path = tmp_path_factory.mktemp("hf") / "llama"
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _hf_tensors(directory: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    tensors: dict[str, np.ndarray] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def _save_run(run_dir: str, model_cfg: ModelConfig, params, step: int = 7) -> None:
+    """Write params in a train state checkpoint, as the trainer does, from this process."""
+    import flax
+    import jax
+    import jax.numpy as jnp
+
+    from trainer.checkpoint import Checkpointer
+
+    @flax.struct.dataclass
+    class TrainState:
+        step: jax.Array
+        params: dict
+        opt_state: dict
+        rng: jax.Array
+
+    params = jax.tree.map(jnp.asarray, params)
+    state = TrainState(
+        jnp.int32(step), params, {"mu": jax.tree.map(jnp.zeros_like, params)}, jax.random.key(0)
+    )
+    checkpointer = Checkpointer(
+        io.join(run_dir, "checkpoints"),
+        CheckpointConfig(every_steps=1, async_save=False),
+        model=model_cfg,
+        tokenizer_path=str(TOKENIZER),
+    )
+    checkpointer.save(state)
+    checkpointer.close()
+
+
+def _import(hf_model_dir: Path):
+    from trainer.hf import load_hf_dir
+
+    return load_hf_dir(str(hf_model_dir), ModelConfig(dtype="float32", param_dtype="float32"))
+
+
+def test_hf_import_then_export_gives_identical_tensors(hf_model_dir, tmp_path):
+    from trainer.export import export
+
+    model_cfg, params = _import(hf_model_dir)
+    _save_run(str(tmp_path / "run"), model_cfg, params)
+    out = tmp_path / "exported"
+    # Small shards: exercises the multi-file layout and its index.
+    assert export(str(tmp_path / "run"), str(out), max_shard_bytes=64 * 1024) == 7
+    original, exported = _hf_tensors(hf_model_dir), _hf_tensors(out)
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype and np.array_equal(exported[name], tensor), name
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(original)
+    assert len(set(index["weight_map"].values())) > 1
+    assert (out / "tokenizer.model").read_bytes() == TOKENIZER.read_bytes()
+
+
+def test_exported_checkpoint_loads_in_transformers_with_matching_logits(hf_model_dir, tmp_path):
+    import jax
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from trainer.model import Llama
+
+    model_cfg, params = _import(hf_model_dir)
+    rng = np.random.default_rng(0)  # "trained" weights: not the ones transformers initialised
+    params = jax.tree.map(lambda p: p + rng.normal(0, 0.02, p.shape).astype(p.dtype), params)
+    _save_run(str(tmp_path / "run"), model_cfg, params)
+    out = tmp_path / "exported"
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.export", str(tmp_path / "run"), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "exported step 7" in result.stdout
+    tokens = rng.integers(0, model_cfg.vocab_size, size=(2, 24))
+    ours = np.asarray(Llama(model_cfg).apply({"params": params}, jax.numpy.asarray(tokens)))
+    model = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=2e-4, rtol=2e-4)
+
+
+def test_export_to_gcs(hf_model_dir, tmp_path, gcs):
+    from trainer.export import export
+
+    model_cfg, params = _import(hf_model_dir)
+    run_dir = "gs://test-bucket/runs/export"
+    _save_run(run_dir, model_cfg, params, step=3)
+    export(run_dir, "gs://test-bucket/models/llama")
+    files = io.listdir("gs://test-bucket/models/llama")
+    assert files == ["config.json", "model.safetensors", "tokenizer.model"]
+    config = json.loads(io.read_text("gs://test-bucket/models/llama/config.json"))
+    assert config["num_key_value_heads"] == 2 and config["model_type"] == "llama"
+
+
+def test_bad_step_and_missing_run_are_one_line_errors(hf_model_dir, tmp_path):
+    model_cfg, params = _import(hf_model_dir)
+    _save_run(str(tmp_path / "run"), model_cfg, params)
+    for args, expected in [
+        ([str(tmp_path / "run"), str(tmp_path / "o"), "--step", "99"], "--step 99"),
+        ([str(tmp_path / "nope"), str(tmp_path / "o")], "no committed checkpoint"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "trainer.export", *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        assert result.returncode == 2
+        assert result.stderr.startswith("error: ") and expected in result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
