@@ -188,3 +188,16 @@ def test_a_worker_that_dies_mid_command_is_reported_without_waiting(ssh_pod, hos
         worker.join(10)
     assert results[1].error == "connection lost" and results[1].exit_code is None
     assert results[0].error == "test over"
+
+
+def test_a_chatty_login_script_does_not_hide_output_or_the_process_group(ssh_pod, hosts):
+    bashrc = ssh_pod.path(0, "/root/.bashrc")
+    bashrc.write_text("echo welcome to w00\n")
+    try:
+        [result] = run(hosts[:1], "echo hi")
+        assert result.stdout.endswith("hi\n") and "welcome to w00" in result.stdout
+        [stopped] = run(hosts[:1], "sleep 39", timeout=1)
+        assert stopped.error == "timed out after 1 s"
+        wait_for(lambda: not any("sleep 39" in p for p in ssh_pod.processes(0)))
+    finally:
+        bashrc.unlink()

@@ -280,7 +280,8 @@ def _kill_remote(transport: paramiko.Transport, pgid: int) -> None:
 
 
 class _MarkedStdout:
-    """Stdout whose first line is the wrapper's process-group marker, not user output."""
+    """Stdout carrying the wrapper's process-group marker line, which is not user output.
+    Lines before it (a login script that prints something) pass through unchanged."""
 
     def __init__(self, splitter: LineSplitter) -> None:
         self.splitter = splitter
@@ -293,20 +294,19 @@ class _MarkedStdout:
             self.splitter.feed(data)
             return
         self._head += data
-        if b"\n" not in self._head:
-            return
-        first, rest = self._head.split(b"\n", 1)
-        self._seen_marker = True
-        marker, _, pgid = first.decode(errors="replace").partition(" ")
-        if marker == PID_MARKER and pgid.strip().isdigit():
-            self.pgid = int(pgid)
-        else:
-            rest = self._head
-        if rest:
-            self.splitter.feed(rest)
+        while not self._seen_marker and b"\n" in self._head:
+            line, self._head = self._head.split(b"\n", 1)
+            marker, _, pgid = line.decode(errors="replace").partition(" ")
+            if marker == PID_MARKER and pgid.strip().isdigit():
+                self.pgid, self._seen_marker = int(pgid), True
+            else:
+                self.splitter.feed(line + b"\n")
+        if self._seen_marker and self._head:
+            self.splitter.feed(self._head)
+            self._head = b""
 
     def close(self) -> str:
-        if not self._seen_marker and self._head:
+        if self._head:
             self.splitter.feed(self._head)
         return self.splitter.close()
 
