@@ -91,11 +91,10 @@ class MetricsLog:
         self.path = io.join(run_dir, "metrics.jsonl")
         io.makedirs(run_dir)
         # gs:// objects cannot be appended to: keep what is there and rewrite it whole.
-        self.remote_lines = (
-            io.read_text(self.path).splitlines(keepends=True)
-            if "://" in self.path and io.exists(self.path)
-            else None
-        )
+        self.remote_lines: list[str] | None = None
+        if io.is_gcs(self.path):
+            exists = io.exists(self.path)
+            self.remote_lines = io.read_text(self.path).splitlines(keepends=True) if exists else []
         self.sinks = []
         if wandb_project:
             self.sinks.append(_wandb_sink(wandb_project, run_id, config))
