@@ -166,6 +166,14 @@ def lookup_node(settings: Settings, name: str | None, *, use_cache: bool = True)
     """The node a command targets, from the cache when it has an entry for the name,
     else from the provider (and then cached). Local pods are never cached: reading
     them is as cheap as reading the cache."""
+    return lookup_node_noting_cache(settings, name, use_cache=use_cache)[0]
+
+
+def lookup_node_noting_cache(
+    settings: Settings, name: str | None, *, use_cache: bool = True
+) -> tuple[Node, bool]:
+    """`lookup_node`, also saying whether the node came from the cache (whose addresses
+    may be stale: see `moved_hosts`)."""
     from tpuctl.providers import resolve_node
 
     chosen = name or settings.get("node")
@@ -173,8 +181,29 @@ def lookup_node(settings: Settings, name: str | None, *, use_cache: bool = True)
     if use_cache and cacheable and chosen:
         node = cached_node(settings, chosen)
         if node is not None:
-            return node
+            return node, True
     node = resolve_node(settings, chosen)
     if cacheable and node.ready:
         remember(settings, node)
-    return node
+    return node, False
+
+
+def moved_hosts(
+    settings: Settings, name: str, workers: list[int] | None, unreachable: list[Host]
+) -> list[Host]:
+    """After cached addresses failed: look the node up again (refreshing the cache) and
+    return fresh hosts for the unreachable ones whose address changed (the node was
+    recreated). Raises a TpuctlError when the node is gone or no longer READY."""
+    try:
+        fresh = lookup_node(settings, name, use_cache=False)
+    except TpuctlError:
+        forget(settings, name)
+        raise
+    if not fresh.ready:
+        raise TpuctlError(f"node {fresh.name} is now {fresh.state}", exit_code=1)
+    current = {h.label: h for h in hosts_for(settings, fresh, workers)}
+    return [
+        current[h.label]
+        for h in unreachable
+        if h.label in current and current[h.label].address != h.address
+    ]

@@ -76,17 +76,11 @@ def _settings(zone, project, ssh_user=None, internal_ip=None) -> Settings:
 
 
 def _target(settings: Settings, name: str | None, worker: str | None, all_workers: bool) -> Target:
-    from tpuctl.hosts import cached_node, hosts_for, lookup_node, parse_workers
+    from tpuctl.hosts import hosts_for, lookup_node_noting_cache, parse_workers
 
     if worker is not None and all_workers:
         raise TpuctlError("--worker and --all-workers both given; keep one")
-    chosen = name or settings.get("node")
-    node = None
-    if chosen and settings.get("provider") != "local":
-        node = cached_node(settings, chosen)
-    cached = node is not None
-    if node is None:
-        node = lookup_node(settings, chosen, use_cache=False)
+    node, cached = lookup_node_noting_cache(settings, name)
     if not node.ready:
         raise TpuctlError(
             f"node {node.name} is {node.state}, not READY; see `tpuctl status {node.name}`",
@@ -99,27 +93,17 @@ def _target(settings: Settings, name: str | None, worker: str | None, all_worker
 def _fan_out(target: Target, action, **kwargs) -> list[HostResult]:
     """Run `action(hosts, **kwargs)`; if cached addresses turned out unreachable, look the
     node up again and retry the workers whose address changed (the node was recreated)."""
+    from tpuctl.hosts import moved_hosts
+
     results = action(target.hosts, **kwargs)
-    unreachable = [r for r in results if r.unreachable]
+    unreachable = [r.host for r in results if r.unreachable]
     if not unreachable or not target.cached:
         return results
-    from tpuctl.hosts import forget, hosts_for, lookup_node
-
     try:
-        fresh = lookup_node(target.settings, target.node.name, use_cache=False)
+        moved = moved_hosts(target.settings, target.node.name, target.workers, unreachable)
     except TpuctlError as err:
-        forget(target.settings, target.node.name)
         print(f"note: {err}", file=sys.stderr)
         return results
-    if not fresh.ready:
-        print(f"note: node {fresh.name} is now {fresh.state}", file=sys.stderr)
-        return results
-    new_hosts = {h.label: h for h in hosts_for(target.settings, fresh, target.workers)}
-    moved = [
-        new_hosts[r.host.label]
-        for r in unreachable
-        if r.host.label in new_hosts and new_hosts[r.host.label].address != r.host.address
-    ]
     if not moved:
         return results
     labels = " ".join(h.label for h in moved)
