@@ -138,9 +138,17 @@ def logs(
         _follow(hosts, run_id, 20 if lines is None else lines, all_lines)
         return
     results = jobs.logs(hosts, run_id=run_id, lines=lines, all_lines=all_lines, on_line=_print_line)
-    missing = [r for r in results if r.exit_code == jobs.NO_RUN_EXIT or not r.ok]
-    if len(missing) == len(results):
+    failed = [r for r in results if not r.ok]
+    if (
+        failed
+        and all(r.exit_code == jobs.NO_RUN_EXIT for r in failed)
+        and len(failed) == len(results)
+    ):
         raise TpuctlError(f"no run{f' {run_id}' if run_id else ''} on these workers", 1)
+    unreachable = [r for r in failed if r.exit_code != jobs.NO_RUN_EXIT]
+    if unreachable:
+        details = "; ".join(f"{r.host.label}: {r.error or r.stderr.strip()}" for r in unreachable)
+        raise TpuctlError(f"could not read the log on {len(unreachable)} worker(s): {details}", 1)
 
 
 @app.command()

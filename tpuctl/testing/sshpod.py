@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -387,3 +388,50 @@ def make_keypair(directory: Path) -> tuple[str, str]:
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
     return str(private), public.decode() + " tpuctl-test-pod"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tpuctl.testing.sshpod --hosts 32`: a pod of sshd hosts behind a fake Cloud
+    TPU API, to try the fan-out commands by hand. Prints the environment to export."""
+    import argparse
+
+    from tpuctl.testing.fake_tpu import FakeTpuApi
+
+    parser = argparse.ArgumentParser(description="A pod of sshd hosts behind a fake TPU API.")
+    parser.add_argument(
+        "--hosts", type=int, default=4, help="1, 2, 4, ... 128 (a v3 slice's hosts)"
+    )
+    parser.add_argument("--name", default="pod", help="the node's name in the fake API")
+    args = parser.parse_args(argv)
+    if args.hosts < 1 or args.hosts > 128 or args.hosts & (args.hosts - 1):
+        parser.error("--hosts must be a power of two from 1 to 128")
+    work = Path(tempfile.mkdtemp(prefix="tpuctl-sshpod-demo-"))
+    key = make_keypair(work)
+    with SshPod(args.hosts, key) as pod, FakeTpuApi() as api:
+        api.add_node(
+            args.name, f"v3-{8 * args.hosts}", project="demo", zone="us-central1-a",
+            worker_ips=pod.hosts,
+        )  # fmt: skip
+        print(f"# {args.hosts} sshd hosts ({pod.hosts[0]} ...) as node {args.name}; export:")
+        print(f"export TPUCTL_TPU_API_ENDPOINT={api.url} TPUCTL_PROJECT=demo")
+        print("export TPUCTL_ZONE=us-central1-a TPUCTL_SSH_USER=root")
+        print(f"export TPUCTL_SSH_KEY={key[0]} XDG_STATE_HOME={work / 'state'}")
+        print("# then: tpuctl exec -- hostname -I")
+        print("# type `stop N` / `start N` here to take host N down or up; Ctrl-D ends the pod")
+        _serve_commands(pod)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _serve_commands(pod: SshPod) -> None:
+    with contextlib.suppress(KeyboardInterrupt):
+        for line in sys.stdin:
+            verb, _, index = line.strip().partition(" ")
+            if verb in ("stop", "start") and index.isdigit() and int(index) < pod.n:
+                (pod.stop_host if verb == "stop" else pod.start_host)(int(index))
+                print(f"host {index} {'stopped' if verb == 'stop' else 'started'}", flush=True)
+            elif line.strip():
+                print(f"unknown command {line.strip()!r}: stop N | start N", flush=True)
+
+
+if __name__ == "__main__":
+    main()

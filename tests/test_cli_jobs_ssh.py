@@ -1,0 +1,177 @@
+"""`tpuctl run / logs / ps / kill` on the SSH test pod: the real Cloud TPU client asks the
+fake API for node `pod` (v3-32), whose workers are 4 sshd hosts in their own network, mount
+and PID namespaces; the trainer runs on them as 4 jax.distributed processes x 8 CPU devices;
+the recipe goes through a GCS emulator the hosts reach over the pod's bridge."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_pod import pod_hosts
+from tpuctl.fanout import run
+from tpuctl.testing.gcs_emulator import emulator_env
+from tpuctl.testing.sshpod import SUBNET
+
+pytestmark = pytest.mark.pod
+
+PROJECT, ZONE = "test-project", "us-central1-a"
+REPO = Path(__file__).resolve().parent.parent
+TINY = str(REPO / "recipes" / "tiny.yaml")
+FAST = ["train.batch_size=32", "train.grad_accum=1", "eval.every_steps=0", "logging.every_steps=1"]
+
+
+def tpuctl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tpuctl", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def ok(*args: str) -> str:
+    result = tpuctl(*args)
+    assert result.returncode == 0, result.stderr + result.stdout
+    return result.stdout
+
+
+def wait_for(condition, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("condition not met before the deadline")
+
+
+def _serving(url: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{url}/storage/v1/b?project=p", timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def gcs_on_bridge(ssh_pod):
+    """A GCS emulator on the pod's bridge address, so that the hosts reach it too."""
+    address = f"{SUBNET}.{ssh_pod.octet}.1" if ssh_pod.isolated else "127.0.0.1"
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--quiet", "--in-memory"]
+    server = subprocess.Popen(
+        [*command, "--host", address, "--port", str(port), "--default-bucket", "test-bucket"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://{address}:{port}"
+    try:
+        wait_for(lambda: _serving(url), timeout=20)
+        yield url
+    finally:
+        server.terminate()
+        server.wait()
+
+
+@pytest.fixture
+def pod(fake_tpu, ssh_pod, pod_key, gcs_on_bridge, monkeypatch, tmp_path):
+    """Node `pod` (v3-32) on the sshd hosts; workers use this interpreter (worker.python)."""
+    fake_tpu.add_node("pod", "v3-32", project=PROJECT, zone=ZONE, worker_ips=ssh_pod.hosts)
+    for name, value in {
+        **emulator_env(gcs_on_bridge),
+        "TPUCTL_SSH_KEY": pod_key[0],
+        "TPUCTL_SSH_USER": "root",
+        "TPUCTL_BUCKET": "test-bucket",
+    }.items():
+        monkeypatch.setenv(name, value)
+    config_file = Path(tmp_path / "xdg-config" / "tpuctl" / "config.yaml")
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(f"worker:\n  python: {sys.executable}\n")
+    hosts = pod_hosts(ssh_pod, pod_key, str(tmp_path / "known_hosts"))
+    yield ssh_pod, hosts
+    tpuctl("kill", "pod", "--grace", "1")
+
+
+@pytest.fixture
+def shared_dir():
+    """A run directory every host sees (their /tmp and /root are private)."""
+    path = Path(tempfile.mkdtemp(prefix="tpuctl-ssh-run-", dir="/var/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def trainers_on(ssh_pod, index: int, run_id: str) -> list[str]:
+    return [
+        line
+        for line in ssh_pod.processes(index)
+        if f"tpuctl/runs/{run_id}/recipe.yaml" in line and "-m trainer" in line
+    ]
+
+
+def test_run_follow_trains_across_the_four_hosts_with_jax_distributed(pod, shared_dir):
+    ssh_pod, _hosts = pod
+    out = ok(
+        "run", TINY, "--name", "pod", "--all-workers", "--follow", "--run-id", "ssh-e2e",
+        "--", *FAST, "train.steps=3", f"run_dir={shared_dir}",
+    )  # fmt: skip
+    assert "run ssh-e2e started on 4 worker(s) of pod" in out
+    assert "gs://test-bucket/tpuctl/runs/ssh-e2e/recipe.yaml" in out
+    assert "x 4 process(es)" in out  # one program over the 4 hosts' 32 devices
+    done = json.loads((shared_dir / "DONE").read_text())
+    assert f"run ssh-e2e finished: step 3, final loss {done['final']['loss']:.4f}" in out
+    rows = [line.split() for line in ok("ps", "pod").splitlines()[1:]]
+    assert [row[:4] for row in rows] == [[f"w0{i}", "ssh-e2e", "exited", "0"] for i in range(4)]
+    for index in range(4):  # each host keeps its own job record and log
+        log = ssh_pod.path(index, "/root/.tpuctl/jobs/ssh-e2e/log")
+        assert log.is_file()
+
+
+def test_second_run_refused_secrets_hidden_crash_visible_and_kill_leaves_nothing(pod, shared_dir):
+    ssh_pod, hosts = pod
+    secret = "wandb-secret-on-ssh-77"
+    ok(
+        "run", TINY, "--name", "pod", "--all-workers", "--run-id", "ssh-long",
+        "--env", f"WANDB_API_KEY={secret}",
+        "--", *FAST, "train.steps=100000", f"run_dir={shared_dir}",
+    )  # fmt: skip
+    wait_for(lambda: "step 1 " in ok("logs", "pod", "-n", "5"))
+    for index in range(4):
+        listing = run(hosts[index : index + 1], "ps -eww -o args")[0].stdout
+        assert "tpuctl/runs/ssh-long/recipe.yaml" in listing
+        assert secret not in listing
+
+    second = tpuctl("run", TINY, "--name", "pod", "--all-workers", "--", *FAST)
+    assert second.returncode == 1
+    assert "run ssh-long is still running on w00, w01, w02, w03" in second.stderr
+
+    # Host 2's trainer dies without a word (as under the OOM killer).
+    # Anchored on the interpreter: the job's wrapper shell has the same words in its argv.
+    killed = run(hosts[2:3], "pkill -KILL -f '^[^ ]*python[^ ]* -m trainer '")
+    assert killed[0].ok, killed[0].stderr
+    wait_for(lambda: "exited 137" in ok("ps", "pod"))
+    logs = ok("logs", "pod")
+    assert "w02 | tpuctl: job failed: killed by signal 9" in logs
+    assert secret not in ok("logs", "pod", "--all-lines")
+
+    report = ok("kill", "pod", "--grace", "10").splitlines()
+    assert len(report) == 4 and report[2] == "w02: nothing running"
+    assert all(trainers_on(ssh_pod, index, "ssh-long") == [] for index in range(4))
+    assert ok("kill", "pod").count("nothing running") == 4
+
+
+def test_recipe_errors_are_refused_before_anything_reaches_the_hosts(pod):
+    before = ok("ps", "pod")  # the shared pod's hosts may remember earlier runs
+    result = tpuctl("run", TINY, "--name", "pod", "--all-workers", "--", "model.presett=tiny")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: recipe") and "model.presett" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert ok("ps", "pod") == before and "running" not in before
