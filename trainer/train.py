@@ -260,7 +260,12 @@ def train(recipe: Recipe) -> int:
         prepare_data(recipe, "eval", recipe.data.eval, shuffle=False) if recipe.data.eval else None
     )
     run = setup(recipe, train_set, hf_params)
-    checkpointer = Checkpointer(io.join(recipe.run_dir, "checkpoints"), recipe.checkpoint)
+    checkpointer = Checkpointer(
+        io.join(recipe.run_dir, "checkpoints"),
+        recipe.checkpoint,
+        model=recipe.model,  # recorded for `python -m trainer.export`
+        tokenizer_path=recipe.tokenizer.path,
+    )
     try:
         restored = checkpointer.restore(jax.tree_util.tree_map(_abstract, run.state))
     except CheckpointError as e:

@@ -1,0 +1,167 @@
+"""Exact resume: `python -m trainer` killed with SIGKILL at random steps and started again reaches
+the same per-step losses and the same final parameters as an uninterrupted run, bit for bit on
+the CPU; on 1 process (local run directory) and on 4 jax.distributed processes writing to a
+GCS emulator (killed twice)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from trainer import io
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "tiny.yaml"
+STEPS = 40
+OVERRIDES = [
+    f"train.steps={STEPS}",
+    "train.batch_size=8",
+    "train.seq_len=64",
+    "train.grad_accum=1",
+    "logging.every_steps=1",  # a loss for every step, to compare them all
+    "eval.every_steps=0",
+    "checkpoint.every_steps=5",
+    "checkpoint.keep=2",
+]
+RUN_TIMEOUT_S = 240
+PROGRESS = re.compile(r"^step (\d+) ", re.MULTILINE)
+
+
+class TrainerPod:
+    """`python -m trainer` on `processes` jax.distributed CPU processes (2 devices each)."""
+
+    def __init__(self, run_dir: str, processes: int):
+        port = _free_port()
+        self.logs = Path(tempfile.mkdtemp(prefix="resume-"))
+        self.procs: list[subprocess.Popen] = []
+        for index in range(processes):
+            env = {k: v for k, v in os.environ.items() if not k.startswith("TPUCTL_")}
+            env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=str(REPO))
+            if processes > 1:
+                env.update(
+                    TPUCTL_COORDINATOR=f"127.0.0.1:{port}",
+                    TPUCTL_NUM_PROCESSES=str(processes),
+                    TPUCTL_PROCESS_ID=str(index),
+                )
+            command = [sys.executable, "-m", "trainer", str(RECIPE), f"run_dir={run_dir}"]
+            with open(self.logs / f"{index}.out", "w") as out:
+                self.procs.append(
+                    subprocess.Popen(
+                        command + OVERRIDES, env=env, stdout=out, stderr=subprocess.STDOUT
+                    )
+                )
+
+    def output(self, index: int = 0) -> str:
+        return (self.logs / f"{index}.out").read_text(errors="replace")
+
+    def last_step(self) -> int:
+        steps = PROGRESS.findall(self.output())
+        return int(steps[-1]) if steps else 0
+
+    def running(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+    def kill_at(self, step: int) -> int:
+        """SIGKILL every process once step `step` is done; returns the last step printed."""
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while self.running() and self.last_step() < step:
+            assert time.monotonic() < deadline, f"no step {step} yet:\n{self.output()[-3000:]}"
+            time.sleep(0.02)
+        assert self.running(), f"the run ended before step {step}:\n{self.output()[-3000:]}"
+        for proc in self.procs:
+            proc.send_signal(signal.SIGKILL)
+        for proc in self.procs:
+            proc.wait()
+        return self.last_step()
+
+    def finish(self) -> str:
+        for index, proc in enumerate(self.procs):
+            try:
+                proc.wait(timeout=RUN_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            assert proc.returncode == 0, f"process {index}:\n{self.output(index)[-3000:]}"
+        return self.output()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _losses(run_dir: str) -> dict[int, list[float]]:
+    """Every loss logged for each step, over all attempts."""
+    losses: dict[int, list[float]] = {}
+    for line in io.read_text(io.join(run_dir, "metrics.jsonl")).splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses.setdefault(record["step"], []).append(record["loss"])
+    return losses
+
+
+def _final_params(run_dir: str):
+    from trainer.checkpoint import load_params
+
+    return load_params(io.join(run_dir, "checkpoints"))
+
+
+def _check_resumed_run_matches(reference: str, resumed: str, kills: list[int]) -> None:
+    expected = {step: values[0] for step, values in _losses(reference).items()}
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    got = _losses(resumed)
+    assert sorted(got) == list(range(1, STEPS + 1)), f"steps missing after kills at {kills}"
+    for step, values in got.items():
+        assert values == [expected[step]] * len(values), f"step {step} (kills at {kills})"
+    (ref_step, ref_params), (step, params) = _final_params(reference), _final_params(resumed)
+    assert ref_step == step == STEPS
+    flat_ref, flat = (sorted(_flatten(p).items()) for p in (ref_params, params))
+    assert [name for name, _ in flat] == [name for name, _ in flat_ref]
+    for (name, value), (_, ref_value) in zip(flat, flat_ref, strict=True):
+        assert np.array_equal(value, ref_value), f"{name} differs (kills at {kills})"
+    done = json.loads(io.read_text(io.join(resumed, "DONE")))
+    assert done["step"] == STEPS
+
+
+def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
+    if isinstance(tree, dict):
+        return {k: v for key in tree for k, v in _flatten(tree[key], f"{prefix}/{key}").items()}
+    return {prefix: np.asarray(tree)}
+
+
+def _interrupted_run(run_dir: str, processes: int, kill_targets: list[int]) -> list[int]:
+    """Run to the end, SIGKILLing all processes once each target step is done; returns the
+    steps at which they were killed."""
+    killed = [0]
+    for target in kill_targets:  # each kill lands past the previous one, so the run advances
+        killed.append(TrainerPod(run_dir, processes).kill_at(max(target, killed[-1] + 3)))
+    output = TrainerPod(run_dir, processes).finish()
+    assert re.search(r"trainer: resuming from checkpoint step \d+ in ", output), output[-3000:]
+    return killed[1:]
+
+
+def test_one_process_killed_and_resumed_matches_uninterrupted_run(tmp_path):
+    reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
+    TrainerPod(reference, 1).finish()
+    kills = _interrupted_run(resumed, 1, [random.randint(7, 30)])
+    _check_resumed_run_matches(reference, resumed, kills)
+
+
+def test_four_processes_on_gcs_killed_twice_match_uninterrupted_run(gcs):
+    reference, resumed = "gs://test-bucket/runs/reference", "gs://test-bucket/runs/resumed"
+    TrainerPod(reference, 4).finish()
+    first = random.randint(6, 18)
+    kills = _interrupted_run(resumed, 4, [first, random.randint(first + 3, 30)])
+    _check_resumed_run_matches(reference, resumed, kills)
