@@ -82,7 +82,7 @@ def start_run(
     command = [*worker_env.launcher(env), "-m", "trainer", uri]
     spec = jobs.JobSpec(run_id=run_id, command=command, env=env, force=request.force)
     jobs.launch(launch_hosts, spec, current=worker_jobs)
-    return StartedRun(run_id, uri, recipe.run_dir, f".tpuctl/jobs/{run_id}/log", hosts)
+    return StartedRun(run_id, uri, _absolute(recipe.run_dir), f".tpuctl/jobs/{run_id}/log", hosts)
 
 
 def load_recipe(source: str, overrides: list[str]) -> Any:

@@ -9,6 +9,7 @@ the local GCS emulator's data under `state_dir()/local/gcs/`) live elsewhere and
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -143,6 +144,11 @@ def gcs_emulator_url() -> str:
         url = json.loads(record.read_text())["url"]
         if _answers(url):
             return url
+    if importlib.util.find_spec("gcp_storage_emulator") is None:
+        raise TpuctlError(
+            "local pods keep gs:// files in a GCS emulator: `pip install gcp-storage-emulator`, "
+            "or point STORAGE_EMULATOR_HOST at one you run"
+        )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     gcs_dir().mkdir(parents=True, exist_ok=True)
