@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -127,16 +130,32 @@ def test_recipe_errors_are_caught_before_anything_is_launched(cli, pod):
     assert result.returncode == 2 and "--all-workers" in result.stderr
 
 
-def test_running_job_refuses_a_second_run_hides_secrets_and_dies_with_kill(cli, pod, tmp_path):
+def test_ctrl_c_stops_following_only_second_run_refused_secrets_hidden_kill_ends_all(
+    cli, pod, tmp_path
+):
     secret = "wandb-secret-value-42"
     cli.env["MY_LOCAL_TOKEN"] = "hf-token-value-43"
-    out = cli.ok(
-        "run", TINY, "--name", "pod", "--all-workers", "--run-id", "long",
-        "--env", f"WANDB_API_KEY={secret}", "--env", "MY_LOCAL_TOKEN",
-        "--", *FAST, "train.steps=100000", f"run_dir={tmp_path / 'long'}",
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "tpuctl", "run", TINY, "--name", "pod", "--all-workers",
+         "--run-id", "long", "--follow", "--env", f"WANDB_API_KEY={secret}",
+         "--env", "MY_LOCAL_TOKEN", "--", *FAST, "train.steps=100000",
+         f"run_dir={tmp_path / 'long'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli.env, cwd=cli.cwd,
     )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(
+        target=lambda: [lines.put(line) for line in follower.stdout], daemon=True
+    ).start()
+    seen = []
+    while not any("step 1 " in line for line in seen):
+        seen.append(lines.get(timeout=120))
+    follower.send_signal(signal.SIGINT)  # Ctrl-C stops following, not the job
+    _, err = follower.communicate(timeout=60)
+    out = "".join(seen)
+    assert follower.returncode == 130
+    assert "stopped following; the job keeps running" in err
     assert "run long started" in out
-    wait_for(lambda: "step 1 " in cli.ok("logs", "pod", "-n", "5"))
+    assert [row[2] for row in ps_rows(cli, "pod")] == ["running", "running"]
     listing = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
     assert "tpuctl/runs/long/recipe.yaml" in listing
     assert secret not in listing and "hf-token-value-43" not in listing
@@ -155,7 +174,7 @@ def test_running_job_refuses_a_second_run_hides_secrets_and_dies_with_kill(cli, 
     assert all(line.endswith(("(SIGTERM)", "(SIGKILL)")) for line in killed)
     assert live_processes("tpuctl/runs/long/recipe.yaml") == []
     everything = cli.ok("logs", "pod", "--all-lines")
-    assert secret not in everything and secret not in out + second.stdout + second.stderr
+    assert secret not in everything and secret not in out + err + second.stdout + second.stderr
     assert "nothing running" in cli.ok("kill", "pod")
 
 
