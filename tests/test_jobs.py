@@ -147,7 +147,10 @@ def test_kill_sigterms_so_the_job_saves_and_leaves_no_process(hosts):
     assert [(r.run_id, r.signal) for r in reports] == [("r1", "SIGTERM")] * 3
     assert trainer_pids("secret_len") == []
     assert [j.exit_code for j in jobs.status(hosts)] == [0, 0, 0]
-    assert collect_logs(hosts[:1], lines=1) == [("w00", "SIGTERM: saved checkpoint")]
+    assert collect_logs(hosts[:1], lines=2) == [
+        ("w00", "SIGTERM: saved checkpoint"),
+        ("w00", "tpuctl: job stopped by tpuctl (exit status 0)"),
+    ]
     again = jobs.kill(hosts)  # nothing running: not an error
     assert [r.run_id for r in again] == [None] * 3
 
@@ -205,3 +208,26 @@ def test_stale_lockfile_is_cleared_but_a_holder_refuses_launch_until_force(hosts
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_stopped_jobs_say_so_in_their_log_instead_of_failing(hosts):
+    jobs.launch(hosts[:1], spec(STEPS="1000"))
+    wait_until_stepping(hosts[:1])
+    jobs.kill(hosts[:1], grace=10)
+    assert collect_logs(hosts[:1], lines=1) == [
+        ("w00", "tpuctl: job stopped by tpuctl (exit status 0)")
+    ]
+    jobs.launch(hosts[:1], spec(run_id="r2", STEPS="1000", IGNORE_TERM="1"))
+    wait_until_stepping(hosts[:1])
+    jobs.kill(hosts[:1], grace=0.3)
+    assert collect_logs(hosts[:1], lines=1) == [("w00", "tpuctl: job stopped by tpuctl (SIGKILL)")]
+
+
+def test_tail_follows_a_log_that_is_replaced_and_ends_with_the_job(hosts):
+    replace_log = (
+        "echo first; sleep 0.5; mv .tpuctl/jobs/r1/log .tpuctl/jobs/r1/log.rotated; "
+        "echo second >> .tpuctl/jobs/r1/log; sleep 1.5"
+    )
+    jobs.launch(hosts[:1], jobs.JobSpec("r1", ["bash", "-c", replace_log]))
+    lines = collect_logs(hosts[:1], follow=True)
+    assert [line for _, line in lines] == ["first", "second"]

@@ -67,6 +67,18 @@ stop_after_grace() {
     echo SIGTERM
   fi
 }
+# Stop a run's job on purpose: the marker tells its wrapper this is no failure; if the
+# wrapper itself had to be SIGKILLed, record the end it could not.
+stop_run() {
+  local run_dir="$jobs_dir/$1" signal
+  : > "$run_dir/stopping"
+  signal=$(stop_after_grace group "$(run_pid "$1")" "$grace")
+  if [ ! -f "$run_dir/exit_status" ]; then
+    echo "tpuctl: job stopped by tpuctl ($signal)" >>"$run_dir/log"
+    echo 137 > "$run_dir/exit_status"
+  fi
+  echo "$signal"
+}
 stop_holders() {
   for pid in $(accelerator_holders); do
     echo "holder $pid $(cat "/proc/$pid/comm" 2>/dev/null) $(stop_after_grace process "$pid" "$grace")"
@@ -84,7 +96,9 @@ echo $$ > "$run_dir/pid.tmp" && mv "$run_dir/pid.tmp" "$run_dir/pid"
 trap : TERM
 "$@" >>"$run_dir/log" 2>&1 </dev/null
 status=$?
-if [ "$status" -gt 128 ]; then
+if [ -f "$run_dir/stopping" ]; then
+  echo "tpuctl: job stopped by tpuctl (exit status $status)" >>"$run_dir/log"
+elif [ "$status" -gt 128 ]; then
   echo "tpuctl: job failed: killed by signal $((status - 128))" >>"$run_dir/log"
 elif [ "$status" -ne 0 ]; then
   echo "tpuctl: job failed with exit status $status" >>"$run_dir/log"
@@ -97,8 +111,7 @@ mkdir -p "$jobs_dir"
 current=$(current_run)
 if [ -n "$current" ] && group_alive "$(run_pid "$current")"; then
   [ "$force" = 1 ] || { echo "busy $current"; exit 75; }
-  echo "stopped $current $(stop_after_grace group "$(run_pid "$current")" "$grace")"
-  [ -f "$jobs_dir/$current/exit_status" ] || echo 137 > "$jobs_dir/$current/exit_status"
+  echo "stopped $current $(stop_run "$current")"
 fi
 holders=$(accelerator_holders)
 if [ -n "$holders" ]; then
@@ -108,7 +121,7 @@ fi
 clear_locks
 run_dir="$jobs_dir/$run_id"
 mkdir -p "$run_dir"
-rm -f "$run_dir/pid" "$run_dir/exit_status"
+rm -f "$run_dir/pid" "$run_dir/exit_status" "$run_dir/stopping"
 [ -f "$run_dir/log" ] && mv -f "$run_dir/log" "$run_dir/log.previous"
 : > "$run_dir/log"
 date +%s > "$run_dir/started"
@@ -161,8 +174,7 @@ current=$(current_run)
 pid=""
 [ -n "$current" ] && pid=$(run_pid "$current")
 if group_alive "$pid"; then
-  echo "killed $current $(stop_after_grace group "$pid" "$grace")"
-  [ -f "$jobs_dir/$current/exit_status" ] || echo 137 > "$jobs_dir/$current/exit_status"
+  echo "killed $current $(stop_run "$current")"
 else
   echo "idle ${current:--}"
 fi
