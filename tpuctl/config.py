@@ -42,6 +42,14 @@ KNOWN_KEYS: dict[str, str] = {
     "ssh.user": "user name on the TPU VMs",
     "ssh.key": "SSH private key path (default: a key pair tpuctl generates)",
     "ssh.internal_ip": "connect to workers' internal IPs (true when running inside the VPC)",
+    # How `tpuctl run` prepares workers (tpuctl.workerenv; README "Worker environment").
+    "worker.python": "interpreter on the workers that has the trainer; nothing is installed",
+    "worker.image": "container image to run the trainer in",
+    "worker.setup": "shell command run on every worker before the first run",
+    "worker.base_python": "interpreter that creates the workers' venv (default python3)",
+    "worker.packages": "extra pip requirements for the workers' venv (default jax[tpu] on TPUs)",
+    "worker.pip_args": "extra pip arguments for the workers' venv",
+    "worker.platform": "auto, cpu or tpu: whether tpuctl sets up jax.distributed on CPU",
 }
 ACCELERATOR_FIELDS = ("zone", "zones", "project", "runtime_version")
 BOOL_KEYS = frozenset({"ssh.internal_ip"})
