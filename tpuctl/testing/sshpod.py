@@ -399,17 +399,18 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="A pod of sshd hosts behind a fake TPU API.")
     parser.add_argument(
-        "--hosts", type=int, default=4, help="1, 2, 4, ... 128 (a v3 slice's hosts)"
+        "--hosts", type=int, default=4, help="1, 2, 4, ... 128 (a v4 slice's hosts)"
     )
     parser.add_argument("--name", default="pod", help="the node's name in the fake API")
     args = parser.parse_args(argv)
     if args.hosts < 1 or args.hosts > 128 or args.hosts & (args.hosts - 1):
         parser.error("--hosts must be a power of two from 1 to 128")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # clean up on kill, too
     work = Path(tempfile.mkdtemp(prefix="tpuctl-sshpod-demo-"))
     key = make_keypair(work)
     with SshPod(args.hosts, key) as pod, FakeTpuApi() as api:
         api.add_node(
-            args.name, f"v3-{8 * args.hosts}", project="demo", zone="us-central1-a",
+            args.name, f"v4-{8 * args.hosts}", project="demo", zone="us-central1-a",
             worker_ips=pod.hosts,
         )  # fmt: skip
         print(f"# {args.hosts} sshd hosts ({pod.hosts[0]} ...) as node {args.name}; export:")
