@@ -395,8 +395,6 @@ def main(argv: list[str] | None = None) -> None:
     TPU API, to try the fan-out commands by hand. Prints the environment to export."""
     import argparse
 
-    from tpuctl.testing.fake_tpu import FakeTpuApi
-
     parser = argparse.ArgumentParser(description="A pod of sshd hosts behind a fake TPU API.")
     parser.add_argument(
         "--hosts", type=int, default=4, help="1, 2, 4, ... 128 (a v4 slice's hosts)"
@@ -407,20 +405,27 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--hosts must be a power of two from 1 to 128")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # clean up on kill, too
     work = Path(tempfile.mkdtemp(prefix="tpuctl-sshpod-demo-"))
+    try:
+        _demo(args.hosts, args.name, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _demo(n: int, name: str, work: Path) -> None:
+    from tpuctl.testing.fake_tpu import FakeTpuApi
+
     key = make_keypair(work)
-    with SshPod(args.hosts, key) as pod, FakeTpuApi() as api:
+    with SshPod(n, key) as pod, FakeTpuApi() as api:
         api.add_node(
-            args.name, f"v4-{8 * args.hosts}", project="demo", zone="us-central1-a",
-            worker_ips=pod.hosts,
-        )  # fmt: skip
-        print(f"# {args.hosts} sshd hosts ({pod.hosts[0]} ...) as node {args.name}; export:")
+            name, f"v4-{8 * n}", project="demo", zone="us-central1-a", worker_ips=pod.hosts
+        )
+        print(f"# {n} sshd hosts ({pod.hosts[0]} ...) as node {name}; export:")
         print(f"export TPUCTL_TPU_API_ENDPOINT={api.url} TPUCTL_PROJECT=demo")
         print("export TPUCTL_ZONE=us-central1-a TPUCTL_SSH_USER=root")
         print(f"export TPUCTL_SSH_KEY={key[0]} XDG_STATE_HOME={work / 'state'}")
         print("# then: tpuctl exec -- hostname -I")
         print("# type `stop N` / `start N` here to take host N down or up; Ctrl-D ends the pod")
         _serve_commands(pod)
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def _serve_commands(pod: SshPod) -> None:
