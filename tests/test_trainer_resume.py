@@ -22,7 +22,7 @@ from trainer import io
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tiny.yaml"
-STEPS = 40
+STEPS = 24
 OVERRIDES = [
     f"train.steps={STEPS}",
     "train.batch_size=8",
@@ -30,7 +30,7 @@ OVERRIDES = [
     "train.grad_accum=1",
     "logging.every_steps=1",  # a loss for every step, to compare them all
     "eval.every_steps=0",
-    "checkpoint.every_steps=5",
+    "checkpoint.every_steps=4",
     "checkpoint.keep=2",
 ]
 RUN_TIMEOUT_S = 240
@@ -40,13 +40,16 @@ PROGRESS = re.compile(r"^step (\d+) ", re.MULTILINE)
 class TrainerPod:
     """`python -m trainer` on `processes` jax.distributed CPU processes (2 devices each)."""
 
-    def __init__(self, run_dir: str, processes: int):
+    def __init__(self, run_dir: str, processes: int, compile_cache: Path):
         port = _free_port()
         self.logs = Path(tempfile.mkdtemp(prefix="resume-"))
         self.procs: list[subprocess.Popen] = []
         for index in range(processes):
             env = {k: v for k, v in os.environ.items() if not k.startswith("TPUCTL_")}
             env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=str(REPO))
+            # Later attempts reuse the first one's compiled step (the same executable, so the
+            # same numbers): start-up is most of each attempt's time on 2 cores.
+            env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache))
             if processes > 1:
                 env.update(
                     TPUCTL_COORDINATOR=f"127.0.0.1:{port}",
@@ -141,27 +144,30 @@ def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
     return {prefix: np.asarray(tree)}
 
 
-def _interrupted_run(run_dir: str, processes: int, kill_targets: list[int]) -> list[int]:
+def _interrupted_run(
+    run_dir: str, processes: int, kill_targets: list[int], cache: Path
+) -> list[int]:
     """Run to the end, SIGKILLing all processes once each target step is done; returns the
     steps at which they were killed."""
     killed = [0]
     for target in kill_targets:  # each kill lands past the previous one, so the run advances
-        killed.append(TrainerPod(run_dir, processes).kill_at(max(target, killed[-1] + 3)))
-    output = TrainerPod(run_dir, processes).finish()
+        killed.append(TrainerPod(run_dir, processes, cache).kill_at(max(target, killed[-1] + 3)))
+    output = TrainerPod(run_dir, processes, cache).finish()
     assert re.search(r"trainer: resuming from checkpoint step \d+ in ", output), output[-3000:]
     return killed[1:]
 
 
 def test_one_process_killed_and_resumed_matches_uninterrupted_run(tmp_path):
     reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
-    TrainerPod(reference, 1).finish()
-    kills = _interrupted_run(resumed, 1, [random.randint(7, 30)])
+    TrainerPod(reference, 1, tmp_path / "jax-cache").finish()
+    kills = _interrupted_run(resumed, 1, [random.randint(5, 14)], tmp_path / "jax-cache")
     _check_resumed_run_matches(reference, resumed, kills)
 
 
-def test_four_processes_on_gcs_killed_twice_match_uninterrupted_run(gcs):
+def test_four_processes_on_gcs_killed_twice_match_uninterrupted_run(gcs, tmp_path):
     reference, resumed = "gs://test-bucket/runs/reference", "gs://test-bucket/runs/resumed"
-    TrainerPod(reference, 4).finish()
-    first = random.randint(6, 18)
-    kills = _interrupted_run(resumed, 4, [first, random.randint(first + 3, 30)])
+    TrainerPod(reference, 4, tmp_path / "jax-cache").finish()
+    first = random.randint(5, 10)
+    targets = [first, random.randint(first + 3, 16)]
+    kills = _interrupted_run(resumed, 4, targets, tmp_path / "jax-cache")
     _check_resumed_run_matches(reference, resumed, kills)
