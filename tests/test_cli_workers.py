@@ -5,6 +5,7 @@ test pod's sshd hosts, and the fan-out logs in over SSH."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -280,3 +281,30 @@ def test_unreachable_workers_of_a_preempted_node_say_so(pod_node, fake_tpu):
     assert result.returncode == 1
     assert "unreachable: w00" in result.stderr
     assert "note: node pod is now PREEMPTED" in result.stderr
+
+
+def test_on_a_terminal_prefixes_are_coloured_and_the_summary_is_green(pod_node, monkeypatch):
+    import pty
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tpuctl", "exec", "--", "echo hi"],
+        stdin=follower, stdout=follower, stderr=follower,
+    )  # fmt: skip
+    os.close(follower)
+    output = b""
+    while chunk := _read_pty(leader):
+        output += chunk
+    os.close(leader)
+    assert process.wait(30) == 0
+    text = output.decode()
+    assert "\x1b[36m[w00]\x1b[0m hi" in text  # each worker has its own colour
+    assert "\x1b[1;32m✓ all 4 workers succeeded\x1b[0m" in text
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # EIO: the process closed the terminal
+        return b""
