@@ -132,7 +132,7 @@ def test_env_values_reach_the_workers_but_never_tpuctl_output(pod_node, monkeypa
 
 def test_ctrl_c_stops_every_remote_command_then_prints_the_summary(pod_node):
     process = subprocess.Popen(
-        [sys.executable, "-m", "tpuctl", "exec", "--", "sleep", "1000"],
+        [sys.executable, "-m", "tpuctl", "exec", "--json", "--", "sleep", "1000"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -142,10 +142,11 @@ def test_ctrl_c_stops_every_remote_command_then_prints_the_summary(pod_node):
             lambda: all(any("sleep 1000" in p for p in pod_node.processes(i)) for i in range(4))
         )
         process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=15)
+        stdout, stderr = process.communicate(timeout=15)
     finally:
         process.kill()
     assert process.returncode == 130
+    assert [r["error"] for r in json.loads(stdout)] == ["interrupted"] * 4
     assert "interrupted: 0/4 workers succeeded" in stderr
     assert "interrupted: w00 w01 w02 w03" in stderr
     assert not any("sleep 1000" in p for i in range(4) for p in pod_node.processes(i))

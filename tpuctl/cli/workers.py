@@ -190,14 +190,15 @@ def exec_(
                 on_result=reporter.on_result,
             )
     except Interrupted as interrupted:
-        reporter.summary(interrupted.results, interrupted=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        results, exit_code = interrupted.results, EXIT_INTERRUPTED
+    else:
+        exit_code = 0 if all(r.ok for r in results) else 1
     if json_out:
         from tpuctl.cli.output import print_json
 
         print_json([_result_json(r) for r in results])
-    reporter.summary(results)
-    raise typer.Exit(0 if all(r.ok for r in results) else 1)
+    reporter.summary(results, interrupted=exit_code == EXIT_INTERRUPTED)
+    raise typer.Exit(exit_code)
 
 
 # -- ssh --------------------------------------------------------------------------------
