@@ -201,3 +201,16 @@ def test_a_chatty_login_script_does_not_hide_output_or_the_process_group(ssh_pod
         wait_for(lambda: not any("sleep 39" in p for p in ssh_pod.processes(0)))
     finally:
         bashrc.unlink()
+
+
+def test_put_and_get_copy_directory_trees(ssh_pod, hosts, tmp_path):
+    tree = tmp_path / "configs"
+    (tree / "nested").mkdir(parents=True)
+    (tree / "a.yaml").write_text("a: 1\n")
+    (tree / "nested" / "b.yaml").write_text("b: 2\n")
+    results = put(hosts[:2], tree, "/tmp/configs")
+    assert [r.stdout for r in results] == ["2 files -> /tmp/configs"] * 2
+    assert ssh_pod.path(1, "/tmp/configs/nested/b.yaml").read_text() == "b: 2\n"
+    fetched = get(hosts[1:2], "/tmp/configs", tmp_path / "back")
+    assert fetched[0].ok
+    assert (tmp_path / "back" / "w01" / "configs" / "nested" / "b.yaml").read_text() == "b: 2\n"
