@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -214,3 +215,14 @@ def test_put_and_get_copy_directory_trees(ssh_pod, hosts, tmp_path):
     fetched = get(hosts[1:2], "/tmp/configs", tmp_path / "back")
     assert fetched[0].ok
     assert (tmp_path / "back" / "w01" / "configs" / "nested" / "b.yaml").read_text() == "b: 2\n"
+
+
+def test_descriptors_numbered_past_1024_are_fine(hosts):
+    # A 512-host fan-out holds over a thousand descriptors; select() cannot watch those.
+    fillers = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        results = run(hosts, "echo ok")
+    finally:
+        for fd in fillers:
+            os.close(fd)
+    assert [r.stdout for r in results] == ["ok\n"] * 4

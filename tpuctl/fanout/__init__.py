@@ -173,8 +173,9 @@ def _transfer(host: Host, copy: Callable[[], int], remote_path: str, where: str)
 def _ssh_context(hosts: list[Host], connect_timeout: float, max_handshakes: int):
     if not any(host.transport == "ssh" for host in hosts):
         return None
-    from tpuctl.fanout.ssh import SshContext
+    from tpuctl.fanout.ssh import SshContext, ensure_descriptors
 
+    ensure_descriptors(len(hosts))
     return SshContext(connect_timeout, max_handshakes)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import resource
 import select
 import shlex
 import socket
@@ -41,6 +42,7 @@ CONNECT_ATTEMPTS = 3
 RETRY_PAUSE_S = 0.5
 POLL_S = 0.2
 MARKER_WAIT_S = 3.0
+FDS_PER_HOST = 4  # socket, the channel's wake-up pipe (2), slack for SFTP
 DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
 
 
@@ -116,6 +118,16 @@ class SshContext:
             if path not in self._known:
                 self._known[path] = KnownHosts(path)
             return self._known[path]
+
+
+def ensure_descriptors(hosts: int) -> None:
+    """Raise the soft open-files limit (often 1024, 256 on macOS) to what a fan-out to
+    `hosts` needs: a socket and a wake-up pipe per host."""
+    needed = FDS_PER_HOST * hosts + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        limit = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
 
 
 def _user(host: Host) -> str:
@@ -241,7 +253,7 @@ def _pump(
     """Copy the channel's output until EOF; returns why it stopped early, or None."""
     while True:
         wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
-        select.select([channel], [], [], wait)
+        _wait_readable(channel, wait)
         drained = False
         while channel.recv_ready():
             out.feed(channel.recv(65536))
@@ -258,12 +270,19 @@ def _pump(
             return f"timed out after {timeout:g} s"
 
 
+def _wait_readable(channel: paramiko.Channel, seconds: float) -> None:
+    # poll, not select: at hundreds of hosts the descriptors pass select's limit of 1024.
+    poller = select.poll()
+    poller.register(channel.fileno(), select.POLLIN)
+    poller.poll(seconds * 1000)
+
+
 def _await_marker(channel: paramiko.Channel, out: _MarkedStdout, seconds: float) -> None:
     """Stopped before the command announced its process group (it had barely started):
     give it a moment to, so that it can still be stopped rather than left running."""
     end = time.monotonic() + seconds
     while out.pgid is None and not channel.eof_received and time.monotonic() < end:
-        select.select([channel], [], [], POLL_S)
+        _wait_readable(channel, POLL_S)
         while channel.recv_ready():
             out.feed(channel.recv(65536))
 
