@@ -25,6 +25,7 @@ from tpuctl.fanout.base import (
     LineFn,
     ResultFn,
     StopSignal,
+    ensure_descriptors,
     merged_env,
 )
 
@@ -173,9 +174,8 @@ def _transfer(host: Host, copy: Callable[[], int], remote_path: str, where: str)
 def _ssh_context(hosts: list[Host], connect_timeout: float, max_handshakes: int):
     if not any(host.transport == "ssh" for host in hosts):
         return None
-    from tpuctl.fanout.ssh import SshContext, ensure_descriptors
+    from tpuctl.fanout.ssh import SshContext
 
-    ensure_descriptors(len(hosts))
     return SshContext(connect_timeout, max_handshakes)
 
 
@@ -189,6 +189,7 @@ def _fan_out(
 ) -> list[HostResult]:
     if not hosts:
         return []
+    ensure_descriptors(workers)
 
     def job(index: int) -> HostResult:
         result = one(index)

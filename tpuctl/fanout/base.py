@@ -3,6 +3,7 @@ command and its environment are handed to a worker without exposing secrets."""
 
 from __future__ import annotations
 
+import resource
 import shlex
 import threading
 from collections.abc import Callable, Mapping
@@ -15,6 +16,7 @@ ResultFn = Callable[["HostResult"], None]
 # The wrapper prints this before anything else, so the caller learns the process group
 # it must signal to stop the command (sshd makes every session its own group).
 PID_MARKER = "__tpuctl_pgid__"
+FDS_PER_HOST = 4
 
 
 @dataclass(frozen=True)
@@ -132,3 +134,14 @@ class LineSplitter:
             self.on_line(self.host, self.stream, self._pending.decode(errors="replace"))
             self._pending = b""
         return b"".join(self._chunks).decode(errors="replace")
+
+
+def ensure_descriptors(hosts: int) -> None:
+    """Raise the soft open-files limit (often 1024, 256 on macOS) to what a fan-out to
+    `hosts` needs: a socket and a wake-up pipe per SSH host, pipes and a selector per
+    local one."""
+    needed = FDS_PER_HOST * hosts + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        limit = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))

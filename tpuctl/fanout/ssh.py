@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import resource
 import select
 import shlex
 import socket
@@ -42,7 +41,6 @@ CONNECT_ATTEMPTS = 3
 RETRY_PAUSE_S = 0.5
 POLL_S = 0.2
 MARKER_WAIT_S = 3.0
-FDS_PER_HOST = 4  # socket, the channel's wake-up pipe (2), slack for SFTP
 DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
 
 
@@ -118,16 +116,6 @@ class SshContext:
             if path not in self._known:
                 self._known[path] = KnownHosts(path)
             return self._known[path]
-
-
-def ensure_descriptors(hosts: int) -> None:
-    """Raise the soft open-files limit (often 1024, 256 on macOS) to what a fan-out to
-    `hosts` needs: a socket and a wake-up pipe per host."""
-    needed = FDS_PER_HOST * hosts + 64
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        limit = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
 
 
 def _user(host: Host) -> str:
