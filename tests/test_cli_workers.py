@@ -309,3 +309,17 @@ def _read_pty(fd: int) -> bytes:
         return os.read(fd, 4096)
     except OSError:  # EIO: the process closed the terminal
         return b""
+
+
+def test_a_refused_key_is_named_with_the_fix(pod_node, tmp_path, monkeypatch):
+    from tpuctl.testing.sshpod import make_keypair
+
+    stranger_key, _ = make_keypair(tmp_path)
+    monkeypatch.setenv("TPUCTL_SSH_KEY", stranger_key)
+    result = tpuctl("exec", "--", "true")
+    assert result.returncode == 1
+    assert (
+        f"authentication failed: no key accepted for user 'root' (tried {stranger_key})"
+        in result.stderr
+    )
+    assert "hint: the workers refused the SSH key" in result.stderr

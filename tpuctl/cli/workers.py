@@ -134,6 +134,19 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def _summarise(reporter, results: list[HostResult], interrupted: bool = False) -> None:
+    """The fan-out summary, plus the likely fix when workers refused the login."""
+    from tpuctl.fanout.base import AUTH_FAILED
+
+    reporter.summary(results, interrupted=interrupted)
+    if any(r.error and AUTH_FAILED in r.error for r in results):
+        print(
+            "hint: the workers refused the SSH key; for nodes gcloud created, "
+            "`tpuctl config set ssh.key ~/.ssh/google_compute_engine`, and check --ssh-user",
+            file=sys.stderr,
+        )
+
+
 def _result_json(result: HostResult) -> dict[str, Any]:
     return {
         "worker": result.host.label,
@@ -197,7 +210,7 @@ def exec_(
         from tpuctl.cli.output import print_json
 
         print_json([_result_json(r) for r in results])
-    reporter.summary(results, interrupted=exit_code == EXIT_INTERRUPTED)
+    _summarise(reporter, results, interrupted=exit_code == EXIT_INTERRUPTED)
     raise typer.Exit(exit_code)
 
 
@@ -254,7 +267,7 @@ def _report_transfers(results: list[HostResult], json_out: bool) -> None:
         for result in results:
             text = result.stdout or result.stderr or result.error or ""
             reporter.on_line(result.host, "stdout" if result.ok else "stderr", text.strip())
-    reporter.summary(results)
+    _summarise(reporter, results)
     raise typer.Exit(0 if all(r.ok for r in results) else 1)
 
 
@@ -316,7 +329,7 @@ def _run_script(target: Target, script: str, timeout: float) -> list[HostResult]
                 target, run, command=script, timeout=timeout, on_result=reporter.on_result
             )
     except Interrupted as interrupted:
-        reporter.summary(interrupted.results, interrupted=True)
+        _summarise(reporter, interrupted.results, interrupted=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
@@ -355,7 +368,7 @@ def clear_locks(
             parts += [f"forced despite {'; '.join(report.holders)}"] * bool(report.holders)
             line = "; ".join(parts)
         reporter.on_line(result.host, "stdout" if result.ok else "stderr", line)
-    reporter.summary(results)
+    _summarise(reporter, results)
     raise typer.Exit(0 if all(r.ok for r in results) else 1)
 
 

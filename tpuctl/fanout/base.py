@@ -56,6 +56,7 @@ class HostResult:
 
 
 UNREACHABLE = "unreachable"
+AUTH_FAILED = "authentication failed"  # in `error` when the host refused every key
 
 
 class StopSignal:

@@ -23,6 +23,7 @@ from pathlib import Path
 import paramiko
 
 from tpuctl.fanout.base import (
+    AUTH_FAILED,
     PID_MARKER,
     UNREACHABLE,
     Host,
@@ -148,7 +149,7 @@ def _authenticate(transport: paramiko.Transport, host: Host, ctx: SshContext) ->
         except paramiko.AuthenticationException:
             continue
     raise paramiko.AuthenticationException(
-        f"no key accepted for user {_user(host)!r}"
+        f"{AUTH_FAILED}: no key accepted for user {_user(host)!r}"
         + (f" (tried {host.key_filename})" if host.key_filename else " (no key configured)")
     )
 
