@@ -64,7 +64,14 @@ def cli(tmp_path_factory):
 def pod(cli):
     """A 2-worker local pod (v4-16: 2 processes x 4 devices)."""
     cli.ok("up", "v4-16", "--local", "--name", "pod")
-    return "pod"
+    yield "pod"
+
+
+@pytest.fixture
+def idle_pod(pod, cli):
+    """The pod, with no job left running after the test, whatever the test did."""
+    yield pod
+    cli("kill", pod, "--grace", "5")
 
 
 def ps_rows(cli, name):
@@ -72,7 +79,7 @@ def ps_rows(cli, name):
     return [line.split(None, 3) for line in lines]
 
 
-def wait_for(condition, timeout=120.0):
+def wait_for(condition, timeout=300.0):  # generous: 2 cores shared with other suites
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
@@ -131,7 +138,7 @@ def test_recipe_errors_are_caught_before_anything_is_launched(cli, pod):
 
 
 def test_ctrl_c_stops_following_only_second_run_refused_secrets_hidden_kill_ends_all(
-    cli, pod, tmp_path
+    cli, idle_pod, tmp_path
 ):
     secret = "wandb-secret-value-42"
     cli.env["MY_LOCAL_TOKEN"] = "hf-token-value-43"
@@ -147,10 +154,13 @@ def test_ctrl_c_stops_following_only_second_run_refused_secrets_hidden_kill_ends
         target=lambda: [lines.put(line) for line in follower.stdout], daemon=True
     ).start()
     seen = []
-    while not any("step 1 " in line for line in seen):
-        seen.append(lines.get(timeout=120))
-    follower.send_signal(signal.SIGINT)  # Ctrl-C stops following, not the job
-    _, err = follower.communicate(timeout=60)
+    try:
+        while not any("step 1 " in line for line in seen):
+            seen.append(lines.get(timeout=300))
+        follower.send_signal(signal.SIGINT)  # Ctrl-C stops following, not the job
+        _, err = follower.communicate(timeout=60)
+    finally:
+        follower.kill()
     out = "".join(seen)
     assert follower.returncode == 130
     assert "stopped following; the job keeps running" in err
@@ -178,7 +188,7 @@ def test_ctrl_c_stops_following_only_second_run_refused_secrets_hidden_kill_ends
     assert "nothing running" in cli.ok("kill", "pod")
 
 
-def test_a_crashing_worker_shows_in_ps_and_logs(cli, pod, tmp_path):
+def test_a_crashing_worker_shows_in_ps_and_logs(cli, idle_pod, tmp_path):
     cli.ok(
         "run", TINY, "--name", "pod", "--all-workers", "--run-id", "crash",
         "--", *FAST, "train.steps=100000", f"run_dir={tmp_path / 'crash'}",

@@ -42,7 +42,7 @@ def ok(*args: str) -> str:
     return result.stdout
 
 
-def wait_for(condition, timeout: float = 120.0):
+def wait_for(condition, timeout: float = 300.0):  # generous: 2 cores shared with other suites
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()

@@ -89,7 +89,8 @@ def run(
     started = start_run(settings, node, hosts, request, lambda m: err_console.print(m))
     print(f"run {started.run_id} started on {len(hosts)} worker(s) of {node.name}")
     print(f"  recipe:      {started.recipe_uri}")
-    print(f"  logs:        ~/{started.worker_log} on each worker (`tpuctl logs --tail`)")
+    home = "the worker's directory" if node.provider == "local" else "~"
+    print(f"  logs:        {started.worker_log} in {home}, on each worker (`tpuctl logs --tail`)")
     print(f"  checkpoints: {started.run_dir.rstrip('/')}/checkpoints")
     sys.stdout.flush()
     if not follow:

@@ -77,8 +77,8 @@ def start_run(
     cpu = _is_cpu_pod(settings, node, worker_jobs)
     worker_env = workerenv.WorkerEnv.from_settings(settings, node, accelerator=not cpu)
     workerenv.prepare(hosts, worker_env, progress)
-    env = {**recipe.env, **storage_env, **request.env}
-    launch_hosts = _with_process_env(settings, node, hosts, env) if cpu else hosts
+    env = {**recipe.env, **storage_env, **(_cpu_pod_env(node) if cpu else {}), **request.env}
+    launch_hosts = _with_process_ids(hosts) if cpu else hosts
     command = [*worker_env.launcher(env), "-m", "trainer", uri]
     spec = jobs.JobSpec(run_id=run_id, command=command, env=env, force=request.force)
     jobs.launch(launch_hosts, spec, current=worker_jobs)
@@ -170,26 +170,23 @@ def _is_cpu_pod(settings: Settings, node: Node, worker_jobs: list[jobs.WorkerJob
     return node.provider == "local" or not any(job.accelerator for job in worker_jobs)
 
 
-def _with_process_env(
-    settings: Settings, node: Node, hosts: list[Host], env: dict[str, str]
-) -> list[Host]:
-    """On CPU pods jax cannot discover the pod: tell each process its place in it, and
-    give each the type's devices per host as virtual CPU devices."""
-    if len(hosts) != len(node.workers):
-        raise TpuctlError(
-            f"a training run needs every worker of {node.name} ({len(node.workers)}); "
-            "drop --worker and use --all-workers"
-        )
+def _cpu_pod_env(node: Node) -> dict[str, str]:
+    """On CPU pods jax cannot discover the pod: name the coordinator and the pod's size,
+    and give each process the type's devices per host as virtual CPU devices."""
     from tpuctl.providers.local import devices_per_host, free_port
 
-    worker0 = node.workers[0]
     port = free_port() if node.provider == "local" else COORDINATOR_PORT
-    env.update(
-        TPUCTL_COORDINATOR=f"{worker0.internal_ip}:{port}",
-        TPUCTL_NUM_PROCESSES=str(len(node.workers)),
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_host(node.accelerator_type)}",
-        JAX_PLATFORMS="cpu",
-    )
+    devices = devices_per_host(node.accelerator_type)
+    return {
+        "TPUCTL_COORDINATOR": f"{node.workers[0].internal_ip}:{port}",
+        "TPUCTL_NUM_PROCESSES": str(len(node.workers)),
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
+
+
+def _with_process_ids(hosts: list[Host]) -> list[Host]:
+    """Each worker's TPUCTL_PROCESS_ID: its index (hosts are every worker, in order)."""
     return [
         dataclasses.replace(host, env={**host.env, "TPUCTL_PROCESS_ID": str(index)})
         for index, host in enumerate(hosts)
