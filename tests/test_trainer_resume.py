@@ -1,7 +1,7 @@
-"""Exact resume: `python -m trainer` killed with SIGKILL at random steps and started again reaches
-the same per-step losses and the same final parameters as an uninterrupted run, bit for bit on
-the CPU; on 1 process (local run directory) and on 4 jax.distributed processes writing to a
-GCS emulator (killed twice)."""
+"""Exact resume: `python -m trainer` stopped at random steps (SIGKILL, or SIGTERM which saves
+first) and started again reaches the same per-step losses and the same final parameters as an
+uninterrupted run, bit for bit on the CPU; on 1 process (local run directory) and on 4
+jax.distributed processes writing to a GCS emulator (SIGKILLed twice)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer import io
+from trainer.checkpoint import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tiny.yaml"
@@ -74,26 +75,37 @@ class TrainerPod:
     def running(self) -> bool:
         return all(p.poll() is None for p in self.procs)
 
-    def kill_at(self, step: int) -> int:
-        """SIGKILL every process once step `step` is done; returns the last step printed."""
+    def stop_at(self, step: int, sig: int) -> int:
+        """Send `sig` to every process once step `step` is done (as a preemption or `tpuctl kill`
+        does); returns the step the run stopped at."""
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while self.running() and self.last_step() < step:
             assert time.monotonic() < deadline, f"no step {step} yet:\n{self.output()[-3000:]}"
             time.sleep(0.02)
         assert self.running(), f"the run ended before step {step}:\n{self.output()[-3000:]}"
         for proc in self.procs:
-            proc.send_signal(signal.SIGKILL)
-        for proc in self.procs:
-            proc.wait()
-        return self.last_step()
+            proc.send_signal(sig)
+        codes = self.wait()
+        if sig == signal.SIGKILL:
+            return self.last_step()
+        assert codes == [EXIT_PREEMPTED] * len(self.procs), (codes, self.output()[-3000:])
+        stopped = re.search(r"trainer: stopped on SIGTERM at step (\d+)", self.output())
+        assert stopped, self.output()[-3000:]
+        return int(stopped[1])
 
-    def finish(self) -> str:
-        for index, proc in enumerate(self.procs):
+    def wait(self) -> list[int]:
+        for proc in self.procs:
             try:
                 proc.wait(timeout=RUN_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            assert proc.returncode == 0, f"process {index}:\n{self.output(index)[-3000:]}"
+                proc.wait()
+        return [proc.returncode for proc in self.procs]
+
+    def finish(self) -> str:
+        """Wait for a successful end; process 0's output."""
+        for index, code in enumerate(self.wait()):
+            assert code == 0, f"process {index} exited {code}:\n{self.output(index)[-3000:]}"
         return self.output()
 
 
@@ -145,23 +157,39 @@ def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def _interrupted_run(
-    run_dir: str, processes: int, kill_targets: list[int], cache: Path
+    run_dir: str, processes: int, stops: list[tuple[int, int]], cache: Path
 ) -> list[int]:
-    """Run to the end, SIGKILLing all processes once each target step is done; returns the
-    steps at which they were killed."""
-    killed = [0]
-    for target in kill_targets:  # each kill lands past the previous one, so the run advances
-        killed.append(TrainerPod(run_dir, processes, cache).kill_at(max(target, killed[-1] + 3)))
+    """Run to the end, stopping every process with each (signal, target step) in turn and
+    starting again; returns the steps at which the attempts stopped."""
+    stopped_at = [0]
+    for sig, target in stops:  # each stop lands past the previous one, so the run advances
+        pod = TrainerPod(run_dir, processes, cache)
+        stopped_at.append(pod.stop_at(max(target, stopped_at[-1] + 3), sig))
     output = TrainerPod(run_dir, processes, cache).finish()
-    assert re.search(r"trainer: resuming from checkpoint step \d+ in ", output), output[-3000:]
-    return killed[1:]
+    resumed = re.search(r"trainer: resuming from checkpoint step (\d+) in ", output)
+    assert resumed, output[-3000:]
+    if stops[-1][0] == signal.SIGTERM:  # it saved the very step it stopped at
+        assert int(resumed[1]) == stopped_at[-1]
+    return stopped_at[1:]
 
 
 def test_one_process_killed_and_resumed_matches_uninterrupted_run(tmp_path):
     reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
     TrainerPod(reference, 1, tmp_path / "jax-cache").finish()
-    kills = _interrupted_run(resumed, 1, [random.randint(5, 14)], tmp_path / "jax-cache")
+    first = random.randint(5, 10)
+    stops = [(signal.SIGKILL, first), (signal.SIGTERM, random.randint(first + 3, 16))]
+    kills = _interrupted_run(resumed, 1, stops, tmp_path / "jax-cache")
     _check_resumed_run_matches(reference, resumed, kills)
+
+    # A committed checkpoint that cannot be read stops the run; it never restarts from step 0.
+    checkpoints = Path(resumed) / "checkpoints"
+    (checkpoints / str(STEPS) / "default" / "_METADATA").write_text("{not json")
+    before = sorted(p.name for p in checkpoints.iterdir())
+    pod = TrainerPod(resumed, 1, tmp_path / "jax-cache")
+    assert pod.wait() == [2]
+    assert f"error: checkpoint step {STEPS} in {checkpoints} cannot be loaded" in pod.output()
+    assert sorted(p.name for p in checkpoints.iterdir()) == before
+    assert PROGRESS.search(pod.output()) is None  # not a single step trained
 
 
 def test_four_processes_on_gcs_killed_twice_match_uninterrupted_run(gcs, tmp_path):
@@ -169,5 +197,6 @@ def test_four_processes_on_gcs_killed_twice_match_uninterrupted_run(gcs, tmp_pat
     TrainerPod(reference, 4, tmp_path / "jax-cache").finish()
     first = random.randint(5, 10)
     targets = [first, random.randint(first + 3, 16)]
-    kills = _interrupted_run(resumed, 4, targets, tmp_path / "jax-cache")
+    stops = [(signal.SIGKILL, step) for step in targets]
+    kills = _interrupted_run(resumed, 4, stops, tmp_path / "jax-cache")
     _check_resumed_run_matches(reference, resumed, kills)
