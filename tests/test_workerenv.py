@@ -78,3 +78,17 @@ def test_failing_setup_names_the_workers(hosts):
     broken = workerenv.WorkerEnv(python="python3", setup="echo 'no such mirror' >&2; exit 4")
     with pytest.raises(TpuctlError, match=r"failed on 2 worker\(s\): w00: no such mirror"):
         workerenv.prepare(hosts, broken, lambda _m: None)
+
+
+@pytest.mark.pod
+def test_workers_over_ssh_get_the_wheel_in_their_own_venv(ssh_pod, pod_key, tmp_path):
+    from tests.fixtures_pod import pod_hosts
+    from tpuctl.fanout import run
+
+    hosts = pod_hosts(ssh_pod, pod_key, str(tmp_path / "known_hosts"))[:2]
+    run(hosts, "rm -rf ~/.tpuctl")  # the shared pod's hosts may have been prepared before
+    prepared = workerenv.prepare(hosts, OFFLINE, lambda _m: None)
+    assert [r.host.label for r in prepared] == ["w00", "w01"]
+    check = run(hosts, f"{workerenv.VENV_PYTHON} -c 'import trainer; print(trainer.__file__)'")
+    assert all(r.ok and r.stdout.startswith("/root/.tpuctl/venv/") for r in check), check
+    assert workerenv.prepare(hosts, OFFLINE, lambda _m: None) == []

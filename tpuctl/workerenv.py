@@ -129,6 +129,7 @@ def prepare(
         if env.builds_venv:
             built = build_wheel(Path(build_dir))
             wheel = f"{WHEEL_DIR}/{built.name}"
+            _check(run(stale, f"mkdir -p {WHEEL_DIR}", timeout=60), "making the wheel directory")
             _check(put(stale, built, wheel), "copying the trainer wheel")
         script = "".join(
             f"{name}={value}\n"
