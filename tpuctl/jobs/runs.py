@@ -73,7 +73,6 @@ def start_run(
         jobs.refuse_if_busy(worker_jobs)
     uri = storage.recipe_uri(_bucket(settings, node), run_id)
     storage.upload_text(uri, resolved_recipe_yaml(recipe))
-    progress(f"recipe stored at {uri}")
     cpu = _is_cpu_pod(settings, node, worker_jobs)
     worker_env = workerenv.WorkerEnv.from_settings(settings, node, accelerator=not cpu)
     workerenv.prepare(hosts, worker_env, progress)
