@@ -231,3 +231,21 @@ def test_tail_follows_a_log_that_is_replaced_and_ends_with_the_job(hosts):
     jobs.launch(hosts[:1], jobs.JobSpec("r1", ["bash", "-c", replace_log]))
     lines = collect_logs(hosts[:1], follow=True)
     assert [line for _, line in lines] == ["first", "second"]
+
+
+def test_a_holder_on_one_worker_keeps_the_job_off_every_worker(hosts):
+    lockfile = Path(hosts[1].workdir) / "tmp" / "libtpu_lockfile"
+    lockfile.parent.mkdir(exist_ok=True)
+    lockfile.write_text("")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"f = open({str(lockfile)!r}); import time; time.sleep(600)"]
+    )
+    try:
+        wait_for(lambda: holds(holder.pid, lockfile))
+        assert jobs.status(hosts)[1].holders == (str(holder.pid),)
+        with pytest.raises(jobs.JobBusy, match=f"w01: pids {holder.pid}"):
+            jobs.launch(hosts, spec(STEPS="1000"))
+        assert states(hosts) == ["absent"] * 3
+    finally:
+        holder.kill()
+        holder.wait()

@@ -136,6 +136,7 @@ echo "started $(cat "$run_dir/pid") $run_dir/log"
 _STATUS = r"""
 if ls /dev/accel* /dev/vfio/[0-9]* >/dev/null 2>&1; then echo accelerator=tpu
 else echo accelerator=none; fi
+echo "holders=$(accelerator_holders | tr '\n' ' ')"
 [ -n "$run_id" ] || run_id=$(current_run)
 if [ -z "$run_id" ] || [ ! -d "$jobs_dir/$run_id" ]; then echo state=absent; exit 0; fi
 run_dir="$jobs_dir/$run_id"
@@ -206,6 +207,7 @@ class WorkerJob:
     uptime: float | None = None
     last_line: str = ""
     accelerator: bool = False
+    holders: tuple[str, ...] = ()  # pids holding the TPU devices or lockfile
     error: str | None = None
 
 
@@ -275,6 +277,7 @@ def _parse_status(result: HostResult) -> WorkerJob:
         uptime=end - started if started is not None and end is not None else None,
         last_line=fields.get("last", ""),
         accelerator=fields.get("accelerator") == "tpu",
+        holders=tuple(fields.get("holders", "").split()),
     )
 
 
@@ -307,14 +310,16 @@ def launch(
         job_command=spec.command,
     )
     results = run(hosts, script, env=spec.env, timeout=120)
-    busy = [r for r in results if r.exit_code == BUSY_EXIT]
-    if busy:  # a job started between the status check and the launch
-        raise JobBusy(_busy_message([(r.host.label, r.stdout.strip()) for r in busy]), 1)
     failed = [r for r in results if not r.ok]
-    if failed:
-        details = "; ".join(f"{r.host.label}: {_failure(r)}" for r in failed)
-        raise TpuctlError(f"the job did not start on {len(failed)} worker(s): {details}", 1)
-    return results
+    if not failed:
+        return results
+    # Half a job is no job: stop it where it did start.
+    kill([r.host for r in results if r.ok], grace=spec.grace)
+    busy = [r for r in failed if r.exit_code == BUSY_EXIT]
+    if busy:  # something started between the status check and the launch
+        raise JobBusy(_busy_message([(r.host.label, r.stdout.strip()) for r in busy]), 1)
+    details = "; ".join(f"{r.host.label}: {_failure(r)}" for r in failed)
+    raise TpuctlError(f"the job did not start on {len(failed)} worker(s): {details}", 1)
 
 
 def refuse_if_busy(jobs: list[WorkerJob]) -> None:
@@ -326,6 +331,9 @@ def refuse_if_busy(jobs: list[WorkerJob]) -> None:
     running = [(j.label, f"busy {j.run_id}") for j in jobs if j.state == "running"]
     if running:
         raise JobBusy(_busy_message(running), 1)
+    held = [(j.label, "held " + " ".join(j.holders)) for j in jobs if j.holders]
+    if held:
+        raise JobBusy(_busy_message(held), 1)
 
 
 def _busy_message(busy: list[tuple[str, str]]) -> str:
