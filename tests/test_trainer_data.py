@@ -124,3 +124,19 @@ def test_malformed_jsonl_names_the_file_and_line(tmp_path):
     path.write_text('{"text": "ok"}\n{oops\n')
     with pytest.raises(data.RecipeError, match=r"bad\.jsonl line 2 is not JSON"):
         list(data.read_records(str(path), DataConfig()))
+
+
+def test_gcs_inputs_and_cache_match_local_ones(gcs, tmp_path):
+    from trainer import io
+
+    local = build(tmp_path)
+    bucket = "gs://test-bucket"
+    source = REPO / "recipes" / "data"
+    io.write_bytes(f"{bucket}/tok/tokenizer.model", (source / "tokenizer.model").read_bytes())
+    io.write_text(f"{bucket}/data/eval.txt", (source / "tiny_eval.txt").read_text())
+    tok_cfg = TokenizerConfig(path=f"{bucket}/tok/tokenizer.model")
+    cfg = DataConfig(train=[f"{bucket}/data/eval.txt"])
+    remote = data.ensure_split(f"{bucket}/cache", "train", cfg.train, tok_cfg, cfg, 32, build=True)
+    rows = np.array([0, 7, 3])
+    assert remote.rows == local.rows
+    assert (remote.read(rows).tokens == local.read(rows).tokens).all()
