@@ -5,6 +5,7 @@ import sys
 # Each module registers its commands on `app` when imported. Keep these imports
 # cheap: no jax, no google-cloud libraries at module level.
 from tpuctl.cli import (
+    babysit,  # noqa: F401
     config_cmd,  # noqa: F401
     jobs,  # noqa: F401
     lifecycle,  # noqa: F401

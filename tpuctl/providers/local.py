@@ -9,6 +9,7 @@ the local GCS emulator's data under `state_dir()/local/gcs/`) live elsewhere and
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -20,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,6 +114,39 @@ class LocalProvider:
         if not self.list() and stop_gcs_emulator():
             progress(f"stopped the local GCS emulator (its data stays in {gcs_dir() / 'data'})")
         return True
+
+    def preempt(self, name: str, *, vanish: bool = False) -> None:
+        """Take the pod away as a preemption does (fault injection for tests and demos):
+        every process running in its workers' directories dies at once (SIGKILL), then
+        the pod shows PREEMPTED, or with `vanish` disappears without a word."""
+        node = self.get(name)
+        if node is None:
+            raise TpuctlError(f"no local pod named {name!r}", exit_code=1)
+        pod_dir = self.pods_dir / name
+        # The state changes first, as the API reports it before anyone sees the jobs die.
+        if vanish:
+            gone = pod_dir.with_name(f".{name}.vanished")
+            pod_dir.rename(gone)
+            _kill_processes_in(gone)
+            shutil.rmtree(gone)
+        else:
+            _write_record(pod_dir / RECORD_FILE, replace(node, state="PREEMPTED"))
+            _kill_processes_in(pod_dir)
+
+
+def _kill_processes_in(directory: Path) -> None:
+    """SIGKILL every process whose working directory is inside `directory`."""
+    root = str(directory.resolve())
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if cwd == root or cwd.startswith(root + "/"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
 
 
 def _stop_jobs(node: Node, progress: ProgressFn) -> None:
