@@ -65,6 +65,18 @@ def test_unreachable_worker_is_named_and_does_not_block_the_others(ssh_pod, host
     assert [r.stdout for i, r in enumerate(results) if i != 1] == ["up\n"] * 3
 
 
+def test_a_silent_worker_costs_one_connect_timeout(ssh_pod, hosts):
+    ssh_pod.silence_host(2)
+    try:
+        started = time.monotonic()
+        results = run(hosts, "echo up", connect_timeout=1.5)
+        assert time.monotonic() - started < 4
+    finally:
+        ssh_pod.silence_host(2, silent=False)
+    assert results[2].error == f"unreachable: no answer from {ssh_pod.hosts[2]}:22 within 1.5 s"
+    assert [r.ok for r in results] == [True, True, False, True]
+
+
 def test_timeout_stops_the_remote_command(ssh_pod, hosts):
     started = time.monotonic()
     results = run(hosts, "sleep 31", timeout=1)

@@ -138,6 +138,13 @@ class SshPod:
             raise
         return self
 
+    def silence_host(self, index: int, silent: bool = True) -> None:
+        """Cut (or restore) a host's link: its sshd keeps running but nothing reaches it,
+        like a VM that hangs or drops packets, so connections time out instead of failing."""
+        if not self.isolated:
+            raise RuntimeError("silencing a host needs network namespaces")
+        _sh("ip", "link", "set", f"{self.tag}v{index}", "down" if silent else "up")
+
     def stop_host(self, index: int) -> None:
         """Take one host down: its sshd and every process it started end; connections to
         its address are refused from now on."""
