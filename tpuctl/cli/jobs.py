@@ -25,11 +25,14 @@ WORKER_OPTION = typer.Option(None, "--worker", "-w", help="Workers, e.g. 0,3,5-7
 RUN_ID_OPTION = typer.Option(None, "--run-id", help="Run id (default: the node's latest run).")
 
 
-def _target(name: str | None, worker: str | None = None) -> tuple[Settings, Node, list[Host]]:
+def _target(
+    name: str | None, worker: str | None = None, fresh: bool = False
+) -> tuple[Settings, Node, list[Host]]:
+    """The node and its hosts; `fresh` asks the provider rather than the address cache."""
     from tpuctl.hosts import hosts_for, lookup_node, parse_workers
 
     settings = config.load()
-    node = lookup_node(settings, name)
+    node = lookup_node(settings, name, use_cache=not fresh)
     if not node.ready:
         raise TpuctlError(
             f"node {node.name} is {node.state}, not READY; see `tpuctl status {node.name}`", 1
@@ -79,7 +82,8 @@ def run(
     start the trainer detached on each. Recipe overrides go after `--` (train.steps=20)."""
     from tpuctl.jobs.runs import RunRequest, parse_env_flags, run_summary, start_run
 
-    settings, node, hosts = _target(name)
+    # Fresh addresses: a launch must not go to a recreated node's old ones.
+    settings, node, hosts = _target(name, fresh=True)
     if len(hosts) > 1 and not all_workers:
         raise TpuctlError(
             f"{node.name} has {len(hosts)} workers and the trainer must run on all of them: "
