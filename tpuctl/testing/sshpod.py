@@ -342,8 +342,12 @@ def _accepts(address: str) -> bool:
 
 
 def _kill_tree(process: subprocess.Popen) -> None:
-    """End a host: killing its PID namespace's init ends every process inside."""
-    for pid in reversed([process.pid, *_descendants(process.pid)]):
+    """End a host all at once, like a machine losing power: the namespace's init (sshd)
+    goes first, which makes the kernel kill everything inside together, so no session
+    outlives its command long enough to report on it. The rest is for the fallback."""
+    family = _descendants(process.pid)
+    init = family[:1]  # `ip netns exec` execs unshare, whose only child is the init
+    for pid in [*init, process.pid, *family[1:]]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     process.wait(timeout=10)
