@@ -103,6 +103,7 @@ def live_processes(text: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_run_follow_on_a_four_worker_pod_trains_and_reports_the_final_loss(cli, tmp_path):
     cli.ok("up", "v3-32", "--local", "--name", "big")
     run_dir = tmp_path / "run"
@@ -135,8 +136,13 @@ def test_recipe_errors_are_caught_before_anything_is_launched(cli, pod):
     assert "absent" in cli.ok("ps", "pod")
     result = cli("run", TINY, "--name", "pod")
     assert result.returncode == 2 and "--all-workers" in result.stderr
+    # gs:// recipes are read (here from the local pods' GCS emulator) and checked the same way.
+    missing = "gs://tpuctl-local/no/such/recipe.yaml"
+    result = cli("run", missing, "--name", "pod", "--all-workers")
+    assert result.returncode == 2 and f"recipe {missing} does not exist" in result.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_following_only_second_run_refused_secrets_hidden_kill_ends_all(
     cli, idle_pod, tmp_path
 ):
@@ -188,6 +194,7 @@ def test_ctrl_c_stops_following_only_second_run_refused_secrets_hidden_kill_ends
     assert "nothing running" in cli.ok("kill", "pod")
 
 
+@pytest.mark.slow
 def test_a_crashing_worker_shows_in_ps_and_logs(cli, idle_pod, tmp_path):
     cli.ok(
         "run", TINY, "--name", "pod", "--all-workers", "--run-id", "crash",

@@ -117,6 +117,7 @@ def trainers_on(ssh_pod, index: int, run_id: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_run_follow_trains_across_the_four_hosts_with_jax_distributed(pod, shared_dir):
     ssh_pod, _hosts = pod
     out = ok(
@@ -135,6 +136,7 @@ def test_run_follow_trains_across_the_four_hosts_with_jax_distributed(pod, share
         assert log.is_file()
 
 
+@pytest.mark.slow
 def test_second_run_refused_secrets_hidden_crash_visible_and_kill_leaves_nothing(pod, shared_dir):
     ssh_pod, hosts = pod
     secret = "wandb-secret-on-ssh-77"
