@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tpuctl import jobs
+from tpuctl.errors import TpuctlError
 from tpuctl.fanout import Host
 
 # A stand-in job that behaves like the trainer where it matters here: it prints progress,
@@ -249,3 +250,14 @@ def test_a_holder_on_one_worker_keeps_the_job_off_every_worker(hosts):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_worker_that_cannot_start_the_job_stops_it_everywhere(hosts):
+    broken = Path(hosts[1].workdir) / ".tpuctl"
+    broken.mkdir()
+    (broken / "jobs").write_text("not a directory")  # w01 cannot keep job records
+    with pytest.raises(TpuctlError, match=r"did not start on 1 worker\(s\): w01"):
+        jobs.launch(hosts, spec(STEPS="1000"))
+    report = jobs.status([hosts[0], hosts[2]])
+    assert [j.state for j in report] == ["exited", "exited"]
+    assert trainer_pids("secret_len") == []
