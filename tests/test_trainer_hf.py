@@ -90,7 +90,7 @@ def test_training_starts_from_an_hf_checkpoint(tiny_recipe, tmp_path):
     save_hf_model(tmp_path / "hf")
     args = [str(tiny_recipe), f"run_dir={tmp_path / 'run'}", f"model.init_from={tmp_path / 'hf'}",
             "model.preset=null", "train.steps=2", "logging.every_steps=1", "eval.every_steps=0"]  # fmt: skip
-    ((code, output),) = wait_all(launch_trainer(args, 1, 8, tmp_path), timeout=180)
+    ((code, output),) = wait_all(launch_trainer(args, 1, 8, tmp_path), timeout=400)
     assert code == 0, output
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     # A random HF model over 512 tokens starts near ln(512) = 6.2; the cache and the model agree.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -50,10 +49,10 @@ def test_grad_accumulation_is_one_update_over_the_whole_batch(tiny_recipe, tmp_p
 def test_one_process_and_four_processes_give_the_same_losses_and_loss_falls(tiny_recipe, tmp_path):
     one, four = tmp_path / "one", tmp_path / "four"
     single = launch_trainer([str(tiny_recipe), f"run_dir={one}", *SHORT], 1, 8, tmp_path)
-    ((code, output),) = wait_all(single, timeout=180)
+    ((code, output),) = wait_all(single, timeout=400)
     assert code == 0, output
     pod = launch_trainer([str(tiny_recipe), f"run_dir={four}", *SHORT], 4, 2, tmp_path)
-    results = wait_all(pod, timeout=240)
+    results = wait_all(pod, timeout=400)
     assert [c for c, _ in results] == [0, 0, 0, 0], results[0][1][-3000:]
 
     assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in output
@@ -78,22 +77,6 @@ def test_one_process_and_four_processes_give_the_same_losses_and_loss_falls(tiny
         "step_time_s",
     } <= record.keys()
     assert 0 < record["mfu"] < 1 and record["step"] == 3
-
-
-def test_a_resumed_run_sees_exactly_the_batches_of_the_uninterrupted_one(tiny_recipe, tmp_path):
-    args = [str(tiny_recipe), f"run_dir={tmp_path}", *SHORT, "checkpoint.every_steps=6"]
-    ((code, output),) = wait_all(launch_trainer(args, 1, 8, tmp_path), timeout=180)
-    assert code == 0, output
-    uninterrupted = losses(tmp_path)
-    # Lose everything after step 6, as a preemption would, and run the same command again.
-    shutil.rmtree(tmp_path / "checkpoints" / str(STEPS))
-    (tmp_path / "DONE").unlink()
-    (tmp_path / "metrics.jsonl").unlink()
-    ((code, output),) = wait_all(launch_trainer(args, 1, 8, tmp_path), timeout=180)
-    assert code == 0, output
-    assert "resuming from checkpoint step 6" in output
-    assert losses(tmp_path) == uninterrupted[2:]  # steps 9 and 12, bit for bit
-    assert json.loads((tmp_path / "DONE").read_text())["step"] == STEPS
 
 
 def test_a_pod_started_on_only_some_workers_fails_with_a_message(tiny_recipe, tmp_path):
