@@ -153,7 +153,8 @@ def pack(
     def close_row() -> None:
         pad = row_len - len(tokens)
         rows.append((tokens + [0] * pad, segments + [0] * pad, flags + [0] * pad))
-        tokens.clear(), segments.clear(), flags.clear()
+        for column in (tokens, segments, flags):
+            column.clear()
 
     for ex_tokens, ex_flags in examples:
         if split_documents:
