@@ -46,6 +46,15 @@ def test_grad_accumulation_is_one_update_over_the_whole_batch(tiny_recipe, tmp_p
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_epochs_become_optimizer_steps_over_the_packed_cache(tiny_recipe, tmp_path):
+    recipe = load_recipe(
+        str(tiny_recipe), [f"run_dir={tmp_path}", "train.steps=null", "train.epochs=0.5"]
+    )
+    dataset = train.prepare_data(recipe, "train", recipe.data.train, shuffle=True)
+    run = train.setup(recipe, dataset)
+    assert run.total_steps == -(-dataset.reader.rows // 2 // 16) > 10
+
+
 def test_one_process_and_four_processes_give_the_same_losses_and_loss_falls(tiny_recipe, tmp_path):
     one, four = tmp_path / "one", tmp_path / "four"
     single = launch_trainer([str(tiny_recipe), f"run_dir={one}", *SHORT], 1, 8, tmp_path)
