@@ -42,11 +42,11 @@ def make_ssh_pod(pod_key) -> Iterator[Callable[[int], SshPod]]:
 
 
 def _python_home() -> tuple[str, ...]:
-    """This interpreter's installation, when it lives under /root (pyenv): `tpuctl check`
-    tests run it on the workers, whose /root is otherwise their own."""
-    real = os.path.realpath(sys.executable)
-    parts = real.split(os.sep)
-    return ("/" + "/".join(parts[1:3]),) if real.startswith("/root/") else ()
+    """The interpreter's installation, this checkout and its venv, where they live under
+    /root (pyenv) or /tmp (a CI clone): workers run them, but see their own /root and /tmp."""
+    candidates = (sys.executable, sys.prefix, os.path.dirname(os.path.dirname(__file__)))
+    tops = {"/" + "/".join(os.path.realpath(p).split(os.sep)[1:3]) for p in candidates}
+    return tuple(sorted(top for top in tops if top.startswith(("/root/", "/tmp/"))))
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,7 @@ SUBNET = "10.231"  # a /16 used only by these pods; each pod takes one /24 of it
 LOCK_FILE = "/run/lock/tpuctl-sshpod.lock"
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 START_DEADLINE_S = 20.0
+PRIVATE_ROOTS = ("/root/", "/tmp/")  # each host mounts its own over these
 POD_DIRS = "/var/tmp"  # not /tmp: each host mounts its own /tmp over the real one
 DIR_PREFIX = "tpuctl-sshpod-"
 
@@ -91,8 +92,9 @@ def _alive(pid: int) -> bool:
 class SshPod:
     """`n` sshd hosts accepting root logins with `key` = (private key path, public key line).
 
-    `keep_visible` lists paths under /root of this machine that hosts still see through
-    their private /root (e.g. the Python installation a test runs on the workers)."""
+    `keep_visible` lists paths under /root or /tmp of this machine that hosts still see
+    through their private /root and /tmp (e.g. the checkout and Python installation a test
+    runs on the workers)."""
 
     def __init__(self, n: int, key: tuple[str, str], keep_visible: tuple[str, ...] = ()) -> None:
         if n < 1 or n > 200:
@@ -100,8 +102,8 @@ class SshPod:
         self.n = n
         self.private_key, self.public_key = key
         self.keep_visible = tuple(str(Path(p)) for p in keep_visible)
-        if any(not p.startswith("/root/") for p in self.keep_visible):
-            raise ValueError("keep_visible paths must lie under /root")
+        if any(not p.startswith(PRIVATE_ROOTS) for p in self.keep_visible):
+            raise ValueError("keep_visible paths must lie under /root or /tmp")
         self.tag = f"{PREFIX}{os.getpid()}{_next_pod_letter()}"
         self.bridge = f"{self.tag}b"
         self.directory = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{self.tag}-", dir=POD_DIRS))
@@ -250,12 +252,13 @@ class SshPod:
         if host.namespace:
             home = host.directory / "root"
             shared = "".join(
-                f"mkdir -p {home}{inside} && mount --bind /root{inside} {home}{inside} && "
-                for inside in (path.removeprefix("/root") for path in self.keep_visible)
+                f"mkdir -p {self.path(host.index, path)} && "
+                f"mount --bind {path} {self.path(host.index, path)} && "
+                for path in self.keep_visible
             )
             binds = (
                 f"{shared}hostname h{host.index} && mount --bind {self.directory}/hosts /etc/hosts && "
-                f"mount --bind {host.directory}/tmp /tmp && "
+                f"mount --rbind {host.directory}/tmp /tmp && "
                 f"mount --rbind {home} /root && exec {sshd}"
             )
             argv = [
