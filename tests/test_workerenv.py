@@ -16,6 +16,12 @@ from tpuctl.fanout import Host
 OFFLINE = workerenv.WorkerEnv(base_python=sys.executable, pip_args="--no-index --no-deps")
 
 
+@pytest.fixture(autouse=True)
+def private_state(tmp_path, monkeypatch):
+    """Built wheels are cached under state_dir: keep them out of the real one."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+
 @pytest.fixture
 def hosts(tmp_path):
     made = []
@@ -41,7 +47,7 @@ def installed_trainer(workdir: str) -> str:
     return out.stdout.strip()
 
 
-def test_first_prepare_installs_the_wheel_then_unchanged_workers_are_skipped(hosts):
+def test_first_prepare_installs_the_wheel_then_unchanged_workers_are_skipped(hosts, tmp_path):
     messages = []
     prepared = workerenv.prepare(hosts, OFFLINE, messages.append)
     assert [r.host.label for r in prepared] == ["w00", "w01"]
@@ -50,6 +56,7 @@ def test_first_prepare_installs_the_wheel_then_unchanged_workers_are_skipped(hos
         assert location.startswith(str(Path(host.workdir) / ".tpuctl" / "venv"))
     assert workerenv.prepare(hosts, OFFLINE, messages.append) == []
     assert "unchanged" in messages[-1]
+    assert len(list((tmp_path / "state" / "tpuctl" / "wheels").glob("*/*.whl"))) == 1
 
 
 def test_a_new_worker_or_a_changed_setup_is_prepared_again(hosts):

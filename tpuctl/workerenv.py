@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -124,26 +125,25 @@ def prepare(
         progress(f"worker environment unchanged ({env_hash[:12]}): skipped")
         return []
     progress(f"preparing {len(stale)} worker(s) ({env_hash[:12]})")
-    with tempfile.TemporaryDirectory(prefix="tpuctl-wheel-") as build_dir:
-        wheel = ""
-        if env.builds_venv:
-            built = build_wheel(Path(build_dir))
-            wheel = f"{WHEEL_DIR}/{built.name}"
-            _check(run(stale, f"mkdir -p {WHEEL_DIR}", timeout=60), "making the wheel directory")
-            _check(put(stale, built, wheel), "copying the trainer wheel")
-        script = "".join(
-            f"{name}={value}\n"
-            for name, value in {
-                "setup": shlex.quote(env.setup or ""),
-                "wheel": shlex.quote(wheel),
-                "base_python": shlex.quote(env.base_python),
-                "pip_args": shlex.quote(env.pip_args),
-                "packages": "(" + " ".join(map(shlex.quote, env.packages)) + ")",
-                "image": shlex.quote(env.image or ""),
-                "env_hash": env_hash,
-            }.items()
-        )
-        results = run(stale, script + _PREPARE, timeout=PREPARE_TIMEOUT_S)
+    wheel = ""
+    if env.builds_venv:
+        built = cached_wheel(source_hash)
+        wheel = f"{WHEEL_DIR}/{built.name}"
+        _check(run(stale, f"mkdir -p {WHEEL_DIR}", timeout=60), "making the wheel directory")
+        _check(put(stale, built, wheel), "copying the trainer wheel")
+    script = "".join(
+        f"{name}={value}\n"
+        for name, value in {
+            "setup": shlex.quote(env.setup or ""),
+            "wheel": shlex.quote(wheel),
+            "base_python": shlex.quote(env.base_python),
+            "pip_args": shlex.quote(env.pip_args),
+            "packages": "(" + " ".join(map(shlex.quote, env.packages)) + ")",
+            "image": shlex.quote(env.image or ""),
+            "env_hash": env_hash,
+        }.items()
+    )
+    results = run(stale, script + _PREPARE, timeout=PREPARE_TIMEOUT_S)
     return _check(results, "preparing the worker environment")
 
 
@@ -193,6 +193,23 @@ def _source_hash() -> str:
 
 def _hash(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def cached_wheel(source_hash: str) -> Path:
+    """The wheel of this checkout's current source, built once per source hash and kept in
+    state_dir()/wheels (many nodes, and every later run, reuse it)."""
+    from tpuctl.config import state_dir
+
+    directory = state_dir() / "wheels" / source_hash[:16]
+    found = sorted(directory.glob("*.whl"))
+    if found:
+        return found[0]
+    with tempfile.TemporaryDirectory(prefix="tpuctl-wheel-") as build_dir:
+        built = build_wheel(Path(build_dir))
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = directory / (built.name + ".partial")
+        shutil.copy2(built, partial)
+        return partial.rename(directory / built.name)
 
 
 def build_wheel(out_dir: Path) -> Path:
