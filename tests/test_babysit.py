@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -147,8 +151,34 @@ def losses_by_step(run_dir: Path) -> dict[int, set[float]]:
 def cli(tmp_path):
     cli = Cli(tmp_path)
     yield cli
-    for name in ("pod", "ref"):
-        cli("down", name, "--yes")  # stops leftover jobs and the local GCS emulator
+    cli("down", "pod", "--yes")  # stops leftover jobs and the local GCS emulator
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The run uninterrupted, babysat on a local pod of the same shape (2 processes x 4
+    devices) that is deleted when done."""
+    cli = Cli(tmp_path_factory.mktemp("reference"))
+    run_dir = cli.root / "reference"
+    result = cli(*babysit_args(cli, "ref", "reference", run_dir, "--delete-when-done"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"run reference finished: step {STEPS}" in result.stdout
+    assert "restarts: 0 preemption(s), 0 failure(s), 1 launch(es)" in result.stdout
+    assert not (cli.pods_dir() / "ref").exists()  # --delete-when-done
+    return run_dir
+
+
+def assert_same_training(reference: Path, resumed: Path) -> None:
+    """Every logged step (re-run ones included) gave the reference's loss, and the final
+    parameters are bit for bit the reference's."""
+    expected = losses_by_step(reference)
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    assert losses_by_step(resumed) == expected
+    (ref_step, ref_params), (step, params) = final_params(reference), final_params(resumed)
+    assert ref_step == step == STEPS
+    assert params.keys() == ref_params.keys()
+    for name, value in params.items():
+        assert np.array_equal(value, ref_params[name]), name
 
 
 def babysit_args(cli: Cli, name: str, run_id: str, run_dir: Path, *extra: str) -> list[str]:
@@ -159,16 +189,12 @@ def babysit_args(cli: Cli, name: str, run_id: str, run_dir: Path, *extra: str) -
     ]  # fmt: skip
 
 
-def test_babysit_carries_a_run_through_two_preemptions_and_a_crash_on_a_local_pod(cli, tmp_path):
+def test_babysit_carries_a_run_through_two_preemptions_and_a_crash_on_a_local_pod(
+    cli, reference, tmp_path
+):
     from tpuctl.providers.local import LocalProvider
 
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    ref = cli(*babysit_args(cli, "ref", "reference", reference, "--delete-when-done"))
-    assert ref.returncode == 0, ref.stdout + ref.stderr
-    assert f"run reference finished: step {STEPS}" in ref.stdout
-    assert "restarts: 0 preemption(s), 0 failure(s), 1 launch(es)" in ref.stdout
-    assert not (cli.pods_dir() / "ref").exists()  # --delete-when-done
-
+    resumed = tmp_path / "resumed"
     pods = LocalProvider(cli.pods_dir().parent)
     proc = cli.start(*babysit_args(cli, "pod", "resumed", resumed))
     wait_for(step_reached(resumed, 4), "step 4", proc)
@@ -191,18 +217,189 @@ def test_babysit_carries_a_run_through_two_preemptions_and_a_crash_on_a_local_po
     assert kinds[1] == ("preemption", "node pod missing")
     assert kinds[2][0] == "failure" and "w01 exited" in kinds[2][1]
     crash = state["events"][2]
-    assert crash["worker"] == "w01" and crash["exit_code"] is not None
+    assert crash["worker"] == "w01" and crash["exit_code"] == 128 + signal.SIGKILL
     assert any("killed by signal 9" in line for line in crash["log_tail"]), crash["log_tail"]
     for event in state["events"]:  # every restart got the run training again
         assert event["resumed_s"] > 0 and event["steps_lost"] is not None
         assert event["steps_lost"] <= 3 + 1, event  # at most the checkpoint interval (+1 in flight)
+    assert_same_training(reference, resumed)
 
-    expected = losses_by_step(reference)
-    assert sorted(expected) == list(range(1, STEPS + 1))
-    got = losses_by_step(resumed)
-    assert got == expected  # every step, re-run ones included, gave the reference's loss
-    (ref_step, ref_params), (step, params) = final_params(reference), final_params(resumed)
-    assert ref_step == step == STEPS
-    assert params.keys() == ref_params.keys()
-    for name, value in params.items():
-        assert np.array_equal(value, ref_params[name]), name
+
+def test_a_second_babysitter_on_the_same_run_refuses_naming_the_first(cli, tmp_path):
+    from tpuctl.babysit import Lease
+
+    env = {"XDG_STATE_HOME": cli.env["XDG_STATE_HOME"]}
+    os.environ.update(env)  # this process takes the run's lock, as a running babysitter does
+    try:
+        first = Lease("shared-run", ttl_s=120)
+        first.acquire()
+        second = cli(*babysit_args(cli, "pod", "shared-run", tmp_path / "run"), timeout=60)
+        first.release()
+    finally:
+        os.environ.pop("XDG_STATE_HOME")
+    assert second.returncode == 1
+    assert second.stderr.startswith(
+        f"error: run shared-run is already babysat by pid {os.getpid()} on "
+    ), second.stderr
+    assert "Traceback" not in second.stderr
+    assert not (cli.pods_dir() / "pod").exists()  # refused before touching anything
+
+
+def test_no_step_progress_is_a_failure_and_the_failure_budget_stops_babysitting(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    # No step within 1 s of the launch (the trainer is still starting): a hang, each time.
+    args = babysit_args(cli, "pod", "hangs", run_dir, "--hang-timeout", "1s", "--max-failures", "1")
+    result = cli(*args)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (
+        "error: stopped babysitting run hangs after 2 job failures (--max-failures 1)"
+        in result.stderr
+    )
+    state = cli.state("hangs")
+    assert [e["kind"] for e in state["events"]] == ["hang", "hang"]
+    assert state["events"][0]["cause"].startswith("no step progress for ")
+    assert state["launches"] == 2  # relaunched once, then gave up instead of burning time
+    ps = cli("ps", "pod")
+    assert "running" not in ps.stdout  # the hung job was stopped before relaunching / giving up
+
+
+# -- the SSH test pod through the fake Cloud TPU API ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ssh_pod2(make_ssh_pod):
+    """Two sshd hosts: the workers of every v4-16 the fake API creates."""
+    return make_ssh_pod(2)
+
+
+@pytest.fixture
+def gcs_for_hosts(ssh_pod2):
+    """A GCS emulator on the pod's gateway address, which the hosts reach too."""
+    with socket.socket() as sock:
+        sock.bind((ssh_pod2.gateway, 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--quiet", "--in-memory"]
+    server = subprocess.Popen(
+        [*command, "--host", ssh_pod2.gateway, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://{ssh_pod2.gateway}:{port}"
+    try:
+        wait_for(lambda: _serving(url), "the GCS emulator", timeout=30)
+        yield url
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def _serving(url: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{url}/storage/v1/b?project=p", timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def cloud_cli(fake_tpu, ssh_pod2, pod_key, gcs_for_hosts, tmp_path):
+    """`tpuctl` against the fake API, whose nodes' workers are the two sshd hosts."""
+    from tpuctl.testing.gcs_emulator import emulator_env
+
+    fake_tpu.worker_ips = lambda _name, count: ssh_pod2.hosts[:count]
+    cli = Cli(tmp_path)
+    cli.env.update(emulator_env(gcs_for_hosts))
+    for name in ("TPUCTL_TPU_API_ENDPOINT", "TPUCTL_PROJECT", "TPUCTL_ZONE", "TPUCTL_TIME_SCALE"):
+        cli.env[name] = os.environ[name]
+    cli.env.update(
+        TPUCTL_PROVIDER="cloud",
+        TPUCTL_SSH_KEY=pod_key[0],
+        TPUCTL_SSH_USER="root",
+        TPUCTL_BUCKET="test-bucket",
+    )
+    config = tmp_path / "config" / "tpuctl" / "config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(f"worker:\n  python: {sys.executable}\n")
+    yield cli
+    for index in range(ssh_pod2.n):  # nothing of this test's run survives it
+        ssh_pod2.stop_host(index)
+        ssh_pod2.start_host(index)
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every host sees (their /tmp and /root are private)."""
+    path = Path(tempfile.mkdtemp(prefix="tpuctl-babysit-", dir="/var/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def take_hosts_away(pod) -> None:
+    """What a preemption does to the VMs: every process on every host ends. The fake API
+    gives the recreated node the same addresses, so the hosts come back."""
+    for index in range(pod.n):
+        pod.stop_host(index)
+    for index in range(pod.n):
+        pod.start_host(index)
+
+
+def kill_trainer_on_host(cli: Cli, pod, index: int) -> None:
+    """SIGKILL the trainer on one host, inside that host's own process namespace."""
+    from tests.fixtures_pod import pod_hosts
+    from tpuctl.fanout import run
+
+    script = (
+        'ps -eo pid=,args= | awk \'$3 == "-m" && $4 == "trainer" {print $1}\' | '
+        "xargs -r kill -KILL && echo killed"
+    )
+    host = pod_hosts(pod, (cli.env["TPUCTL_SSH_KEY"], ""), str(cli.root / "kh"))[index]
+    result = run([host], script)[0]
+    assert result.ok and "killed" in result.stdout, result
+
+
+def api_requests(fake_tpu, method: str) -> int:
+    return sum(1 for verb, _path in list(fake_tpu.requests) if verb == method)
+
+
+@pytest.mark.pod
+def test_babysit_on_the_ssh_test_pod_through_vanish_stockouts_outage_preemption_and_crash(
+    cloud_cli, fake_tpu, ssh_pod2, reference, shared_dir
+):
+    cli, run_dir = cloud_cli, shared_dir / "run"
+    log = cli.root / "state" / "tpuctl" / "babysit" / "ssh.log"
+    proc = cli.start(*babysit_args(cli, "pod", "ssh", run_dir, "--spot"))
+    wait_for(step_reached(run_dir, 3), "step 3", proc)  # babysit created pod and launched
+    assert fake_tpu.node("pod")["schedulingConfig"] == {"spot": True}  # queued, as v4 pods are
+
+    fake_tpu.fail_queued(2)  # no capacity twice: the recreation has to wait for it
+    fake_tpu.vanish("pod")  # no PREEMPTED state: the node is just gone
+    take_hosts_away(ssh_pod2)
+    seen = len(metrics(run_dir))
+    wait_for(step_reached(run_dir, 6, seen), "step 6 after the node vanished", proc)
+    assert log.read_text().count("ended FAILED: no capacity could be found") == 2
+
+    deletes, launches = api_requests(fake_tpu, "DELETE"), cli.state("ssh")["launches"]
+    fake_tpu.fail_next(12)  # every request fails for three looks at the node
+    wait_for(lambda: "TPU API answering again" in log.read_text(), "the API back", proc)
+    assert "TPU API unavailable" in log.read_text()
+    seen = len(metrics(run_dir))
+    wait_for(step_reached(run_dir, 9, seen), "step 9 after the API outage", proc)
+    assert api_requests(fake_tpu, "DELETE") == deletes  # a failing API deletes nothing
+    assert cli.state("ssh")["launches"] == launches  # ... and launches nothing
+
+    fake_tpu.preempt("pod")
+    take_hosts_away(ssh_pod2)
+    seen = len(metrics(run_dir))
+    wait_for(step_reached(run_dir, 12, seen), "step 12 after the preemption", proc)
+    kill_trainer_on_host(cli, ssh_pod2, 1)
+    proc.wait(timeout=RUN_TIMEOUT_S)
+    out = output(proc)
+    assert proc.returncode == 0, out
+    assert f"run ssh finished: step {STEPS}" in out
+    assert "restarts: 2 preemption(s), 1 failure(s), 4 launch(es)" in out
+    causes = [(e["kind"], e["cause"]) for e in cli.state("ssh")["events"]]
+    assert causes[:2] == [("preemption", "node pod missing"), ("preemption", "node pod PREEMPTED")]
+    assert causes[2][0] == "failure" and "w01 exited" in causes[2][1]
+    assert api_requests(fake_tpu, "DELETE") == deletes + 1  # only the PREEMPTED node's
+    assert fake_tpu.node("pod")["state"] == "READY"  # not deleted when done (no flag)
+    assert_same_training(reference, run_dir)

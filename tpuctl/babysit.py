@@ -30,6 +30,7 @@ import json
 import os
 import socket
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,6 +280,10 @@ class Lease:
         handle.flush()
         self._file = handle
 
+    @property
+    def holding(self) -> bool:
+        return self._file is not None
+
     def claim_remote(self, remote: str | None) -> None:
         """Take (or refresh) the GCS lease; refuse if another babysitter holds a fresh one."""
         from tpuctl import storage
@@ -343,6 +348,7 @@ class Babysitter:
         self.run_id = options.run_id or self._new_run_id()
         self.lease = Lease(self.run_id, ttl_s=max(120.0, 4 * options.poll_s))
         self.state = BabysitState(self.run_id, options.node, options.accelerator_type)
+        self._check_scheduling()
         self.remote_dir = remote_dir(settings, self.run_id)
         self.metrics: MetricsTail | None = None
         self._not_ready_since: float | None = None
@@ -351,6 +357,16 @@ class Babysitter:
         self._action_errors = 0
         self._user_storage_env = {name: os.environ.get(name) for name in STORAGE_ENV}
 
+    def _check_scheduling(self) -> None:
+        from tpuctl import catalog
+
+        accelerator = catalog.parse(self.options.accelerator_type)
+        if self.options.scheduling == "preemptible" and accelerator.needs_queued():
+            raise TpuctlError(
+                f"--preemptible does not work for {accelerator.name}, which comes through "
+                "queued resources; use --spot"
+            )
+
     def _new_run_id(self) -> str:
         from tpuctl.jobs.runs import load_recipe
 
@@ -358,9 +374,15 @@ class Babysitter:
 
     # -- the loop ---------------------------------------------------------------------
 
+    def claim(self) -> None:
+        """Take the run's lock, or raise a TpuctlError naming the babysitter that holds it."""
+        if self.lease.holding:
+            return
+        self.lease.acquire()
+
     def run(self) -> BabysitState:
         """Babysit until DONE; raises BudgetExhausted (or another TpuctlError) to give up."""
-        self.lease.acquire()
+        self.claim()
         try:
             if self.remote_dir:
                 self.lease.claim_remote(f"{self.remote_dir}/{LEASE_FILE}")
@@ -386,8 +408,11 @@ class Babysitter:
             return self._cycle()
         except BudgetExhausted:
             raise
-        except TpuctlError as err:
+        except Exception as err:  # a babysitter that runs for days must not die of one
             self._action_errors += 1
+            if not isinstance(err, TpuctlError):  # unexpected: keep the whole story in the log
+                self.log(traceback.format_exc().rstrip())
+                err = TpuctlError(f"{type(err).__name__}: {err}")
             self.log(f"action failed ({self._action_errors} in a row): {err}")
             if self._action_errors > self.options.max_failures:
                 raise TpuctlError(
@@ -395,8 +420,7 @@ class Babysitter:
                     f"failed in a row; the last: {err}",
                     exit_code=1,
                 ) from None
-            self.state.pending_launch = self.state.launches > 0
-            self._save()
+            self._save()  # an interrupted relaunch stays pending: the next cycle redoes it
             return False
 
     def _cycle(self) -> bool:
@@ -562,8 +586,10 @@ class Babysitter:
             event.worker, event.exit_code = worker.label, worker.exit_code
             event.log_tail = self._log_tail([h for h in hosts if h.label == worker.label])
         self.state.failures += 1
+        self.state.pending_launch = True
+        self._save()
+        self._stop_job(hosts)  # also before giving up: a hung job must not hold the TPU
         self._check_budgets()
-        self._stop_job(hosts)
         self._launch(node, hosts)
 
     def _stop_job(self, hosts: list[Host]) -> None:
@@ -588,25 +614,37 @@ class Babysitter:
         name = self.options.node
         if self.state.launches == 0 and node is None:
             self.log(f"{name} does not exist yet: creating it")
-        else:
+        elif not self.state.pending_launch:  # a retried recreation is the same preemption
             what = "missing" if node is None else node.state
             self._record("preemption", f"node {name} {what}")
             self.state.preemptions += 1
             self._check_budgets()
+        self.state.pending_launch = self.state.launches > 0
         self._save()
         started = time.monotonic()
         self.view.activity = f"deleting {name}"
-        if node is not None or self.provider.get(name) is not None:
-            self.provider.delete(name, self.log)  # its queued resource too
+        self._delete_node(node)
         self.view.activity = f"creating {name}"
         new_node = self._create_node()
         if self.state.events and self.state.launches:
             self.state.events[-1].recreate_s = time.monotonic() - started
         self._not_ready_since = None
-        self.state.pending_launch = True
         self._save()
         if new_node is not None and new_node.ready:
             self._tend_job(new_node)
+
+    def _delete_node(self, node: Node | None) -> None:
+        """Delete the lost node and its queued resource; a node that vanished can leave its
+        queued resource behind, holding quota and blocking the new one."""
+        from tpuctl.providers.cloud_tpu import CloudTpuProvider
+
+        name = self.options.node
+        if node is not None or self.provider.get(name) is not None:
+            self.provider.delete(name, self.log)  # its queued resource too
+        elif isinstance(self.provider, CloudTpuProvider):
+            provider = self.provider
+            path = f"projects/{provider.project}/locations/{provider.zone}/queuedResources/{name}"
+            provider.delete_queued(path, self.log)
 
     def _create_node(self) -> Node | None:
         from tpuctl.providers.cloud_tpu import CloudTpuProvider

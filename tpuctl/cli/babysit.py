@@ -102,6 +102,7 @@ def babysit(
     )
     display = Display()
     sitter = Babysitter(settings, options)
+    sitter.claim()  # a second babysitter on the run stops here, before saying anything
     with LogFile(sitter.run_id, log_file) as write_log:
 
         def log(line: str) -> None:
