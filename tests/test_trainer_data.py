@@ -140,3 +140,15 @@ def test_gcs_inputs_and_cache_match_local_ones(gcs, tmp_path):
     rows = np.array([0, 7, 3])
     assert remote.rows == local.rows
     assert (remote.read(rows).tokens == local.read(rows).tokens).all()
+
+
+def test_packed_chat_rows_train_only_on_assistant_replies(tmp_path, tok):
+    cfg = DataConfig(train=[str(REPO / "recipes" / "data" / "tiny_chat.jsonl")], format="chat")
+    reader = data.ensure_split(str(tmp_path), "train", cfg.train, TOKENIZER, cfg, 255, build=True)
+    batch = data.batch_arrays(reader.read(np.arange(4)))
+    assert (batch["segment_ids"].max(axis=1) >= 2).all()  # several conversations per row
+    for targets, weights in zip(batch["targets"], batch["weights"], strict=True):
+        learned = tok.decode(
+            [t for t, w in zip(targets, weights, strict=True) if w and t != tok.sp.eos_id()]
+        )
+        assert "plus" in learned and "What is" not in learned and "<|user|>" not in learned
