@@ -225,6 +225,38 @@ def test_babysit_carries_a_run_through_two_preemptions_and_a_crash_on_a_local_po
     assert_same_training(reference, resumed)
 
 
+def test_babysit_with_no_recipe_watches_the_nodes_latest_run_to_the_end(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    assert cli("up", "v4-16", "--local", "--name", "pod").returncode == 0
+    started = cli(
+        "run", TINY, "--name", "pod", "--all-workers", "--run-id", "mine",
+        "--", *OVERRIDES, f"run_dir={run_dir}",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    result = cli("babysit", "--preemptible", "--name", "pod", "--poll", "0.3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"run mine finished: step {STEPS}" in result.stdout
+    assert "restarts: 0 preemption(s), 0 failure(s), 1 launch(es)" in result.stdout
+    assert "run mine already runs on every worker of pod: watching it" in result.stderr
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["v4-16", TINY], "error: babysit needs a node name: pass --name NAME"),
+        (["v4-16", TINY, "-n", "p", "--spot", "--preemptible"], "error: --spot and --preemptible"),
+        (["v4-16", TINY, "-n", "p", "--poll", "soon"], "error: --poll 'soon' is not a duration"),
+        (["--name", "nowhere"], "error: no node named 'nowhere'"),
+    ],
+)
+def test_bad_babysit_flags_are_one_line_errors(cli, args, message):
+    result = cli("babysit", *args, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.startswith(message), result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_second_babysitter_on_the_same_run_refuses_naming_the_first(cli, tmp_path):
     from tpuctl.babysit import Lease
 
@@ -363,7 +395,7 @@ def api_requests(fake_tpu, method: str) -> int:
 
 @pytest.mark.pod
 def test_babysit_on_the_ssh_test_pod_through_vanish_stockouts_outage_preemption_and_crash(
-    cloud_cli, fake_tpu, ssh_pod2, reference, shared_dir
+    cloud_cli, fake_tpu, ssh_pod2, reference, shared_dir, monkeypatch
 ):
     cli, run_dir = cloud_cli, shared_dir / "run"
     log = cli.root / "state" / "tpuctl" / "babysit" / "ssh.log"
@@ -402,4 +434,12 @@ def test_babysit_on_the_ssh_test_pod_through_vanish_stockouts_outage_preemption_
     assert causes[2][0] == "failure" and "w01 exited" in causes[2][1]
     assert api_requests(fake_tpu, "DELETE") == deletes + 1  # only the PREEMPTED node's
     assert fake_tpu.node("pod")["state"] == "READY"  # not deleted when done (no flag)
+    # The state and the (released) lease are in GCS too, for a babysitter elsewhere.
+    from tpuctl import storage
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", cli.env["STORAGE_EMULATOR_HOST"])
+    shared = json.loads(storage.read_text("gs://test-bucket/tpuctl/runs/ssh/babysit.json"))
+    assert (shared["preemptions"], shared["failures"], shared["finished"]) == (2, 1, True)
+    lease = json.loads(storage.read_text("gs://test-bucket/tpuctl/runs/ssh/babysit.lease"))
+    assert lease["released"] and lease["holder"].startswith(f"pid {proc.pid} on ")
     assert_same_training(reference, run_dir)

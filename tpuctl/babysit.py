@@ -323,7 +323,11 @@ class Lease:
 # -- the babysitter --------------------------------------------------------------------
 
 
-class BudgetExhausted(TpuctlError):
+class GiveUp(TpuctlError):
+    """A reason to stop babysitting at once rather than retry on the next cycle."""
+
+
+class BudgetExhausted(GiveUp):
     """Too many preemptions or failures: babysitting stops with a report."""
 
 
@@ -352,6 +356,7 @@ class Babysitter:
         self.remote_dir = remote_dir(settings, self.run_id)
         self.metrics: MetricsTail | None = None
         self._not_ready_since: float | None = None
+        self._unreachable_since: float | None = None
         self._progress_at = time.monotonic()
         self._api_down = False
         self._action_errors = 0
@@ -361,7 +366,8 @@ class Babysitter:
         from tpuctl import catalog
 
         accelerator = catalog.parse(self.options.accelerator_type)
-        if self.options.scheduling == "preemptible" and accelerator.needs_queued():
+        cloud = self.settings.get("provider", "cloud") == "cloud"
+        if cloud and self.options.scheduling == "preemptible" and accelerator.needs_queued():
             raise TpuctlError(
                 f"--preemptible does not work for {accelerator.name}, which comes through "
                 "queued resources; use --spot"
@@ -405,8 +411,8 @@ class Babysitter:
         An action that fails (a launch refused, a worker unreachable while stopping the
         job) is retried on the next cycle, up to --max-failures times in a row."""
         try:
-            return self._cycle()
-        except BudgetExhausted:
+            finished = self._cycle()
+        except GiveUp:
             raise
         except Exception as err:  # a babysitter that runs for days must not die of one
             self._action_errors += 1
@@ -422,6 +428,8 @@ class Babysitter:
                 ) from None
             self._save()  # an interrupted relaunch stays pending: the next cycle redoes it
             return False
+        self._action_errors = 0
+        return finished
 
     def _cycle(self) -> bool:
         self._observe_progress()
@@ -434,7 +442,7 @@ class Babysitter:
             self._replace_node(node)
             return False
         if node.accelerator_type != self.options.accelerator_type:
-            raise TpuctlError(
+            raise GiveUp(
                 f"node {node.name} is a {node.accelerator_type}, not a "
                 f"{self.options.accelerator_type}; babysit another --name or `tpuctl down` it",
                 exit_code=1,
@@ -526,12 +534,21 @@ class Babysitter:
             return
         workers = jobs.status(hosts, self.run_id)
         self.view.workers = workers
-        if any(w.state == "unreachable" for w in workers):
-            self.view.activity = "some workers unreachable; looking again"
+        unreachable = [w.label for w in workers if w.state == "unreachable"]
+        if unreachable:
+            self._unreachable_since = self._unreachable_since or time.monotonic()
+            if time.monotonic() - self._unreachable_since > self.options.not_ready_grace_s:
+                self._replace_node(node, f"READY but {', '.join(unreachable)} unreachable")
+            else:
+                self.view.activity = f"{', '.join(unreachable)} unreachable; looking again"
             return
+        self._unreachable_since = None
         ended = [w for w in workers if w.state != "running"]
         if ended:
             if self._finished_after_exit():
+                return
+            if len(ended) < len(workers) and all(w.exit_code == 0 for w in ended):
+                self.view.activity = "finishing"  # process 0 writes DONE last
                 return
             current = self._get_node()
             if current is None or not current.ready:  # taken away: the next cycle replaces it
@@ -610,12 +627,12 @@ class Babysitter:
         )
         return lines[-LOG_LINES:]
 
-    def _replace_node(self, node: Node | None) -> None:
+    def _replace_node(self, node: Node | None, why: str | None = None) -> None:
         name = self.options.node
         if self.state.launches == 0 and node is None:
             self.log(f"{name} does not exist yet: creating it")
         elif not self.state.pending_launch:  # a retried recreation is the same preemption
-            what = "missing" if node is None else node.state
+            what = why or ("missing" if node is None else node.state)
             self._record("preemption", f"node {name} {what}")
             self.state.preemptions += 1
             self._check_budgets()
@@ -705,7 +722,6 @@ class Babysitter:
         self.state.recipe_uri, self.state.run_dir = started.recipe_uri, started.run_dir
         self.state.launches += 1
         self.state.pending_launch = False
-        self._action_errors = 0
         self._progress_at = time.monotonic()
         if self.state.events and self.state.events[-1].relaunched_s is None:
             self.state.events[-1].relaunched_s = time.time() - self.state.events[-1].at
