@@ -113,7 +113,9 @@ def babysit(
         err_console.print(f"babysitting run {sitter.run_id} on {node_name}; log: {write_log.path}")
         with display:
             state = sitter.run()
-    print(f"run {state.run_id} finished: step {state.final_step}, final loss {state.final_loss}")
+    loss = state.final_loss
+    loss_text = f"final loss {loss:.4f}" if isinstance(loss, int | float) else "no loss logged"
+    print(f"run {state.run_id} finished: step {state.final_step}, {loss_text}")
     print(
         f"restarts: {state.preemptions} preemption(s), {state.failures} failure(s), "
         f"{state.launches} launch(es)"
@@ -162,8 +164,8 @@ class Display:
         if sitter is not None:
             view, state = sitter.view, sitter.state
             loss = f"{view.loss:.4f}" if isinstance(view.loss, int | float) else "-"
-            table.add_row("run", f"{state.run_id} on {state.node} ({view.node_state})")
-            table.add_row("now", view.activity)
+            table.add_row("run", escape(f"{state.run_id} on {state.node} ({view.node_state})"))
+            table.add_row("now", escape(view.activity))
             table.add_row("step", f"{view.step if view.step is not None else '-'}  loss {loss}")
             workers = "  ".join(f"{w.label}:{w.state}" for w in view.workers) or "-"
             table.add_row("workers", workers)
