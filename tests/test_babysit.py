@@ -241,6 +241,28 @@ def test_babysit_with_no_recipe_watches_the_nodes_latest_run_to_the_end(cli, tmp
     assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_progress_is_read_incrementally_and_a_half_written_line_waits(where, tmp_path, request):
+    from tpuctl.babysit import MetricsTail
+    from trainer import io
+
+    run_dir = str(tmp_path) if where == "local" else "gs://test-bucket/runs/progress"
+    if where == "gs":
+        request.getfixturevalue("gcs")
+    path = io.join(run_dir, "metrics.jsonl")
+    tail = MetricsTail(run_dir)
+    assert tail.poll() == [] and tail.last_step is None  # no metrics yet
+    first = json.dumps({"step": 1, "loss": 2.5}) + "\n"
+    io.write_text(path, first + '{"step": 2, "lo')  # the trainer is mid-line
+    assert [r["step"] for r in tail.poll()] == [1]
+    io.write_text(path, first + json.dumps({"step": 2, "loss": 2.0}) + "\n")
+    assert tail.poll() == [{"step": 2, "loss": 2.0}]
+    assert (tail.last_step, tail.last_loss) == (2, 2.0)
+    assert tail.poll() == []  # nothing new
+    io.write_text(path, json.dumps({"step": 1, "loss": 2.5}) + "\n")  # recreated, shorter
+    assert [r["step"] for r in tail.poll()] == [1]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

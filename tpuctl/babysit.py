@@ -172,20 +172,16 @@ class MetricsTail:
         return records
 
     def _read_from(self, offset: int) -> bytes | None:
-        if "://" in self.path:
-            from trainer import io
+        from trainer import io
 
-            if not io.exists(self.path):
-                return None
-            return io.read_bytes(self.path)[offset:]
-        try:
-            with open(self.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size < offset:  # recreated: start over
-                    self.offset = offset = 0
-                f.seek(offset)
-                return f.read()
-        except FileNotFoundError:
+        if not io.exists(self.path):
             return None
+        with io.open_file(self.path, "rb") as f:  # on gs://, a ranged read of the new bytes
+            size = f.seek(0, os.SEEK_END)
+            if size < offset:  # the file was recreated: start over
+                self.offset = offset = 0
+            f.seek(offset)
+            return f.read()
 
 
 def read_done(run_dir: str) -> dict[str, Any] | None:
