@@ -221,7 +221,9 @@ def test_babysit_carries_a_run_through_two_preemptions_and_a_crash_on_a_local_po
     assert any("killed by signal 9" in line for line in crash["log_tail"]), crash["log_tail"]
     for event in state["events"]:  # every restart got the run training again
         assert event["resumed_s"] > 0 and event["steps_lost"] is not None
-        assert event["steps_lost"] <= 3 + 1, event  # at most the checkpoint interval (+1 in flight)
+        # At most the checkpoint interval (3), or twice it when the kill lands while the
+        # newest (asynchronous) save has not committed yet.
+        assert event["steps_lost"] <= 2 * 3, event
     assert_same_training(reference, resumed)
 
 

@@ -394,6 +394,7 @@ class Babysitter:
                 self.log(f"carrying on from saved state: {self._summary()}")
             self._start_metrics()
             while not self.cycle():
+                self._save()  # also the lease's heartbeat, through API outages too
                 self.on_update(self)
                 time.sleep(self.options.poll_s)
             self.on_update(self)
@@ -447,7 +448,6 @@ class Babysitter:
             self.view.activity = f"waiting for {node.name} ({node.state})"
             return False
         self._tend_job(node)
-        self._save()
         return False
 
     # -- observations -----------------------------------------------------------------
@@ -779,7 +779,7 @@ class Babysitter:
             try:
                 storage.upload_text(remote, text)
                 self.lease.heartbeat()
-            except TpuctlError as err:  # GCS trouble must not stop the babysitter
+            except Exception as err:  # GCS trouble must not stop the babysitter
                 self.log(f"could not save the state to {remote}: {err}")
 
     def _summary(self) -> str:
