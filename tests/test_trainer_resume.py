@@ -48,15 +48,17 @@ class TrainerPod:
         for index in range(processes):
             env = {k: v for k, v in os.environ.items() if not k.startswith("TPUCTL_")}
             env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=str(REPO))
-            # Later attempts reuse the first one's compiled step (the same executable, so the
-            # same numbers): start-up is most of each attempt's time on 2 cores.
-            env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache))
             if processes > 1:
                 env.update(
                     TPUCTL_COORDINATOR=f"127.0.0.1:{port}",
                     TPUCTL_NUM_PROCESSES=str(processes),
                     TPUCTL_PROCESS_ID=str(index),
                 )
+            else:
+                # Later attempts reuse the first one's compiled step (the same executable, so
+                # the same numbers). Not on several processes: only process 0 would hit the
+                # cache, and the others, still compiling, would miss gloo's 30 s rendezvous.
+                env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache))
             command = [sys.executable, "-m", "trainer", str(RECIPE), f"run_dir={run_dir}"]
             with open(self.logs / f"{index}.out", "w") as out:
                 self.procs.append(

@@ -5,8 +5,9 @@
 - Committed-only: orbax finalizes a step directory last (atomic rename locally, a commit file
   on GCS); resume takes the newest committed step and never a half-written one.
 - Agreed decisions: whether to save at a step is a pure function of the step (every_steps,
-  milestone_every) plus two flags agreed on by all processes each step: "SIGTERM arrived"
-  (on any process) and "the time-based interval elapsed" (process 0's clock only).
+  milestone_every) plus two flags agreed on by all processes: "SIGTERM arrived" (on any
+  process) and "the time-based interval elapsed" (process 0's clock only), exchanged in a
+  tiny all-gather each step when there are several processes.
 - Bounded: a save that has not committed within `save_timeout_s` ends the process with
   `EXIT_SAVE_TIMEOUT` and a one-line error, instead of stalling the run for hours.
 - Preemption: the first SIGTERM makes the next `maybe_save` write the current step, wait for
@@ -123,13 +124,14 @@ class Checkpointer:
 
     # -- save --------------------------------------------------------------------------------
 
-    def maybe_save(self, state: Any) -> bool:
+    def maybe_save(self, state: Any, step: int | None = None) -> bool:
         """Save `state` if this step is due; True when the loop should stop (SIGTERM arrived on
-        some process, and the state is now committed)."""
-        step = int(jax.device_get(state.step))
+        some process, and the state is now committed). Pass the loop's `step` (state.step)
+        to spare reading it from the devices, which would wait for the step to finish."""
+        step = _host_step(state) if step is None else step
         stop, time_due = self._agreed_flags()
         if stop or time_due or self._due_by_step(step):
-            self.save(state)
+            self.save(state, step)
         if stop:
             self.wait_until_committed()
         return stop
@@ -141,21 +143,22 @@ class Checkpointer:
         return bool((every and step % every == 0) or (milestone and step % milestone == 0))
 
     def _agreed_flags(self) -> tuple[bool, bool]:
-        """(SIGTERM seen by any process, process 0's time-based interval elapsed)."""
+        """(SIGTERM seen by any process, process 0's time-based interval elapsed), the same on
+        every process."""
         minutes = self.cfg.every_minutes
         time_due = bool(minutes) and time.monotonic() - self._last_save_time >= minutes * 60
-        local = np.array([self._sigterm.is_set(), time_due], dtype=np.int32)
         if jax.process_count() == 1:
-            return bool(local[0]), bool(local[1])
+            return self._sigterm.is_set(), time_due
         from jax.experimental import multihost_utils
 
+        local = np.array([self._sigterm.is_set(), time_due], dtype=np.int32)
         flags = np.asarray(multihost_utils.process_allgather(local))
         return bool(flags[:, 0].any()), bool(flags[0, 1])
 
-    def save(self, state: Any) -> None:
+    def save(self, state: Any, step: int | None = None) -> None:
         """Start saving `state` at its step (unless that step is already saved). Asynchronous
         when `cfg.async_save`: it returns once the arrays are copied off the devices."""
-        step = int(jax.device_get(state.step))
+        step = _host_step(state) if step is None else step
         self._last_save_time = time.monotonic()
         if step in self._manager.all_steps():
             return
@@ -235,6 +238,10 @@ class Checkpointer:
                     flush=True,
                 )
                 os._exit(EXIT_SAVE_TIMEOUT)
+
+
+def _host_step(state: Any) -> int:
+    return int(jax.device_get(state.step))
 
 
 # -- parameters-only reads (export, serving) --------------------------------------------------

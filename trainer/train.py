@@ -322,7 +322,7 @@ def train(recipe: Recipe) -> int:
                     flush=True,
                 )
             interval_start = time.perf_counter()
-        if checkpointer.maybe_save(run.state):
+        if checkpointer.maybe_save(run.state, step):  # host step: no wait on the devices
             checkpointer.close()
             if is_main:
                 print(
