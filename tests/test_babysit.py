@@ -227,6 +227,22 @@ def test_babysit_carries_a_run_through_two_preemptions_and_a_crash_on_a_local_po
     assert_same_training(reference, resumed)
 
 
+def test_the_preemption_budget_stops_babysitting_and_leaves_the_node_as_it_is(cli, tmp_path):
+    from tpuctl.providers.local import LocalProvider
+
+    args = babysit_args(cli, "pod", "budget", tmp_path / "run", "--max-preemptions", "0")
+    proc = cli.start(*args)
+    wait_for(lambda: cli.state("budget").get("launches") == 1, "the first launch", proc)
+    LocalProvider(cli.pods_dir().parent).preempt("pod")
+    proc.wait(timeout=RUN_TIMEOUT_S)
+    out = output(proc)
+    assert proc.returncode == 1, out
+    assert "error: stopped babysitting run budget after 1 preemptions (--max-preemptions 0)" in out
+    state = cli.state("budget")
+    assert (state["preemptions"], state["launches"]) == (1, 1)
+    assert LocalProvider(cli.pods_dir().parent).get("pod").state == "PREEMPTED"  # not replaced
+
+
 def test_babysit_with_no_recipe_watches_the_nodes_latest_run_to_the_end(cli, tmp_path):
     run_dir = tmp_path / "run"
     assert cli("up", "v4-16", "--local", "--name", "pod").returncode == 0
