@@ -11,12 +11,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from polling import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
+SLOW_S = 300.0  # a training run on 2 shared cores
 TINY = str(REPO / "recipes" / "tiny.yaml")
 # Few, small steps: the point is the job machinery, not the model.
 FAST = ["train.batch_size=16", "train.grad_accum=1", "eval.every_steps=0", "logging.every_steps=1"]
@@ -77,16 +78,6 @@ def idle_pod(pod, cli):
 def ps_rows(cli, name):
     lines = cli.ok("ps", name).splitlines()[1:]
     return [line.split(None, 3) for line in lines]
-
-
-def wait_for(condition, timeout=300.0):  # generous: 2 cores shared with other suites
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not met before the deadline")
 
 
 def live_processes(text: str) -> list[str]:
@@ -198,7 +189,7 @@ def test_a_crashing_worker_shows_in_ps_and_logs(cli, idle_pod, tmp_path):
         "run", TINY, "--name", "pod", "--all-workers", "--run-id", "crash",
         "--", *FAST, "train.steps=100000", f"run_dir={tmp_path / 'crash'}",
     )  # fmt: skip
-    wait_for(lambda: "step 1 " in cli.ok("logs", "pod", "-n", "5"))
+    wait_for(lambda: "step 1 " in cli.ok("logs", "pod", "-n", "5"), timeout=SLOW_S)
     # Worker 1's trainer dies without a word, as under the OOM killer.
     (victim,) = [
         line.split()[0]
@@ -211,7 +202,7 @@ def test_a_crashing_worker_shows_in_ps_and_logs(cli, idle_pod, tmp_path):
         and "tpuctl-job" not in line
     ]
     os.kill(int(victim), 9)
-    wait_for(lambda: "exited 137" in cli.ok("ps", "pod"))
+    wait_for(lambda: "exited 137" in cli.ok("ps", "pod"), timeout=SLOW_S)
     logs = cli.ok("logs", "pod")
     assert "w01 | tpuctl: job failed: killed by signal 9" in logs
     assert "w00 | step 1 " in logs  # worker 0 in full, worker 1 only its error lines

@@ -11,11 +11,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from polling import wait_for
 
 from tests.fixtures_pod import pod_hosts
 from tpuctl.fanout import run
@@ -26,6 +26,7 @@ pytestmark = pytest.mark.pod
 
 PROJECT, ZONE = "test-project", "us-central1-a"
 REPO = Path(__file__).resolve().parent.parent
+SLOW_S = 300.0  # a training run on 2 shared cores
 TINY = str(REPO / "recipes" / "tiny.yaml")
 FAST = ["train.batch_size=32", "train.grad_accum=1", "eval.every_steps=0", "logging.every_steps=1"]
 
@@ -40,16 +41,6 @@ def ok(*args: str) -> str:
     result = tpuctl(*args)
     assert result.returncode == 0, result.stderr + result.stdout
     return result.stdout
-
-
-def wait_for(condition, timeout: float = 300.0):  # generous: 2 cores shared with other suites
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not met before the deadline")
 
 
 def _serving(url: str) -> bool:
@@ -145,7 +136,7 @@ def test_second_run_refused_secrets_hidden_crash_visible_and_kill_leaves_nothing
         "--env", f"WANDB_API_KEY={secret}",
         "--", *FAST, "train.steps=100000", f"run_dir={shared_dir}",
     )  # fmt: skip
-    wait_for(lambda: "step 1 " in ok("logs", "pod", "-n", "5"))
+    wait_for(lambda: "step 1 " in ok("logs", "pod", "-n", "5"), timeout=SLOW_S)
     for index in range(4):
         listing = run(hosts[index : index + 1], "ps -eww -o args")[0].stdout
         assert "tpuctl/runs/ssh-long/recipe.yaml" in listing
@@ -159,7 +150,7 @@ def test_second_run_refused_secrets_hidden_crash_visible_and_kill_leaves_nothing
     # Anchored on the interpreter: the job's wrapper shell has the same words in its argv.
     killed = run(hosts[2:3], "pkill -KILL -f '^[^ ]*python[^ ]* -m trainer '")
     assert killed[0].ok, killed[0].stderr
-    wait_for(lambda: "exited 137" in ok("ps", "pod"))
+    wait_for(lambda: "exited 137" in ok("ps", "pod"), timeout=SLOW_S)
     logs = ok("logs", "pod")
     assert "w02 | tpuctl: job failed: killed by signal 9" in logs
     assert secret not in ok("logs", "pod", "--all-lines")

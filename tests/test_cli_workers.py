@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from polling import wait_for
 
 from tests.fixtures_pod import pod_hosts
 from tpuctl.fanout import run
@@ -26,13 +27,6 @@ def tpuctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tpuctl", *args], capture_output=True, text=True, timeout=timeout
     )
-
-
-def wait_for(condition, deadline_s: float = 15.0) -> None:
-    end = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < end, "condition not met before the deadline"
-        time.sleep(0.05)
 
 
 @pytest.fixture

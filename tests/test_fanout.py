@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from polling import wait_for
 
 from tests.fixtures_pod import pod_hosts
 from tpuctl.fanout import StopSignal, get, put, run
@@ -20,13 +21,6 @@ pytestmark = pytest.mark.pod
 @pytest.fixture
 def hosts(ssh_pod, pod_key, tmp_path):
     return pod_hosts(ssh_pod, pod_key, str(tmp_path / "known_hosts"))
-
-
-def wait_for(condition, deadline_s: float = 10.0) -> None:
-    end = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < end, "condition not met before the deadline"
-        time.sleep(0.05)
 
 
 def test_every_host_runs_the_command_and_streams_its_own_lines(ssh_pod, hosts):

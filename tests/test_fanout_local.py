@@ -6,8 +6,9 @@ import io
 import os
 import signal
 import threading
-import time
 from pathlib import Path
+
+from polling import wait_for
 
 from tpuctl.fanout import Host, Interrupted, StopSignal, get, put, run
 from tpuctl.fanout.report import Reporter
@@ -33,13 +34,6 @@ def processes_matching(text: str) -> list[str]:
             if text.encode() in cmdline:
                 found.append(cmdline.decode(errors="replace"))
     return found
-
-
-def wait_for(condition, deadline_s: float = 10.0) -> None:
-    end = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < end, "condition not met before the deadline"
-        time.sleep(0.05)
 
 
 def test_each_worker_runs_in_its_own_directory_with_its_own_tmpdir(tmp_path):

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from polling import wait_for
 
 from tpuctl import jobs
 from tpuctl.errors import TpuctlError
@@ -53,16 +54,6 @@ def hosts(tmp_path):
 
 def spec(run_id="r1", **env):
     return jobs.JobSpec(run_id=run_id, command=[sys.executable, "-c", JOB], env=env)
-
-
-def wait_for(condition, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met before the deadline")
 
 
 def wait_until_stepping(hosts):

@@ -16,10 +16,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
+from polling import wait_for
 
 from trainer import io
 from trainer.config import CheckpointConfig
@@ -185,14 +185,6 @@ def _run(mode, directory, **kwargs) -> list[dict]:
     return _finish(_spawn(mode, directory, **kwargs))
 
 
-def _wait_for(condition, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def local_dir(tmp_path) -> str:
     return str(tmp_path / "checkpoints")
@@ -236,7 +228,7 @@ def test_sigterm_on_one_process_saves_current_step_on_all_and_exits_preempted(tm
     workers = _spawn(
         "until_sigterm", directory, processes=PROCESSES, cfg=cfg, ready_file=str(ready)
     )
-    _wait_for(ready.exists, "the workers to start their loop")
+    wait_for(ready.exists, what="the workers to start their loop")
     workers[2].process.send_signal(signal.SIGTERM)  # only one host hears it; all must stop
     reports = _finish(workers, expect_rc=EXIT_PREEMPTED)
     stopped = {r["stopped_at"] for r in reports}
@@ -255,7 +247,7 @@ def test_hung_gcs_save_times_out_and_leaves_last_committed_checkpoint(gcs, tmp_p
     directory = "gs://test-bucket/hang/checkpoints"
     cfg = {"every_steps": 1, "keep": 3, "async_save": True, "save_timeout_s": 3}
     (worker,) = _spawn("hang", directory, cfg=cfg)
-    _wait_for(lambda: "committed" in worker.stdout(), "the first save to commit")
+    wait_for(lambda: "committed" in worker.stdout(), what="the first save to commit")
     os.kill(gcs.pid, signal.SIGSTOP)  # GCS stops answering: the next save hangs
     try:
         worker.process.stdin.write("go\n")
