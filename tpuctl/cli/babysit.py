@@ -11,6 +11,7 @@ import typer
 
 from tpuctl import config
 from tpuctl.cli.app import app
+from tpuctl.cli.options import parse_env_flags
 from tpuctl.cli.output import err_console
 from tpuctl.durations import format_duration, parse_duration
 from tpuctl.errors import TpuctlError
@@ -72,7 +73,6 @@ def babysit(
     after preemptions (and stockouts), relaunch after crashes and hangs, resume from the
     newest checkpoint each time. Recipe overrides go after `--` (train.steps=20)."""
     from tpuctl.babysit import BabysitOptions, Babysitter, LogFile, last_run
-    from tpuctl.jobs.runs import parse_env_flags
 
     if spot and preemptible:
         raise TpuctlError("--spot and --preemptible exclude each other; pick one")

@@ -12,6 +12,7 @@ import typer
 
 from tpuctl import config
 from tpuctl.cli.app import app
+from tpuctl.cli.options import parse_env_flags
 from tpuctl.cli.output import err_console, format_duration
 from tpuctl.errors import TpuctlError
 
@@ -80,7 +81,7 @@ def run(
 ) -> None:
     """Train RECIPE on the node: validate it here, store it in GCS, prepare the workers and
     start the trainer detached on each. Recipe overrides go after `--` (train.steps=20)."""
-    from tpuctl.jobs.runs import RunRequest, parse_env_flags, run_summary, start_run
+    from tpuctl.jobs.runs import RunRequest, run_summary, start_run
 
     # Fresh addresses: a launch must not go to a recreated node's old ones.
     settings, node, hosts = _target(name, fresh=True)

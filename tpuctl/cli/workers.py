@@ -18,6 +18,7 @@ from typer.core import TyperCommand
 
 from tpuctl import config
 from tpuctl.cli.app import app
+from tpuctl.cli.options import parse_env_flags
 from tpuctl.errors import TpuctlError
 
 if TYPE_CHECKING:
@@ -119,21 +120,6 @@ def _progress_every() -> float:
     return max(0.2, PROGRESS_EVERY_S * time_scale())
 
 
-def _parse_env(pairs: list[str]) -> dict[str, str]:
-    """`--env K=V`, or `--env K` to pass the local value of K (keeps it out of argv too)."""
-    env: dict[str, str] = {}
-    for pair in pairs:
-        name, has_value, value = pair.partition("=")
-        if not name.isidentifier():
-            raise TpuctlError(f"--env {name!r}: use --env NAME=VALUE or --env NAME")
-        if not has_value:
-            if name not in os.environ:
-                raise TpuctlError(f"--env {name}: {name} is not set in your environment")
-            value = os.environ[name]
-        env[name] = value
-    return env
-
-
 def _summarise(reporter, results: list[HostResult], interrupted: bool = False) -> None:
     """The fan-out summary, plus the likely fix when workers refused the login."""
     from tpuctl.fanout.base import AUTH_FAILED
@@ -186,7 +172,7 @@ def exec_(
     command = " ".join(ctx.meta["after_dashdash"])
     if not command.strip():
         raise TpuctlError("no command: put it after --, e.g. `tpuctl exec -- hostname`")
-    variables = _parse_env(env)
+    variables = parse_env_flags(env)
     target = _target(_settings(zone, project, ssh_user, internal_ip), name, worker, all_workers)
     reporter = Reporter(target.hosts, stream_lines=not json_out, progress_every=_progress_every())
     try:

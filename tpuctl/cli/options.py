@@ -1,0 +1,20 @@
+"""Flag parsing shared by several commands."""
+
+import os
+
+from tpuctl.errors import TpuctlError
+
+
+def parse_env_flags(pairs: list[str]) -> dict[str, str]:
+    """`--env K=V`, or a bare `--env K` taking the local value of K (keeps it out of argv)."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, has_value, value = pair.partition("=")
+        if not name.isidentifier():
+            raise TpuctlError(f"--env {name!r}: use --env NAME=VALUE or --env NAME")
+        if not has_value:
+            if name not in os.environ:
+                raise TpuctlError(f"--env {name}: {name} is not set in your environment")
+            value = os.environ[name]
+        env[name] = value
+    return env
