@@ -195,6 +195,10 @@ def run_on_host(
         return HostResult(host, None, "", "", str(err), time.monotonic() - started)
     try:
         return _run_on_transport(transport, host, command, env, stop, timeout, on_line, started)
+    except (*TRANSIENT_ERRORS, OSError) as err:
+        # The host went away mid-command (preempted, rebooted): a result, not a crash.
+        error = f"connection lost: {err or type(err).__name__}"
+        return HostResult(host, None, "", "", error, time.monotonic() - started)
     finally:
         transport.close()
 
