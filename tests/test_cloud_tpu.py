@@ -99,6 +99,21 @@ def test_retry_budget_counts_the_full_schedule(fake_tpu):
     )
 
 
+def test_each_create_gets_its_own_retry_budget(fake_tpu):
+    """A long-lived provider (babysit recreates through one) must not spend a later
+    creation's budget on an earlier one's stockouts."""
+    provider = CloudTpuProvider("test-project", ZONE, clock=Clock(scale=0.00005))
+    fake_tpu.set_create_delay(0)
+    fake_tpu.inject_stockouts(1000)
+    with pytest.raises(TpuctlError, match="no capacity"):
+        provider.create_with_retries(spec("first"), Progress(), retry_for=600)
+    fake_tpu.inject_stockouts(2)
+    progress = Progress()
+    node = provider.create_with_retries(spec("second"), progress, retry_for=600)
+    assert node is not None and node.state == "READY"
+    assert sum("retrying in" in m for m in progress) == 2
+
+
 def test_transient_500s_are_retried_then_reported(provider, fake_tpu):
     fake_tpu.add_node("n", "v3-8", project="test-project", zone=ZONE)
     fake_tpu.fail_next(2, status=503)

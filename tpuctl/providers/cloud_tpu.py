@@ -229,6 +229,7 @@ class CloudTpuProvider:
         rounds while every zone is out of capacity, for at most `retry_for` seconds."""
         zones = [spec.zone, *(z for z in fallback_zones if z != spec.zone)]
         attempts = 0
+        started = self.clock.elapsed()  # the budget is this call's, not the provider's age
         for round_index in range(10_000):
             for zone in zones:
                 attempts += 1
@@ -239,7 +240,7 @@ class CloudTpuProvider:
                     return self.create(zoned, progress, wait=wait)
                 except Stockout as stockout:
                     progress(f"stockout in {zone} (attempt {attempts}): {stockout.reason}")
-            used = self.clock.elapsed()
+            used = self.clock.elapsed() - started
             remaining = retry_for - used
             if remaining <= 0:
                 break
@@ -253,7 +254,7 @@ class CloudTpuProvider:
             self.clock.sleep(delay)
         raise TpuctlError(
             f"no capacity for {spec.accelerator_type} in {', '.join(zones)} after {attempts} "
-            f"attempts over {format_duration(self.clock.elapsed())}; retry longer with "
+            f"attempts over {format_duration(self.clock.elapsed() - started)}; retry longer with "
             f"--retry-for 2h, or add zones with `tpuctl config set "
             f"accelerators.{spec.accelerator_type}.zones ZONE1,ZONE2`",
             exit_code=1,
