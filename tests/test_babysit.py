@@ -9,16 +9,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tpuctl.testing.gcs_emulator import GcsEmulator, emulator_env
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "recipes" / "tiny.yaml")
@@ -347,37 +347,14 @@ def ssh_pod2(make_ssh_pod):
 @pytest.fixture
 def gcs_for_hosts(ssh_pod2):
     """A GCS emulator on the pod's gateway address, which the hosts reach too."""
-    with socket.socket() as sock:
-        sock.bind((ssh_pod2.gateway, 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--quiet", "--in-memory"]
-    server = subprocess.Popen(
-        [*command, "--host", ssh_pod2.gateway, "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://{ssh_pod2.gateway}:{port}"
-    try:
-        wait_for(lambda: _serving(url), "the GCS emulator", timeout=30)
-        yield url
-    finally:
-        server.terminate()
-        server.wait()
-
-
-def _serving(url: str) -> bool:
-    try:
-        urllib.request.urlopen(f"{url}/storage/v1/b?project=p", timeout=1).close()
-        return True
-    except OSError:
-        return False
+    with GcsEmulator(host=ssh_pod2.gateway) as emulator:
+        emulator.create_bucket("test-bucket")
+        yield emulator.url
 
 
 @pytest.fixture
 def cloud_cli(fake_tpu, ssh_pod2, pod_key, gcs_for_hosts, tmp_path):
     """`tpuctl` against the fake API, whose nodes' workers are the two sshd hosts."""
-    from tpuctl.testing.gcs_emulator import emulator_env
-
     fake_tpu.worker_ips = lambda _name, count: ssh_pod2.hosts[:count]
     cli = Cli(tmp_path)
     cli.env.update(emulator_env(gcs_for_hosts))

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,8 +17,7 @@ from polling import wait_for
 
 from tests.fixtures_pod import pod_hosts
 from tpuctl.fanout import run
-from tpuctl.testing.gcs_emulator import emulator_env
-from tpuctl.testing.sshpod import SUBNET
+from tpuctl.testing.gcs_emulator import GcsEmulator, emulator_env
 
 pytestmark = pytest.mark.pod
 
@@ -43,34 +40,12 @@ def ok(*args: str) -> str:
     return result.stdout
 
 
-def _serving(url: str) -> bool:
-    try:
-        urllib.request.urlopen(f"{url}/storage/v1/b?project=p", timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def gcs_on_bridge(ssh_pod):
     """A GCS emulator on the pod's bridge address, so that the hosts reach it too."""
-    address = f"{SUBNET}.{ssh_pod.octet}.1" if ssh_pod.isolated else "127.0.0.1"
-    with socket.socket() as sock:
-        sock.bind((address, 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--quiet", "--in-memory"]
-    server = subprocess.Popen(
-        [*command, "--host", address, "--port", str(port), "--default-bucket", "test-bucket"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://{address}:{port}"
-    try:
-        wait_for(lambda: _serving(url), timeout=20)
-        yield url
-    finally:
-        server.terminate()
-        server.wait()
+    with GcsEmulator(host=ssh_pod.gateway) as emulator:
+        emulator.create_bucket("test-bucket")
+        yield emulator.url
 
 
 @pytest.fixture

@@ -52,20 +52,24 @@ def storage_client(url: str):
     )
 
 
-def _free_port() -> int:
+def _free_port(host: str) -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
 class GcsEmulator:
     """A GCS emulator in a child process; in memory unless `data_dir` is given.
 
-    Use as a context manager, or call `start()` / `stop()`.
+    Use as a context manager, or call `start()` / `stop()`. `host` is the address it listens
+    on: the SSH test pod's gateway, for example, when its hosts must reach it too.
     """
 
-    def __init__(self, data_dir: str | Path | None = None, port: int | None = None):
+    def __init__(
+        self, data_dir: str | Path | None = None, port: int | None = None, host: str = "127.0.0.1"
+    ):
         self.data_dir = Path(data_dir).resolve() if data_dir else None
+        self.host = host
         self.port = port
         self.url: str | None = None
         self._process: subprocess.Popen | None = None
@@ -73,14 +77,15 @@ class GcsEmulator:
 
     def start(self) -> str:
         """Start the server and wait until it answers; returns its URL."""
-        self.port = self.port or _free_port()
+        self.port = self.port or _free_port(self.host)
         command = [sys.executable, "-m", "tpuctl.testing.gcs_emulator", "--port", str(self.port)]
+        command += ["--host", self.host]
         if self.data_dir is not None:
             command += ["--data-dir", str(self.data_dir)]
         # A file, not a pipe: nobody drains a pipe while tests run, and a full one blocks the server.
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server)
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._log)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}:{self.port}"
         self._wait_until_serving()
         return self.url
 
@@ -168,7 +173,9 @@ def _add_generation_headers() -> None:
                 handlers[method] = download
 
 
-def serve(port: int, data_dir: str | None = None, buckets: list[str] = ()) -> None:
+def serve(
+    port: int, data_dir: str | None = None, buckets: list[str] = (), host: str = "127.0.0.1"
+) -> None:
     """Run the emulator in this process until SIGTERM or Ctrl-C."""
     import logging
 
@@ -182,12 +189,12 @@ def serve(port: int, data_dir: str | None = None, buckets: list[str] = ()) -> No
     http.server.HTTPServer.request_queue_size = 1024
     if data_dir:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
-    server = create_server("127.0.0.1", port, in_memory=not data_dir, data_dir=data_dir)
+    server = create_server(host, port, in_memory=not data_dir, data_dir=data_dir)
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     server.start()
     try:
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://{host}:{port}"
         for bucket in buckets:
             storage_client(url).create_bucket(bucket)
         exports = " ".join(f"{k}={v}" for k, v in emulator_env(url).items())
@@ -200,11 +207,12 @@ def serve(port: int, data_dir: str | None = None, buckets: list[str] = ()) -> No
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=9023)
     parser.add_argument("--data-dir", help="keep objects on disk here (default: in memory)")
     parser.add_argument("--bucket", action="append", default=[], help="bucket to create")
     args = parser.parse_args(argv)
-    serve(args.port, args.data_dir, args.bucket)
+    serve(args.port, args.data_dir, args.bucket, args.host)
 
 
 if __name__ == "__main__":
