@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from local_cli import LocalCli
 
 from tpuctl.testing.gcs_emulator import GcsEmulator, emulator_env
 
@@ -36,19 +37,11 @@ OVERRIDES = [
 RUN_TIMEOUT_S = 400
 
 
-class Cli:
-    """`tpuctl` as a user runs it, with private config and state directories (local pods)."""
+class Cli(LocalCli):
+    """The local-pod CLI, plus starting a babysitter in the background and reading its state."""
 
     def __init__(self, root: Path):
-        self.root = root
-        self.env = {
-            **os.environ,
-            "XDG_CONFIG_HOME": str(root / "config"),
-            "XDG_STATE_HOME": str(root / "state"),
-            "TPUCTL_PROVIDER": "local",
-        }
-        for name in ("STORAGE_EMULATOR_HOST", "TPUCTL_NODE", "TPUCTL_BUCKET"):
-            self.env.pop(name, None)
+        super().__init__(root, timeout=RUN_TIMEOUT_S)
 
     def start(self, *args: str) -> subprocess.Popen:
         out = open(self.root / f"babysit-{time.monotonic_ns()}.out", "w+")  # noqa: SIM115
@@ -61,16 +54,6 @@ class Cli:
         )
         proc.output_file = out
         return proc
-
-    def __call__(self, *args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "tpuctl", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env,
-            cwd=self.root,
-        )
 
     def pods_dir(self) -> Path:
         return self.root / "state" / "tpuctl" / "local" / "pods"

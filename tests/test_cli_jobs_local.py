@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from local_cli import LocalCli
 from polling import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,39 +24,9 @@ TINY = str(REPO / "recipes" / "tiny.yaml")
 FAST = ["train.batch_size=16", "train.grad_accum=1", "eval.every_steps=0", "logging.every_steps=1"]
 
 
-class Cli:
-    """`tpuctl` as a user runs it, with private config and state directories."""
-
-    def __init__(self, root: Path):
-        self.env = {
-            **os.environ,
-            "XDG_CONFIG_HOME": str(root / "config"),
-            "XDG_STATE_HOME": str(root / "state"),
-            "TPUCTL_PROVIDER": "local",
-        }
-        for name in ("STORAGE_EMULATOR_HOST", "TPUCTL_NODE", "TPUCTL_BUCKET"):
-            self.env.pop(name, None)
-        self.cwd = root
-
-    def __call__(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "tpuctl", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env,
-            cwd=self.cwd,
-        )
-
-    def ok(self, *args: str, timeout: float = 240) -> str:
-        result = self(*args, timeout=timeout)
-        assert result.returncode == 0, result.stderr + result.stdout
-        return result.stdout
-
-
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory):
-    cli = Cli(tmp_path_factory.mktemp("local-jobs"))
+    cli = LocalCli(tmp_path_factory.mktemp("local-jobs"))
     yield cli
     for name in ("pod", "big"):
         cli("down", name, "--yes")  # stops leftover jobs and the GCS emulator
@@ -144,7 +115,7 @@ def test_ctrl_c_stops_following_only_second_run_refused_secrets_hidden_kill_ends
          "--run-id", "long", "--follow", "--env", f"WANDB_API_KEY={secret}",
          "--env", "MY_LOCAL_TOKEN", "--", *FAST, "train.steps=100000",
          f"run_dir={tmp_path / 'long'}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli.env, cwd=cli.cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli.env, cwd=cli.root,
     )  # fmt: skip
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(
