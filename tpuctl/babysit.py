@@ -357,6 +357,8 @@ class Babysitter:
         self._api_down = False
         self._action_errors = 0
         self._user_storage_env = {name: os.environ.get(name) for name in STORAGE_ENV}
+        # --env, then every env value of the first launch: stored recipes keep names only.
+        self._run_env = dict(options.env)
 
     def _check_scheduling(self) -> None:
         from tpuctl import catalog
@@ -713,8 +715,9 @@ class Babysitter:
         overrides = self.options.overrides if first else []
         self.view.activity = f"launching run {self.run_id} on {node.name}"
         self.log(f"launching run {self.run_id} on {len(hosts)} worker(s) of {node.name}")
-        request = RunRequest(recipe, overrides, self.options.env, self.run_id, force=False)
+        request = RunRequest(recipe, overrides, self._run_env, self.run_id, force=False)
         started = start_run(self.settings, node, hosts, request, self.log)
+        self._run_env = dict(started.env)
         self.state.recipe_uri, self.state.run_dir = started.recipe_uri, started.run_dir
         self.state.launches += 1
         self.state.pending_launch = False

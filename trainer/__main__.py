@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args[0], args[1:])
         for name, value in recipe.env.items():  # before jax starts, so LIBTPU_INIT_ARGS etc. apply
-            os.environ.setdefault(name, value)
+            if value is not None:  # a name only: tpuctl passed the value in the environment
+                os.environ.setdefault(name, value)
         from trainer import distributed
 
         distributed.initialize()

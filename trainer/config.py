@@ -168,7 +168,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    env: dict[str, str] = field(default_factory=dict)  # exported on every worker
+    env: dict[str, str | None] = field(default_factory=dict)  # exported on every worker
 
     @property
     def data_cache_dir(self) -> str:
@@ -284,7 +284,9 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{key}: expected a mapping of NAME: value, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
+        # A null value is a name only (tpuctl's stored recipes): the value comes from the
+        # environment the process was started with.
+        return {str(k): None if v is None else str(v) for k, v in value.items()}
     if annotation is bool:
         if not isinstance(value, bool):
             raise RecipeError(f"{key}: expected true or false, got {value!r}")

@@ -52,6 +52,9 @@ class StartedRun:
     run_dir: str
     worker_log: str  # the log's path on each worker, relative to its home
     hosts: list[Host]
+    # Every env value the run was given (recipe file and --env): the stored recipe keeps
+    # only the names, so a relaunch from it passes these again as its --env.
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 def start_run(
@@ -65,6 +68,7 @@ def start_run(
     storage_env = _storage_env(node)
     os.environ.update(storage_env)  # this process reads and writes the same GCS
     recipe = load_recipe(request.recipe, request.overrides)
+    secrets = run_env(recipe, request, progress)
     check_fits_node(recipe, node)
     run_id = request.run_id or jobs.new_run_id(recipe.run_id)
     recipe = dataclasses.replace(recipe, run_id=run_id)
@@ -76,12 +80,35 @@ def start_run(
     cpu = _is_cpu_pod(settings, node, worker_jobs)
     worker_env = workerenv.WorkerEnv.from_settings(settings, node, accelerator=not cpu)
     workerenv.prepare(hosts, worker_env, progress)
-    env = {**recipe.env, **storage_env, **(_cpu_pod_env(node) if cpu else {}), **request.env}
+    env = {**secrets, **storage_env, **(_cpu_pod_env(node) if cpu else {}), **request.env}
     launch_hosts = _with_process_ids(hosts) if cpu else hosts
     command = [*worker_env.launcher(env), "-m", "trainer", uri]
     spec = jobs.JobSpec(run_id=run_id, command=command, env=env, force=request.force)
     jobs.launch(launch_hosts, spec, current=worker_jobs)
-    return StartedRun(run_id, uri, _absolute(recipe.run_dir), f".tpuctl/jobs/{run_id}/log", hosts)
+    log = f".tpuctl/jobs/{run_id}/log"
+    return StartedRun(run_id, uri, _absolute(recipe.run_dir), log, hosts, secrets)
+
+
+def run_env(recipe: Any, request: RunRequest, progress: Callable[[str], None]) -> dict[str, str]:
+    """The values of the recipe's `env:` names (the recipe's own, or `--env`, which wins)
+    plus the other `--env` values. A name without a value (as in a stored recipe) needs
+    `--env NAME`; values written in the recipe work, with a warning that they sit in plain
+    text in the recipe file (tpuctl never stores them)."""
+    carried = sorted(n for n, v in recipe.env.items() if v is not None and n not in request.env)
+    if carried:
+        progress(
+            f"warning: recipe env {', '.join(carried)}: the value is in plain text in "
+            f"{request.recipe} (or its overrides); pass it with --env NAME instead "
+            "(tpuctl stores env names only)"
+        )
+    missing = [n for n, v in recipe.env.items() if v is None and n not in request.env]
+    if missing:
+        raise TpuctlError(
+            f"recipe env {missing[0]} has no value here (stored recipes keep names only): "
+            f"pass --env {missing[0]}=VALUE, or --env {missing[0]} to pass your own ${missing[0]}"
+        )
+    values = {n: v for n, v in recipe.env.items() if v is not None}
+    return {**values, **request.env}
 
 
 def load_recipe(source: str, overrides: list[str]) -> Any:
@@ -109,10 +136,13 @@ def check_fits_node(recipe: Any, node: Node) -> None:
 
 def resolved_recipe_yaml(recipe: Any) -> str:
     """The recipe as the workers will read it: overrides applied, presets expanded, local
-    paths absolute (workers do not start in the directory you ran tpuctl from)."""
+    paths absolute (workers do not start in the directory you ran tpuctl from), and `env:`
+    reduced to names (null values): the values travel through the environment channel,
+    never into a file that everyone who can read the bucket can read."""
     import yaml
 
     data = dataclasses.asdict(recipe)
+    data["env"] = dict.fromkeys(recipe.env)
     for *parents, leaf in _PATH_KEYS:
         section = _section(data, parents)
         if section.get(leaf):
