@@ -4,11 +4,16 @@ broken input gets a one-line error and exit status 2, never a traceback."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from local_cli import LocalCli
 
+from tests.fixtures_pod import pod_hosts
+from tpuctl.fanout import run
 from tpuctl.jobs.runs import RunRequest, resolved_recipe_yaml, run_env
 from trainer.config import load_recipe
 
@@ -113,3 +118,77 @@ def test_a_relaunch_from_the_stored_recipe_takes_the_values_of_the_first_launch(
     # What babysit passes on a relaunch: the first launch's StartedRun.env.
     assert run_env(again, RunRequest(str(stored), env=given), warnings.append) == given
     assert len(warnings) == 1  # nothing carried a value this time
+
+
+# -- 2. host keys: pinned per address, whatever key type a host offers -------------------
+
+SSH_PROJECT, SSH_ZONE = "test-project", "us-central1-a"
+
+
+@pytest.fixture(scope="module")
+def lone_host(make_ssh_pod):
+    """A one-host pod of its own: these tests change its host keys."""
+    return make_ssh_pod(1)
+
+
+@pytest.fixture
+def lone_node(lone_host, fake_tpu, pod_key, monkeypatch):
+    """Node `one` (v2-8: one worker) on the lone host, which starts with an ed25519 key."""
+    lone_host.set_host_keys(0, ("ed25519",), fresh=True)
+    fake_tpu.add_node("one", "v2-8", project=SSH_PROJECT, zone=SSH_ZONE, worker_ips=lone_host.hosts)
+    monkeypatch.setenv("TPUCTL_SSH_KEY", pod_key[0])
+    monkeypatch.setenv("TPUCTL_SSH_USER", "root")
+    return lone_host
+
+
+def tpuctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tpuctl", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.pod
+def test_a_pinned_address_offering_a_key_of_another_type_is_refused(lone_host, pod_key, tmp_path):
+    lone_host.set_host_keys(0, ("ed25519",), fresh=True)
+    known = tmp_path / "known_hosts"
+    hosts = pod_hosts(lone_host, pod_key, str(known))
+    assert run(hosts, "true")[0].ok
+    pinned = known.read_text()
+    lone_host.set_host_keys(0, ("ecdsa",))  # a man in the middle with an ECDSA key
+    result = run(hosts, "true")[0]
+    assert result.unreachable and "host key of w00" in result.error and "changed" in result.error
+    assert known.read_text() == pinned  # nothing recorded
+
+
+@pytest.mark.pod
+def test_only_the_pinned_key_types_are_negotiated(lone_host, pod_key, tmp_path):
+    lone_host.set_host_keys(0, ("ecdsa",), fresh=True)
+    known = tmp_path / "known_hosts"
+    hosts = pod_hosts(lone_host, pod_key, str(known))
+    assert run(hosts, "true")[0].ok
+    pinned = known.read_text()
+    # Now it also has ed25519, which paramiko prefers: the pinned ECDSA key is still used.
+    lone_host.set_host_keys(0, ("ed25519", "ecdsa"))
+    assert run(hosts, "true")[0].ok
+    assert known.read_text() == pinned
+
+
+@pytest.mark.pod
+def test_tpuctl_ssh_refuses_a_key_of_another_type_too(lone_node):
+    assert tpuctl("exec", "one", "--", "true").returncode == 0  # pins ed25519
+    lone_node.set_host_keys(0, ("ecdsa",))
+    result = tpuctl("ssh", "one", "--", "-o", "BatchMode=yes", "true")
+    assert result.returncode != 0
+    assert "host key" in result.stderr.lower() or "no matching host key" in result.stderr
+
+
+@pytest.mark.pod
+def test_the_first_command_after_a_recreation_at_the_same_address_works(lone_node, fake_tpu):
+    assert tpuctl("exec", "one", "--", "true").returncode == 0  # caches the node, pins its key
+    fake_tpu.vanish("one")
+    fake_tpu.add_node("one", "v2-8", project=SSH_PROJECT, zone=SSH_ZONE, worker_ips=lone_node.hosts)
+    lone_node.set_host_keys(0, ("ed25519",), fresh=True)  # the new VM's new key
+    result = tpuctl("exec", "one", "--", "echo", "hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[w00] hello"
+    assert "one was recreated; retrying w00 with its new host keys" in result.stderr

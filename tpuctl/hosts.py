@@ -192,8 +192,10 @@ def moved_hosts(
     settings: Settings, name: str, workers: list[int] | None, unreachable: list[Host]
 ) -> list[Host]:
     """After cached addresses failed: look the node up again (refreshing the cache) and
-    return fresh hosts for the unreachable ones whose address changed (the node was
-    recreated). Raises a TpuctlError when the node is gone or no longer READY."""
+    return fresh hosts for the unreachable ones worth another try: those whose address
+    changed, and all of them when the node was recreated (its new VMs have new host keys,
+    which the refresh lets in). Raises a TpuctlError when the node is gone or not READY."""
+    before = cached_node(settings, name)
     try:
         fresh = lookup_node(settings, name, use_cache=False)
     except TpuctlError:
@@ -201,9 +203,10 @@ def moved_hosts(
         raise
     if not fresh.ready:
         raise TpuctlError(f"node {fresh.name} is now {fresh.state}", exit_code=1)
+    recreated = before is not None and _created_text(before) != _created_text(fresh)
     current = {h.label: h for h in hosts_for(settings, fresh, workers)}
     return [
         current[h.label]
         for h in unreachable
-        if h.label in current and current[h.label].address != h.address
+        if h.label in current and (recreated or current[h.label].address != h.address)
     ]

@@ -93,7 +93,8 @@ def _target(settings: Settings, name: str | None, worker: str | None, all_worker
 
 def _fan_out(target: Target, action, **kwargs) -> list[HostResult]:
     """Run `action(hosts, **kwargs)`; if cached addresses turned out unreachable, look the
-    node up again and retry the workers whose address changed (the node was recreated)."""
+    node up again and retry the workers whose address changed or whose node was recreated
+    (new VMs, new host keys)."""
     from tpuctl.hosts import moved_hosts
 
     results = action(target.hosts, **kwargs)
@@ -108,7 +109,12 @@ def _fan_out(target: Target, action, **kwargs) -> list[HostResult]:
     if not moved:
         return results
     labels = " ".join(h.label for h in moved)
-    print(f"addresses of {labels} changed; retrying with the node's new addresses", file=sys.stderr)
+    old = {h.label: h.address for h in unreachable}
+    if any(old[h.label] != h.address for h in moved):
+        note = f"addresses of {labels} changed; retrying with the node's new addresses"
+    else:
+        note = f"{target.node.name} was recreated; retrying {labels} with its new host keys"
+    print(note, file=sys.stderr)
     retried = {r.host.label: r for r in action(moved, **kwargs)}
     return [retried.get(r.host.label, r) for r in results]
 
@@ -234,8 +240,16 @@ def ssh_argv(host: Host, extra: list[str]) -> list[str]:
         Path(host.known_hosts).parent.mkdir(parents=True, exist_ok=True)
         argv += ["-o", f"UserKnownHostsFile={host.known_hosts}"]
         argv += ["-o", "StrictHostKeyChecking=accept-new"]
+        if pinned := _pinned_algorithms(host):  # as the fan-out: no other key type gets in
+            argv += ["-o", f"HostKeyAlgorithms={','.join(pinned)}"]
     user = f"{host.user}@" if host.user else ""
     return [*argv, f"{user}{host.address}", *extra]
+
+
+def _pinned_algorithms(host: Host) -> list[str]:
+    from tpuctl.fanout.ssh import KnownHosts
+
+    return KnownHosts(host.known_hosts).pinned_algorithms(host)
 
 
 # -- put / get --------------------------------------------------------------------------

@@ -49,10 +49,17 @@ class HostKeyChanged(Exception):
     """The host presented a different key than the one recorded for its address."""
 
 
+# The signature algorithms that prove a host key of each recorded type (an RSA key line
+# says `ssh-rsa` whatever SHA the signature uses).
+_ALGORITHMS_OF_TYPE = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}
+
+
 class KnownHosts:
     """tpuctl's per-node known_hosts file: new addresses are recorded on first contact
     (tpuctl created the node, so trust on first use is the only information there is),
-    a changed key is refused. Shared by every thread of one fan-out."""
+    a changed key is refused. Once an address has a key, only the recorded key types are
+    negotiated: a host offering another type (a man in the middle with an ECDSA key where
+    ed25519 was recorded) is refused, never recorded. Shared by every thread of a fan-out."""
 
     def __init__(self, path: str | None) -> None:
         self.path = path
@@ -61,23 +68,40 @@ class KnownHosts:
         if path and os.path.exists(path):
             self._keys.load(path)
 
+    def pinned_algorithms(self, host: Host) -> list[str]:
+        """The host key algorithms to offer `host`: its recorded types, or [] when it
+        has none yet (then anything the transport supports is fine)."""
+        if self.path is None:
+            return []
+        with self._lock:
+            known = self._keys.lookup(_known_name(host))
+            types = list(known.keys()) if known is not None else []
+        return [a for t in types for a in _ALGORITHMS_OF_TYPE.get(t, (t,))]
+
     def verify(self, host: Host, key: paramiko.PKey) -> None:
         if self.path is None:
             return
-        name = host.address if host.port == 22 else f"[{host.address}]:{host.port}"
+        name = _known_name(host)
         with self._lock:
             known = self._keys.lookup(name)
-            if known is None or key.get_name() not in known:
+            if known is None:
                 self._keys.add(name, key.get_name(), key)
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
                 with open(self.path, "a") as out:
                     out.write(f"{name} {key.get_name()} {key.get_base64()}\n")
                 return
-            if known[key.get_name()] != key:
-                raise HostKeyChanged(
-                    f"host key of {host.label} ({name}) changed since tpuctl first connected; "
-                    f"if you trust the new key, delete its line from {self.path}"
-                )
+            if known.get(key.get_name()) != key:
+                raise self.changed(host)
+
+    def changed(self, host: Host) -> HostKeyChanged:
+        return HostKeyChanged(
+            f"host key of {host.label} ({_known_name(host)}) changed since tpuctl first "
+            f"connected; if you trust the new key, delete its line from {self.path}"
+        )
+
+
+def _known_name(host: Host) -> str:
+    return host.address if host.port == 22 else f"[{host.address}]:{host.port}"
 
 
 class Credentials:
@@ -128,11 +152,21 @@ def _connect_once(host: Host, ctx: SshContext) -> paramiko.Transport:
     # Small request/response packets: without this, delayed ACKs add ~40 ms per round trip.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     transport = paramiko.Transport(sock)
+    known_hosts = ctx.known_hosts(host.known_hosts)
+    pinned = known_hosts.pinned_algorithms(host)
     try:
         transport.banner_timeout = ctx.connect_timeout
         transport.handshake_timeout = ctx.connect_timeout
-        transport.start_client(timeout=ctx.connect_timeout)
-        ctx.known_hosts(host.known_hosts).verify(host, transport.get_remote_server_key())
+        options = transport.get_security_options()
+        if offered := [a for a in options.key_types if a in pinned]:
+            options.key_types = offered  # verify() refuses any other type anyway
+        try:
+            transport.start_client(timeout=ctx.connect_timeout)
+        except paramiko.IncompatiblePeer as err:
+            if pinned and "host key" in str(err):  # the host no longer has a pinned type
+                raise known_hosts.changed(host) from err
+            raise
+        known_hosts.verify(host, transport.get_remote_server_key())
         _authenticate(transport, host, ctx)
     except BaseException:
         transport.close()

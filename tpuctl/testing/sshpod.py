@@ -162,6 +162,34 @@ class SshPod:
             self._launch(host)
             self._wait_until_listening([index])
 
+    def set_host_keys(
+        self, index: int, key_types: tuple[str, ...] = ("ed25519",), fresh: bool = False
+    ) -> None:
+        """Restart a host at the same address with host keys of `key_types`, keeping the
+        ones it has of those types unless `fresh` (a recreated VM has all new keys; a man
+        in the middle offers keys of other types)."""
+        host = self._hosts[index]
+        self.stop_host(index)
+        for old in host.directory.glob("ssh_host_*_key*"):
+            kind = old.name.removeprefix("ssh_host_").split("_key")[0]
+            if fresh or kind not in key_types:
+                old.unlink()
+        keys = [
+            path if (path := host.directory / f"ssh_host_{kind}_key").exists()
+            else self._host_key(host.directory, kind, f"h{index}")
+            for kind in key_types
+        ]  # fmt: skip
+        config = host.directory / "sshd_config"
+        lines = [line for line in config.read_text().splitlines() if not line.startswith("HostKey")]
+        config.write_text("\n".join([*lines, *(f"HostKey {key}" for key in keys)]) + "\n")
+        self.start_host(index)
+
+    @staticmethod
+    def _host_key(directory: Path, kind: str, comment: str) -> Path:
+        path = directory / f"ssh_host_{kind}_key"
+        _sh("ssh-keygen", "-q", "-t", kind, "-N", "", "-C", comment, "-f", str(path))
+        return path
+
     def processes(self, index: int) -> list[str]:
         """Command lines of the processes running on one host (its sshd's descendants)."""
         host = self._hosts[index]
@@ -218,8 +246,7 @@ class SshPod:
         ssh_dir.mkdir(parents=True, mode=0o700)
         (ssh_dir / "authorized_keys").write_text(self.public_key.strip() + "\n")
         os.chmod(ssh_dir / "authorized_keys", 0o600)
-        host_key = directory / "ssh_host_ed25519_key"
-        _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"h{index}", "-f", str(host_key))
+        host_key = self._host_key(directory, "ed25519", f"h{index}")
         if self.isolated:
             address, namespace = f"{SUBNET}.{self.octet}.{10 + index}", f"{self.tag}-h{index}"
             self._wire_namespace(namespace, index, address)
