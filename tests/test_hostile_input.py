@@ -4,16 +4,23 @@ broken input gets a one-line error and exit status 2, never a traceback."""
 
 from __future__ import annotations
 
+import io
+import os
+import socket
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import ClassVar
 
+import paramiko
 import pytest
 import yaml
 from local_cli import LocalCli
 
 from tests.fixtures_pod import pod_hosts
-from tpuctl.fanout import run
+from tpuctl.fanout import Host, get, run
 from tpuctl.jobs.runs import RunRequest, resolved_recipe_yaml, run_env
 from trainer.config import load_recipe
 
@@ -192,3 +199,127 @@ def test_the_first_command_after_a_recreation_at_the_same_address_works(lone_nod
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[w00] hello"
     assert "one was recreated; retrying w00 with its new host keys" in result.stderr
+
+
+# -- 3. `get` writes only under LOCAL_DIR/wNN --------------------------------------------
+
+
+class HostileSftp(paramiko.SFTPServerInterface):
+    """A compromised worker's SFTP server: /data lists whatever `LISTING` says, `loop` is
+    a symlink to /data itself, and every other name the client asks for is a small file."""
+
+    LISTING: ClassVar[list[tuple[str, int]]] = []
+
+    def _attrs(self, name: str, mode: int) -> paramiko.SFTPAttributes:
+        attrs = paramiko.SFTPAttributes()
+        attrs.filename, attrs.st_mode, attrs.st_size = name, mode, 6
+        return attrs
+
+    def _is_data_dir(self, path: str) -> bool:
+        return path.rstrip("/") == "/data" or path.startswith("/data/loop")
+
+    def list_folder(self, path):
+        return [self._attrs(name, mode) for name, mode in self.LISTING]
+
+    def stat(self, path):
+        is_dir = self._is_data_dir(path)
+        return self._attrs(path, (stat.S_IFDIR | 0o755) if is_dir else (stat.S_IFREG | 0o644))
+
+    def lstat(self, path):
+        return self.stat(path)
+
+    def open(self, path, flags, attr):
+        handle = paramiko.SFTPHandle(flags)
+        handle.readfile = io.BytesIO(b"owned\n")
+        return handle
+
+
+class _AnyKey(paramiko.ServerInterface):
+    def get_allowed_auths(self, username):
+        return "publickey"
+
+    def check_auth_publickey(self, username, key):
+        return paramiko.AUTH_SUCCESSFUL
+
+    def check_channel_request(self, kind, chanid):
+        return paramiko.OPEN_SUCCEEDED
+
+
+@pytest.fixture(scope="module")
+def hostile_worker():
+    """(port) of a paramiko SFTP server on 127.0.0.1 serving HostileSftp to every login."""
+    host_key = paramiko.ECDSAKey.generate()
+    listener = socket.create_server(("127.0.0.1", 0))
+    transports: list[paramiko.Transport] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            transport = paramiko.Transport(sock)
+            transport.add_server_key(host_key)
+            transport.set_subsystem_handler("sftp", paramiko.SFTPServer, HostileSftp)
+            transport.start_server(server=_AnyKey())
+            transports.append(transport)
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield listener.getsockname()[1]
+    listener.close()
+    for transport in transports:
+        transport.close()
+
+
+def hostile_get(port: int, key: str, tmp_path: Path, listing: list[tuple[str, int]]):
+    HostileSftp.LISTING = listing
+    known_hosts = str(tmp_path / "known_hosts")
+    host = Host("w00", "127.0.0.1", "root", port, key_filename=key, known_hosts=known_hosts)
+    return get([host], "/data", tmp_path / "out")[0]
+
+
+def test_get_refuses_absolute_and_dotdot_names_from_a_hostile_worker(
+    hostile_worker, pod_key, tmp_path
+):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    regular = stat.S_IFREG | 0o644
+    # (paramiko's client drops "." and ".." entries itself; get_tree refuses them too.)
+    for evil in ("../escape.txt", str(outside / "abs.txt"), "sub/inner.txt"):
+        result = hostile_get(
+            hostile_worker, pod_key[0], tmp_path, [("ok.txt", regular), (evil, regular)]
+        )
+        assert result.exit_code == 1 and "refusing the name" in result.stderr, result
+        assert repr(evil) in result.stderr
+        written = [p for p in tmp_path.rglob("*") if p.is_file() and p.read_bytes() == b"owned\n"]
+        assert all(p.is_relative_to(tmp_path / "out" / "w00" / "data") for p in written), written
+
+
+def test_get_does_not_follow_remote_symlinks(hostile_worker, pod_key, tmp_path):
+    listing = [("ok.txt", stat.S_IFREG | 0o644), ("loop", stat.S_IFLNK | 0o777)]
+    result = hostile_get(hostile_worker, pod_key[0], tmp_path, listing)
+    assert result.ok, result
+    assert "skipped symlinks, not followed: /data/loop" in result.stdout
+    copied = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*"))
+    assert copied == [Path("w00"), Path("w00/data"), Path("w00/data/ok.txt")]
+
+
+def test_get_of_a_path_ending_in_dot_dot_stays_in_the_worker_directory(ssh_pod, pod_key, tmp_path):
+    hosts = pod_hosts(ssh_pod, pod_key, str(tmp_path / "known_hosts"))[:1]
+    remote = f"/tmp/get-dotdot-{os.getpid()}"
+    assert run(hosts, f"mkdir -p {remote}/sub && echo hi > {remote}/sub/file")[0].ok
+    result = get(hosts, f"{remote}/sub/..", tmp_path / "out")[0]
+    assert result.ok, result
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["w00"]
+    name = remote.rsplit("/", 1)[1]
+    assert (tmp_path / "out" / "w00" / name / "sub" / "file").read_text() == "hi\n"
+
+
+def test_get_does_not_write_through_a_local_symlink(hostile_worker, pod_key, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine\n")
+    (tmp_path / "out" / "w00" / "data").mkdir(parents=True)
+    (tmp_path / "out" / "w00" / "data" / "ok.txt").symlink_to(victim)
+    result = hostile_get(hostile_worker, pod_key[0], tmp_path, [("ok.txt", stat.S_IFREG | 0o644)])
+    assert result.exit_code == 1 and "resolves outside" in result.stderr
+    assert victim.read_text() == "mine\n"

@@ -14,6 +14,7 @@ This module is light; paramiko is imported only when an SSH host is actually con
 from __future__ import annotations
 
 import concurrent.futures
+import posixpath
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -134,13 +135,15 @@ def get(
 ) -> list[HostResult]:
     """Copy `remote_path` (file or directory) from every host to `local_dir/<label>/<name>`."""
     hosts = list(hosts)
-    name = Path(remote_path.rstrip("/")).name or "root"
+    name = posixpath.basename(posixpath.normpath(remote_path))
+    name = "root" if name in ("", ".", "..") else name  # never LOCAL_DIR/wNN/.. itself
     stop = StopSignal()
     ctx = _ssh_context(hosts, connect_timeout, max_parallel)
 
     def get_one(index: int) -> HostResult:
         host = hosts[index]
         target = Path(local_dir) / host.label / name
+        links: list[str] = []
 
         def copy() -> int:
             if host.transport == "local":
@@ -150,9 +153,12 @@ def get(
             from tpuctl.fanout import ssh
 
             with ssh.sftp_session(host, ctx, stop) as sftp:
-                return ssh.get_tree(sftp, remote_path, target)
+                return ssh.get_tree(sftp, remote_path, target, skipped=links)
 
-        return _transfer(host, copy, remote_path, f"-> {target}")
+        result = _transfer(host, copy, remote_path, f"-> {target}")
+        if links and result.ok:
+            result.stdout += f" (skipped symlinks, not followed: {', '.join(links)})"
+        return result
 
     return _fan_out(hosts, get_one, max_parallel, False, stop, on_result)
 
