@@ -323,3 +323,39 @@ def test_get_does_not_write_through_a_local_symlink(hostile_worker, pod_key, tmp
     result = hostile_get(hostile_worker, pod_key[0], tmp_path, [("ok.txt", stat.S_IFREG | 0o644)])
     assert result.exit_code == 1 and "resolves outside" in result.stderr
     assert victim.read_text() == "mine\n"
+
+
+# -- 4. env names and values -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["é", "A-B", "1X"])
+def test_exec_refuses_env_names_a_shell_would_echo_with_their_value(name, tmp_path):
+    cli = LocalCli(tmp_path)
+    result = cli("exec", "--env", f"{name}=env-secret-5", "--json", "--", "true")
+    one_line_error(result, "--env")
+    assert "env-secret-5" not in result.stdout + result.stderr
+
+
+def test_the_environment_channel_refuses_a_nul_byte_rather_than_drop_everything(tmp_path):
+    host = Host("w00", "localhost", workdir=str(tmp_path), transport="local")
+    with pytest.raises(ValueError, match="NUL") as caught:
+        run([host], "true", env={"GOOD": "1", "BAD": "a\0b"})
+    assert "a\0b" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("env_block", "needle"),
+    [('  "WANDB-KEY": x\n', "'WANDB-KEY'"), ('  "Ü": x\n', "'Ü'"), ('  TOKEN: "a\\0b"\n', "NUL")],
+)
+def test_bad_recipe_env_is_refused_with_the_recipe_before_anything_is_stored(
+    env_block, needle, tmp_path
+):
+    cli = LocalCli(tmp_path)
+    recipe = recipe_with(tmp_path, "env:\n" + env_block)
+    cli.ok("up", "v4-8", "--local", "--name", "envpod")
+    try:
+        result = cli("run", str(recipe), "--name", "envpod", "--run-id", "badenv")
+        one_line_error(result, "env", needle)
+        assert not list((tmp_path / "state").rglob("badenv*")), "nothing stored or launched"
+    finally:
+        cli("down", "envpod", "--yes")

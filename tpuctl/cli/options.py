@@ -7,14 +7,21 @@ from tpuctl.errors import TpuctlError
 
 def parse_env_flags(pairs: list[str]) -> dict[str, str]:
     """`--env K=V`, or a bare `--env K` taking the local value of K (keeps it out of argv)."""
+    from tpuctl.fanout.base import ENV_NAME, env_problem
+
     env: dict[str, str] = {}
     for pair in pairs:
         name, has_value, value = pair.partition("=")
-        if not name.isidentifier():
-            raise TpuctlError(f"--env {name!r}: use --env NAME=VALUE or --env NAME")
+        if not ENV_NAME.match(name):
+            raise TpuctlError(
+                f"--env {name!r}: a name is letters, digits and _ (not first a digit); "
+                "use --env NAME=VALUE or --env NAME"
+            )
         if not has_value:
             if name not in os.environ:
                 raise TpuctlError(f"--env {name}: {name} is not set in your environment")
             value = os.environ[name]
+        if problem := env_problem(name, value):
+            raise TpuctlError(f"--env {name}: {problem}")
         env[name] = value
     return env

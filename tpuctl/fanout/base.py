@@ -3,6 +3,7 @@ command and its environment are handed to a worker without exposing secrets."""
 
 from __future__ import annotations
 
+import re
 import resource
 import shlex
 import threading
@@ -79,12 +80,28 @@ class StopSignal:
         return self._event.wait(timeout)
 
 
+# What every shell takes as a variable name. Not str.isidentifier(): a Unicode name passes
+# that, and bash then echoes the whole `NAME=value` as an error, value included.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def env_problem(name: str, value: str) -> str | None:
+    """Why `name=value` cannot go through the environment channel, or None if it can.
+    The value is never quoted back: it may be a secret."""
+    if not ENV_NAME.match(name):
+        return f"{name!r} is not a variable name: use letters, digits and _, not first a digit"
+    if "\0" in value:  # the channel is NUL-terminated: the rest of the environment is lost
+        return f"the value of {name} contains a NUL byte, which no environment can hold"
+    return None
+
+
 def merged_env(host: Host, env: Mapping[str, str] | None) -> dict[str, str]:
     """The call's environment overlaid with the host's own (the host wins: TPUCTL_PROCESS_ID)."""
-    for name in [*(env or {}), *host.env]:
-        if not name.isidentifier():
-            raise ValueError(f"environment variable name {name!r} is not a valid shell name")
-    return {**(env or {}), **host.env}
+    merged = {**(env or {}), **host.env}
+    for name, value in [*(env or {}).items(), *host.env.items()]:
+        if problem := env_problem(name, value):
+            raise ValueError(f"environment variable {problem}")
+    return merged
 
 
 def wrapped_command(command: str) -> str:

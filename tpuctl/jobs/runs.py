@@ -113,13 +113,18 @@ def run_env(recipe: Any, request: RunRequest, progress: Callable[[str], None]) -
 
 def load_recipe(source: str, overrides: list[str]) -> Any:
     """The trainer's own validation, on this machine; errors are one line naming the key."""
+    from tpuctl.fanout.base import env_problem
     from trainer.config import RecipeError
     from trainer.config import load_recipe as trainer_load
 
     try:
-        return trainer_load(source, overrides)
+        recipe = trainer_load(source, overrides)
     except RecipeError as err:
         raise TpuctlError(f"recipe {source}: {err}") from None
+    for name, value in recipe.env.items():  # here, not at launch: nothing is stored yet
+        if problem := env_problem(name, value or ""):
+            raise TpuctlError(f"recipe {source}: env: {problem}")
+    return recipe
 
 
 def check_fits_node(recipe: Any, node: Node) -> None:
