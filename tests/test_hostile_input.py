@@ -359,3 +359,59 @@ def test_bad_recipe_env_is_refused_with_the_recipe_before_anything_is_stored(
         assert not list((tmp_path / "state").rglob("badenv*")), "nothing stored or launched"
     finally:
         cli("down", "envpod", "--yes")
+
+
+# -- 5. tpuctl's own files are private ---------------------------------------------------
+
+
+def _open_modes(root: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Paths under `root` (and root) readable by others: dirs not 0700, files not 0600
+    (public keys, KEY.pub, are public)."""
+    wrong = []
+    for path in [root, *root.rglob("*")]:
+        if any(part in skip for part in path.relative_to(root).parts) or path.suffix == ".pub":
+            continue
+        want = 0o700 if path.is_dir() else 0o600
+        if path.stat().st_mode & 0o777 != want:
+            wrong.append(f"{path} {oct(path.stat().st_mode & 0o777)}")
+    return wrong
+
+
+def test_state_config_and_local_gcs_files_are_this_users_only(tmp_path):
+    cli = LocalCli(tmp_path)
+    older = tmp_path / "state" / "tpuctl"
+    older.mkdir(parents=True)
+    older.chmod(0o755)  # as an earlier tpuctl left it
+    cli.ok("config", "set", "zone", "us-central1-a")
+    cli.ok("up", "v4-8", "--local", "--name", "modes")
+    try:
+        recipe = recipe_with(tmp_path, "")
+        cli.ok(
+            "run", str(recipe), "--name", "modes", "--run-id", "modes1",
+            "--", "train.steps=100000", f"run_dir={tmp_path / 'run'}",
+        )  # fmt: skip
+        assert list((older / "local" / "gcs" / "data").rglob("*"))  # the stored recipe is there
+        # Worker directories are the workers' homes: what jobs write there is theirs.
+        assert _open_modes(older, skip=("workers",)) == []
+        assert _open_modes(tmp_path / "config" / "tpuctl") == []
+    finally:
+        cli("kill", "modes", "--grace", "1")
+        cli("down", "modes", "--yes")
+    assert _open_modes(older) == []  # the emulator's data, kept after `down`
+
+
+@pytest.mark.pod
+def test_node_cache_and_known_hosts_are_private(lone_node, tmp_path):
+    assert tpuctl("exec", "one", "--", "true").returncode == 0
+    nodes = tmp_path / "xdg-state" / "tpuctl" / "nodes"
+    assert sorted(p.name for p in nodes.rglob("one.*")) == ["one.json", "one.known_hosts"]
+    assert _open_modes(tmp_path / "xdg-state" / "tpuctl") == []
+
+
+def test_the_babysit_log_is_private(tmp_path, monkeypatch):
+    from tpuctl.babysit import LogFile
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    with LogFile("r1") as log:
+        log("a job's last lines")
+    assert _open_modes(tmp_path / "tpuctl") == []

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tpuctl import jobs
+from tpuctl.config import private_dir, private_opener, write_private
 from tpuctl.errors import TpuctlError
 
 if TYPE_CHECKING:
@@ -256,9 +257,8 @@ class Lease:
         self.remote: str | None = None
 
     def acquire(self) -> None:
-        local_dir().mkdir(parents=True, exist_ok=True)
-        path = local_dir() / f"{self.run_id}.lock"
-        handle = open(path, "a+")  # noqa: SIM115 (held open for the babysitter's lifetime)
+        path = private_dir(local_dir()) / f"{self.run_id}.lock"
+        handle = open(path, "a+", opener=private_opener)  # noqa: SIM115 (held while babysitting)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -772,11 +772,7 @@ class Babysitter:
 
         self.state.updated_at = time.time()
         text = self.state.to_json()
-        path = local_state_path(self.run_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_private(local_state_path(self.run_id), text)
         if self.remote_dir:
             remote = f"{self.remote_dir}/{STATE_FILE}"
             try:
@@ -799,8 +795,9 @@ class LogFile:
 
     def __init__(self, run_id: str, path: Path | None = None):
         self.path = path or log_path(run_id)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "a", buffering=1)  # noqa: SIM115 (closed in __exit__)
+        private_dir(self.path.parent)
+        # A log tail can hold what a job printed: readable by this user only.
+        self._handle = open(self.path, "a", buffering=1, opener=private_opener)  # noqa: SIM115
 
     def __call__(self, line: str) -> None:
         self._handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")

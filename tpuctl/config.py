@@ -68,6 +68,38 @@ def state_dir() -> Path:
     return Path(base) / "tpuctl"
 
 
+def private_dir(path: Path) -> Path:
+    """`path`, created with every missing parent as 0700; tpuctl's own state and config
+    directories are made 0700 too if an older version left them open. They hold node
+    caches, known_hosts, babysit logs (log tails) and the local GCS emulator's data."""
+    missing = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
+    for root in (state_dir(), config_dir()):
+        if path.is_relative_to(root) and root.stat().st_mode & 0o077:
+            root.chmod(0o700)
+    return path
+
+
+def private_opener(path: str, flags: int) -> int:
+    """For `open(..., opener=private_opener)`: a file created 0600, never readable by others."""
+    return os.open(path, flags, 0o600)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace `path` atomically with `text`, the file 0600 from its first byte."""
+    private_dir(path.parent)
+    tmp = path.with_name(f"{path.name}.tmp")
+    with open(tmp, "w", opener=private_opener) as handle:
+        os.fchmod(handle.fileno(), 0o600)  # a stale tmp file may have been created wider
+        handle.write(text)
+    tmp.replace(path)
+
+
 def user_config_path() -> Path:
     """The user file that `tpuctl config set` writes."""
     return config_dir() / "config.yaml"
@@ -172,10 +204,7 @@ def set_user_value(key: str, raw_value: str) -> Path:
             child = node[part] = {}
         node = child
     node[leaf] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=True))
-    tmp.replace(path)
+    write_private(path, yaml.safe_dump(data, sort_keys=True))
     return path
 
 

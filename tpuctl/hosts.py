@@ -138,12 +138,11 @@ def remember(settings: Settings, node: Node) -> None:
     previous = _read_created(path)
     if previous is not None and previous != _created_text(node):
         known_hosts_path(settings, node.name).unlink(missing_ok=True)
+    from tpuctl.config import write_private
+
     record = asdict(node)
     record["created"] = _created_text(node)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    tmp.replace(path)
+    write_private(path, json.dumps(record))
 
 
 def forget(settings: Settings, name: str) -> None:

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tpuctl.config import config_dir
+from tpuctl.config import config_dir, private_dir
 from tpuctl.errors import TpuctlError
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def _generate(private: Path, comment: str) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     key = Ed25519PrivateKey.generate()
-    private.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(private.parent)
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.OpenSSH,

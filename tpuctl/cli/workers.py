@@ -237,7 +237,7 @@ def ssh_argv(host: Host, extra: list[str]) -> list[str]:
     if host.key_filename:
         argv += ["-i", host.key_filename]
     if host.known_hosts:
-        Path(host.known_hosts).parent.mkdir(parents=True, exist_ok=True)
+        config.private_dir(Path(host.known_hosts).parent)
         argv += ["-o", f"UserKnownHostsFile={host.known_hosts}"]
         argv += ["-o", "StrictHostKeyChecking=accept-new"]
         if pinned := _pinned_algorithms(host):  # as the fan-out: no other key type gets in

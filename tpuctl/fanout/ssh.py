@@ -85,9 +85,11 @@ class KnownHosts:
         with self._lock:
             known = self._keys.lookup(name)
             if known is None:
+                from tpuctl.config import private_dir, private_opener
+
                 self._keys.add(name, key.get_name(), key)
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "a") as out:
+                private_dir(Path(self.path).parent)
+                with open(self.path, "a", opener=private_opener) as out:
                     out.write(f"{name} {key.get_name()} {key.get_base64()}\n")
                 return
             if known.get(key.get_name()) != key:

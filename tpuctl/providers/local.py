@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tpuctl.config import private_dir, private_opener, write_private
 from tpuctl.errors import TpuctlError
 from tpuctl.providers.base import Node, NodeSpec, ProgressFn, Worker
 
@@ -83,7 +84,7 @@ class LocalProvider:
         for index in range(hosts):
             workdir = pod_dir / "workers" / f"w{index:02d}"
             # The local transport points TMPDIR here, so each worker has its own lockfiles.
-            (workdir / "tmp").mkdir(parents=True, exist_ok=True)
+            private_dir(workdir / "tmp")
             workers.append(Worker(index=index, internal_ip="127.0.0.1", workdir=str(workdir)))
         node = Node(
             name=spec.name,
@@ -185,15 +186,16 @@ def gcs_emulator_url() -> str:
         )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    gcs_dir().mkdir(parents=True, exist_ok=True)
+    private_dir(gcs_dir())
     command = [sys.executable, "-m", "tpuctl.testing.gcs_emulator", "--port", str(port)]
-    with open(gcs_dir() / "emulator.log", "ab") as log:
+    with open(gcs_dir() / "emulator.log", "ab", opener=private_opener) as log:
         process = subprocess.Popen(
             [*command, "--data-dir", str(gcs_dir() / "data")],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
             start_new_session=True,
+            umask=0o077,  # the emulator's objects (run files, recipes) are this user's only
         )
     deadline = time.monotonic() + EMULATOR_START_S
     while not _answers(url):
@@ -203,7 +205,7 @@ def gcs_emulator_url() -> str:
                 f"the local GCS emulator did not start; see {gcs_dir() / 'emulator.log'}", 1
             )
         time.sleep(0.1)
-    record.write_text(json.dumps({"pid": process.pid, "url": url}))
+    write_private(record, json.dumps({"pid": process.pid, "url": url}))
     return url
 
 
@@ -257,9 +259,7 @@ def devices_per_host(accelerator_type: str) -> int:
 def _write_record(path: Path, node: Node) -> None:
     data = asdict(node)
     data["created"] = node.created.isoformat() if node.created else None
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_private(path, json.dumps(data, indent=2))
 
 
 def _node_from_record(data: dict) -> Node:
