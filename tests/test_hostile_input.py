@@ -415,3 +415,32 @@ def test_the_babysit_log_is_private(tmp_path, monkeypatch):
     with LogFile("r1") as log:
         log("a job's last lines")
     assert _open_modes(tmp_path / "tpuctl") == []
+
+
+# -- 6. ssh.user is a user name, never an ssh option -------------------------------------
+
+
+@pytest.mark.parametrize("user", ["-oProxyCommand=touch /tmp/owned", "alice\nroot", "a b"])
+def test_an_ssh_user_that_is_no_user_name_is_refused_from_an_untrusted_checkout(user, tmp_path):
+    cli = LocalCli(tmp_path)
+    (tmp_path / "tpuctl.yaml").write_text(yaml.safe_dump({"ssh": {"user": user}}))
+    result = cli("exec", "--", "true")
+    one_line_error(result, "ssh.user", "./tpuctl.yaml")
+    result = cli("exec", "--ssh-user", "-l", "--", "true")
+    one_line_error(result, "ssh.user", "--ssh-user")
+
+
+def test_every_ssh_command_line_ends_its_options_before_the_destination():
+    from tpuctl.cli.workers import ssh_argv
+
+    host = Host("w00", "10.0.0.2", user="-oProxyCommand=x", key_filename="/k")
+    argv = ssh_argv(host, ["-L", "6006:localhost:6006", "-o", "BatchMode=yes", "ls", "-l"])
+    destination = argv.index("-oProxyCommand=x@10.0.0.2")
+    assert argv[destination - 1] == "--"
+    assert argv[destination + 1 :] == ["ls", "-l"]
+    assert argv[destination - 5 : destination - 1] == [
+        "-L",
+        "6006:localhost:6006",
+        "-o",
+        "BatchMode=yes",
+    ]

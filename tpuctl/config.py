@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,7 @@ def load(flags: dict[str, object] | None = None) -> Settings:
             settings.values[key] = _coerce(key, value, describe(key))
             settings.sources[key] = describe(key)
     _check_provider(settings)
+    _check_ssh_user(settings)
     return settings
 
 
@@ -231,6 +233,21 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     if key.startswith("accelerators.") and leaf in LIST_FIELDS and isinstance(value, str):
         return [z.strip() for z in value.split(",") if z.strip()]
     return value
+
+
+# A login name, never an option: a `./tpuctl.yaml` in an untrusted checkout could otherwise
+# hand ssh `-oProxyCommand=...`, or put a second line into the nodes' ssh-keys metadata.
+_USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
+
+
+def _check_ssh_user(settings: Settings) -> None:
+    user = settings.values.get("ssh.user")
+    if settings.source("ssh.user") == "default" or _USER_NAME.match(str(user)):
+        return  # the default is this machine's own account name
+    raise TpuctlError(
+        f"ssh.user {str(user)!r} (from {settings.source('ssh.user')}) is not a user name: "
+        "use letters, digits, '_', '.' and '-', not first '-'; fix it or pass --ssh-user NAME"
+    )
 
 
 def _check_provider(settings: Settings) -> None:

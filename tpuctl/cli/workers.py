@@ -243,7 +243,32 @@ def ssh_argv(host: Host, extra: list[str]) -> list[str]:
         if pinned := _pinned_algorithms(host):  # as the fan-out: no other key type gets in
             argv += ["-o", f"HostKeyAlgorithms={','.join(pinned)}"]
     user = f"{host.user}@" if host.user else ""
-    return [*argv, f"{user}{host.address}", *extra]
+    options, command = _split_ssh_args(extra)
+    # `--` before the destination: nothing that comes from settings is read as an option.
+    return [*argv, *options, "--", f"{user}{host.address}", *command]
+
+
+# ssh(1) options that take an argument (`-L 6006:localhost:6006`, `-o BatchMode=yes`).
+_SSH_OPTIONS_WITH_ARGUMENT = set("BbcDEeFIiJLlmOoPpQRSWw")
+
+
+def _split_ssh_args(extra: list[str]) -> tuple[list[str], list[str]]:
+    """The user's extra ssh arguments split into leading options and the remote command,
+    which ssh takes only after the destination."""
+    options: list[str] = []
+    rest = list(extra)
+    while rest and rest[0].startswith("-") and rest[0] != "-":
+        token = rest.pop(0)
+        if token == "--":
+            break
+        options.append(token)
+        flags = token[1:]
+        for position, flag in enumerate(flags):
+            if flag in _SSH_OPTIONS_WITH_ARGUMENT:
+                if position == len(flags) - 1 and rest:  # its argument is the next word
+                    options.append(rest.pop(0))
+                break
+    return options, rest
 
 
 def _pinned_algorithms(host: Host) -> list[str]:
