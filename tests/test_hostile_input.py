@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import ClassVar
@@ -18,8 +20,10 @@ import paramiko
 import pytest
 import yaml
 from local_cli import LocalCli
+from polling import wait_for
 
 from tests.fixtures_pod import pod_hosts
+from tpuctl import jobs
 from tpuctl.fanout import Host, get, run
 from tpuctl.jobs.runs import RunRequest, resolved_recipe_yaml, run_env
 from trainer.config import load_recipe
@@ -444,3 +448,75 @@ def test_every_ssh_command_line_ends_its_options_before_the_destination():
         "-o",
         "BatchMode=yes",
     ]
+
+
+# -- 7. one holder check for run, kill, clear-locks and check ----------------------------
+
+
+@pytest.fixture
+def worker(tmp_path):
+    """A local worker, and a process in another mount namespace (as in a container) that
+    holds its libtpu lockfile."""
+    host = Host("w00", "localhost", workdir=str(tmp_path), transport="local")
+    lockfile = tmp_path / "tmp" / "libtpu_lockfile"
+    lockfile.parent.mkdir()
+    lockfile.write_text("")
+    holder = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private",
+         "sh", "-c", f'exec 3<"{lockfile}"; exec sleep 120'],
+    )  # fmt: skip
+    fds = Path(f"/proc/{holder.pid}/fd")
+    wait_for(lambda: any(os.readlink(fd) == str(lockfile) for fd in fds.iterdir()))
+    yield host, holder, lockfile
+    holder.kill()
+    holder.wait()
+
+
+def test_run_sees_a_holder_in_a_container(worker):
+    host, holder, _ = worker
+    assert jobs.status([host])[0].holders == (str(holder.pid),)
+    with pytest.raises(jobs.JobBusy, match=f"pids {holder.pid}"):
+        jobs.launch([host], jobs.JobSpec("r1", ["true"]))
+
+
+def test_clear_locks_and_check_see_the_same_holders_as_run(worker):
+    from tpuctl.worker_scripts import (
+        REFUSED_EXIT,
+        check_script,
+        clear_locks_script,
+        parse_health,
+        parse_lock_report,
+    )
+
+    host, holder, lockfile = worker
+    refused = run([host], clear_locks_script(force=False))[0]
+    assert refused.exit_code == REFUSED_EXIT
+    assert parse_lock_report(refused.stdout).holders == [f"pid {holder.pid} (sleep) on {lockfile}"]
+    assert lockfile.exists()  # never pulled from under a live process
+    health = parse_health(run([host], check_script())[0].stdout)
+    assert health.holders == [f"pid {holder.pid} (sleep) on {lockfile}"]
+    assert health.devices is None  # jax is not started against a held TPU
+
+
+def test_the_holder_check_works_for_a_user_without_root_or_sudo():
+    """As `nobody` (no sudo on this machine): no error, and the user's own holders are seen."""
+    from tpuctl.worker_scripts import holders_function
+
+    home = Path(tempfile.mkdtemp(prefix="tpuctl-nobody-", dir="/var/tmp"))  # not under 0700
+    try:
+        home.chmod(0o777)
+        lockfile = home / "libtpu_lockfile"
+        # The child holds fd 3 from its fork on (its name may still be bash's: not checked).
+        opened = f'exec 3>"{lockfile}"; sleep 60 & exec 3>&-; echo "$!"\n'
+        script = holders_function() + opened + "tpu_holders; kill $!\n"
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", "-c", script],
+            capture_output=True, text=True, timeout=60,
+            env={"TMPDIR": str(home), "PATH": os.environ["PATH"]},
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(home)
+    assert result.returncode == 0, result.stderr
+    child, holders = result.stdout.split("\n", 1)
+    pid, _command, target = holders.split()
+    assert (pid, target) == (child, str(lockfile)), result.stdout

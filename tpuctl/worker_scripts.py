@@ -24,16 +24,30 @@ if [ "$(id -u)" != 0 ]; then sudo="sudo -n"; fi
 """
 
 
-def _holders_snippet(device_globs: tuple[str, ...]) -> str:
-    """Print `held PID COMMAND DEVICE` for every process with a TPU device open."""
+def holders_function(device_globs: tuple[str, ...] = TPU_DEVICE_GLOBS) -> str:
+    """The bash function `tpu_holders`, the one holder check of `run`, `kill`, `clear-locks`
+    and `check`: prints `PID COMMAND TARGET` for every process with a TPU device or
+    libtpu's lockfile open. It looks at every process on the VM, those in containers
+    (other mount namespaces) included; a user other than root needs `sudo -n` to see other
+    users' processes, and without it sees their own only."""
     tests = " -o ".join(f"-lname {shlex.quote(glob)}" for glob in device_globs)
     return f"""\
-for fd in $($sudo find /proc/[0-9]*/fd -maxdepth 1 \\( {tests} \\) 2>/dev/null); do
-  pid=${{fd#/proc/}}; pid=${{pid%%/*}}
-  [ "$pid" = "$$" ] && continue
-  echo "held $pid $(cat /proc/$pid/comm 2>/dev/null || echo '?') $($sudo readlink "$fd")"
-done | sort -u
+tpu_holders() {{
+  local sudo="" lockfile="${{TMPDIR:-/tmp}}/libtpu_lockfile" fd pid comm
+  if [ "$(id -u)" != 0 ] && sudo -n true 2>/dev/null; then sudo="sudo -n"; fi
+  $sudo find /proc/[0-9]*/fd -maxdepth 1 \\( {tests} -o -lname "$lockfile" \\) 2>/dev/null |
+    while read -r fd; do
+      pid=${{fd#/proc/}}; pid=${{pid%%/*}}
+      [ "$pid" = "$$" ] && continue
+      comm=$(tr -c '[:alnum:]._\\n-' _ 2>/dev/null <"/proc/$pid/comm" || echo '?')
+      echo "$pid $comm $($sudo readlink "$fd")"
+    done | sort -u
+}}
 """
+
+
+def _held(device_globs: tuple[str, ...]) -> str:
+    return holders_function(device_globs) + 'held=$(tpu_holders | sed "s/^/held /")\n'
 
 
 def clear_locks_script(force: bool, device_globs: tuple[str, ...] = TPU_DEVICE_GLOBS) -> str:
@@ -43,7 +57,7 @@ def clear_locks_script(force: bool, device_globs: tuple[str, ...] = TPU_DEVICE_G
     refuse = "" if force else f'if [ -n "$held" ]; then exit {REFUSED_EXIT}; fi\n'
     return (
         _PRELUDE
-        + f"held=$({_holders_snippet(device_globs)})\n"
+        + _held(device_globs)
         + '[ -n "$held" ] && echo "$held"\n'
         + refuse
         + f"""status=0
@@ -63,7 +77,7 @@ def check_script(python: str = "python3", device_globs: tuple[str, ...] = TPU_DE
     probe = "import jax; print(jax.device_count(), jax.local_device_count())"
     return (
         _PRELUDE
-        + f"held=$({_holders_snippet(device_globs)})\n"
+        + _held(device_globs)
         + '[ -n "$held" ] && echo "$held"\n'
         + f"""if [ -z "$held" ]; then
   if out=$({shlex.quote(python)} -c {shlex.quote(probe)} 2>&1); then

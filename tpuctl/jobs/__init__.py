@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from tpuctl.errors import TpuctlError
 from tpuctl.fanout import Host, HostResult, run
+from tpuctl.worker_scripts import holders_function
 
 BUSY_EXIT = 75  # a job (or another process) holds the worker
 NO_RUN_EXIT = 3  # logs: the worker has no such run
@@ -39,16 +40,8 @@ group_alive() {
   [ -n "${1:-}" ] && ps -eo pgid=,stat= |
     awk -v g="$1" '$1 == g && $2 !~ /^Z/ {found = 1} END {exit !found}'
 }
-# Processes in this worker's mount namespace holding the TPU devices or libtpu's lockfile.
-accelerator_holders() {
-  local own_ns; own_ns=$(readlink /proc/self/ns/mnt)
-  find /proc/[0-9]*/fd -maxdepth 1 \( -lname '/dev/accel*' -o -lname '/dev/vfio/*' \
-      -o -lname "$lockfile" \) 2>/dev/null | cut -d/ -f3 | sort -un |
-    while read -r pid; do
-      [ "$pid" != $$ ] && [ "$(readlink "/proc/$pid/ns/mnt" 2>/dev/null)" = "$own_ns" ] &&
-        echo "$pid"
-    done
-}
+# Processes holding the TPU devices or libtpu's lockfile (worker_scripts' tpu_holders).
+accelerator_holders() { tpu_holders | cut -d' ' -f1 | sort -un; }
 process_alive() { ps -o stat= -p "$1" 2>/dev/null | grep -qv '^Z'; }
 # SIGTERM a process group (group PGID) or one process (process PID), SIGKILL it after
 # GRACE seconds; prints which signal ended it.
@@ -239,7 +232,7 @@ def job_hosts(hosts: Iterable[Host]) -> list[Host]:
 
 def _script(body: str, **params: object) -> str:
     assignments = "".join(f"{name}={_shell_value(value)}\n" for name, value in params.items())
-    return _PRELUDE + assignments + body
+    return holders_function() + _PRELUDE + assignments + body
 
 
 def _shell_value(value: object) -> str:
