@@ -5,6 +5,7 @@ broken input gets a one-line error and exit status 2, never a traceback."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -48,6 +50,15 @@ def recipe_with(tmp_path: Path, extra: str) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(text + extra)
     return path
+
+
+@pytest.fixture(scope="module")
+def local_pod(tmp_path_factory):
+    """tpuctl with a one-worker local pod `lp` (v4-8), for the refusals that need a node."""
+    cli = LocalCli(tmp_path_factory.mktemp("hostile-local"))
+    cli.ok("up", "v4-8", "--local", "--name", "lp")
+    yield cli
+    cli("down", "lp", "--yes")
 
 
 # -- 1. secrets: never in GCS, argv, logs, state files or output -------------------------
@@ -352,17 +363,12 @@ def test_the_environment_channel_refuses_a_nul_byte_rather_than_drop_everything(
     [('  "WANDB-KEY": x\n', "'WANDB-KEY'"), ('  "Ü": x\n', "'Ü'"), ('  TOKEN: "a\\0b"\n', "NUL")],
 )
 def test_bad_recipe_env_is_refused_with_the_recipe_before_anything_is_stored(
-    env_block, needle, tmp_path
+    env_block, needle, local_pod, tmp_path
 ):
-    cli = LocalCli(tmp_path)
     recipe = recipe_with(tmp_path, "env:\n" + env_block)
-    cli.ok("up", "v4-8", "--local", "--name", "envpod")
-    try:
-        result = cli("run", str(recipe), "--name", "envpod", "--run-id", "badenv")
-        one_line_error(result, "env", needle)
-        assert not list((tmp_path / "state").rglob("badenv*")), "nothing stored or launched"
-    finally:
-        cli("down", "envpod", "--yes")
+    result = local_pod("run", str(recipe), "--name", "lp", "--run-id", "badenv")
+    one_line_error(result, "env", needle)
+    assert not list((local_pod.root / "state").rglob("badenv*")), "nothing stored or launched"
 
 
 # -- 5. tpuctl's own files are private ---------------------------------------------------
@@ -520,3 +526,87 @@ def test_the_holder_check_works_for_a_user_without_root_or_sudo():
     child, holders = result.stdout.split("\n", 1)
     pid, _command, target = holders.split()
     assert (pid, target) == (child, str(lockfile)), result.stdout
+
+
+# -- 8. bad values: one line, exit status 2, never a traceback or a silent misbehaviour --
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["exec", "--timeout", "-1", "--", "true"],
+        ["exec", "--timeout", "nan", "--", "true"],
+        ["exec", "--connect-timeout", "0", "--", "true"],
+        ["check", "--timeout", "inf"],
+        ["kill", "--grace", "-5"],
+        ["babysit", "v4-8", "r.yaml", "--name", "p", "--poll", "-1"],
+        ["babysit", "v4-8", "r.yaml", "--name", "p", "--poll", "nan"],
+        ["babysit", "v4-8", "r.yaml", "--name", "p", "--hang-timeout", "0"],
+    ],
+)
+def test_durations_must_be_positive_and_finite(args, tmp_path):
+    result = LocalCli(tmp_path)(*args, timeout=60)
+    flag = next(a for a in args if a.startswith("--") and a != "--name" and a != "--")
+    one_line_error(result, flag, "finite number of seconds")
+
+
+def test_a_huge_worker_range_is_refused_at_once(local_pod):
+    started = time.monotonic()
+    result = local_pod("exec", "lp", "--worker", "0-400000", "--", "true", timeout=60)
+    one_line_error(result, "--worker", "worker 1 does not exist", "workers 0-0")
+    assert time.monotonic() - started < 30
+
+
+BOMB = "".join(
+    f"{name}: &{name} [{', '.join([f'*{prev}'] * 10 if prev else ['xxxxxxxx'] * 10)}]\n"
+    for prev, name in zip(["", "a", "b", "c", "d", "e"], "abcdef", strict=True)
+)
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (bytes(range(256)) * 4, "not UTF-8"),
+        (b"run_dir: x\n# " + b"x" * 1_100_000 + b"\n", "over 1 MB"),
+        (BOMB.encode(), "aliases"),
+        (b"run_dir: &a [*a]\n", "contains itself"),
+    ],
+)
+def test_hostile_recipes_and_config_files_are_one_line_errors(content, needle, local_pod, tmp_path):
+    assert len(BOMB) < 700
+    (tmp_path / "bad.yaml").write_bytes(content)
+    one_line_error(local_pod("run", str(tmp_path / "bad.yaml"), "--name", "lp"), needle)
+    cli = LocalCli(tmp_path)
+    python = subprocess.run(
+        [sys.executable, "-m", "trainer", str(tmp_path / "bad.yaml")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    one_line_error(python, needle)
+    (tmp_path / "tpuctl.yaml").write_bytes(content)  # a project file in an untrusted checkout
+    one_line_error(cli("config", "show"), "tpuctl.yaml", needle)
+
+
+@pytest.mark.pod
+@pytest.mark.parametrize("garbage", [b"\xff\xfe\x00 not json", b'{"workers": 5}', b"[]"])
+def test_a_corrupt_node_cache_is_ignored_with_a_warning_and_rebuilt(lone_node, tmp_path, garbage):
+    assert tpuctl("exec", "one", "--", "true").returncode == 0
+    (cache,) = (tmp_path / "xdg-state").rglob("one.json")
+    cache.write_bytes(garbage)
+    result = tpuctl("exec", "one", "--", "echo", "fine")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[w00] fine"
+    assert "warning: ignoring the unreadable node cache" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.loads(cache.read_text())["name"] == "one"
+
+
+@pytest.mark.pod
+def test_corrupt_known_hosts_lines_are_dropped_with_a_warning(lone_node, tmp_path):
+    assert tpuctl("exec", "one", "--", "true").returncode == 0
+    (known,) = (tmp_path / "xdg-state").rglob("one.known_hosts")
+    pinned = known.read_bytes()
+    known.write_bytes(b"10.9.9.9 ssh-ed25519 !!!not-base64\n\xff\xfe\x00\n" + pinned)
+    result = tpuctl("exec", "one", "--", "echo", "fine")
+    assert result.returncode == 0, result.stderr
+    assert "warning: dropped 2 unreadable line(s)" in result.stderr
+    assert known.read_bytes() == pinned

@@ -268,8 +268,13 @@ def _read_yaml_nested(path: Path) -> dict[str, Any]:
         return {}
     import yaml
 
+    from trainer.yaml_input import YamlInputError, load_yaml, read_capped
+
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with open(path, "rb") as handle:
+            data = load_yaml(read_capped(handle, str(path)), str(path)) or {}
+    except YamlInputError as err:
+        raise TpuctlError(str(err)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""

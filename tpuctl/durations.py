@@ -8,6 +8,7 @@ bounded by, the real schedule.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -18,17 +19,27 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _PART_RE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 
 
-def parse_duration(text: str, flag: str = "duration") -> float:
-    """Seconds in `text` such as 45s, 30m, 2h, 1h30m or a bare number of seconds."""
+def parse_duration(text: str, flag: str = "duration", allow_zero: bool = False) -> float:
+    """Seconds in `text` such as 45s, 30m, 2h, 1h30m or a bare number of seconds; more
+    than 0 (or 0 too, with `allow_zero`) and finite, else a TpuctlError naming `flag`."""
     cleaned = text.strip().lower()
     try:
-        return float(cleaned)
+        return check_seconds(float(cleaned), flag, allow_zero)
     except ValueError:
         pass
     parts = _PART_RE.findall(cleaned)
     if not parts or "".join(n + u for n, u in parts) != cleaned:
         raise TpuctlError(f"{flag} {text!r} is not a duration; use e.g. 90s, 30m, 2h or 1h30m")
-    return sum(float(n) * _UNITS[u] for n, u in parts)
+    return check_seconds(sum(float(n) * _UNITS[u] for n, u in parts), flag, allow_zero)
+
+
+def check_seconds(seconds: float, flag: str, allow_zero: bool = False) -> float:
+    """`seconds` if it is a finite number above 0 (or 0, with `allow_zero`), else a
+    TpuctlError naming `flag`: -1 and nan would make waits that end at once or never."""
+    if math.isfinite(seconds) and (seconds > 0 or (allow_zero and seconds == 0)):
+        return seconds
+    least = "0 or more" if allow_zero else "more than 0"
+    raise TpuctlError(f"{flag} {seconds:g}: give a finite number of seconds, {least} (e.g. 90s)")
 
 
 def format_duration(seconds: float) -> str:

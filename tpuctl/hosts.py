@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +34,7 @@ def parse_workers(spec: str | None, count: int | None = None) -> list[int] | Non
     """
     if spec is None or spec.strip().lower() == "all":
         return None
-    chosen: list[int] = []
+    chosen: dict[int, None] = {}  # ordered, and linear however many workers
     for part in (p.strip() for p in spec.split(",")):
         match = _RANGE.match(part)
         if not match:
@@ -46,13 +47,13 @@ def parse_workers(spec: str | None, count: int | None = None) -> list[int] | Non
             raise TpuctlError(
                 f"--worker {spec!r}: range {part!r} runs backwards; write {last}-{first}"
             )
-        chosen.extend(i for i in range(first, last + 1) if i not in chosen)
-    if count is not None and (too_big := [i for i in chosen if i >= count]):
-        raise TpuctlError(
-            f"--worker {spec!r}: worker {too_big[0]} does not exist; "
-            f"the node has workers 0-{count - 1}"
-        )
-    return chosen
+        if count is not None and last >= count:  # before expanding: 0-40000 is not a list
+            raise TpuctlError(
+                f"--worker {spec!r}: worker {max(first, count)} does not exist; "
+                f"the node has workers 0-{count - 1}"
+            )
+        chosen.update(dict.fromkeys(range(first, last + 1)))
+    return list(chosen)
 
 
 def worker_label(index: int, count: int) -> str:
@@ -122,14 +123,25 @@ def cached_node(settings: Settings, name: str) -> Node | None:
     """The node as last seen by the API, if tpuctl has looked it up before."""
     path = cache_path(settings.get("project"), str(settings.get("zone")), name)
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
+        record = json.loads(path.read_bytes())
+    except OSError:
         return None
-    workers = tuple(Worker(**w) for w in record.pop("workers"))
-    created = record.pop("created")
-    return Node(
-        **record, workers=workers, created=datetime.fromisoformat(created) if created else None
-    )
+    except ValueError as err:  # not JSON, or not UTF-8
+        return _corrupt_cache(path, err)
+    try:
+        workers = tuple(Worker(**w) for w in record.pop("workers"))
+        created = record.pop("created")
+        return Node(
+            **record, workers=workers, created=datetime.fromisoformat(created) if created else None
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        return _corrupt_cache(path, err)
+
+
+def _corrupt_cache(path: Path, err: Exception) -> None:
+    """A cache entry that cannot be read is no entry: say so, and let the lookup rebuild it."""
+    reason = f"{type(err).__name__}: {err}".splitlines()[0][:120]
+    print(f"warning: ignoring the unreadable node cache {path} ({reason})", file=sys.stderr)
 
 
 def remember(settings: Settings, node: Node) -> None:
@@ -152,9 +164,10 @@ def forget(settings: Settings, name: str) -> None:
 
 def _read_created(path: Path) -> str | None:
     try:
-        return json.loads(path.read_text()).get("created") or ""
+        record = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
+    return (record.get("created") or "") if isinstance(record, dict) else None
 
 
 def _created_text(node: Node) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from trainer import io
+from trainer import io, yaml_input
 
 
 class RecipeError(ValueError):
@@ -188,20 +188,24 @@ def load_recipe(source: str, overrides: typing.Sequence[str] = ()) -> Recipe:
     return recipe
 
 
-def _read_recipe_text(source: str) -> str:
+def _read_recipe_text(source: str) -> bytes:
     if "://" in source:
         if not io.exists(source):
             raise RecipeError(f"recipe {source} does not exist: check the URI")
-        return io.read_text(source)
-    path = Path(source)
-    if not path.is_file():
+    elif not Path(source).is_file():
         raise RecipeError(f"recipe file {source} not found: give a path to a YAML recipe")
-    return path.read_text()
+    with io.open_file(source, "rb") as handle:
+        try:
+            return yaml_input.read_capped(handle, source)
+        except yaml_input.YamlInputError as e:
+            raise RecipeError(str(e)) from None
 
 
-def _parse_yaml(text: str, source: str) -> dict[str, Any]:
+def _parse_yaml(text: bytes, source: str) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml_input.load_yaml(text, source)
+    except yaml_input.YamlInputError as e:
+        raise RecipeError(str(e)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -11,7 +11,7 @@ import typer
 
 from tpuctl import config
 from tpuctl.cli.app import app
-from tpuctl.cli.options import parse_env_flags
+from tpuctl.cli.options import parse_env_flags, seconds
 from tpuctl.cli.output import err_console
 from tpuctl.durations import format_duration, parse_duration
 from tpuctl.errors import TpuctlError
@@ -57,7 +57,10 @@ def babysit(
         "30m", "--hang-timeout", help="No new step for this long counts as a failure."
     ),
     stop_grace: float = typer.Option(
-        30.0, "--grace", help="Seconds between SIGTERM and SIGKILL when stopping a job."
+        30.0,
+        "--grace",
+        help="Seconds between SIGTERM and SIGKILL when stopping a job.",
+        callback=seconds("--grace", allow_zero=True),
     ),
     retry_for: str = typer.Option(
         "24h", "--retry-for", help="Keep retrying stockouts this long when recreating."
@@ -97,7 +100,7 @@ def babysit(
         not_ready_grace_s=parse_duration(not_ready_grace, "--not-ready-grace"),
         hang_timeout_s=parse_duration(hang_timeout, "--hang-timeout"),
         stop_grace_s=stop_grace,
-        retry_for_s=parse_duration(retry_for, "--retry-for"),
+        retry_for_s=parse_duration(retry_for, "--retry-for", allow_zero=True),
         delete_when_done=delete_when_done,
     )
     display = Display()

@@ -12,7 +12,7 @@ import typer
 
 from tpuctl import config
 from tpuctl.cli.app import app
-from tpuctl.cli.options import parse_env_flags
+from tpuctl.cli.options import parse_env_flags, seconds
 from tpuctl.cli.output import err_console, format_duration
 from tpuctl.errors import TpuctlError
 
@@ -184,7 +184,12 @@ def ps(name: str | None = NODE_ARGUMENT, run_id: str | None = RUN_ID_OPTION) -> 
 @app.command()
 def kill(
     name: str | None = NODE_ARGUMENT,
-    grace: float = typer.Option(30.0, "--grace", help="Seconds between SIGTERM and SIGKILL."),
+    grace: float = typer.Option(
+        30.0,
+        "--grace",
+        help="Seconds between SIGTERM and SIGKILL.",
+        callback=seconds("--grace", allow_zero=True),
+    ),
     force: bool = typer.Option(
         False, "--force", help="Also kill other processes holding the TPU devices."
     ),

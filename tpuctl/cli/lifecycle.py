@@ -117,7 +117,7 @@ def up(
         subnetwork=subnetwork,
         labels=_parse_labels(label),
         queued=queued,
-        retry_for=parse_duration(retry_for, "--retry-for"),
+        retry_for=parse_duration(retry_for, "--retry-for", allow_zero=True),
         valid_for=parse_duration(valid_for, "--valid-for") if valid_for else None,
     )
     node = _bring_up(settings, plan, wait=not no_wait)

@@ -1,6 +1,7 @@
 """Flag parsing shared by several commands."""
 
 import os
+from collections.abc import Callable
 
 from tpuctl.errors import TpuctlError
 
@@ -25,3 +26,14 @@ def parse_env_flags(pairs: list[str]) -> dict[str, str]:
             raise TpuctlError(f"--env {name}: {problem}")
         env[name] = value
     return env
+
+
+def seconds(flag: str, allow_zero: bool = False) -> Callable[[float | None], float | None]:
+    """A typer callback refusing a negative, zero (unless `allow_zero`) or non-finite
+    number of seconds for `flag` with a one-line error; None (not given) passes."""
+    from tpuctl.durations import check_seconds
+
+    def check(value: float | None) -> float | None:
+        return None if value is None else check_seconds(value, flag, allow_zero)
+
+    return check

@@ -18,7 +18,7 @@ from typer.core import TyperCommand
 
 from tpuctl import config
 from tpuctl.cli.app import app
-from tpuctl.cli.options import parse_env_flags
+from tpuctl.cli.options import parse_env_flags, seconds
 from tpuctl.errors import TpuctlError
 
 if TYPE_CHECKING:
@@ -40,7 +40,9 @@ SSH_USER_OPTION = typer.Option(
 INTERNAL_IP_OPTION = typer.Option(
     None, "--internal-ip/--external-ip", help="Connect to internal IPs (inside the VPC)."
 )
-CONNECT_TIMEOUT_OPTION = typer.Option(10.0, "--connect-timeout", help="Seconds per connection.")
+CONNECT_TIMEOUT_OPTION = typer.Option(
+    10.0, "--connect-timeout", help="Seconds per connection.", callback=seconds("--connect-timeout")
+)
 EXIT_INTERRUPTED = 130
 PROGRESS_EVERY_S = 5.0
 
@@ -161,7 +163,9 @@ def exec_(
     name: str | None = NAME_ARGUMENT,
     worker: str | None = WORKER_OPTION,
     all_workers: bool = ALL_WORKERS_OPTION,
-    timeout: float | None = typer.Option(None, "--timeout", help="Seconds per worker."),
+    timeout: float | None = typer.Option(
+        None, "--timeout", help="Seconds per worker.", callback=seconds("--timeout")
+    ),
     env: list[str] = typer.Option([], "--env", "-e", help="K=V, or K to pass your $K."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop all once one fails."),
     json_out: bool = typer.Option(False, "--json", help="Per-worker results as JSON."),
@@ -403,7 +407,9 @@ def check(
     worker: str | None = WORKER_OPTION,
     all_workers: bool = ALL_WORKERS_OPTION,
     python: str = typer.Option("python3", "--python", help="Python with jax on the workers."),
-    timeout: float = typer.Option(120.0, "--timeout", help="Seconds per worker."),
+    timeout: float = typer.Option(
+        120.0, "--timeout", help="Seconds per worker.", callback=seconds("--timeout")
+    ),
     json_out: bool = typer.Option(False, "--json", help="Per-worker health as JSON."),
     ssh_user: str | None = SSH_USER_OPTION,
     internal_ip: bool | None = INTERNAL_IP_OPTION,

@@ -14,6 +14,7 @@ import select
 import shlex
 import socket
 import stat
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -66,7 +67,37 @@ class KnownHosts:
         self._keys = paramiko.HostKeys()
         self._lock = threading.Lock()
         if path and os.path.exists(path):
-            self._keys.load(path)
+            self._load(path)
+
+    def _load(self, path: str) -> None:
+        """Read the file; lines that are not a host key (a crash mid-write, an editor) are
+        dropped from it with a warning, so those addresses are learnt again."""
+        good, bad = [], 0
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                line = raw.decode("utf-8", errors="replace").strip()
+                if not line or line.startswith("#"):
+                    good += [line] if line else []
+                    continue
+                try:
+                    entry = paramiko.hostkeys.HostKeyEntry.from_line(line, number)
+                except (paramiko.hostkeys.InvalidHostKey, paramiko.SSHException, ValueError):
+                    entry = None
+                if entry is None:
+                    bad += 1
+                    continue
+                good.append(line)
+                for name in entry.hostnames:
+                    self._keys.add(name, entry.key.get_name(), entry.key)
+        if bad:
+            print(
+                f"warning: dropped {bad} unreadable line(s) from {path}; "
+                "their hosts' keys are recorded again on the next contact",
+                file=sys.stderr,
+            )
+            from tpuctl.config import write_private
+
+            write_private(Path(path), "".join(f"{line}\n" for line in good))
 
     def pinned_algorithms(self, host: Host) -> list[str]:
         """The host key algorithms to offer `host`: its recorded types, or [] when it
