@@ -610,3 +610,17 @@ def test_corrupt_known_hosts_lines_are_dropped_with_a_warning(lone_node, tmp_pat
     assert result.returncode == 0, result.stderr
     assert "warning: dropped 2 unreadable line(s)" in result.stderr
     assert known.read_bytes() == pinned
+
+
+@pytest.mark.pod
+def test_an_exec_secret_is_in_no_worker_argv_and_not_in_the_json(lone_node, monkeypatch):
+    secret = "exec-secret-value-91"
+    monkeypatch.setenv("TOKEN", secret)
+    # The command lists every process on the worker while it runs: its own argv included.
+    result = tpuctl(
+        "exec", "one", "--json", "--env", "TOKEN", "--", 'echo "${#TOKEN}"; ps -eww -o args'
+    )
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    assert row["stdout"].startswith(f"{len(secret)}\n") and "ps -eww" in row["stdout"]
+    assert secret not in result.stdout + result.stderr
