@@ -169,30 +169,32 @@ def tpuctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.pod
-def test_a_pinned_address_offering_a_key_of_another_type_is_refused(lone_host, pod_key, tmp_path):
-    lone_host.set_host_keys(0, ("ed25519",), fresh=True)
-    known = tmp_path / "known_hosts"
+def pinned(lone_host, pod_key, known: Path, key_type: str) -> list[Host]:
+    """The lone host with a fresh `key_type` host key, contacted once (which pins it)."""
+    lone_host.set_host_keys(0, (key_type,), fresh=True)
     hosts = pod_hosts(lone_host, pod_key, str(known))
     assert run(hosts, "true")[0].ok
-    pinned = known.read_text()
+    return hosts
+
+
+@pytest.mark.pod
+def test_a_pinned_address_offering_a_key_of_another_type_is_refused(lone_host, pod_key, tmp_path):
+    hosts = pinned(lone_host, pod_key, tmp_path / "known_hosts", "ed25519")
+    recorded = (tmp_path / "known_hosts").read_text()
     lone_host.set_host_keys(0, ("ecdsa",))  # a man in the middle with an ECDSA key
     result = run(hosts, "true")[0]
     assert result.unreachable and "host key of w00" in result.error and "changed" in result.error
-    assert known.read_text() == pinned  # nothing recorded
+    assert (tmp_path / "known_hosts").read_text() == recorded  # nothing recorded
 
 
 @pytest.mark.pod
 def test_only_the_pinned_key_types_are_negotiated(lone_host, pod_key, tmp_path):
-    lone_host.set_host_keys(0, ("ecdsa",), fresh=True)
-    known = tmp_path / "known_hosts"
-    hosts = pod_hosts(lone_host, pod_key, str(known))
-    assert run(hosts, "true")[0].ok
-    pinned = known.read_text()
+    hosts = pinned(lone_host, pod_key, tmp_path / "known_hosts", "ecdsa")
+    recorded = (tmp_path / "known_hosts").read_text()
     # Now it also has ed25519, which paramiko prefers: the pinned ECDSA key is still used.
     lone_host.set_host_keys(0, ("ed25519", "ecdsa"))
     assert run(hosts, "true")[0].ok
-    assert known.read_text() == pinned
+    assert (tmp_path / "known_hosts").read_text() == recorded
 
 
 @pytest.mark.pod
