@@ -302,3 +302,31 @@ def test_cache_build_memory_is_bounded_by_the_setting_not_the_corpus(tmp_path):
         eos += int((packed.tokens[packed.segments > 0] == 2).sum())
         real += int((packed.segments > 0).sum())
     assert bos == eos == documents and real == index["tokens"]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_pod_builds_each_shard_once_on_shared_storage_and_all_of_them_on_its_own(
+    tmp_path, shared
+):
+    inputs = corpus(tmp_path, files=3, docs=40)
+    build(str(tmp_path / "one"), inputs)
+    barrier = threading.Barrier(2, timeout=120)
+    roots = [tmp_path / "pod"] * 2 if shared else [tmp_path / "host0", tmp_path / "host1"]
+    logs: list[list[str]] = [[], []]
+
+    def process(index: int) -> None:
+        caches = plan(str(roots[index]), inputs)
+        cache.build_on_pod(
+            caches, settings(DataConfig(), 33), (index, 2), lambda _: barrier.wait(),
+            log=logs[index].append,
+        )  # fmt: skip
+
+    threads = [threading.Thread(target=process, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    for root in set(roots):
+        assert cache_files(root) == cache_files(tmp_path / "one")
+    built = [sum("tokens/s" in line for line in log) for log in logs]
+    assert built == ([2, 1] if shared else [3, 3])  # shards 0, 2 / 1, then the rest alone

@@ -99,11 +99,12 @@ def build(
     workers: int = 1,
     log: Callable[[str], None] | None = None,
     clock: Callable[[], float] = time.time,
+    write_index: bool = True,
 ) -> None:
     """Build this process's share (every `process_count`-th shard) of the shards not yet
-    committed, with `workers` tokenising processes (1: in this process), and write the index of
-    each cache whose shards are then all committed. Shards another live run has claimed are
-    waited for, not built twice."""
+    committed, with `workers` tokenising processes (1: in this process), then (`write_index`)
+    write the index of each cache whose shards are all committed. Shards another live run has
+    claimed are waited for, not built twice."""
     pending = [c for c in caches if not io.exists(io.join(c.directory, INDEX))]
     jobs = [(c, k) for c in pending for k in range(len(c.units))][process_index::process_count]
     committed = {c.directory: _committed(c) for c in pending}
@@ -112,8 +113,29 @@ def build(
         progress = Progress(todo, len(jobs) - len(todo), log, clock)
         _run(todo, settings, max(1, min(workers, len(todo))), progress, clock)
         progress.finish()
-    for cache in pending:
+    for cache in pending if write_index else ():
         finalize(cache)
+
+
+def build_on_pod(
+    caches: list[DatasetCache],
+    settings: Settings,
+    process: tuple[int, int],
+    barrier: Callable[[str], None],
+    workers: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> None:
+    """Build with every process of a pod: process (index, count) takes its share, all meet at
+    `barrier`, process 0 writes the indexes, all meet again. A process that then still misses
+    shards (a local cache_dir on a pod: storage not shared) builds them itself."""
+    index, count = process
+    build(caches, settings, index, count, workers, log, write_index=False)
+    barrier("built")
+    if index == 0:
+        build(caches, settings, workers=workers, log=log)
+    barrier("indexed")
+    if index != 0:  # a no-op where the storage is shared: the indexes are there
+        build(caches, settings, workers=workers, log=log)
 
 
 def _committed(cache: DatasetCache) -> set[int]:
@@ -139,8 +161,9 @@ def _run(
     try:
         while waiting or running:
             deferred = []
+            committed = {c.directory: _committed(c) for c, _ in waiting}  # by others meanwhile
             for cache, k in waiting:
-                if k in _committed(cache):
+                if k in committed[cache.directory]:
                     progress.done(cache, k, None)
                 elif len(running) >= workers or not _claim(cache, k, settings.owner, clock):
                     deferred.append((cache, k))

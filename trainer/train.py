@@ -205,9 +205,8 @@ def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = Non
 
 
 def prepare_data(recipe: Recipe, split: str, shuffle: bool) -> Mixture:
-    """Build the split's caches with every process (a disjoint share of the shards each, on all
-    cores), meet at a barrier, then open them. A process that still misses shards after the
-    barrier (a local cache_dir on a real pod: storage not shared) builds them itself."""
+    """The split's batches, from caches that every process helps build (see
+    cache.build_on_pod); process 0 prints the build's progress and summary."""
     entries = getattr(recipe.data, split)
     where = f"data.{split}"
     row_len = recipe.train.seq_len + 1
@@ -222,12 +221,14 @@ def prepare_data(recipe: Recipe, split: str, shuffle: bool) -> Mixture:
         owner=recipe.run_dir,
     )
     is_main = jax.process_index() == 0
-    workers = recipe.data.cache_workers or os.cpu_count() or 1
-    log = (lambda line: print(line, flush=True)) if is_main else None
-    share = (jax.process_index(), jax.process_count())
-    cache.build(caches, settings, *share, workers=workers, log=log)
-    multihost_utils.sync_global_devices(f"data cache {split}")
-    cache.build(caches, settings, workers=workers, log=log)
+    cache.build_on_pod(
+        caches,
+        settings,
+        (jax.process_index(), jax.process_count()),
+        lambda name: multihost_utils.sync_global_devices(f"data cache {split} {name}"),
+        workers=recipe.data.cache_workers or os.cpu_count() or 1,
+        log=(lambda line: print(line, flush=True)) if is_main else None,
+    )
     readers = cache.open_all(caches, row_len, where)
     if is_main:
         print(cache.summary(caches, [cache.finalize(c) for c in caches]), flush=True)
