@@ -12,6 +12,7 @@ import yaml
 from tests.fixtures_trainer import REPO, trainer_env
 from trainer import io
 from trainer.config import (
+    DatasetConfig,
     MeshConfig,
     RecipeError,
     TrainConfig,
@@ -56,6 +57,27 @@ def test_dotted_overrides_are_typed_and_win(tiny_recipe):
     assert recipe.model.dim == 64  # the preset still fills what was not overridden
 
 
+def test_data_entries_are_paths_or_mixture_mappings(tmp_path):
+    data = REPO / "recipes" / "data"
+    override = (
+        f"data.train=[{data}/tiny_train.txt, {{path: [{data}/*.jsonl, hf:org/name/cfg:train], "
+        "fraction: 0.5, name: chat}]"
+    )
+    recipe = load_recipe(write(tmp_path, recipe_text()), [override])
+    plain, mixed = recipe.data.train
+    assert plain == DatasetConfig(path=[f"{data}/tiny_train.txt"])
+    assert mixed == DatasetConfig(
+        path=[f"{data}/*.jsonl", "hf:org/name/cfg:train"], fraction=0.5, name="chat"
+    )
+    weighted = load_recipe(
+        write(tmp_path, recipe_text()),
+        [
+            f"data.train=[{{path: {data}/tiny_train.txt, weight: 3}}, {{path: {data}/tiny_eval.txt, weight: 1}}]"
+        ],
+    )
+    assert [e.weight for e in weighted.data.train] == [3.0, 1.0]
+
+
 def test_explicit_dims_override_the_preset(tmp_path):
     recipe = load_recipe(
         write(tmp_path, recipe_text().replace("{preset: tiny}", "{preset: tiny, dim: 96}"))
@@ -83,6 +105,16 @@ def test_explicit_dims_override_the_preset(tmp_path):
         ("", ["train.seq_len=4096"], "exceeds model.max_seq_len"),
         ("", ["steps=3"], "unknown key steps"),
         ("", ["train"], "write overrides as key=value"),
+        (
+            "",
+            ["data.train=[{path: a.txt, weight: 1}, b.txt]"],
+            "give every entry a weight, or none",
+        ),
+        ("", ["data.train=[{path: a, fraction: 0.5, size: 3}]"], "set fraction or size, not both"),
+        ("", ["data.train=[{path: a, weight: -1}]"], "data.train[0].weight must be positive"),
+        ("", ["data.train=[{paths: a}]"], "unknown key data.train[0].paths: remove it"),
+        ("", ["data.train=[/nope/*.jsonl.gz]"], "data.train[0]: no file matches /nope/*.jsonl.gz"),
+        ("", ["data.cache_memory_mb=0"], "data.cache_memory_mb must be positive"),
     ],
 )
 def test_bad_recipes_get_one_line_errors_naming_the_key(tmp_path, extra, overrides, message):
@@ -142,6 +174,7 @@ def test_realistic_recipes_validate_for_their_pod(gcs, name, devices):
     with pytest.raises(RecipeError, match="does not exist; fix the path"):
         load_recipe(str(recipe_path))  # the inputs are not there yet
     for uri in inputs:  # placeholders stand in for the real tokenizer, data and weights
+        uri = uri.replace("*", "00000")  # one file for each glob
         io.write_text(uri if "." in uri.rsplit("/", 1)[-1] else f"{uri}/config.json", "{}")
     recipe = load_recipe(str(recipe_path))
     sizes = mesh_shape(recipe.mesh, devices)

@@ -68,3 +68,25 @@ def test_objects_are_real_gcs_objects(gcs):
 def test_missing_gcs_object_raises_file_not_found(gcs):
     with pytest.raises(FileNotFoundError):
         io.read_text("gs://test-bucket/does/not/exist")
+
+
+def test_glob_with_sizes_and_ranged_reads(root):
+    for name, body in (("b.jsonl", b"0123456789"), ("a.jsonl", b"abcdef"), ("c.txt", b"x")):
+        io.write_bytes(io.join(root, "d", name), body)
+    pattern = io.join(root, "d", "*.jsonl")
+    assert io.glob_sizes(pattern) == {
+        io.join(root, "d", "a.jsonl"): 6,
+        io.join(root, "d", "b.jsonl"): 10,
+    }
+    assert io.glob(io.join(root, "d", "*.parquet")) == []
+    assert io.size(io.join(root, "d", "c.txt")) == 1
+    paths = [io.join(root, "d", n) for n in ("b.jsonl", "a.jsonl", "b.jsonl")]
+    assert io.read_ranges(paths, [7, 1, 2], 3) == [b"789", b"bcd", b"234"]
+
+
+def test_publish_moves_a_finished_local_file_into_place(root, tmp_path):
+    finished = tmp_path / "shard.tmp"
+    finished.write_bytes(b"rows")
+    io.publish(str(finished), io.join(root, "cache", "shard.rows"))
+    assert io.read_bytes(io.join(root, "cache", "shard.rows")) == b"rows"
+    assert not finished.exists()

@@ -1,7 +1,8 @@
 """Exact resume: `python -m trainer` stopped at random steps (SIGKILL, or SIGTERM which saves
 first) and started again reaches the same per-step losses and the same final parameters as an
 uninterrupted run, bit for bit on the CPU; on 1 process (local run directory) and on 4
-jax.distributed processes writing to a GCS emulator (SIGKILLed twice)."""
+jax.distributed processes writing to a GCS emulator (SIGKILLed twice) on a mixture of
+per-epoch subsets whose token cache those 4 processes build together."""
 
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ OVERRIDES = [
     "checkpoint.every_steps=4",
     "checkpoint.keep=2",
 ]
+# Epochs of subsets crossed within the run: 87 + 40 rows an epoch, 192 rows in 24 steps.
+MIXTURE = (
+    "data.train=[{path: data/tiny_train.txt, fraction: 0.05}, {path: data/tiny_eval.txt, size: 40}]"
+)
 RUN_TIMEOUT_S = 240
 PROGRESS = re.compile(r"^step (\d+) ", re.MULTILINE)
 
@@ -41,7 +46,9 @@ PROGRESS = re.compile(r"^step (\d+) ", re.MULTILINE)
 class TrainerPod:
     """`python -m trainer` on `processes` jax.distributed CPU processes (2 devices each)."""
 
-    def __init__(self, run_dir: str, processes: int, compile_cache: Path):
+    def __init__(
+        self, run_dir: str, processes: int, compile_cache: Path, extra: tuple[str, ...] = ()
+    ):
         port = _free_port()
         self.logs = Path(tempfile.mkdtemp(prefix="resume-"))
         self.procs: list[subprocess.Popen] = []
@@ -63,7 +70,10 @@ class TrainerPod:
             with open(self.logs / f"{index}.out", "w") as out:
                 self.procs.append(
                     subprocess.Popen(
-                        command + OVERRIDES, env=env, stdout=out, stderr=subprocess.STDOUT
+                        [*command, *OVERRIDES, *extra],
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
                     )
                 )
 
@@ -159,15 +169,19 @@ def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def _interrupted_run(
-    run_dir: str, processes: int, stops: list[tuple[int, int]], cache: Path
+    run_dir: str,
+    processes: int,
+    stops: list[tuple[int, int]],
+    cache: Path,
+    extra: tuple[str, ...] = (),
 ) -> list[int]:
     """Run to the end, stopping every process with each (signal, target step) in turn and
     starting again; returns the steps at which the attempts stopped."""
     stopped_at = [0]
     for sig, target in stops:  # each stop lands past the previous one, so the run advances
-        pod = TrainerPod(run_dir, processes, cache)
+        pod = TrainerPod(run_dir, processes, cache, extra)
         stopped_at.append(pod.stop_at(max(target, stopped_at[-1] + 3), sig))
-    output = TrainerPod(run_dir, processes, cache).finish()
+    output = TrainerPod(run_dir, processes, cache, extra).finish()
     resumed = re.search(r"trainer: resuming from checkpoint step (\d+) in ", output)
     assert resumed, output[-3000:]
     if stops[-1][0] == signal.SIGTERM:  # it saved the very step it stopped at
@@ -194,11 +208,13 @@ def test_one_process_killed_and_resumed_matches_uninterrupted_run(tmp_path):
     assert PROGRESS.search(pod.output()) is None  # not a single step trained
 
 
-def test_four_processes_on_gcs_killed_twice_match_uninterrupted_run(gcs, tmp_path):
+def test_four_processes_on_gcs_killed_twice_match_uninterrupted_run_on_a_mixture(gcs, tmp_path):
     reference, resumed = "gs://test-bucket/runs/reference", "gs://test-bucket/runs/resumed"
-    TrainerPod(reference, 4, tmp_path / "jax-cache").finish()
+    output = TrainerPod(reference, 4, tmp_path / "jax-cache", (MIXTURE,)).finish()
+    train_summary = next(line for line in output.splitlines() if "tokens per dataset: " in line)
+    assert "tiny_train.txt" in train_summary and "tiny_eval.txt" in train_summary
     first = random.randint(5, 10)
     targets = [first, random.randint(first + 3, 16)]
     stops = [(signal.SIGKILL, step) for step in targets]
-    kills = _interrupted_run(resumed, 4, stops, tmp_path / "jax-cache")
+    kills = _interrupted_run(resumed, 4, stops, tmp_path / "jax-cache", (MIXTURE,))
     _check_resumed_run_matches(reference, resumed, kills)

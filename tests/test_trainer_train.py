@@ -32,7 +32,7 @@ def test_grad_accumulation_is_one_update_over_the_whole_batch(tiny_recipe, tmp_p
     results = {}
     for accum in (1, 2):
         recipe = load_recipe(str(tiny_recipe), [f"run_dir={tmp_path}", f"train.grad_accum={accum}"])
-        dataset = train.prepare_data(recipe, "train", recipe.data.train, shuffle=True)
+        dataset = train.prepare_data(recipe, "train", shuffle=True)
         run = train.setup(recipe, dataset)
         batch = train.global_batch(dataset, 0, accum, run.batch_sharding)
         assert batch["tokens"].shape == (accum, 16 // accum, 128)
@@ -50,7 +50,7 @@ def test_epochs_become_optimizer_steps_over_the_packed_cache(tiny_recipe, tmp_pa
     recipe = load_recipe(
         str(tiny_recipe), [f"run_dir={tmp_path}", "train.steps=null", "train.epochs=0.5"]
     )
-    dataset = train.prepare_data(recipe, "train", recipe.data.train, shuffle=True)
+    dataset = train.prepare_data(recipe, "train", shuffle=True)
     run = train.setup(recipe, dataset)
     assert run.total_steps == -(-dataset.reader.rows // 2 // 16) > 10
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import math
 import os
 import types
@@ -90,12 +91,30 @@ class TokenizerConfig:
 
 
 @dataclass(frozen=True)
+class DatasetConfig:
+    """One entry of data.train / data.eval: its inputs and, in a mixture, how much of it to use.
+
+    A recipe may write an entry as a bare path string. `weight`: the share of batch rows drawn
+    from it (every entry then needs one). `fraction` / `size`: a fresh random subset of that
+    share / that many of its rows in every epoch. None of them: all of its rows every epoch.
+    """
+
+    path: list[str]  # files, globs, save_to_disk directories, hf:NAME[/CONFIG][:SPLIT]
+    weight: float | None = None
+    fraction: float | None = None
+    size: int | None = None
+    name: str | None = None  # in the build summary; default: the first path
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # .txt / .jsonl files, local or gs://
-    eval: list[str] = field(default_factory=list)
+    train: list[DatasetConfig] = field(default_factory=list)
+    eval: list[DatasetConfig] = field(default_factory=list)
     format: str = "text"  # text | chat | prompt_completion
     text_field: str = "text"
     cache_dir: str | None = None  # default: {run_dir}/data_cache
+    cache_memory_mb: int = 1024  # rows buffered while building the cache, over all its workers
+    cache_workers: int = 0  # tokenising processes per host; 0: one per core
 
 
 @dataclass(frozen=True)
@@ -284,6 +303,11 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     if origin is list:
         (item,) = typing.get_args(annotation)
         items = value if isinstance(value, list) else [value]
+        if dataclasses.is_dataclass(item):  # data.train entries: a mapping or a bare path
+            return [
+                _build(item, v if isinstance(v, dict) else {"path": v}, f"{key}[{i}].")
+                for i, v in enumerate(items)
+            ]
         return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(items)]
     if origin is dict:
         if not isinstance(value, dict):
@@ -331,17 +355,21 @@ def _resolve_local_paths(recipe: Recipe, source: str) -> Recipe:
     base = Path(source).parent if "://" not in source else None
 
     def resolve(path: str) -> str:
-        if "://" in path or os.path.isabs(path) or os.path.exists(path) or base is None:
-            return path
+        if ":" in path or os.path.isabs(path) or os.path.exists(path) or base is None:
+            return path  # URIs, hf: names, absolute paths, paths from the working directory
         candidate = base / path
-        return str(candidate) if candidate.exists() else path
+        found = glob.glob(str(candidate)) if io.has_glob(path) else candidate.exists()
+        return str(candidate) if found else path
+
+    def resolve_entries(entries: list[DatasetConfig]) -> list[DatasetConfig]:
+        return [dataclasses.replace(e, path=[resolve(p) for p in e.path]) for e in entries]
 
     data = recipe.data
     return dataclasses.replace(
         recipe,
         tokenizer=dataclasses.replace(recipe.tokenizer, path=resolve(recipe.tokenizer.path)),
         data=dataclasses.replace(
-            data, train=[resolve(p) for p in data.train], eval=[resolve(p) for p in data.eval]
+            data, train=resolve_entries(data.train), eval=resolve_entries(data.eval)
         ),
         model=dataclasses.replace(
             recipe.model,
@@ -356,6 +384,7 @@ def validate(recipe: Recipe) -> None:
     _validate_train(recipe.train, recipe.model)
     _validate_choices(recipe)
     _validate_mesh_axes(recipe.mesh)
+    _validate_data(recipe.data)
     _validate_files(recipe)
 
 
@@ -427,18 +456,48 @@ def _validate_mesh_axes(mesh: MeshConfig) -> None:
         raise RecipeError("mesh: at most one axis may be -1 (the rest of the devices)")
 
 
+def _validate_data(data: DataConfig) -> None:
+    if not data.train:
+        raise RecipeError("data.train: list at least one training input (a file, glob or hf:NAME)")
+    for split in ("train", "eval"):
+        entries = getattr(data, split)
+        weighted = [e.weight is not None for e in entries]
+        if any(weighted) and not all(weighted):
+            raise RecipeError(f"data.{split}: give every entry a weight, or none of them")
+        for i, entry in enumerate(entries):
+            _validate_entry(entry, f"data.{split}[{i}]")
+    for name in ("cache_memory_mb", "cache_workers"):
+        if getattr(data, name) < (1 if name == "cache_memory_mb" else 0):
+            raise RecipeError(f"data.{name} must be positive, got {getattr(data, name)}")
+
+
+def _validate_entry(entry: DatasetConfig, key: str) -> None:
+    if not entry.path:
+        raise RecipeError(f"{key}.path: list at least one input")
+    if entry.fraction is not None and entry.size is not None:
+        raise RecipeError(f"{key}: set fraction or size, not both")
+    if entry.weight is not None and (entry.fraction is not None or entry.size is not None):
+        raise RecipeError(f"{key}: weight picks rows by share, so drop fraction/size here")
+    for name in ("weight", "fraction", "size"):
+        value = getattr(entry, name)
+        if value is not None and value <= 0:
+            raise RecipeError(f"{key}.{name} must be positive, got {value}")
+
+
 def _validate_files(recipe: Recipe) -> None:
     if not recipe.tokenizer.path and recipe.model.init_from is None:
         raise RecipeError("tokenizer.path: set it to a sentencepiece tokenizer.model file")
-    if not recipe.data.train:
-        raise RecipeError("data.train: list at least one training file (.txt or .jsonl)")
     checks = [("tokenizer.path", recipe.tokenizer.path)] if recipe.tokenizer.path else []
-    checks += [(f"data.train[{i}]", p) for i, p in enumerate(recipe.data.train)]
-    checks += [(f"data.eval[{i}]", p) for i, p in enumerate(recipe.data.eval)]
+    for split in ("train", "eval"):
+        for i, entry in enumerate(getattr(recipe.data, split)):
+            checks += [(f"data.{split}[{i}]", p) for p in entry.path if not p.startswith("hf:")]
     if recipe.model.init_from:
         checks.append(("model.init_from", recipe.model.init_from))
     for key, path in checks:
-        if not _path_exists(path):
+        if io.has_glob(path):
+            if not io.glob(path):
+                raise RecipeError(f"{key}: no file matches {path}; fix the pattern")
+        elif not _path_exists(path):
             raise RecipeError(f"{key}: {path} does not exist; fix the path or create the file")
 
 

@@ -1,23 +1,18 @@
-"""Tokenise and pack once into a cache of fixed-length rows; global batch i is a pure function of (seed, i).
+"""Rendering records into tokens and loss flags, and packing them into fixed-length rows.
 
-Cache layout, `{cache_dir}/{fingerprint}/{split}.rows` + `{split}.json` (written last, so a
-reader never sees a half-built cache): every row is `row_len = seq_len + 1` int32 tokens,
-then as many uint16 segment ids (0 = padding), then as many uint8 loss flags (1 = this token
-is a training target). Inputs are row[:-1], targets row[1:].
-
-Plain text is concatenated and chunked (documents may continue into the next row, under a new
-segment id); chat and prompt/completion examples are never split (truncated if too long) and
-rows are padded instead. Row order is a seeded permutation per epoch, so a process reads only
-the rows of its own share of each batch, with one seek per row.
+Every row is `row_len = seq_len + 1` int32 tokens, then as many uint16 segment ids
+(0 = padding), then as many uint8 loss flags (1 = this token is a training target); inputs are
+row[:-1], targets row[1:]. Plain text is concatenated and chunked (documents may continue into
+the next row, under a new segment id); chat and prompt/completion examples are never split
+(truncated if too long) and rows are padded instead. trainer.cache stores the rows, and
+trainer.mixture picks the rows of each global batch.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
@@ -25,7 +20,6 @@ from trainer import io
 from trainer.config import DataConfig, RecipeError, TokenizerConfig
 
 CHAT_TEMPLATE = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
-CACHE_VERSION = 1
 
 
 class Tokenizer:
@@ -53,30 +47,6 @@ class Tokenizer:
 
     def eos(self) -> list[int]:
         return [self.sp.eos_id()] if self.cfg.add_eos and self.sp.eos_id() >= 0 else []
-
-
-def read_records(path: str, cfg: DataConfig) -> Iterator[object]:
-    """Stream documents: .txt files are split on blank lines; .jsonl gives one record per line."""
-    with io.open_file(path, "r") as f:
-        if path.endswith(".jsonl"):
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise RecipeError(
-                            f"data: {path} line {number} is not JSON ({e.msg})"
-                        ) from e
-            return
-        paragraph: list[str] = []
-        for line in f:
-            if line.strip():
-                paragraph.append(line.rstrip("\n"))
-            elif paragraph:
-                yield "\n".join(paragraph)
-                paragraph = []
-        if paragraph:
-            yield "\n".join(paragraph)
 
 
 def tokenize(record: object, tok: Tokenizer, cfg: DataConfig) -> tuple[list[int], list[int]]:
@@ -140,68 +110,89 @@ class Packed:
     segments: np.ndarray  # [rows, row_len] uint16, 0 = padding
     flags: np.ndarray  # [rows, row_len] uint8
 
+    def to_bytes(self) -> bytes:
+        """The rows in the cache's layout: per row, the tokens, then segments, then flags."""
+        columns = [self.tokens.view(np.uint8), self.segments.view(np.uint8), self.flags]
+        return np.concatenate(columns, axis=1).tobytes()
+
+    @staticmethod
+    def from_bytes(buf: np.ndarray, row_len: int) -> Packed:
+        """Rows from a [rows, row_bytes(row_len)] uint8 array in the cache's layout."""
+        n = row_len
+        return Packed(
+            buf[:, : 4 * n].copy().view(np.int32),
+            buf[:, 4 * n : 6 * n].copy().view(np.uint16),
+            buf[:, 6 * n :].copy(),
+        )
+
+
+class Packer:
+    """Packs examples into rows of `row_len` as they come, with per-row segment ids from 1.
+
+    Text (`split_documents`) is concatenated and chunked, a document continuing into the next
+    row under a new segment id; other examples are never split (truncated if too long) and a
+    row is padded instead. `take()` hands over the rows finished so far, so a caller holds
+    only one row in progress plus what it has not taken.
+    """
+
+    def __init__(self, row_len: int, split_documents: bool):
+        self.row_len, self.split_documents = row_len, split_documents
+        self.tokens: list[int] = []
+        self.segments: list[int] = []
+        self.flags: list[int] = []
+        self.finished: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, ex_tokens: list[int], ex_flags: list[int]) -> None:
+        if not self.split_documents:
+            ex_tokens, ex_flags = ex_tokens[: self.row_len], ex_flags[: self.row_len]
+            if len(self.tokens) + len(ex_tokens) > self.row_len:
+                self._close_row()
+            self._extend(ex_tokens, ex_flags)
+            return
+        start = 0
+        while start < len(ex_tokens):
+            take = min(self.row_len - len(self.tokens), len(ex_tokens) - start)
+            self._extend(ex_tokens[start : start + take], ex_flags[start : start + take])
+            start += take
+            if len(self.tokens) == self.row_len:
+                self._close_row()
+
+    def pending_rows(self) -> int:
+        return len(self.finished)
+
+    def take(self, final: bool = False) -> Packed:
+        """The finished rows (with `final`, the row in progress too, padded) as arrays."""
+        if final and self.tokens:
+            self._close_row()
+        rows, self.finished = self.finished, []
+        if not rows:
+            return Packed(*(np.zeros((0, self.row_len), d) for d in ROW_DTYPES))
+        return Packed(*(np.stack(column) for column in zip(*rows, strict=True)))
+
+    def _extend(self, tokens: list[int], flags: list[int]) -> None:
+        segment = (self.segments[-1] + 1) if self.segments else 1
+        self.tokens.extend(tokens)
+        self.flags.extend(flags)
+        self.segments.extend([segment] * len(tokens))
+
+    def _close_row(self) -> None:
+        pad = [0] * (self.row_len - len(self.tokens))
+        columns = (self.tokens + pad, self.segments + pad, self.flags + pad)
+        # Finished rows are held as arrays: a list of Python ints costs ~8x the bytes.
+        self.finished.append(
+            tuple(np.array(c, d) for c, d in zip(columns, ROW_DTYPES, strict=True))
+        )
+        self.tokens, self.segments, self.flags = [], [], []
+
 
 def pack(
     examples: Iterable[tuple[list[int], list[int]]], row_len: int, split_documents: bool
 ) -> Packed:
-    """Pack examples into rows of `row_len`, with per-row segment ids starting at 1."""
-    rows: list[tuple[list[int], list[int], list[int]]] = []
-    tokens: list[int] = []
-    segments: list[int] = []
-    flags: list[int] = []
-
-    def close_row() -> None:
-        pad = row_len - len(tokens)
-        rows.append((tokens + [0] * pad, segments + [0] * pad, flags + [0] * pad))
-        for column in (tokens, segments, flags):
-            column.clear()
-
+    """Pack all `examples` into rows of `row_len` (see `Packer`)."""
+    packer = Packer(row_len, split_documents)
     for ex_tokens, ex_flags in examples:
-        if split_documents:
-            start = 0
-            while start < len(ex_tokens):
-                take = min(row_len - len(tokens), len(ex_tokens) - start)
-                segment = (segments[-1] + 1) if segments else 1
-                tokens.extend(ex_tokens[start : start + take])
-                flags.extend(ex_flags[start : start + take])
-                segments.extend([segment] * take)
-                start += take
-                if len(tokens) == row_len:
-                    close_row()
-            continue
-        ex_tokens, ex_flags = ex_tokens[:row_len], ex_flags[:row_len]
-        if len(tokens) + len(ex_tokens) > row_len:
-            close_row()
-        segment = (segments[-1] + 1) if segments else 1
-        tokens.extend(ex_tokens)
-        flags.extend(ex_flags)
-        segments.extend([segment] * len(ex_tokens))
-    if tokens:
-        close_row()
-    if not rows:
-        return Packed(*(np.zeros((0, row_len), d) for d in (np.int32, np.uint16, np.uint8)))
-    t, s, f = zip(*rows, strict=True)
-    return Packed(np.array(t, np.int32), np.array(s, np.uint16), np.array(f, np.uint8))
-
-
-def fingerprint(files: list[str], tok_cfg: TokenizerConfig, cfg: DataConfig, row_len: int) -> str:
-    """Cache key: the inputs, their sizes, the tokenizer bytes and every packing choice."""
-    h = hashlib.sha256()
-    h.update(io.read_bytes(tok_cfg.path))
-    for path in files:
-        with io.open_file(path, "rb") as f:
-            size = f.seek(0, 2)
-        h.update(f"{path}:{size}".encode())
-    settings = (
-        CACHE_VERSION,
-        cfg.format,
-        cfg.text_field,
-        tok_cfg.add_bos,
-        tok_cfg.add_eos,
-        row_len,
-    )
-    h.update(repr(settings).encode())
-    return h.hexdigest()[:16]
+        packer.add(ex_tokens, ex_flags)
+    return packer.take(final=True)
 
 
 ROW_DTYPES = (np.int32, np.uint16, np.uint8)
@@ -211,81 +202,11 @@ def row_bytes(row_len: int) -> int:
     return sum(np.dtype(d).itemsize for d in ROW_DTYPES) * row_len
 
 
-def build_cache(
-    directory: str, split: str, files: list[str], tok: Tokenizer, cfg: DataConfig, row_len: int
-) -> None:
-    """Tokenise and pack `files` into `{directory}/{split}.rows`, then commit with `{split}.json`."""
-    examples = (tokenize(r, tok, cfg) for path in files for r in read_records(path, cfg))
-    packed = pack(examples, row_len, split_documents=cfg.format == "text")
-    if not len(packed.tokens):
-        raise RecipeError(
-            f"data.{split}: the files hold no examples; check data.format and the files"
-        )
-    io.makedirs(directory)
-    interleaved = np.concatenate(
-        [packed.tokens.view(np.uint8), packed.segments.view(np.uint8), packed.flags], axis=1
-    )
-    io.write_bytes(io.join(directory, f"{split}.rows"), interleaved.tobytes())
-    meta = {
-        "rows": len(packed.tokens),
-        "row_len": row_len,
-        "version": CACHE_VERSION,
-        "files": files,
-    }
-    io.write_text(io.join(directory, f"{split}.json"), json.dumps(meta))
-
-
-class RowReader:
-    """Random access to packed rows of a committed cache split, one seek per row."""
-
-    def __init__(self, directory: str, split: str):
-        meta_path = io.join(directory, f"{split}.json")
-        if not io.exists(meta_path):
-            raise FileNotFoundError(meta_path)
-        meta = json.loads(io.read_text(meta_path))
-        self.rows, self.row_len = int(meta["rows"]), int(meta["row_len"])
-        self.path = io.join(directory, f"{split}.rows")
-
-    def read(self, indices: np.ndarray) -> Packed:
-        size, n = row_bytes(self.row_len), self.row_len
-        buf = np.empty((len(indices), size), np.uint8)
-        with io.open_file(self.path, "rb") as f:
-            for i, row in enumerate(indices):
-                f.seek(int(row) * size)
-                buf[i] = np.frombuffer(f.read(size), np.uint8)
-        return Packed(
-            buf[:, : 4 * n].copy().view(np.int32),
-            buf[:, 4 * n : 6 * n].copy().view(np.uint16),
-            buf[:, 6 * n :].copy(),
-        )
-
-
-class Dataset:
-    """Global batch `i` of `batch_size` rows, a pure function of (seed, i)."""
-
-    def __init__(self, reader: RowReader, batch_size: int, seed: int, shuffle: bool = True):
-        self.reader, self.batch_size, self.seed, self.shuffle = reader, batch_size, seed, shuffle
-
-    def batch_rows(self, step: int) -> np.ndarray:
-        """Row indices of global batch `step`; epochs continue with a fresh permutation."""
-        flat = np.arange(step * self.batch_size, (step + 1) * self.batch_size, dtype=np.int64)
-        epochs, offsets = np.divmod(flat, self.reader.rows)
-        if not self.shuffle:
-            return offsets
-        return np.array(
-            [
-                _permutation(self.seed, int(e), self.reader.rows)[o]
-                for e, o in zip(epochs, offsets, strict=True)
-            ]
-        )
-
-    def steps_per_epoch(self) -> float:
-        return self.reader.rows / self.batch_size
-
-
-@lru_cache(maxsize=2)
-def _permutation(seed: int, epoch: int, rows: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(rows)
+def tokenizer_key(cfg: TokenizerConfig) -> str:
+    """What of the tokenizer goes into a cache key: its file's bytes and the BOS/EOS choices."""
+    h = hashlib.sha256(io.read_bytes(cfg.path))
+    h.update(repr((cfg.add_bos, cfg.add_eos)).encode())
+    return h.hexdigest()
 
 
 def batch_arrays(packed: Packed) -> dict[str, np.ndarray]:
@@ -298,24 +219,3 @@ def batch_arrays(packed: Packed) -> dict[str, np.ndarray]:
         "segment_ids": seg[:, :-1],
         "weights": weights.astype(np.float32),
     }
-
-
-def ensure_split(
-    cache_root: str,
-    split: str,
-    files: list[str],
-    tok_cfg: TokenizerConfig,
-    cfg: DataConfig,
-    seq_len: int,
-    build: bool,
-) -> RowReader | None:
-    """The reader for a split's cache, building it first if `build` and it is missing."""
-    row_len = seq_len + 1
-    directory = io.join(cache_root, fingerprint(files, tok_cfg, cfg, row_len))
-    try:
-        return RowReader(directory, split)
-    except FileNotFoundError:
-        if not build:
-            return None
-    build_cache(directory, split, files, Tokenizer(tok_cfg), cfg, row_len)
-    return RowReader(directory, split)

@@ -9,6 +9,8 @@ anonymously, and points tensorstore (orbax's array writer) at it too.
 
 from __future__ import annotations
 
+import glob as globbing
+import itertools
 import os
 import posixpath
 import shutil
@@ -94,6 +96,52 @@ def listdir(path: str) -> list[str]:
     return sorted({posixpath.basename(e.rstrip("/")) for e in entries if e.rstrip("/") != prefix})
 
 
+def has_glob(path: str) -> bool:
+    """True when `path` holds glob wildcards (`*`, `?`, `[`)."""
+    return any(c in path for c in "*?[")
+
+
+def glob(pattern: str) -> list[str]:
+    """Sorted paths (gs:// URIs for gs://) of the files matching a glob pattern."""
+    return list(glob_sizes(pattern))
+
+
+def glob_sizes(pattern: str) -> dict[str, int]:
+    """{path: size in bytes} of the files matching a glob pattern, sorted by path; on gs://
+    from one listing (no request per object)."""
+    if not is_gcs(pattern):
+        paths = sorted(p for p in globbing.glob(pattern) if os.path.isfile(p))
+        return {p: os.path.getsize(p) for p in paths}
+    found = _gcs().glob(pattern, detail=True)
+    files = {
+        GCS_PREFIX + p: int(info["size"]) for p, info in found.items() if info["type"] == "file"
+    }
+    return dict(sorted(files.items()))
+
+
+def size(path: str) -> int:
+    """Size in bytes of a file or object."""
+    if is_gcs(path):
+        return int(_gcs().size(path))
+    return os.path.getsize(path)
+
+
+def read_ranges(paths: list[str], starts: list[int], length: int) -> list[bytes]:
+    """`length` bytes at each (path, start): many small reads, concurrent on gs:// (one range
+    request each, no read-ahead), one open file per path locally."""
+    if paths and is_gcs(paths[0]):
+        ends = [start + length for start in starts]
+        return _gcs().cat_ranges(list(paths), list(starts), ends)
+    out: list[bytes] = [b""] * len(paths)
+    order = sorted(range(len(paths)), key=lambda i: (paths[i], starts[i]))
+    for path, group in itertools.groupby(order, key=lambda i: paths[i]):
+        with open(path, "rb") as f:
+            for i in group:
+                f.seek(starts[i])
+                out[i] = f.read(length)
+    return out
+
+
 def makedirs(path: str) -> None:
     """Create a local directory and its parents; a no-op on GCS (prefixes need no creation)."""
     if not is_gcs(path):
@@ -129,6 +177,17 @@ def write_bytes(path: str, data: bytes) -> None:
     except BaseException:
         os.unlink(tmp_path)
         raise
+
+
+def publish(local_path: str, path: str) -> None:
+    """Move a finished local file to `path` (local or gs://) in one step: readers see nothing
+    or the whole file. For a local `path`, `local_path` must be on the same filesystem."""
+    if is_gcs(path):
+        _gcs().put_file(local_path, path)
+        os.remove(local_path)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    os.replace(local_path, path)
 
 
 def write_text(path: str, text: str) -> None:

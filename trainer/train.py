@@ -9,8 +9,10 @@ Nothing forces a host sync per step: metrics are fetched only on logging steps.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,9 +25,10 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from trainer import data, io, metrics, sharding
+from trainer import cache, data, io, metrics, sharding
 from trainer.checkpoint import EXIT_PREEMPTED, Checkpointer, CheckpointError
 from trainer.config import Recipe, RecipeError, TrainerError, check_batch_divisible, mesh_shape
+from trainer.mixture import Mixture
 from trainer.model import Llama, count_params, init_params
 from trainer.optim import make_optimizer
 
@@ -106,7 +109,7 @@ def make_eval_step(apply_fn: Callable, objective: Callable):
 
 
 def global_batch(
-    dataset: data.Dataset, step: int, grad_accum: int, batch_sharding
+    dataset: Mixture, step: int, grad_accum: int, batch_sharding
 ) -> dict[str, jax.Array]:
     """Global batch `step` as sharded arrays [grad_accum, micro, seq]; this process reads only the
     rows its devices hold."""
@@ -147,7 +150,7 @@ class Run:
     flops_per_step: float
 
 
-def setup(recipe: Recipe, train_set: data.Dataset | None, init_params_from: Any = None) -> Run:
+def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = None) -> Run:
     """Mesh, sharded initial state (fresh or from `init_params_from`) and compiled-on-demand steps."""
     mesh = sharding.make_mesh(recipe.mesh)
     check_batch_divisible(recipe.train, mesh_shape(recipe.mesh, jax.device_count()))
@@ -201,24 +204,39 @@ def setup(recipe: Recipe, train_set: data.Dataset | None, init_params_from: Any 
     )
 
 
-def prepare_data(recipe: Recipe, split: str, files: list[str], shuffle: bool) -> data.Dataset:
-    """Process 0 builds the cache on the run's storage; the others use it once it is committed,
-    or build their own copy when the storage is not shared (a local run_dir on a real pod)."""
-    args = (
-        recipe.data_cache_dir,
-        split,
-        files,
-        recipe.tokenizer,
-        recipe.data,
-        recipe.train.seq_len,
+def prepare_data(recipe: Recipe, split: str, shuffle: bool) -> Mixture:
+    """The split's batches, from caches that every process helps build (see
+    cache.build_on_pod); process 0 prints the build's progress and summary."""
+    entries = getattr(recipe.data, split)
+    where = f"data.{split}"
+    row_len = recipe.train.seq_len + 1
+    key = data.tokenizer_key(recipe.tokenizer)
+    caches = cache.plan(entries, where, recipe.data_cache_dir, key, recipe.data, row_len)
+    settings = cache.Settings(
+        tokenizer=functools.partial(data.Tokenizer, recipe.tokenizer),
+        tokenizer_key=key,
+        data=recipe.data,
+        row_len=row_len,
+        memory_mb=recipe.data.cache_memory_mb,
+        owner=recipe.run_dir,
     )
-    reader = data.ensure_split(*args, build=jax.process_index() == 0)
-    multihost_utils.sync_global_devices(f"data cache {split}")
-    reader = reader or data.ensure_split(*args, build=True)
-    return data.Dataset(reader, recipe.train.batch_size, recipe.train.seed, shuffle=shuffle)
+    is_main = jax.process_index() == 0
+    cache.build_on_pod(
+        caches,
+        settings,
+        (jax.process_index(), jax.process_count()),
+        lambda name: multihost_utils.sync_global_devices(f"data cache {split} {name}"),
+        workers=recipe.data.cache_workers or os.cpu_count() or 1,
+        log=(lambda line: print(line, flush=True)) if is_main else None,
+    )
+    readers = cache.open_all(caches, row_len, where)
+    if is_main:
+        print(cache.summary(caches, [cache.finalize(c) for c in caches]), flush=True)
+    batch_size, seed = recipe.train.batch_size, recipe.train.seed
+    return Mixture(readers, entries, batch_size, seed, shuffle=shuffle)
 
 
-def evaluate(run: Run, eval_set: data.Dataset) -> dict[str, float]:
+def evaluate(run: Run, eval_set: Mixture) -> dict[str, float]:
     loss_sum = tokens = 0.0
     for i in range(run.recipe.eval.batches):
         batch = global_batch(eval_set, i, run.recipe.train.grad_accum, run.batch_sharding)
@@ -255,10 +273,8 @@ def train(recipe: Recipe) -> int:
     is_main = jax.process_index() == 0
     recipe, hf_params = load_initial_params(recipe)
     check_tokenizer(recipe)
-    train_set = prepare_data(recipe, "train", recipe.data.train, shuffle=True)
-    eval_set = (
-        prepare_data(recipe, "eval", recipe.data.eval, shuffle=False) if recipe.data.eval else None
-    )
+    train_set = prepare_data(recipe, "train", shuffle=True)
+    eval_set = prepare_data(recipe, "eval", shuffle=False) if recipe.data.eval else None
     run = setup(recipe, train_set, hf_params)
     checkpointer = Checkpointer(
         io.join(recipe.run_dir, "checkpoints"),
