@@ -1,4 +1,4 @@
-"""Hugging Face Llama <-> our params and config, and `model.init_from` a safetensors directory."""
+"""Hugging Face checkpoints of every family <-> our params and config, and `model.init_from`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.fixtures_hf import SHAPES, hf_model
 from tests.fixtures_trainer import launch_trainer, wait_all
 from trainer.config import ModelConfig, RecipeError
 from trainer.hf import (
@@ -19,26 +20,51 @@ from trainer.hf import (
     params_from_hf,
     params_to_hf,
 )
-from trainer.model import Llama, init_params
+from trainer.model import Decoder, init_params
 
 CFG = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=96,
                   max_seq_len=128, dtype="float32", norm_eps=1e-6)  # fmt: skip
 
 
-def test_config_round_trips():
-    assert model_config_from_hf(hf_config_from_model(CFG), CFG) == CFG
-    tied = dataclasses.replace(CFG, tie_embeddings=True, n_kv_heads=None)
-    assert model_config_from_hf(hf_config_from_model(tied), tied).kv_heads == 4
+@pytest.mark.parametrize("shape", SHAPES)
+def test_config_round_trips(shape):
+    cfg = SHAPES[shape]
+    assert model_config_from_hf(hf_config_from_model(cfg), cfg) == dataclasses.replace(
+        cfg, preset=None
+    )
 
 
-def test_transformers_5_rope_parameters_and_unsupported_scaling():
+@pytest.mark.parametrize("shape", SHAPES)
+def test_hf_to_ours_to_hf_reproduces_every_tensor_exactly(shape, tmp_path):
+    from safetensors.numpy import load_file
+
+    cfg = SHAPES[shape]
+    hf_model(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    saved = load_file(tmp_path / "model.safetensors")  # what transformers writes (tied: no lm_head)
+    loaded_cfg, params = load_hf_dir(str(tmp_path), cfg)
+    assert loaded_cfg == dataclasses.replace(cfg, preset=None)
+    back = params_to_hf(params, loaded_cfg)
+    assert sorted(back) == sorted(saved)
+    for name, tensor in saved.items():
+        assert back[name].dtype == tensor.dtype and np.array_equal(back[name], tensor), name
+
+
+def test_hub_style_rope_config_and_unsupported_types():
     cfg = hf_config_from_model(CFG)
     del cfg["rope_theta"]
-    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}  # transformers 5
     assert model_config_from_hf(cfg).rope_theta == 500000.0
-    cfg["rope_parameters"]["rope_type"] = "llama3"
-    with pytest.raises(RecipeError, match="rotary scaling"):
+    llama31 = {**cfg, "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}}  # fmt: skip
+    del llama31["rope_parameters"]
+    got = model_config_from_hf(llama31)
+    assert (got.rope_scaling, got.rope_factor, got.rope_original_max_len) == ("llama3", 8.0, 8192)
+    cfg["rope_parameters"]["rope_type"] = "yarn"
+    with pytest.raises(RecipeError, match="rotary scaling 'yarn' is not supported"):
         model_config_from_hf(cfg)
+    with pytest.raises(RecipeError, match="model_type 'gemma2' is not supported"):
+        model_config_from_hf({**hf_config_from_model(CFG), "model_type": "gemma2"})
 
 
 def test_params_round_trip_through_hf_names():
@@ -73,7 +99,7 @@ def test_load_hf_dir_gives_the_same_logits_as_transformers(tmp_path):
     with torch.no_grad():
         expected = model(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(
-        Llama(cfg).apply({"params": params}, jnp.asarray(tokens)), expected, atol=1e-4
+        Decoder(cfg).apply({"params": params}, jnp.asarray(tokens)), expected, atol=1e-4
     )
 
 

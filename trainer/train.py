@@ -26,8 +26,9 @@ from jax.experimental import multihost_utils
 from trainer import data, io, metrics, sharding
 from trainer.checkpoint import EXIT_PREEMPTED, Checkpointer, CheckpointError
 from trainer.config import Recipe, RecipeError, TrainerError, check_batch_divisible, mesh_shape
-from trainer.model import Llama, count_params, init_params
+from trainer.model import Decoder, count_params, init_params
 from trainer.optim import make_optimizer
+from trainer.tokenizer import load_tokenizer
 
 
 @flax.struct.dataclass
@@ -153,7 +154,7 @@ def setup(recipe: Recipe, train_set: data.Dataset | None, init_params_from: Any 
     check_batch_divisible(recipe.train, mesh_shape(recipe.mesh, jax.device_count()))
     total_steps = recipe.train.steps or math.ceil(recipe.train.epochs * train_set.steps_per_epoch())
     optimizer, schedule = make_optimizer(recipe.optimizer, total_steps)
-    model = Llama(recipe.model)
+    model = Decoder(recipe.model)
 
     def fresh_state(rng):
         init_rng, state_rng = jax.random.split(rng)
@@ -241,7 +242,7 @@ def load_initial_params(recipe: Recipe) -> tuple[Recipe, Any]:
 
 
 def check_tokenizer(recipe: Recipe) -> None:
-    vocab = data.Tokenizer(recipe.tokenizer).vocab_size
+    vocab = load_tokenizer(recipe.tokenizer).vocab_size
     if vocab > recipe.model.vocab_size:
         raise RecipeError(
             f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's {vocab} pieces; raise it"

@@ -1,0 +1,67 @@
+"""Small random transformers models of every family, the peers of the JAX decoder's tests.
+
+`SHAPES` covers each family in several shapes (grouped-query attention on and off, odd vocab
+sizes, tied and untied embeddings, Llama 3 rope scaling, a Mistral window shorter than the
+test sequences); `hf_model` builds the transformers model of a ModelConfig with every weight
+random (norms and biases too, so a swapped or dropped one shows in the logits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from trainer.config import ModelConfig
+from trainer.hf import hf_config_from_model
+
+BASE = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_dim=96,
+                   max_seq_len=64, dtype="float32", param_dtype="float32", norm_eps=1e-6)  # fmt: skip
+LLAMA3_ROPE = dict(rope_scaling="llama3", rope_factor=4.0, rope_low_freq_factor=1.0,
+                   rope_high_freq_factor=4.0, rope_original_max_len=16, rope_theta=500000.0)  # fmt: skip
+
+
+def _shape(family: str, **changes) -> ModelConfig:
+    return dataclasses.replace(BASE, family=family, **changes)
+
+
+SHAPES: dict[str, ModelConfig] = {
+    "llama-mha": _shape("llama"),
+    "llama3-gqa-rope-scaling-odd-vocab": _shape(
+        "llama", n_kv_heads=2, vocab_size=131, **LLAMA3_ROPE
+    ),
+    "llama3.2-mqa-tied": _shape("llama", n_kv_heads=1, tie_embeddings=True, **LLAMA3_ROPE),
+    "qwen2-gqa-tied": _shape("qwen2", n_kv_heads=2, tie_embeddings=True),
+    "qwen2-mha-odd-vocab": _shape("qwen2", vocab_size=151),
+    "mistral-gqa-window": _shape("mistral", n_kv_heads=2, sliding_window=8),
+    "mistral-mha-no-window": _shape("mistral", vocab_size=97),
+    "olmo2-mha": _shape("olmo2"),
+    "olmo2-gqa-tied-odd-vocab": _shape("olmo2", n_kv_heads=2, vocab_size=133, tie_embeddings=True),
+}
+
+
+def hf_model(cfg: ModelConfig, seed: int = 0):
+    """The transformers model of `cfg` (eager attention, float32) with random weights."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    hf_cfg = hf_config_from_model(cfg)
+    config = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            norm = "norm" in name
+            p.copy_(torch.randn_like(p) * (0.5 if norm else 0.2) + norm)
+    return model.eval()
+
+
+def hf_state(model) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
