@@ -4,11 +4,14 @@
 sizes, tied and untied embeddings, Llama 3 rope scaling, a Mistral window shorter than the
 test sequences); `hf_model` builds the transformers model of a ModelConfig with every weight
 random (norms and biases too, so a swapped or dropped one shows in the logits).
+`train_tokenizer` trains a small tokenizer.json offline with the `tokenizers` library.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -65,3 +68,72 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.tensor(tokens)).logits.numpy()
+
+
+TOY_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+# Llama 3's, ChatML's and Mistral's special tokens, so that one tokenizer serves every template.
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>",
+            "<|end_header_id|>", "<|im_start|>", "<|im_end|>", "[INST]", "[/INST]"]  # fmt: skip
+MIXED = [
+    "def add(a, b):\n    return a + b  # sum\n",
+    "Ünïcödé — naïve café, 東京 and emoji 🙂🚀!",
+    "tabs\tand   runs     of  spaces\n\n\n  trailing   ",
+    "special tokens in text: <|eot_id|>hello<|begin_of_text|> and <|tool|>x<|tool|>",
+    "numbers 1234567 and 3.14159; SHOUTING and CamelCaseWords",
+]
+
+
+def train_tokenizer(
+    directory: Path,
+    kind: str,
+    eos_token: str = "<|eot_id|>",
+    chat_template: str | None = TOY_TEMPLATE,
+) -> Path:
+    """A small BPE (byte-level, as Llama 3 and Qwen) or Unigram (metaspace, as T5/Mistral-style
+    sentencepiece conversions) tokenizer.json, plus a tokenizer_config.json declaring BOS/EOS, a
+    chat template (none when None) and one added token (<|tool|>) that tokenizer.json lacks."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    corpus = MIXED * 20 + [
+        f"line {i}: the quick brown fox jumps over {i} lazy dogs" for i in range(200)
+    ]
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=SPECIALS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+    else:
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(
+            vocab_size=300, special_tokens=SPECIALS, unk_token="<|end_of_text|>"
+        )
+    tok.train_from_iterator(corpus, trainer)
+    bos_id = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos_id)]
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    extra_id = tok.get_vocab_size()
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": eos_token,
+        "added_tokens_decoder": {str(tok.token_to_id(t)): _added(t) for t in SPECIALS}
+        | {str(extra_id): _added("<|tool|>")},
+    }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def _added(content: str) -> dict:
+    return {"content": content, "lstrip": False, "rstrip": False, "normalized": False,
+            "single_word": False, "special": True}  # fmt: skip

@@ -2,75 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures_hf import MIXED, train_tokenizer
 from tests.fixtures_trainer import REPO
 from trainer import io
 from trainer.config import RecipeError, TokenizerConfig
 from trainer.tokenizer import bos, eos, fingerprint, load_tokenizer, tokenizer_files
 
 SENTENCEPIECE = REPO / "recipes" / "data" / "tokenizer.model"
-SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
-MIXED = [
-    "def add(a, b):\n    return a + b  # sum\n",
-    "Ünïcödé — naïve café, 東京 and emoji 🙂🚀!",
-    "tabs\tand   runs     of  spaces\n\n\n  trailing   ",
-    "special tokens in text: <|eot_id|>hello<|begin_of_text|> and <|tool|>x<|tool|>",
-    "numbers 1234567 and 3.14159; SHOUTING and CamelCaseWords",
-]
-
-
-def train_tokenizer(directory: Path, kind: str) -> Path:
-    """A small BPE (byte-level, as Llama 3 and Qwen) or Unigram (metaspace, as T5/Mistral-style
-    sentencepiece conversions) tokenizer.json, plus a tokenizer_config.json declaring BOS/EOS, a
-    chat template and one added token (<|tool|>) that tokenizer.json lacks."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    corpus = MIXED * 20 + [
-        f"line {i}: the quick brown fox jumps over {i} lazy dogs" for i in range(200)
-    ]
-    if kind == "bpe":
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=400,
-            special_tokens=SPECIALS,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
-    else:
-        tok = Tokenizer(models.Unigram())
-        tok.pre_tokenizer = pre_tokenizers.Metaspace()
-        tok.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(
-            vocab_size=300, special_tokens=SPECIALS, unk_token="<|end_of_text|>"
-        )
-    tok.train_from_iterator(corpus, trainer)
-    bos_id = tok.token_to_id("<|begin_of_text|>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos_id)]
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    tok.save(str(directory / "tokenizer.json"))
-    extra_id = tok.get_vocab_size()
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|begin_of_text|>",
-        "eos_token": "<|eot_id|>",
-        "added_tokens_decoder": {str(tok.token_to_id(t)): _added(t) for t in SPECIALS}
-        | {str(extra_id): _added("<|tool|>")},
-        "chat_template": "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}",
-    }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return directory
-
-
-def _added(content: str) -> dict:
-    return {"content": content, "lstrip": False, "rstrip": False, "normalized": False,
-            "single_word": False, "special": True}  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
