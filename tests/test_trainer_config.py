@@ -83,6 +83,10 @@ def test_explicit_dims_override_the_preset(tmp_path):
         ("", ["train.seq_len=4096"], "exceeds model.max_seq_len"),
         ("", ["steps=3"], "unknown key steps"),
         ("", ["train"], "write overrides as key=value"),
+        ("", ["model.family=gemma"], "model.family: 'gemma' is not supported; use one of llama"),
+        ("", ["model.rope_scaling=yarn"], "model.rope_scaling: 'yarn' is not supported for llama"),
+        ("", ["model.family=qwen2", "model.rope_scaling=llama3"], "not supported for qwen2"),
+        ("", ["data.chat_template=nope.jinja"], "data.chat_template: nope.jinja does not exist"),
     ],
 )
 def test_bad_recipes_get_one_line_errors_naming_the_key(tmp_path, extra, overrides, message):
@@ -90,6 +94,22 @@ def test_bad_recipes_get_one_line_errors_naming_the_key(tmp_path, extra, overrid
         load_recipe(write(tmp_path, recipe_text(extra)), overrides)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_init_from_implies_its_tokenizer_and_templates_resolve_like_files(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "mine.jinja").write_text("{{ messages }}")
+    text = (
+        f"run_dir: runs/x\nmodel: {{init_from: hf}}\ntrain: {{steps: 5, seq_len: 64}}\n"
+        f"data: {{train: [{REPO}/recipes/data/tiny_chat.jsonl], chat_template: mine.jinja}}\n"
+    )
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.tokenizer.path == recipe.model.init_from == str(tmp_path / "hf")
+    assert recipe.data.chat_template == str(tmp_path / "mine.jinja")
+    named = load_recipe(write(tmp_path, recipe_text()), ["data.chat_template=llama3"])
+    assert named.data.chat_template == "llama3" and named.tokenizer.path.endswith("tokenizer.model")
+    with pytest.raises(RecipeError, match=r"tokenizer\.path: set it .*or set model\.init_from"):
+        load_recipe(write(tmp_path, recipe_text()), ["tokenizer.path="])
 
 
 def test_mesh_rest_axis_and_impossible_meshes():

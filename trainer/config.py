@@ -371,7 +371,7 @@ def _resolve_local_paths(recipe: Recipe, source: str) -> Recipe:
     base = Path(source).parent if "://" not in source else None
 
     def resolve(path: str) -> str:
-        if "://" in path or os.path.isabs(path) or os.path.exists(path) or base is None:
+        if not path or "://" in path or os.path.isabs(path) or os.path.exists(path) or base is None:
             return path
         candidate = base / path
         return str(candidate) if candidate.exists() else path
@@ -491,7 +491,8 @@ def _validate_mesh_axes(mesh: MeshConfig) -> None:
 def _validate_files(recipe: Recipe) -> None:
     if not recipe.tokenizer.path:
         raise RecipeError(
-            "tokenizer.path: set it to a tokenizer.model, a tokenizer.json or a model directory"
+            "tokenizer.path: set it to a tokenizer.model, a tokenizer.json or a model directory "
+            "(or set model.init_from, whose directory holds one)"
         )
     if not recipe.data.train:
         raise RecipeError("data.train: list at least one training file (.txt or .jsonl)")
