@@ -73,3 +73,12 @@ def test_tokenizer_json_from_gcs(tmp_path, gcs):
     local = load_tokenizer(TokenizerConfig(path=str(directory)))
     remote = load_tokenizer(TokenizerConfig(path="gs://test-bucket/models/tok"))
     assert remote.encode(MIXED[3]) == local.encode(MIXED[3]) and remote.eos_id == local.eos_id
+
+
+def test_sentencepiece_turns_special_pieces_in_rendered_chats_into_their_ids():
+    sp = load_tokenizer(TokenizerConfig(path=str(SENTENCEPIECE)))
+    text = "<s>[INST] one plus two [/INST] 3.</s>"
+    ids, offsets = sp.encode_with_offsets(text)
+    assert ids[0] == sp.bos_id and ids[-1] == sp.eos_id
+    assert offsets[0] == (0, 3) and offsets[-1] == (len(text) - 4, len(text))
+    assert ids[1:-1] == sp.encode("[INST] one plus two [/INST] 3.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -128,6 +129,8 @@ class SentencePieceTokenizer:
         pieces = {"bos_token": self.sp.bos_id(), "eos_token": self.sp.eos_id()}
         pieces["unk_token"] = self.sp.unk_id()
         self.special_tokens = {k: self.sp.id_to_piece(i) for k, i in pieces.items() if i >= 0}
+        longest_first = sorted(self.special_tokens.values(), key=len, reverse=True)
+        self._special_pattern = re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
         self.chat_template = _chat_template(configs)
 
     @property
@@ -146,12 +149,28 @@ class SentencePieceTokenizer:
         return self.sp.encode(text)
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], Offsets]:
-        """Ids and the character span of `text` each came from (sentencepiece counts bytes)."""
-        proto = self.sp.encode(text, out_type="proto")
-        char_at_byte = _char_index_of_bytes(text)
-        ids = [p.id for p in proto.pieces]
-        offsets = [(char_at_byte[p.begin], char_at_byte[p.end]) for p in proto.pieces]
+        """Ids and the character span of `text` each came from; the special pieces (`<s>`,
+        `</s>`) written in `text`, as chat templates write them, become their ids."""
+        ids: list[int] = []
+        offsets: Offsets = []
+        start = 0
+        for match in self._special_pattern.finditer(text):
+            self._encode_plain(text, start, match.start(), ids, offsets)
+            ids.append(self.sp.piece_to_id(match.group()))
+            offsets.append(match.span())
+            start = match.end()
+        self._encode_plain(text, start, len(text), ids, offsets)
         return ids, offsets
+
+    def _encode_plain(self, text: str, start: int, end: int, ids: list, offsets: Offsets) -> None:
+        if start == end:
+            return
+        proto = self.sp.encode(text[start:end], out_type="proto")
+        char_at_byte = _char_index_of_bytes(text[start:end])  # sentencepiece counts bytes
+        ids.extend(p.id for p in proto.pieces)
+        offsets.extend(
+            (start + char_at_byte[p.begin], start + char_at_byte[p.end]) for p in proto.pieces
+        )
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode(list(ids))
