@@ -153,7 +153,13 @@ def remote_files(recipe_path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("name", "devices"), [("llama2-7b-sft-v3-256.yaml", 256), ("llama-1b-pretrain-v4-64.yaml", 32)]
+    ("name", "devices"),
+    [
+        ("llama2-7b-sft-v3-256.yaml", 256),
+        ("llama-1b-pretrain-v4-64.yaml", 32),
+        ("llama3.1-8b-sft-v4-32.yaml", 16),
+        ("qwen2.5-7b-sft-v3-256.yaml", 256),
+    ],
 )
 def test_realistic_recipes_validate_for_their_pod(gcs, name, devices):
     recipe_path = REPO / "recipes" / name
