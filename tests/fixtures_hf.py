@@ -4,7 +4,9 @@
 sizes, tied and untied embeddings, Llama 3 rope scaling, a Mistral window shorter than the
 test sequences); `hf_model` builds the transformers model of a ModelConfig with every weight
 random (norms and biases too, so a swapped or dropped one shows in the logits).
-`train_tokenizer` trains a small tokenizer.json offline with the `tokenizers` library.
+`train_tokenizer` trains a small tokenizer.json offline with the `tokenizers` library;
+`save_family_dir` makes a whole HF model directory of both for `recipes/tiny-sft.yaml`, and
+`assert_export_matches` checks a finished run's export in transformers.
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ import numpy as np
 
 from trainer.config import ModelConfig
 from trainer.hf import hf_config_from_model
+
+TINY_SFT = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny-sft.yaml")
+OLMO2_TEMPLATE = (  # allenai/OLMo-2-1124-7B-Instruct's
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<|system|>\n' + message['content'] + '\n' }}{% elif message['role'] == 'user' %}"
+    "{{ '<|user|>\n' + message['content'] + '\n' }}{% elif message['role'] == 'assistant' %}"
+    "{% if not loop.last %}{{ '<|assistant|>\n'  + message['content'] + eos_token + '\n' }}"
+    "{% else %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}{% endif %}{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}"
+)
 
 BASE = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_dim=96,
                    max_seq_len=64, dtype="float32", param_dtype="float32", norm_eps=1e-6)  # fmt: skip
@@ -137,3 +149,38 @@ def train_tokenizer(
 def _added(content: str) -> dict:
     return {"content": content, "lstrip": False, "rstrip": False, "normalized": False,
             "single_word": False, "special": True}  # fmt: skip
+
+
+def save_family_dir(directory: Path, cfg: ModelConfig, template: str | None) -> Path:
+    """A Hugging Face model directory as the Hub has them: a random model of `cfg`'s family
+    (vocab 512, for the test tokenizer) and a tokenizer.json whose config carries the built-in
+    chat template named `template` (none when None)."""
+    from trainer import chat
+
+    cfg = dataclasses.replace(cfg, vocab_size=512, max_seq_len=128)
+    hf_model(cfg).save_pretrained(directory, safe_serialization=True)
+    train_tokenizer(directory, "bpe", chat_template=chat.JINJA_TEMPLATES.get(template or ""))
+    return directory
+
+
+def assert_export_matches(run_dir: Path, out: Path, source: Path) -> None:
+    """Export `run_dir`'s last checkpoint to `out`: transformers loads it with our logits within
+    1e-4, and the tokenizer of `source` comes along."""
+    import jax.numpy as jnp
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.checkpoint import load_params, read_model_info
+    from trainer.export import export
+    from trainer.model import Decoder
+
+    export(str(run_dir), str(out))
+    model_cfg, _ = read_model_info(str(run_dir / "checkpoints"))
+    _, params = load_params(str(run_dir / "checkpoints"))
+    tokens = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (1, 20))
+    ours = np.asarray(Decoder(model_cfg).apply({"params": params}, jnp.asarray(tokens)))
+    model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    with torch.no_grad():
+        theirs = model.eval()(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+    assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()

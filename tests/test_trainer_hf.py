@@ -10,7 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.fixtures_hf import SHAPES, hf_model
+from tests.fixtures_hf import (
+    OLMO2_TEMPLATE,
+    SHAPES,
+    TINY_SFT,
+    assert_export_matches,
+    hf_model,
+    save_family_dir,
+)
 from tests.fixtures_trainer import launch_trainer, wait_all
 from trainer.config import ModelConfig, RecipeError
 from trainer.hf import (
@@ -124,59 +131,28 @@ def test_training_starts_from_an_hf_checkpoint(tiny_recipe, tmp_path):
     assert "0.1M params" in output or "0.2M params" in output
 
 
-OLMO2_TEMPLATE = (  # allenai/OLMo-2-1124-7B-Instruct's
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
-    "{{ '<|system|>\n' + message['content'] + '\n' }}{% elif message['role'] == 'user' %}"
-    "{{ '<|user|>\n' + message['content'] + '\n' }}{% elif message['role'] == 'assistant' %}"
-    "{% if not loop.last %}{{ '<|assistant|>\n'  + message['content'] + eos_token + '\n' }}"
-    "{% else %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}{% endif %}{% endif %}"
-    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}"
-)
-# family -> (shape, the tokenizer's own chat template, data.chat_template): every way a template
-# is chosen (the tokenizer's, none so tulu, a FILE) is exercised once.
+# family -> (shape, the tokenizer's own chat template, a template FILE for data.chat_template):
+# every way a template is chosen (the tokenizer's, none so tulu, a FILE) is exercised once.
 FAMILY_RUNS = {
     "llama": ("llama3-gqa-rope-scaling-odd-vocab", "llama3", None),
     "qwen2": ("qwen2-gqa-tied", "chatml", None),
     "mistral": ("mistral-gqa-window", None, None),
-    "olmo2": ("olmo2-gqa-tied-odd-vocab", None, "FILE"),
+    "olmo2": ("olmo2-gqa-tied-odd-vocab", None, OLMO2_TEMPLATE),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILY_RUNS)
 def test_fine_tune_each_family_on_chat_data_then_export(family, tmp_path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from tests.fixtures_hf import train_tokenizer
-    from tests.fixtures_trainer import REPO
-    from trainer import chat
-    from trainer.checkpoint import load_params, read_model_info
-    from trainer.export import export
-
-    shape, own_template, recipe_template = FAMILY_RUNS[family]
-    cfg = dataclasses.replace(SHAPES[shape], vocab_size=512, max_seq_len=128)
-    source = tmp_path / "hf"
-    hf_model(cfg).save_pretrained(source, safe_serialization=True)
-    train_tokenizer(source, "bpe", chat_template=chat.JINJA_TEMPLATES.get(own_template))
+    shape, own_template, template_file = FAMILY_RUNS[family]
+    source = save_family_dir(tmp_path / "hf", SHAPES[shape], own_template)
     run = tmp_path / "run"
-    args = [str(REPO / "recipes" / "tiny-sft.yaml"), f"run_dir={run}", f"model.init_from={source}"]
-    if recipe_template:
-        (tmp_path / "olmo2.jinja").write_text(OLMO2_TEMPLATE)
-        args.append(f"data.chat_template={tmp_path / 'olmo2.jinja'}")
+    args = [TINY_SFT, f"run_dir={run}", f"model.init_from={source}"]
+    if template_file:
+        (tmp_path / "mine.jinja").write_text(template_file)
+        args.append(f"data.chat_template={tmp_path / 'mine.jinja'}")
     ((code, output),) = wait_all(launch_trainer(args, 1, 2, tmp_path), timeout=600)
     assert code == 0, output
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 8 and losses[-1] < losses[0], losses
-    export(str(run), str(tmp_path / "out"))
-    model_cfg, _ = read_model_info(str(run / "checkpoints"))
-    _, params = load_params(str(run / "checkpoints"))
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 20))
-    ours = np.asarray(Decoder(model_cfg).apply({"params": params}, jnp.asarray(tokens)))
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
-    with torch.no_grad():
-        theirs = model.eval()(torch.tensor(tokens)).logits.numpy()
-    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
-    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (
-        source / "tokenizer.json"
-    ).read_bytes()
+    assert_export_matches(run, tmp_path / "out", source)

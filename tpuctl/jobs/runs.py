@@ -112,6 +112,8 @@ def resolved_recipe_yaml(recipe: Any) -> str:
     paths absolute (workers do not start in the directory you ran tpuctl from)."""
     import yaml
 
+    from trainer.config import CHAT_TEMPLATE_NAMES
+
     data = dataclasses.asdict(recipe)
     for *parents, leaf in _PATH_KEYS:
         section = _section(data, parents)
@@ -120,6 +122,9 @@ def resolved_recipe_yaml(recipe: Any) -> str:
     for *parents, leaf in _PATH_LIST_KEYS:
         section = _section(data, parents)
         section[leaf] = [_absolute(p) for p in section.get(leaf) or []]
+    template = data["data"].get("chat_template")
+    if template and template not in CHAT_TEMPLATE_NAMES:  # a FILE, not a built-in's name
+        data["data"]["chat_template"] = _absolute(template)
     return yaml.safe_dump(data, sort_keys=False)
 
 
