@@ -10,6 +10,7 @@ from pathlib import Path
 from tests.fixtures_trainer import REPO
 from trainer import cache, data
 from trainer.config import DataConfig, DatasetConfig, TokenizerConfig
+from trainer.tokenizer import load_tokenizer
 
 TOKENIZER = TokenizerConfig(path=str(REPO / "recipes" / "data" / "tokenizer.model"))
 WORDS = [
@@ -72,15 +73,15 @@ def save_to_disk(path: Path, records: list[dict], shards: int = 2) -> Path:
 def settings(
     cfg: DataConfig, row_len: int, memory_mb: int = 64, owner: str = "test"
 ) -> cache.Settings:
-    key = data.tokenizer_key(TOKENIZER)
+    key = data.tokenizer_key(TOKENIZER, cfg)
     return cache.Settings(
-        functools.partial(data.Tokenizer, TOKENIZER), key, cfg, row_len, memory_mb, owner
+        functools.partial(load_tokenizer, TOKENIZER), key, cfg, row_len, memory_mb, owner
     )
 
 
 def plan(root: str, paths: list[str], seq_len: int = 32, **cfg_fields) -> list[cache.DatasetCache]:
     cfg = DataConfig(train=[DatasetConfig(path=paths)], **cfg_fields)
-    key = data.tokenizer_key(TOKENIZER)
+    key = data.tokenizer_key(TOKENIZER, cfg)
     return cache.plan(cfg.train, "data.train", root, key, cfg, seq_len + 1)
 
 

@@ -33,6 +33,7 @@ from tests.fixtures_trainer import REPO
 from tests.polling import wait_for
 from trainer import cache, data, io
 from trainer.config import DataConfig, RecipeError
+from trainer.tokenizer import load_tokenizer
 
 
 def cache_files(root: Path) -> dict[str, bytes]:
@@ -207,7 +208,7 @@ def test_gcs_inputs_and_cache_match_local_ones(gcs, tmp_path):
 
 
 def test_packed_chat_rows_train_only_on_assistant_replies(tmp_path):
-    tok = data.Tokenizer(TOKENIZER)
+    tok = load_tokenizer(TOKENIZER)
     chat = [str(REPO / "recipes" / "data" / "tiny_chat.jsonl")]
     reader = build(str(tmp_path), chat, seq_len=255, format="chat")
     batch = data.batch_arrays(reader.read(np.arange(4)))

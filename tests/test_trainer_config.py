@@ -115,6 +115,10 @@ def test_explicit_dims_override_the_preset(tmp_path):
         ("", ["data.train=[{paths: a}]"], "unknown key data.train[0].paths: remove it"),
         ("", ["data.train=[/nope/*.jsonl.gz]"], "data.train[0]: no file matches /nope/*.jsonl.gz"),
         ("", ["data.cache_memory_mb=0"], "data.cache_memory_mb must be positive"),
+        ("", ["model.family=gemma"], "model.family: 'gemma' is not supported; use one of llama"),
+        ("", ["model.rope_scaling=yarn"], "model.rope_scaling: 'yarn' is not supported for llama"),
+        ("", ["model.family=qwen2", "model.rope_scaling=llama3"], "not supported for qwen2"),
+        ("", ["data.chat_template=nope.jinja"], "data.chat_template: nope.jinja does not exist"),
     ],
 )
 def test_bad_recipes_get_one_line_errors_naming_the_key(tmp_path, extra, overrides, message):
@@ -122,6 +126,22 @@ def test_bad_recipes_get_one_line_errors_naming_the_key(tmp_path, extra, overrid
         load_recipe(write(tmp_path, recipe_text(extra)), overrides)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_init_from_implies_its_tokenizer_and_templates_resolve_like_files(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "mine.jinja").write_text("{{ messages }}")
+    text = (
+        f"run_dir: runs/x\nmodel: {{init_from: hf}}\ntrain: {{steps: 5, seq_len: 64}}\n"
+        f"data: {{train: [{REPO}/recipes/data/tiny_chat.jsonl], chat_template: mine.jinja}}\n"
+    )
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.tokenizer.path == recipe.model.init_from == str(tmp_path / "hf")
+    assert recipe.data.chat_template == str(tmp_path / "mine.jinja")
+    named = load_recipe(write(tmp_path, recipe_text()), ["data.chat_template=llama3"])
+    assert named.data.chat_template == "llama3" and named.tokenizer.path.endswith("tokenizer.model")
+    with pytest.raises(RecipeError, match=r"tokenizer\.path: set it .*or set model\.init_from"):
+        load_recipe(write(tmp_path, recipe_text()), ["tokenizer.path="])
 
 
 def test_mesh_rest_axis_and_impossible_meshes():
@@ -165,7 +185,13 @@ def remote_files(recipe_path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("name", "devices"), [("llama2-7b-sft-v3-256.yaml", 256), ("llama-1b-pretrain-v4-64.yaml", 32)]
+    ("name", "devices"),
+    [
+        ("llama2-7b-sft-v3-256.yaml", 256),
+        ("llama-1b-pretrain-v4-64.yaml", 32),
+        ("llama3.1-8b-sft-v4-32.yaml", 16),
+        ("qwen2.5-7b-sft-v3-256.yaml", 256),
+    ],
 )
 def test_realistic_recipes_validate_for_their_pod(gcs, name, devices):
     recipe_path = REPO / "recipes" / name

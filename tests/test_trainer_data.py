@@ -8,20 +8,21 @@ import pytest
 from tests.fixtures_trainer import REPO
 from trainer import data
 from trainer.config import DataConfig, TokenizerConfig
+from trainer.tokenizer import Tokenizer, load_tokenizer
 
 TOKENIZER = TokenizerConfig(path=str(REPO / "recipes" / "data" / "tokenizer.model"))
 
 
 @pytest.fixture(scope="module")
-def tok() -> data.Tokenizer:
-    return data.Tokenizer(TOKENIZER)
+def tok() -> Tokenizer:
+    return load_tokenizer(TOKENIZER)
 
 
 def test_text_examples_get_bos_and_eos_and_learn_everything(tok):
     tokens, flags = data.tokenize("two plus two is 4.", tok, DataConfig())
     assert tokens[0] == tok.sp.bos_id() and tokens[-1] == tok.sp.eos_id()
     assert tok.decode(tokens[1:-1]) == "two plus two is 4." and set(flags) == {1}
-    no_eos = data.Tokenizer(TokenizerConfig(path=TOKENIZER.path, add_eos=False))
+    no_eos = load_tokenizer(TokenizerConfig(path=TOKENIZER.path, add_eos=False))
     assert data.tokenize("x", no_eos, DataConfig())[0][-1] != tok.sp.eos_id()
 
 

@@ -1,5 +1,6 @@
-"""trainer.export: a Hugging Face Llama imported into a checkpoint exports back to the identical
-tensors, and the exported directory loads in transformers with the JAX model's logits."""
+"""trainer.export: a Hugging Face model imported into a checkpoint exports back to the identical
+tensors, and the exported directory of each family loads in transformers with the JAX model's
+logits and its tokenizer."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.fixtures_hf import SHAPES, hf_model, train_tokenizer
 from trainer import io
 from trainer.config import CheckpointConfig, ModelConfig
 
@@ -50,7 +52,9 @@ def _hf_tensors(directory: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _save_run(run_dir: str, model_cfg: ModelConfig, params, step: int = 7) -> None:
+def _save_run(
+    run_dir: str, model_cfg: ModelConfig, params, step: int = 7, tokenizer: str = str(TOKENIZER)
+) -> None:
     """Write params in a train state checkpoint, as the trainer does, from this process."""
     import flax
     import jax
@@ -73,7 +77,7 @@ def _save_run(run_dir: str, model_cfg: ModelConfig, params, step: int = 7) -> No
         io.join(run_dir, "checkpoints"),
         CheckpointConfig(every_steps=1, async_save=False),
         model=model_cfg,
-        tokenizer_path=str(TOKENIZER),
+        tokenizer_path=tokenizer,
     )
     checkpointer.save(state)
     checkpointer.close()
@@ -108,7 +112,7 @@ def test_exported_checkpoint_loads_in_transformers_with_matching_logits(hf_model
     import torch
     from transformers import LlamaForCausalLM
 
-    from trainer.model import Llama
+    from trainer.model import Decoder
 
     model_cfg, params = _import(hf_model_dir)
     rng = np.random.default_rng(0)  # "trained" weights: not the ones transformers initialised
@@ -125,7 +129,7 @@ def test_exported_checkpoint_loads_in_transformers_with_matching_logits(hf_model
     assert result.returncode == 0, result.stderr
     assert "exported step 7" in result.stdout
     tokens = rng.integers(0, model_cfg.vocab_size, size=(2, 24))
-    ours = np.asarray(Llama(model_cfg).apply({"params": params}, jax.numpy.asarray(tokens)))
+    ours = np.asarray(Decoder(model_cfg).apply({"params": params}, jax.numpy.asarray(tokens)))
     model = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = model(torch.tensor(tokens)).logits.numpy()
@@ -162,3 +166,47 @@ def test_bad_step_and_missing_run_are_one_line_errors(hf_model_dir, tmp_path):
         assert result.returncode == 2
         assert result.stderr.startswith("error: ") and expected in result.stderr
         assert result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    "shape",
+    ["llama3-gqa-rope-scaling-odd-vocab", "qwen2-gqa-tied", "mistral-gqa-window", "olmo2-mha"],
+)
+def test_each_family_exports_in_its_own_format_with_its_tokenizer(shape, tmp_path):
+    import jax
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.export import export
+    from trainer.hf import load_hf_dir
+    from trainer.model import Decoder
+
+    source = tmp_path / "hf"
+    hf_model(SHAPES[shape]).save_pretrained(source, safe_serialization=True)
+    train_tokenizer(source, "bpe")
+    model_cfg, params = load_hf_dir(str(source), SHAPES[shape])
+    rng = np.random.default_rng(1)  # "trained" weights
+    params = jax.tree.map(lambda p: p + rng.normal(0, 0.02, p.shape).astype(p.dtype), params)
+    _save_run(str(tmp_path / "run"), model_cfg, params, tokenizer=str(source))
+    out = tmp_path / "exported"
+    export(str(tmp_path / "run"), str(out))
+    config = json.loads((out / "config.json").read_text())
+    original = json.loads((source / "config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == (
+        original["model_type"],
+        original["architectures"],
+    )
+    assert sorted(_hf_tensors(out)) == sorted(_hf_tensors(source))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes()
+    assert AutoTokenizer.from_pretrained(out).encode("hi") == AutoTokenizer.from_pretrained(
+        source
+    ).encode("hi")
+    tokens = rng.integers(0, model_cfg.vocab_size, size=(2, 24))  # longer than the Mistral window
+    ours = np.asarray(Decoder(model_cfg).apply({"params": params}, jax.numpy.asarray(tokens)))
+    model = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, attn_implementation="eager"
+    )
+    with torch.no_grad():
+        theirs = model.eval()(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)

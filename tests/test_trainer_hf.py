@@ -1,4 +1,4 @@
-"""Hugging Face Llama <-> our params and config, and `model.init_from` a safetensors directory."""
+"""Hugging Face checkpoints of every family <-> our params and config, and `model.init_from`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.fixtures_hf import (
+    OLMO2_TEMPLATE,
+    SHAPES,
+    TINY_SFT,
+    assert_export_matches,
+    hf_model,
+    save_family_dir,
+)
 from tests.fixtures_trainer import launch_trainer, wait_all
 from trainer.config import ModelConfig, RecipeError
 from trainer.hf import (
@@ -19,26 +27,51 @@ from trainer.hf import (
     params_from_hf,
     params_to_hf,
 )
-from trainer.model import Llama, init_params
+from trainer.model import Decoder, init_params
 
 CFG = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=96,
                   max_seq_len=128, dtype="float32", norm_eps=1e-6)  # fmt: skip
 
 
-def test_config_round_trips():
-    assert model_config_from_hf(hf_config_from_model(CFG), CFG) == CFG
-    tied = dataclasses.replace(CFG, tie_embeddings=True, n_kv_heads=None)
-    assert model_config_from_hf(hf_config_from_model(tied), tied).kv_heads == 4
+@pytest.mark.parametrize("shape", SHAPES)
+def test_config_round_trips(shape):
+    cfg = SHAPES[shape]
+    assert model_config_from_hf(hf_config_from_model(cfg), cfg) == dataclasses.replace(
+        cfg, preset=None
+    )
 
 
-def test_transformers_5_rope_parameters_and_unsupported_scaling():
+@pytest.mark.parametrize("shape", SHAPES)
+def test_hf_to_ours_to_hf_reproduces_every_tensor_exactly(shape, tmp_path):
+    from safetensors.numpy import load_file
+
+    cfg = SHAPES[shape]
+    hf_model(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    saved = load_file(tmp_path / "model.safetensors")  # what transformers writes (tied: no lm_head)
+    loaded_cfg, params = load_hf_dir(str(tmp_path), cfg)
+    assert loaded_cfg == dataclasses.replace(cfg, preset=None)
+    back = params_to_hf(params, loaded_cfg)
+    assert sorted(back) == sorted(saved)
+    for name, tensor in saved.items():
+        assert back[name].dtype == tensor.dtype and np.array_equal(back[name], tensor), name
+
+
+def test_hub_style_rope_config_and_unsupported_types():
     cfg = hf_config_from_model(CFG)
     del cfg["rope_theta"]
-    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}  # transformers 5
     assert model_config_from_hf(cfg).rope_theta == 500000.0
-    cfg["rope_parameters"]["rope_type"] = "llama3"
-    with pytest.raises(RecipeError, match="rotary scaling"):
+    llama31 = {**cfg, "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}}  # fmt: skip
+    del llama31["rope_parameters"]
+    got = model_config_from_hf(llama31)
+    assert (got.rope_scaling, got.rope_factor, got.rope_original_max_len) == ("llama3", 8.0, 8192)
+    cfg["rope_parameters"]["rope_type"] = "yarn"
+    with pytest.raises(RecipeError, match="rotary scaling 'yarn' is not supported"):
         model_config_from_hf(cfg)
+    with pytest.raises(RecipeError, match="model_type 'gemma2' is not supported"):
+        model_config_from_hf({**hf_config_from_model(CFG), "model_type": "gemma2"})
 
 
 def test_params_round_trip_through_hf_names():
@@ -73,7 +106,7 @@ def test_load_hf_dir_gives_the_same_logits_as_transformers(tmp_path):
     with torch.no_grad():
         expected = model(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(
-        Llama(cfg).apply({"params": params}, jnp.asarray(tokens)), expected, atol=1e-4
+        Decoder(cfg).apply({"params": params}, jnp.asarray(tokens)), expected, atol=1e-4
     )
 
 
@@ -96,3 +129,30 @@ def test_training_starts_from_an_hf_checkpoint(tiny_recipe, tmp_path):
     # A random HF model over 512 tokens starts near ln(512) = 6.2; the cache and the model agree.
     assert 5.0 < first["loss"] < 8.0
     assert "0.1M params" in output or "0.2M params" in output
+
+
+# family -> (shape, the tokenizer's own chat template, a template FILE for data.chat_template):
+# every way a template is chosen (the tokenizer's, none so tulu, a FILE) is exercised once.
+FAMILY_RUNS = {
+    "llama": ("llama3-gqa-rope-scaling-odd-vocab", "llama3", None),
+    "qwen2": ("qwen2-gqa-tied", "chatml", None),
+    "mistral": ("mistral-gqa-window", None, None),
+    "olmo2": ("olmo2-gqa-tied-odd-vocab", None, OLMO2_TEMPLATE),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILY_RUNS)
+def test_fine_tune_each_family_on_chat_data_then_export(family, tmp_path):
+    shape, own_template, template_file = FAMILY_RUNS[family]
+    source = save_family_dir(tmp_path / "hf", SHAPES[shape], own_template)
+    run = tmp_path / "run"
+    args = [TINY_SFT, f"run_dir={run}", f"model.init_from={source}"]
+    if template_file:
+        (tmp_path / "mine.jinja").write_text(template_file)
+        args.append(f"data.chat_template={tmp_path / 'mine.jinja'}")
+    ((code, output),) = wait_all(launch_trainer(args, 1, 2, tmp_path), timeout=600)
+    assert code == 0, output
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 8 and losses[-1] < losses[0], losses
+    assert_export_matches(run, tmp_path / "out", source)

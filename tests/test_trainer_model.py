@@ -1,4 +1,4 @@
-"""The Flax Llama against Hugging Face transformers' LlamaForCausalLM on the same weights."""
+"""The Flax decoder against transformers' models of each family on the same weights."""
 
 from __future__ import annotations
 
@@ -9,44 +9,60 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trainer.config import ModelConfig
-from trainer.hf import hf_config_from_model, params_from_hf
-from trainer.model import Llama, attention_mask, init_params, positions_from_segments
-
-TINY = ModelConfig(
-    vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_dim=96,
-    max_seq_len=64, dtype="float32", param_dtype="float32", rope_theta=10000.0, norm_eps=1e-6,
-)  # fmt: skip
-
-
-def hf_model(cfg: ModelConfig):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(**hf_config_from_model(cfg), attn_implementation="eager")
-    model = transformers.LlamaForCausalLM(hf_cfg).eval()
-    with torch.no_grad():  # random norms too, so a swapped norm weight would show
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.2 if "norm" not in name else 0.5) + ("norm" in name))
-    return model
-
-
-@pytest.mark.parametrize(
-    ("n_kv_heads", "tie"), [(4, False), (2, False), (1, True)], ids=["mha", "gqa", "mqa-tied"]
+from tests.fixtures_hf import BASE, SHAPES, hf_logits, hf_model, hf_state
+from trainer.hf import params_from_hf
+from trainer.model import (
+    Decoder,
+    attention_mask,
+    init_params,
+    positions_from_segments,
+    rope_inv_freq,
 )
-def test_logits_match_hf_llama_in_float32(n_kv_heads, tie):
-    import torch
 
-    cfg = dataclasses.replace(TINY, n_kv_heads=n_kv_heads, tie_embeddings=tie)
+TINY = BASE
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_logits_match_transformers_in_float32_unpacked_and_packed(shape):
+    cfg = SHAPES[shape]
     model = hf_model(cfg)
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    params = params_from_hf(state, cfg)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24))
-    with torch.no_grad():
-        expected = model(torch.tensor(tokens)).logits.numpy()
-    got = np.asarray(jax.jit(Llama(cfg).apply)({"params": params}, jnp.asarray(tokens)))
+    params = params_from_hf(hf_state(model), cfg)
+    apply = jax.jit(Decoder(cfg).apply)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (2, 24))
+    expected = hf_logits(model, tokens)
     assert np.abs(expected).max() > 1.0  # a meaningful comparison, not two near-zero tensors
+    got = np.asarray(apply({"params": params}, jnp.asarray(tokens)))
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    # Packed: three documents (one longer than the Mistral window) in one row, each of which
+    # must get the logits transformers gives it alone.
+    docs = [rng.integers(0, cfg.vocab_size, n) for n in (13, 5, 10)]
+    segments = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)])[None]
+    packed = np.asarray(
+        apply({"params": params}, jnp.asarray(np.concatenate(docs)[None]), jnp.asarray(segments))
+    )
+    np.testing.assert_allclose(
+        packed[0],
+        np.concatenate([hf_logits(model, d[None])[0] for d in docs]),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+
+
+def test_llama3_rope_scaling_changes_only_the_long_wavelengths():
+    llama31 = dataclasses.replace(BASE, rope_theta=500000.0, rope_scaling="llama3", rope_factor=8.0)
+    plain = rope_inv_freq(dataclasses.replace(llama31, rope_scaling=None))
+    scaled = rope_inv_freq(llama31)
+    assert scaled[0] == plain[0]  # wavelength 2*pi, far under 8192/4: kept
+    np.testing.assert_allclose(scaled[-1], plain[-1] / 8.0, rtol=1e-6)  # far over 8192: divided
+    assert ((scaled <= plain) & (scaled >= plain / 8.0)).all()
+
+
+def test_sliding_window_mask_sees_only_the_window():
+    segments = jnp.ones((1, 6), jnp.int32)
+    mask = attention_mask(segments, window=3)[0, 0]
+    assert mask[5].tolist() == [False, False, False, True, True, True]
+    assert mask[1].tolist() == [True, True, False, False, False, False]
 
 
 def test_packed_documents_do_not_see_each_other():
@@ -56,7 +72,7 @@ def test_packed_documents_do_not_see_each_other():
     doc_a, doc_b = rng.integers(0, 128, 10), rng.integers(0, 128, 6)
     packed = np.concatenate([doc_a, doc_b])[None]
     segments = np.array([[1] * 10 + [2] * 6])
-    apply = jax.jit(Llama(cfg).apply)
+    apply = jax.jit(Decoder(cfg).apply)
     logits_packed = apply({"params": params}, packed, segments)
     logits_b = apply({"params": params}, doc_b[None])
     np.testing.assert_allclose(logits_packed[0, 10:], logits_b[0], atol=1e-5)
@@ -66,9 +82,9 @@ def test_chunked_attention_matches_whole_sequence_attention_with_packing():
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 128, (2, 32)))
     segments = jnp.asarray([[1] * 20 + [2] * 12, [1] * 7 + [2] * 21 + [0] * 4])
     params = init_params(TINY, jax.random.key(0))
-    whole = Llama(TINY).apply({"params": params}, tokens, segments)
+    whole = Decoder(TINY).apply({"params": params}, tokens, segments)
     chunked_cfg = dataclasses.replace(TINY, attention_chunk=8, scan_unroll=2)
-    chunked = Llama(chunked_cfg).apply({"params": params}, tokens, segments)
+    chunked = Decoder(chunked_cfg).apply({"params": params}, tokens, segments)
     np.testing.assert_allclose(chunked, whole, atol=1e-5)
 
 
@@ -85,7 +101,7 @@ def test_bfloat16_compute_keeps_float32_master_weights():
     cfg = dataclasses.replace(TINY, dtype="bfloat16", param_dtype="float32")
     params = init_params(cfg, jax.random.key(0))
     assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype("float32")}
-    logits = Llama(cfg).apply({"params": params}, jnp.zeros((1, 8), jnp.int32))
+    logits = Decoder(cfg).apply({"params": params}, jnp.zeros((1, 8), jnp.int32))
     assert logits.dtype == jnp.bfloat16
 
 
@@ -94,7 +110,7 @@ def test_remat_gives_the_same_gradients():
     params = init_params(TINY, jax.random.key(0))
 
     def grads(cfg):
-        loss = lambda p: Llama(cfg).apply({"params": p}, tokens).sum()  # noqa: E731
+        loss = lambda p: Decoder(cfg).apply({"params": p}, tokens).sum()  # noqa: E731
         return jax.grad(loss)(params)
 
     plain, remat = grads(TINY), grads(dataclasses.replace(TINY, remat=True))

@@ -44,6 +44,17 @@ def test_every_parameter_is_sharded_by_its_rule():
     assert wq.shape == (2, 64, 64) and wq.addressable_shards[0].data.shape == (2, 16, 32)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "olmo2"])
+def test_each_family_new_parameter_has_a_rule(family):
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    specs = sharding.param_specs(abstract_params(dataclasses.replace(CFG, family=family)), mesh)
+    attn = specs["layers"]["attn"]
+    if family == "qwen2":
+        assert attn["wq"]["bias"] == attn["wk"]["bias"] == P(None, "tensor")
+    else:
+        assert attn["q_norm"]["weight"] == attn["k_norm"]["weight"] == P(None, None)
+
+
 def test_a_parameter_without_a_rule_is_an_error_not_replicated():
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4))
     rules = [r for r in sharding.DEFAULT_RULES if "lm_head" not in r[0]]

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from trainer import io, yaml_input
+from trainer.models import FAMILIES
 
 
 class RecipeError(ValueError):
@@ -37,10 +38,12 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Llama-family decoder dimensions. `preset` fills the dimensions you leave out."""
+    """Decoder family and dimensions. `preset` fills the ones you leave out; `init_from` sets
+    them all from the checkpoint's config.json."""
 
     preset: str | None = None
-    init_from: str | None = None  # a Hugging Face Llama directory (config.json + safetensors)
+    init_from: str | None = None  # a Hugging Face model directory (config.json + safetensors)
+    family: str = "llama"  # llama | qwen2 | mistral | olmo2 (python -m trainer.models)
     vocab_size: int = 32000
     dim: int = 4096
     n_layers: int = 32
@@ -51,6 +54,14 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    rope_scaling: str | None = None  # "llama3": Llama 3.1/3.2 frequency-dependent scaling
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    sliding_window: int | None = (
+        None  # mistral: each token sees at most this many (itself included)
+    )
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"  # master weights and optimizer state
     remat: bool = False  # recompute each layer's activations in the backward pass
@@ -68,6 +79,18 @@ class ModelConfig:
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
+    @property
+    def qkv_bias(self) -> bool:
+        return FAMILIES[self.family].qkv_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        return FAMILIES[self.family].qk_norm
+
+    @property
+    def post_norms(self) -> bool:
+        return FAMILIES[self.family].post_norms
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=192,
@@ -80,12 +103,33 @@ PRESETS: dict[str, dict[str, Any]] = {
                        max_seq_len=4096),
     "llama2-70b": dict(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
                        mlp_dim=28672, max_seq_len=4096),
+    "llama3.1-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                        mlp_dim=14336, max_seq_len=131072, rope_theta=500000.0,
+                        rope_scaling="llama3", rope_factor=8.0),
+    "llama3.2-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                        mlp_dim=8192, max_seq_len=131072, rope_theta=500000.0,
+                        rope_scaling="llama3", rope_factor=32.0, tie_embeddings=True),
+    "llama3.2-3b": dict(vocab_size=128256, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8,
+                        mlp_dim=8192, max_seq_len=131072, rope_theta=500000.0,
+                        rope_scaling="llama3", rope_factor=32.0, tie_embeddings=True),
+    "qwen2.5-0.5b": dict(family="qwen2", vocab_size=151936, dim=896, n_layers=24, n_heads=14,
+                         n_kv_heads=2, mlp_dim=4864, max_seq_len=32768, rope_theta=1000000.0,
+                         norm_eps=1e-6, tie_embeddings=True),
+    "qwen2.5-7b": dict(family="qwen2", vocab_size=152064, dim=3584, n_layers=28, n_heads=28,
+                       n_kv_heads=4, mlp_dim=18944, max_seq_len=32768, rope_theta=1000000.0,
+                       norm_eps=1e-6),
+    "mistral-7b": dict(family="mistral", vocab_size=32768, dim=4096, n_layers=32, n_heads=32,
+                       n_kv_heads=8, mlp_dim=14336, max_seq_len=32768, rope_theta=1000000.0),
+    "olmo2-7b": dict(family="olmo2", vocab_size=100352, dim=4096, n_layers=32, n_heads=32,
+                     mlp_dim=11008, max_seq_len=4096, rope_theta=500000.0, norm_eps=1e-6),
 }  # fmt: skip
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    path: str = ""  # a sentencepiece tokenizer.model (local or gs://)
+    # a sentencepiece tokenizer.model, a Hugging Face tokenizer.json, or a directory holding one
+    # (local or gs://); empty: model.init_from's directory (trainer/tokenizer.py)
+    path: str = ""
     add_bos: bool = True
     add_eos: bool = True
 
@@ -112,6 +156,8 @@ class DataConfig:
     eval: list[DatasetConfig] = field(default_factory=list)
     format: str = "text"  # text | chat | prompt_completion
     text_field: str = "text"
+    # chat: tulu | llama3 | chatml | a Jinja FILE; default the tokenizer's own, else tulu
+    chat_template: str | None = None
     cache_dir: str | None = None  # default: {run_dir}/data_cache
     cache_memory_mb: int = 1024  # rows buffered while building the cache, over all its workers
     cache_workers: int = 0  # tokenising processes per host; 0: one per core
@@ -355,7 +401,7 @@ def _resolve_local_paths(recipe: Recipe, source: str) -> Recipe:
     base = Path(source).parent if "://" not in source else None
 
     def resolve(path: str) -> str:
-        if ":" in path or os.path.isabs(path) or os.path.exists(path) or base is None:
+        if not path or ":" in path or os.path.isabs(path) or os.path.exists(path) or base is None:
             return path  # URIs, hf: names, absolute paths, paths from the working directory
         candidate = base / path
         found = glob.glob(str(candidate)) if io.has_glob(path) else candidate.exists()
@@ -364,17 +410,24 @@ def _resolve_local_paths(recipe: Recipe, source: str) -> Recipe:
     def resolve_entries(entries: list[DatasetConfig]) -> list[DatasetConfig]:
         return [dataclasses.replace(e, path=[resolve(p) for p in e.path]) for e in entries]
 
-    data = recipe.data
+    data, init_from = recipe.data, recipe.model.init_from
+    init_from = resolve(init_from) if init_from else None
+    template = data.chat_template
+    if template is not None and template not in CHAT_TEMPLATE_NAMES:
+        template = resolve(template)
     return dataclasses.replace(
         recipe,
-        tokenizer=dataclasses.replace(recipe.tokenizer, path=resolve(recipe.tokenizer.path)),
+        # model.init_from implies its directory's tokenizer
+        tokenizer=dataclasses.replace(
+            recipe.tokenizer, path=resolve(recipe.tokenizer.path) or init_from or ""
+        ),
         data=dataclasses.replace(
-            data, train=resolve_entries(data.train), eval=resolve_entries(data.eval)
+            data,
+            train=resolve_entries(data.train),
+            eval=resolve_entries(data.eval),
+            chat_template=template,
         ),
-        model=dataclasses.replace(
-            recipe.model,
-            init_from=resolve(recipe.model.init_from) if recipe.model.init_from else None,
-        ),
+        model=dataclasses.replace(recipe.model, init_from=init_from),
     )
 
 
@@ -404,6 +457,18 @@ def _validate_model(model: ModelConfig) -> None:
         raise RecipeError(
             f"model.n_heads ({model.n_heads}) must be a multiple of model.n_kv_heads ({model.kv_heads})"
         )
+    if model.family not in FAMILIES:
+        raise RecipeError(
+            f"model.family: {model.family!r} is not supported; use one of {', '.join(FAMILIES)}"
+        )
+    scalings = FAMILIES[model.family].rope_scaling
+    if model.rope_scaling is not None and model.rope_scaling not in scalings:
+        raise RecipeError(
+            f"model.rope_scaling: {model.rope_scaling!r} is not supported for {model.family}; "
+            f"use {' or '.join([*scalings, 'null'])}"
+        )
+    if model.sliding_window is not None and model.sliding_window <= 0:
+        raise RecipeError(f"model.sliding_window must be positive, got {model.sliding_window}")
     for name in ("dtype", "param_dtype"):
         if getattr(model, name) not in ("float32", "bfloat16", "float16"):
             raise RecipeError(
@@ -430,6 +495,8 @@ def _validate_train(train: TrainConfig, model: ModelConfig) -> None:
             f"train.seq_len ({train.seq_len}) exceeds model.max_seq_len ({model.max_seq_len}): lower it or raise max_seq_len"
         )
 
+
+CHAT_TEMPLATE_NAMES = ("tulu", "llama3", "chatml")  # trainer/chat.py; anything else is a FILE
 
 CHOICES = {
     "data.format": ("text", "chat", "prompt_completion"),
@@ -485,9 +552,15 @@ def _validate_entry(entry: DatasetConfig, key: str) -> None:
 
 
 def _validate_files(recipe: Recipe) -> None:
-    if not recipe.tokenizer.path and recipe.model.init_from is None:
-        raise RecipeError("tokenizer.path: set it to a sentencepiece tokenizer.model file")
-    checks = [("tokenizer.path", recipe.tokenizer.path)] if recipe.tokenizer.path else []
+    if not recipe.tokenizer.path:
+        raise RecipeError(
+            "tokenizer.path: set it to a tokenizer.model, a tokenizer.json or a model directory "
+            "(or set model.init_from, whose directory holds one)"
+        )
+    checks = [("tokenizer.path", recipe.tokenizer.path)]
+    template = recipe.data.chat_template
+    if template is not None and template not in CHAT_TEMPLATE_NAMES:
+        checks.append(("data.chat_template", template))
     for split in ("train", "eval"):
         for i, entry in enumerate(getattr(recipe.data, split)):
             checks += [(f"data.{split}[{i}]", p) for p in entry.path if not p.startswith("hf:")]

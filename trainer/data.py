@@ -16,53 +16,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainer import io
-from trainer.config import DataConfig, RecipeError, TokenizerConfig
-
-CHAT_TEMPLATE = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
-
-
-class Tokenizer:
-    """A sentencepiece model plus the recipe's BOS/EOS choices."""
-
-    def __init__(self, cfg: TokenizerConfig):
-        import sentencepiece as spm
-
-        path = io.local_copy(cfg.path) if "://" in cfg.path else cfg.path
-        self.sp = spm.SentencePieceProcessor(model_file=path)
-        self.cfg = cfg
-
-    @property
-    def vocab_size(self) -> int:
-        return self.sp.vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.sp.decode(list(ids))
-
-    def bos(self) -> list[int]:
-        return [self.sp.bos_id()] if self.cfg.add_bos and self.sp.bos_id() >= 0 else []
-
-    def eos(self) -> list[int]:
-        return [self.sp.eos_id()] if self.cfg.add_eos and self.sp.eos_id() >= 0 else []
+from trainer import chat, io, tokenizer
+from trainer.config import CHAT_TEMPLATE_NAMES, DataConfig, RecipeError, TokenizerConfig
+from trainer.tokenizer import Tokenizer, bos, eos
 
 
 def tokenize(record: object, tok: Tokenizer, cfg: DataConfig) -> tuple[list[int], list[int]]:
     """(tokens, loss flags) of one example; flags are 1 on tokens the model should learn to emit."""
     if cfg.format == "text":
         text = record if isinstance(record, str) else _field(record, cfg.text_field)
-        tokens = tok.bos() + tok.encode(text) + tok.eos()
+        tokens = bos(tok) + tok.encode(text) + eos(tok)
         return tokens, [1] * len(tokens)
     if cfg.format == "prompt_completion":
         prompt, completion = _prompt_completion(record)
         prompt_ids, completion_ids = (
-            tok.bos() + tok.encode(prompt),
-            tok.encode(completion) + tok.eos(),
+            bos(tok) + tok.encode(prompt),
+            tok.encode(completion) + eos(tok),
         )
         return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
-    return _tokenize_chat(record, tok)
+    return chat.tokenize_chat(record, tok, chat.template_source(cfg.chat_template, tok))
 
 
 def _field(record: object, name: str) -> str:
@@ -82,26 +54,6 @@ def _prompt_completion(record: object) -> tuple[str, str]:
     raise RecipeError(
         "data.format prompt_completion: records need prompt+completion or instruction(+input)+output"
     )
-
-
-def _tokenize_chat(record: object, tok: Tokenizer) -> tuple[list[int], list[int]]:
-    messages = record.get("messages") if isinstance(record, dict) else None
-    if not isinstance(messages, list):
-        raise RecipeError("data.format chat: records need a 'messages' list of {role, content}")
-    tokens, flags = tok.bos(), [0] * len(tok.bos())
-    for message in messages:
-        role = message.get("role")
-        if role not in CHAT_TEMPLATE:
-            raise RecipeError(
-                f"data.format chat: unknown role {role!r}; use system, user or assistant"
-            )
-        header = tok.encode(CHAT_TEMPLATE[role])
-        body = tok.encode(str(message.get("content", "")))
-        body += tok.eos() if role == "assistant" else tok.encode("\n")
-        learn = 1 if role == "assistant" else 0
-        tokens += header + body
-        flags += [0] * len(header) + [learn] * len(body)
-    return tokens, flags
 
 
 @dataclass(frozen=True)
@@ -202,10 +154,13 @@ def row_bytes(row_len: int) -> int:
     return sum(np.dtype(d).itemsize for d in ROW_DTYPES) * row_len
 
 
-def tokenizer_key(cfg: TokenizerConfig) -> str:
-    """What of the tokenizer goes into a cache key: its file's bytes and the BOS/EOS choices."""
-    h = hashlib.sha256(io.read_bytes(cfg.path))
-    h.update(repr((cfg.add_bos, cfg.add_eos)).encode())
+def tokenizer_key(cfg: TokenizerConfig, data_cfg: DataConfig) -> str:
+    """What of the rendering goes into a cache key: the tokenizer's files, the BOS/EOS choices
+    and the chat template (a template FILE by its bytes)."""
+    h = hashlib.sha256(tokenizer.fingerprint(cfg.path))
+    h.update(repr((cfg.add_bos, cfg.add_eos, data_cfg.chat_template)).encode())
+    if data_cfg.chat_template not in (None, *CHAT_TEMPLATE_NAMES):
+        h.update(io.read_bytes(data_cfg.chat_template))
     return h.hexdigest()
 
 

@@ -1,5 +1,6 @@
-"""`python -m trainer.export RUN_DIR OUT_DIR [--step N]`: a checkpoint as a Hugging Face Llama
-directory (config.json, safetensors shards, tokenizer.model) that transformers loads.
+"""`python -m trainer.export RUN_DIR OUT_DIR [--step N]`: a checkpoint as a Hugging Face
+directory of its family (config.json with its model_type and architectures, safetensors shards
+with its tensor names, the tokenizer's files) that `AutoModelForCausalLM.from_pretrained` loads.
 
 RUN_DIR and OUT_DIR may be local or gs://. Only the parameters are read, on this host's CPU,
 whatever mesh saved them. Errors print one `error: ...` line and exit 2.
@@ -17,6 +18,7 @@ import numpy as np
 
 from trainer import io
 from trainer.config import ModelConfig, RecipeError, TrainerError
+from trainer.tokenizer import tokenizer_files
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 SINGLE_FILE = "model.safetensors"
@@ -47,8 +49,8 @@ def write_hf_dir(
     tokenizer_path: str | None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> list[str]:
-    """Write config.json, safetensors shards (+ index when more than one) and tokenizer.model
-    into a local directory; returns the file names written."""
+    """Write config.json, safetensors shards (+ index when more than one) and the files of the
+    tokenizer at `tokenizer_path` into a local directory; returns the file names written."""
     from safetensors.numpy import save_file
 
     os.makedirs(out_dir, exist_ok=True)
@@ -72,10 +74,11 @@ def write_hf_dir(
         written.append(INDEX_FILE)
     _write_json(os.path.join(out_dir, "config.json"), hf_config)
     written.append("config.json")
-    if tokenizer_path:
-        with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
-            f.write(io.read_bytes(tokenizer_path))
-        written.append("tokenizer.model")
+    for source in tokenizer_files(tokenizer_path) if tokenizer_path else []:
+        name = source.rsplit("/", 1)[-1]
+        with open(os.path.join(out_dir, name), "wb") as f:
+            f.write(io.read_bytes(source))
+        written.append(name)
     return written
 
 

@@ -1,9 +1,9 @@
-"""Hugging Face Llama <-> our parameters and ModelConfig.
+"""Hugging Face checkpoints of each family (trainer/models.py) <-> our parameters and ModelConfig.
 
 HF stores each linear layer as weight[out, in] per layer (`model.layers.{i}.self_attn.q_proj.weight`);
 we store kernel[in, out] stacked over layers (`layers/attn/wq/kernel` of shape [L, in, out]).
-Pure numpy, so conversion needs no devices; `load_hf_dir` reads config.json + *.safetensors
-(local or gs://) for `model.init_from`.
+The family is config.json's `model_type`. Pure numpy, so conversion needs no devices;
+`load_hf_dir` reads config.json + *.safetensors (local or gs://) for `model.init_from`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from trainer.config import ModelConfig, RecipeError
+from trainer.models import FAMILIES
 
 # (our path inside a layer, HF name inside `model.layers.{i}.`, is a linear weight to transpose)
-LAYER_TENSORS = [
+LINEAR_TENSORS = [
     (("attn", "wq", "kernel"), "self_attn.q_proj.weight", True),
     (("attn", "wk", "kernel"), "self_attn.k_proj.weight", True),
     (("attn", "wv", "kernel"), "self_attn.v_proj.weight", True),
@@ -26,9 +27,31 @@ LAYER_TENSORS = [
     (("mlp", "gate", "kernel"), "mlp.gate_proj.weight", True),
     (("mlp", "up", "kernel"), "mlp.up_proj.weight", True),
     (("mlp", "down", "kernel"), "mlp.down_proj.weight", True),
+]
+PRE_NORMS = [
     (("attn_norm", "weight"), "input_layernorm.weight", False),
     (("mlp_norm", "weight"), "post_attention_layernorm.weight", False),
 ]
+POST_NORMS = [  # OLMo 2: the same two norms of ours, applied after each sublayer
+    (("attn_norm", "weight"), "post_attention_layernorm.weight", False),
+    (("mlp_norm", "weight"), "post_feedforward_layernorm.weight", False),
+]
+QKV_BIASES = [
+    (("attn", "wq", "bias"), "self_attn.q_proj.bias", False),
+    (("attn", "wk", "bias"), "self_attn.k_proj.bias", False),
+    (("attn", "wv", "bias"), "self_attn.v_proj.bias", False),
+]
+QK_NORMS = [
+    (("attn", "q_norm", "weight"), "self_attn.q_norm.weight", False),
+    (("attn", "k_norm", "weight"), "self_attn.k_norm.weight", False),
+]
+
+
+def layer_tensors(model_cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, bool]]:
+    """The per-layer tensors of `model_cfg`'s family."""
+    tensors = LINEAR_TENSORS + (POST_NORMS if model_cfg.post_norms else PRE_NORMS)
+    tensors += QKV_BIASES if model_cfg.qkv_bias else []
+    return tensors + (QK_NORMS if model_cfg.qk_norm else [])
 
 
 def params_from_hf(state_dict: dict[str, Any], model_cfg: ModelConfig) -> dict:
@@ -41,7 +64,7 @@ def params_from_hf(state_dict: dict[str, Any], model_cfg: ModelConfig) -> dict:
         return np.asarray(state_dict[name], dtype=np.float32).astype(dtype)
 
     layers: dict = {}
-    for path, hf_name, transpose in LAYER_TENSORS:
+    for path, hf_name, transpose in layer_tensors(model_cfg):
         per_layer = [get(f"model.layers.{i}.{hf_name}") for i in range(model_cfg.n_layers)]
         stacked = np.stack([w.T if transpose else w for w in per_layer])
         _set(layers, path, stacked)
@@ -61,7 +84,7 @@ def params_to_hf(params: dict, model_cfg: ModelConfig) -> dict[str, np.ndarray]:
         "model.embed_tokens.weight": _np(params["embed"]["embedding"]),
         "model.norm.weight": _np(params["norm"]["weight"]),
     }
-    for path, hf_name, transpose in LAYER_TENSORS:
+    for path, hf_name, transpose in layer_tensors(model_cfg):
         stacked = _np(_get(params["layers"], path))
         for i in range(model_cfg.n_layers):
             out[f"model.layers.{i}.{hf_name}"] = np.ascontiguousarray(
@@ -73,16 +96,23 @@ def params_to_hf(params: dict, model_cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 
 def model_config_from_hf(cfg: dict[str, Any], base: ModelConfig | None = None) -> ModelConfig:
-    """Our ModelConfig from an HF Llama config.json dict; dtypes etc. come from `base`."""
-    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise RecipeError("model.init_from: only Llama models (silu MLP, no biases) are supported")
-    rope = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    if (rope.get("rope_type") or scaling.get("rope_type") or "default") != "default":
+    """Our ModelConfig from an HF config.json dict of a supported family; dtypes etc. come from
+    `base`."""
+    family = cfg.get("model_type", "llama")
+    if family not in FAMILIES:
         raise RecipeError(
-            "model.init_from: rotary scaling (e.g. Llama 3.1 'llama3') is not supported yet"
+            f"model.init_from: model_type {family!r} is not supported; "
+            f"the trainer implements {', '.join(FAMILIES)} (python -m trainer.models)"
         )
+    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise RecipeError(
+            f"model.init_from: this {family} config has a non-silu MLP or extra biases, which "
+            "the trainer does not implement"
+        )
+    if cfg.get("use_sliding_window"):
+        raise RecipeError("model.init_from: Qwen2 use_sliding_window is not supported")
     dims = dict(
+        family=family,
         vocab_size=cfg["vocab_size"],
         dim=cfg["hidden_size"],
         n_layers=cfg["num_hidden_layers"],
@@ -90,9 +120,10 @@ def model_config_from_hf(cfg: dict[str, Any], base: ModelConfig | None = None) -
         n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
         mlp_dim=cfg["intermediate_size"],
         max_seq_len=cfg.get("max_position_embeddings", 4096),
-        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        sliding_window=cfg.get("sliding_window") if FAMILIES[family].sliding_window else None,
+        **_rope_from_hf(cfg),
     )
     head_dim = cfg.get("head_dim")
     if head_dim and head_dim != dims["dim"] // dims["n_heads"]:
@@ -102,16 +133,41 @@ def model_config_from_hf(cfg: dict[str, Any], base: ModelConfig | None = None) -
     return dataclasses.replace(base or ModelConfig(), preset=None, **dims)
 
 
+def _rope_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Rotary settings from transformers 5's `rope_parameters` or the older `rope_theta` +
+    `rope_scaling` that checkpoints on the Hub carry."""
+    rope = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    out: dict[str, Any] = {"rope_theta": float(rope.get("rope_theta", cfg.get("rope_theta", 1e4)))}
+    if kind == "default":
+        return out
+    if kind != "llama3" or cfg.get("model_type", "llama") != "llama":
+        raise RecipeError(
+            f"model.init_from: rotary scaling {kind!r} is not supported; "
+            "the trainer implements Llama 3's 'llama3' scaling"
+        )
+    return out | dict(
+        rope_scaling="llama3",
+        rope_factor=float(rope["factor"]),
+        rope_low_freq_factor=float(rope["low_freq_factor"]),
+        rope_high_freq_factor=float(rope["high_freq_factor"]),
+        rope_original_max_len=int(rope["original_max_position_embeddings"]),
+    )
+
+
 def hf_config_from_model(model_cfg: ModelConfig) -> dict[str, Any]:
-    """An HF LlamaConfig dict (config.json) describing `model_cfg`."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    """An HF config.json dict of `model_cfg`'s family describing `model_cfg` (the older
+    rope_theta/rope_scaling keys, which transformers 4 and 5 both read)."""
+    family = FAMILIES[model_cfg.family]
+    cfg: dict[str, Any] = {
+        "architectures": [family.architecture],
+        "model_type": family.name,
         "vocab_size": model_cfg.vocab_size,
         "hidden_size": model_cfg.dim,
         "num_hidden_layers": model_cfg.n_layers,
         "num_attention_heads": model_cfg.n_heads,
         "num_key_value_heads": model_cfg.kv_heads,
+        "head_dim": model_cfg.head_dim,
         "intermediate_size": model_cfg.mlp_dim,
         "max_position_embeddings": model_cfg.max_seq_len,
         "rope_theta": model_cfg.rope_theta,
@@ -119,9 +175,24 @@ def hf_config_from_model(model_cfg: ModelConfig) -> dict[str, Any]:
         "tie_word_embeddings": model_cfg.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
-        "mlp_bias": False,
         "torch_dtype": "float32",
     }
+    if model_cfg.family == "llama":
+        cfg["mlp_bias"] = False
+    if model_cfg.family == "qwen2":
+        del cfg["attention_bias"]  # Qwen2's q/k/v biases are not optional
+        cfg["use_sliding_window"] = False
+    if model_cfg.family == "mistral":
+        cfg["sliding_window"] = model_cfg.sliding_window
+    if model_cfg.rope_scaling == "llama3":
+        cfg["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": model_cfg.rope_factor,
+            "low_freq_factor": model_cfg.rope_low_freq_factor,
+            "high_freq_factor": model_cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": model_cfg.rope_original_max_len,
+        }
+    return cfg
 
 
 def load_hf_dir(path: str, base: ModelConfig | None = None) -> tuple[ModelConfig, dict]:

@@ -1,16 +1,21 @@
-"""A Llama-architecture decoder in Flax, numerically the same model as HF LlamaForCausalLM.
+"""The Llama decoder and its families in Flax, numerically the same models as transformers'
+LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM and Olmo2ForCausalLM.
 
-RMSNorm, rotary position embeddings (the "rotate half" layout HF uses), SwiGLU MLP and
-grouped-query attention through `jax.nn.dot_product_attention` (fused where the backend has a
-fused kernel). Layers are stacked with `nn.scan`, so compile time does not grow with depth and
-every layer parameter has a leading layer axis. Packed sequences are supported by segment ids:
-attention never crosses a document boundary and positions restart per document.
+RMSNorm, rotary position embeddings (the "rotate half" layout HF uses, with Llama 3's
+frequency scaling), SwiGLU MLP and grouped-query attention through
+`jax.nn.dot_product_attention` (fused where the backend has a fused kernel). What a family adds
+(trainer/models.py: q/k/v biases, q/k norms, post-norms, a sliding window) is decided when the
+model is traced, so a family pays only for what it uses. Layers are stacked with `nn.scan`, so
+compile time does not grow with depth and every layer parameter has a leading layer axis.
+Packed sequences are supported by segment ids: attention never crosses a document boundary and
+positions restart per document.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from trainer.config import ModelConfig
@@ -31,10 +36,29 @@ class RMSNorm(nn.Module):
         return weight.astype(self.dtype) * normed.astype(self.dtype)
 
 
-def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Rotary frequencies [head_dim / 2] (float32, as transformers computes them), with Llama 3's
+    scaling: long wavelengths divided by `rope_factor`, short ones kept, a smooth blend between."""
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)
+    inv_freq = (1.0 / np.float32(cfg.rope_theta) ** exponents).astype(np.float32)
+    if cfg.rope_scaling != "llama3":
+        return inv_freq
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(
+        wavelen > cfg.rope_original_max_len / low, inv_freq / cfg.rope_factor, inv_freq
+    )
+    smooth = (cfg.rope_original_max_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    medium = (wavelen >= cfg.rope_original_max_len / high) & (
+        wavelen <= cfg.rope_original_max_len / low
+    )
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rotary_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
     """cos/sin tables of shape [batch, seq, 1, head_dim] for integer positions [batch, seq]."""
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -53,17 +77,18 @@ class Attention(nn.Module):
         cfg = self.cfg
         dense = _dense_factory(cfg)
         batch, seq, _ = x.shape
-        q = dense(cfg.n_heads * cfg.head_dim, name="wq")(x).reshape(
-            batch, seq, cfg.n_heads, cfg.head_dim
-        )
-        k = dense(cfg.kv_heads * cfg.head_dim, name="wk")(x).reshape(
-            batch, seq, cfg.kv_heads, cfg.head_dim
-        )
-        v = dense(cfg.kv_heads * cfg.head_dim, name="wv")(x).reshape(
-            batch, seq, cfg.kv_heads, cfg.head_dim
-        )
+        q_BxLxQ = dense(cfg.n_heads * cfg.head_dim, name="wq", bias=cfg.qkv_bias)(x)
+        k_BxLxK = dense(cfg.kv_heads * cfg.head_dim, name="wk", bias=cfg.qkv_bias)(x)
+        v_BxLxK = dense(cfg.kv_heads * cfg.head_dim, name="wv", bias=cfg.qkv_bias)(x)
+        if cfg.qk_norm:  # OLMo 2: over all heads together, before the split into heads
+            q_BxLxQ = _norm(cfg, "q_norm")(q_BxLxQ)
+            k_BxLxK = _norm(cfg, "k_norm")(k_BxLxK)
+        q = q_BxLxQ.reshape(batch, seq, cfg.n_heads, cfg.head_dim)
+        k = k_BxLxK.reshape(batch, seq, cfg.kv_heads, cfg.head_dim)
+        v = v_BxLxK.reshape(batch, seq, cfg.kv_heads, cfg.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = causal_attention(q, k, v, segment_ids, cfg.attention_chunk)
+        window = cfg.sliding_window if cfg.sliding_window and seq > cfg.sliding_window else None
+        out = causal_attention(q, k, v, segment_ids, cfg.attention_chunk, window)
         return dense(cfg.dim, name="wo")(out.reshape(batch, seq, cfg.n_heads * cfg.head_dim))
 
 
@@ -84,14 +109,20 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids):
         cfg = self.cfg
-        dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
-        h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="attn_norm")(x)
-        x = x + Attention(cfg, name="attn")(h, cos, sin, segment_ids)
-        h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="mlp_norm")(x)
-        return x + MLP(cfg, name="mlp")(h), None
+        attn, mlp = Attention(cfg, name="attn"), MLP(cfg, name="mlp")
+        attn_norm, mlp_norm = _norm(cfg, "attn_norm"), _norm(cfg, "mlp_norm")
+        if cfg.post_norms:  # OLMo 2: normalise each sublayer's output, not its input
+            x = x + attn_norm(attn(x, cos, sin, segment_ids))
+            return x + mlp_norm(mlp(x)), None
+        x = x + attn(attn_norm(x), cos, sin, segment_ids)
+        return x + mlp(mlp_norm(x)), None
 
 
-class Llama(nn.Module):
+def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
+    return RMSNorm(cfg.norm_eps, DTYPES[cfg.dtype], DTYPES[cfg.param_dtype], name=name)
+
+
+class Decoder(nn.Module):
     """Call with tokens [batch, seq] (and optionally segment_ids, positions); returns logits."""
 
     cfg: ModelConfig
@@ -113,7 +144,7 @@ class Llama(nn.Module):
             name="embed",
         )
         x = embed(tokens)
-        cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rotary_tables(positions, rope_inv_freq(cfg))
         block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
         layers = nn.scan(
             block,
@@ -124,17 +155,17 @@ class Llama(nn.Module):
             unroll=cfg.scan_unroll,
         )(cfg, name="layers")
         x, _ = layers(x, cos, sin, segment_ids)
-        x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="norm")(x)
+        x = _norm(cfg, "norm")(x)
         if cfg.tie_embeddings:
             return embed.attend(x)
         return _dense_factory(cfg)(cfg.vocab_size, name="lm_head")(x)
 
 
 def _dense_factory(cfg: ModelConfig):
-    def dense(features: int, name: str) -> nn.Dense:
+    def dense(features: int, name: str, bias: bool = False) -> nn.Dense:
         return nn.Dense(
             features,
-            use_bias=False,
+            use_bias=bias,
             dtype=DTYPES[cfg.dtype],
             param_dtype=DTYPES[cfg.param_dtype],
             kernel_init=nn.initializers.normal(cfg.init_std),
@@ -155,27 +186,31 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     return index - last_start
 
 
-def attention_mask(segment_ids: jax.Array, queries: slice | None = None) -> jax.Array:
+def attention_mask(
+    segment_ids: jax.Array, queries: slice | None = None, window: int | None = None
+) -> jax.Array:
     """Causal same-document mask [batch, 1, queries, keys] for the query rows `queries` (all by
-    default) against the keys up to the last of them; padding (segment 0) sees padding only."""
+    default) against the keys up to the last of them; padding (segment 0) sees padding only.
+    With `window`, a query sees only the `window` keys ending at itself (Mistral)."""
     queries = queries or slice(0, segment_ids.shape[-1])
     position = jnp.arange(queries.stop)
-    causal = position[queries, None] >= position[None, :]
+    distance = position[queries, None] - position[None, :]
+    visible = distance >= 0 if window is None else (distance >= 0) & (distance < window)
     same = segment_ids[:, queries, None] == segment_ids[:, None, : queries.stop]
-    return (same & causal)[:, None]
+    return (same & visible)[:, None]
 
 
-def causal_attention(q, k, v, segment_ids, chunk: int) -> jax.Array:
+def causal_attention(q, k, v, segment_ids, chunk: int, window: int | None = None) -> jax.Array:
     """Causal attention within documents; with `chunk`, query chunk i only attends to keys
     [0, (i + 1) * chunk), so the fully masked blocks are neither computed nor stored."""
     seq = q.shape[1]
     if not chunk or chunk >= seq or seq % chunk:
-        return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids))
+        return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids, None, window))
     outputs = []
     for start in range(0, seq, chunk):
         rows = slice(start, start + chunk)
         keys = slice(0, start + chunk)
-        mask = attention_mask(segment_ids, rows)
+        mask = attention_mask(segment_ids, rows, window)
         outputs.append(jax.nn.dot_product_attention(q[:, rows], k[:, keys], v[:, keys], mask=mask))
     return jnp.concatenate(outputs, axis=1)
 
@@ -187,4 +222,4 @@ def count_params(params) -> int:
 def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
     """Parameters for `cfg` (use under jax.jit with out_shardings to create them sharded)."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    return Llama(cfg).init(rng, tokens)["params"]
+    return Decoder(cfg).init(rng, tokens)["params"]

@@ -22,7 +22,9 @@ from trainer.config import MESH_AXES, MeshConfig, RecipeError, mesh_shape
 DEFAULT_RULES: list[tuple[str, tuple]] = [
     (r"embed/embedding", ("tensor", "fsdp")),
     (r"layers/attn/(wq|wk|wv)/kernel", (None, "fsdp", "tensor")),
+    (r"layers/attn/(wq|wk|wv)/bias", (None, "tensor")),  # qwen2
     (r"layers/attn/wo/kernel", (None, "tensor", "fsdp")),
+    (r"layers/attn/(q_norm|k_norm)/weight", (None, None)),  # olmo2: small, kept whole
     (r"layers/mlp/(gate|up)/kernel", (None, "fsdp", "tensor")),
     (r"layers/mlp/down/kernel", (None, "tensor", "fsdp")),
     (r"layers/(attn_norm|mlp_norm)/weight", (None, None)),

@@ -29,8 +29,9 @@ from trainer import cache, data, io, metrics, sharding
 from trainer.checkpoint import EXIT_PREEMPTED, Checkpointer, CheckpointError
 from trainer.config import Recipe, RecipeError, TrainerError, check_batch_divisible, mesh_shape
 from trainer.mixture import Mixture
-from trainer.model import Llama, count_params, init_params
+from trainer.model import Decoder, count_params, init_params
 from trainer.optim import make_optimizer
+from trainer.tokenizer import load_tokenizer
 
 
 @flax.struct.dataclass
@@ -156,7 +157,7 @@ def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = Non
     check_batch_divisible(recipe.train, mesh_shape(recipe.mesh, jax.device_count()))
     total_steps = recipe.train.steps or math.ceil(recipe.train.epochs * train_set.steps_per_epoch())
     optimizer, schedule = make_optimizer(recipe.optimizer, total_steps)
-    model = Llama(recipe.model)
+    model = Decoder(recipe.model)
 
     def fresh_state(rng):
         init_rng, state_rng = jax.random.split(rng)
@@ -210,10 +211,10 @@ def prepare_data(recipe: Recipe, split: str, shuffle: bool) -> Mixture:
     entries = getattr(recipe.data, split)
     where = f"data.{split}"
     row_len = recipe.train.seq_len + 1
-    key = data.tokenizer_key(recipe.tokenizer)
+    key = data.tokenizer_key(recipe.tokenizer, recipe.data)
     caches = cache.plan(entries, where, recipe.data_cache_dir, key, recipe.data, row_len)
     settings = cache.Settings(
-        tokenizer=functools.partial(data.Tokenizer, recipe.tokenizer),
+        tokenizer=functools.partial(load_tokenizer, recipe.tokenizer),
         tokenizer_key=key,
         data=recipe.data,
         row_len=row_len,
@@ -259,7 +260,7 @@ def load_initial_params(recipe: Recipe) -> tuple[Recipe, Any]:
 
 
 def check_tokenizer(recipe: Recipe) -> None:
-    vocab = data.Tokenizer(recipe.tokenizer).vocab_size
+    vocab = load_tokenizer(recipe.tokenizer).vocab_size
     if vocab > recipe.model.vocab_size:
         raise RecipeError(
             f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's {vocab} pieces; raise it"

@@ -146,6 +146,8 @@ def resolved_recipe_yaml(recipe: Any) -> str:
     never into a file that everyone who can read the bucket can read."""
     import yaml
 
+    from trainer.config import CHAT_TEMPLATE_NAMES
+
     data = dataclasses.asdict(recipe)
     data["env"] = dict.fromkeys(recipe.env)
     for *parents, leaf in _PATH_KEYS:
@@ -155,6 +157,9 @@ def resolved_recipe_yaml(recipe: Any) -> str:
     for *parents, leaf in _PATH_LIST_KEYS:
         section = _section(data, parents)
         section[leaf] = [_absolute(p) for p in section.get(leaf) or []]
+    template = data["data"].get("chat_template")
+    if template and template not in CHAT_TEMPLATE_NAMES:  # a FILE, not a built-in's name
+        data["data"]["chat_template"] = _absolute(template)
     return yaml.safe_dump(data, sort_keys=False)
 
 

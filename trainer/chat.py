@@ -1,0 +1,167 @@
+"""Chat conversations as tokens and loss flags, rendered with the model's own chat template.
+
+The template is `data.chat_template` when the recipe names one (`tulu`, `llama3`, `chatml` or
+a Jinja FILE), else the tokenizer's own `chat_template`, else `tulu` (the trainer's original
+`<|user|>` format). Jinja templates are rendered as transformers' `apply_chat_template` renders
+them (the same sandboxed environment, filters and variables: `messages`,
+`add_generation_prompt`, `bos_token`, `eos_token`, ...) and the whole text is tokenised once,
+so the tokens equal `apply_chat_template(messages, tokenize=True)`.
+
+Only assistant turns are learned. Where each one lies in the text is found by rendering
+prefixes, never by searching for strings: assistant turn i is the text that rendering
+messages[:i + 1] adds to rendering messages[:i] with the generation prompt, trailing whitespace
+after its end-of-turn token excluded. A token is learned when it overlaps such a span.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+
+from trainer import io
+from trainer.config import CHAT_TEMPLATE_NAMES, RecipeError
+from trainer.tokenizer import Tokenizer, bos, eos
+
+TULU_HEADERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
+# Meta's Llama 3 template and Qwen's ChatML, without their tool-calling branches.
+JINJA_TEMPLATES = {
+    "llama3": (
+        "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' %}"
+        "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+        "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+        "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+}
+assert set(CHAT_TEMPLATE_NAMES) == {"tulu", *JINJA_TEMPLATES}
+
+Spans = list[tuple[int, int]]
+
+
+def template_source(name: str | None, tok: Tokenizer) -> str | None:
+    """The Jinja source that `data.chat_template: name` selects for `tok`; None means tulu."""
+    if name is None:
+        return tok.chat_template
+    if name == "tulu":
+        return None
+    return JINJA_TEMPLATES.get(name) or _read_template(name)
+
+
+@lru_cache(maxsize=8)
+def _read_template(path: str) -> str:
+    return io.read_text(path)
+
+
+def tokenize_chat(
+    record: object, tok: Tokenizer, template: str | None
+) -> tuple[list[int], list[int]]:
+    """(tokens, loss flags) of one `{"messages": [...]}` record under Jinja `template` (None:
+    tulu); flags are 1 exactly on assistant content and its end-of-turn token."""
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise RecipeError("data.format chat: records need a 'messages' list of {role, content}")
+    if template is None:
+        return _tokenize_tulu(messages, tok)
+    text, spans = render_with_spans(template, messages, tok.special_tokens)
+    ids, offsets = tok.encode_with_offsets(text)
+    flags = [int(any(a < span_end and b > span_start for span_start, span_end in spans))
+             for a, b in offsets]  # fmt: skip
+    return ids, flags
+
+
+def render(template: str, messages: list[dict], special_tokens: dict[str, str],
+           add_generation_prompt: bool = False) -> str:  # fmt: skip
+    """The text of `messages` as transformers' apply_chat_template renders it."""
+    try:
+        return _compile(template).render(
+            messages=messages,
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **special_tokens,
+        )
+    except Exception as e:  # jinja2's TemplateError, and what templates raise on bad input
+        raise RecipeError(f"data.chat_template: rendering a conversation failed: {e}") from e
+
+
+def render_with_spans(
+    template: str, messages: list[dict], special_tokens: dict[str, str]
+) -> tuple[str, Spans]:
+    """The rendered conversation and the character span of each assistant turn in it."""
+    text = render(template, messages, special_tokens)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before = render(template, messages[:i], special_tokens, add_generation_prompt=True)
+        through = render(template, messages[: i + 1], special_tokens)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise RecipeError(
+                "data.chat_template: this template renders a conversation's turns differently "
+                "from its prefixes, so assistant turns cannot be located; name another template"
+            )
+        spans.append((len(before), max(len(before), len(through.rstrip()))))
+    return text, spans
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str):
+    """The template in the environment transformers renders chat templates in."""
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask markers) renders
+        its body unchanged: spans come from rendering prefixes here."""
+
+        tags = frozenset({"generation"})
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise RecipeError(f"data.chat_template: not a valid Jinja template ({e})") from e
+
+
+def _tokenize_tulu(messages: list[dict], tok: Tokenizer) -> tuple[list[int], list[int]]:
+    """The trainer's original format: `<|role|>\\n` headers, assistant turns ending in EOS."""
+    tokens, flags = bos(tok), [0] * len(bos(tok))
+    for message in messages:
+        role = message.get("role")
+        if role not in TULU_HEADERS:
+            raise RecipeError(
+                f"data.format chat: unknown role {role!r}; use system, user or assistant"
+            )
+        header = tok.encode(TULU_HEADERS[role])
+        body = tok.encode(str(message.get("content", "")))
+        body += eos(tok) if role == "assistant" else tok.encode("\n")
+        learn = 1 if role == "assistant" else 0
+        tokens += header + body
+        flags += [0] * len(header) + [learn] * len(body)
+    return tokens, flags

@@ -1,0 +1,275 @@
+"""Tokenizers by path: a sentencepiece `tokenizer.model` or a Hugging Face `tokenizer.json`.
+
+`tokenizer.path` names either file, or a directory holding one (the usual Hugging Face model
+directory; `tokenizer.json` is preferred there, as transformers prefers its fast tokenizer);
+local or gs://. A `tokenizer.json` is run by the `tokenizers` library (the Rust tokenizer
+transformers itself uses), with its named special tokens (BOS, EOS, ...), extra added tokens
+and chat template read from the `tokenizer_config.json` / `special_tokens_map.json` /
+`chat_template.jinja` beside it, as `transformers.AutoTokenizer` reads them: token ids equal
+`AutoTokenizer(text, add_special_tokens=False)`, special tokens written in the text included.
+BOS and EOS are added by the data pipeline, as the recipe's `add_bos`/`add_eos` say.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from typing import Protocol
+
+from trainer import io
+from trainer.config import RecipeError, TokenizerConfig
+
+TOKENIZER_JSON = "tokenizer.json"
+SENTENCEPIECE_MODEL = "tokenizer.model"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a chat template
+CONFIG_FILES = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE_FILE)
+# transformers' SPECIAL_TOKENS_ATTRIBUTES: the names a chat template sees them under.
+SPECIAL_TOKEN_NAMES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+
+Offsets = list[tuple[int, int]]
+
+
+class Tokenizer(Protocol):
+    """What the data pipeline and chat rendering need from a tokenizer."""
+
+    cfg: TokenizerConfig
+    special_tokens: dict[str, str]  # {"bos_token": "<s>", ...}: the variables templates see
+    chat_template: str | None  # the tokenizer's own Jinja chat template, if it has one
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int | None: ...
+
+    @property
+    def eos_id(self) -> int | None: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], Offsets]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+
+def bos(tok: Tokenizer) -> list[int]:
+    """[BOS] when the recipe adds one and the tokenizer has one, else []."""
+    return [tok.bos_id] if tok.cfg.add_bos and tok.bos_id is not None else []
+
+
+def eos(tok: Tokenizer) -> list[int]:
+    """[EOS] when the recipe adds one and the tokenizer has one, else []."""
+    return [tok.eos_id] if tok.cfg.add_eos and tok.eos_id is not None else []
+
+
+def tokenizer_files(path: str) -> list[str]:
+    """The files that make up the tokenizer at `path`, its model file first: a tokenizer.json
+    brings the config files beside it; a directory brings its model file and config files."""
+    if not path:
+        raise RecipeError(
+            "tokenizer.path: set it to a tokenizer.model, a tokenizer.json or a model directory"
+        )
+    if path.endswith(".model"):
+        return [path]
+    if path.endswith(".json"):
+        directory, main = _parent(path), path
+    else:
+        if not io.isdir(path):
+            raise RecipeError(f"tokenizer.path: {path} is not a tokenizer file or directory")
+        directory, names = path, io.listdir(path)
+        found = [n for n in (TOKENIZER_JSON, SENTENCEPIECE_MODEL) if n in names]
+        if not found:
+            raise RecipeError(
+                f"tokenizer.path: {path} holds neither {TOKENIZER_JSON} nor {SENTENCEPIECE_MODEL}; "
+                "point tokenizer.path at the tokenizer"
+            )
+        main = io.join(path, found[0])
+    extras = [io.join(directory, n) for n in CONFIG_FILES if io.exists(io.join(directory, n))]
+    return [main, *extras]
+
+
+def fingerprint(path: str) -> bytes:
+    """A digest of every file of the tokenizer at `path` (for data cache keys)."""
+    h = hashlib.sha256()
+    for file in tokenizer_files(path):
+        h.update(file.rsplit("/", 1)[-1].encode())
+        h.update(io.read_bytes(file))
+    return h.digest()
+
+
+def load_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
+    """The tokenizer `cfg.path` names (see the module docstring)."""
+    main, *extras = tokenizer_files(cfg.path)
+    configs = {f.rsplit("/", 1)[-1]: io.read_text(f) for f in extras}
+    if main.endswith(".model"):
+        return SentencePieceTokenizer(cfg, io.read_bytes(main), configs)
+    return HFTokenizer(cfg, io.read_text(main), configs)
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece model; special tokens are its own BOS/EOS/UNK pieces."""
+
+    def __init__(self, cfg: TokenizerConfig, model: bytes, configs: dict[str, str]):
+        import sentencepiece as spm
+
+        self.cfg = cfg
+        self.sp = spm.SentencePieceProcessor(model_proto=model)
+        pieces = {"bos_token": self.sp.bos_id(), "eos_token": self.sp.eos_id()}
+        pieces["unk_token"] = self.sp.unk_id()
+        self.special_tokens = {k: self.sp.id_to_piece(i) for k, i in pieces.items() if i >= 0}
+        longest_first = sorted(self.special_tokens.values(), key=len, reverse=True)
+        self._special_pattern = re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
+        self.chat_template = _chat_template(configs)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.vocab_size()
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], Offsets]:
+        """Ids and the character span of `text` each came from; the special pieces (`<s>`,
+        `</s>`) written in `text`, as chat templates write them, become their ids."""
+        ids: list[int] = []
+        offsets: Offsets = []
+        start = 0
+        for match in self._special_pattern.finditer(text):
+            self._encode_plain(text, start, match.start(), ids, offsets)
+            ids.append(self.sp.piece_to_id(match.group()))
+            offsets.append(match.span())
+            start = match.end()
+        self._encode_plain(text, start, len(text), ids, offsets)
+        return ids, offsets
+
+    def _encode_plain(self, text: str, start: int, end: int, ids: list, offsets: Offsets) -> None:
+        if start == end:
+            return
+        proto = self.sp.encode(text[start:end], out_type="proto")
+        char_at_byte = _char_index_of_bytes(text[start:end])  # sentencepiece counts bytes
+        ids.extend(p.id for p in proto.pieces)
+        offsets.extend(
+            (start + char_at_byte[p.begin], start + char_at_byte[p.end]) for p in proto.pieces
+        )
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode(list(ids))
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json, completed from its config files as transformers does."""
+
+    def __init__(self, cfg: TokenizerConfig, tokenizer_json: str, configs: dict[str, str]):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self.cfg = cfg
+        self.tk = RustTokenizer.from_str(tokenizer_json)
+        config = json.loads(configs.get(TOKENIZER_CONFIG, "{}"))
+        named = _named_special_tokens(config, json.loads(configs.get(SPECIAL_TOKENS_MAP, "{}")))
+        self._add_missing_tokens(config, named)
+        self.special_tokens = {name: _content(token) for name, token in named.items()}
+        self.chat_template = _chat_template(configs)
+
+    def _add_missing_tokens(self, config: dict, named: dict[str, object]) -> None:
+        """transformers adds config-declared tokens (added_tokens_decoder, in id order, then the
+        named and extra special tokens) that tokenizer.json lacks, in that order."""
+        from tokenizers import AddedToken
+
+        have = {t.content for t in self.tk.get_added_tokens_decoder().values()}
+        declared = config.get("added_tokens_decoder") or {}
+        wanted = [declared[k] for k in sorted(declared, key=int)]
+        wanted += list(named.values()) + list(config.get("extra_special_tokens") or [])
+        named_contents = {_content(t) for t in named.values()}
+        for token in wanted:
+            content = _content(token)
+            if content in have:
+                continue
+            spec = dict(token) if isinstance(token, dict) else {"content": content, "special": True}
+            spec.pop("__type", None)
+            spec["special"] = spec.get("special", False) or content in named_contents
+            self.tk.add_tokens([AddedToken(**spec)])
+            have.add(content)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._id("bos_token")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._id("eos_token")
+
+    def _id(self, name: str) -> int | None:
+        token = self.special_tokens.get(name)
+        return self.tk.token_to_id(token) if token is not None else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], Offsets]:
+        encoding = self.tk.encode(text, add_special_tokens=False)
+        return encoding.ids, list(encoding.offsets)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=False)
+
+
+def _named_special_tokens(config: dict, special_map: dict) -> dict[str, object]:
+    """bos_token etc. as transformers resolves them: tokenizer_config.json, where a legacy
+    special_tokens_map.json (only read without added_tokens_decoder) overrides."""
+    merged = dict(config)
+    if "added_tokens_decoder" not in config:
+        merged.update(special_map)
+    return {name: merged[name] for name in SPECIAL_TOKEN_NAMES if merged.get(name) is not None}
+
+
+def _content(token: object) -> str:
+    return token["content"] if isinstance(token, dict) else str(token)
+
+
+def _chat_template(configs: dict[str, str]) -> str | None:
+    """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or a list of
+    named templates of which transformers uses "default")."""
+    if CHAT_TEMPLATE_FILE in configs:
+        return configs[CHAT_TEMPLATE_FILE]
+    template = json.loads(configs.get(TOKENIZER_CONFIG, "{}")).get("chat_template")
+    if isinstance(template, list):
+        named = {t["name"]: t["template"] for t in template}
+        return named.get("default")
+    return template
+
+
+def _char_index_of_bytes(text: str) -> list[int]:
+    """For each UTF-8 byte offset of `text` (and its end), the index of the character there."""
+    index = []
+    for i, char in enumerate(text):
+        index.extend([i] * len(char.encode("utf-8")))
+    index.append(len(text))
+    return index
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else "."
