@@ -27,12 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tpuctl.errors import TpuctlError
+from tpuctl.providers import registry
 from tpuctl.providers.base import Node, NodeSpec, ProgressFn, Worker
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
 
 LOCAL_ZONE = "local"
+LOCATION = registry.Location("local", LOCAL_ZONE)
 RECORD_FILE = "node.json"
 EMULATOR_START_S = 30.0
 
@@ -46,6 +48,8 @@ def local_root() -> Path:
 
 class LocalProvider:
     """Nodes that are directories under `root`; creating one is instant and it is READY at once."""
+
+    LOCATION = LOCATION
 
     def __init__(self, root: Path | None = None):
         self.pods_dir = (root or local_root()) / "pods"
@@ -99,6 +103,7 @@ class LocalProvider:
             provider="local",
         )
         _write_record(pod_dir / RECORD_FILE, node)
+        registry.record(spec.name, LOCATION)
         progress(f"READY: {hosts} local workers under {pod_dir / 'workers'}")
         return node
 
@@ -107,9 +112,11 @@ class LocalProvider:
         then remove its directory; False if there was no such pod."""
         node = self.get(name)
         if node is None:
+            registry.forget(name, LOCATION)
             return False
         _stop_jobs(node, progress)
         shutil.rmtree(self.pods_dir / name)
+        registry.forget(name, LOCATION)
         progress(f"deleted local pod {name}")
         if not self.list() and stop_gcs_emulator():
             progress(f"stopped the local GCS emulator (its data stays in {gcs_dir() / 'data'})")
