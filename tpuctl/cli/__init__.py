@@ -10,6 +10,7 @@ from tpuctl.cli import (
     export,  # noqa: F401
     jobs,  # noqa: F401
     lifecycle,  # noqa: F401
+    top,  # noqa: F401
     workers,  # noqa: F401
 )
 from tpuctl.cli.app import app

@@ -174,17 +174,25 @@ def gcs_dir() -> Path:
     return local_root() / "gcs"
 
 
+def running_gcs_emulator_url() -> str | None:
+    """The URL of the local pods' GCS emulator if it runs (never starts it), else None."""
+    record = gcs_dir() / "emulator.json"
+    if not record.is_file():
+        return None
+    url = json.loads(record.read_text())["url"]
+    return url if _answers(url) else None
+
+
 def gcs_emulator_url() -> str:
     """The URL of the local pods' GCS emulator, starting it if it is not running.
 
     It runs detached (it must outlive this command: the workers read and write through
     it), keeps its objects on disk under `gcs_dir()/data`, and stops with the last pod.
     """
+    url = running_gcs_emulator_url()
+    if url is not None:
+        return url
     record = gcs_dir() / "emulator.json"
-    if record.is_file():
-        url = json.loads(record.read_text())["url"]
-        if _answers(url):
-            return url
     if importlib.util.find_spec("gcp_storage_emulator") is None:
         raise TpuctlError(
             "local pods keep gs:// files in a GCS emulator: `pip install gcp-storage-emulator`, "
