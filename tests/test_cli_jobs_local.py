@@ -187,3 +187,57 @@ def _cwd(pid: str) -> str:
         return os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return ""
+
+
+@pytest.mark.slow
+def test_a_local_pod_is_found_by_name_by_every_command_without_the_provider_setting(tmp_path):
+    cli = LocalCli(tmp_path)
+    del cli.env["TPUCTL_PROVIDER"]  # as a new user types it: only `up --local` says local
+    for name in ("TPUCTL_PROJECT", "TPUCTL_ZONE", "TPUCTL_TPU_API_ENDPOINT"):
+        cli.env.pop(name, None)
+    cli.ok("up", "v3-8", "--local", "--name", "mine")
+    try:
+        assert '"provider": "local"' in cli.ok("status", "mine", "--json")
+        assert cli.ok("exec", "mine", "--", "echo", "hi").strip() == "[w00] hi"
+        run_dir = tmp_path / "run"
+        out = cli.ok(
+            "run", TINY, "--name", "mine", "--follow", "--run-id", "found",
+            "--", *FAST, "train.steps=2", f"run_dir={run_dir}",
+        )  # fmt: skip
+        assert "run found finished: step 2" in out
+        assert "step 2 " in cli.ok("logs", "mine")
+        assert ps_rows(cli, "mine")[0][:3] == ["w00", "found", "exited"]
+        assert cli.ok("kill", "mine").strip() == "w00: nothing running"
+        babysat = cli("babysit", "--name", "mine")  # the run is DONE: it says so and exits
+        assert babysat.returncode == 0, babysat.stderr
+        assert "mine" in cli.ok("list") and "local" in cli.ok("list")
+    finally:
+        assert "deleted mine" in cli.ok("down", "mine", "--yes")
+    missing = cli("status", "mine")
+    assert missing.returncode == 1 and "no node named 'mine'" in missing.stderr
+
+
+def test_logs_and_ps_leave_out_gloo_chatter_that_raw_keeps(cli, tmp_path):
+    from tpuctl import jobs
+    from tpuctl.config import Settings
+    from tpuctl.hosts import hosts_for
+    from tpuctl.providers.local import LocalProvider
+
+    cli.ok("up", "v4-16", "--local", "--name", "chatty")
+    try:
+        node = LocalProvider(cli.root / "state" / "tpuctl" / "local").get("chatty")
+        gloo = "[Gloo] Rank 1 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3"
+        script = f"echo '{gloo}'; echo 'step 5  loss 3.1000'; echo '{gloo}'"
+        hosts = hosts_for(Settings(), node)
+        jobs.launch(hosts, jobs.JobSpec("gloo", ["bash", "-c", script]))
+        wait_for(lambda: [j.state for j in jobs.status(hosts)] == ["exited"] * 2)
+        assert sorted(cli.ok("logs", "chatty", "--all-lines").splitlines()) == [
+            "w00 | step 5  loss 3.1000",
+            "w01 | step 5  loss 3.1000",
+        ]
+        assert cli.ok("logs", "chatty", "--raw").count("[Gloo]") == 2
+        assert [row[3].split(None, 2)[2] for row in ps_rows(cli, "chatty")] == [
+            "step 5  loss 3.1000"
+        ] * 2
+    finally:
+        cli.ok("down", "chatty", "--yes")

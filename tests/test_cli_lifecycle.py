@@ -304,7 +304,7 @@ def test_list_table(run_tpuctl, fake_tpu):
     result = run_tpuctl("list")
     assert result.code == 0, result.err
     row = next(line for line in result.out.splitlines() if line.split()[:1] == ["alpha"])
-    assert row.split()[:5] == ["alpha", "v3-32", "us-central1-a", "READY", "HEALTHY"]
+    assert row.split()[:6] == ["alpha", "cloud", "v3-32", "us-central1-a", "READY", "HEALTHY"]
 
 
 def test_status_shows_every_worker(run_tpuctl, fake_tpu):
@@ -333,12 +333,71 @@ def test_status_of_a_missing_node_names_it_and_the_zone(run_tpuctl, fake_tpu):
         "it is in no zone of the project (`tpuctl list --all-zones`)"
     )
     fake_tpu.add_node("far", "v3-8", project="test-project", zone="europe-west4-a")
-    result = run_tpuctl("status", "far")
+    # An explicit --zone is where the user wants to look: elsewhere is only a hint.
+    result = run_tpuctl("status", "far", "--zone", "us-central1-a")
     assert result.err.strip().endswith("it is in zone europe-west4-a: pass --zone europe-west4-a")
-    assert run_tpuctl("status", "far", "--zone", "europe-west4-a", "--json").code == 0
-    result = run_tpuctl("down", "far", "--yes")
-    assert result.code == 0 and "nothing deleted (it is in zone europe-west4-a" in result.err
+    result = run_tpuctl("down", "far", "--yes", "--zone", "us-central1-a")
+    assert result.code == 0 and "nothing deleted; it is in zone europe-west4-a" in result.err
     assert fake_tpu.node_state("far") == "READY"
+
+
+def test_status_and_down_find_a_node_in_another_zone_of_the_project(run_tpuctl, fake_tpu):
+    fake_tpu.add_node("far", "v3-8", project="test-project", zone="europe-west4-a")
+    result = run_tpuctl("status", "far", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["zone"] == "europe-west4-a"
+    result = run_tpuctl("down", "far", "--yes")
+    assert result.code == 0, result.err
+    assert "deleted far" in result.out
+    assert fake_tpu.node_state("far") is None
+
+
+def test_a_node_up_made_in_a_fallback_zone_is_looked_up_there_directly(run_tpuctl, fake_tpu):
+    run_tpuctl("config", "set", "accelerators.v3-8.zones", "europe-west4-a")
+    fake_tpu.inject_stockouts(1, zone="us-central1-a")
+    assert run_tpuctl("up", "v3-8", "--name", "moved").code == 0
+    fake_tpu.requests.clear()
+    result = run_tpuctl("status", "moved", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["zone"] == "europe-west4-a"
+    # Remembered: one GET in the node's own zone, no search of the default zone or the project.
+    assert fake_tpu.requests == [
+        ("GET", "/v2/projects/test-project/locations/europe-west4-a/nodes/moved")
+    ]
+    assert run_tpuctl("down", "moved", "--yes").code == 0
+    assert fake_tpu.node_state("moved") is None
+    assert run_tpuctl("status", "moved").code == 1  # forgotten with the node
+
+
+def test_list_shows_local_pods_beside_cloud_nodes(run_tpuctl, fake_tpu):
+    fake_tpu.add_node("alpha", "v3-32", project="test-project", zone="us-central1-a")
+    assert run_tpuctl("up", "v3-8", "--local", "--name", "mine").code == 0
+    result = run_tpuctl("list")
+    assert result.code == 0, result.err
+    rows = {
+        cells[0]: cells[1:4]
+        for cells in map(str.split, result.out.splitlines())
+        if cells[:1] in (["alpha"], ["mine"])
+    }
+    assert rows == {
+        "alpha": ["cloud", "v3-32", "us-central1-a"],
+        "mine": ["local", "v3-8", "local"],
+    }
+    nodes = json.loads(run_tpuctl("list", "--json").out)["nodes"]
+    assert [(n["name"], n["provider"]) for n in nodes] == [("alpha", "cloud"), ("mine", "local")]
+    assert run_tpuctl("down", "mine", "--yes").code == 0
+
+
+def test_a_name_that_is_both_a_local_pod_and_a_cloud_node_is_refused(run_tpuctl, fake_tpu):
+    assert run_tpuctl("up", "v3-8", "--name", "twin").code == 0
+    assert run_tpuctl("up", "v3-8", "--local", "--name", "twin").code == 0
+    result = run_tpuctl("status", "twin")
+    assert result.code == 2
+    assert "a local pod and a cloud node in zone us-central1-a of project test-project" in (
+        result.err
+    )
+    assert run_tpuctl("down", "twin", "--yes").code == 2
+    assert fake_tpu.node_state("twin") == "READY"  # nothing deleted while ambiguous
 
 
 def test_missing_project_is_a_one_line_error(run_tpuctl, fake_tpu, monkeypatch):

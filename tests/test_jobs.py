@@ -104,6 +104,29 @@ def test_all_lines_shows_every_worker(hosts):
     assert sorted(lines) == [("w00", "finished"), ("w01", "finished"), ("w02", "finished")]
 
 
+# What a jax.distributed trainer's log looks like on a CPU pod (gloo) and a TPU VM (absl).
+CHATTY = r"""
+print("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR")
+print("I0000 00:00:1732000000.123456    4242 cpu_client.cc:467] TfrtCpuClient created.")
+for rank in range(3):
+    print(f"[Gloo] Rank {rank} is connected to 15 peer ranks. Expected number of connected peer ranks is : 15")
+print("[Gloo] Rank [Gloo] Rank 5 is connected to 7 peer ranks. Expected number of connected peer ranks is : 7")
+print("4 is connected to 7 peer ranks. Expected number of connected peer ranks is : 7")
+print("step 10  loss 2.5000", flush=True)
+print("[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1")
+"""
+
+
+def test_runtime_chatter_stays_out_of_logs_and_ps_unless_raw(hosts):
+    jobs.launch(hosts, jobs.JobSpec("chat", [sys.executable, "-c", CHATTY]))
+    followed = collect_logs(hosts, follow=True, all_lines=True)
+    assert sorted(followed) == [(h.label, "step 10  loss 2.5000") for h in hosts]
+    assert [j.last_line for j in jobs.status(hosts)] == ["step 10  loss 2.5000"] * 3
+    assert [line for _, line in collect_logs(hosts[:1])] == ["step 10  loss 2.5000"]
+    raw = [line for _, line in collect_logs(hosts[:1], raw=True)]
+    assert len(raw) == 9 and sum("[Gloo]" in line for line in raw) == 5
+
+
 def test_second_run_refused_while_one_runs_and_force_replaces_it(hosts):
     jobs.launch(hosts, spec(STEPS="1000"))
     wait_until_stepping(hosts)

@@ -294,6 +294,17 @@ def test_empty_directory_restores_none(local_dir):
         assert checkpointer.restore(_abstract()) is None
 
 
+def test_a_relative_directory_saves_and_restores(tmp_path, monkeypatch):
+    from trainer.checkpoint import load_params
+
+    monkeypatch.chdir(tmp_path)  # `run_dir: runs/tiny`, as recipes/tiny.yaml has it
+    with _checkpointer("runs/tiny/checkpoints") as checkpointer:
+        checkpointer.maybe_save(_state(1))
+    assert load_params("runs/tiny/checkpoints")[0] == 1
+    with _checkpointer("runs/tiny/checkpoints") as checkpointer:
+        assert int(checkpointer.restore(_abstract()).step) == 1
+
+
 def test_keep_last_k_plus_milestones(local_dir):
     with _checkpointer(local_dir, every_steps=2, keep=2, milestone_every=5) as checkpointer:
         for step in range(1, 13):

@@ -244,6 +244,29 @@ def load_state(run_id: str, remote_dir: str | None = None) -> BabysitState | Non
     return max(found, key=lambda s: s.updated_at) if found else None
 
 
+def lock_path(run_id: str) -> Path:
+    """The babysitter's lock on this machine; it names the holder ("pid P on HOST since T")."""
+    return local_dir() / f"{run_id}.lock"
+
+
+def live_babysitter(run_id: str) -> str | None:
+    """ "pid P" of the babysitter of `run_id` running on this machine, or None. Reads the
+    lock's holder line without taking the lock (which would stop a babysitter starting)."""
+    try:
+        words = lock_path(run_id).read_text().split()
+    except OSError:
+        return None
+    if words[:1] != ["pid"] or len(words) < 4 or words[3] != socket.gethostname():
+        return None
+    try:
+        os.kill(int(words[1]), 0)
+    except (ValueError, ProcessLookupError):
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return f"pid {words[1]}"
+
+
 class Lease:
     """One babysitter per run: an exclusive lock on this machine, and for runs whose
     files are in GCS a lease object there that another machine's babysitter respects
@@ -257,7 +280,8 @@ class Lease:
         self.remote: str | None = None
 
     def acquire(self) -> None:
-        path = private_dir(local_dir()) / f"{self.run_id}.lock"
+        private_dir(local_dir())
+        path = lock_path(self.run_id)
         handle = open(path, "a+", opener=private_opener)  # noqa: SIM115 (held while babysitting)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

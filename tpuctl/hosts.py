@@ -186,16 +186,17 @@ def lookup_node_noting_cache(
 ) -> tuple[Node, bool]:
     """`lookup_node`, also saying whether the node came from the cache (whose addresses
     may be stale: see `moved_hosts`)."""
-    from tpuctl.providers import resolve_node
+    from tpuctl.providers import point_at_registered, resolve_node
 
     chosen = name or settings.get("node")
-    cacheable = settings.get("provider") != "local"
-    if use_cache and cacheable and chosen:
+    if chosen:
+        point_at_registered(settings, chosen)  # the cache is kept per zone
+    if use_cache and chosen and settings.get("provider") != "local":
         node = cached_node(settings, chosen)
         if node is not None:
             return node, True
-    node = resolve_node(settings, chosen)
-    if cacheable and node.ready:
+    node = resolve_node(settings, chosen)  # points settings at the node's own place
+    if node.provider != "local" and node.ready:
         remember(settings, node)
     return node, False
 

@@ -90,3 +90,17 @@ def read_text(uri: str) -> str | None:
         return _client().bucket(bucket_id).blob(path).download_as_text()
     except exceptions.NotFound:
         return None
+
+
+def read_tail(uri: str, max_bytes: int) -> bytes | None:
+    """The last `max_bytes` of a gs:// object (a ranged read), or None when it does not exist."""
+    from google.api_core import exceptions
+
+    bucket_id, path = split_uri(uri)
+    try:
+        blob = _client().bucket(bucket_id).get_blob(path)
+        if blob is None:
+            return None
+        return blob.download_as_bytes(start=max(0, (blob.size or 0) - max_bytes))
+    except exceptions.NotFound:
+        return None

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ.setdefault(name, value)
         from trainer import distributed
 
+        distributed.provide_cpu_devices(recipe.mesh)
         distributed.initialize()
         from trainer.train import train
 

@@ -64,6 +64,7 @@ class Checkpointer:
     ):
         """`model` and `tokenizer_path`, when given, are recorded beside the checkpoints so that
         `python -m trainer.export` can rebuild a Hugging Face directory from the run alone."""
+        directory = io.absolute(directory)
         io.makedirs(directory)
         if model is not None and jax.process_index() == 0:
             info = {"model": dataclasses.asdict(model), "tokenizer": tokenizer_path}
@@ -261,6 +262,7 @@ def read_model_info(directory: str) -> tuple[ModelConfig, str | None]:
 def load_params(directory: str, step: int | None = None) -> tuple[int, Any]:
     """(step, params) of a committed checkpoint (default: the newest) as numpy arrays on this
     host, whatever mesh saved them; the optimizer state is not read."""
+    directory = io.absolute(directory)
     options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
     manager = ocp.CheckpointManager(directory, options=options)
     steps = manager.all_steps()

@@ -9,14 +9,17 @@ preemption) for the others, then fails with a message saying the run was not sta
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
-from trainer.config import RecipeError, TrainerError
+from trainer.config import MESH_AXES, MeshConfig, RecipeError, TrainerError
 
 DEFAULT_TIMEOUT_S = 900
+CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
 def coordinator_env() -> tuple[str, int, int] | None:
@@ -43,6 +46,30 @@ def on_tpu_vm() -> bool:
         or any(Path("/dev").glob("accel*"))
         or Path("/dev/vfio").is_dir()
     )
+
+
+def cpu_devices_flags(mesh: MeshConfig, environ: Mapping[str, str]) -> str | None:
+    """XLA_FLAGS giving a plain machine's CPU the devices the recipe's mesh needs, or None.
+
+    A single process on a machine without TPUs (no TPUCTL_COORDINATOR: tpuctl sets the
+    device count on its pods itself) and without a device count in XLA_FLAGS has one CPU
+    device, so `python -m trainer recipes/tiny.yaml` (data=2) would stop at the mesh check.
+    The flag only shapes the CPU platform: on a GPU or TPU the mesh check stays as it is.
+    """
+    flags = environ.get("XLA_FLAGS", "")
+    if CPU_DEVICES_FLAG in flags or environ.get("TPUCTL_COORDINATOR") or on_tpu_vm():
+        return None
+    needed = math.prod(size for axis in MESH_AXES if (size := getattr(mesh, axis)) != -1)
+    if needed <= 1:
+        return None
+    return f"{flags} {CPU_DEVICES_FLAG}={needed}".strip()
+
+
+def provide_cpu_devices(mesh: MeshConfig) -> None:
+    """Set XLA_FLAGS from `cpu_devices_flags`; call before jax starts (it reads them once)."""
+    flags = cpu_devices_flags(mesh, os.environ)
+    if flags is not None:
+        os.environ["XLA_FLAGS"] = flags
 
 
 def initialize() -> None:

@@ -53,6 +53,12 @@ def _gcs():
     return fsspec.filesystem("gs", use_listings_cache=False)
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (orbax refuses relative ones: `run_dir: runs/tiny`);
+    gs:// URIs as they are."""
+    return path if is_gcs(path) else os.path.abspath(path)
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts with '/' for URIs and os.path.join for local paths."""
     if is_gcs(base):

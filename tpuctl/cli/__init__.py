@@ -7,8 +7,10 @@ import sys
 from tpuctl.cli import (
     babysit,  # noqa: F401
     config_cmd,  # noqa: F401
+    export,  # noqa: F401
     jobs,  # noqa: F401
     lifecycle,  # noqa: F401
+    top,  # noqa: F401
     workers,  # noqa: F401
 )
 from tpuctl.cli.app import app

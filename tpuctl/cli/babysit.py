@@ -85,6 +85,9 @@ def babysit(
         accelerator_type, node_name, run_id, recipe = last_run(settings, node_name, run_id)
     if not node_name:
         raise TpuctlError("babysit needs a node name: pass --name NAME (it is created if missing)")
+    from tpuctl.providers import point_at_registered
+
+    point_at_registered(settings, node_name)  # a local pod, or a cloud node in another zone
     options = BabysitOptions(
         accelerator_type=str(accelerator_type),
         node=node_name,

@@ -47,14 +47,22 @@ def _print_line(host: Host, _stream: str, line: str) -> None:
     sys.stdout.flush()
 
 
-def _follow(hosts: list[Host], run_id: str | None, lines: int | None, all_lines: bool) -> None:
+def _follow(
+    hosts: list[Host], run_id: str | None, lines: int | None, all_lines: bool, raw: bool = False
+) -> None:
     """Stream logs until the job exits everywhere; Ctrl-C stops following, not the job."""
     from tpuctl import jobs
     from tpuctl.fanout import Interrupted
 
     try:
         jobs.logs(
-            hosts, run_id=run_id, lines=lines, follow=True, all_lines=all_lines, on_line=_print_line
+            hosts,
+            run_id=run_id,
+            lines=lines,
+            follow=True,
+            all_lines=all_lines,
+            raw=raw,
+            on_line=_print_line,
         )
     except Interrupted:
         err_console.print(
@@ -133,17 +141,23 @@ def logs(
     all_lines: bool = typer.Option(
         False, "--all-lines", help="Every line of every worker (default: worker 0, and errors)."
     ),
+    raw: bool = typer.Option(
+        False, "--raw", help="Keep runtime chatter (gloo connections, XLA INFO lines) too."
+    ),
 ) -> None:
-    """Show the run's log: worker 0 in full plus error lines from the others."""
+    """Show the run's log: worker 0 in full plus error lines from the others, without
+    runtime chatter (`--raw` keeps it)."""
     from tpuctl import jobs
 
     _settings, _node, hosts = _target(name, worker)
     if lines is not None and lines < 0:
         raise TpuctlError(f"-n {lines}: give a number of lines, 0 or more")
     if tail:
-        _follow(hosts, run_id, 20 if lines is None else lines, all_lines)
+        _follow(hosts, run_id, 20 if lines is None else lines, all_lines, raw)
         return
-    results = jobs.logs(hosts, run_id=run_id, lines=lines, all_lines=all_lines, on_line=_print_line)
+    results = jobs.logs(
+        hosts, run_id=run_id, lines=lines, all_lines=all_lines, raw=raw, on_line=_print_line
+    )
     failed = [r for r in results if not r.ok]
     if (
         failed
@@ -159,7 +173,8 @@ def logs(
 
 @app.command()
 def ps(name: str | None = NODE_ARGUMENT, run_id: str | None = RUN_ID_OPTION) -> None:
-    """Per worker: the run, its state (running / exited with code / absent), uptime, last line."""
+    """Per worker: the run, its state (running / exited with code / absent), uptime, and
+    the newest log line that is not runtime chatter."""
     from tpuctl import jobs
 
     _settings, _node, hosts = _target(name)

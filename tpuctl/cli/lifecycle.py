@@ -14,7 +14,14 @@ from tpuctl.cli.output import StatusLine, console, err_console, print_json
 from tpuctl.durations import format_duration, parse_duration
 from tpuctl.errors import TpuctlError
 from tpuctl.naming import default_node_name, validate_node_name
-from tpuctl.providers import describe_location, elsewhere_hint, provider_for, resolve_node
+from tpuctl.providers import (
+    describe_location,
+    find_node,
+    list_all,
+    missing_hint,
+    provider_for,
+    resolve_node,
+)
 from tpuctl.providers.base import Node, NodeSpec
 
 if TYPE_CHECKING:
@@ -292,19 +299,18 @@ def down(
 ) -> None:
     """Delete a node and wait until it is gone. A node that does not exist is not an error."""
     settings = config.load({"zone": zone, "project": project})
-    provider = provider_for(settings)
     chosen = name or settings.get("node")
-    if chosen and provider.get(chosen) is None:
-        hint = elsewhere_hint(provider, chosen)
+    node = find_node(settings, chosen) if chosen else resolve_node(settings, None)
+    if node is None:
         err_console.print(
-            f"node {chosen} does not exist in {describe_location(settings)}; nothing deleted "
-            f"({hint})"
+            f"node {chosen} does not exist in {describe_location(settings)}; nothing deleted"
+            + missing_hint(settings, str(chosen))
         )
         return
-    node = resolve_node(settings, chosen)
     summary = f"{node.name} ({node.accelerator_type}, {len(node.workers)} workers, {node.state}) in {describe_location(settings)}"
     if not yes:
         typer.confirm(f"Delete {summary}?", abort=True)
+    provider = provider_for(settings)  # pointed at the node's place by find_node
     with StatusLine(f"down {node.name}") as status:
         status.update(f"deleting {summary}")
         provider.delete(node.name, status.update)
@@ -323,15 +329,9 @@ def list_nodes(
 ) -> None:
     """List nodes: name, type, zone, state, health, spot, age, workers."""
     settings = config.load({"zone": zone, "project": project})
-    from tpuctl.providers.cloud_tpu import CloudTpuProvider
-
     if all_zones and not settings.get("zone"):
         settings.values["zone"] = "-"  # the API's wildcard location; list() needs no zone then
-    provider = provider_for(settings)
-    if all_zones and isinstance(provider, CloudTpuProvider):
-        nodes = provider.list(all_zones=True)
-    else:
-        nodes = provider.list()
+    nodes = list_all(settings, all_zones=all_zones)
     if json_out:
         print_json({"nodes": [node_json(n) for n in nodes]})
         return
@@ -343,13 +343,14 @@ def list_nodes(
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
-    for column in ("NAME", "TYPE", "ZONE", "STATE", "HEALTH", "SPOT", "AGE", "WORKERS"):
+    for column in ("NAME", "PROVIDER", "TYPE", "ZONE", "STATE", "HEALTH", "SPOT", "AGE", "WORKERS"):
         table.add_column(column, no_wrap=True)
     table.add_column("IPS")
     for node in nodes:
         data = node_json(node)
         table.add_row(
             node.name,
+            node.provider,
             node.accelerator_type,
             node.zone,
             node.state,

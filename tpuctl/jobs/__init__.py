@@ -28,6 +28,16 @@ ERROR_LINE = (
     r"Traceback|[Ee]rror|Exception|FATAL|Fatal|CRITICAL|^\s+File \"|Killed|Aborted|"
     r"Segmentation fault|tpuctl: job failed"
 )
+# Runtime chatter that says nothing to the user, hidden from `logs` and `ps` unless raw:
+# gloo's per-collective "[Gloo] Rank 3 is connected to 15 peer ranks ..." (whose halves
+# interleave between threads), absl's start-up banner and XLA/TF C++ INFO lines.
+NOISE_LINE = (
+    r"\[Gloo\]|is connected to [0-9]+ peer ranks|"
+    r"^WARNING: All log messages before absl::InitializeLog\(\) is called|"
+    r"^I[0-9]{4} [0-9:.]+ +[0-9]+ [^ ]+:[0-9]+\] "
+)
+# How far back `ps` looks for the newest line that is not chatter.
+STATUS_TAIL_LINES = 200
 
 _PRELUDE = r"""
 set -u
@@ -142,7 +152,8 @@ else
 fi
 echo "started=$(cat "$run_dir/started" 2>/dev/null)"
 echo "now=$(date +%s)"
-echo "last=$(tail -n 1 "$run_dir/log" 2>/dev/null | tr -d '\r')"
+echo "last=$(tail -n "$status_tail" "$run_dir/log" 2>/dev/null | grep -avE "$noise_line" |
+  tail -n 1 | tr -d '\r')"
 """
 
 _LOGS = r"""
@@ -151,7 +162,11 @@ if [ -z "$run_id" ] || [ ! -d "$jobs_dir/$run_id" ]; then
   echo "no tpuctl run${run_id:+ $run_id} on this worker" >&2; exit 3
 fi
 log="$jobs_dir/$run_id/log"
-show() { if [ "${TPUCTL_LOG_ONLY_ERRORS:-0}" = 1 ]; then grep --line-buffered -E "$error_line"; else cat; fi; }
+quiet() { if [ "$raw" = 1 ]; then cat; else grep --line-buffered -avE "$noise_line"; fi; }
+only_errors() {
+  if [ "${TPUCTL_LOG_ONLY_ERRORS:-0}" = 1 ]; then grep --line-buffered -E "$error_line"; else cat; fi
+}
+show() { quiet | only_errors; }
 pid=$(run_pid "$run_id")
 if [ "$follow" = 1 ] && group_alive "$pid"; then
   # tail ends once this watcher (our own child, so it is reaped) sees the job gone.
@@ -245,7 +260,10 @@ def _shell_value(value: object) -> str:
 
 def status(hosts: Iterable[Host], run_id: str | None = None) -> list[WorkerJob]:
     """Each worker's latest run (or `run_id`): running, exited with its code, or absent."""
-    results = run(job_hosts(hosts), _script(_STATUS, run_id=run_id or ""), timeout=60)
+    script = _script(
+        _STATUS, run_id=run_id or "", noise_line=NOISE_LINE, status_tail=STATUS_TAIL_LINES
+    )
+    results = run(job_hosts(hosts), script, timeout=60)
     return [_parse_status(result) for result in results]
 
 
@@ -353,11 +371,14 @@ def logs(
     lines: int | None = None,
     follow: bool = False,
     all_lines: bool = False,
+    raw: bool = False,
     on_line: Callable[[Host, str, str], None],
 ) -> list[HostResult]:
     """Stream each worker's job log to `on_line(host, stream, line)`.
 
-    By default the first host shows everything and the others only error lines.
+    By default the first host shows everything and the others only error lines
+    (`all_lines`: everything from every host), runtime chatter (NOISE_LINE) left out
+    unless `raw`.
     `follow` keeps streaming until the job has exited on every worker; `lines` is how
     many lines of history to start from (None: all).
     """
@@ -374,6 +395,8 @@ def logs(
         lines="+1" if lines is None else lines,
         follow=follow,
         error_line=ERROR_LINE,
+        noise_line=NOISE_LINE,
+        raw=raw,
     )
     return run(hosts, script, on_line=on_line)
 

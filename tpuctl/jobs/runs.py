@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from tpuctl import jobs, storage, workerenv
 from tpuctl.errors import TpuctlError
 from tpuctl.fanout import Host
+from tpuctl.jobs import launches
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -85,8 +87,9 @@ def start_run(
     command = [*worker_env.launcher(env), "-m", "trainer", uri]
     spec = jobs.JobSpec(run_id=run_id, command=command, env=env, force=request.force)
     jobs.launch(launch_hosts, spec, current=worker_jobs)
-    log = f".tpuctl/jobs/{run_id}/log"
-    return StartedRun(run_id, uri, _absolute(recipe.run_dir), log, hosts, secrets)
+    run_dir = _absolute(recipe.run_dir)
+    launches.record(launches.Launch(node.name, run_id, run_dir, recipe.train.steps, time.time()))
+    return StartedRun(run_id, uri, run_dir, f".tpuctl/jobs/{run_id}/log", hosts, secrets)
 
 
 def run_env(recipe: Any, request: RunRequest, progress: Callable[[str], None]) -> dict[str, str]:

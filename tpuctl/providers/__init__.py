@@ -10,6 +10,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 from tpuctl.errors import TpuctlError
+from tpuctl.providers import registry
+from tpuctl.providers.registry import Location
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -40,7 +42,24 @@ def describe_location(settings: Settings) -> str:
     """Where the current provider looks for nodes, for messages ("zone Z of project P")."""
     if settings.get("provider") == "local":
         return "the local pod provider"
+    if not _cloud_configured(settings):
+        return (
+            "the local pods, and no Google Cloud project is set to look in (pass --project, "
+            "set TPUCTL_PROJECT or run `tpuctl config set project PROJECT`)"
+        )
     return f"zone {settings.get('zone')} of project {settings.get('project')}"
+
+
+def _cloud_configured(settings: Settings) -> bool:
+    """Whether to ask the Cloud TPU API: a project is set, or the user chose the cloud."""
+    return bool(settings.get("project")) or _explicit(settings, "provider", "any")
+
+
+def missing_hint(settings: Settings, name: str) -> str:
+    """ "; it is in zone Z: pass --zone Z" and the like for a node `find_node` did not find."""
+    if settings.get("provider") == "cloud" and not _cloud_configured(settings):
+        return ""
+    return "; " + elsewhere_hint(provider_for(settings), name)
 
 
 def elsewhere_hint(provider: Provider, name: str) -> str:
@@ -54,23 +73,131 @@ def elsewhere_hint(provider: Provider, name: str) -> str:
     return "it is in no zone of the project (`tpuctl list --all-zones`)"
 
 
+def _explicit(settings: Settings, key: str, kind: str = "") -> bool:
+    """Whether the user chose `key` (a flag, or with `kind` "any" also env or a file)."""
+    source = settings.source(key)
+    return source != "default" if kind == "any" else source.startswith("flag")
+
+
+def _point_at(settings: Settings, location: Location, why: str) -> None:
+    """Make `settings` name the node's place, so providers, caches and known_hosts follow."""
+    values = {"provider": location.provider}
+    if location.provider == "cloud":
+        values |= {"zone": location.zone, "project": location.project}
+    for key, value in values.items():
+        if value and not _explicit(settings, key) and settings.get(key) != value:
+            settings.values[key] = value
+            settings.sources[key] = why
+
+
+def point_at_registered(settings: Settings, name: str) -> None:
+    """Point `settings` at where tpuctl created `name`, when that is one place the user's
+    flags and provider setting allow (no API call)."""
+    places = _allowed(settings, registry.locations(name))
+    if len(places) == 1:
+        _point_at(settings, places[0], f"where tpuctl created {name}")
+
+
+def _allowed(settings: Settings, places: list[Location]) -> list[Location]:
+    """The places the user did not rule out with `provider` or --zone/--project."""
+    if _explicit(settings, "provider", "any"):
+        places = [p for p in places if p.provider == settings.get("provider")]
+    if _explicit(settings, "zone") or _explicit(settings, "project"):
+        places = [
+            p for p in places
+            if p.provider == "cloud" and p.zone == settings.get("zone")
+            and p.project == settings.get("project")
+        ]  # fmt: skip
+    return places
+
+
+def find_node(settings: Settings, name: str) -> Node | None:
+    """The node called `name` wherever it lives, pointing `settings` at it; None if nowhere.
+
+    Looks where tpuctl created it (the registry), at the local pods, and for a name it did
+    not create in the configured zone, then every zone of the project (one list call).
+    `provider` (env, file) and --zone/--project flags narrow the search. A name that is
+    both a local pod and a cloud node is an error naming both.
+    """
+    from tpuctl.providers.local import LocalProvider
+
+    local_allowed = _allowed(settings, [LocalProvider.LOCATION]) != []
+    found = [node] if local_allowed and (node := LocalProvider().get(name)) else []
+    clouds = [p for p in _allowed(settings, registry.locations(name)) if p.provider == "cloud"]
+    for place in clouds:
+        cloud = _cloud_at(place).get(name)
+        found += [cloud] if cloud else []
+    unknown_to_us = not found and not clouds
+    if unknown_to_us and settings.get("provider") == "cloud" and _cloud_configured(settings):
+        provider = provider_for(settings)
+        cloud = provider.get(name)
+        if cloud is None and not (_explicit(settings, "zone") or _explicit(settings, "project")):
+            cloud = provider.locate(name)
+        found += [cloud] if cloud else []
+    if len(found) > 1:
+        places = " and ".join(_describe(node) for node in found)
+        raise TpuctlError(
+            f"node name {name!r} is {places}: say which with TPUCTL_PROVIDER=local "
+            f"or TPUCTL_PROVIDER=cloud (and --zone), or rename one"
+        )
+    if not found:
+        return None
+    node = found[0]
+    _point_at(settings, _location_of(node), f"where {name} lives")
+    return node
+
+
+def list_all(settings: Settings, all_zones: bool = False) -> list[Node]:
+    """Cloud nodes in the configured zone (or `all_zones`), sorted by zone and name, then
+    the local pods: both unless the `provider` setting names one. Without a cloud
+    project, local pods alone (the missing-project error when there are none either)."""
+    from tpuctl.config import Settings
+    from tpuctl.providers.cloud_tpu import CloudTpuProvider
+    from tpuctl.providers.local import LocalProvider
+
+    chosen = settings.get("provider") if _explicit(settings, "provider", "any") else None
+    local = LocalProvider().list() if chosen != "cloud" else []
+    if chosen == "local" or (chosen is None and local and not settings.get("project")):
+        return local
+    cloud = provider_for(Settings({**settings.values, "provider": "cloud"}, settings.sources))
+    assert isinstance(cloud, CloudTpuProvider)
+    return [*cloud.list(all_zones=all_zones), *local]
+
+
+def _cloud_at(place: Location) -> Provider:
+    from tpuctl.providers.cloud_tpu import CloudTpuProvider
+
+    return CloudTpuProvider(str(place.project), place.zone)
+
+
+def _location_of(node: Node) -> Location:
+    return Location(node.provider, node.zone, node.project if node.provider == "cloud" else None)
+
+
+def _describe(node: Node) -> str:
+    if node.provider == "local":
+        return "a local pod"
+    return f"a cloud node in zone {node.zone} of project {node.project}"
+
+
 def resolve_node(settings: Settings, name: str | None) -> Node:
     """The node a command acts on: `name`, else the `node` setting, else the only node.
 
-    Raises a TpuctlError naming the node and location when it does not exist, or
+    A named node is found wherever it lives (`find_node`), and `settings` then point at
+    it. Raises a TpuctlError naming the node and location when it does not exist, or
     listing the candidates when there is more than one and none was named.
     """
-    provider = provider_for(settings)
     chosen = name or settings.get("node")
     if chosen:
-        node = provider.get(chosen)
+        node = find_node(settings, chosen)
         if node is None:
             raise TpuctlError(
-                f"no node named {chosen!r} in {describe_location(settings)}; "
-                + elsewhere_hint(provider, chosen),
+                f"no node named {chosen!r} in {describe_location(settings)}"
+                + missing_hint(settings, chosen),
                 exit_code=1,
             )
         return node
+    provider = provider_for(settings)
     nodes = provider.list()
     if len(nodes) == 1:
         return nodes[0]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from tpuctl.durations import Clock, format_duration
 from tpuctl.errors import TpuctlError
+from tpuctl.providers import registry
 from tpuctl.providers.base import Node, NodeSpec, ProgressFn, Worker
 
 if TYPE_CHECKING:
@@ -110,6 +111,10 @@ class CloudTpuProvider:
             client_options=ClientOptions(api_endpoint=endpoint),
         )
 
+    def location(self, zone: str | None = None) -> registry.Location:
+        """Where this provider's nodes (in `zone`, default its own) live, for the registry."""
+        return registry.Location("cloud", zone or self.zone, self.project)
+
     # -- paths -----------------------------------------------------------------------------
 
     def _parent(self, zone: str | None = None) -> str:
@@ -168,10 +173,15 @@ class CloudTpuProvider:
             )
         except exceptions.TooManyRequests as error:
             self._raise_for(error, spec)
+        registry.record(spec.name, self.location(spec.zone))
         progress(f"creating {spec.name} ({spec.accelerator_type}) in {spec.zone}")
         if not wait:
             return None
-        self._wait_for_operation(operation, spec, progress)
+        try:
+            self._wait_for_operation(operation, spec, progress)
+        except TpuctlError:  # a stockout or refusal: no node was made there
+            registry.forget(spec.name, self.location(spec.zone))
+            raise
         return self._wait_until_ready(spec.name, spec.zone, progress)
 
     def _wait_for_operation(self, operation: Any, spec: NodeSpec, progress: ProgressFn) -> None:
@@ -317,6 +327,7 @@ class CloudTpuProvider:
             progress(f"queued resource {spec.name} already exists in {spec.zone}; waiting on it")
         except exceptions.TooManyRequests as error:
             self._raise_for(error, spec)
+        registry.record(spec.name, self.location(spec.zone))
         if not wait:
             return None
         try:
@@ -370,13 +381,16 @@ class CloudTpuProvider:
         try:
             raw = self._call(self.client.get_node, name=self._node_path(name))
         except exceptions.NotFound:
+            registry.forget(name, self.location())
             return False
         if raw.queued_resource:
             self.delete_queued(raw.queued_resource, progress)
+            registry.forget(name, self.location())
             return True
         try:
             operation = self._call(self.client.delete_node, name=self._node_path(name))
         except exceptions.NotFound:
+            registry.forget(name, self.location())
             return False
         progress(f"{name}: DELETING")
         for delay in _poll_delays():
@@ -386,6 +400,7 @@ class CloudTpuProvider:
         error = operation.exception()
         if error is not None:
             raise TpuctlError(f"deleting {name} failed: {error.message}", exit_code=1)
+        registry.forget(name, self.location())
         progress(f"{name}: deleted")
         return True
 

@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING
 
 from tpuctl.config import private_dir, private_opener, write_private
 from tpuctl.errors import TpuctlError
+from tpuctl.providers import registry
 from tpuctl.providers.base import Node, NodeSpec, ProgressFn, Worker
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
 
 LOCAL_ZONE = "local"
+LOCATION = registry.Location("local", LOCAL_ZONE)
 RECORD_FILE = "node.json"
 EMULATOR_START_S = 30.0
 
@@ -47,6 +49,8 @@ def local_root() -> Path:
 
 class LocalProvider:
     """Nodes that are directories under `root`; creating one is instant and it is READY at once."""
+
+    LOCATION = LOCATION
 
     def __init__(self, root: Path | None = None):
         self.pods_dir = (root or local_root()) / "pods"
@@ -100,6 +104,7 @@ class LocalProvider:
             provider="local",
         )
         _write_record(pod_dir / RECORD_FILE, node)
+        registry.record(spec.name, LOCATION)
         progress(f"READY: {hosts} local workers under {pod_dir / 'workers'}")
         return node
 
@@ -108,9 +113,11 @@ class LocalProvider:
         then remove its directory; False if there was no such pod."""
         node = self.get(name)
         if node is None:
+            registry.forget(name, LOCATION)
             return False
         _stop_jobs(node, progress)
         shutil.rmtree(self.pods_dir / name)
+        registry.forget(name, LOCATION)
         progress(f"deleted local pod {name}")
         if not self.list() and stop_gcs_emulator():
             progress(f"stopped the local GCS emulator (its data stays in {gcs_dir() / 'data'})")
@@ -168,17 +175,25 @@ def gcs_dir() -> Path:
     return local_root() / "gcs"
 
 
+def running_gcs_emulator_url() -> str | None:
+    """The URL of the local pods' GCS emulator if it runs (never starts it), else None."""
+    record = gcs_dir() / "emulator.json"
+    if not record.is_file():
+        return None
+    url = json.loads(record.read_text())["url"]
+    return url if _answers(url) else None
+
+
 def gcs_emulator_url() -> str:
     """The URL of the local pods' GCS emulator, starting it if it is not running.
 
     It runs detached (it must outlive this command: the workers read and write through
     it), keeps its objects on disk under `gcs_dir()/data`, and stops with the last pod.
     """
+    url = running_gcs_emulator_url()
+    if url is not None:
+        return url
     record = gcs_dir() / "emulator.json"
-    if record.is_file():
-        url = json.loads(record.read_text())["url"]
-        if _answers(url):
-            return url
     if importlib.util.find_spec("gcp_storage_emulator") is None:
         raise TpuctlError(
             "local pods keep gs:// files in a GCS emulator: `pip install gcp-storage-emulator`, "

@@ -1,0 +1,82 @@
+"""`tpuctl top`: nodes of every configured zone (the fake Cloud TPU API) and local pods,
+with the progress of the run on each (a real trainer job on a local pod, babysat)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from local_cli import LocalCli
+from polling import wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = str(REPO / "recipes" / "tiny.yaml")
+
+
+def snapshot(cli: LocalCli) -> dict[str, dict]:
+    return {row["name"]: row for row in json.loads(cli.ok("top", "--once", "--json"))["nodes"]}
+
+
+@pytest.mark.slow
+def test_top_once_json_shows_cloud_nodes_per_zone_and_a_local_run_with_its_babysitter(
+    fake_tpu, tmp_path
+):
+    fake_tpu.add_node("near", "v3-8", project="test-project", zone="us-central1-a")
+    fake_tpu.add_node("far", "v4-8", project="test-project", zone="europe-west4-a")
+    fake_tpu.add_node("unlisted", "v3-8", project="test-project", zone="asia-east1-b")
+    cli = LocalCli(tmp_path)
+    del cli.env["TPUCTL_PROVIDER"]
+    cli.ok("config", "set", "accelerators.v4-8.zones", "europe-west4-a")
+    cli.ok("up", "v3-8", "--local", "--name", "pod")
+    babysitter = None
+    try:
+        run_dir = tmp_path / "run"
+        cli.ok(
+            "run", TINY, "--name", "pod", "--run-id", "topped", "--",
+            "train.steps=100000", "logging.every_steps=1", "eval.every_steps=0",
+            "checkpoint.every_steps=100000", f"run_dir={run_dir}",
+        )  # fmt: skip
+        wait_for(lambda: (run_dir / "metrics.jsonl").is_file(), timeout=300, what="a step")
+        babysitter = subprocess.Popen(
+            [sys.executable, "-m", "tpuctl", "babysit", "--name", "pod", "--poll", "1s"],
+            env=cli.env, cwd=cli.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        fake_tpu.requests.clear()
+
+        def babysat():
+            rows = snapshot(cli)
+            run = rows["pod"]["run"]
+            return run["babysitter"] and run["restarts"] is not None and rows
+
+        rows = wait_for(babysat, timeout=120, what="the babysitter and its state in top")
+        assert sorted(rows) == ["far", "near", "pod"]  # asia-east1-b is no configured zone
+        lists = [path for method, path in fake_tpu.requests if method == "GET"]
+        assert sorted(set(lists)) == [
+            "/v2/projects/test-project/locations/europe-west4-a/nodes",
+            "/v2/projects/test-project/locations/us-central1-a/nodes",
+        ]
+        assert rows["far"]["zone"] == "europe-west4-a" and rows["far"]["run"] is None
+        pod = rows["pod"]
+        assert (pod["provider"], pod["accelerator_type"], pod["state"]) == (
+            "local",
+            "v3-8",
+            "READY",
+        )
+        run = pod["run"]
+        assert run["run_id"] == "topped" and run["run_dir"] == str(run_dir)
+        assert run["total_steps"] == 100000 and run["step"] >= 1
+        assert run["loss"] > 0 and run["tokens_per_s"] > 0 and 0 < run["mfu"] < 1
+        assert run["eta_s"] > 0
+        assert run["babysitter"] == f"pid {babysitter.pid}" and run["restarts"] == 0
+        table = cli.ok("top", "--once")
+        assert "topped" in table and "/100000" in table
+    finally:
+        if babysitter is not None:
+            babysitter.send_signal(signal.SIGINT)
+            babysitter.wait(timeout=60)
+        cli("kill", "pod", "--grace", "5")
+        cli("down", "pod", "--yes")

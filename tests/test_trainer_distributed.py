@@ -1,0 +1,45 @@
+"""Joining a run: CPU devices for a plain machine, before jax starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.fixtures_trainer import REPO, TINY_RECIPE
+from trainer.config import MeshConfig
+from trainer.distributed import CPU_DEVICES_FLAG, cpu_devices_flags
+
+
+def test_a_plain_machine_gets_the_devices_the_mesh_names():
+    mesh = MeshConfig(data=2, fsdp=-1, tensor=2)
+    assert cpu_devices_flags(mesh, {}) == f"{CPU_DEVICES_FLAG}=4"
+    assert cpu_devices_flags(mesh, {"XLA_FLAGS": "--xla_dump_to=/d"}) == (
+        f"--xla_dump_to=/d {CPU_DEVICES_FLAG}=4"
+    )
+
+
+def test_a_device_count_given_by_the_user_tpuctl_or_a_tpu_is_left_alone(monkeypatch):
+    mesh = MeshConfig(data=2, fsdp=-1, tensor=1)
+    assert cpu_devices_flags(mesh, {"XLA_FLAGS": f"{CPU_DEVICES_FLAG}=1"}) is None
+    assert cpu_devices_flags(mesh, {"TPUCTL_COORDINATOR": "10.0.0.2:8476"}) is None
+    assert cpu_devices_flags(MeshConfig(data=1, fsdp=-1, tensor=1), {}) is None
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0,w1")  # a TPU pod: its mesh error stays
+    assert cpu_devices_flags(mesh, {}) is None
+
+
+def test_the_tiny_recipe_trains_on_a_plain_machine_without_xla_flags(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("TPU")}
+    env["PYTHONPATH"] = str(REPO)
+    args = [str(TINY_RECIPE), f"run_dir={tmp_path / 'run'}", "train.steps=2", "eval.every_steps=0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in done.stdout + done.stderr
+    assert (tmp_path / "run" / "DONE").is_file()
