@@ -31,7 +31,7 @@ LOCAL_POD_BUCKET = "tpuctl-local"
 COORDINATOR_PORT = 8476
 # Recipe keys that hold file paths: made absolute before the recipe leaves this machine.
 _PATH_KEYS = (("run_dir",), ("tokenizer", "path"), ("model", "init_from"), ("data", "cache_dir"))
-_PATH_LIST_KEYS = (("data", "train"), ("data", "eval"))
+_DATASET_KEYS = (("data", "train"), ("data", "eval"))
 
 
 @dataclass(frozen=True)
@@ -157,9 +157,9 @@ def resolved_recipe_yaml(recipe: Any) -> str:
         section = _section(data, parents)
         if section.get(leaf):
             section[leaf] = _absolute(section[leaf])
-    for *parents, leaf in _PATH_LIST_KEYS:
-        section = _section(data, parents)
-        section[leaf] = [_absolute(p) for p in section.get(leaf) or []]
+    for *parents, leaf in _DATASET_KEYS:  # entries {path: [...], weight, fraction, size, name}
+        for entry in _section(data, parents).get(leaf) or []:
+            entry["path"] = [_absolute(p) for p in entry["path"]]
     template = data["data"].get("chat_template")
     if template and template not in CHAT_TEMPLATE_NAMES:  # a FILE, not a built-in's name
         data["data"]["chat_template"] = _absolute(template)
@@ -173,7 +173,8 @@ def _section(data: dict, parents: list[str]) -> dict:
 
 
 def _absolute(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
+    """A local path made absolute; URIs and `hf:NAME` datasets as they are."""
+    return path if "://" in path or path.startswith("hf:") else os.path.abspath(path)
 
 
 def _storage_env(node: Node) -> dict[str, str]:
