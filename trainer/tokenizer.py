@@ -198,7 +198,8 @@ class HFTokenizer:
         have = {t.content for t in self.tk.get_added_tokens_decoder().values()}
         declared = config.get("added_tokens_decoder") or {}
         wanted = [declared[k] for k in sorted(declared, key=int)]
-        wanted += list(named.values()) + list(config.get("extra_special_tokens") or [])
+        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+        wanted += list(named.values()) + list(extra.values() if isinstance(extra, dict) else extra)
         named_contents = {_content(t) for t in named.values()}
         for token in wanted:
             content = _content(token)
