@@ -99,3 +99,11 @@ def test_extra_special_tokens_missing_from_tokenizer_json_are_added_like_transfo
     text = "a<|extra|>b<|tool|>"
     assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"]
     assert ours.vocab_size == len(theirs)
+
+
+def test_a_broken_tokenizer_file_is_a_one_line_recipe_error(tmp_path):
+    for name in ("tokenizer.json", "tokenizer.model"):
+        (tmp_path / name).write_text("not a tokenizer")
+        with pytest.raises(RecipeError, match=rf"tokenizer\.path: .*{name} cannot be loaded") as e:
+            load_tokenizer(TokenizerConfig(path=str(tmp_path / name)))
+        assert "\n" not in str(e.value)

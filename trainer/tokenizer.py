@@ -113,9 +113,15 @@ def load_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     """The tokenizer `cfg.path` names (see the module docstring)."""
     main, *extras = tokenizer_files(cfg.path)
     configs = {f.rsplit("/", 1)[-1]: io.read_text(f) for f in extras}
-    if main.endswith(".model"):
-        return SentencePieceTokenizer(cfg, io.read_bytes(main), configs)
-    return HFTokenizer(cfg, io.read_text(main), configs)
+    try:
+        if main.endswith(".model"):
+            return SentencePieceTokenizer(cfg, io.read_bytes(main), configs)
+        return HFTokenizer(cfg, io.read_text(main), configs)
+    except RecipeError:
+        raise
+    except Exception as e:  # sentencepiece: RuntimeError; tokenizers: Exception; JSON: ValueError
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RecipeError(f"tokenizer.path: {main} cannot be loaded ({reason})") from e
 
 
 class SentencePieceTokenizer:
