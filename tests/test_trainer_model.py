@@ -78,12 +78,14 @@ def test_packed_documents_do_not_see_each_other():
     np.testing.assert_allclose(logits_packed[0, 10:], logits_b[0], atol=1e-5)
 
 
-def test_chunked_attention_matches_whole_sequence_attention_with_packing():
+@pytest.mark.parametrize("window", [None, 5], ids=["full", "mistral-window"])
+def test_chunked_attention_matches_whole_sequence_attention_with_packing(window):
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 128, (2, 32)))
     segments = jnp.asarray([[1] * 20 + [2] * 12, [1] * 7 + [2] * 21 + [0] * 4])
-    params = init_params(TINY, jax.random.key(0))
-    whole = Decoder(TINY).apply({"params": params}, tokens, segments)
-    chunked_cfg = dataclasses.replace(TINY, attention_chunk=8, scan_unroll=2)
+    cfg = dataclasses.replace(TINY, family="mistral", sliding_window=window)
+    params = init_params(cfg, jax.random.key(0))
+    whole = Decoder(cfg).apply({"params": params}, tokens, segments)
+    chunked_cfg = dataclasses.replace(cfg, attention_chunk=8, scan_unroll=2)
     chunked = Decoder(chunked_cfg).apply({"params": params}, tokens, segments)
     np.testing.assert_allclose(chunked, whole, atol=1e-5)
 

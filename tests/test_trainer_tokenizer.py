@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,27 @@ def test_sentencepiece_turns_special_pieces_in_rendered_chats_into_their_ids():
     assert ids[0] == sp.bos_id and ids[-1] == sp.eos_id
     assert offsets[0] == (0, 3) and offsets[-1] == (len(text) - 4, len(text))
     assert ids[1:-1] == sp.encode("[INST] one plus two [/INST] 3.")
+
+
+@pytest.mark.parametrize("key", ["additional_special_tokens", "extra_special_tokens"])
+def test_extra_special_tokens_missing_from_tokenizer_json_are_added_like_transformers(
+    tmp_path, key
+):
+    from transformers import AutoTokenizer
+
+    directory = train_tokenizer(tmp_path / "t", "bpe")
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, key: ["<|extra|>"]}))
+    theirs = AutoTokenizer.from_pretrained(directory)
+    ours = load_tokenizer(TokenizerConfig(path=str(directory)))
+    text = "a<|extra|>b<|tool|>"
+    assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"]
+    assert ours.vocab_size == len(theirs)
+
+
+def test_a_broken_tokenizer_file_is_a_one_line_recipe_error(tmp_path):
+    for name in ("tokenizer.json", "tokenizer.model"):
+        (tmp_path / name).write_text("not a tokenizer")
+        with pytest.raises(RecipeError, match=rf"tokenizer\.path: .*{name} cannot be loaded") as e:
+            load_tokenizer(TokenizerConfig(path=str(tmp_path / name)))
+        assert "\n" not in str(e.value)

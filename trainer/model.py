@@ -194,8 +194,9 @@ def attention_mask(
     With `window`, a query sees only the `window` keys ending at itself (Mistral)."""
     queries = queries or slice(0, segment_ids.shape[-1])
     position = jnp.arange(queries.stop)
-    distance = position[queries, None] - position[None, :]
-    visible = distance >= 0 if window is None else (distance >= 0) & (distance < window)
+    visible = position[queries, None] >= position[None, :]
+    if window is not None:
+        visible &= position[queries, None] - position[None, :] < window
     same = segment_ids[:, queries, None] == segment_ids[:, None, : queries.stop]
     return (same & visible)[:, None]
 

@@ -113,9 +113,15 @@ def load_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     """The tokenizer `cfg.path` names (see the module docstring)."""
     main, *extras = tokenizer_files(cfg.path)
     configs = {f.rsplit("/", 1)[-1]: io.read_text(f) for f in extras}
-    if main.endswith(".model"):
-        return SentencePieceTokenizer(cfg, io.read_bytes(main), configs)
-    return HFTokenizer(cfg, io.read_text(main), configs)
+    try:
+        if main.endswith(".model"):
+            return SentencePieceTokenizer(cfg, io.read_bytes(main), configs)
+        return HFTokenizer(cfg, io.read_text(main), configs)
+    except RecipeError:
+        raise
+    except Exception as e:  # sentencepiece: RuntimeError; tokenizers: Exception; JSON: ValueError
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RecipeError(f"tokenizer.path: {main} cannot be loaded ({reason})") from e
 
 
 class SentencePieceTokenizer:
@@ -198,7 +204,8 @@ class HFTokenizer:
         have = {t.content for t in self.tk.get_added_tokens_decoder().values()}
         declared = config.get("added_tokens_decoder") or {}
         wanted = [declared[k] for k in sorted(declared, key=int)]
-        wanted += list(named.values()) + list(config.get("extra_special_tokens") or [])
+        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+        wanted += list(named.values()) + list(extra.values() if isinstance(extra, dict) else extra)
         named_contents = {_content(t) for t in named.values()}
         for token in wanted:
             content = _content(token)
