@@ -1,7 +1,7 @@
 """Token cache benchmark: our sharded builder against Hugging Face `datasets`, and time to the
 first batch on an existing cache.
 
-    python benchmarks/data_cache.py [--corpus-mb 1024] [--workers 2] [--out result.json]
+    python benchmarks/data_cache.py [--corpus-mb 1024] [--workers 2] [--rounds 3] [--out result.json]
 
 One generated corpus (gzipped JSON lines, `--corpus-mb` of text in 32 MB files) and one fast
 tokenizer (a `tokenizers` BPE model trained on the first file) for both sides:
@@ -12,9 +12,10 @@ tokenizer (a `tokenizers` BPE model trained on the first file) for both sides:
 - first batch: a fresh process that plans and opens the existing cache and reads the
   pretraining recipe's global batch (512 rows of 2049 tokens) through `trainer.mixture`.
 
-Each runs in its own process; the figures are wall time, tokens/s and the peak of the summed
-RSS of that process and its children (sampled every 50 ms). The JSON records the CPU count
-and the load average before and after, since a shared machine skews every figure.
+Each runs in its own process, `--rounds` times interleaved (caches removed between rounds);
+the figures are medians of wall time, tokens/s and the peak of the summed RSS of that process
+and its children (sampled every 50 ms). The JSON records every round, the CPU count and the
+load average before and after, since a shared machine skews every figure.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import gzip
 import json
 import os
 import random
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -185,6 +188,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus-mb", type=int, default=1024)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out")
     parser.add_argument("--child", choices=["ours", "datasets", "first-batch"])
     parser.add_argument("--work")
@@ -199,34 +203,47 @@ def main() -> None:
         print(json.dumps(run()))
         return
     load_before = os.getloadavg()
+    rounds: dict[str, list[dict]] = {"ours": [], "datasets": [], "first_batch": []}
     with tempfile.TemporaryDirectory(prefix="data-cache-bench-") as tmp:
         work = Path(tmp)
         (work / "corpus").mkdir()
         files = generate(work / "corpus", args.corpus_mb)
         train_tokenizer(files[0], work / "tokenizer.json")
         common = ["--work", str(work), "--workers", str(args.workers)]
-        result = {
-            "corpus_mb": args.corpus_mb,
-            "files": len(files),
-            "workers": args.workers,
-            "cpus": os.cpu_count(),
-            "load_before": load_before,
-            "ours": measure(["--child", "ours", *common]),
-            "datasets": measure(["--child", "datasets", *common]),
-            "first_batch": measure(["--child", "first-batch", *common]),
-            "load_after": os.getloadavg(),
-        }
-    for side in ("ours", "datasets"):
-        result[side]["tokens_per_s"] = result[side]["tokens"] / result[side]["wall_s"]
-    ours, theirs = result["ours"], result["datasets"]
-    result["throughput_ratio"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
-    result["memory_ratio"] = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
+        for _ in range(args.rounds):
+            for scratch in ("cache", "hf-cache"):
+                shutil.rmtree(work / scratch, ignore_errors=True)
+            for side in ("ours", "datasets"):
+                rounds[side].append(measure(["--child", side, *common]))
+                rounds[side][-1]["tokens_per_s"] = (
+                    rounds[side][-1]["tokens"] / rounds[side][-1]["wall_s"]
+                )
+            rounds["first_batch"].append(measure(["--child", "first-batch", *common]))
+    medians = {
+        side: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        for side, runs in rounds.items()
+    }
+    ours, theirs = medians["ours"], medians["datasets"]
+    result = {
+        "corpus_mb": args.corpus_mb,
+        "files": len(files),
+        "workers": args.workers,
+        "cpus": os.cpu_count(),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "medians": medians,
+        "rounds": rounds,
+        "throughput_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+        "memory_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
+    }
     print(
+        f"medians of {args.rounds} rounds, {args.corpus_mb} MB of text in {len(files)} files, "
+        f"{args.workers} workers\n"
         f"ours: {ours['tokens_per_s'] / 1e6:.2f}M tokens/s, peak RSS {ours['peak_rss_mb']:.0f} MB\n"
         f"datasets: {theirs['tokens_per_s'] / 1e6:.2f}M tokens/s, peak RSS {theirs['peak_rss_mb']:.0f} MB\n"
         f"throughput {result['throughput_ratio']:.2f}x (target >= 1.0), "
         f"memory {result['memory_ratio']:.2f}x (target < 0.5)\n"
-        f"first batch on the existing cache: {result['first_batch']['first_batch_s']:.2f} s "
+        f"first batch on the existing cache: {medians['first_batch']['first_batch_s']:.2f} s "
         f"from process start (target < 10 s)\n"
         f"load average {load_before[0]:.1f} before, {result['load_after'][0]:.1f} after, "
         f"{result['cpus']} CPUs"

@@ -262,6 +262,11 @@ def test_progress_is_read_incrementally_and_a_half_written_line_waits(where, tmp
     assert tail.poll() == []  # nothing new
     io.write_text(path, json.dumps({"step": 1, "loss": 2.5}) + "\n")  # recreated, shorter
     assert [r["step"] for r in tail.poll()] == [1]
+    assert not tail.cache_progress
+    # A token cache build's progress record is progress (no hang), but no step.
+    line = json.dumps({"data_cache": "data: cache 3/40 files, 1.2M tokens/s, ETA 5m00s"})
+    io.write_text(path, json.dumps({"step": 1, "loss": 2.5}) + "\n" + line + "\n")
+    assert tail.poll() == [] and tail.cache_progress and tail.last_step == 1
 
 
 @pytest.mark.parametrize(

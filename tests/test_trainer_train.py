@@ -99,3 +99,13 @@ def test_a_pod_started_on_only_some_workers_fails_with_a_message(tiny_recipe, tm
     assert "error: only 1 of 2 workers joined coordinator 127.0.0.1:" in output
     assert "start the run on every worker" in output and "Traceback" not in output
     assert not os.path.exists(tmp_path / "DONE")
+
+
+def test_cache_build_progress_is_printed_and_reaches_metrics_once_a_minute(tmp_path, capsys):
+    times = iter([0.0, 30.0, 61.0])
+    report = train.cache_progress(str(tmp_path), clock=lambda: next(times))
+    for line in ("data: cache 1/9", "data: cache 2/9", "data: cache 3/9"):
+        report(line)
+    records = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records == [{"data_cache": "data: cache 1/9"}, {"data_cache": "data: cache 3/9"}]
+    assert capsys.readouterr().out.count("data: cache ") == 3

@@ -154,6 +154,7 @@ class MetricsTail:
         self.offset = 0
         self.last_step: int | None = None
         self.last_loss: float | None = None
+        self.cache_progress = False  # a data-cache build record came in: progress, no step
 
     def poll(self) -> list[dict[str, Any]]:
         data = self._read_from(self.offset)
@@ -167,6 +168,7 @@ class MetricsTail:
                 record = json.loads(line)
                 if isinstance(record.get("step"), int) and "loss" in record:
                     records.append(record)
+                self.cache_progress |= "data_cache" in record
         if records:
             self.last_step = records[-1]["step"]
             self.last_loss = records[-1].get("loss")
@@ -511,6 +513,9 @@ class Babysitter:
         if self.metrics is None:
             return
         records = self.metrics.poll()
+        if self.metrics.cache_progress:  # the trainer is still building its token cache
+            self.metrics.cache_progress = False
+            self._progress_at = time.monotonic()
         if not records:
             return
         self._progress_at = time.monotonic()

@@ -116,8 +116,6 @@ def _hf_units(spec: str, where: str) -> list[Unit]:
     files = [f["filename"] for f in dataset.cache_files]
     if not files:
         raise RecipeError(f"{where}: {spec} loaded into memory only; it has no Arrow files")
-    if dataset._indices is not None:  # a shuffled or filtered view: its files hold other rows
-        raise RecipeError(f"{where}: {spec} is a view with an indices mapping; flatten it first")
     return [
         Unit(f, "arrow", os.path.getsize(f), key_path=f"{spec}/{os.path.basename(f)}")
         for f in files

@@ -205,9 +205,12 @@ def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = Non
     )
 
 
-def prepare_data(recipe: Recipe, split: str, shuffle: bool) -> Mixture:
+def prepare_data(
+    recipe: Recipe, split: str, shuffle: bool, progress: Callable[[str], None] | None = None
+) -> Mixture:
     """The split's batches, from caches that every process helps build (see
-    cache.build_on_pod); process 0 prints the build's progress and summary."""
+    cache.build_on_pod); process 0 reports the build's progress (default: prints it) and
+    prints its summary."""
     entries = getattr(recipe.data, split)
     where = f"data.{split}"
     row_len = recipe.train.seq_len + 1
@@ -228,7 +231,7 @@ def prepare_data(recipe: Recipe, split: str, shuffle: bool) -> Mixture:
         (jax.process_index(), jax.process_count()),
         lambda name: multihost_utils.sync_global_devices(f"data cache {split} {name}"),
         workers=recipe.data.cache_workers or os.cpu_count() or 1,
-        log=(lambda line: print(line, flush=True)) if is_main else None,
+        log=(progress or functools.partial(print, flush=True)) if is_main else None,
     )
     readers = cache.open_all(caches, row_len, where)
     if is_main:
@@ -267,6 +270,29 @@ def check_tokenizer(recipe: Recipe) -> None:
         )
 
 
+CACHE_PROGRESS_RECORD_S = 60.0
+
+
+def cache_progress(
+    run_dir: str, clock: Callable[[], float] = time.monotonic
+) -> Callable[[str], None]:
+    """Print the cache build's progress lines and record one in metrics.jsonl at most once a
+    minute (`{"data_cache": line}`, no step), so babysit sees a long build making progress
+    rather than a hang."""
+    sink = metrics.MetricsLog(run_dir)
+    last_record = -math.inf
+
+    def report(line: str) -> None:
+        nonlocal last_record
+        print(line, flush=True)
+        now = clock()
+        if now - last_record >= CACHE_PROGRESS_RECORD_S:
+            sink.write({"data_cache": line})
+            last_record = now
+
+    return report
+
+
 def train(recipe: Recipe) -> int:
     """Run the recipe to completion, resuming from its newest checkpoint; returns the exit status
     (0, or EXIT_PREEMPTED when SIGTERM stopped it after a committed save)."""
@@ -274,8 +300,11 @@ def train(recipe: Recipe) -> int:
     is_main = jax.process_index() == 0
     recipe, hf_params = load_initial_params(recipe)
     check_tokenizer(recipe)
-    train_set = prepare_data(recipe, "train", shuffle=True)
-    eval_set = prepare_data(recipe, "eval", shuffle=False) if recipe.data.eval else None
+    progress = cache_progress(recipe.run_dir) if is_main else None
+    train_set = prepare_data(recipe, "train", shuffle=True, progress=progress)
+    eval_set = (
+        prepare_data(recipe, "eval", shuffle=False, progress=progress) if recipe.data.eval else None
+    )
     run = setup(recipe, train_set, hf_params)
     checkpointer = Checkpointer(
         io.join(recipe.run_dir, "checkpoints"),

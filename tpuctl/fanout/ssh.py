@@ -185,11 +185,11 @@ def _connect_once(host: Host, ctx: SshContext) -> paramiko.Transport:
     # Small request/response packets: without this, delayed ACKs add ~40 ms per round trip.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     transport = paramiko.Transport(sock)
-    known_hosts = ctx.known_hosts(host.known_hosts)
-    pinned = known_hosts.pinned_algorithms(host)
     try:
         transport.banner_timeout = ctx.connect_timeout
         transport.handshake_timeout = ctx.connect_timeout
+        known_hosts = ctx.known_hosts(host.known_hosts)
+        pinned = known_hosts.pinned_algorithms(host)
         options = transport.get_security_options()
         if offered := [a for a in options.key_types if a in pinned]:
             options.key_types = offered  # verify() refuses any other type anyway
