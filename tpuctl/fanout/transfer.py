@@ -1,0 +1,135 @@
+"""File transfer with one SSH host: SFTP where its sshd offers the subsystem, else tar
+streamed over an exec channel (minimal images and hardened hosts turn SFTP off).
+
+Both ways copy the same: a file to exactly `remote`, a directory merged into `remote`,
+file modes kept. Remote trouble comes back as OSError (the worker's one-line reason) or
+ConnectionError, never as a paramiko exception.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import paramiko
+
+from tpuctl.fanout import ssh
+from tpuctl.fanout.base import Host, StopSignal
+
+# What a missing subsystem looks like to paramiko: sshd closes the channel it asked on.
+_NO_SFTP = (paramiko.SSHException, EOFError)
+
+
+def put_to_host(host: Host, ctx: ssh.SshContext, stop: StopSignal, local: Path, remote: str) -> int:
+    """Copy a local file or directory to `remote` on `host`; returns the files copied."""
+    return _with_transport(
+        host,
+        ctx,
+        stop,
+        lambda sftp: ssh.put_tree(sftp, local, remote),
+        lambda transport: _put_tar(transport, local, remote),
+    )
+
+
+def get_from_host(
+    host: Host, ctx: ssh.SshContext, stop: StopSignal, remote: str, local: Path
+) -> int:
+    """Copy `remote` (file or directory) from `host` to `local`; returns the files copied."""
+    return _with_transport(
+        host,
+        ctx,
+        stop,
+        lambda sftp: ssh.get_tree(sftp, remote, local),
+        lambda transport: _get_tar(transport, remote, local),
+    )
+
+
+def _with_transport(
+    host: Host,
+    ctx: ssh.SshContext,
+    stop: StopSignal,
+    by_sftp: Callable[[paramiko.SFTPClient], int],
+    by_tar: Callable[[paramiko.Transport], int],
+) -> int:
+    transport = ssh.connect(host, ctx, stop)
+    try:
+        try:
+            sftp = paramiko.SFTPClient.from_transport(transport)
+        except _NO_SFTP:
+            sftp = None
+        if sftp is not None:
+            with sftp:
+                return by_sftp(sftp)
+        if not transport.is_active():
+            raise ConnectionError(f"connection lost: {host.address}:{host.port}")
+        return by_tar(transport)
+    except (paramiko.SSHException, EOFError) as err:
+        raise ConnectionError(f"connection lost: {err or type(err).__name__}") from err
+    finally:
+        transport.close()
+
+
+def _split(remote: str) -> tuple[str, str]:
+    parent, name = posixpath.split(remote.rstrip("/"))
+    return parent or ".", name
+
+
+def _exec(transport: paramiko.Transport, script: str) -> paramiko.Channel:
+    channel = transport.open_session(timeout=10)
+    channel.exec_command(f"exec bash -c {shlex.quote(script)}")
+    return channel
+
+
+def _finish(channel: paramiko.Channel, remote: str) -> None:
+    """Wait for the remote tar; its failure becomes an OSError with tar's reason."""
+    status = channel.recv_exit_status()
+    stderr = channel.makefile_stderr("rb").read().decode(errors="replace").strip()
+    channel.close()
+    if status != 0:
+        first = stderr.splitlines()[0] if stderr else f"tar exited with status {status}"
+        # GNU tar: "tar: PATH: Cannot stat: No such file or directory": keep the reason.
+        raise OSError(None, first.rsplit(": ", 1)[-1], remote)
+
+
+def _put_tar(transport: paramiko.Transport, local: Path, remote: str) -> int:
+    parent, name = _split(remote)
+    quoted = shlex.quote(parent)
+    channel = _exec(transport, f"mkdir -p {quoted} && tar -x --no-same-owner -f - -C {quoted}")
+    files = 0
+
+    def count(member: tarfile.TarInfo) -> tarfile.TarInfo:
+        nonlocal files
+        files += member.isfile()
+        return member
+
+    with channel.makefile("wb") as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
+        tar.add(local, arcname=name, filter=count)
+    channel.shutdown_write()
+    _finish(channel, remote)
+    return files
+
+
+def _get_tar(transport: paramiko.Transport, remote: str, local: Path) -> int:
+    parent, name = _split(remote)
+    channel = _exec(transport, f"tar -c -f - -C {shlex.quote(parent)} -- {shlex.quote(name)}")
+    local.parent.mkdir(parents=True, exist_ok=True)
+    files = 0
+    try:
+        with channel.makefile("rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                if member.name.split("/")[0] != name:
+                    raise OSError(
+                        None, f"unexpected path {member.name!r} in the tar stream", remote
+                    )
+                # The data filter refuses links and paths that lead out of local.parent.
+                tar.extract(member, local.parent, filter="data")
+                files += member.isfile()
+    except tarfile.FilterError as err:
+        raise OSError(None, str(err), remote) from None
+    except tarfile.ReadError:
+        pass  # an empty stream: tar failed before writing, and _finish says why
+    _finish(channel, remote)
+    return files
