@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -284,6 +285,8 @@ def train(recipe: Recipe) -> int:
         n_params = count_params(run.state.params)
         print(f"trainer: {n_params / 1e6:.1f}M params, mesh {dict(run.mesh.shape)}, {run.total_steps} steps, "
               f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})", flush=True)  # fmt: skip
+        print(f"trainer: Python {sys.version.split()[0]} ({sys.executable}), jax {jax.__version__}",
+              flush=True)  # fmt: skip
 
     step = int(jax.device_get(run.state.step))
     last: dict[str, Any] = {}

@@ -74,14 +74,29 @@ def start_run(
     uri = storage.recipe_uri(_bucket(settings, node), run_id)
     storage.upload_text(uri, resolved_recipe_yaml(recipe))
     cpu = _is_cpu_pod(settings, node, worker_jobs)
-    worker_env = workerenv.WorkerEnv.from_settings(settings, node, accelerator=not cpu)
-    workerenv.prepare(hosts, worker_env, progress)
+    worker_env = prepare_workers(settings, node, hosts, progress, cpu)
     env = {**recipe.env, **storage_env, **(_cpu_pod_env(node) if cpu else {}), **request.env}
     launch_hosts = _with_process_ids(hosts) if cpu else hosts
     command = [*worker_env.launcher(env), "-m", "trainer", uri]
     spec = jobs.JobSpec(run_id=run_id, command=command, env=env, force=request.force)
     jobs.launch(launch_hosts, spec, current=worker_jobs)
     return StartedRun(run_id, uri, _absolute(recipe.run_dir), f".tpuctl/jobs/{run_id}/log", hosts)
+
+
+def prepare_workers(
+    settings: Settings,
+    node: Node,
+    hosts: list[Host],
+    progress: Callable[[str], None],
+    cpu: bool | None = None,
+) -> workerenv.WorkerEnv:
+    """Prepare the workers' environment (what `tpuctl prepare`, `run` and the babysitter's
+    relaunches do); `cpu` is whether the node is a CPU pod, found out if not given."""
+    if cpu is None:
+        cpu = _is_cpu_pod(settings, node, jobs.status(hosts))
+    worker_env = workerenv.WorkerEnv.from_settings(settings, node, accelerator=not cpu)
+    workerenv.prepare(hosts, worker_env, progress)
+    return worker_env
 
 
 def load_recipe(source: str, overrides: list[str]) -> Any:
