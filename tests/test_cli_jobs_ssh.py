@@ -53,17 +53,22 @@ def gcs_on_bridge(ssh_pod):
         yield emulator.url
 
 
-@pytest.fixture
-def pod(fake_tpu, ssh_pod, pod_key, gcs_on_bridge, monkeypatch, tmp_path):
-    """Node `pod` (v3-32) on the sshd hosts; workers use this interpreter (worker.python)."""
-    fake_tpu.add_node("pod", "v3-32", project=PROJECT, zone=ZONE, worker_ips=ssh_pod.hosts)
+def use_pod(monkeypatch, gcs_url: str, pod_key: tuple[str, str]) -> None:
+    """tpuctl's settings for the test pods: their GCS emulator, login key and bucket."""
     for name, value in {
-        **emulator_env(gcs_on_bridge),
+        **emulator_env(gcs_url),
         "TPUCTL_SSH_KEY": pod_key[0],
         "TPUCTL_SSH_USER": "root",
         "TPUCTL_BUCKET": "test-bucket",
     }.items():
         monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def pod(fake_tpu, ssh_pod, pod_key, gcs_on_bridge, monkeypatch, tmp_path):
+    """Node `pod` (v3-32) on the sshd hosts; workers use this interpreter (worker.python)."""
+    fake_tpu.add_node("pod", "v3-32", project=PROJECT, zone=ZONE, worker_ips=ssh_pod.hosts)
+    use_pod(monkeypatch, gcs_on_bridge, pod_key)
     config_file = Path(tmp_path / "xdg-config" / "tpuctl" / "config.yaml")
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(f"worker:\n  python: {sys.executable}\n")
@@ -80,13 +85,7 @@ def stock_pod(make_ssh_pod, old_python, fake_tpu, pod_key, monkeypatch, tmp_path
     fake_tpu.add_node("stock", "v4-16", project=PROJECT, zone=ZONE, worker_ips=ssh_pod.hosts)
     with GcsEmulator(host=ssh_pod.gateway) as emulator:
         emulator.create_bucket("test-bucket")
-        for name, value in {
-            **emulator_env(emulator.url),
-            "TPUCTL_SSH_KEY": pod_key[0],
-            "TPUCTL_SSH_USER": "root",
-            "TPUCTL_BUCKET": "test-bucket",
-        }.items():
-            monkeypatch.setenv(name, value)
+        use_pod(monkeypatch, emulator.url, pod_key)
         yield ssh_pod, pod_hosts(ssh_pod, pod_key, str(tmp_path / "known_hosts"))
 
 
