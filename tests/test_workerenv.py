@@ -82,18 +82,23 @@ def test_a_new_worker_or_a_changed_setup_is_prepared_again(hosts, offline):
     assert all((Path(h.workdir) / "setup-ran").read_text() == "ran\n" for h in hosts)
 
 
-def test_a_python_older_than_the_trainer_needs_is_replaced_by_one_uv_installs(
-    hosts, offline, old_python, python_mirror
+@pytest.mark.parametrize("asked", ["too old base_python", "worker.python_version"])
+def test_uv_installs_the_python_when_base_python_is_too_old_or_another_is_asked_for(
+    hosts, offline, old_python, python_mirror, asked
 ):
-    stock = dataclasses.replace(offline, base_python=old_python, python_mirror=python_mirror)
+    version = sys.version.split()[0]  # the one interpreter the mirror offers
+    if asked == "worker.python_version":  # base_python would do, but 3.11 is asked for
+        stock = dataclasses.replace(offline, python_version="3.11", python_mirror=python_mirror)
+    else:
+        stock = dataclasses.replace(offline, base_python=old_python, python_mirror=python_mirror)
     messages = []
     workerenv.prepare(hosts[:1], stock, messages.append)
-    version = sys.version.split()[0]  # the one interpreter the mirror offers
     assert any(m.startswith(f"w00: installing Python {version} (uv) ... ") for m in messages)
     reported = in_venv(hosts[0].workdir, "import sys; print(sys.version.split()[0])")
     assert reported == version
-    installed = Path(hosts[0].workdir) / ".tpuctl" / "python"
-    assert any(installed.glob(f"cpython-{version}-*/bin/python3"))
+    venv_config = (Path(hosts[0].workdir) / ".tpuctl" / "venv" / "pyvenv.cfg").read_text()
+    home = next(line for line in venv_config.splitlines() if line.startswith("home"))
+    assert f"/.tpuctl/python/cpython-{version.rsplit('.', 1)[0]}" in home
 
 
 def test_a_failing_step_names_the_worker_and_the_step(hosts, offline, old_python, tmp_path):

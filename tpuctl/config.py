@@ -47,7 +47,7 @@ KNOWN_KEYS: dict[str, str] = {
     "worker.image": "container image to run the trainer in",
     "worker.setup": "shell command run on every worker before the first run",
     "worker.base_python": "the workers' own interpreter, used for the venv when new enough",
-    "worker.python_version": "Python uv installs when base_python is too old (default >=3.11,<3.14)",
+    "worker.python_version": "Python for uv to install (default: base_python if new enough)",
     "worker.python_mirror": "where uv downloads Python from: a mirror URL or a downloads .json",
     "worker.packages": "extra pip requirements for the workers' venv (default jax[tpu] on TPUs)",
     "worker.pip_args": "extra pip arguments for installing uv on the workers (index, find-links)",

@@ -5,8 +5,9 @@ Three ways, chosen by config (`worker.*` keys):
   trainer package built from this checkout as a wheel, plus `worker.packages` (jax[tpu]
   on TPU workers), made with uv: uv itself is pip-installed by the worker's own
   `worker.base_python` (`worker.pip_args`); the venv uses that interpreter when it is at
-  least WORKER_MIN_PYTHON, else a Python uv installs (`worker.python_version`, downloaded
-  from `worker.python_mirror` if set); packages go in with `uv pip` (`worker.uv_args`);
+  least WORKER_MIN_PYTHON, else (or when `worker.python_version` is set) a Python uv
+  installs, downloaded from `worker.python_mirror` if set; packages go in with `uv pip`
+  (`worker.uv_args`);
 - `worker.python`: an interpreter already on the workers that has the trainer installed;
   nothing is installed (local pods default to the interpreter running tpuctl);
 - `worker.image`: the trainer runs inside this container image (docker, host network,
@@ -83,14 +84,15 @@ if [ -n "$wheel" ]; then
     *.json) export UV_PYTHON_DOWNLOADS_JSON_URL="$python_mirror" ;;
     *) export UV_PYTHON_INSTALL_MIRROR="$python_mirror" ;;
   esac
-  if "$base_python" -c "import sys; sys.exit(sys.version_info < $min_python)" 2>/dev/null; then
+  if [ -z "$python_version" ] &&
+    "$base_python" -c "import sys; sys.exit(sys.version_info < $min_python)" 2>/dev/null; then
     python=$(command -v "$base_python")
     echo "step using $base_python (Python $(version_of "$python"))"
   else
-    started=$SECONDS
-    output=$("$uv" python install --no-bin "$python_version" 2>&1) ||
-      failed "installing Python $python_version (uv)" "$output"
-    python=$("$uv" python find --managed-python "$python_version")
+    wanted=${python_version:-$default_python_version} started=$SECONDS
+    { output=$("$uv" python install --no-bin "$wanted" 2>&1) &&
+      python=$("$uv" python find --managed-python "$wanted" 2>&1); } ||
+      failed "installing Python $wanted (uv)" "${python:-$output}"
     finished "installing Python $(version_of "$python") (uv)" "$started"
   fi
   rm -rf "$state_dir/venv"
@@ -112,7 +114,7 @@ class WorkerEnv:
     setup: str | None = None
     image: str | None = None
     base_python: str = "python3"
-    python_version: str = DEFAULT_PYTHON_VERSION
+    python_version: str | None = None  # None: base_python if new enough, else the default
     python_mirror: str = ""
     packages: tuple[str, ...] = ()
     pip_args: str = ""
@@ -132,7 +134,7 @@ class WorkerEnv:
             setup=settings.get("worker.setup"),
             image=settings.get("worker.image"),
             base_python=settings.get("worker.base_python", "python3"),
-            python_version=str(settings.get("worker.python_version", DEFAULT_PYTHON_VERSION)),
+            python_version=settings.get("worker.python_version"),
             python_mirror=settings.get("worker.python_mirror", ""),
             packages=tuple(packages),
             pip_args=settings.get("worker.pip_args", ""),
@@ -190,7 +192,8 @@ def prepare(
             "wheel": shlex.quote(wheel),
             "base_python": shlex.quote(env.base_python),
             "min_python": shlex.quote(repr(WORKER_MIN_PYTHON)),
-            "python_version": shlex.quote(env.python_version),
+            "python_version": shlex.quote(env.python_version or ""),
+            "default_python_version": shlex.quote(DEFAULT_PYTHON_VERSION),
             "python_mirror": shlex.quote(env.python_mirror),
             "pip_args": shlex.quote(env.pip_args),
             "uv_args": shlex.quote(env.pip_args if env.uv_args is None else env.uv_args),
