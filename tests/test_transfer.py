@@ -61,3 +61,22 @@ def test_a_missing_remote_path_is_one_line(hosts, tmp_path):
     missing = get(hosts[:1], "/tmp/does-not-exist", tmp_path / "fetched")[0]
     assert missing.exit_code == 1
     assert missing.stderr == "No such file or directory: /tmp/does-not-exist"
+
+
+def test_get_skips_symlinks_inside_the_tree_and_follows_the_named_one(hosts, tmp_path):
+    from tpuctl.fanout import StopSignal, transfer
+    from tpuctl.fanout.ssh import SshContext
+
+    made = run(
+        hosts[:1],
+        "mkdir -p tree/sub && echo a > tree/sub/a && ln -sfn /etc/passwd tree/passwd && "
+        "ln -sfn tree linked",
+    )
+    assert made[0].ok, made[0].stderr
+    skipped: list[str] = []
+    target = tmp_path / "w00" / "linked"
+    copied = transfer.get_from_host(
+        hosts[0], SshContext(10.0), StopSignal(), "linked", target, skipped
+    )
+    assert copied == 1 and (target / "sub" / "a").read_text() == "a\n"
+    assert skipped == ["linked/passwd"] and not (target / "passwd").exists()

@@ -35,15 +35,22 @@ def put_to_host(host: Host, ctx: ssh.SshContext, stop: StopSignal, local: Path, 
 
 
 def get_from_host(
-    host: Host, ctx: ssh.SshContext, stop: StopSignal, remote: str, local: Path
+    host: Host,
+    ctx: ssh.SshContext,
+    stop: StopSignal,
+    remote: str,
+    local: Path,
+    skipped: list[str] | None = None,
 ) -> int:
-    """Copy `remote` (file or directory) from `host` to `local`; returns the files copied."""
+    """Copy `remote` (file or directory) from `host` to `local`; returns the files copied.
+    Symlinks inside the tree are not followed: they are skipped and listed in `skipped`."""
+    found = [] if skipped is None else skipped
     return _with_transport(
         host,
         ctx,
         stop,
         lambda sftp: ssh.get_tree(sftp, remote, local),
-        lambda transport: _get_tar(transport, remote, local),
+        lambda transport: _get_tar(transport, remote, local, found),
     )
 
 
@@ -112,19 +119,26 @@ def _put_tar(transport: paramiko.Transport, local: Path, remote: str) -> int:
     return files
 
 
-def _get_tar(transport: paramiko.Transport, remote: str, local: Path) -> int:
-    parent, name = _split(remote)
-    channel = _exec(transport, f"tar -c -f - -C {shlex.quote(parent)} -- {shlex.quote(name)}")
+def _get_tar(transport: paramiko.Transport, remote: str, local: Path, skipped: list[str]) -> int:
+    # A directory is archived from inside it (`cd` follows `remote` itself when it is a
+    # link, as SFTP's stat does); a file with -h, so a linked file comes as its content.
+    quoted = shlex.quote(remote)
+    channel = _exec(
+        transport,
+        f"if [ -d {quoted} ]; then cd -- {quoted} && exec tar -c -f - .; fi; "
+        f'exec tar -c -h -f - -C "$(dirname -- {quoted})" -- "$(basename -- {quoted})"',
+    )
     local.parent.mkdir(parents=True, exist_ok=True)
     files = 0
     try:
         with channel.makefile("rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
-                if member.name.split("/")[0] != name:
-                    raise OSError(
-                        None, f"unexpected path {member.name!r} in the tar stream", remote
-                    )
-                # The data filter refuses links and paths that lead out of local.parent.
+                parts = _member_parts(member, remote)
+                if member.issym() or member.islnk():
+                    skipped.append(posixpath.join(remote, *parts))
+                    continue
+                member.name = posixpath.join(local.name, *parts)
+                # The data filter also refuses devices and anything leading out of local.parent.
                 tar.extract(member, local.parent, filter="data")
                 files += member.isfile()
     except tarfile.FilterError as err:
@@ -133,3 +147,17 @@ def _get_tar(transport: paramiko.Transport, remote: str, local: Path) -> int:
         pass  # an empty stream: tar failed before writing, and _finish says why
     _finish(channel, remote)
     return files
+
+
+def _member_parts(member: tarfile.TarInfo, remote: str) -> list[str]:
+    """Where a member of the worker's stream goes, relative to the local target: a
+    directory's entries are `./...`, a file is its one member. The names are untrusted."""
+    parts = member.name.split("/")
+    if parts[0] != ".":
+        if len(parts) != 1 or not member.isfile():
+            raise OSError(None, f"unexpected entry {member.name!r} in the tar stream", remote)
+        return []
+    inner = [part for part in parts[1:] if part]
+    if ".." in inner:
+        raise OSError(None, f"refusing the name {member.name!r} the worker sent", remote)
+    return inner
