@@ -205,7 +205,9 @@ def test_a_stock_tpu_vm_image_is_prepared_and_runs_the_tiny_recipe(
     report = json.loads(ok("check", "stock", "--json"))
     assert {w["python"] for w in report["workers"]} == {version}
 
-    run(hosts, "rm -rf ~/.tpuctl")  # the node was recreated: fresh workers
+    run(hosts[1:], "rm -rf ~/.tpuctl")  # w01 was recreated (a preempted worker's new VM)
     recreated = tpuctl("prepare", "stock", timeout=SLOW_S)
     assert recreated.returncode == 0, recreated.stderr
+    assert "preparing 1 worker(s)" in recreated.stderr
     assert f"w01: installing Python {version} (uv)" in recreated.stderr
+    assert "w00:" not in recreated.stderr
