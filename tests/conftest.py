@@ -1,9 +1,11 @@
 """Shared pytest configuration. Fixtures live in tests/fixtures_*.py, one file per real part
-(the fake Cloud TPU API, the sshd test pod, the GCS emulator), registered here."""
+(the fake Cloud TPU API, the sshd test pod, the GCS emulator, offline worker
+preparation), registered here."""
 
 pytest_plugins: list[str] = [
     "tests.fixtures_gcs",
     "tests.fixtures_tpu",
     "tests.fixtures_pod",
     "tests.fixtures_trainer",
+    "tests.fixtures_workerenv",
 ]

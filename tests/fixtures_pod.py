@@ -1,8 +1,9 @@
 """The SSH test pod: real sshd hosts, each in its own network, mount and PID namespace.
 
 `ssh_pod` (4 hosts) is shared by the whole session: tests that stop a host bring it back.
-`ssh_pod32` is a shared 32-host pod for the scale tests; `make_ssh_pod(n)` starts any other
-size, stopped at the end of the session. Both need root; without it the tests are skipped.
+`ssh_pod32` is a shared 32-host pod for the scale tests; `make_ssh_pod(n, **options)` starts
+any other (SshPod's options), stopped at the end of the session. All need root; without it
+the tests are skipped.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def make_ssh_pod(pod_key) -> Iterator[Callable[[int], SshPod]]:
         pytest.skip(NOT_ROOT)
     pods: list[SshPod] = []
 
-    def make(n: int) -> SshPod:
-        pod = SshPod(n, pod_key, keep_visible=_python_home())
+    def make(n: int, **options) -> SshPod:
+        pod = SshPod(n, pod_key, keep_visible=_python_home(), **options)
         pods.append(pod)
         return pod.start()
 

@@ -1,11 +1,14 @@
-"""`tpuctl run / logs / ps / kill` on the SSH test pod: the real Cloud TPU client asks the
-fake API for node `pod` (v3-32), whose workers are 4 sshd hosts in their own network, mount
-and PID namespaces; the trainer runs on them as 4 jax.distributed processes x 8 CPU devices;
-the recipe goes through a GCS emulator the hosts reach over the pod's bridge."""
+"""`tpuctl prepare / run / logs / ps / kill` on the SSH test pod: the real Cloud TPU client
+asks the fake API for node `pod` (v3-32), whose workers are 4 sshd hosts in their own
+network, mount and PID namespaces; the trainer runs on them as 4 jax.distributed processes
+x 8 CPU devices; the recipe goes through a GCS emulator the hosts reach over the pod's
+bridge. Node `stock` (v4-16) has workers like a stock TPU VM: python3 is 3.10, nothing
+newer on the PATH, no venv, no tpuctl, and (like a minimal image) no SFTP."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +28,8 @@ PROJECT, ZONE = "test-project", "us-central1-a"
 REPO = Path(__file__).resolve().parent.parent
 SLOW_S = 300.0  # a training run on 2 shared cores
 TINY = str(REPO / "recipes" / "tiny.yaml")
+# One unpacked copy of the trainer's packages for every worker and every test run.
+SHARED_UV_CACHE = "--cache-dir /var/tmp/tpuctl-test-cache/uv --link-mode symlink"
 FAST = ["train.batch_size=32", "train.grad_accum=1", "eval.every_steps=0", "logging.every_steps=1"]
 
 
@@ -48,23 +53,40 @@ def gcs_on_bridge(ssh_pod):
         yield emulator.url
 
 
-@pytest.fixture
-def pod(fake_tpu, ssh_pod, pod_key, gcs_on_bridge, monkeypatch, tmp_path):
-    """Node `pod` (v3-32) on the sshd hosts; workers use this interpreter (worker.python)."""
-    fake_tpu.add_node("pod", "v3-32", project=PROJECT, zone=ZONE, worker_ips=ssh_pod.hosts)
+def use_pod(monkeypatch, gcs_url: str, pod_key: tuple[str, str]) -> None:
+    """tpuctl's settings for the test pods: their GCS emulator, login key and bucket."""
     for name, value in {
-        **emulator_env(gcs_on_bridge),
+        **emulator_env(gcs_url),
         "TPUCTL_SSH_KEY": pod_key[0],
         "TPUCTL_SSH_USER": "root",
         "TPUCTL_BUCKET": "test-bucket",
     }.items():
         monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def pod(fake_tpu, ssh_pod, pod_key, gcs_on_bridge, monkeypatch, tmp_path):
+    """Node `pod` (v3-32) on the sshd hosts; workers use this interpreter (worker.python)."""
+    fake_tpu.add_node("pod", "v3-32", project=PROJECT, zone=ZONE, worker_ips=ssh_pod.hosts)
+    use_pod(monkeypatch, gcs_on_bridge, pod_key)
     config_file = Path(tmp_path / "xdg-config" / "tpuctl" / "config.yaml")
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(f"worker:\n  python: {sys.executable}\n")
     hosts = pod_hosts(ssh_pod, pod_key, str(tmp_path / "known_hosts"))
     yield ssh_pod, hosts
     tpuctl("kill", "pod", "--grace", "1")
+
+
+@pytest.fixture
+def stock_pod(make_ssh_pod, old_python, fake_tpu, pod_key, monkeypatch, tmp_path):
+    """Node `stock` (v4-16) on 2 hosts whose python3 is 3.10 and whose sshd has no SFTP;
+    worker settings only point uv at local mirrors (the tests have no internet)."""
+    ssh_pod = make_ssh_pod(2, python3=old_python, sftp=False)
+    fake_tpu.add_node("stock", "v4-16", project=PROJECT, zone=ZONE, worker_ips=ssh_pod.hosts)
+    with GcsEmulator(host=ssh_pod.gateway) as emulator:
+        emulator.create_bucket("test-bucket")
+        use_pod(monkeypatch, emulator.url, pod_key)
+        yield ssh_pod, pod_hosts(ssh_pod, pod_key, str(tmp_path / "known_hosts"))
 
 
 @pytest.fixture
@@ -143,3 +165,49 @@ def test_recipe_errors_are_refused_before_anything_reaches_the_hosts(pod):
     assert result.stderr.startswith("error: recipe") and "model.presett" in result.stderr
     assert "Traceback" not in result.stderr
     assert ok("ps", "pod") == before and "running" not in before
+
+
+@pytest.mark.slow
+def test_a_stock_tpu_vm_image_is_prepared_and_runs_the_tiny_recipe(
+    stock_pod, shared_dir, tmp_path, uv_wheels, trainer_wheelhouse, python_mirror
+):
+    ssh_pod, hosts = stock_pod
+    (tmp_path / "xdg-config" / "tpuctl").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "xdg-config" / "tpuctl" / "config.yaml").write_text(
+        "worker:\n"
+        f"  python_mirror: {python_mirror}\n"
+        f"  pip_args: --no-index --find-links {uv_wheels}\n"
+        f"  uv_args: --no-index --find-links {trainer_wheelhouse} {SHARED_UV_CACHE}\n"
+    )
+    assert {r.stdout.strip() for r in run(hosts, "python3 --version")} == {"Python 3.10.13"}
+    version = sys.version.split()[0]  # what the mirror offers
+
+    first = tpuctl("prepare", "stock", timeout=SLOW_S)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "stock: 2 worker(s) ready\n"
+    for label in ("w00", "w01"):
+        for step in ("installing uv (pip)", f"installing Python {version} (uv)",
+                     "creating the venv", "installing the trainer (uv pip)"):  # fmt: skip
+            assert re.search(rf"^{label}: {re.escape(step)} \.\.\. \d+ s$", first.stderr, re.M)
+    again = tpuctl("prepare", "stock")
+    assert again.returncode == 0 and "unchanged" in again.stderr
+    assert "installing" not in again.stderr
+
+    out = ok(
+        "run", TINY, "--name", "stock", "--all-workers", "--follow", "--run-id", "stock-e2e",
+        "--", *FAST, "train.steps=2", f"run_dir={shared_dir}",
+    )  # fmt: skip
+    assert "run stock-e2e finished: step 2" in out
+    log = ssh_pod.path(0, "/root/.tpuctl/jobs/stock-e2e/log").read_text()
+    assert f"trainer: Python {version} (/root/.tpuctl/venv/bin/python)" in log
+    assert "3.10" not in log
+
+    report = json.loads(ok("check", "stock", "--json"))
+    assert {w["python"] for w in report["workers"]} == {version}
+
+    run(hosts[1:], "rm -rf ~/.tpuctl")  # w01 was recreated (a preempted worker's new VM)
+    recreated = tpuctl("prepare", "stock", timeout=SLOW_S)
+    assert recreated.returncode == 0, recreated.stderr
+    assert "preparing 1 worker(s)" in recreated.stderr
+    assert f"w01: installing Python {version} (uv)" in recreated.stderr
+    assert "w00:" not in recreated.stderr

@@ -4,8 +4,10 @@ test pod's sshd hosts, and the fan-out logs in over SSH."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -226,6 +228,8 @@ def test_check_reports_a_healthy_pod_when_jax_works_everywhere(pod_node):
     assert result.returncode == 0, result.stderr
     assert report["healthy"] and report["problems"] == []
     assert [w["devices"] for w in report["workers"]] == [1, 1, 1, 1]
+    versions = {(w["python"], w["jax"]) for w in report["workers"]}
+    assert versions == {(platform.python_version(), importlib.metadata.version("jax"))}
     assert all(w["disk_free_gb"] > 0 and w["mem_free_gb"] > 0 for w in report["workers"])
 
 

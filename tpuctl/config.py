@@ -47,9 +47,12 @@ KNOWN_KEYS: dict[str, str] = {
     "worker.python": "interpreter on the workers that has the trainer; nothing is installed",
     "worker.image": "container image to run the trainer in",
     "worker.setup": "shell command run on every worker before the first run",
-    "worker.base_python": "interpreter that creates the workers' venv (default python3)",
+    "worker.base_python": "the workers' own interpreter, used for the venv when new enough",
+    "worker.python_version": "Python for uv to install (default: base_python if new enough)",
+    "worker.python_mirror": "where uv downloads Python from: a mirror URL or a downloads .json",
     "worker.packages": "extra pip requirements for the workers' venv (default jax[tpu] on TPUs)",
-    "worker.pip_args": "extra pip arguments for the workers' venv",
+    "worker.pip_args": "extra pip arguments for installing uv on the workers (index, find-links)",
+    "worker.uv_args": "extra `uv pip install` arguments for the venv (default: worker.pip_args)",
     "worker.platform": "auto, cpu or tpu: whether tpuctl sets up jax.distributed on CPU",
 }
 ACCELERATOR_FIELDS = ("zone", "zones", "project", "runtime_version")

@@ -71,17 +71,29 @@ exit $status
     )
 
 
-def check_script(python: str = "python3", device_globs: tuple[str, ...] = TPU_DEVICE_GLOBS) -> str:
-    """Report device holders, JAX's device counts (skipped while the device is held: JAX
-    would block on it), free disk in $HOME and available memory."""
-    probe = "import jax; print(jax.device_count(), jax.local_device_count())"
+def check_script(
+    python: str = "python3",
+    device_globs: tuple[str, ...] = TPU_DEVICE_GLOBS,
+    fallback: str | None = None,
+) -> str:
+    """Report device holders, the Python and jax versions and JAX's device counts (skipped
+    while the device is held: JAX would block on it), free disk in $HOME and available
+    memory. `fallback` is used where `python` is no executable file (a venv not made yet)."""
+    probe = (
+        "import jax; print('jax', jax.__version__); "
+        "print('devices', jax.device_count(), jax.local_device_count())"
+    )
+    version = "import platform; print(platform.python_version())"
     return (
         _PRELUDE
+        + f"python={shlex.quote(python)}\n"
+        + (f'[ -x "$python" ] || python={shlex.quote(fallback)}\n' if fallback else "")
+        + f'echo "python $("$python" -c {shlex.quote(version)} 2>/dev/null || echo "?")"\n'
         + _held(device_globs)
         + '[ -n "$held" ] && echo "$held"\n'
         + f"""if [ -z "$held" ]; then
-  if out=$({shlex.quote(python)} -c {shlex.quote(probe)} 2>&1); then
-    echo "devices $(echo "$out" | tail -n 1)"
+  if out=$("$python" -c {shlex.quote(probe)} 2>&1); then
+    echo "$out" | grep -E '^(jax|devices) '
   else
     echo "jax_error $(echo "$out" | tail -n 1)"
   fi
@@ -118,6 +130,8 @@ def parse_lock_report(stdout: str) -> LockReport:
 class WorkerHealth:
     """One worker's answers to `check`."""
 
+    python: str | None = None  # the interpreter's version, e.g. 3.12.4
+    jax: str | None = None
     devices: int | None = None  # jax.device_count(): the whole pod's devices
     local_devices: int | None = None
     jax_error: str | None = None
@@ -135,6 +149,10 @@ def parse_health(stdout: str) -> WorkerHealth:
                 health.devices, health.local_devices = int(counts[0]), int(counts[1])
             else:
                 health.jax_error = f"unexpected output: {rest}"
+        elif kind == "python" and rest != "?":
+            health.python = rest
+        elif kind == "jax":
+            health.jax = rest
         elif kind == "jax_error":
             health.jax_error = rest or "python exited with an error"
         elif kind == "held":

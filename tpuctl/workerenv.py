@@ -3,7 +3,11 @@
 Three ways, chosen by config (`worker.*` keys):
 - default: a virtual environment per worker (`.tpuctl/venv` in the worker's home) with the
   trainer package built from this checkout as a wheel, plus `worker.packages` (jax[tpu]
-  on TPU workers), installed with `worker.base_python -m venv` and pip (`worker.pip_args`);
+  on TPU workers), made with uv: uv itself is pip-installed by the worker's own
+  `worker.base_python` (`worker.pip_args`); the venv uses that interpreter when it is at
+  least WORKER_MIN_PYTHON, else (or when `worker.python_version` is set) a Python uv
+  installs, downloaded from `worker.python_mirror` if set; packages go in with `uv pip`
+  (`worker.uv_args`);
 - `worker.python`: an interpreter already on the workers that has the trainer installed;
   nothing is installed (local pods default to the interpreter running tpuctl);
 - `worker.image`: the trainer runs inside this container image (docker, host network,
@@ -11,6 +15,8 @@ Three ways, chosen by config (`worker.*` keys):
 `worker.setup`, a shell command, runs first on every worker in any of these modes.
 A worker records the content hash of what it was prepared with; unchanged workers are
 skipped, so only the first run on a node (or the first after a change) pays for it.
+Each step a worker finishes is reported as `w03: installing Python 3.12.4 (uv) ... 14 s`;
+a failure names the worker and the step in one line.
 """
 
 from __future__ import annotations
@@ -39,6 +45,12 @@ VENV_PYTHON = ".tpuctl/venv/bin/python"
 WHEEL_DIR = ".tpuctl/wheels"
 PREPARE_TIMEOUT_S = 1800.0
 SOURCE_DIRS = ("tpuctl", "trainer")
+# The trainer's floor, as in pyproject's requires-python (current jax needs it too).
+WORKER_MIN_PYTHON = (3, 11)
+# What uv installs when the worker's Python is older: the newest release of the versions
+# jax[tpu] has wheels for.
+DEFAULT_PYTHON_VERSION = ">=3.11,<3.14"
+STEP_PREFIX = "step "
 
 _STATE = 'state_dir="${TPUCTL_WORKER_DIR:-$HOME/.tpuctl}"\n'
 _CHECK = _STATE + 'cat "$state_dir/env-ready" 2>/dev/null; exit 0\n'
@@ -47,14 +59,48 @@ _PREPARE = (
     + r"""set -e
 mkdir -p "$state_dir"
 rm -f "$state_dir/env-ready"
-if [ -n "$setup" ]; then bash -c "$setup"; fi
+# finished WHAT STARTED: report a step; failed WHAT OUTPUT: its last line, then stop.
+finished() { echo "step $1 ... $((SECONDS - $2)) s"; }
+failed() { echo "$1: $(printf '%s\n' "$2" | grep -v '^[[:space:]]*$' | tail -n 1)" >&2; exit 1; }
+# step WHAT COMMAND...: run COMMAND quietly as one reported step.
+step() {
+  local what=$1 started=$SECONDS output; shift
+  output=$("$@" 2>&1) || failed "$what" "$output"
+  finished "$what" "$started"
+}
+version_of() { "$1" -c 'import platform; print(platform.python_version())'; }
+if [ -n "$setup" ]; then step "running worker.setup" bash -c "$setup"; fi
 if [ -n "$wheel" ]; then
+  uv="$state_dir/uv/bin/uv"
+  if ! "$uv" --version >/dev/null 2>&1; then
+    rm -rf "$state_dir/uv"
+    # --target touches no system package, so an externally managed Python may do it.
+    step "installing uv (pip)" env PIP_BREAK_SYSTEM_PACKAGES=1 "$base_python" -m pip install --quiet \
+      --disable-pip-version-check --no-warn-script-location --target "$state_dir/uv" $pip_args uv
+  fi
+  export UV_PYTHON_INSTALL_DIR="$state_dir/python"
+  case "$python_mirror" in
+    "") ;;
+    *.json) export UV_PYTHON_DOWNLOADS_JSON_URL="$python_mirror" ;;
+    *) export UV_PYTHON_INSTALL_MIRROR="$python_mirror" ;;
+  esac
+  if [ -z "$python_version" ] &&
+    "$base_python" -c "import sys; sys.exit(sys.version_info < $min_python)" 2>/dev/null; then
+    python=$(command -v "$base_python")
+    echo "step using $base_python (Python $(version_of "$python"))"
+  else
+    wanted=${python_version:-$default_python_version} started=$SECONDS
+    { output=$("$uv" python install --no-bin "$wanted" 2>&1) &&
+      python=$("$uv" python find --managed-python "$wanted" 2>&1); } ||
+      failed "installing Python $wanted (uv)" "${python:-$output}"
+    finished "installing Python $(version_of "$python") (uv)" "$started"
+  fi
   rm -rf "$state_dir/venv"
-  "$base_python" -m venv "$state_dir/venv"
-  "$state_dir/venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    $pip_args "$wheel[trainer]" "${packages[@]}"
+  step "creating the venv" "$uv" venv --quiet --python "$python" "$state_dir/venv"
+  step "installing the trainer (uv pip)" "$uv" pip install --quiet \
+    --python "$state_dir/venv/bin/python" $uv_args "$wheel[trainer]" "${packages[@]}"
 fi
-if [ -n "$image" ]; then docker pull --quiet "$image"; fi
+if [ -n "$image" ]; then step "pulling $image" docker pull --quiet "$image"; fi
 echo "$env_hash" > "$state_dir/env-ready"
 """
 )
@@ -68,8 +114,11 @@ class WorkerEnv:
     setup: str | None = None
     image: str | None = None
     base_python: str = "python3"
+    python_version: str | None = None  # None: base_python if new enough, else the default
+    python_mirror: str = ""
     packages: tuple[str, ...] = ()
     pip_args: str = ""
+    uv_args: str | None = None  # None: the same as pip_args
 
     @classmethod
     def from_settings(cls, settings: Settings, node: Node, accelerator: bool) -> WorkerEnv:
@@ -85,8 +134,11 @@ class WorkerEnv:
             setup=settings.get("worker.setup"),
             image=settings.get("worker.image"),
             base_python=settings.get("worker.base_python", "python3"),
+            python_version=settings.get("worker.python_version"),
+            python_mirror=settings.get("worker.python_mirror", ""),
             packages=tuple(packages),
             pip_args=settings.get("worker.pip_args", ""),
+            uv_args=settings.get("worker.uv_args"),
         )
 
     @property
@@ -112,11 +164,13 @@ def prepare(
 ) -> list[HostResult]:
     """Prepare every worker that was not yet prepared with exactly this environment.
 
-    Returns the results of the workers that were prepared (empty when all were up to
-    date); raises a TpuctlError naming the workers where preparation failed.
+    `progress` gets one line per message and per step a worker finished. Returns the
+    results of the workers that were prepared (empty when all were up to date); raises a
+    TpuctlError naming the workers, and the step, where preparation failed.
     """
     hosts = job_hosts(hosts)
     if not (env.builds_venv or env.setup or env.image):
+        progress(f"nothing to prepare: the workers run the trainer with {env.python}")
         return []
     source_hash = _source_hash() if env.builds_venv else ""
     env_hash = _hash(repr(env), source_hash)
@@ -137,13 +191,23 @@ def prepare(
             "setup": shlex.quote(env.setup or ""),
             "wheel": shlex.quote(wheel),
             "base_python": shlex.quote(env.base_python),
+            "min_python": shlex.quote(repr(WORKER_MIN_PYTHON)),
+            "python_version": shlex.quote(env.python_version or ""),
+            "default_python_version": shlex.quote(DEFAULT_PYTHON_VERSION),
+            "python_mirror": shlex.quote(env.python_mirror),
             "pip_args": shlex.quote(env.pip_args),
+            "uv_args": shlex.quote(env.pip_args if env.uv_args is None else env.uv_args),
             "packages": "(" + " ".join(map(shlex.quote, env.packages)) + ")",
             "image": shlex.quote(env.image or ""),
             "env_hash": env_hash,
         }.items()
     )
-    results = run(stale, script + _PREPARE, timeout=PREPARE_TIMEOUT_S)
+
+    def on_line(host: Host, stream: str, line: str) -> None:
+        if stream == "stdout" and line.startswith(STEP_PREFIX):
+            progress(f"{host.label}: {line.removeprefix(STEP_PREFIX)}")
+
+    results = run(stale, script + _PREPARE, timeout=PREPARE_TIMEOUT_S, on_line=on_line)
     return _check(results, "preparing the worker environment")
 
 

@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -330,6 +331,8 @@ def train(recipe: Recipe) -> int:
         n_params = count_params(run.state.params)
         print(f"trainer: {n_params / 1e6:.1f}M params, mesh {dict(run.mesh.shape)}, {run.total_steps} steps, "
               f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})", flush=True)  # fmt: skip
+        print(f"trainer: Python {sys.version.split()[0]} ({sys.executable}), jax {jax.__version__}",
+              flush=True)  # fmt: skip
 
     step = int(jax.device_get(run.state.step))
     last: dict[str, Any] = {}

@@ -1,4 +1,4 @@
-"""`tpuctl run`, `logs`, `ps` and `kill`: training jobs on every worker of a node.
+"""`tpuctl prepare`, `run`, `logs`, `ps` and `kill`: training jobs on every worker of a node.
 
 Thin layer: resolve the node and its hosts, call tpuctl.jobs, render the result.
 """
@@ -72,6 +72,18 @@ def _follow(
         raise typer.Exit(130) from None
 
 
+@app.command()
+def prepare(name: str | None = NODE_ARGUMENT) -> None:
+    """Prepare every worker to run the trainer, as `run` would first: a Python that fits
+    (uv installs one where the worker's python3 is too old), a venv with the trainer and
+    jax. Workers already prepared with the same source and settings are skipped."""
+    from tpuctl.jobs.runs import prepare_workers
+
+    settings, node, hosts = _target(name, fresh=True)
+    prepare_workers(settings, node, hosts, lambda m: err_console.print(m, markup=False))
+    print(f"{node.name}: {len(hosts)} worker(s) ready")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def run(
     ctx: typer.Context,
@@ -99,7 +111,9 @@ def run(
             "add --all-workers"
         )
     request = RunRequest(recipe, list(ctx.args), parse_env_flags(env), run_id, force)
-    started = start_run(settings, node, hosts, request, lambda m: err_console.print(m))
+    started = start_run(
+        settings, node, hosts, request, lambda m: err_console.print(m, markup=False)
+    )
     print(f"run {started.run_id} started on {len(hosts)} worker(s) of {node.name}")
     print(f"  recipe:      {started.recipe_uri}")
     home = "the worker's directory" if node.provider == "local" else "~"

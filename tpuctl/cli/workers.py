@@ -406,7 +406,9 @@ def check(
     name: str | None = NAME_ARGUMENT,
     worker: str | None = WORKER_OPTION,
     all_workers: bool = ALL_WORKERS_OPTION,
-    python: str = typer.Option("python3", "--python", help="Python with jax on the workers."),
+    python: str | None = typer.Option(
+        None, "--python", help="Python with jax on the workers (default: the trainer's)."
+    ),
     timeout: float = typer.Option(
         120.0, "--timeout", help="Seconds per worker.", callback=seconds("--timeout")
     ),
@@ -416,14 +418,15 @@ def check(
     zone: str | None = ZONE_OPTION,
     project: str | None = PROJECT_OPTION,
 ) -> None:
-    """Health of every worker: does JAX see the devices, do all workers agree, is the TPU
-    held by another process, how much disk and memory are free."""
+    """Health of every worker: its Python and jax versions, does JAX see the devices, do
+    all workers agree, is the TPU held by another process, how much disk and memory are free."""
     from dataclasses import asdict
 
     from tpuctl.worker_scripts import check_script, health_verdict, parse_health
 
     target = _target(_settings(zone, project, ssh_user, internal_ip), name, worker, all_workers)
-    results = _run_script(target, check_script(python), timeout=timeout)
+    script = check_script(python) if python else _trainer_check_script(target)
+    results = _run_script(target, script, timeout=timeout)
     health = {r.host.label: parse_health(r.stdout) for r in results if r.error is None}
     problems = health_verdict(results, health)
     if json_out:
@@ -440,12 +443,27 @@ def check(
     raise typer.Exit(0 if not problems else 1)
 
 
+def _trainer_check_script(target: Target) -> str:
+    """`check` with the interpreter `run` starts the trainer with: worker.python, or the
+    venv tpuctl prepares (python3 where it was not made yet)."""
+    from tpuctl import workerenv
+    from tpuctl.worker_scripts import check_script
+
+    env = workerenv.WorkerEnv.from_settings(target.settings, target.node, accelerator=True)
+    if env.python:
+        return check_script(env.python)
+    return check_script(workerenv.VENV_PYTHON, fallback=env.base_python)
+
+
 def _print_health(results, health, problems: list[str]) -> None:
     from rich.table import Table
 
     from tpuctl.cli.output import console, err_console
 
-    table = Table("worker", "address", "devices", "local", "TPU held by", "disk free", "mem free")
+    table = Table(
+        "worker", "address", "python", "jax", "devices", "local", "TPU held by", "disk free",
+        "mem free",
+    )  # fmt: skip
     for result in results:
         row = health.get(result.host.label)
         if row is None:
@@ -457,6 +475,8 @@ def _print_health(results, health, problems: list[str]) -> None:
         table.add_row(
             result.host.label,
             result.host.address,
+            row.python or "?",
+            row.jax or "-",
             devices,
             str(row.local_devices) if row.local_devices is not None else "-",
             "; ".join(row.holders) or "-",

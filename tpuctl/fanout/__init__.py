@@ -114,10 +114,9 @@ def put(
                 from tpuctl.fanout import local
 
                 return local.copy_tree(source, local.resolve(host, remote_path))
-            from tpuctl.fanout import ssh
+            from tpuctl.fanout import transfer
 
-            with ssh.sftp_session(host, ctx, stop) as sftp:
-                return ssh.put_tree(sftp, source, remote_path)
+            return transfer.put_to_host(host, ctx, stop, source, remote_path)
 
         return _transfer(host, copy, remote_path, f"-> {remote_path}")
 
@@ -150,10 +149,9 @@ def get(
                 from tpuctl.fanout import local
 
                 return local.copy_tree(local.resolve(host, remote_path), target)
-            from tpuctl.fanout import ssh
+            from tpuctl.fanout import transfer
 
-            with ssh.sftp_session(host, ctx, stop) as sftp:
-                return ssh.get_tree(sftp, remote_path, target, skipped=links)
+            return transfer.get_from_host(host, ctx, stop, remote_path, target, skipped=links)
 
         result = _transfer(host, copy, remote_path, f"-> {target}")
         if links and result.ok:

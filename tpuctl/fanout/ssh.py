@@ -17,8 +17,6 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import paramiko
@@ -391,18 +389,6 @@ class _MarkedStdout:
 
 
 # --- file transfer ---------------------------------------------------------------
-
-
-@contextmanager
-def sftp_session(host: Host, ctx: SshContext, stop: StopSignal) -> Iterator[paramiko.SFTPClient]:
-    transport = connect(host, ctx, stop)
-    try:
-        sftp = paramiko.SFTPClient.from_transport(transport)
-        assert sftp is not None
-        yield sftp
-        sftp.close()
-    finally:
-        transport.close()
 
 
 def put_tree(sftp: paramiko.SFTPClient, local: Path, remote: str) -> int:

@@ -80,8 +80,7 @@ def start_run(
     uri = storage.recipe_uri(_bucket(settings, node), run_id)
     storage.upload_text(uri, resolved_recipe_yaml(recipe))
     cpu = _is_cpu_pod(settings, node, worker_jobs)
-    worker_env = workerenv.WorkerEnv.from_settings(settings, node, accelerator=not cpu)
-    workerenv.prepare(hosts, worker_env, progress)
+    worker_env = prepare_workers(settings, node, hosts, progress, cpu)
     env = {**secrets, **storage_env, **(_cpu_pod_env(node) if cpu else {}), **request.env}
     launch_hosts = _with_process_ids(hosts) if cpu else hosts
     command = [*worker_env.launcher(env), "-m", "trainer", uri]
@@ -112,6 +111,22 @@ def run_env(recipe: Any, request: RunRequest, progress: Callable[[str], None]) -
         )
     values = {n: v for n, v in recipe.env.items() if v is not None}
     return {**values, **request.env}
+
+
+def prepare_workers(
+    settings: Settings,
+    node: Node,
+    hosts: list[Host],
+    progress: Callable[[str], None],
+    cpu: bool | None = None,
+) -> workerenv.WorkerEnv:
+    """Prepare the workers' environment (what `tpuctl prepare`, `run` and the babysitter's
+    relaunches do); `cpu` is whether the node is a CPU pod, found out if not given."""
+    if cpu is None:
+        cpu = _is_cpu_pod(settings, node, jobs.status(hosts))
+    worker_env = workerenv.WorkerEnv.from_settings(settings, node, accelerator=not cpu)
+    workerenv.prepare(hosts, worker_env, progress)
+    return worker_env
 
 
 def load_recipe(source: str, overrides: list[str]) -> Any:

@@ -55,8 +55,10 @@ MaxStartups 500
 MaxSessions 100
 UseDNS no
 PrintMotd no
-Subsystem sftp internal-sftp
 """
+SFTP_SUBSYSTEM = "Subsystem sftp internal-sftp\n"
+# What `python3=` replaces on the hosts: every python3 / python3.N on sshd's PATH.
+SYSTEM_PYTHONS = ("/usr/local/bin/python3*", "/usr/bin/python3*")
 
 
 @dataclass
@@ -94,12 +96,24 @@ class SshPod:
 
     `keep_visible` lists paths under /root or /tmp of this machine that hosts still see
     through their private /root and /tmp (e.g. the checkout and Python installation a test
-    runs on the workers)."""
+    runs on the workers). `python3` makes that interpreter every `python3` and `python3.N`
+    on the hosts' PATH (a stock TPU VM's 3.10, say); `sftp=False` leaves out sshd's SFTP
+    subsystem, as minimal images do (`python3` needs namespaces)."""
 
-    def __init__(self, n: int, key: tuple[str, str], keep_visible: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        n: int,
+        key: tuple[str, str],
+        keep_visible: tuple[str, ...] = (),
+        *,
+        python3: str | None = None,
+        sftp: bool = True,
+    ) -> None:
         if n < 1 or n > 200:
             raise ValueError("an SshPod has 1 to 200 hosts")
         self.n = n
+        self.python3 = python3
+        self.sftp = sftp
         self.private_key, self.public_key = key
         self.keep_visible = tuple(str(Path(p)) for p in keep_visible)
         if any(not p.startswith(PRIVATE_ROOTS) for p in self.keep_visible):
@@ -256,7 +270,12 @@ class SshPod:
         authorized_keys = ".ssh/authorized_keys" if namespace else ssh_dir / "authorized_keys"
         (directory / "sshd_config").write_text(
             SSHD_CONFIG.format(address=address, host_key=host_key, authorized_keys=authorized_keys)
+            + SFTP_SUBSYSTEM * self.sftp
         )
+        if self.python3:
+            wrapper = directory / "python3"
+            wrapper.write_text(f'#!/bin/sh\nexec {self.python3} "$@"\n')
+            os.chmod(wrapper, 0o755)
         return _Host(index, address, directory, namespace)
 
     def _write_hosts_file(self) -> None:
@@ -283,8 +302,15 @@ class SshPod:
                 f"mount --bind {path} {self.path(host.index, path)} && "
                 for path in self.keep_visible
             )
+            pythons = (
+                f"for p in {' '.join(SYSTEM_PYTHONS)}; do case $p in *[0-9]) "
+                f"mount --bind {host.directory}/python3 $p;; esac; done && "
+                if self.python3
+                else ""
+            )
             binds = (
-                f"{shared}hostname h{host.index} && mount --bind {self.directory}/hosts /etc/hosts && "
+                f"{shared}{pythons}hostname h{host.index} && "
+                f"mount --bind {self.directory}/hosts /etc/hosts && "
                 f"mount --rbind {host.directory}/tmp /tmp && "
                 f"mount --rbind {home} /root && exec {sshd}"
             )

@@ -1,0 +1,163 @@
+"""File transfer with one SSH host: SFTP where its sshd offers the subsystem, else tar
+streamed over an exec channel (minimal images and hardened hosts turn SFTP off).
+
+Both ways copy the same: a file to exactly `remote`, a directory merged into `remote`,
+file modes kept. Remote trouble comes back as OSError (the worker's one-line reason) or
+ConnectionError, never as a paramiko exception.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import paramiko
+
+from tpuctl.fanout import ssh
+from tpuctl.fanout.base import Host, StopSignal
+
+# What a missing subsystem looks like to paramiko: sshd closes the channel it asked on.
+_NO_SFTP = (paramiko.SSHException, EOFError)
+
+
+def put_to_host(host: Host, ctx: ssh.SshContext, stop: StopSignal, local: Path, remote: str) -> int:
+    """Copy a local file or directory to `remote` on `host`; returns the files copied."""
+    return _with_transport(
+        host,
+        ctx,
+        stop,
+        lambda sftp: ssh.put_tree(sftp, local, remote),
+        lambda transport: _put_tar(transport, local, remote),
+    )
+
+
+def get_from_host(
+    host: Host,
+    ctx: ssh.SshContext,
+    stop: StopSignal,
+    remote: str,
+    local: Path,
+    skipped: list[str] | None = None,
+) -> int:
+    """Copy `remote` (file or directory) from `host` to `local`; returns the files copied.
+    Symlinks inside the tree are not followed: they are skipped and listed in `skipped`."""
+    found = [] if skipped is None else skipped
+    return _with_transport(
+        host,
+        ctx,
+        stop,
+        lambda sftp: ssh.get_tree(sftp, remote, local, skipped=found),
+        lambda transport: _get_tar(transport, remote, local, found),
+    )
+
+
+def _with_transport(
+    host: Host,
+    ctx: ssh.SshContext,
+    stop: StopSignal,
+    by_sftp: Callable[[paramiko.SFTPClient], int],
+    by_tar: Callable[[paramiko.Transport], int],
+) -> int:
+    transport = ssh.connect(host, ctx, stop)
+    try:
+        try:
+            sftp = paramiko.SFTPClient.from_transport(transport)
+        except _NO_SFTP:
+            sftp = None
+        if sftp is not None:
+            with sftp:
+                return by_sftp(sftp)
+        if not transport.is_active():
+            raise ConnectionError(f"connection lost: {host.address}:{host.port}")
+        return by_tar(transport)
+    except (paramiko.SSHException, EOFError) as err:
+        raise ConnectionError(f"connection lost: {err or type(err).__name__}") from err
+    finally:
+        transport.close()
+
+
+def _split(remote: str) -> tuple[str, str]:
+    parent, name = posixpath.split(remote.rstrip("/"))
+    return parent or ".", name
+
+
+def _exec(transport: paramiko.Transport, script: str) -> paramiko.Channel:
+    channel = transport.open_session(timeout=10)
+    channel.exec_command(f"exec bash -c {shlex.quote(script)}")
+    return channel
+
+
+def _finish(channel: paramiko.Channel, remote: str) -> None:
+    """Wait for the remote tar; its failure becomes an OSError with tar's reason."""
+    status = channel.recv_exit_status()
+    stderr = channel.makefile_stderr("rb").read().decode(errors="replace").strip()
+    channel.close()
+    if status != 0:
+        first = stderr.splitlines()[0] if stderr else f"tar exited with status {status}"
+        # GNU tar: "tar: PATH: Cannot stat: No such file or directory": keep the reason.
+        raise OSError(None, first.rsplit(": ", 1)[-1], remote)
+
+
+def _put_tar(transport: paramiko.Transport, local: Path, remote: str) -> int:
+    parent, name = _split(remote)
+    quoted = shlex.quote(parent)
+    channel = _exec(transport, f"mkdir -p {quoted} && tar -x --no-same-owner -f - -C {quoted}")
+    files = 0
+
+    def count(member: tarfile.TarInfo) -> tarfile.TarInfo:
+        nonlocal files
+        files += member.isfile()
+        return member
+
+    with channel.makefile("wb") as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
+        tar.add(local, arcname=name, filter=count)
+    channel.shutdown_write()
+    _finish(channel, remote)
+    return files
+
+
+def _get_tar(transport: paramiko.Transport, remote: str, local: Path, skipped: list[str]) -> int:
+    # A directory is archived from inside it (`cd` follows `remote` itself when it is a
+    # link, as SFTP's stat does); a file with -h, so a linked file comes as its content.
+    quoted = shlex.quote(remote)
+    channel = _exec(
+        transport,
+        f"if [ -d {quoted} ]; then cd -- {quoted} && exec tar -c -f - .; fi; "
+        f'exec tar -c -h -f - -C "$(dirname -- {quoted})" -- "$(basename -- {quoted})"',
+    )
+    local.parent.mkdir(parents=True, exist_ok=True)
+    files = 0
+    try:
+        with channel.makefile("rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                parts = _member_parts(member, remote)
+                if member.issym() or member.islnk():
+                    skipped.append(posixpath.join(remote, *parts))
+                    continue
+                member.name = posixpath.join(local.name, *parts)
+                # The data filter also refuses devices and anything leading out of local.parent.
+                tar.extract(member, local.parent, filter="data")
+                files += member.isfile()
+    except tarfile.FilterError as err:
+        raise OSError(None, str(err), remote) from None
+    except tarfile.ReadError:
+        pass  # an empty stream: tar failed before writing, and _finish says why
+    _finish(channel, remote)
+    return files
+
+
+def _member_parts(member: tarfile.TarInfo, remote: str) -> list[str]:
+    """Where a member of the worker's stream goes, relative to the local target: a
+    directory's entries are `./...`, a file is its one member. The names are untrusted."""
+    parts = member.name.split("/")
+    if parts[0] != ".":
+        if len(parts) != 1 or not member.isfile():
+            raise OSError(None, f"unexpected entry {member.name!r} in the tar stream", remote)
+        return []
+    inner = [part for part in parts[1:] if part]
+    if ".." in inner:
+        raise OSError(None, f"refusing the name {member.name!r} the worker sent", remote)
+    return inner
