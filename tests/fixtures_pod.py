@@ -71,6 +71,19 @@ def ssh_pod(_shared_pod) -> Iterator[SshPod]:
         _shared_pod.start_host(index)
 
 
+@pytest.fixture
+def bastion_pod(ssh_pod) -> Iterator[SshPod]:
+    """The shared pod with hosts 1-3 reachable only through host 0: workers without an
+    external IP behind a bastion (this machine's packets to them go unanswered)."""
+    if not ssh_pod.isolated:
+        pytest.skip("hiding hosts needs network namespaces")
+    for index in (1, 2, 3):
+        ssh_pod.hide_host(index)
+    yield ssh_pod
+    for index in (1, 2, 3):
+        ssh_pod.hide_host(index, hidden=False)
+
+
 def pod_hosts(pod: SshPod, key: tuple[str, str], known_hosts: str) -> list[Host]:
     """Fan-out hosts for a pod, logging in as root with the pod's key."""
     return [

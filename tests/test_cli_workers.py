@@ -18,6 +18,7 @@ from polling import wait_for
 
 from tests.fixtures_pod import pod_hosts
 from tpuctl.fanout import run
+from tpuctl.testing.sshpod import ALT_PORT
 from tpuctl.worker_scripts import REFUSED_EXIT, clear_locks_script, parse_lock_report
 
 pytestmark = pytest.mark.pod
@@ -173,6 +174,50 @@ def test_ssh_logs_into_the_chosen_worker_with_tpuctl_key(pod_node):
     result = tpuctl("ssh", "--worker", "2", "--", "-o", "BatchMode=yes", "hostname", "-I")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [pod_node.hosts[2]]
+
+
+def test_exec_and_ssh_reach_workers_behind_a_bastion_with_ssh_proxy_jump(
+    fake_tpu, bastion_pod, pod_key, monkeypatch
+):
+    workers = bastion_pod.hosts[1:3]
+    fake_tpu.add_node("inner", "v4-16", project=PROJECT, zone=ZONE, worker_ips=workers)
+    monkeypatch.setenv("TPUCTL_SSH_KEY", pod_key[0])
+    monkeypatch.setenv("TPUCTL_SSH_USER", "root")
+    monkeypatch.setenv("TPUCTL_SSH_PROXY_JUMP", f"root@{bastion_pod.hosts[0]}")
+    result = tpuctl("exec", "inner", "--connect-timeout", "5", "--", "hostname -I")
+    assert result.returncode == 0, result.stderr
+    assert {k: v.strip() for k, v in prefixed(result.stdout).items()} == {
+        "[w00]": workers[0],
+        "[w01]": workers[1],
+    }
+    shell = tpuctl("ssh", "inner", "--worker", "1", "--", "-o", "BatchMode=yes", "hostname -I")
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout.split() == [workers[1]]
+
+
+def test_exec_follows_an_ssh_config_host_entry(fake_tpu, ssh_pod, pod_key, tmp_path, monkeypatch):
+    fake_tpu.add_node("cfg", "v3-32", project=PROJECT, zone=ZONE, worker_ips=ssh_pod.hosts)
+    (tmp_path / ".ssh").mkdir()
+    locked = tmp_path / ".ssh" / "locked"  # needs a passphrase: skipped for the next one
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", locked], check=True)
+    subnet = ssh_pod.hosts[0].rsplit(".", 1)[0]
+    (tmp_path / ".ssh" / "config").write_text(
+        f"Host {subnet}.*\n  User root\n  IdentityFile ~/.ssh/locked\n"
+        f"  IdentityFile {pod_key[0]}\n  Port {ALT_PORT}\n"
+    )
+    monkeypatch.setenv("HOME", str(tmp_path))
+    # tpuctl's defaults would be wrong here: a user the hosts lack and tpuctl's own key.
+    for variable in ("USER", "LOGNAME"):
+        monkeypatch.setenv(variable, "nobody-here")
+    for variable in ("TPUCTL_SSH_USER", "TPUCTL_SSH_KEY"):
+        monkeypatch.delenv(variable, raising=False)
+    result = tpuctl("exec", "cfg", "--", "echo $USER $SSH_CONNECTION")
+    assert result.returncode == 0, result.stderr
+    # "[w00] root CLIENT_IP CLIENT_PORT SERVER_IP SERVER_PORT"
+    seen = {label: line.split() for label, line in prefixed(result.stdout).items()}
+    assert {label: (words[0], words[3], words[4]) for label, words in seen.items()} == {
+        f"[w0{i}]": ("root", address, str(ALT_PORT)) for i, address in enumerate(ssh_pod.hosts)
+    }
 
 
 def test_put_and_get_on_all_workers(pod_node, tmp_path):

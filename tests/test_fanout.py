@@ -7,6 +7,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from polling import wait_for
 
 from tests.fixtures_pod import pod_hosts
 from tpuctl.fanout import StopSignal, get, put, run
+from tpuctl.sshconfig import SshConfig
 
 pytestmark = pytest.mark.pod
 
@@ -112,8 +114,6 @@ def test_env_values_reach_the_command_but_never_any_process_arguments(ssh_pod, h
 
 
 def test_per_host_env_overrides_the_shared_env(ssh_pod, hosts):
-    from dataclasses import replace
-
     hosts = [replace(h, env={"RANK": str(i)}) for i, h in enumerate(hosts)]
     results = run(hosts, 'echo "$RANK/$SIZE"', env={"RANK": "x", "SIZE": "4"})
     assert [r.stdout for r in results] == ["0/4\n", "1/4\n", "2/4\n", "3/4\n"]
@@ -232,3 +232,35 @@ def test_descriptors_numbered_past_1024_are_fine(hosts):
         for fd in fillers:
             os.close(fd)
     assert [r.stdout for r in results] == ["ok\n"] * 4
+
+
+def test_workers_behind_a_bastion_share_one_connection_to_it(bastion_pod, hosts):
+    bastion, workers = hosts[0], hosts[1:]
+    assert run(workers[:1], "true", connect_timeout=1)[0].unreachable  # no direct way in
+    logins = bastion_pod.log(0).count("Accepted publickey")
+    # One handshake slot: the bastion's handshake must not wait for the workers' slot.
+    behind = [replace(w, jump=replace(bastion, label="bastion")) for w in workers]
+    results = run(behind, "hostname -I", max_parallel=1)
+    assert [r.stdout.split() for r in results] == [[a] for a in bastion_pod.hosts[1:]]
+    assert bastion_pod.log(0).count("Accepted publickey") == logins + 1
+
+
+def test_a_dead_bastion_fails_every_worker_behind_it_at_once(bastion_pod, hosts):
+    bastion_pod.stop_host(0)
+    behind = [replace(w, jump=replace(hosts[0], label="bastion")) for w in hosts[1:]]
+    started = time.monotonic()
+    results = run(behind, "true", connect_timeout=2)
+    assert time.monotonic() - started < 5  # one bastion attempt, not one per worker
+    assert all(r.unreachable and "via bastion" in r.error for r in results)
+
+
+def test_an_ssh_config_proxy_command_carries_the_connection(bastion_pod, hosts, pod_key):
+    # OpenSSH's own client as the ProxyCommand: the usual `ssh -W` through a bastion.
+    target = hosts[2]
+    ssh_config = SshConfig([("config", f"""
+Host {target.address}
+    ProxyCommand ssh -q -i {pod_key[0]} -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -W %h:%p root@{bastion_pod.hosts[0]}
+""")])  # fmt: skip
+    routed = ssh_config.apply(target, default_user="root", proxy_jump=None, jump_known_hosts="")
+    [result] = run([routed], "hostname -I")
+    assert result.stdout.split() == [target.address]

@@ -11,6 +11,7 @@ from tpuctl.errors import TpuctlError
 from tpuctl.hosts import (
     cached_node,
     hosts_for,
+    jump_known_hosts_path,
     known_hosts_path,
     lookup_node,
     parse_workers,
@@ -26,6 +27,7 @@ def settings(tmp_path, monkeypatch):
     for var in ("TPUCTL_NODE", "TPUCTL_PROVIDER", "TPUCTL_SSH_INTERNAL_IP"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/config unless a test writes one
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.setenv("TPUCTL_PROJECT", "proj")
@@ -84,6 +86,25 @@ def test_hosts_use_external_ips_by_default_and_internal_on_request(settings, mon
 
 def test_workers_without_external_ip_are_reached_internally(settings):
     assert hosts_for(settings, make_node(2, external=False))[1].address == "10.0.0.3"
+
+
+def test_ssh_config_yields_to_the_settings_the_user_set(settings, tmp_path, monkeypatch):
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "config").write_text("Host 35.1.1.*\n  User bob\n  Port 2200\n")
+    [host] = hosts_for(settings, make_node(1))
+    assert (host.user, host.port) == ("alice", 2200)  # TPUCTL_SSH_USER beats User
+    monkeypatch.delenv("TPUCTL_SSH_USER")
+    assert hosts_for(config.load(), make_node(1))[0].user == "bob"  # User beats the default
+
+
+def test_a_jump_host_setting_means_internal_ips_unless_told_otherwise(settings, monkeypatch):
+    monkeypatch.setenv("TPUCTL_SSH_PROXY_JUMP", "ops@bastion")
+    hosts = hosts_for(config.load(), make_node(2))
+    assert [h.address for h in hosts] == ["10.0.0.2", "10.0.0.3"]
+    assert (hosts[0].jump.user, hosts[0].jump.address) == ("ops", "bastion")
+    assert hosts[0].jump.known_hosts == str(jump_known_hosts_path())
+    monkeypatch.setenv("TPUCTL_SSH_INTERNAL_IP", "false")
+    assert hosts_for(config.load(), make_node(1))[0].address == "35.1.1.2"
 
 
 def test_local_nodes_become_local_hosts(settings, tmp_path):

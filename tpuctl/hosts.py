@@ -1,5 +1,6 @@
-"""From a node to the hosts the fan-out connects to: addresses, login, host keys, worker
-selection, and a per-node address cache so repeated commands skip the TPU API.
+"""From a node to the hosts the fan-out connects to: addresses, login (tpuctl's settings
+over the user's ssh_config), host keys, worker selection, and a per-node address cache so
+repeated commands skip the TPU API.
 
 The cache lives in `state_dir()/nodes/PROJECT/ZONE/NAME.json`; tpuctl's own known_hosts
 file for the node sits next to it. When a fresh lookup shows the node was recreated (its
@@ -72,26 +73,42 @@ def hosts_for(settings: Settings, node: Node, workers: list[int] | None = None) 
             Host(worker_label(w.index, count), "localhost", workdir=w.workdir, transport="local")
             for w in chosen
         ]
-    user, key = settings.get("ssh.user"), _private_key(settings)
+    from tpuctl.sshconfig import user_ssh_config
+
+    ssh_config, key = user_ssh_config(), _private_key(settings)
+    # tpuctl's default user yields to ssh_config's User; one the user set does not.
+    user = None if settings.source("ssh.user") == "default" else settings.get("ssh.user")
     known_hosts = str(known_hosts_path(settings, node.name))
     return [
-        Host(
-            worker_label(w.index, count),
-            _address(settings, node, w),
-            user=user,
-            key_filename=key,
-            known_hosts=known_hosts,
+        ssh_config.apply(
+            Host(
+                worker_label(w.index, count),
+                _address(settings, node, w),
+                user=user,
+                key_filename=key,
+                known_hosts=known_hosts,
+            ),
+            default_user=settings.get("ssh.user"),
+            proxy_jump=settings.get("ssh.proxy_jump"),
+            jump_known_hosts=str(jump_known_hosts_path()),
         )
         for w in chosen
     ]
 
 
 def _address(settings: Settings, node: Node, worker: Worker) -> str:
-    if settings.get("ssh.internal_ip") or not worker.external_ip:
+    if _internal(settings) or not worker.external_ip:
         if not worker.internal_ip:
             raise TpuctlError(f"worker {worker.index} of {node.name} has no IP address yet")
         return worker.internal_ip
     return worker.external_ip
+
+
+def _internal(settings: Settings) -> bool:
+    """Internal IPs when asked for, or by default behind a jump host (it is in the VPC)."""
+    if settings.source("ssh.internal_ip") == "default":
+        return str(settings.get("ssh.proxy_jump") or "none").lower() != "none"
+    return bool(settings.get("ssh.internal_ip"))
 
 
 def _private_key(settings: Settings) -> str:
@@ -112,6 +129,13 @@ def _node_dir(project: str | None, zone: str) -> Path:
 
 def cache_path(project: str | None, zone: str, name: str) -> Path:
     return _node_dir(project, zone) / f"{name}.json"
+
+
+def jump_known_hosts_path() -> Path:
+    """tpuctl's known_hosts file for jump hosts (bastions outlive nodes)."""
+    from tpuctl.config import state_dir
+
+    return state_dir() / "jump_hosts.known_hosts"
 
 
 def known_hosts_path(settings: Settings, name: str) -> Path:

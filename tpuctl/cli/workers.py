@@ -7,6 +7,7 @@ Thin layer: resolve the node (from the address cache when possible), build hosts
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 from dataclasses import dataclass
@@ -237,19 +238,39 @@ def ssh(
 
 def ssh_argv(host: Host, extra: list[str]) -> list[str]:
     """The OpenSSH command line for an interactive login with fan-out's key and host keys."""
-    argv = [shutil.which("ssh") or "ssh", "-p", str(host.port), "-o", "IdentitiesOnly=yes"]
-    if host.key_filename:
-        argv += ["-i", host.key_filename]
+    options, command = _split_ssh_args(extra)
+    # `--` before the destination: nothing that comes from settings is read as an option.
+    return [_ssh_binary(), *_ssh_options(host), *options, "--", _destination(host), *command]
+
+
+def _ssh_options(host: Host) -> list[str]:
+    """Port, keys, host keys and the way in (jump host or ProxyCommand) of one host."""
+    argv = ["-p", str(host.port), "-o", "IdentitiesOnly=yes"]
+    for key in (host.key_filename, *host.identity_files):
+        if key and os.path.exists(key):
+            argv += ["-i", key]
     if host.known_hosts:
         config.private_dir(Path(host.known_hosts).parent)
         argv += ["-o", f"UserKnownHostsFile={host.known_hosts}"]
         argv += ["-o", "StrictHostKeyChecking=accept-new"]
         if pinned := _pinned_algorithms(host):  # as the fan-out: no other key type gets in
             argv += ["-o", f"HostKeyAlgorithms={','.join(pinned)}"]
-    user = f"{host.user}@" if host.user else ""
-    options, command = _split_ssh_args(extra)
-    # `--` before the destination: nothing that comes from settings is read as an option.
-    return [*argv, *options, "--", f"{user}{host.address}", *command]
+    if host.jump:
+        # Not -J: the jump host needs the keys and host keys tpuctl uses for it too.
+        # The target is spelled out, since ssh expands %h in the whole command.
+        through = [_ssh_binary(), *_ssh_options(host.jump), "-W", f"{host.address}:{host.port}"]
+        argv += ["-o", f"ProxyCommand={shlex.join([*through, '--', _destination(host.jump)])}"]
+    elif host.proxy_command:
+        argv += ["-o", f"ProxyCommand={host.proxy_command}"]
+    return argv
+
+
+def _destination(host: Host) -> str:
+    return f"{host.user}@{host.address}" if host.user else host.address
+
+
+def _ssh_binary() -> str:
+    return shutil.which("ssh") or "ssh"
 
 
 # ssh(1) options that take an argument (`-L 6006:localhost:6006`, `-o BatchMode=yes`).

@@ -14,6 +14,7 @@ This module is light; paramiko is imported only when an SSH host is actually con
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import posixpath
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -73,7 +74,6 @@ def run(
     hosts = list(hosts)
     envs = [merged_env(host, env) for host in hosts]
     stop = stop or StopSignal()
-    ctx = _ssh_context(hosts, connect_timeout, max_parallel)
 
     def run_one(index: int) -> HostResult:
         host = hosts[index]
@@ -87,7 +87,8 @@ def run(
 
         return ssh.run_on_host(host, command, envs[index], ctx, stop, timeout, on_line)
 
-    return _fan_out(hosts, run_one, len(hosts), fail_fast, stop, on_result)
+    with _ssh_context(hosts, connect_timeout, max_parallel) as ctx:
+        return _fan_out(hosts, run_one, len(hosts), fail_fast, stop, on_result)
 
 
 def put(
@@ -104,7 +105,6 @@ def put(
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist")
     stop = StopSignal()
-    ctx = _ssh_context(hosts, connect_timeout, max_parallel)
 
     def put_one(index: int) -> HostResult:
         host = hosts[index]
@@ -120,7 +120,8 @@ def put(
 
         return _transfer(host, copy, remote_path, f"-> {remote_path}")
 
-    return _fan_out(hosts, put_one, max_parallel, False, stop, on_result)
+    with _ssh_context(hosts, connect_timeout, max_parallel) as ctx:
+        return _fan_out(hosts, put_one, max_parallel, False, stop, on_result)
 
 
 def get(
@@ -137,7 +138,6 @@ def get(
     name = posixpath.basename(posixpath.normpath(remote_path))
     name = "root" if name in ("", ".", "..") else name  # never LOCAL_DIR/wNN/.. itself
     stop = StopSignal()
-    ctx = _ssh_context(hosts, connect_timeout, max_parallel)
 
     def get_one(index: int) -> HostResult:
         host = hosts[index]
@@ -158,7 +158,8 @@ def get(
             result.stdout += f" (skipped symlinks, not followed: {', '.join(links)})"
         return result
 
-    return _fan_out(hosts, get_one, max_parallel, False, stop, on_result)
+    with _ssh_context(hosts, connect_timeout, max_parallel) as ctx:
+        return _fan_out(hosts, get_one, max_parallel, False, stop, on_result)
 
 
 def _transfer(host: Host, copy: Callable[[], int], remote_path: str, where: str) -> HostResult:
@@ -175,12 +176,19 @@ def _transfer(host: Host, copy: Callable[[], int], remote_path: str, where: str)
     return HostResult(host, 0, f"{count} {files} {where}", "", None, time.monotonic() - started)
 
 
+@contextlib.contextmanager
 def _ssh_context(hosts: list[Host], connect_timeout: float, max_handshakes: int):
+    """The SSH state of one fan-out (None without SSH hosts), closed when it ends."""
     if not any(host.transport == "ssh" for host in hosts):
-        return None
+        yield None
+        return
     from tpuctl.fanout.ssh import SshContext
 
-    return SshContext(connect_timeout, max_handshakes)
+    ctx = SshContext(connect_timeout, max_handshakes)
+    try:
+        yield ctx
+    finally:
+        ctx.close()
 
 
 def _fan_out(

@@ -29,10 +29,13 @@ class Host:
     user: str | None = None
     port: int = 22
     key_filename: str | None = None
+    identity_files: tuple[str, ...] = ()  # further keys to offer (ssh_config IdentityFile)
     known_hosts: str | None = None  # tpuctl's per-node known_hosts file
     workdir: str | None = None  # local transport: the worker's directory
     env: Mapping[str, str] = field(default_factory=dict)  # e.g. TPUCTL_PROCESS_ID
     transport: str = "ssh"  # "ssh" | "local"
+    jump: Host | None = None  # reached through this host (ProxyJump)
+    proxy_command: str | None = None  # reached through this command's stdin/stdout
 
 
 @dataclass

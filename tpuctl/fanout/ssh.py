@@ -1,9 +1,11 @@
 """The SSH transport: one paramiko connection per host, driven from a bounded thread pool.
 
-paramiko (the SSH engine under fabric) is used directly rather than through fabric's
-`Connection.run`, because the fan-out needs things fabric hides: feeding the script on
-stdin, reading stdout and stderr from one loop, and signalling the remote process group
-on timeout or Ctrl-C. Everything here is imported lazily by `tpuctl.fanout`.
+paramiko is used directly (not through fabric, whose Connection wraps it) because the
+fan-out needs what fabric hides: feeding the script on stdin, reading stdout and stderr
+from one loop, signalling the remote process group on timeout or Ctrl-C, tpuctl's own
+host-key pinning, and one jump-host connection shared by every worker behind it (fabric
+opens one per worker). Hosts arrive with ssh_config already applied (tpuctl.sshconfig).
+Everything here is imported lazily by `tpuctl.fanout`.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ class Credentials:
 
     def __init__(self) -> None:
         self._cache: dict[str | None, list[paramiko.PKey]] = {}
+        self.unusable: dict[str, str] = {}  # key file -> why it was skipped
         self._lock = threading.Lock()
 
     def keys_for(self, key_filename: str | None) -> list[paramiko.PKey]:
@@ -148,16 +151,25 @@ class Credentials:
                 self._cache[key_filename] = self._load(key_filename)
             return self._cache[key_filename]
 
-    @staticmethod
-    def _load(key_filename: str | None) -> list[paramiko.PKey]:
-        if key_filename is not None:
+    def _load(self, key_filename: str | None) -> list[paramiko.PKey]:
+        if key_filename is None:
+            found = [Path.home() / ".ssh" / name for name in DEFAULT_KEYS]
+            return [paramiko.PKey.from_path(path) for path in found if path.exists()]
+        # A missing, passphrase-protected or unreadable IdentityFile is skipped, as ssh
+        # skips it: another key may work.
+        if not os.path.exists(key_filename):
+            return []
+        try:
             return [paramiko.PKey.from_path(key_filename)]
-        found = [Path.home() / ".ssh" / name for name in DEFAULT_KEYS]
-        return [paramiko.PKey.from_path(path) for path in found if path.exists()]
+        except (paramiko.PasswordRequiredException, TypeError):  # TypeError: cryptography's
+            self.unusable[key_filename] = "needs a passphrase, which tpuctl cannot ask for"
+        except (paramiko.SSHException, ValueError, OSError) as err:
+            self.unusable[key_filename] = f"unreadable ({err})"
+        return []
 
 
 class SshContext:
-    """State shared by all hosts of one fan-out call."""
+    """State shared by all hosts of one fan-out call; `close` it when the fan-out ends."""
 
     def __init__(self, connect_timeout: float, max_handshakes: int = 64) -> None:
         self.connect_timeout = connect_timeout
@@ -165,6 +177,8 @@ class SshContext:
         self.handshakes = threading.BoundedSemaphore(max(1, max_handshakes))
         self.credentials = Credentials()
         self._known: dict[str | None, KnownHosts] = {}
+        self._jumps: dict[tuple, paramiko.Transport | ConnectionError] = {}
+        self._jump_locks: dict[tuple, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def known_hosts(self, path: str | None) -> KnownHosts:
@@ -173,16 +187,75 @@ class SshContext:
                 self._known[path] = KnownHosts(path)
             return self._known[path]
 
+    def jump_transport(self, jump: Host, stop: StopSignal) -> paramiko.Transport:
+        """One connection to a jump host, shared by every worker behind it: one handshake
+        on the bastion instead of one per worker (sshd's MaxStartups, 10 by default, drops
+        unauthenticated connections beyond it). A failure is remembered for the fan-out,
+        so the workers behind a dead bastion fail at once rather than one after another."""
+        key = _route(jump)
+        with self._lock:
+            lock = self._jump_locks.setdefault(key, threading.Lock())
+        with lock:
+            known = self._jumps.get(key)
+            if isinstance(known, ConnectionError):
+                raise ConnectionError(str(known))
+            if known is not None and known.is_active():
+                return known
+            try:
+                self._jumps[key] = connect(jump, self, stop)
+            except ConnectionError as err:
+                reason = str(err).removeprefix(f"{UNREACHABLE}: ")
+                self._jumps[key] = ConnectionError(f"{UNREACHABLE}: via {jump.label}: {reason}")
+                raise self._jumps[key] from err
+            return self._jumps[key]
+
+    def close(self) -> None:
+        """Close the jump hosts' connections (the workers' close with their commands)."""
+        with self._lock:
+            for transport in self._jumps.values():
+                if isinstance(transport, paramiko.Transport):
+                    transport.close()
+            self._jumps.clear()
+
+
+def _route(host: Host) -> tuple:
+    """What identifies a connection to `host`, the way to it included."""
+    through = _route(host.jump) if host.jump else None
+    return (host.user, host.address, host.port, host.proxy_command, through)
+
 
 def _user(host: Host) -> str:
     return host.user or os.environ.get("USER") or "root"
 
 
-def _connect_once(host: Host, ctx: SshContext) -> paramiko.Transport:
+def _open_socket(
+    host: Host, ctx: SshContext, jump: paramiko.Transport | None
+) -> socket.socket | paramiko.Channel | paramiko.ProxyCommand:
+    """Where the connection's bytes travel: a channel through the jump host's connection,
+    a ProxyCommand's stdin/stdout, or a TCP socket of our own."""
+    if jump is not None:
+        try:
+            return jump.open_channel(
+                "direct-tcpip", (host.address, host.port), ("", 0), timeout=ctx.connect_timeout
+            )
+        except paramiko.ChannelException as err:  # the jump host could not connect
+            raise ConnectionRefusedError(f"the jump host says: {err.text}") from err
+        except paramiko.SSHException as err:
+            if not jump.is_active():
+                raise
+            raise TimeoutError(str(err)) from err  # paramiko's "Timeout opening channel."
+    if host.proxy_command:
+        return paramiko.ProxyCommand(host.proxy_command)
     sock = socket.create_connection((host.address, host.port), timeout=ctx.connect_timeout)
     # Small request/response packets: without this, delayed ACKs add ~40 ms per round trip.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    transport = paramiko.Transport(sock)
+    return sock
+
+
+def _connect_once(
+    host: Host, ctx: SshContext, jump: paramiko.Transport | None
+) -> paramiko.Transport:
+    transport = paramiko.Transport(_open_socket(host, ctx, jump))
     try:
         transport.banner_timeout = ctx.connect_timeout
         transport.handshake_timeout = ctx.connect_timeout
@@ -206,17 +279,25 @@ def _connect_once(host: Host, ctx: SshContext) -> paramiko.Transport:
 
 
 def _authenticate(transport: paramiko.Transport, host: Host, ctx: SshContext) -> None:
-    keys = ctx.credentials.keys_for(host.key_filename)
+    files = [f for f in (host.key_filename, *host.identity_files) if f]
+    keys = ctx.credentials.keys_for(None) if not files else []
+    keys += [key for f in files for key in ctx.credentials.keys_for(f)]
     for key in keys:
         try:
             transport.auth_publickey(_user(host), key)
             return
         except paramiko.AuthenticationException:
             continue
-    raise paramiko.AuthenticationException(
-        f"{AUTH_FAILED}: no key accepted for user {_user(host)!r}"
-        + (f" (tried {host.key_filename})" if host.key_filename else " (no key configured)")
-    )
+    raise paramiko.AuthenticationException(_refusal(host, files, ctx.credentials))
+
+
+def _refusal(host: Host, files: list[str], credentials: Credentials) -> str:
+    """Why the login failed, naming the key files offered and those tpuctl could not use."""
+    tried = [f for f in files if os.path.exists(f) and f not in credentials.unusable]
+    message = f"{AUTH_FAILED}: no key accepted for user {_user(host)!r}"
+    message += f" (tried {', '.join(tried)})" if tried else " (no key configured)"
+    skipped = [f"{f} {credentials.unusable[f]}" for f in files if f in credentials.unusable]
+    return "; ".join([message, *skipped])
 
 
 def connect(host: Host, ctx: SshContext, stop: StopSignal) -> paramiko.Transport:
@@ -226,9 +307,11 @@ def connect(host: Host, ctx: SshContext, stop: StopSignal) -> paramiko.Transport
     for attempt in range(CONNECT_ATTEMPTS):
         if attempt and stop.wait(RETRY_PAUSE_S * attempt):
             break
+        # Before taking a handshake slot: the jump host's own handshake needs one.
+        jump = ctx.jump_transport(host.jump, stop) if host.jump else None
         try:
             with ctx.handshakes:
-                return _connect_once(host, ctx)
+                return _connect_once(host, ctx, jump)
         except (paramiko.AuthenticationException, HostKeyChanged) as err:
             raise ConnectionError(f"{UNREACHABLE}: {err}") from err
         except TimeoutError as err:

@@ -40,9 +40,11 @@ PRIVATE_ROOTS = ("/root/", "/tmp/")  # each host mounts its own over these
 POD_DIRS = "/var/tmp"  # not /tmp: each host mounts its own /tmp over the real one
 DIR_PREFIX = "tpuctl-sshpod-"
 
+ALT_PORT = 2222  # every host also listens here: for tests of a per-host ssh_config Port
 SSHD_CONFIG = """\
-ListenAddress {address}
 Port 22
+Port {alt_port}
+ListenAddress {address}
 HostKey {host_key}
 PidFile none
 UsePAM no
@@ -161,6 +163,20 @@ class SshPod:
             raise RuntimeError("silencing a host needs network namespaces")
         _sh("ip", "link", "set", f"{self.tag}v{index}", "down" if silent else "up")
 
+    def hide_host(self, index: int, hidden: bool = True) -> None:
+        """Make a host unreachable from this machine (or reachable again) while the pod's
+        other hosts still reach it: a VM without an external IP, behind a bastion. Its
+        replies to this machine's address are dropped, so connections from here time out."""
+        if not self.isolated:
+            raise RuntimeError("hiding a host needs network namespaces")
+        verb = "add" if hidden else "del"
+        namespace = self._hosts[index].namespace
+        _sh("ip", "-n", str(namespace), "route", verb, "blackhole", f"{self.gateway}/32")
+
+    def log(self, index: int) -> str:
+        """What a host's sshd has logged (one line per login: "Accepted publickey ...")."""
+        return (self._hosts[index].directory / "sshd.log").read_text(errors="replace")
+
     def stop_host(self, index: int) -> None:
         """Take one host down: its sshd and every process it started end; connections to
         its address are refused from now on."""
@@ -269,7 +285,12 @@ class SshPod:
         # Without a mount namespace the host has no /root of its own: point sshd at the file.
         authorized_keys = ".ssh/authorized_keys" if namespace else ssh_dir / "authorized_keys"
         (directory / "sshd_config").write_text(
-            SSHD_CONFIG.format(address=address, host_key=host_key, authorized_keys=authorized_keys)
+            SSHD_CONFIG.format(
+                address=address,
+                alt_port=ALT_PORT,
+                host_key=host_key,
+                authorized_keys=authorized_keys,
+            )
             + SFTP_SUBSYSTEM * self.sftp
         )
         if self.python3:

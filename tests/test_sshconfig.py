@@ -1,0 +1,74 @@
+"""ssh_config applied to worker addresses under tpuctl's settings (the pod tests in
+test_fanout.py and test_cli_workers.py connect through what this resolves)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tpuctl.errors import TpuctlError
+from tpuctl.fanout.base import Host
+from tpuctl.sshconfig import SshConfig, user_ssh_config
+
+CONFIG = """
+Host 10.0.*
+    User bob
+    Port 2200
+    IdentityFile /keys/gce
+    ProxyJump bastion
+Host bastion
+    HostName bastion.example.com
+    User ops
+    IdentityFile /keys/ops
+Host *
+    ProxyCommand nc -X connect %h %p
+"""
+
+
+def apply(host: Host, config: str = CONFIG, proxy_jump: str | None = None) -> Host:
+    return SshConfig([("~/.ssh/config", config)]).apply(
+        host, default_user="me", proxy_jump=proxy_jump, jump_known_hosts="/state/jumps"
+    )
+
+
+def test_a_host_entry_fills_in_what_tpuctl_left_unset():
+    worker = apply(Host("w00", "10.0.0.2", key_filename="/keys/tpuctl"))
+    assert (worker.user, worker.port) == ("bob", 2200)
+    assert (worker.key_filename, worker.identity_files) == ("/keys/tpuctl", ("/keys/gce",))
+    bastion = worker.jump
+    assert (bastion.address, bastion.user, bastion.port) == ("bastion.example.com", "ops", 22)
+    assert bastion.identity_files[0] == "/keys/ops" and bastion.identity_files[-1] == "/keys/tpuctl"
+    assert bastion.known_hosts == "/state/jumps" and bastion.jump is None
+    # A user tpuctl was told beats ssh_config's; no entry at all leaves tpuctl's defaults.
+    assert apply(Host("w00", "10.0.0.2", user="alice")).user == "alice"
+    plain = apply(Host("w00", "172.16.0.2"), config="")
+    assert (plain.user, plain.port, plain.jump, plain.proxy_command) == ("me", 22, None, None)
+
+
+def test_ssh_proxy_jump_beats_ssh_config_and_chains_hops():
+    worker = apply(Host("w00", "10.0.0.2"), proxy_jump="root@first:2022,second")
+    second, first = worker.jump, worker.jump.jump
+    assert (second.address, first.address, first.user, first.port) == (
+        "second",
+        "first",
+        "root",
+        2022,
+    )
+    assert first.jump is None  # ssh_config's `Host *` ProxyCommand is not used on the way
+    assert apply(Host("w00", "10.0.0.2"), proxy_jump="none").jump is None
+    with pytest.raises(TpuctlError, match=r"ssh.proxy_jump 'root@' is not \[user@\]host"):
+        apply(Host("w00", "10.0.0.2"), proxy_jump="root@")
+
+
+def test_proxy_command_is_expanded_and_a_wildcard_jump_does_not_loop():
+    other = apply(Host("w00", "172.16.0.9"))
+    assert other.proxy_command == "nc -X connect 172.16.0.9 22"
+    looped = apply(Host("w00", "10.0.0.2"), config="Host *\n    ProxyJump bastion\n")
+    assert looped.jump.address == "bastion" and looped.jump.jump is None
+
+
+def test_an_unparsable_ssh_config_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "config").write_text("Host x\n  =broken\n")
+    with pytest.raises(TpuctlError, match=r"\.ssh/config: Unparsable line =broken; fix that line"):
+        user_ssh_config()
