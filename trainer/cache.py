@@ -161,7 +161,8 @@ def _run(
     try:
         while waiting or running:
             deferred = []
-            committed = {c.directory: _committed(c) for c, _ in waiting}  # by others meanwhile
+            by_directory = {c.directory: c for c, _ in waiting}  # one listing per cache
+            committed = {d: _committed(c) for d, c in by_directory.items()}  # by others meanwhile
             for cache, k in waiting:
                 if k in committed[cache.directory]:
                     progress.done(cache, k, None)
