@@ -180,13 +180,13 @@ def gcs_emulator_url() -> str:
             return url
     if importlib.util.find_spec("gcp_storage_emulator") is None:
         raise TpuctlError(
-            "local pods keep gs:// files in a GCS emulator: `pip install gcp-storage-emulator`, "
-            "or point STORAGE_EMULATOR_HOST at one you run"
+            "local pods keep gs:// files in a GCS emulator: `pip install 'tpuctl[local]'` "
+            "(gcp-storage-emulator), or point STORAGE_EMULATOR_HOST at one you run"
         )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     gcs_dir().mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "tpuctl.testing.gcs_emulator", "--port", str(port)]
+    command = [sys.executable, "-m", "tpuctl.gcs_emulator", "--port", str(port)]
     with open(gcs_dir() / "emulator.log", "ab") as log:
         process = subprocess.Popen(
             [*command, "--data-dir", str(gcs_dir() / "data")],

@@ -1,11 +1,11 @@
-"""A local Google Cloud Storage server for tests and demos.
+"""A local Google Cloud Storage server for local pods' gs:// paths, tests and demos.
 
 Runs the `gcp-storage-emulator` package (the GCS JSON API over plain HTTP) in a child
 process, so that several trainer processes, the google-cloud-storage client, gcsfs and
 tensorstore can all talk to it at once without sharing our interpreter's GIL. Point
 clients at it with `STORAGE_EMULATOR_HOST=<url>` (see `emulator_env`).
 
-    python -m tpuctl.testing.gcs_emulator --port 9023 --bucket my-bucket
+    python -m tpuctl.gcs_emulator --port 9023 --bucket my-bucket
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class GcsEmulator:
     def start(self) -> str:
         """Start the server and wait until it answers; returns its URL."""
         self.port = self.port or _free_port(self.host)
-        command = [sys.executable, "-m", "tpuctl.testing.gcs_emulator", "--port", str(self.port)]
+        command = [sys.executable, "-m", "tpuctl.gcs_emulator", "--port", str(self.port)]
         command += ["--host", self.host]
         if self.data_dir is not None:
             command += ["--data-dir", str(self.data_dir)]
