@@ -34,6 +34,7 @@ _WATCH_POLL_S = 0.5
 _FAILURE_KEY = "tpuctl/fatal"  # in jax's coordination key-value store
 _ACK_DIR = "tpuctl/fatal_ack/"
 _ACK_TIMEOUT_S = 30.0
+_watch: list[PodWatch] = []  # this process's PodWatch, once joined
 
 
 def coordinator_env() -> tuple[str, int, int] | None:
@@ -91,9 +92,6 @@ def initialize() -> None:
     if jax.process_count() > 1:
         _watch.append(PodWatch(jax.process_index(), jax.process_count(), heartbeat))
         _watch[0].start()
-
-
-_watch: list[PodWatch] = []  # this process's, once joined
 
 
 def finish() -> None:
