@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)
-    from tpuctl.testing.gcs_emulator import GcsEmulator, emulator_env
+    from tpuctl.gcs_emulator import GcsEmulator, emulator_env
 
     loop = Loop()
     result = {

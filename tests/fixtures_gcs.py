@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tpuctl.testing.gcs_emulator import GcsEmulator, emulator_env
+from tpuctl.gcs_emulator import GcsEmulator, emulator_env
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from local_cli import LocalCli
 
-from tpuctl.testing.gcs_emulator import GcsEmulator, emulator_env
+from tpuctl.gcs_emulator import GcsEmulator, emulator_env
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "recipes" / "tiny.yaml")

@@ -20,7 +20,7 @@ from polling import wait_for
 
 from tests.fixtures_pod import pod_hosts
 from tpuctl.fanout import run
-from tpuctl.testing.gcs_emulator import GcsEmulator, emulator_env
+from tpuctl.gcs_emulator import GcsEmulator, emulator_env
 
 pytestmark = pytest.mark.pod
 

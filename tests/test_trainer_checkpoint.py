@@ -16,11 +16,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 from polling import wait_for
 
+from tpuctl.gcs_emulator import GcsEmulator, emulator_env
 from trainer import io
 from trainer.config import CheckpointConfig
 
@@ -33,14 +35,27 @@ WORKER_TIMEOUT_S = 120
 
 
 def _worker(mode: str, directory: str, options: dict) -> int:
-    import jax
 
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if "coordinator" in options:
-        jax.distributed.initialize(
-            options["coordinator"], options["processes"], options["process_id"]
+    from trainer import distributed
+
+    if "coordinator" in options:  # joined as the trainer joins a pod (its watch included)
+        os.environ.update(
+            TPUCTL_COORDINATOR=options["coordinator"],
+            TPUCTL_NUM_PROCESSES=str(options["processes"]),
+            TPUCTL_PROCESS_ID=str(options["process_id"]),
         )
+        distributed.initialize()
+    try:
+        status = _work(mode, directory, options)
+    except Exception as e:  # as `python -m trainer` does
+        distributed.crash(e)
+    distributed.finish()
+    return status
+
+
+def _work(mode: str, directory: str, options: dict) -> int:
     import flax
+    import jax
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import Mesh, NamedSharding
@@ -208,6 +223,22 @@ def test_four_processes_save_sharded_to_gcs_and_restore_on_other_meshes(gcs):
     assert single["step"] == 4 and single["equal"] and single["shard_shape"] == [4, 8]
 
 
+@pytest.mark.slow
+def test_four_processes_saving_every_step_to_gcs_commit_every_step(gcs):
+    """The local pod's GCS under concurrent conditional writers: 4 processes, an async save
+    at every one of 40 steps (with GCS preconditions ignored, concurrent OCDBT writers
+    silently overwrote each other's manifests; see test_gcs_emulator.py)."""
+    directory = "gs://test-bucket/every-step/checkpoints"
+    cfg = {"every_steps": 1, "keep": 0, "async_save": True}  # keep every step
+    workers = _spawn("save", directory, processes=PROCESSES, steps=40, cfg=cfg)
+    assert [r["latest"] for r in _finish(workers)] == [40] * PROCESSES
+    for worker in workers:
+        assert "error" not in worker.stderr().lower(), worker.stderr()[-3000:]
+    assert _committed_steps(directory, cfg) == list(range(1, 41))
+    restored = _run("restore", directory, processes=PROCESSES, mesh=[4, 2], cfg=cfg)
+    assert all(r["step"] == 40 and r["equal"] for r in restored), restored
+
+
 def test_single_process_sync_save_local_restores_on_smaller_mesh(local_dir):
     cfg = {"every_steps": 3, "keep": 5, "async_save": False}
     (saved,) = _run("save", local_dir, devices=8, steps=7, cfg=cfg)
@@ -238,11 +269,83 @@ def test_sigterm_on_one_process_saves_current_step_on_all_and_exits_preempted(tm
     checkpointer.close()
 
 
+# -- fail-stop: a failed save or a dead process ends every process ---------------------------
+
+
+def _committed_steps(directory: str, cfg: dict) -> list[int]:
+    from trainer.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(directory, CheckpointConfig(**cfg))
+    steps = sorted(checkpointer._manager.all_steps())
+    checkpointer.close()
+    return steps
+
+
+def _exit_times(workers: list[Worker]) -> list[float]:
+    """Each worker's exit time (monotonic), waiting for all of them."""
+    pending, times = set(range(len(workers))), [0.0] * len(workers)
+    wait_for(lambda: _reap(workers, pending, times) or not pending, WORKER_TIMEOUT_S, "exits")
+    return times
+
+
+def _reap(workers, pending, times) -> None:
+    for index in list(pending):
+        if workers[index].process.poll() is not None:
+            times[index] = time.monotonic()
+            pending.discard(index)
+
+
+def test_failed_save_on_one_process_ends_every_process_with_one_line(monkeypatch):
+    from trainer.checkpoint import EXIT_SAVE_FAILED
+
+    directory = "gs://test-bucket/failing/checkpoints"
+    cfg = {"every_steps": 1, "keep": 10, "async_save": True}
+    # The emulator fails process 1's array writes of step 4 (403, which clients do not retry).
+    with GcsEmulator(fail_writes=r"/checkpoints/4/default/ocdbt\.process_1/") as emulator:
+        for name, value in emulator_env(emulator.url).items():
+            monkeypatch.setenv(name, value)
+        emulator.create_bucket("test-bucket")
+        workers = _spawn("save", directory, processes=PROCESSES, steps=12, cfg=cfg)
+        exits = _exit_times(workers)
+        assert max(exits) - min(exits) < 60
+        assert [w.process.returncode for w in workers] == [EXIT_SAVE_FAILED] * PROCESSES
+        for worker in workers:
+            err = worker.stderr()
+            lines = [line for line in err.splitlines() if line.startswith("error: ")]
+            assert lines == [lines[0]], err[-3000:]
+            assert lines[0].startswith("error: checkpoint save of step 4 failed on process 1: ")
+            assert "injected fault" in lines[0], err[-3000:]
+            assert "Traceback" not in err and "Event loop is closed" not in err, err[-3000:]
+        assert _committed_steps(directory, cfg) == [1, 2, 3]  # nothing trained on past 4
+
+
+def test_killed_process_ends_the_others_naming_it(tmp_path):
+    from trainer.distributed import EXIT_PEER_LOST
+
+    ready = tmp_path / "ready"
+    cfg = {"every_steps": 1000, "keep": 2, "async_save": True}
+    workers = _spawn(
+        "until_sigterm", str(tmp_path / "ckpt"), processes=PROCESSES, cfg=cfg, ready_file=str(ready)
+    )
+    wait_for(ready.exists, what="the workers to start their loop")
+    workers[2].process.kill()
+    killed_at = time.monotonic()
+    exits = _exit_times(workers)
+    for index in (0, 1, 3):
+        assert exits[index] - killed_at < 60
+        assert workers[index].process.returncode == EXIT_PEER_LOST
+        err = workers[index].stderr()
+        assert (
+            f"error: process 2 of 4 stopped (no heartbeat for 20 s); stopping process {index} too"
+            in err
+        ), err[-3000:]
+
+
 # -- the save watchdog and half-written checkpoints on GCS -------------------------------------
 
 
 def test_hung_gcs_save_times_out_and_leaves_last_committed_checkpoint(gcs, tmp_path):
-    from trainer.checkpoint import EXIT_SAVE_TIMEOUT
+    from trainer.checkpoint import EXIT_SAVE_FAILED
 
     directory = "gs://test-bucket/hang/checkpoints"
     cfg = {"every_steps": 1, "keep": 3, "async_save": True, "save_timeout_s": 3}
@@ -252,11 +355,12 @@ def test_hung_gcs_save_times_out_and_leaves_last_committed_checkpoint(gcs, tmp_p
     try:
         worker.process.stdin.write("go\n")
         worker.process.stdin.flush()
-        assert worker.finish(expect_rc=EXIT_SAVE_TIMEOUT) is None  # it never got to the end
+        assert worker.finish(expect_rc=EXIT_SAVE_FAILED) is None  # it never got to the end
     finally:
         os.kill(gcs.pid, signal.SIGCONT)
     err = worker.stderr()
-    assert "checkpoint save of step 2" in err and "checkpoint.save_timeout_s=3 s" in err
+    assert "checkpoint save of step 2 failed on process 0: it did not commit" in err
+    assert "checkpoint.save_timeout_s=3 s" in err
     (restored,) = _run("restore", directory, cfg=cfg)
     assert restored["step"] == 1 and restored["equal"]
 
@@ -353,8 +457,6 @@ def test_wrong_model_shape_is_a_clear_error_not_a_fresh_start(local_dir):
     assert "checkpoint step 3" in message and "(8,)" in message and "\n" not in message
 
 
-# orbax leaves its failed read coroutines unawaited; that noise is not what is tested.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["metadata", "arrays"])
 def test_corrupted_checkpoint_is_a_clear_error_not_a_fresh_start(damage, local_dir):
     from trainer.checkpoint import CheckpointError

@@ -597,8 +597,8 @@ class Babysitter:
         from tpuctl.jobs.runs import load_recipe
 
         if node.provider == "local" and self.options.recipe.startswith("gs://"):
+            from tpuctl.gcs_emulator import emulator_env
             from tpuctl.providers.local import gcs_emulator_url
-            from tpuctl.testing.gcs_emulator import emulator_env
 
             os.environ.update(emulator_env(gcs_emulator_url()))
         recipe = load_recipe(self.options.recipe, self.options.overrides)

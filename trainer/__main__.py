@@ -1,6 +1,7 @@
 """`python -m trainer RECIPE [key=value ...]`: validate the recipe, join the pod, train.
 
 Recipe problems and multi-host start-up failures print one `error: ...` line and exit 2.
+On a pod, any other failure ends every process within about a minute (trainer.distributed).
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ def main(argv: list[str] | None = None) -> int:
         distributed.initialize()
         from trainer.train import train
 
-        return train(recipe)
+        try:
+            status = train(recipe)
+            distributed.finish()
+            return status
+        except (RecipeError, TrainerError):
+            raise
+        except Exception as e:
+            distributed.crash(e)
     except (RecipeError, TrainerError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

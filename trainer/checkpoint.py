@@ -8,8 +8,11 @@
   milestone_every) plus two flags agreed on by all processes: "SIGTERM arrived" (on any
   process) and "the time-based interval elapsed" (process 0's clock only), exchanged in a
   tiny all-gather each step when there are several processes.
-- Bounded: a save that has not committed within `save_timeout_s` ends the process with
-  `EXIT_SAVE_TIMEOUT` and a one-line error, instead of stalling the run for hours.
+- Fail-stop: a save that fails (in any process, in the background or in the call) or has not
+  committed within `save_timeout_s` ends every process of the run within seconds with
+  `EXIT_SAVE_FAILED` and one line `error: checkpoint save of step N failed on process P:
+  CAUSE`, instead of training on without checkpoints or stalling in the next save. orbax
+  only logs a failed background save; a log handler turns that record into the failure.
 - Preemption: the first SIGTERM makes the next `maybe_save` write the current step, wait for
   it to commit and return True; the trainer then exits with `EXIT_PREEMPTED`. A second
   SIGTERM terminates at once.
@@ -18,12 +21,16 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import logging
 import os
+import re
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -33,13 +40,16 @@ from orbax.checkpoint import checkpoint_managers
 
 from trainer import io
 from trainer.config import CheckpointConfig, ModelConfig, TrainerError
+from trainer.distributed import fail_everywhere, first_line
 
 # Distinct exit statuses, so tpuctl can tell "saved and stopped on SIGTERM" (resume it) and
-# "a checkpoint save hung" from a crash. 75 and 74 are sysexits' EX_TEMPFAIL and EX_IOERR.
+# "a checkpoint save failed or hung" from a crash. sysexits' EX_TEMPFAIL and EX_IOERR.
 EXIT_PREEMPTED = 75
-EXIT_SAVE_TIMEOUT = 74
+EXIT_SAVE_FAILED = 74
 
 _WATCHDOG_POLL_S = 0.2
+# tensorstore appends its status payloads ([http_response_body='...']) to error messages.
+_STATUS_PAYLOAD = re.compile(r"( \[\w+='.*)$")
 MODEL_INFO_FILE = "model.json"  # beside the step directories: what export needs to know
 
 
@@ -80,6 +90,8 @@ class Checkpointer:
         self._saving_step: int | None = None
         self._in_blocking_save = False
         self._watchdog: threading.Thread | None = None
+        self._save_errors = _SaveErrors(lambda: self._save_started is not None)
+        _quiet_orbax_teardown()
 
     @staticmethod
     def _options(cfg: CheckpointConfig) -> ocp.CheckpointManagerOptions:
@@ -114,7 +126,7 @@ class Checkpointer:
             state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except Exception as e:
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} cannot be loaded ({_first_line(e)}); "
+                f"checkpoint step {step} in {self.directory} cannot be loaded ({first_line(e)}); "
                 "run with the model config it was saved with, or move that step directory "
                 "away to resume from an earlier one (it was not treated as 'no checkpoint')"
             ) from e
@@ -130,6 +142,7 @@ class Checkpointer:
         some process, and the state is now committed). Pass the loop's `step` (state.step)
         to spare reading it from the devices, which would wait for the step to finish."""
         step = _host_step(state) if step is None else step
+        self._stop_if_failed()  # never train on past a save that failed
         stop, time_due = self._agreed_flags()
         if stop or time_due or self._due_by_step(step):
             self.save(state, step)
@@ -164,22 +177,45 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return
         self._start_watchdog()
+        self.wait_until_committed()  # orbax would wait too; a failure is the previous step's
         self._in_blocking_save = True
         self._save_started, self._saving_step = time.monotonic(), step
         try:
             self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        except Exception as e:
+            self._fail(self._save_errors.first() or e)
         finally:
             self._in_blocking_save = False
+        self._stop_if_failed()
 
     def wait_until_committed(self) -> None:
-        """Block until the pending save (if any) is committed; raises its error if it failed."""
-        self._manager.wait_until_finished()
-        self._manager.check_for_errors()
+        """Block until the pending save (if any) is committed; a failed one ends the run."""
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as e:
+            self._fail(self._save_errors.first() or e)
+        self._stop_if_failed()
+
+    def _stop_if_failed(self) -> None:
+        if error := self._save_errors.first():
+            self._fail(error)
+
+    def _fail(self, cause: BaseException | str) -> None:
+        """End every process: this process's save of the current step failed."""
+        cause = cause if isinstance(cause, str) else first_line(cause)
+        cause = _STATUS_PAYLOAD.sub("", cause)
+        fail_everywhere(
+            f"checkpoint save of step {self._saving_step} failed on process "
+            f"{jax.process_index()}: {cause}",
+            EXIT_SAVE_FAILED,
+        )
 
     def close(self) -> None:
         """Wait for pending saves, then release orbax's threads and the SIGTERM handler."""
         self.wait_until_committed()
         self._manager.close()
+        self._save_errors.close()
         self._save_started = None
         if self._previous_sigterm_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm_handler)
@@ -218,11 +254,13 @@ class Checkpointer:
             self._watchdog.start()
 
     def _watch_saves(self) -> None:
-        """End the process if a save stays uncommitted past `save_timeout_s`: a hung async write
-        to GCS would otherwise block the next save (and the run) indefinitely, and orbax's
-        non-daemon save thread would keep even a failed process alive."""
+        """End the run when a background save fails, or stays uncommitted past
+        `save_timeout_s`: a hung async write to GCS would otherwise block the next save (and
+        the run) indefinitely, and orbax's non-daemon save thread would keep even a failed
+        process alive."""
         while True:
             time.sleep(_WATCHDOG_POLL_S)
+            self._stop_if_failed()
             started = self._save_started
             if started is None:
                 continue
@@ -231,14 +269,62 @@ class Checkpointer:
                     self._save_started = None
                 continue
             if time.monotonic() - started > self.cfg.save_timeout_s:
-                print(
-                    f"error: checkpoint save of step {self._saving_step} to {self.directory} did "
-                    f"not commit within checkpoint.save_timeout_s={self.cfg.save_timeout_s:g} s; "
-                    "exiting so the run restarts from the last committed checkpoint",
-                    file=sys.stderr,
-                    flush=True,
+                self._fail(
+                    f"it did not commit to {self.directory} within "
+                    f"checkpoint.save_timeout_s={self.cfg.save_timeout_s:g} s"
                 )
-                os._exit(EXIT_SAVE_TIMEOUT)
+
+
+class _SaveErrors(logging.Filter):
+    """Catches the errors orbax only logs while a save is in flight (its background threads
+    log the exception and carry on) and keeps their tracebacks out of the log: the run
+    reports them in one line instead. `saving()` says whether a save may be in flight."""
+
+    def __init__(self, saving: Callable[[], bool]):
+        super().__init__()
+        self._saving = saving
+        self._errors: list[BaseException] = []
+        self._logger = logging.getLogger("absl")  # orbax logs through absl
+        self._logger.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if (
+            error is not None
+            and record.levelno >= logging.ERROR
+            and f"{os.sep}orbax{os.sep}" in record.pathname
+            and self._saving()
+        ):
+            self._errors.append(error)
+            return False
+        return True
+
+    def first(self) -> BaseException | None:
+        """The first save error caught, if any."""
+        return self._errors[0] if self._errors else None
+
+    def close(self) -> None:
+        self._logger.removeFilter(self)
+
+
+def _quiet_orbax_teardown() -> None:
+    """Drop the echoes of an orbax operation that already failed (and was reported): when one
+    read or write of a batch fails, orbax closes its event loop while tensorstore still
+    completes the others, and each one then prints "Event loop is closed" or "coroutine
+    ignored GeneratorExit" as an unraisable exception, hundreds of tracebacks in all."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_orbax", False):
+        return
+
+    def hook(unraisable) -> None:
+        error, obj = unraisable.exc_value, unraisable.object
+        loop_closed = isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+        orbax_coroutine = inspect.iscoroutine(obj) and "orbax" in obj.cr_code.co_filename
+        if not (loop_closed or orbax_coroutine):
+            previous(unraisable)
+
+    hook.quiets_orbax = True
+    sys.unraisablehook = hook
 
 
 def _host_step(state: Any) -> int:
@@ -303,11 +389,6 @@ def load_params(directory: str, step: int | None = None) -> tuple[int, Any]:
         )
     except Exception as e:
         raise CheckpointError(
-            f"checkpoint step {step} in {directory} cannot be read: {_first_line(e)}"
+            f"checkpoint step {step} in {directory} cannot be read: {first_line(e)}"
         ) from e
     return step, jax.tree.map(np.asarray, restored["params"])
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -4,22 +4,40 @@ tpuctl sets TPUCTL_COORDINATOR (host:port), TPUCTL_NUM_PROCESSES and TPUCTL_PROC
 test pods and local pods; on a TPU VM, jax detects the pod itself. Either way a worker waits at
 most TPUCTL_INIT_TIMEOUT seconds (default 900, long enough for cold restarts after a
 preemption) for the others, then fails with a message saying the run was not started everywhere.
+
+Once joined, a pod fails as one: a watcher thread in every process ends it within seconds
+when another process has stopped sending heartbeats for TPUCTL_HEARTBEAT_TIMEOUT seconds
+(default 20; it died, was SIGKILLed or OOM-killed), naming that process, instead of leaving
+it blocked in the next collective. `fail_everywhere` is how a process that hits a fatal error
+(a failed checkpoint save) makes every process exit with the same line and status.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import socket
+import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NoReturn
 
 from trainer.config import MESH_AXES, MeshConfig, RecipeError, TrainerError
 
 DEFAULT_TIMEOUT_S = 900
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+DEFAULT_HEARTBEAT_TIMEOUT_S = 20
+# A process that finds another one gone exits with this status (sysexits' EX_UNAVAILABLE).
+EXIT_PEER_LOST = 69
+_WATCH_POLL_S = 0.5
+_FAILURE_KEY = "tpuctl/fatal"  # in jax's coordination key-value store
+_ACK_DIR = "tpuctl/fatal_ack/"
+_ACK_TIMEOUT_S = 30.0
+_watch: list[PodWatch] = []  # this process's PodWatch, once joined
 
 
 def coordinator_env() -> tuple[str, int, int] | None:
@@ -77,6 +95,15 @@ def initialize() -> None:
     import jax
 
     timeout = int(os.environ.get("TPUCTL_INIT_TIMEOUT", DEFAULT_TIMEOUT_S))
+    heartbeat = _heartbeat_timeout_s()
+    # Recoverable: a dead peer does not make jax abort the survivors with a C++ stack trace;
+    # the watcher below notices it (jax's heartbeats) and ends them with a line naming it.
+    jax.config.update("jax_enable_recoverability", True)
+    limits = {
+        "initialization_timeout": timeout,
+        "heartbeat_timeout_seconds": heartbeat,
+        "shutdown_timeout_seconds": heartbeat * 2,
+    }
     explicit = coordinator_env()
     if explicit:
         address, count, index = explicit
@@ -84,9 +111,146 @@ def initialize() -> None:
         # make sure every worker is there, with an error that says what happened.
         rendezvous(address, count, index, timeout)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(address, count, index, initialization_timeout=timeout)
+        jax.distributed.initialize(address, count, index, **limits)
     elif on_tpu_vm():
-        jax.distributed.initialize(initialization_timeout=timeout)
+        jax.distributed.initialize(**limits)
+    else:
+        return
+    if jax.process_count() > 1:
+        _watch.append(PodWatch(jax.process_index(), jax.process_count(), heartbeat))
+        _watch[0].start()
+
+
+def finish() -> None:
+    """Leave the pod after the run ended normally (done, or stopped on SIGTERM): stop
+    watching, meet the others, and let process 0, which hosts jax's coordination service,
+    leave last, so that no process takes another's normal exit for a death."""
+    import jax
+
+    client = _client()
+    if client is None or not _watch:
+        return
+    _watch[0].stopped.set()
+    timeout_ms = 2000 * _heartbeat_timeout_s()
+    with contextlib.suppress(Exception):  # a peer gone by now: nothing left to wait for
+        client.wait_at_barrier("tpuctl/finish", timeout_ms)
+        if jax.process_index() != 0:
+            jax.distributed.shutdown()
+            return
+        others = list(range(1, jax.process_count()))
+        deadline = time.monotonic() + timeout_ms / 1000
+        while client.get_live_nodes(others) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def _client():
+    """jax's coordination-service client, or None in a single-process run."""
+    from jax._src import distributed as jax_distributed  # no public accessor for the client
+
+    return jax_distributed.global_state.client
+
+
+def _exit(message: str, status: int) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(status)  # other threads (orbax's savers, collectives) may be blocked for good
+
+
+def fail_everywhere(message: str, status: int) -> NoReturn:
+    """End every process of the run with `error: message` and exit `status`: this one now,
+    the others within a second (their PodWatch reads it from jax's key-value store). Process 0
+    hosts that store, so it leaves last, once the others have read it (or after 30 s)."""
+    client = _client()
+    if client is None:
+        _exit(message, status)
+    try:
+        client.key_value_set(_FAILURE_KEY, json.dumps({"message": message, "status": status}))
+    except Exception:  # another process failed first: end with its message
+        with contextlib.suppress(Exception):
+            failure = json.loads(client.key_value_try_get(_FAILURE_KEY))
+            message, status = failure["message"], failure["status"]
+    _leave(client, message, status)
+
+
+def _leave(client, message: str, status: int) -> NoReturn:
+    import jax
+
+    index, count = jax.process_index(), jax.process_count()
+    with contextlib.suppress(Exception):
+        client.key_value_set(f"{_ACK_DIR}{index}", "1")
+    if index == 0:
+        deadline = time.monotonic() + _ACK_TIMEOUT_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                if len(client.key_value_dir_get(_ACK_DIR)) >= count:
+                    break
+            time.sleep(0.1)
+    _exit(message, status)
+
+
+def crash(error: BaseException) -> NoReturn:
+    """End a multi-process run on an unexpected exception in this process. When another
+    process died first (this one's collective then fails too), PodWatch names that one within
+    a heartbeat timeout; otherwise the error is this process's own: its traceback, then every
+    process ends promptly (not after a heartbeat timeout, or in the next collective)."""
+    import traceback
+
+    import jax
+
+    if _client() is None:
+        raise error
+    deadline = time.monotonic() + _heartbeat_timeout_s() + 5 * _WATCH_POLL_S
+    while time.monotonic() < deadline:  # PodWatch ends the process if a peer is gone
+        time.sleep(_WATCH_POLL_S)
+    traceback.print_exception(error)
+    fail_everywhere(f"process {jax.process_index()} crashed: {first_line(error)}", 1)
+
+
+def _heartbeat_timeout_s() -> int:
+    return int(os.environ.get("TPUCTL_HEARTBEAT_TIMEOUT", DEFAULT_HEARTBEAT_TIMEOUT_S))
+
+
+class PodWatch(threading.Thread):
+    """Ends this process when another one has died or failed fatally (see module doc)."""
+
+    def __init__(self, index: int, count: int, heartbeat_timeout_s: int):
+        super().__init__(name="pod-watch", daemon=True)
+        self.index, self.count, self.heartbeat_timeout_s = index, count, heartbeat_timeout_s
+        self.stopped = threading.Event()  # set by finish(): the run ended normally
+
+    def run(self) -> None:
+        client = _client()
+        everyone = list(range(self.count))
+        while not self.stopped.wait(_WATCH_POLL_S):
+            try:
+                failure = client.key_value_try_get(_FAILURE_KEY)
+            except Exception:  # not set yet (NOT_FOUND), or the coordinator is gone
+                failure = None
+            if failure:
+                failure = json.loads(failure)
+                _leave(client, failure["message"], failure["status"])
+            try:
+                live = client.get_live_nodes(everyone)
+            except Exception as e:
+                if self.stopped.is_set():
+                    return
+                _exit(
+                    f"lost the coordinator (process 0 of {self.count}): {first_line(e)}; "
+                    f"stopping process {self.index} too",
+                    EXIT_PEER_LOST,
+                )
+            if (dead := sorted(set(everyone) - set(live))) and not self.stopped.is_set():
+                names = ", ".join(map(str, dead))
+                _exit(
+                    f"process {names} of {self.count} stopped (no heartbeat for "
+                    f"{self.heartbeat_timeout_s} s); stopping process {self.index} too",
+                    EXIT_PEER_LOST,
+                )
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def rendezvous(address: str, count: int, index: int, timeout: float) -> None:

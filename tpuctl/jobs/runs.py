@@ -195,7 +195,7 @@ def _absolute(path: str) -> str:
 def _storage_env(node: Node) -> dict[str, str]:
     """GCS settings every process of the run shares: a configured emulator, or the local
     pods' own emulator (started on demand) so gs:// paths work on a local pod."""
-    from tpuctl.testing.gcs_emulator import emulator_env
+    from tpuctl.gcs_emulator import emulator_env
 
     url = storage.emulator_url()
     if url is None and node.provider == "local":

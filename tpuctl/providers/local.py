@@ -196,13 +196,13 @@ def gcs_emulator_url() -> str:
     record = gcs_dir() / "emulator.json"
     if importlib.util.find_spec("gcp_storage_emulator") is None:
         raise TpuctlError(
-            "local pods keep gs:// files in a GCS emulator: `pip install gcp-storage-emulator`, "
-            "or point STORAGE_EMULATOR_HOST at one you run"
+            "local pods keep gs:// files in a GCS emulator: `pip install 'tpuctl[local]'` "
+            "(gcp-storage-emulator), or point STORAGE_EMULATOR_HOST at one you run"
         )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     private_dir(gcs_dir())
-    command = [sys.executable, "-m", "tpuctl.testing.gcs_emulator", "--port", str(port)]
+    command = [sys.executable, "-m", "tpuctl.gcs_emulator", "--port", str(port)]
     with open(gcs_dir() / "emulator.log", "ab", opener=private_opener) as log:
         process = subprocess.Popen(
             [*command, "--data-dir", str(gcs_dir() / "data")],
