@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from http import HTTPStatus
 from pathlib import Path
 
 _START_TIMEOUT_S = 20.0
@@ -173,6 +174,48 @@ def _add_generation_headers() -> None:
                 handlers[method] = download
 
 
+def _honour_generation_preconditions() -> None:
+    """Answer 412 to uploads and deletes whose `ifGenerationMatch` does not match the
+    object's generation (0: the object must not exist), as real GCS does; the emulator
+    ignores the parameter. It serves one request at a time, so check-then-write is atomic.
+    """
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import objects
+
+    def conditional(original):
+        def handler(request, response, storage, *args, **kwargs):
+            wanted = request.query.get("ifGenerationMatch")
+            if wanted:
+                if "object_id" in request.params:
+                    name = request.params["object_id"]
+                elif "name" in request.query:
+                    name = request.query["name"][0]
+                else:
+                    name = (request.data or {}).get("meta", {}).get("name")
+                try:
+                    obj = storage.get_file_obj(request.params["bucket_name"], name)
+                    current = str(obj["generation"])
+                except Exception:  # no such object
+                    current = "0"
+                if wanted[0] != current:
+                    response.status = HTTPStatus.PRECONDITION_FAILED
+                    message = f"ifGenerationMatch {wanted[0]} != generation {current}"
+                    response.json({"error": {"code": 412, "message": message, "errors": []}})
+                    return
+            original(request, response, storage, *args, **kwargs)
+
+        return handler
+
+    for original in (objects.insert, objects.delete):
+        wrapped = conditional(original)
+        for _, handlers in server.HANDLERS:
+            for method, handler in handlers.items():
+                if handler is original:
+                    handlers[method] = wrapped
+        if original is objects.insert:
+            objects.insert = wrapped  # the router falls back to it by this name
+
+
 def serve(
     port: int, data_dir: str | None = None, buckets: list[str] = (), host: str = "127.0.0.1"
 ) -> None:
@@ -183,6 +226,7 @@ def serve(
 
     logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
     _add_generation_headers()
+    _honour_generation_preconditions()
     # The emulator serves one request at a time; tensorstore opens dozens of connections per
     # process at once. With the default listen backlog of 5 the kernel drops the excess and
     # clients back off for seconds to minutes; a deep backlog just queues them.
