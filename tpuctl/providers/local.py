@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tpuctl.errors import TpuctlError
-from tpuctl.providers.base import Node, NodeSpec, ProgressFn, Worker
+from tpuctl.providers.base import Capabilities, Node, NodeSpec, ProgressFn, Worker
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -46,6 +46,8 @@ def local_root() -> Path:
 
 class LocalProvider:
     """Nodes that are directories under `root`; creating one is instant and it is READY at once."""
+
+    capabilities = Capabilities()  # no zones, no queued resources
 
     def __init__(self, root: Path | None = None):
         self.pods_dir = (root or local_root()) / "pods"
