@@ -498,6 +498,7 @@ def test_of_two_babysitters_started_at_once_exactly_one_acts(fake_tpu, gcs, tmp_
         )  # fmt: skip
         sitters = []
         for machine in ("a", "b"):
+            (tmp_path / f"{machine}-{repetition}").mkdir()
             cli = Cli(tmp_path / f"{machine}-{repetition}")
             cloud_env(cli, gcs.url)
             node, run_dir = f"pod-{repetition}", tmp_path / run_id
