@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -530,6 +531,25 @@ def sitter_in_process(tmp_path, *extra: str, **options):
     return Babysitter(settings, babysit)
 
 
+def test_a_babysitter_whose_lease_was_taken_over_stops_acting_and_says_by_whom(
+    fake_tpu, gcs, tmp_path, monkeypatch
+):
+    from tpuctl.babysit import StopBabysitting
+    from tpuctl.lease import GcsLease
+
+    monkeypatch.setenv("TPUCTL_BUCKET", "test-bucket")
+    sitter = sitter_in_process(tmp_path)
+    sitter.claim()
+    # Another machine decided the lease had expired (its clock is an hour ahead).
+    usurper = GcsLease(sitter.lease.uri, sitter.lease_ttl_s, now=lambda: time.time() + 3600)
+    usurper.claim("run obs")
+    assert not sitter.lease.heartbeat()
+    with pytest.raises(StopBabysitting, match=f"taken over by {re.escape(usurper.holder)}"):
+        sitter.cycle()
+    assert fake_tpu.requests == []  # it stopped before looking, let alone acting
+    sitter.lock.release()
+
+
 def test_http_429_from_the_tpu_api_is_waited_out_not_fatal(fake_tpu, tmp_path):
     from tpuctl.babysit_policy import Wait, decide
 
@@ -619,7 +639,8 @@ def test_after_a_stockout_the_node_in_the_fallback_zone_is_the_only_one_and_runs
     config = cli.root / "config" / "tpuctl" / "config.yaml"
     config.write_text(config.read_text() + "accelerators:\n  v4-16:\n    zones: [us-east1-d]\n")
     fake_tpu.fail_queued(1)  # no capacity in us-central1-a: the queued resource ends FAILED
-    proc = cli.start(*babysit_args(cli, "pod", "fallback", run_dir, overrides=("train.steps=6",)))
+    run_id = "llama-3.1-fallback"  # dots: not a valid label value as it is
+    proc = cli.start(*babysit_args(cli, "pod", run_id, run_dir, overrides=("train.steps=6",)))
     nodes_seen = set()
 
     def finished() -> bool:
@@ -629,9 +650,10 @@ def test_after_a_stockout_the_node_in_the_fallback_zone_is_the_only_one_and_runs
     wait_for(finished, "the run to finish")
     out = output(proc)
     assert proc.returncode == 0, out
-    assert "run fallback finished: step 6" in out
+    assert f"run {run_id} finished: step 6" in out
     assert "restarts: 0 preemption(s), 0 failure(s), 1 launch(es)" in out
     assert nodes_seen <= {0, 1}  # never two nodes at once
     assert list(fake_tpu.nodes) == ["projects/test-project/locations/us-east1-d/nodes/pod"]
-    assert cli.state("fallback")["zone"] == "us-east1-d"
+    assert cli.state(run_id)["zone"] == "us-east1-d"
+    assert fake_tpu.node("pod")["labels"] == our_labels(run_id)  # tpuctl-run: llama-3-1-fallback
     assert "stockout in us-central1-a (attempt 1): queued resource pod ended FAILED" in out

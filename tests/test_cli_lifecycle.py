@@ -260,6 +260,16 @@ def mine() -> dict[str, str]:
     return ownership_labels(local_user())
 
 
+def test_a_label_the_api_refuses_is_a_one_line_error(run_tpuctl, fake_tpu):
+    result = run_tpuctl("up", "v3-8", "--name", "n", "--label", "Team=NLP")
+    assert result.code == 2
+    assert (
+        result.err.strip()
+        .splitlines()[-1]
+        .startswith('error: the TPU API refused the request: Invalid value for field "labels"')
+    )
+
+
 def test_down_yes_deletes_and_waits(run_tpuctl, fake_tpu):
     fake_tpu.add_node("n", "v3-8", project="test-project", zone="us-central1-a", labels=mine())
     fake_tpu.delete_delay = 0.2
