@@ -501,21 +501,14 @@ class Babysitter:
         """Create the node as `up` would (stockouts retried across the fallback zones);
         returns it READY, wherever it came up."""
         from tpuctl.hosts import remember
+        from tpuctl.planning import create_planned
 
         plan = self.plan
-        if not self.provider.capabilities.zones:
-            return self.provider.create(plan.spec, self._progress)
-        # A fresh provider: its clock bounds this recreation's stockout retries, not the
-        # babysitter's whole lifetime.
         provider = self._provider_at(plan.spec.zone, plan.spec.project)
-        node = provider.create_with_retries(
-            plan.spec,
-            self._progress,
-            fallback_zones=plan.fallback_zones,
-            retry_for=plan.retry_for,
-            queued=plan.queued,
-        )
-        remember(self.settings, node)  # new VMs, new host keys: forget the old ones
+        node = create_planned(provider, plan, self._progress)
+        assert node is not None  # waited for: READY
+        if self.provider.capabilities.zones:
+            remember(self.settings, node)  # new VMs, new host keys: forget the old ones
         return node
 
     def _adopt(self) -> None:

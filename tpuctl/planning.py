@@ -14,6 +14,7 @@ from tpuctl.providers.base import NodeSpec
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
+    from tpuctl.providers.base import Node, ProgressFn, Provider
 
 
 @dataclass(frozen=True)
@@ -102,4 +103,23 @@ def plan_node(
         queued=use_queued,
         retry_for=retry_for,
         valid_for=valid_for,
+    )
+
+
+def create_planned(
+    provider: Provider, plan: NodePlan, progress: ProgressFn, wait: bool = True
+) -> Node | None:
+    """Create the planned node: where the provider has zones, stockouts are retried with
+    backoff across the plan's zones for `plan.retry_for` (through a queued resource when
+    planned); elsewhere it is created at once."""
+    if not provider.capabilities.zones:
+        return provider.create(plan.spec, progress)
+    return provider.create_with_retries(  # type: ignore[attr-defined]
+        plan.spec,
+        progress,
+        fallback_zones=plan.fallback_zones,
+        retry_for=plan.retry_for,
+        queued=plan.queued,
+        valid_for=plan.valid_for,
+        wait=wait,
     )

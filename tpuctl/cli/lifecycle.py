@@ -12,7 +12,7 @@ from tpuctl.cli.app import app
 from tpuctl.cli.output import StatusLine, console, err_console, print_json
 from tpuctl.durations import format_duration, parse_duration
 from tpuctl.errors import TpuctlError
-from tpuctl.planning import NodePlan, plan_node
+from tpuctl.planning import NodePlan, create_planned, plan_node
 from tpuctl.providers import describe_location, elsewhere_hint, provider_for, resolve_node
 from tpuctl.providers.base import Node, NodeSpec
 
@@ -131,7 +131,7 @@ def _bring_up(settings: Settings, plan: NodePlan, wait: bool) -> Node | None:
             existing = provider.get(spec.name)
             if existing is not None:
                 return _reuse(provider, existing, spec, status, wait)
-            return provider.create(spec, status.update)
+            return create_planned(provider, plan, status.update)
         # A node made earlier may sit in a fallback zone: reuse it rather than make a twin.
         for zone in plan.zones:
             existing = provider.get(spec.name, zone)
@@ -142,15 +142,7 @@ def _bring_up(settings: Settings, plan: NodePlan, wait: bool) -> Node | None:
             f"creating {spec.name} ({spec.accelerator_type}, {spec.scheduling}) {how}; "
             f"stockouts retried for up to {format_duration(plan.retry_for)}"
         )
-        node = provider.create_with_retries(
-            spec,
-            status.update,
-            fallback_zones=plan.fallback_zones,
-            retry_for=plan.retry_for,
-            queued=plan.queued,
-            valid_for=plan.valid_for,
-            wait=wait,
-        )
+        node = create_planned(provider, plan, status.update, wait=wait)
         if node is not None:
             status.update(f"{node.name} is READY with {len(node.workers)} workers")
         return node
