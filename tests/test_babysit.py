@@ -632,6 +632,7 @@ def test_a_key_the_node_refuses_stops_babysitting_and_deletes_nothing(
 
 
 @pytest.mark.pod
+@pytest.mark.slow
 def test_after_a_stockout_the_node_in_the_fallback_zone_is_the_only_one_and_runs_once(
     cloud_cli, fake_tpu, shared_dir
 ):
