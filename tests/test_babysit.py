@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -164,11 +165,13 @@ def assert_same_training(reference: Path, resumed: Path) -> None:
         assert np.array_equal(value, ref_params[name]), name
 
 
-def babysit_args(cli: Cli, name: str, run_id: str, run_dir: Path, *extra: str) -> list[str]:
+def babysit_args(
+    cli: Cli, name: str, run_id: str, run_dir: Path, *extra: str, overrides: tuple[str, ...] = ()
+) -> list[str]:
     return [
         "babysit", "v4-16", TINY, "--name", name, "--run-id", run_id, "--poll", "0.3",
         "--grace", "5", "--env", f"JAX_COMPILATION_CACHE_DIR={cli.root / 'jax-cache'}",
-        *extra, "--", *OVERRIDES, f"run_dir={run_dir}",
+        *extra, "--", *OVERRIDES, f"run_dir={run_dir}", *overrides,
     ]  # fmt: skip
 
 
@@ -276,6 +279,7 @@ def test_progress_is_read_incrementally_and_a_half_written_line_waits(where, tmp
         (["v4-16", TINY, "-n", "p", "--spot", "--preemptible"], "error: --spot and --preemptible"),
         (["v4-16", TINY, "-n", "p", "--poll", "soon"], "error: --poll 'soon' is not a duration"),
         (["--name", "nowhere"], "error: no node named 'nowhere'"),
+        (["v4-16", TINY, "-n", "p", "--run-id", "../../x"], "error: --run-id '../../x' is not"),
     ],
 )
 def test_bad_babysit_flags_are_one_line_errors(cli, args, message):
@@ -286,12 +290,12 @@ def test_bad_babysit_flags_are_one_line_errors(cli, args, message):
 
 
 def test_a_second_babysitter_on_the_same_run_refuses_naming_the_first(cli, tmp_path):
-    from tpuctl.babysit import Lease
+    from tpuctl.babysit import LocalLock
 
     env = {"XDG_STATE_HOME": cli.env["XDG_STATE_HOME"]}
     os.environ.update(env)  # this process takes the run's lock, as a running babysitter does
     try:
-        first = Lease("shared-run", ttl_s=120)
+        first = LocalLock("shared-run")
         first.acquire()
         second = cli(*babysit_args(cli, "pod", "shared-run", tmp_path / "run"), timeout=60)
         first.release()
@@ -448,3 +452,214 @@ def test_babysit_on_the_ssh_test_pod_through_vanish_stockouts_outage_preemption_
     lease = json.loads(storage.read_text("gs://test-bucket/tpuctl/runs/ssh/babysit.lease"))
     assert lease["released"] and lease["holder"].startswith(f"pid {proc.pid} on ")
     assert_same_training(reference, run_dir)
+
+
+# -- on a shared project: the fake Cloud TPU API ----------------------------------------
+
+
+def cloud_env(cli: Cli, gcs_url: str) -> None:
+    """`tpuctl` as a user of the shared project runs it, against the fake API and GCS."""
+    cli.env.update(emulator_env(gcs_url))
+    for name in ("TPUCTL_TPU_API_ENDPOINT", "TPUCTL_PROJECT", "TPUCTL_ZONE", "TPUCTL_TIME_SCALE"):
+        cli.env[name] = os.environ[name]
+    cli.env.update(TPUCTL_PROVIDER="cloud", TPUCTL_BUCKET="test-bucket")
+
+
+def our_labels(run_id: str) -> dict[str, str]:
+    from tpuctl.config import local_user
+    from tpuctl.ownership import ownership_labels
+
+    return ownership_labels(local_user(), run_id)
+
+
+def test_a_colleagues_preempted_node_of_the_same_name_is_left_alone(fake_tpu, gcs, tmp_path):
+    from tpuctl.ownership import ownership_labels
+
+    fake_tpu.add_node(
+        "pod", "v4-16", project="test-project", zone="us-central1-a", state="PREEMPTED",
+        labels=ownership_labels("bob", "bobs-run"),
+    )  # fmt: skip
+    cli = Cli(tmp_path)
+    cloud_env(cli, gcs.url)
+    result = cli(*babysit_args(cli, "pod", "mine", tmp_path / "run"), timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert (
+        "error: stopped babysitting run mine: node pod is not yours (labels tpuctl-user=bob, "
+        "tpuctl-run=bobs-run): babysit leaves it alone; babysit another --name"
+    ) in result.stderr
+    assert [verb for verb, _path in fake_tpu.requests] == ["GET"]  # looked, touched nothing
+    assert fake_tpu.node_state("pod") == "PREEMPTED"
+
+
+@pytest.mark.slow
+def test_of_two_babysitters_started_at_once_exactly_one_acts(fake_tpu, gcs, tmp_path):
+    """Two machines (two state directories) start a babysitter on the same run at the same
+    instant, 20 times: each time one babysits and the other exits naming it."""
+    for repetition in range(20):
+        run_id = f"shared-{repetition}"
+        # The run's node, not READY for now: the babysitter that wins waits on it.
+        fake_tpu.add_node(
+            f"pod-{repetition}", "v4-16", project="test-project", zone="us-central1-a",
+            state="REPAIRING", labels=our_labels(run_id),
+        )  # fmt: skip
+        sitters = []
+        for machine in ("a", "b"):
+            (tmp_path / f"{machine}-{repetition}").mkdir()
+            cli = Cli(tmp_path / f"{machine}-{repetition}")
+            cloud_env(cli, gcs.url)
+            node, run_dir = f"pod-{repetition}", tmp_path / run_id
+            sitters.append(
+                (cli, babysit_args(cli, node, run_id, run_dir, "--not-ready-grace", "1h"))
+            )
+        procs = [cli.start(*args) for cli, args in sitters]
+        wait_for(lambda ps=procs: any(p.poll() is not None for p in ps), "one to refuse")
+        refused = [p for p in procs if p.poll() is not None]
+        assert len(refused) == 1, [output(p) for p in procs]
+        (acting,) = [p for p in procs if p not in refused]
+        holder = f"pid {acting.pid} on "
+        assert refused[0].returncode == 1
+        assert f"error: run {run_id} is already babysat by {holder}" in output(refused[0])
+        acting.send_signal(signal.SIGINT)
+        acting.wait(timeout=60)
+        assert f"babysitting run {run_id} on pod-{repetition}" in output(acting)
+
+
+def sitter_in_process(tmp_path, *extra: str, **options):
+    """A Babysitter in this process, with the settings `tpuctl` would load."""
+    from tpuctl import config
+    from tpuctl.babysit import BabysitOptions, Babysitter
+
+    settings = config.load()
+    for key, value in (extra[i : i + 2] for i in range(0, len(extra), 2)):
+        settings.values[key] = value
+    babysit = BabysitOptions("v4-16", "pod", TINY, run_id="obs", user="me", **options)
+    return Babysitter(settings, babysit)
+
+
+def test_a_babysitter_whose_lease_was_taken_over_stops_acting_and_says_by_whom(
+    fake_tpu, gcs, tmp_path, monkeypatch
+):
+    from tpuctl.babysit import StopBabysitting
+    from tpuctl.lease import GcsLease
+
+    monkeypatch.setenv("TPUCTL_BUCKET", "test-bucket")
+    sitter = sitter_in_process(tmp_path)
+    sitter.claim()
+    # Another machine decided the lease had expired (its clock is an hour ahead).
+    usurper = GcsLease(sitter.lease.uri, sitter.lease_ttl_s, now=lambda: time.time() + 3600)
+    usurper.claim("run obs")
+    assert not sitter.lease.heartbeat()
+    with pytest.raises(StopBabysitting, match=f"taken over by {re.escape(usurper.holder)}"):
+        sitter.cycle()
+    assert fake_tpu.requests == []  # it stopped before looking, let alone acting
+    sitter.lock.release()
+
+
+def test_http_429_from_the_tpu_api_is_waited_out_not_fatal(fake_tpu, tmp_path):
+    from tpuctl.babysit_policy import Wait, decide
+
+    sitter = sitter_in_process(tmp_path)
+    fake_tpu.fail_next(8, status=429)  # the quota of reads exhausted for a while
+    for _ in range(2):  # each look retries nothing: 429 is the API's "not now"
+        observation = sitter.observe()
+        assert observation.api_error is not None and "429" in observation.api_error
+        assert isinstance(decide(sitter.state, observation, sitter.options), Wait)
+
+
+def test_gcs_read_errors_on_metrics_and_done_are_waited_out(fake_tpu, tmp_path, monkeypatch):
+    from tpuctl.babysit import MetricsTail
+    from tpuctl.providers.local import free_port
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")  # nobody
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    sitter = sitter_in_process(tmp_path)
+    sitter.state.run_dir = "gs://test-bucket/runs/obs"
+    sitter.metrics = MetricsTail(sitter.state.run_dir)
+    observation = sitter.observe()
+    assert observation.storage_error is not None
+    assert observation.storage_error.startswith("cannot read gs://test-bucket/runs/obs: ")
+
+
+def test_the_node_is_looked_for_where_it_lives_first_its_remembered_zone(fake_tpu, tmp_path):
+    fake_tpu.add_node(
+        "pod", "v4-16", project="test-project", zone="us-east1-d", labels=our_labels("obs")
+    )
+    sitter = sitter_in_process(tmp_path, "accelerators.v4-16.zones", ["us-east1-d"])
+    observation = sitter.observe()  # nothing remembered: the plan's zones, in order
+    assert observation.node is not None and observation.node.zone == "us-east1-d"
+    sitter.state.zone, sitter.state.project = "us-east1-d", "test-project"
+    fake_tpu.requests.clear()
+    assert sitter.observe().node.zone == "us-east1-d"
+    assert {path for _verb, path in fake_tpu.requests} == {
+        "/v2/projects/test-project/locations/us-east1-d/nodes/pod"
+    }
+
+
+# -- on a shared project: the fake API whose nodes are the sshd hosts ---------------------
+
+
+@pytest.mark.pod
+def test_a_key_the_node_refuses_stops_babysitting_and_deletes_nothing(
+    cloud_cli, fake_tpu, ssh_pod2, tmp_path
+):
+    """A babysitter carrying on from another machine whose key the node does not accept
+    (the README's "READY with workers SSH cannot reach" must never mean a deletion)."""
+    from tpuctl import storage
+    from tpuctl.babysit_policy import BabysitState
+    from tpuctl.testing.sshpod import make_keypair
+
+    cli = cloud_cli
+    (tmp_path / "new-machine").mkdir()
+    wrong_key, _public = make_keypair(tmp_path / "new-machine")
+    cli.env["TPUCTL_SSH_KEY"] = wrong_key
+    fake_tpu.add_node(
+        "pod", "v4-16", project="test-project", zone="us-central1-a",
+        worker_ips=ssh_pod2.hosts[:2], labels=our_labels("elsewhere"),
+    )  # fmt: skip
+    saved = BabysitState("elsewhere", "pod", "v4-16", launches=1, run_dir=str(tmp_path / "run"))
+    env = {k: cli.env[k] for k in ("STORAGE_EMULATOR_HOST",)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STORAGE_EMULATOR_HOST", env["STORAGE_EMULATOR_HOST"])
+        storage.upload_text("gs://test-bucket/tpuctl/runs/elsewhere/babysit.json", saved.to_json())
+    args = babysit_args(cli, "pod", "elsewhere", tmp_path / "run", "--not-ready-grace", "1s")
+    result = cli(*args, timeout=180)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "carrying on from saved state: 1 launch(es)" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "error: stopped babysitting run elsewhere: cannot log in to pod, which the TPU API says "
+        "is READY: w00: unreachable: authentication failed: no key accepted for user 'root' "
+        f"(tried {wrong_key})"
+    ), last
+    assert "Nothing was deleted" in last and "ssh.key PATH" in last
+    assert api_requests(fake_tpu, "DELETE") == api_requests(fake_tpu, "POST") == 0
+    assert fake_tpu.node_state("pod") == "READY"
+
+
+@pytest.mark.pod
+@pytest.mark.slow
+def test_after_a_stockout_the_node_in_the_fallback_zone_is_the_only_one_and_runs_once(
+    cloud_cli, fake_tpu, shared_dir
+):
+    cli, run_dir = cloud_cli, shared_dir / "run"
+    config = cli.root / "config" / "tpuctl" / "config.yaml"
+    config.write_text(config.read_text() + "accelerators:\n  v4-16:\n    zones: [us-east1-d]\n")
+    fake_tpu.fail_queued(1)  # no capacity in us-central1-a: the queued resource ends FAILED
+    run_id = "llama-3.1-fallback"  # dots: not a valid label value as it is
+    proc = cli.start(*babysit_args(cli, "pod", run_id, run_dir, overrides=("train.steps=6",)))
+    nodes_seen = set()
+
+    def finished() -> bool:
+        nodes_seen.add(len(fake_tpu.nodes))
+        return proc.poll() is not None
+
+    wait_for(finished, "the run to finish")
+    out = output(proc)
+    assert proc.returncode == 0, out
+    assert f"run {run_id} finished: step 6" in out
+    assert "restarts: 0 preemption(s), 0 failure(s), 1 launch(es)" in out
+    assert nodes_seen <= {0, 1}  # never two nodes at once
+    assert list(fake_tpu.nodes) == ["projects/test-project/locations/us-east1-d/nodes/pod"]
+    assert cli.state(run_id)["zone"] == "us-east1-d"
+    assert fake_tpu.node("pod")["labels"] == our_labels(run_id)  # tpuctl-run: llama-3-1-fallback
+    assert "stockout in us-central1-a (attempt 1): queued resource pod ended FAILED" in out

@@ -179,12 +179,15 @@ def test_queued_resource_states_are_shown_until_ready(run_tpuctl, fake_tpu):
     assert fake_tpu.queued_resource_state("q") is None
 
 
-def test_failed_queued_resource_is_deleted(run_tpuctl, fake_tpu):
+def test_a_queued_resource_failed_for_capacity_is_deleted_and_retried_as_a_stockout(
+    run_tpuctl, fake_tpu
+):
     fake_tpu.fail_queued(1)
     result = run_tpuctl("up", "v4-32", "--name", "q")
-    assert result.code == 1
-    assert "ended FAILED" in result.err.strip().splitlines()[-1]
-    assert fake_tpu.queued_resource_state("q") is None
+    assert result.code == 0, result.err
+    assert "stockout in us-central1-a (attempt 1): queued resource q ended FAILED" in result.err
+    assert "deleting queued resource q" in result.err  # the failed one holds no quota
+    assert fake_tpu.queued_resource_state("q") == "ACTIVE"  # the second one
 
 
 def test_queued_resource_quota_error_is_one_line(run_tpuctl, fake_tpu):
@@ -249,10 +252,28 @@ def test_down_asks_first_and_keeps_the_node_on_no(run_tpuctl, fake_tpu):
     assert fake_tpu.node_state("n") is None
 
 
+def mine() -> dict[str, str]:
+    """The labels `tpuctl up` puts on this user's nodes."""
+    from tpuctl.config import local_user
+    from tpuctl.ownership import ownership_labels
+
+    return ownership_labels(local_user())
+
+
+def test_a_label_the_api_refuses_is_a_one_line_error(run_tpuctl, fake_tpu):
+    result = run_tpuctl("up", "v3-8", "--name", "n", "--label", "Team=NLP")
+    assert result.code == 2
+    assert (
+        result.err.strip()
+        .splitlines()[-1]
+        .startswith('error: the TPU API refused the request: Invalid value for field "labels"')
+    )
+
+
 def test_down_yes_deletes_and_waits(run_tpuctl, fake_tpu):
-    fake_tpu.add_node("n", "v3-8", project="test-project", zone="us-central1-a")
+    fake_tpu.add_node("n", "v3-8", project="test-project", zone="us-central1-a", labels=mine())
     fake_tpu.delete_delay = 0.2
-    result = run_tpuctl("down", "--yes")  # the only node in the zone
+    result = run_tpuctl("down", "--yes")  # the only node of this user in the zone
     assert result.code == 0, result.err
     assert "DELETING" in result.err
     assert fake_tpu.node_state("n") is None  # gone by the time down returns
@@ -264,13 +285,37 @@ def test_down_of_a_missing_node_is_not_an_error(run_tpuctl, fake_tpu):
     assert "does not exist" in result.err
 
 
-def test_down_without_name_among_several_nodes_names_them(run_tpuctl, fake_tpu):
+def test_down_without_name_never_picks_a_colleagues_node(run_tpuctl, fake_tpu):
+    zone = {"project": "test-project", "zone": "us-central1-a"}
+    fake_tpu.add_node("bob-v3-8", "v3-8", **zone, labels={"tpuctl-user": "bob"})
+    result = run_tpuctl("down", "--yes")  # the only node in the zone, but bob's
+    assert result.code == 2
+    assert result.err.strip() == (
+        "error: 1 node(s) in zone us-central1-a of project test-project and none of them was "
+        "created by you: bob-v3-8 (labels tpuctl-user=bob); name the one to delete: "
+        "`tpuctl down NAME`"
+    )
+    fake_tpu.add_node("gcloud-made", "v3-8", **zone)
+    fake_tpu.add_node("a", "v3-8", **zone, labels=mine())
+    result = run_tpuctl("down", "--yes")  # the one node that is this user's
+    assert result.code == 0, result.err
+    states = [fake_tpu.node_state(n) for n in ("a", "bob-v3-8", "gcloud-made")]
+    assert states == [None, "READY", "READY"]
+
+
+def test_down_without_name_among_several_of_yours_names_them(run_tpuctl, fake_tpu):
     for name in ("a", "b"):
-        fake_tpu.add_node(name, "v3-8", project="test-project", zone="us-central1-a")
+        fake_tpu.add_node(name, "v3-8", project="test-project", zone="us-central1-a", labels=mine())
     result = run_tpuctl("down", "--yes")
     assert result.code == 2
-    assert "(a, b); pick one with --name NAME or `tpuctl config set node NAME`" in result.err
+    assert "several are yours: a (yours), b (yours); name the one to delete" in result.err
     assert fake_tpu.node_state("a") == fake_tpu.node_state("b") == "READY"
+
+
+def test_up_labels_the_node_with_its_creator(run_tpuctl, fake_tpu):
+    result = run_tpuctl("up", "v3-8", "--name", "n", "--label", "team=nlp")
+    assert result.code == 0, result.err
+    assert fake_tpu.node("n")["labels"] == {"team": "nlp", **mine()}
 
 
 # -- list / status ----------------------------------------------------------------------

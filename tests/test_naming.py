@@ -3,7 +3,7 @@
 import pytest
 
 from tpuctl.errors import TpuctlError
-from tpuctl.naming import default_node_name, validate_node_name
+from tpuctl.naming import default_node_name, validate_node_name, validate_run_id
 
 
 def test_default_name_is_user_dash_type():
@@ -22,3 +22,14 @@ def test_long_user_names_are_cut_to_63_characters():
 def test_invalid_names_are_refused_with_the_rule(name):
     with pytest.raises(TpuctlError, match="node name"):
         validate_node_name(name)
+
+
+@pytest.mark.parametrize("run_id", ["llama-3.1-8b-20261123-141502", "tiny_2", "A.b-c", "x"])
+def test_run_ids_that_are_one_safe_path_segment_pass(run_id):
+    assert validate_run_id(run_id) == run_id
+
+
+@pytest.mark.parametrize("run_id", ["../../x", "a/b", ".hidden", "", "a b", "run;rm"])
+def test_other_run_ids_are_refused_naming_the_flag_and_the_rule(run_id):
+    with pytest.raises(TpuctlError, match=r"^--run-id .* is not a run id: use letters, digits"):
+        validate_run_id(run_id)

@@ -1,23 +1,18 @@
 """`tpuctl babysit`: keep one run alive through preemptions, crashes and stockouts until
 its DONE marker exists.
 
-One observe-act cycle every `poll_s` seconds, as plain code:
+Each cycle has three parts a reader can see at once:
 
-- observe the node through the provider, the job on each worker through `tpuctl.jobs`,
-  and progress through the run's `metrics.jsonl` and `DONE`;
-- node missing, PREEMPTED/TERMINATED, or not READY beyond a grace period: a preemption.
-  Delete it explicitly (with its queued resource), recreate it (stockouts retried with
-  the same backoff and fallback zones as `up`), relaunch the same run id, which resumes
-  from its newest checkpoint;
-- node READY but the job exited on some worker without DONE, or no step progress
-  within `hang_timeout_s`: a failure. Stop the job everywhere (SIGTERM, wait, SIGKILL,
-  then clear lockfiles: `jobs.kill`), record the exit code and last log lines, relaunch;
-- the TPU API failing: wait and look again. An outage never deletes a node or launches.
+- `observe()`: the node as the TPU API sees it (in the zone where it actually lives,
+  with its labels), each worker's job, the run's newest step and DONE, and the time;
+- `tpuctl.babysit_policy.decide`: a pure function from the state and that observation
+  to one action (wait, replace the node, launch, relaunch, finish, give up);
+- `act(action)`: the only place with side effects (the provider, SSH, GCS, state files).
 
-Preemptions and failures have separate budgets. The babysitter's state (restarts,
-causes, timings) lives in a JSON file per run under `state_dir()/babysit/`, and for
-Cloud TPU nodes also next to the run's recipe in GCS, so that a babysitter started
-elsewhere carries on. A lock (and, in GCS, a lease with a heartbeat) keeps a second
+The babysitter's state (restarts, causes, timings, the node's zone) lives in a JSON file
+per run under `state_dir()/babysit/`, and for Cloud TPU nodes also next to the run's
+recipe in GCS, so that a babysitter started elsewhere carries on. A lock on this machine
+and a lease in GCS (generation preconditions, its own heartbeat thread) keep a second
 babysitter off the same run.
 """
 
@@ -31,23 +26,41 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tpuctl import jobs
+from tpuctl.babysit_policy import (
+    Action,
+    Adopt,
+    BabysitOptions,
+    BabysitState,
+    Event,
+    Finish,
+    GiveUp,
+    Launch,
+    Observation,
+    Progress,
+    Relaunch,
+    ReplaceNode,
+    Wait,
+    decide,
+    note,
+)
 from tpuctl.config import private_dir, private_opener, write_private
 from tpuctl.errors import TpuctlError
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
     from tpuctl.fanout import Host
+    from tpuctl.lease import GcsLease
+    from tpuctl.planning import NodePlan
     from tpuctl.providers.base import Node, Provider
 
-# Node states that mean the node is gone for good: replace it at once.
-LOST_STATES = frozenset({"PREEMPTED", "TERMINATED", "STOPPED", "HIDDEN"})
-MAX_EVENTS = 100  # events kept in the state file; counts are kept separately
+__all__ = ["BabysitOptions", "BabysitState", "Babysitter", "Event", "LogFile", "last_run"]
+
 LOG_LINES = 20  # lines of a failed worker's log kept with its event
 LEASE_FILE = "babysit.lease"
 STATE_FILE = "babysit.json"
@@ -55,83 +68,9 @@ STATE_FILE = "babysit.json"
 STORAGE_ENV = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")
 
 
-@dataclass(frozen=True)
-class BabysitOptions:
-    """What the user asked `tpuctl babysit` for."""
-
-    accelerator_type: str
-    node: str
-    recipe: str  # local path or gs:// URI (the first launch; relaunches use the stored copy)
-    overrides: list[str] = field(default_factory=list)
-    env: Mapping[str, str] = field(default_factory=dict)  # secrets: never persisted or logged
-    run_id: str | None = None
-    scheduling: str = "on-demand"  # on-demand | spot | preemptible
-    max_preemptions: int | None = None  # None: unbounded
-    max_failures: int = 3
-    max_restarts: int | None = None  # preemptions and failures together
-    poll_s: float = 30.0
-    not_ready_grace_s: float = 300.0  # a node neither READY nor lost for this long is lost
-    hang_timeout_s: float = 1800.0  # no new step for this long after launch or progress
-    stop_grace_s: float = jobs.DEFAULT_GRACE_S
-    retry_for_s: float = 24 * 3600.0  # stockout retries while recreating
-    delete_when_done: bool = False
-
-
-@dataclass
-class Event:
-    """One restart: why, when, at which step, and what it cost."""
-
-    kind: str  # preemption | failure | hang
-    cause: str
-    at: float  # epoch seconds of detection
-    step: int | None  # newest logged step at detection
-    recreate_s: float | None = None  # the provider's delete + create (preemptions)
-    relaunched_s: float | None = None  # detection -> job launched again
-    resumed_s: float | None = None  # detection -> first new step logged
-    steps_lost: int | None = None  # steps trained again after the restart
-    worker: str | None = None  # failures: the worker that failed first
-    exit_code: int | None = None
-    log_tail: list[str] = field(default_factory=list)
-
-
-@dataclass
-class BabysitState:
-    """Everything a babysitter needs to carry on where another one stopped."""
-
-    run_id: str
-    node: str
-    accelerator_type: str
-    recipe_uri: str | None = None  # the stored recipe, once launched
-    run_dir: str | None = None
-    preemptions: int = 0
-    failures: int = 0
-    launches: int = 0
-    pending_launch: bool = False  # a (re)created node still needs the job
-    finished: bool = False
-    final_step: int | None = None
-    final_loss: float | None = None
-    started_at: float = field(default_factory=time.time)
-    updated_at: float = field(default_factory=time.time)
-    events: list[Event] = field(default_factory=list)
-
-    @property
-    def restarts(self) -> int:
-        return self.preemptions + self.failures
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> BabysitState:
-        data = json.loads(text)
-        events = [Event(**e) for e in data.pop("events", [])]
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known}, events=events)
-
-
 @dataclass
 class View:
-    """What the live display shows; refreshed every cycle."""
+    """What the live display shows: a snapshot made from the latest observation and action."""
 
     node_state: str = "?"
     workers: list[jobs.WorkerJob] = field(default_factory=list)
@@ -154,9 +93,10 @@ class MetricsTail:
         self.offset = 0
         self.last_step: int | None = None
         self.last_loss: float | None = None
-        self.cache_progress = False  # a data-cache build record came in: progress, no step
+        self.cache_progress = False  # the last poll read a data-cache build record
 
     def poll(self) -> list[dict[str, Any]]:
+        self.cache_progress = False
         data = self._read_from(self.offset)
         if data is None:
             return []
@@ -269,17 +209,13 @@ def live_babysitter(run_id: str) -> str | None:
     return f"pid {words[1]}"
 
 
-class Lease:
-    """One babysitter per run: an exclusive lock on this machine, and for runs whose
-    files are in GCS a lease object there that another machine's babysitter respects
-    while its heartbeat is fresh."""
+class LocalLock:
+    """One babysitter per run on this machine: an exclusive lock file, which names its holder."""
 
-    def __init__(self, run_id: str, ttl_s: float):
+    def __init__(self, run_id: str):
         self.run_id = run_id
-        self.ttl_s = ttl_s
         self.holder = f"pid {os.getpid()} on {socket.gethostname()}"
         self._file: Any = None
-        self.remote: str | None = None
 
     def acquire(self) -> None:
         private_dir(local_dir())
@@ -306,37 +242,7 @@ class Lease:
     def holding(self) -> bool:
         return self._file is not None
 
-    def claim_remote(self, remote: str | None) -> None:
-        """Take (or refresh) the GCS lease; refuse if another babysitter holds a fresh one."""
-        from tpuctl import storage
-
-        if remote is None:
-            return
-        text = storage.read_text(remote)
-        if text and self.remote is None:
-            lease = json.loads(text)
-            fresh = time.time() - lease.get("heartbeat", 0) < self.ttl_s
-            if fresh and lease.get("holder") != self.holder and not lease.get("released"):
-                raise TpuctlError(
-                    f"run {self.run_id} is already babysat by {lease.get('holder')} (lease "
-                    f"{remote}, heartbeat {time.time() - lease['heartbeat']:.0f} s ago); stop "
-                    f"it, or wait {self.ttl_s:.0f} s after it died",
-                    exit_code=1,
-                )
-        self.remote = remote
-        self.heartbeat()
-
-    def heartbeat(self, released: bool = False) -> None:
-        from tpuctl import storage
-
-        if self.remote:
-            record = {"holder": self.holder, "heartbeat": time.time(), "released": released}
-            storage.upload_text(self.remote, json.dumps(record))
-
     def release(self) -> None:
-        if self.remote:
-            with contextlib.suppress(TpuctlError, OSError):
-                self.heartbeat(released=True)
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -345,12 +251,12 @@ class Lease:
 # -- the babysitter --------------------------------------------------------------------
 
 
-class GiveUp(TpuctlError):
-    """A reason to stop babysitting at once rather than retry on the next cycle."""
+class StopBabysitting(TpuctlError):
+    """Babysitting stops with a report (a budget spent, a node that is not ours, ...)."""
 
 
-class BudgetExhausted(GiveUp):
-    """Too many preemptions or failures: babysitting stops with a report."""
+class BudgetExhausted(StopBabysitting):
+    """Too many preemptions or failures."""
 
 
 class Babysitter:
@@ -361,74 +267,93 @@ class Babysitter:
         settings: Settings,
         options: BabysitOptions,
         log: Callable[[str], None] = lambda _line: None,
-        on_update: Callable[[Babysitter], None] = lambda _b: None,
+        on_update: Callable[[BabysitState, View], None] = lambda _state, _view: None,
+        clock: Callable[[], float] = time.time,
     ):
+        from tpuctl.planning import plan_node
         from tpuctl.providers import provider_for
 
         self.settings = settings
         self.options = options
-        self.provider: Provider = provider_for(settings)
         self.log = log
         self.on_update = on_update
-        self.view = View()
+        self.clock = clock
         self.run_id = options.run_id or self._new_run_id()
-        self.lease = Lease(self.run_id, ttl_s=max(120.0, 4 * options.poll_s))
-        self.state = BabysitState(self.run_id, options.node, options.accelerator_type)
-        self._check_scheduling()
+        # Where the node goes (zone, project, fallback zones, labels): as `up` plans it.
+        self.plan: NodePlan = plan_node(
+            settings,
+            options.accelerator_type,
+            name=options.node,
+            run_id=self.run_id,
+            scheduling=options.scheduling,
+            retry_for=options.retry_for_s,
+        )
+        self.provider: Provider = provider_for(settings)
+        self.lock = LocalLock(self.run_id)
         self.remote_dir = remote_dir(settings, self.run_id)
+        self.lease: GcsLease | None = None
+        self.state = BabysitState(
+            self.run_id, options.node, options.accelerator_type, started_at=clock()
+        )
+        self.view = View()
         self.metrics: MetricsTail | None = None
-        self._not_ready_since: float | None = None
-        self._unreachable_since: float | None = None
-        self._progress_at = time.monotonic()
-        self._api_down = False
         self._action_errors = 0
+        self._last_note: str | None = None
+        self._api_down = False
         self._user_storage_env = {name: os.environ.get(name) for name in STORAGE_ENV}
         # --env, then every env value of the first launch: stored recipes keep names only.
         self._run_env = dict(options.env)
-
-    def _check_scheduling(self) -> None:
-        from tpuctl import catalog
-
-        accelerator = catalog.parse(self.options.accelerator_type)
-        cloud = self.settings.get("provider", "cloud") == "cloud"
-        if cloud and self.options.scheduling == "preemptible" and accelerator.needs_queued():
-            raise TpuctlError(
-                f"--preemptible does not work for {accelerator.name}, which comes through "
-                "queued resources; use --spot"
-            )
 
     def _new_run_id(self) -> str:
         from tpuctl.jobs.runs import load_recipe
 
         return jobs.new_run_id(load_recipe(self.options.recipe, self.options.overrides).run_id)
 
+    @property
+    def lease_ttl_s(self) -> float:
+        return max(120.0, 4 * self.options.poll_s)
+
     # -- the loop ---------------------------------------------------------------------
 
     def claim(self) -> None:
-        """Take the run's lock, or raise a TpuctlError naming the babysitter that holds it."""
-        if self.lease.holding:
-            return
-        self.lease.acquire()
+        """Take the run's lock here and its lease in GCS, or raise a TpuctlError naming
+        the babysitter that holds them."""
+        from tpuctl.lease import GcsLease
+
+        if not self.lock.holding:
+            self.lock.acquire()
+        if self.remote_dir and self.lease is None:
+            lease = GcsLease(f"{self.remote_dir}/{LEASE_FILE}", self.lease_ttl_s)
+            try:
+                lease.claim(f"run {self.run_id}")
+            except BaseException:
+                self.lock.release()
+                raise
+            self.lease = lease
 
     def run(self) -> BabysitState:
-        """Babysit until DONE; raises BudgetExhausted (or another TpuctlError) to give up."""
+        """Babysit until DONE; raises StopBabysitting (or another TpuctlError) to give up."""
+        from tpuctl.lease import Heartbeat
+
         self.claim()
+        heartbeat = Heartbeat(self.lease, self.lease_ttl_s / 4) if self.lease else None
         try:
-            if self.remote_dir:
-                self.lease.claim_remote(f"{self.remote_dir}/{LEASE_FILE}")
-            saved = load_state(self.run_id, self.remote_dir)
-            if saved is not None:
-                self.state = saved
-                self.log(f"carrying on from saved state: {self._summary()}")
-            self._start_metrics()
-            while not self.cycle():
-                self._save()  # also the lease's heartbeat, through API outages too
-                self.on_update(self)
-                time.sleep(self.options.poll_s)
-            self.on_update(self)
-            return self.state
+            with heartbeat or contextlib.nullcontext():
+                saved = load_state(self.run_id, self.remote_dir)
+                if saved is not None:
+                    self.state = saved
+                    self.log(f"carrying on from saved state: {self._summary()}")
+                self._start_metrics()
+                while not self.cycle():
+                    self._save()
+                    self.on_update(self.state, self.view)
+                    time.sleep(self.options.poll_s)
+                self.on_update(self.state, self.view)
+                return self.state
         finally:
-            self.lease.release()
+            if self.lease is not None:
+                self.lease.release()
+            self.lock.release()
 
     def cycle(self) -> bool:
         """One observation and the action it calls for; True once the run is finished.
@@ -436,8 +361,17 @@ class Babysitter:
         An action that fails (a launch refused, a worker unreachable while stopping the
         job) is retried on the next cycle, up to --max-failures times in a row."""
         try:
-            finished = self._cycle()
-        except GiveUp:
+            while True:  # a fresh node is looked at again at once, not a poll later
+                self._check_lease()
+                observation = self.observe()
+                self.state, lines = note(self.state, observation)
+                for line in lines:
+                    self.log(line)
+                action = decide(self.state, observation, self.options)
+                self._render(observation, action)
+                if not self.act(action):
+                    break
+        except StopBabysitting:
             raise
         except Exception as err:  # a babysitter that runs for days must not die of one
             self._action_errors += 1
@@ -454,149 +388,166 @@ class Babysitter:
             self._save()  # an interrupted relaunch stays pending: the next cycle redoes it
             return False
         self._action_errors = 0
-        return finished
+        return self.state.finished
 
-    def _cycle(self) -> bool:
-        self._observe_progress()
-        if self._finished():
-            return True
-        node = self._get_node()
-        if self._api_down:
-            return False
-        if node is None or node.state in LOST_STATES or self._not_ready_too_long(node):
-            self._replace_node(node)
-            return False
-        if node.accelerator_type != self.options.accelerator_type:
-            raise GiveUp(
-                f"node {node.name} is a {node.accelerator_type}, not a "
-                f"{self.options.accelerator_type}; babysit another --name or `tpuctl down` it",
+    def _check_lease(self) -> None:
+        """A babysitter that lost its lease stops acting at once, and says so."""
+        if self.lease is not None and self.lease.lost:
+            raise StopBabysitting(
+                f"stopped babysitting run {self.run_id}: {self.lease.lost}; that babysitter "
+                "acts on the run now",
                 exit_code=1,
             )
-        if not node.ready:
-            self.view.activity = f"waiting for {node.name} ({node.state})"
-            return False
-        self._tend_job(node)
-        return False
 
-    # -- observations -----------------------------------------------------------------
+    def _progress(self, line: str) -> None:
+        """Progress of a long action (stockout retries, worker preparation): logged, and
+        the action stops if the lease was lost meanwhile."""
+        self.log(line)
+        self._check_lease()
 
-    def _get_node(self) -> Node | None:
+    # -- observe ----------------------------------------------------------------------
+
+    def observe(self) -> Observation:
+        """Look at everything a decision needs; reads only, changes nothing."""
+        now = self.clock()
+        progress, storage_error = self._read_progress()
+        node, api_error = self._look_up_node()
+        workers: tuple[jobs.WorkerJob, ...] = ()
+        if node is not None and node.ready:
+            workers = tuple(jobs.status(self._hosts(node), self.run_id))
+            if any(w.state != "running" for w in workers):
+                # A preemption kills the jobs before the API says so: look at the node again
+                # before calling a job that ended on a READY node a failure.
+                node, api_error = self._look_up_node()
+        return Observation(
+            now=now,
+            node=node,
+            api_error=api_error,
+            workers=workers,
+            progress=progress,
+            storage_error=storage_error,
+        )
+
+    def _read_progress(self) -> tuple[Progress, str | None]:
+        """New metrics records and DONE; a GCS read error is a reason to look again."""
         try:
-            node = self.provider.get(self.options.node)
-        except TpuctlError as err:  # the API is failing: never a reason to act
-            if not self._api_down:
-                self.log(f"TPU API unavailable, waiting: {err}")
-            self._api_down = True
-            self.view.node_state = "API unavailable"
-            self.view.activity = "waiting for the TPU API"
-            return None
-        if self._api_down:
-            self.log("TPU API answering again")
-        self._api_down = False
-        self.view.node_state = node.state if node else "missing"
-        return node
-
-    def _not_ready_too_long(self, node: Node) -> bool:
-        if node.ready:
-            self._not_ready_since = None
-            return False
-        now = time.monotonic()
-        if self._not_ready_since is None:
-            self._not_ready_since = now
-        return now - self._not_ready_since > self.options.not_ready_grace_s
-
-    def _start_metrics(self) -> None:
-        if self.state.run_dir and self.metrics is None:
-            self.metrics = MetricsTail(self.state.run_dir)
-
-    def _observe_progress(self) -> None:
-        if self.metrics is None:
-            return
-        records = self.metrics.poll()
-        if self.metrics.cache_progress:  # the trainer is still building its token cache
-            self.metrics.cache_progress = False
-            self._progress_at = time.monotonic()
+            records = self.metrics.poll() if self.metrics is not None else []
+            done = read_done(self.state.run_dir) if self.state.run_dir else None
+        except Exception as err:  # GCS trouble (503, timeouts, a dropped connection)
+            return Progress(), f"cannot read {self.state.run_dir}: {type(err).__name__}: {err}"
+        building = self.metrics is not None and self.metrics.cache_progress
         if not records:
-            return
-        self._progress_at = time.monotonic()
-        self.view.step, self.view.loss = self.metrics.last_step, self.metrics.last_loss
-        pending = [e for e in self.state.events if e.resumed_s is None and e.relaunched_s]
-        for event in pending:  # the first steps after a restart: what it cost
-            event.resumed_s = time.time() - event.at
-            if event.step is not None:
-                event.steps_lost = max(0, event.step - (records[0]["step"] - 1))
-            self.log(
-                f"training again at step {records[0]['step']}: {event.resumed_s:.1f} s after "
-                f"the {event.kind}, {event.steps_lost} step(s) lost"
-            )
+            return Progress(done=done, building_cache=building), None
+        last = records[-1]
+        first = records[0]["step"]
+        return Progress(first, last["step"], last.get("loss"), done, building), None
 
-    def _finished(self) -> bool:
-        if not self.state.run_dir:
-            return False
-        done = read_done(self.state.run_dir)
-        if done is None:
-            return False
-        self.state.finished = True
-        self.state.final_step = done.get("step")
-        self.state.final_loss = (done.get("final") or {}).get("loss")
-        self.view.activity = "finished"
-        self.log(f"run {self.run_id} finished at step {self.state.final_step}: {self._summary()}")
-        self._save()
-        if self.options.delete_when_done:
-            self.provider.delete(self.options.node, self.log)
-        return True
+    def _look_up_node(self) -> tuple[Node | None, str | None]:
+        """The node where it lives: the zone remembered in the state, else the plan's zones
+        in order (a node made earlier may sit in a fallback zone). The TPU API failing (a
+        500, a 429, a timeout) is an error to wait out, never a missing node."""
+        from google.api_core.exceptions import GoogleAPICallError, RetryError
 
-    # -- actions ----------------------------------------------------------------------
+        try:
+            if not self.provider.capabilities.zones:
+                return self.provider.get(self.options.node), None
+            if self.state.zone:
+                return self._provider_at(self.state.zone, self.state.project).get(
+                    self.options.node
+                ), None
+            for zone in self.plan.zones:
+                node = self._provider_at(zone, self.plan.spec.project).get(self.options.node)
+                if node is not None:
+                    return node, None
+            return None, None
+        except (TpuctlError, GoogleAPICallError, RetryError) as err:
+            return None, str(err)
 
-    def _tend_job(self, node: Node) -> None:
+    def _provider_at(self, zone: str | None, project: str | None) -> Any:
+        if not self.provider.capabilities.zones or not zone:
+            return self.provider
+        return self.provider.at(zone, project)
+
+    def _hosts(self, node: Node) -> list[Host]:
         from tpuctl.hosts import hosts_for
 
-        hosts = hosts_for(self.settings, node)
-        if self.state.launches == 0 and self._adopt(node, hosts):
-            return
-        if self.state.pending_launch or self.state.launches == 0:
-            if self.state.launches:  # whatever is left of the previous attempt goes first
-                self._stop_job(hosts)
-            self._launch(node, hosts)
-            return
-        workers = jobs.status(hosts, self.run_id)
-        self.view.workers = workers
-        unreachable = [w.label for w in workers if w.state == "unreachable"]
-        if unreachable:
-            self._unreachable_since = self._unreachable_since or time.monotonic()
-            if time.monotonic() - self._unreachable_since > self.options.not_ready_grace_s:
-                self._replace_node(node, f"READY but {', '.join(unreachable)} unreachable")
-            else:
-                self.view.activity = f"{', '.join(unreachable)} unreachable; looking again"
-            return
-        self._unreachable_since = None
-        ended = [w for w in workers if w.state != "running"]
-        if ended:
-            if self._finished_after_exit():
-                return
-            if len(ended) < len(workers) and all(w.exit_code == 0 for w in ended):
-                self.view.activity = "finishing"  # process 0 writes DONE last
-                return
-            current = self._get_node()
-            if current is None or not current.ready:  # taken away: the next cycle replaces it
-                return
-            self._fail_and_relaunch(node, hosts, "failure", self._exit_cause(ended), ended[0])
-            return
-        stalled = time.monotonic() - self._progress_at
-        if stalled > self.options.hang_timeout_s:
-            cause = f"no step progress for {stalled:.0f} s (hung collective or stranded worker)"
-            self._fail_and_relaunch(node, hosts, "hang", cause, None)
-            return
-        self.view.activity = "training"
+        return hosts_for(self.settings, node)
 
-    def _adopt(self, node: Node, hosts: list[Host]) -> bool:
-        """Watch the run instead of launching it when it already runs on every worker
-        (`tpuctl run` first, `tpuctl babysit` after)."""
-        if not all(w.state == "running" for w in jobs.status(hosts, self.run_id)):
+    # -- act --------------------------------------------------------------------------
+
+    def act(self, action: Action) -> bool:
+        """Carry out `action`; True when the node should be looked at again at once."""
+        if isinstance(action, Wait):
+            self.view.activity = action.activity
+            if action.note and action.note != self._last_note:
+                self.log(action.note)
+            self._last_note = action.note
             return False
+        self._last_note = None
+        if isinstance(action, ReplaceNode):
+            return self._replace_node(action)
+        if isinstance(action, Launch):
+            self._launch(action.stop_first)
+        elif isinstance(action, Adopt):
+            self._adopt()
+        elif isinstance(action, Relaunch):
+            self._relaunch(action.event)
+        elif isinstance(action, Finish):
+            self._finish(action)
+        elif isinstance(action, GiveUp):
+            self._give_up(action)
+        return False
+
+    def _replace_node(self, action: ReplaceNode) -> bool:
+        name = self.options.node
+        if action.event is not None:
+            self._record(action.event)
+        elif self.state.launches == 0 and action.node is None:
+            self.log(f"{name} does not exist yet: creating it")
+        self.state.pending_launch = self.state.launches > 0
+        self._save()
+        started = self.clock()
+        self.view.activity = f"deleting {name}"
+        self._delete_node(action.node)
+        self.view.activity = f"creating {name}"
+        node = self._create_node()
+        if action.event is not None:
+            self.state.events[-1].recreate_s = self.clock() - started
+        self.state.zone, self.state.project = node.zone, node.project
+        self.state.reset_timers(self.clock())
+        self._save()
+        return True
+
+    def _delete_node(self, node: Node | None) -> None:
+        """Delete the run's lost node and its queued resource; a node that vanished can
+        leave its queued resource behind, holding quota and blocking the new one."""
+        name = self.options.node
+        if node is not None:
+            self._provider_at(node.zone, node.project).delete(name, self._progress)
+        elif self.state.zone and self.provider.capabilities.queued_resources:
+            provider = self._provider_at(self.state.zone, self.state.project)
+            provider.delete_queued(provider.queued_path(name), self._progress)
+
+    def _create_node(self) -> Node:
+        """Create the node as `up` would (stockouts retried across the fallback zones);
+        returns it READY, wherever it came up."""
+        from tpuctl.hosts import remember
+        from tpuctl.planning import create_planned
+
+        plan = self.plan
+        provider = self._provider_at(plan.spec.zone, plan.spec.project)
+        node = create_planned(provider, plan, self._progress)
+        assert node is not None  # waited for: READY
+        if self.provider.capabilities.zones:
+            remember(self.settings, node)  # new VMs, new host keys: forget the old ones
+        return node
+
+    def _adopt(self) -> None:
+        """Watch the run instead of launching it: it already runs on every worker
+        (`tpuctl run` first, `tpuctl babysit` after)."""
         from tpuctl.jobs.runs import load_recipe
 
-        if node.provider == "local" and self.options.recipe.startswith("gs://"):
+        if self.settings.get("provider") == "local" and self.options.recipe.startswith("gs://"):
             from tpuctl.gcs_emulator import emulator_env
             from tpuctl.providers.local import gcs_emulator_url
 
@@ -605,36 +556,89 @@ class Babysitter:
         self.state.recipe_uri = self.options.recipe if "://" in self.options.recipe else None
         self.state.run_dir = recipe.run_dir
         self.state.launches = 1
-        self.log(f"run {self.run_id} already runs on every worker of {node.name}: watching it")
+        self.state.reset_timers(self.clock())
+        self.log(
+            f"run {self.run_id} already runs on every worker of {self.options.node}: watching it"
+        )
         self._start_metrics()
         self._save()
-        return True
 
-    def _finished_after_exit(self) -> bool:
-        self._observe_progress()
-        return self._finished()
-
-    @staticmethod
-    def _exit_cause(ended: list[jobs.WorkerJob]) -> str:
-        parts = []
-        for worker in ended:
-            code = "no exit status" if worker.exit_code is None else f"exit {worker.exit_code}"
-            parts.append(f"{worker.label} {worker.state} ({code})")
-        return "job ended without DONE: " + ", ".join(parts)
-
-    def _fail_and_relaunch(
-        self, node: Node, hosts: list[Host], kind: str, cause: str, worker: jobs.WorkerJob | None
-    ) -> None:
-        event = self._record(kind, cause)
-        if worker is not None:
-            event.worker, event.exit_code = worker.label, worker.exit_code
-            event.log_tail = self._log_tail([h for h in hosts if h.label == worker.label])
-        self.state.failures += 1
+    def _relaunch(self, event: Event) -> None:
+        node = self._current_node()
+        hosts = self._hosts(node)
+        if event.worker is not None:
+            event.log_tail = self._log_tail([h for h in hosts if h.label == event.worker])
+        self._record(event)
         self.state.pending_launch = True
         self._save()
-        self._stop_job(hosts)  # also before giving up: a hung job must not hold the TPU
-        self._check_budgets()
-        self._launch(node, hosts)
+        self._stop_job(hosts)
+        self._launch(stop_first=False, node=node, hosts=hosts)
+
+    def _launch(
+        self, stop_first: bool, node: Node | None = None, hosts: list[Host] | None = None
+    ) -> None:
+        from tpuctl.jobs.runs import RunRequest, start_run
+
+        node = node or self._current_node()
+        hosts = hosts or self._hosts(node)
+        if stop_first:  # whatever is left of the previous attempt goes first
+            self._stop_job(hosts)
+        self._restore_storage_env()
+        first = self.state.recipe_uri is None
+        recipe = self.options.recipe if first else str(self.state.recipe_uri)
+        overrides = self.options.overrides if first else []
+        self.view.activity = f"launching run {self.run_id} on {node.name}"
+        self.log(f"launching run {self.run_id} on {len(hosts)} worker(s) of {node.name}")
+        request = RunRequest(recipe, overrides, self._run_env, self.run_id, force=False)
+        started = start_run(self.settings, node, hosts, request, self._progress)
+        self._run_env = dict(started.env)
+        self.state.recipe_uri, self.state.run_dir = started.recipe_uri, started.run_dir
+        self.state.launches += 1
+        self.state.pending_launch = False
+        self.state.reset_timers(self.clock())
+        events = self.state.events
+        if events and events[-1].relaunched_s is None:
+            events[-1].relaunched_s = self.clock() - events[-1].at
+        self._start_metrics()
+        self._save()
+
+    def _current_node(self) -> Node:
+        """The node as it is now, for its workers' addresses."""
+        node, error = self._look_up_node()
+        if node is None:
+            raise TpuctlError(f"node {self.options.node} is gone ({error or 'missing'})", 1)
+        return node
+
+    def _finish(self, action: Finish) -> None:
+        done = action.done
+        self.state.finished = True
+        self.state.final_step = done.get("step")
+        self.state.final_loss = (done.get("final") or {}).get("loss")
+        self.view.activity = "finished"
+        self.log(f"run {self.run_id} finished at step {self.state.final_step}: {self._summary()}")
+        self._save()
+        if action.delete_node:
+            node = self._current_node()
+            self._provider_at(node.zone, node.project).delete(node.name, self.log)
+        elif self.options.delete_when_done:
+            self.log(f"not deleting {self.options.node}: it was not created for this run")
+
+    def _give_up(self, action: GiveUp) -> None:
+        event = action.event
+        if event is not None:
+            self._record(event)
+        self._save()
+        if action.stop_job:
+            with contextlib.suppress(TpuctlError):
+                self._stop_job(self._hosts(self._current_node()))
+        if not action.budget:
+            raise StopBabysitting(f"stopped babysitting run {self.run_id}: {action.reason}", 1)
+        last = f"; last: {event.cause}" if event and event.kind != "preemption" else ""
+        raise BudgetExhausted(
+            f"stopped babysitting run {self.run_id} after {action.reason}{last}; the node and "
+            f"the checkpoints are left as they are (see {log_path(self.run_id)})",
+            exit_code=1,
+        )
 
     def _stop_job(self, hosts: list[Host]) -> None:
         """SIGTERM to each worker's job, wait, SIGKILL what remains, then clear lockfiles."""
@@ -654,108 +658,6 @@ class Babysitter:
         )
         return lines[-LOG_LINES:]
 
-    def _replace_node(self, node: Node | None, why: str | None = None) -> None:
-        name = self.options.node
-        if self.state.launches == 0 and node is None:
-            self.log(f"{name} does not exist yet: creating it")
-        elif not self.state.pending_launch:  # a retried recreation is the same preemption
-            what = why or ("missing" if node is None else node.state)
-            self._record("preemption", f"node {name} {what}")
-            self.state.preemptions += 1
-            self._check_budgets()
-        self.state.pending_launch = self.state.launches > 0
-        self._save()
-        started = time.monotonic()
-        self.view.activity = f"deleting {name}"
-        self._delete_node(node)
-        self.view.activity = f"creating {name}"
-        new_node = self._create_node()
-        if self.state.events and self.state.launches:
-            self.state.events[-1].recreate_s = time.monotonic() - started
-        self._not_ready_since = None
-        self._save()
-        if new_node is not None and new_node.ready:
-            self._tend_job(new_node)
-
-    def _delete_node(self, node: Node | None) -> None:
-        """Delete the lost node and its queued resource; a node that vanished can leave its
-        queued resource behind, holding quota and blocking the new one."""
-        from tpuctl.providers.cloud_tpu import CloudTpuProvider
-
-        name = self.options.node
-        if node is not None or self.provider.get(name) is not None:
-            self.provider.delete(name, self.log)  # its queued resource too
-        elif isinstance(self.provider, CloudTpuProvider):
-            provider = self.provider
-            path = f"projects/{provider.project}/locations/{provider.zone}/queuedResources/{name}"
-            provider.delete_queued(path, self.log)
-
-    def _create_node(self) -> Node | None:
-        from tpuctl.providers.cloud_tpu import CloudTpuProvider
-
-        spec, fallback, queued = self._node_spec()
-        if not isinstance(self.provider, CloudTpuProvider):
-            return self.provider.create(spec, self.log)
-        # A fresh provider: its clock bounds this recreation's stockout retries, not the
-        # babysitter's whole lifetime.
-        provider = CloudTpuProvider.from_settings(self.settings)
-        node = provider.create_with_retries(
-            spec,
-            self.log,
-            fallback_zones=fallback,
-            retry_for=self.options.retry_for_s,
-            queued=queued,
-        )
-        if node is not None:
-            from tpuctl.hosts import remember
-
-            remember(self.settings, node)  # new VMs, new host keys: forget the old ones
-        return node
-
-    def _node_spec(self) -> tuple[Any, list[str], bool]:
-        from tpuctl import catalog, config
-        from tpuctl.providers.base import NodeSpec
-        from tpuctl.sshkeys import ensure_keypair, metadata_ssh_keys
-
-        accelerator = catalog.parse(self.options.accelerator_type)
-        per_type = config.accelerator_settings(self.settings, accelerator.name)
-        local = self.settings.get("provider") == "local"
-        _key, public_line = ensure_keypair(self.settings)
-        spec = NodeSpec(
-            name=self.options.node,
-            zone="local" if local else str(per_type.get("zone") or self.settings.get("zone")),
-            accelerator_type=accelerator.name,
-            runtime_version=per_type.get("runtime_version") or accelerator.runtime_version,
-            project=per_type.get("project") or self.settings.get("project"),
-            scheduling=self.options.scheduling,
-            labels={"tpuctl-run": self.run_id.lower()[:63]},
-            metadata={"ssh-keys": metadata_ssh_keys(self.settings.get("ssh.user"), public_line)},
-        )
-        fallback = per_type.get("zones") or []
-        fallback = [fallback] if isinstance(fallback, str) else list(fallback)
-        return spec, fallback, accelerator.needs_queued(spot=self.options.scheduling == "spot")
-
-    def _launch(self, node: Node, hosts: list[Host]) -> None:
-        from tpuctl.jobs.runs import RunRequest, start_run
-
-        self._restore_storage_env()
-        first = self.state.recipe_uri is None
-        recipe = self.options.recipe if first else str(self.state.recipe_uri)
-        overrides = self.options.overrides if first else []
-        self.view.activity = f"launching run {self.run_id} on {node.name}"
-        self.log(f"launching run {self.run_id} on {len(hosts)} worker(s) of {node.name}")
-        request = RunRequest(recipe, overrides, self._run_env, self.run_id, force=False)
-        started = start_run(self.settings, node, hosts, request, self.log)
-        self._run_env = dict(started.env)
-        self.state.recipe_uri, self.state.run_dir = started.recipe_uri, started.run_dir
-        self.state.launches += 1
-        self.state.pending_launch = False
-        self._progress_at = time.monotonic()
-        if self.state.events and self.state.events[-1].relaunched_s is None:
-            self.state.events[-1].relaunched_s = time.time() - self.state.events[-1].at
-        self._start_metrics()
-        self._save()
-
     def _restore_storage_env(self) -> None:
         """start_run points this process at the local pods' GCS emulator; that emulator
         stops with the last pod and comes back on another port, so forget the old address
@@ -768,45 +670,40 @@ class Babysitter:
 
     # -- bookkeeping ------------------------------------------------------------------
 
-    def _record(self, kind: str, cause: str) -> Event:
-        step = self.metrics.last_step if self.metrics else None
-        event = Event(kind=kind, cause=cause, at=time.time(), step=step)
-        self.state.events = [*self.state.events, event][-MAX_EVENTS:]
-        self.log(f"{kind} at step {step}: {cause}")
-        return event
+    def _render(self, obs: Observation, action: Action) -> None:
+        """The display's snapshot, and the log's lines about the API coming and going."""
+        if obs.api_error is None and self._api_down:
+            self.log("TPU API answering again")
+        self._api_down = obs.api_error is not None
+        node_state = (
+            "API unavailable" if obs.api_error else obs.node.state if obs.node else "missing"
+        )
+        self.view = dataclasses.replace(
+            self.view,
+            node_state=node_state,
+            workers=list(obs.workers) or self.view.workers,
+            step=self.state.step,
+            loss=self.state.loss,
+        )
 
-    def _check_budgets(self) -> None:
-        options, state = self.options, self.state
-        over = None
-        if options.max_preemptions is not None and state.preemptions > options.max_preemptions:
-            over = f"{state.preemptions} preemptions (--max-preemptions {options.max_preemptions})"
-        elif state.failures > options.max_failures:
-            steps = [e.step for e in state.events if e.kind != "preemption"]
-            over = (
-                f"{state.failures} job failures (--max-failures {options.max_failures}), at "
-                f"steps {', '.join(map(str, steps))}; last: {state.events[-1].cause}"
-            )
-        elif options.max_restarts is not None and state.restarts > options.max_restarts:
-            over = f"{state.restarts} restarts (--max-restarts {options.max_restarts})"
-        if over:
-            self._save()
-            raise BudgetExhausted(
-                f"stopped babysitting run {self.run_id} after {over}; the node and the "
-                f"checkpoints are left as they are (see {log_path(self.run_id)})",
-                exit_code=1,
-            )
+    def _record(self, event: Event) -> None:
+        self.state.record(event)
+        self.log(f"{event.kind} at step {event.step}: {event.cause}")
+
+    def _start_metrics(self) -> None:
+        if self.state.run_dir and self.metrics is None:
+            self.metrics = MetricsTail(self.state.run_dir)
 
     def _save(self) -> None:
         from tpuctl import storage
 
-        self.state.updated_at = time.time()
+        self.state.updated_at = self.clock()
         text = self.state.to_json()
         write_private(local_state_path(self.run_id), text)
         if self.remote_dir:
             remote = f"{self.remote_dir}/{STATE_FILE}"
             try:
                 storage.upload_text(remote, text)
-                self.lease.heartbeat()
             except Exception as err:  # GCS trouble must not stop the babysitter
                 self.log(f"could not save the state to {remote}: {err}")
 

@@ -10,6 +10,9 @@ from tpuctl.errors import TpuctlError
 # not ending with a hyphen, at most 63 characters (RFC 1035 labels).
 NODE_ID_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_NODE_ID = 63
+# Run ids name directories (state files, the run's folder in GCS, each worker's job
+# records): one path segment, no hidden files, nothing a shell or a URI has to quote.
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 
 
 def default_node_name(user: str, accelerator_type: str) -> str:
@@ -32,3 +35,14 @@ def validate_node_name(name: str) -> str:
             "and hyphens, start with a letter and do not end with a hyphen (e.g. alice-v3-8)"
         )
     return name
+
+
+def validate_run_id(run_id: str, flag: str = "--run-id") -> str:
+    """Return `run_id` if it is safe as a path segment and a GCS object name; otherwise
+    raise a clear error (`../../x` would write outside the state directory)."""
+    if not RUN_ID_RE.match(run_id):
+        raise TpuctlError(
+            f"{flag} {run_id!r} is not a run id: use letters, digits, '_', '-' and '.', "
+            "not starting with '.' (e.g. llama-3.1-8b-sft)"
+        )
+    return run_id

@@ -59,6 +59,12 @@ def _client() -> Any:
     return storage.Client()
 
 
+def blob(uri: str) -> Any:
+    """The google-cloud-storage Blob of a gs:// object (for generation preconditions)."""
+    bucket_id, path = split_uri(uri)
+    return _client().bucket(bucket_id).blob(path)
+
+
 def upload_text(uri: str, text: str) -> None:
     """Write `text` to a gs:// object, creating the bucket only on an emulator."""
     from google.api_core import exceptions

@@ -19,7 +19,7 @@ from tpuctl.errors import TpuctlError
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from tpuctl.babysit import Babysitter
+    from tpuctl.babysit import BabysitState, View
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
@@ -68,6 +68,11 @@ def babysit(
     delete_when_done: bool = typer.Option(
         False, "--delete-when-done", help="Delete the node once the run is finished."
     ),
+    adopt: bool = typer.Option(
+        False,
+        "--adopt",
+        help="Hand the node over: babysit may replace it though it was not created for the run.",
+    ),
     log_file: Path | None = typer.Option(
         None, "--log-file", help="Babysitter log (default: STATE_DIR/tpuctl/babysit/RUN.log)."
     ),
@@ -76,9 +81,12 @@ def babysit(
     after preemptions (and stockouts), relaunch after crashes and hangs, resume from the
     newest checkpoint each time. Recipe overrides go after `--` (train.steps=20)."""
     from tpuctl.babysit import BabysitOptions, Babysitter, LogFile, last_run
+    from tpuctl.naming import validate_run_id
 
     if spot and preemptible:
         raise TpuctlError("--spot and --preemptible exclude each other; pick one")
+    if run_id is not None:
+        validate_run_id(run_id)
     settings = config.load()
     node_name = name or settings.get("node")
     if recipe is None:
@@ -95,6 +103,8 @@ def babysit(
         overrides=list(ctx.args),
         env=parse_env_flags(env),
         run_id=run_id,
+        user=config.local_user(),
+        adopt=adopt,
         scheduling="spot" if spot else "preemptible" if preemptible else "on-demand",
         max_preemptions=max_preemptions,
         max_failures=max_failures,
@@ -134,7 +144,7 @@ class Display:
     def __init__(self) -> None:
         self.live = None
         self.recent: list[str] = []
-        self.sitter: Babysitter | None = None
+        self.snapshot: tuple[BabysitState, View] | None = None
 
     def __enter__(self) -> Display:
         if err_console.is_terminal:
@@ -156,8 +166,8 @@ class Display:
         else:
             self.live.update(self._table())
 
-    def refresh(self, sitter: Babysitter) -> None:
-        self.sitter = sitter
+    def refresh(self, state: BabysitState, view: View) -> None:
+        self.snapshot = (state, view)
         if self.live is not None:
             self.live.update(self._table())
 
@@ -166,9 +176,8 @@ class Display:
         from rich.table import Table
 
         table = Table(show_header=False, box=None)
-        sitter = self.sitter
-        if sitter is not None:
-            view, state = sitter.view, sitter.state
+        if self.snapshot is not None:
+            state, view = self.snapshot
             loss = f"{view.loss:.4f}" if isinstance(view.loss, int | float) else "-"
             table.add_row("run", escape(f"{state.run_id} on {state.node} ({view.node_state})"))
             table.add_row("now", escape(view.activity))

@@ -102,7 +102,10 @@ def run(
     """Train RECIPE on the node: validate it here, store it in GCS, prepare the workers and
     start the trainer detached on each. Recipe overrides go after `--` (train.steps=20)."""
     from tpuctl.jobs.runs import RunRequest, run_summary, start_run
+    from tpuctl.naming import validate_run_id
 
+    if run_id is not None:
+        validate_run_id(run_id)
     # Fresh addresses: a launch must not go to a recreated node's old ones.
     settings, node, hosts = _target(name, fresh=True)
     if len(hosts) > 1 and not all_workers:

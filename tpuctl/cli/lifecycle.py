@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +12,7 @@ from tpuctl.cli.app import app
 from tpuctl.cli.output import StatusLine, console, err_console, print_json
 from tpuctl.durations import format_duration, parse_duration
 from tpuctl.errors import TpuctlError
-from tpuctl.naming import default_node_name, validate_node_name
+from tpuctl.planning import NodePlan, create_planned, plan_node
 from tpuctl.providers import (
     describe_location,
     find_node,
@@ -63,17 +62,6 @@ def node_json(node: Node) -> dict[str, Any]:
 # -- up ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class UpPlan:
-    """Everything `up` decided before calling the API, from flags, config and the catalogue."""
-
-    spec: NodeSpec
-    fallback_zones: list[str]
-    queued: bool
-    retry_for: float
-    valid_for: float | None
-
-
 @app.command()
 def up(
     accelerator_type: str = typer.Argument(..., help="TPU type, e.g. v3-8, v4-32, v5e-16."),
@@ -112,7 +100,7 @@ def up(
     settings = config.load(
         {"zone": zone, "project": project, "provider": "local" if local else None}
     )
-    plan = _plan_up(
+    plan = plan_node(
         settings,
         accelerator_type,
         name=name,
@@ -141,85 +129,18 @@ def up(
         _print_node(node)
 
 
-def _plan_up(
-    settings: Settings,
-    accelerator_type: str,
-    *,
-    name: str | None,
-    explicit_zone: str | None,
-    explicit_project: str | None,
-    scheduling: str,
-    runtime_version: str | None,
-    network: str | None,
-    subnetwork: str | None,
-    labels: dict[str, str],
-    queued: bool | None,
-    retry_for: float,
-    valid_for: float | None,
-) -> UpPlan:
-    from tpuctl.sshkeys import ensure_keypair, metadata_ssh_keys
-
-    accelerator = catalog.parse(accelerator_type)
-    # Per-accelerator defaults beat the general zone/project (quota differs by zone);
-    # only an explicit flag beats them.
-    per_type = config.accelerator_settings(settings, accelerator.name)
-    explicit = {"zone": explicit_zone, "project": explicit_project}
-    for key in ("zone", "project"):
-        if not explicit[key] and per_type.get(key):
-            settings.values[key] = per_type[key]
-            settings.sources[key] = f"accelerators.{accelerator.name}.{key}"
-    zone, project = settings.get("zone"), settings.get("project")
-    if settings.get("provider") == "local":
-        zone = "local"  # local pods live on this machine, whatever the configured zone
-    if not zone:
-        raise TpuctlError(
-            f"no zone for {accelerator.name}: pass --zone, set TPUCTL_ZONE or run "
-            f"`tpuctl config set accelerators.{accelerator.name}.zone ZONE`"
-        )
-    use_queued = accelerator.needs_queued(spot=scheduling == "spot") if queued is None else queued
-    if use_queued and scheduling == "preemptible":
-        raise TpuctlError("--preemptible does not work with queued resources; use --spot")
-    node_name = validate_node_name(name) if name else None
-    node_name = node_name or default_node_name(config.local_user(), accelerator.name)
-    _private_key, public_line = ensure_keypair(settings)
-    spec = NodeSpec(
-        name=node_name,
-        zone=zone,
-        accelerator_type=accelerator.name,
-        runtime_version=runtime_version
-        or per_type.get("runtime_version")
-        or accelerator.runtime_version,
-        project=project,
-        scheduling=scheduling,
-        network=network,
-        subnetwork=subnetwork,
-        labels=labels,
-        metadata={"ssh-keys": metadata_ssh_keys(settings.get("ssh.user"), public_line)},
-    )
-    fallback = per_type.get("zones") or []
-    return UpPlan(
-        spec=spec,
-        fallback_zones=[fallback] if isinstance(fallback, str) else list(fallback),
-        queued=use_queued,
-        retry_for=retry_for,
-        valid_for=valid_for,
-    )
-
-
-def _bring_up(settings: Settings, plan: UpPlan, wait: bool) -> Node | None:
+def _bring_up(settings: Settings, plan: NodePlan, wait: bool) -> Node | None:
     """Create the node, or reuse/await an existing one of the same name and type."""
-    from tpuctl.providers.cloud_tpu import CloudTpuProvider
-
     provider = provider_for(settings)
     spec = plan.spec
     with StatusLine(f"up {spec.name}") as status:
-        if not isinstance(provider, CloudTpuProvider):
+        if not provider.capabilities.zones:
             existing = provider.get(spec.name)
             if existing is not None:
                 return _reuse(provider, existing, spec, status, wait)
-            return provider.create(spec, status.update)
+            return create_planned(provider, plan, status.update)
         # A node made earlier may sit in a fallback zone: reuse it rather than make a twin.
-        for zone in [spec.zone, *plan.fallback_zones]:
+        for zone in plan.zones:
             existing = provider.get(spec.name, zone)
             if existing is not None:
                 return _reuse(provider, existing, spec, status, wait)
@@ -228,15 +149,7 @@ def _bring_up(settings: Settings, plan: UpPlan, wait: bool) -> Node | None:
             f"creating {spec.name} ({spec.accelerator_type}, {spec.scheduling}) {how}; "
             f"stockouts retried for up to {format_duration(plan.retry_for)}"
         )
-        node = provider.create_with_retries(
-            spec,
-            status.update,
-            fallback_zones=plan.fallback_zones,
-            retry_for=plan.retry_for,
-            queued=plan.queued,
-            valid_for=plan.valid_for,
-            wait=wait,
-        )
+        node = create_planned(provider, plan, status.update, wait=wait)
         if node is not None:
             status.update(f"{node.name} is READY with {len(node.workers)} workers")
         return node
@@ -291,16 +204,17 @@ def _parse_labels(pairs: list[str]) -> dict[str, str]:
 @app.command()
 def down(
     name: str | None = typer.Argument(
-        None, help="Node name (default: config `node`, or the only node)."
+        None, help="Node name (default: config `node`, or the only node you created)."
     ),
     zone: str | None = ZONE_OPTION,
     project: str | None = PROJECT_OPTION,
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
-    """Delete a node and wait until it is gone. A node that does not exist is not an error."""
+    """Delete a node and wait until it is gone. A node that does not exist is not an error.
+    Without NAME (and no `node` setting) only a node you created with tpuctl is picked."""
     settings = config.load({"zone": zone, "project": project})
     chosen = name or settings.get("node")
-    node = find_node(settings, chosen) if chosen else resolve_node(settings, None)
+    node = find_node(settings, chosen) if chosen else _own_node(settings)
     if node is None:
         err_console.print(
             f"node {chosen} does not exist in {describe_location(settings)}; nothing deleted"
@@ -315,6 +229,29 @@ def down(
         status.update(f"deleting {summary}")
         provider.delete(node.name, status.update)
     console.print(f"deleted {node.name}")
+
+
+def _own_node(settings: Settings) -> Node:
+    """The one node in the zone that this user created with tpuctl (its labels say so); on a
+    shared project anything else is a colleague's until named."""
+    from tpuctl import ownership
+
+    nodes = provider_for(settings).list()
+    user = config.local_user()
+    mine = [n for n in nodes if ownership.created_by(n.labels, user)]
+    if len(mine) == 1:
+        return mine[0]
+    if not nodes:
+        raise TpuctlError(f"no nodes in {describe_location(settings)}; nothing to delete", 1)
+    candidates = ", ".join(
+        f"{n.name} ({'yours' if n in mine else ownership.describe_owner(n.labels)})"
+        for n in sorted(nodes, key=lambda n: n.name)
+    )
+    why = "none of them was created by you" if not mine else "several are yours"
+    raise TpuctlError(
+        f"{len(nodes)} node(s) in {describe_location(settings)} and {why}: {candidates}; "
+        "name the one to delete: `tpuctl down NAME`"
+    )
 
 
 # -- list / status ----------------------------------------------------------------------

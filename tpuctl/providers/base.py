@@ -57,6 +57,15 @@ class NodeSpec:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a provider can do beyond get/list/create/delete, so that callers ask it
+    rather than test its class."""
+
+    zones: bool = False  # nodes live in zones: `at(zone, project)`, `get(name, zone)`, fallbacks
+    queued_resources: bool = False  # `create_with_retries(queued=...)`, `delete_queued(path)`
+
+
 # Providers report progress (state transitions, retries) through this callback so that
 # the CLI can draw a live status line without the provider knowing about rich.
 ProgressFn = Callable[[str], None]
@@ -64,6 +73,8 @@ ProgressFn = Callable[[str], None]
 
 class Provider(Protocol):
     """Create, describe and delete nodes in one place (a zone of a project, or this machine)."""
+
+    capabilities: Capabilities
 
     def get(self, name: str) -> Node | None: ...
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from tpuctl.durations import Clock, format_duration
 from tpuctl.errors import TpuctlError
 from tpuctl.providers import registry
-from tpuctl.providers.base import Node, NodeSpec, ProgressFn, Worker
+from tpuctl.providers.base import Capabilities, Node, NodeSpec, ProgressFn, Worker
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -29,6 +29,7 @@ ENDPOINT_ENV = "TPUCTL_TPU_API_ENDPOINT"
 # errors share the code but not the wording, and retrying them cannot help.
 _CAPACITY_MARKERS = ("no more capacity", "stockout", "insufficient capacity", "out of capacity")
 _TRANSIENT_ATTEMPTS = 4
+_RESOURCE_EXHAUSTED = 8  # google.rpc.Code, in a queued resource's failed_data
 T = TypeVar("T")
 
 
@@ -60,11 +61,20 @@ class CloudTpuProvider:
     """Nodes in one project; `zone` is where get/list/delete look, `spec.zone` where create goes."""
 
     name = "cloud"
+    capabilities = Capabilities(zones=True, queued_resources=True)
 
     def __init__(self, project: str, zone: str, clock: Clock | None = None):
         self.project = project
         self.zone = zone
         self.clock = clock or Clock()
+
+    def at(self, zone: str, project: str | None = None) -> CloudTpuProvider:
+        """The same API, looking in `zone` (of `project`): where a node actually lives."""
+        return CloudTpuProvider(project or self.project, zone, self.clock)
+
+    def queued_path(self, name: str) -> str:
+        """The queued resource that creates node `name` in this zone."""
+        return f"{self._parent()}/queuedResources/{name}"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CloudTpuProvider:
@@ -349,7 +359,12 @@ class CloudTpuProvider:
             if state == "ACTIVE":
                 return
             if state in ("FAILED", "SUSPENDED"):
-                reason = queued.state.failed_data.error.message or state.lower()
+                error = queued.state.failed_data.error
+                reason = error.message or state.lower()
+                if _lacks_capacity(error.code, reason):  # retried like any stockout
+                    raise Stockout(
+                        spec.zone, f"queued resource {spec.name} ended {state}: {reason}"
+                    )
                 raise TpuctlError(
                     f"queued resource {spec.name} in {spec.zone} ended {state}: {reason}",
                     exit_code=1,
@@ -466,6 +481,13 @@ class CloudTpuProvider:
         if isinstance(error, exceptions.GoogleAPICallError):
             self._raise_unexpected(error)
         raise error
+
+
+def _lacks_capacity(code: int, message: str) -> bool:
+    """A queued resource that failed RESOURCE_EXHAUSTED for capacity (not for quota)."""
+    text = message.lower()
+    capacity = any(marker in text for marker in (*_CAPACITY_MARKERS, "no capacity"))
+    return code == _RESOURCE_EXHAUSTED and capacity and "quota" not in text
 
 
 def api_message(error: Any) -> str:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from tpuctl.config import private_dir, private_opener, write_private
 from tpuctl.errors import TpuctlError
 from tpuctl.providers import registry
-from tpuctl.providers.base import Node, NodeSpec, ProgressFn, Worker
+from tpuctl.providers.base import Capabilities, Node, NodeSpec, ProgressFn, Worker
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -51,6 +51,7 @@ class LocalProvider:
     """Nodes that are directories under `root`; creating one is instant and it is READY at once."""
 
     LOCATION = LOCATION
+    capabilities = Capabilities()  # no zones, no queued resources
 
     def __init__(self, root: Path | None = None):
         self.pods_dir = (root or local_root()) / "pods"

@@ -50,6 +50,8 @@ HTTP_STATUS_NAMES = {
     503: "UNAVAILABLE",
 }
 NODE_ID_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
 
 WorkerIps = Callable[[str, int], list[str]]
 
@@ -312,6 +314,9 @@ class FakeTpuApi:
             ) from None
         if not body.get("runtimeVersion"):
             raise ApiError(400, 'Invalid value for field "runtimeVersion": ""')
+        for key, value in body.get("labels", {}).items():  # GCP's label rules
+            if not LABEL_KEY_RE.match(key) or not LABEL_VALUE_RE.match(value):
+                raise ApiError(400, f'Invalid value for field "labels": "{key}": "{value}"')
 
     def _creation_failure(self, zone: str, accelerator_type: str) -> dict[str, Any] | None:
         faults = self._faults

@@ -1,0 +1,335 @@
+"""`decide`, table-driven: one row per line of the README's babysit table, plus each way a
+babysitter on a shared project must not destroy or duplicate work."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tpuctl.babysit_policy import (
+    CLEAN_STOP_EXIT,
+    Adopt,
+    BabysitOptions,
+    BabysitState,
+    Event,
+    Finish,
+    GiveUp,
+    Launch,
+    Observation,
+    Progress,
+    Relaunch,
+    ReplaceNode,
+    Wait,
+    decide,
+    note,
+)
+from tpuctl.jobs import WorkerJob
+from tpuctl.ownership import ownership_labels
+from tpuctl.providers.base import Node
+
+NOW = 10_000.0
+RUN = "llama-3.1-8b-20261123"
+OURS = ownership_labels("alice", RUN)
+OPTIONS = BabysitOptions("v4-16", "pod", "recipe.yaml", run_id=RUN, user="alice")
+AUTH = (
+    "unreachable: authentication failed: no key accepted for user 'alice' "
+    "(tried /home/alice/.ssh/id_ed25519)"
+)
+
+
+def node(state="READY", labels=OURS, accelerator_type="v4-16", zone="us-central2-b") -> Node:
+    return Node("pod", zone, accelerator_type, state, project="p", labels=labels)
+
+
+def job(label="w00", state="running", exit_code=None, error=None) -> WorkerJob:
+    return WorkerJob(label, state, run_id=RUN, exit_code=exit_code, error=error)
+
+
+RUNNING = (job("w00"), job("w01"))
+
+
+def launched(**changes) -> BabysitState:
+    """A run launched once on its node, trained to step 40, last progress 10 s ago."""
+    base = BabysitState(RUN, "pod", "v4-16", launches=1, step=40, progress_at=NOW - 10)
+    return dataclasses.replace(base, **changes)
+
+
+def look(**changes) -> Observation:
+    return dataclasses.replace(Observation(NOW, node=node(), workers=RUNNING), **changes)
+
+
+ROWS = [
+    # -- the README's table ------------------------------------------------------------
+    ("node missing", launched(), look(node=None), ReplaceNode, "node pod missing"),
+    ("PREEMPTED", launched(), look(node=node("PREEMPTED")), ReplaceNode, "node pod PREEMPTED"),
+    ("TERMINATED", launched(), look(node=node("TERMINATED")), ReplaceNode, "TERMINATED"),
+    ("STOPPED", launched(), look(node=node("STOPPED")), ReplaceNode, "STOPPED"),
+    (
+        "not READY beyond the grace",
+        launched(not_ready_since=NOW - 301),
+        look(node=node("REPAIRING"), workers=()),
+        ReplaceNode,
+        "node pod REPAIRING for 301 s",
+    ),
+    (
+        "not READY within the grace",
+        launched(not_ready_since=NOW - 100),
+        look(node=node("REPAIRING"), workers=()),
+        Wait,
+        "waiting for pod (REPAIRING)",
+    ),
+    (
+        "a worker crashed",
+        launched(),
+        look(workers=(job("w00"), job("w01", "exited", 137))),
+        Relaunch,
+        "job ended without DONE: w01 exited (exit 137)",
+    ),
+    (
+        "workers that exited 0 wait for worker 0's DONE",
+        launched(),
+        look(workers=(job("w00"), job("w01", "exited", 0))),
+        Wait,
+        "finishing",
+    ),
+    (
+        "no new step for --hang-timeout",
+        launched(progress_at=NOW - 1801),
+        look(),
+        Relaunch,
+        "no step progress for 1801 s",
+    ),
+    (
+        "the TPU API failing",
+        launched(),
+        look(node=None, api_error="the TPU API keeps failing (503)"),
+        Wait,
+        "waiting for the TPU API",
+    ),
+    ("DONE", launched(), look(progress=Progress(done={"step": 50})), Finish, ""),
+    ("training", launched(), look(), Wait, "training"),
+    # -- first launch, relaunch, adoption ----------------------------------------------
+    ("no node yet", BabysitState(RUN, "pod", "v4-16"), look(node=None), ReplaceNode, None),
+    (
+        "a recreation retried is the same preemption",
+        launched(pending_launch=True),
+        look(node=None),
+        ReplaceNode,
+        None,
+    ),
+    ("a new node gets the job", BabysitState(RUN, "pod", "v4-16"), look(workers=()), Launch, ""),
+    ("a run already running is watched", BabysitState(RUN, "pod", "v4-16"), look(), Adopt, ""),
+    # -- the findings ------------------------------------------------------------------
+    (
+        "1: SSH refuses our key on a READY node: stop and report, delete nothing",
+        launched(),
+        look(workers=(job("w00"), job("w01", "unreachable", error=AUTH))),
+        GiveUp,
+        "cannot log in to pod, which the TPU API says is READY: w01: unreachable: "
+        "authentication failed: no key accepted for user 'alice' (tried /home/alice/.ssh/",
+    ),
+    (
+        "1: a changed host key is refused the same way",
+        launched(),
+        look(workers=(job("w00", "unreachable", error="unreachable: host key of w00 changed"),)),
+        GiveUp,
+        "Nothing was deleted",
+    ),
+    (
+        "1: unreachable over SSH for long on a READY node is no reason to delete",
+        launched(unreachable_since=NOW - 3600),
+        look(workers=(job("w00"), job("w01", "unreachable", error="unreachable: timed out"))),
+        Wait,
+        "w01 unreachable; looking again",
+    ),
+    (
+        "2: the node found in its fallback zone is not recreated",
+        launched(zone="us-east1-d"),
+        look(node=node(zone="us-east1-d")),
+        Wait,
+        "training",
+    ),
+    (
+        "3: a PREEMPTED node of another type is refused, not deleted",
+        launched(),
+        look(node=node("PREEMPTED", accelerator_type="v4-32")),
+        GiveUp,
+        "node pod is a v4-32, not a v4-16",
+    ),
+    (
+        "3: a colleague's PREEMPTED node of the same name is refused, not deleted",
+        launched(),
+        look(node=node("PREEMPTED", labels=ownership_labels("bob", "bobs-run"))),
+        GiveUp,
+        "node pod is not yours (labels tpuctl-user=bob, tpuctl-run=bobs-run)",
+    ),
+    (
+        "3: a colleague's READY node is left alone",
+        BabysitState(RUN, "pod", "v4-16"),
+        look(node=node(labels=ownership_labels("bob"))),
+        GiveUp,
+        "babysit leaves it alone",
+    ),
+    (
+        "3: our own node from `up` (not made for this run) is not deleted without --adopt",
+        launched(),
+        look(node=node("PREEMPTED", labels=ownership_labels("alice"))),
+        GiveUp,
+        "was not created for run llama-3.1-8b-20261123",
+    ),
+    (
+        "3: a node without tpuctl labels is not deleted either",
+        launched(),
+        look(node=node("PREEMPTED", labels={})),
+        GiveUp,
+        "(no tpuctl labels (not created by tpuctl)): babysit does not delete it",
+    ),
+    (
+        "4: after a replacement one flaky look is just a look again",
+        launched(unreachable_since=None),
+        look(workers=(job("w00"), job("w01", "unreachable", error="unreachable: timed out"))),
+        Wait,
+        "w01 unreachable; looking again",
+    ),
+    (
+        "6: HTTP 429 from the TPU API means wait",
+        launched(),
+        look(node=None, api_error="429 Too Many Requests"),
+        Wait,
+        "waiting for the TPU API",
+    ),
+    (
+        "6: metrics or DONE unreadable means wait",
+        launched(progress_at=NOW - 4000),
+        look(storage_error="cannot read gs://b/run: 503"),
+        Wait,
+        "cannot read the run's files",
+    ),
+    (
+        "8: exit 75 on a READY node is a clean stop to relaunch",
+        launched(failures=3),
+        look(workers=(job("w00", "exited", CLEAN_STOP_EXIT), job("w01", "exited", 75))),
+        Relaunch,
+        "job stopped after saving (SIGTERM)",
+    ),
+    # -- budgets -----------------------------------------------------------------------
+    (
+        "the preemption budget spent: report",
+        launched(preemptions=2),
+        look(node=node("PREEMPTED")),
+        GiveUp,
+        "3 preemptions (--max-preemptions 2)",
+    ),
+    (
+        "the failure budget spent: report, the job stopped",
+        launched(failures=3),
+        look(workers=(job("w00", "exited", 1), job("w01"))),
+        GiveUp,
+        "4 job failures (--max-failures 3)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("why", "state", "obs", "kind", "text"), ROWS, ids=[r[0] for r in ROWS])
+def test_decide(why, state, obs, kind, text):
+    action = decide(state, obs, dataclasses.replace(OPTIONS, max_preemptions=2))
+    assert isinstance(action, kind), action
+    if text is None:  # creations that count nothing
+        assert action.event is None
+    elif isinstance(action, ReplaceNode | Relaunch):
+        assert text in action.event.cause, action
+    elif isinstance(action, Wait):
+        assert text in action.activity, action
+    elif isinstance(action, GiveUp):
+        assert text in action.reason, action
+
+
+def test_only_the_api_justifies_deleting_and_adopt_hands_the_node_over():
+    mine_from_up = node("PREEMPTED", labels=ownership_labels("alice"))
+    adopting = dataclasses.replace(OPTIONS, adopt=True)
+    action = decide(launched(), look(node=mine_from_up), adopting)
+    assert isinstance(action, ReplaceNode) and action.node == mine_from_up
+
+
+def test_the_restart_budget_counts_every_kind_of_restart():
+    options = dataclasses.replace(OPTIONS, max_restarts=2)
+    action = decide(launched(preemptions=1, clean_stops=1), look(node=None), options)
+    assert isinstance(action, GiveUp) and action.reason == "3 restarts (--max-restarts 2)"
+
+
+def test_exit_75_spends_no_failure_budget_and_a_failure_does():
+    clean = decide(launched(), look(workers=(job("w00", "exited", 75),)), OPTIONS)
+    crash = decide(launched(), look(workers=(job("w00", "exited", 1),)), OPTIONS)
+    state = launched()
+    state.record(clean.event)
+    assert (state.failures, state.clean_stops) == (0, 1)
+    state.record(crash.event)
+    assert (state.failures, state.clean_stops) == (1, 1)
+
+
+def test_a_failure_past_the_budget_stops_the_job_and_a_preemption_does_not():
+    options = dataclasses.replace(OPTIONS, max_failures=0, max_preemptions=0)
+    failed = decide(launched(), look(workers=(job("w00", "exited", 1),)), options)
+    preempted = decide(launched(), look(node=node("PREEMPTED")), options)
+    assert failed.stop_job and failed.budget and failed.event.kind == "failure"
+    assert not preempted.stop_job and preempted.event.kind == "preemption"
+
+
+def test_done_deletes_the_node_only_when_asked_and_it_is_the_runs():
+    options = dataclasses.replace(OPTIONS, delete_when_done=True)
+    done = Progress(done={"step": 50})
+    ours = decide(launched(), look(progress=done), options)
+    theirs = decide(launched(), look(progress=done, node=node(labels={})), options)
+    assert ours.delete_node and not theirs.delete_node
+
+
+def test_note_keeps_the_timers_and_where_the_run_node_lives():
+    state, _ = note(launched(), look(node=node("REPAIRING", zone="us-east1-d"), workers=()))
+    assert (state.not_ready_since, state.zone) == (NOW, "us-east1-d")
+    state, _ = note(state, look(node=node(zone="us-east1-d")))
+    assert state.not_ready_since is None
+    flaky = (job("w00", "unreachable", error="unreachable: timed out"),)
+    state, _ = note(state, look(node=node(zone="us-east1-d"), workers=flaky))
+    assert state.unreachable_since == NOW
+    state.reset_timers(NOW + 5)  # the node replaced or the job relaunched
+    assert (state.unreachable_since, state.not_ready_since, state.progress_at) == (
+        None,
+        None,
+        NOW + 5,
+    )
+    # A colleague's node of the same name tells us nothing about where ours lives.
+    state, _ = note(state, look(node=node(labels=ownership_labels("bob"), zone="elsewhere")))
+    assert state.zone == "us-east1-d"
+
+
+def test_note_reports_what_a_restart_cost():
+    state = launched(
+        events=[Event("preemption", "node pod PREEMPTED", NOW - 30, 40, relaunched_s=5.0)]
+    )
+    state, lines = note(state, look(progress=Progress(first_step=37, step=38, loss=2.0)))
+    event = state.events[0]
+    assert (event.resumed_s, event.steps_lost, state.step, state.progress_at) == (30, 4, 38, NOW)
+    assert lines == ["training again at step 37: 30.0 s after the preemption, 4 step(s) lost"]
+
+
+def test_timers_are_not_saved_a_babysitter_that_carries_on_starts_them_afresh():
+    state = launched(unreachable_since=NOW - 3600, not_ready_since=NOW, zone="us-east1-d")
+    loaded = BabysitState.from_json(state.to_json())
+    assert (loaded.unreachable_since, loaded.not_ready_since, loaded.progress_at) == (None,) * 3
+    assert loaded.zone == "us-east1-d" and loaded.step == 40
+
+
+def test_clean_stop_exit_is_the_trainers():
+    from trainer.checkpoint import EXIT_PREEMPTED
+
+    assert CLEAN_STOP_EXIT == EXIT_PREEMPTED
+
+
+def test_a_token_cache_build_record_is_progress_without_a_step():
+    stalled = launched(progress_at=NOW - 1801)  # past --hang-timeout, no new step
+    building = look(progress=Progress(building_cache=True))
+    state, _ = note(stalled, building)
+    assert (state.progress_at, state.step) == (NOW, 40)
+    assert isinstance(decide(state, building, OPTIONS), Wait)
+    assert isinstance(decide(stalled, look(), OPTIONS), Relaunch)  # without it: a hang

@@ -1,0 +1,428 @@
+"""What `tpuctl babysit` does about what it sees: pure functions, no I/O, no clock.
+
+The babysitter (tpuctl.babysit) observes the node, the job and the run's files into an
+`Observation`, folds it into its `BabysitState` with `note`, asks `decide` for one
+`Action`, and carries that out. Every timer and budget lives in the state, so each
+decision can be pinned down by a table of (state, observation) -> action.
+
+What may be deleted: only a node whose labels say a babysitter created it for this run,
+or one the user handed over with `--adopt`. SSH trouble on its own never justifies a
+deletion; only the TPU API's view of the node does (missing, PREEMPTED/TERMINATED, or not
+READY beyond the grace period).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tpuctl import jobs, ownership
+from tpuctl.fanout.base import AUTH_FAILED
+from tpuctl.providers.base import Node
+
+# Node states that mean the node is gone for good: replace it at once.
+LOST_STATES = frozenset({"PREEMPTED", "TERMINATED", "STOPPED", "HIDDEN"})
+# The trainer's exit status after SIGTERM once its checkpoint has committed (a maintenance
+# event, a preemption notice): a clean stop to relaunch, not a failure (trainer.checkpoint).
+CLEAN_STOP_EXIT = 75
+MAX_EVENTS = 100  # events kept in the state file; counts are kept separately
+# What an SSH login refused looks like in a worker's error (tpuctl.fanout.ssh).
+_ACCESS_REFUSED = (AUTH_FAILED, "host key of")
+
+
+@dataclass(frozen=True)
+class BabysitOptions:
+    """What the user asked `tpuctl babysit` for."""
+
+    accelerator_type: str
+    node: str
+    recipe: str  # local path or gs:// URI (the first launch; relaunches use the stored copy)
+    overrides: list[str] = field(default_factory=list)
+    env: Mapping[str, str] = field(default_factory=dict)  # secrets: never persisted or logged
+    run_id: str | None = None
+    user: str = "tpuctl"  # who babysits: the owner label of the nodes it creates
+    adopt: bool = False  # the user hands the named node over: babysit may replace it
+    scheduling: str = "on-demand"  # on-demand | spot | preemptible
+    max_preemptions: int | None = None  # None: unbounded
+    max_failures: int = 3
+    max_restarts: int | None = None  # preemptions, failures and clean stops together
+    poll_s: float = 30.0
+    not_ready_grace_s: float = 300.0  # a node neither READY nor lost for this long is lost
+    hang_timeout_s: float = 1800.0  # no new step for this long after launch or progress
+    stop_grace_s: float = jobs.DEFAULT_GRACE_S
+    retry_for_s: float = 24 * 3600.0  # stockout retries while recreating
+    delete_when_done: bool = False
+
+
+@dataclass
+class Event:
+    """One restart: why, when, at which step, and what it cost."""
+
+    kind: str  # preemption | failure | hang | stop (a clean stop: exit 75)
+    cause: str
+    at: float  # epoch seconds of detection
+    step: int | None  # newest logged step at detection
+    recreate_s: float | None = None  # the provider's delete + create (preemptions)
+    relaunched_s: float | None = None  # detection -> job launched again
+    resumed_s: float | None = None  # detection -> first new step logged
+    steps_lost: int | None = None  # steps trained again after the restart
+    worker: str | None = None  # failures: the worker that failed first
+    exit_code: int | None = None
+    log_tail: list[str] = field(default_factory=list)
+
+
+# Timers: when this babysitter first saw a condition; not saved (a babysitter that
+# carries on starts them afresh), and reset whenever the node is replaced or the job
+# relaunched.
+TIMERS = ("not_ready_since", "unreachable_since", "progress_at")
+
+
+@dataclass
+class BabysitState:
+    """Everything a babysitter needs to carry on where another one stopped."""
+
+    run_id: str
+    node: str
+    accelerator_type: str
+    zone: str | None = None  # where the run's node lives (a fallback zone, maybe)
+    project: str | None = None
+    recipe_uri: str | None = None  # the stored recipe, once launched
+    run_dir: str | None = None
+    preemptions: int = 0
+    failures: int = 0
+    clean_stops: int = 0
+    launches: int = 0
+    pending_launch: bool = False  # a (re)created node still needs the job
+    finished: bool = False
+    step: int | None = None  # newest logged step
+    loss: float | None = None
+    final_step: int | None = None
+    final_loss: float | None = None
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    events: list[Event] = field(default_factory=list)
+    not_ready_since: float | None = None
+    unreachable_since: float | None = None
+    progress_at: float | None = None  # last launch or new step
+
+    @property
+    def restarts(self) -> int:
+        return self.preemptions + self.failures + self.clean_stops
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        for timer in TIMERS:
+            data.pop(timer)
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> BabysitState:
+        data = json.loads(text)
+        events = [Event(**e) for e in data.pop("events", [])]
+        known = {f.name for f in dataclasses.fields(cls)} - set(TIMERS)
+        return cls(**{k: v for k, v in data.items() if k in known}, events=events)
+
+    def record(self, event: Event) -> None:
+        """Add `event` and count it against its budget."""
+        self.events = [*self.events, event][-MAX_EVENTS:]
+        if event.kind == "preemption":
+            self.preemptions += 1
+        elif event.kind == "stop":
+            self.clean_stops += 1
+        else:
+            self.failures += 1
+
+    def reset_timers(self, now: float) -> None:
+        """A new node or a new launch: nothing seen so far counts against it."""
+        self.not_ready_since = self.unreachable_since = None
+        self.progress_at = now
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the run's files said this poll."""
+
+    first_step: int | None = None  # the first step logged since the last poll
+    step: int | None = None  # the newest
+    loss: float | None = None
+    done: dict[str, Any] | None = None  # the DONE record, once the run has finished
+    building_cache: bool = False  # a token-cache build record came in: progress, no step
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One look at everything: the node as the API sees it, each worker's job, progress."""
+
+    now: float
+    node: Node | None = None
+    api_error: str | None = None  # the TPU API could not say (500, 429, timeout)
+    workers: tuple[jobs.WorkerJob, ...] = ()  # looked at only on a READY node
+    progress: Progress = Progress()
+    storage_error: str | None = None  # metrics or DONE unreadable this time
+
+
+# -- actions ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Nothing to do but look again; `note` is worth a line in the log."""
+
+    activity: str
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class ReplaceNode:
+    """Delete the node (if there is one, or its queued resource) and create it anew.
+    `event` is None for the first creation and for a retried recreation."""
+
+    event: Event | None
+    node: Node | None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Start the run on the READY node (after stopping what is left of an attempt)."""
+
+    stop_first: bool
+
+
+@dataclass(frozen=True)
+class Adopt:
+    """The run already runs on every worker (`tpuctl run` first): watch it."""
+
+
+@dataclass(frozen=True)
+class Relaunch:
+    """Stop the job everywhere, record why, launch it again."""
+
+    event: Event
+
+
+@dataclass(frozen=True)
+class Finish:
+    """DONE exists: report, and delete the node when asked (and allowed)."""
+
+    done: dict[str, Any]
+    delete_node: bool
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """Stop babysitting with a report (exit 1); nothing is deleted. `event` is recorded
+    first; `stop_job` stops the job so that it does not hold the TPU."""
+
+    reason: str
+    event: Event | None = None
+    stop_job: bool = False
+    budget: bool = False  # a budget ran out (the report says where the log is)
+
+
+Action = Wait | ReplaceNode | Launch | Adopt | Relaunch | Finish | GiveUp
+
+
+# -- noting an observation --------------------------------------------------------------
+
+
+def note(state: BabysitState, obs: Observation) -> tuple[BabysitState, list[str]]:
+    """The state with the observation folded in (timers, progress, the node's location),
+    and lines worth logging."""
+    state = dataclasses.replace(state, events=list(state.events))
+    lines: list[str] = []
+    if state.progress_at is None:
+        state.progress_at = obs.now
+    progress = obs.progress
+    if progress.building_cache:  # a long token-cache build is not a hang
+        state.progress_at = obs.now
+    if progress.step is not None:
+        state.step, state.loss, state.progress_at = progress.step, progress.loss, obs.now
+        state.events = [_resumed(e, progress, obs.now, lines) for e in state.events]
+    node = obs.node
+    if node is not None and run_may_replace(node, state.run_id, adopt=False):
+        state.zone, state.project = node.zone, node.project
+    if obs.api_error is None:
+        if node is None or node.ready:
+            state.not_ready_since = None
+        elif state.not_ready_since is None:
+            state.not_ready_since = obs.now
+    if any(w.state == "unreachable" for w in obs.workers):
+        state.unreachable_since = state.unreachable_since or obs.now
+    elif obs.workers:
+        state.unreachable_since = None
+    return state, lines
+
+
+def _resumed(event: Event, progress: Progress, now: float, lines: list[str]) -> Event:
+    """The first steps after a restart: what it cost."""
+    if event.resumed_s is not None or not event.relaunched_s or progress.first_step is None:
+        return event
+    lost = None if event.step is None else max(0, event.step - (progress.first_step - 1))
+    resumed = dataclasses.replace(event, resumed_s=now - event.at, steps_lost=lost)
+    lines.append(
+        f"training again at step {progress.first_step}: {resumed.resumed_s:.1f} s after the "
+        f"{event.kind}, {lost} step(s) lost"
+    )
+    return resumed
+
+
+def run_may_replace(node: Node, run_id: str, adopt: bool) -> bool:
+    """Whether babysitting `run_id` may delete and recreate this node: its labels say it
+    was created for this run, or the user handed it over with --adopt."""
+    return adopt or ownership.created_for_run(node.labels, run_id)
+
+
+# -- deciding ---------------------------------------------------------------------------
+
+
+def decide(state: BabysitState, obs: Observation, options: BabysitOptions) -> Action:
+    """The one thing to do about `obs`. Pure: reads nothing but its arguments."""
+    if obs.progress.done is not None:
+        node = obs.node
+        mine = node is not None and run_may_replace(node, state.run_id, options.adopt)
+        return Finish(obs.progress.done, delete_node=options.delete_when_done and mine)
+    if obs.storage_error is not None:
+        return Wait("cannot read the run's files; looking again", f"{obs.storage_error}")
+    if obs.api_error is not None:
+        return Wait("waiting for the TPU API", f"TPU API unavailable, waiting: {obs.api_error}")
+    node = obs.node
+    if node is None:
+        return _replace(state, obs, options, None, "missing")
+    refusal = _refuse(state, node, options)
+    if refusal is not None:
+        return refusal
+    lost_since = state.not_ready_since
+    if node.state in LOST_STATES:
+        return _replace(state, obs, options, node, node.state)
+    if lost_since is not None and obs.now - lost_since > options.not_ready_grace_s:
+        return _replace(state, obs, options, node, f"{node.state} for {obs.now - lost_since:.0f} s")
+    if not node.ready:
+        return Wait(f"waiting for {node.name} ({node.state})")
+    return _tend_job(state, obs, options)
+
+
+def _refuse(state: BabysitState, node: Node, options: BabysitOptions) -> GiveUp | None:
+    """A node babysit must leave alone: of another type, or someone else's."""
+    if node.accelerator_type != options.accelerator_type:
+        return GiveUp(
+            f"node {node.name} is a {node.accelerator_type}, not a {options.accelerator_type}; "
+            f"babysit another --name or `tpuctl down {node.name}` it"
+        )
+    mine = run_may_replace(node, state.run_id, options.adopt)
+    if mine or ownership.created_by(node.labels, options.user):
+        return None
+    if ownership.USER_LABEL in node.labels:  # created by tpuctl for someone else
+        return GiveUp(
+            f"node {node.name} is not yours ({ownership.describe_owner(node.labels)}): "
+            "babysit leaves it alone; babysit another --name"
+        )
+    return None
+
+
+def _replace(
+    state: BabysitState, obs: Observation, options: BabysitOptions, node: Node | None, what: str
+) -> Action:
+    first = state.launches == 0 and not state.events and node is None
+    if node is not None and not run_may_replace(node, state.run_id, options.adopt):
+        return GiveUp(
+            f"node {node.name} is {what} but was not created for run {state.run_id} "
+            f"({ownership.describe_owner(node.labels)}): babysit does not delete it; delete it "
+            f"yourself (`tpuctl down {node.name}`), or pass --adopt to let babysit replace it"
+        )
+    if first or state.pending_launch:  # nothing yet, or a retried recreation: same event
+        return ReplaceNode(None, node)
+    event = Event("preemption", f"node {state.node} {what}", obs.now, state.step)
+    over = _over_budget(state, options, "preemption")
+    if over:
+        return GiveUp(over, event=event, budget=True)
+    return ReplaceNode(event, node)
+
+
+def _tend_job(state: BabysitState, obs: Observation, options: BabysitOptions) -> Action:
+    workers = obs.workers
+    refused = [w for w in workers if w.state == "unreachable" and _access_refused(w)]
+    if refused:
+        details = "; ".join(f"{w.label}: {w.error}" for w in refused)
+        return GiveUp(
+            f"cannot log in to {state.node}, which the TPU API says is READY: {details}. "
+            "Nothing was deleted. Use the key and user the node accepts (`tpuctl config set "
+            "ssh.key PATH`, `ssh.user USER`), or add this machine's key to the node's ssh-keys "
+            "metadata, then babysit again"
+        )
+    if state.launches == 0 and workers and all(w.state == "running" for w in workers):
+        return Adopt()
+    if state.launches == 0 or state.pending_launch:
+        return Launch(stop_first=state.launches > 0)
+    unreachable = [w.label for w in workers if w.state == "unreachable"]
+    if unreachable:
+        since = state.unreachable_since if state.unreachable_since is not None else obs.now
+        note = None
+        if obs.now - since > options.not_ready_grace_s:
+            note = (
+                f"{', '.join(unreachable)} unreachable over SSH for longer than "
+                "--not-ready-grace while the TPU API says READY; not deleting the node for that "
+                "(only the API's view can justify it)"
+            )
+        return Wait(f"{', '.join(unreachable)} unreachable; looking again", note)
+    ended = [w for w in workers if w.state != "running"]
+    if ended:
+        if len(ended) < len(workers) and all(w.exit_code == 0 for w in ended):
+            return Wait("finishing")  # process 0 writes DONE last
+        return _relaunch(state, obs, options, ended)
+    stalled = obs.now - (state.progress_at if state.progress_at is not None else obs.now)
+    if stalled > options.hang_timeout_s:
+        cause = f"no step progress for {stalled:.0f} s (hung collective or stranded worker)"
+        return _failure(state, options, Event("hang", cause, obs.now, state.step))
+    return Wait("training")
+
+
+def _relaunch(
+    state: BabysitState, obs: Observation, options: BabysitOptions, ended: list[jobs.WorkerJob]
+) -> Action:
+    parts = []
+    for worker in ended:
+        code = "no exit status" if worker.exit_code is None else f"exit {worker.exit_code}"
+        parts.append(f"{worker.label} {worker.state} ({code})")
+    first = ended[0]
+    if all(w.exit_code == CLEAN_STOP_EXIT for w in ended):
+        cause = "job stopped after saving (SIGTERM): " + ", ".join(parts)
+        event = Event("stop", cause, obs.now, state.step, worker=first.label, exit_code=75)
+        over = _over_budget(state, options, "stop")
+        return GiveUp(over, event=event, budget=True) if over else Relaunch(event)
+    cause = "job ended without DONE: " + ", ".join(parts)
+    event = Event(
+        "failure", cause, obs.now, state.step, worker=first.label, exit_code=first.exit_code
+    )
+    return _failure(state, options, event)
+
+
+def _failure(state: BabysitState, options: BabysitOptions, event: Event) -> Action:
+    over = _over_budget(state, options, event.kind)
+    if over:  # the failed job is stopped first: a hung job must not hold the TPU
+        return GiveUp(over, event=event, stop_job=True, budget=True)
+    return Relaunch(event)
+
+
+def _over_budget(state: BabysitState, options: BabysitOptions, kind: str) -> str | None:
+    """What budget one more restart of `kind` would exceed, or None."""
+    preemptions = state.preemptions + (kind == "preemption")
+    failures = state.failures + (kind in ("failure", "hang"))
+    restarts = state.restarts + 1
+    if options.max_preemptions is not None and preemptions > options.max_preemptions:
+        return f"{preemptions} preemptions (--max-preemptions {options.max_preemptions})"
+    if failures > options.max_failures:
+        steps = [e.step for e in state.events if e.kind in ("failure", "hang")] + [state.step]
+        return (
+            f"{failures} job failures (--max-failures {options.max_failures}), at steps "
+            f"{', '.join(map(str, steps))}"
+        )
+    if options.max_restarts is not None and restarts > options.max_restarts:
+        return f"{restarts} restarts (--max-restarts {options.max_restarts})"
+    return None
+
+
+def _access_refused(worker: jobs.WorkerJob) -> bool:
+    return any(marker in (worker.error or "") for marker in _ACCESS_REFUSED)
