@@ -454,6 +454,45 @@ def test_babysit_on_the_ssh_test_pod_through_vanish_stockouts_outage_preemption_
     assert_same_training(reference, run_dir)
 
 
+def download(client, bucket: str, prefix: str, target: Path) -> Path:
+    """Every object under gs://BUCKET/PREFIX, copied to `target` (a local run directory)."""
+    for blob in client.list_blobs(bucket, prefix=f"{prefix}/"):
+        path = target / blob.name[len(prefix) + 1 :]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob.download_to_filename(str(path))
+    return target
+
+
+@pytest.mark.pod
+@pytest.mark.slow
+def test_a_failed_checkpoint_save_on_the_ssh_test_pod_is_a_failure_relaunched_at_once(
+    cloud_cli, ssh_pod2, reference, tmp_path
+):
+    """The run's GCS refuses the first write of step 6's checkpoint: every trainer process
+    exits 74, and the babysitter (hang timeout: the default 30 minutes) records a failure
+    and relaunches from step 3 at once, instead of the pod idling until a hang is noticed;
+    the run finishes with the uninterrupted run's losses and parameters."""
+    cli = cloud_cli
+    faulty = GcsEmulator(
+        host=ssh_pod2.gateway, fail_writes=r"/runs/savefail/checkpoints/6[./]", fail_times=1
+    )
+    with faulty:
+        faulty.create_bucket("test-bucket")
+        cli.env.update(emulator_env(faulty.url))
+        proc = cli.start(*babysit_args(cli, "pod", "savefail", "gs://test-bucket/runs/savefail"))
+        proc.wait(timeout=RUN_TIMEOUT_S)
+        out = output(proc)
+        assert proc.returncode == 0, out
+        assert f"run savefail finished: step {STEPS}" in out
+        assert "restarts: 0 preemption(s), 1 failure(s), 2 launch(es)" in out
+        (event,) = cli.state("savefail")["events"]
+        assert (event["kind"], event["exit_code"]) == ("failure", 74), event
+        assert any("checkpoint save of step 6 failed" in line for line in event["log_tail"]), event
+        assert event["relaunched_s"] < 60, event  # a poll or two, plus stopping the job
+        run_dir = download(faulty.client(), "test-bucket", "runs/savefail", tmp_path / "run")
+    assert_same_training(reference, run_dir)
+
+
 # -- on a shared project: the fake Cloud TPU API ----------------------------------------
 
 

@@ -71,3 +71,15 @@ def test_fault_switch_fails_only_matching_writes():
         with pytest.raises(exceptions.Forbidden, match="injected fault"):
             bucket.blob("run/step-5/data").upload_from_string("lost")
         assert [b.name for b in bucket.list_blobs()] == ["run/step-4/data"]
+
+
+def test_a_counted_fault_fails_only_the_first_matching_writes():
+    from google.api_core import exceptions
+
+    with GcsEmulator(fail_writes=r"/step-5/", fail_times=1) as emulator:
+        emulator.create_bucket("test-bucket")
+        bucket = emulator.client().bucket("test-bucket")
+        with pytest.raises(exceptions.Forbidden, match="injected fault"):
+            bucket.blob("run/step-5/data").upload_from_string("lost")
+        bucket.blob("run/step-5/data").upload_from_string("kept")  # the retry gets through
+        assert bucket.blob("run/step-5/data").download_as_bytes() == b"kept"

@@ -66,7 +66,8 @@ class GcsEmulator:
     Use as a context manager, or call `start()` / `stop()`. `host` is the address it listens
     on: the SSH test pod's gateway, for example, when its hosts must reach it too. Writes to
     objects whose `bucket/name` matches the regular expression `fail_writes` fail with 403
-    (fault injection: a checkpoint save that fails).
+    (fault injection: a checkpoint save that fails); with `fail_times` only the first that
+    many matching writes fail (a fault that a retry gets past).
     """
 
     def __init__(
@@ -75,9 +76,11 @@ class GcsEmulator:
         port: int | None = None,
         host: str = "127.0.0.1",
         fail_writes: str | None = None,
+        fail_times: int | None = None,
     ):
         self.data_dir = Path(data_dir).resolve() if data_dir else None
         self.fail_writes = fail_writes
+        self.fail_times = fail_times
         self.host = host
         self.port = port
         self.url: str | None = None
@@ -93,6 +96,8 @@ class GcsEmulator:
             command += ["--data-dir", str(self.data_dir)]
         if self.fail_writes:
             command += ["--fail-writes", self.fail_writes]
+        if self.fail_times is not None:
+            command += ["--fail-times", str(self.fail_times)]
         # A file, not a pipe: nobody drains a pipe while tests run, and a full one blocks the server.
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server)
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._log)
@@ -209,13 +214,20 @@ def _answer(response, status: int, message: str) -> None:
 
 class _Faults:
     """The fault switch: object writes whose `bucket/name` matches `pattern` fail with 403,
-    a status GCS clients do not retry, so the writer sees the failure at once."""
+    a status GCS clients do not retry, so the writer sees the failure at once; `times`
+    bounds how many fail (None: all of them)."""
 
-    def __init__(self, pattern: str | None):
+    def __init__(self, pattern: str | None, times: int | None = None):
         self.pattern = re.compile(pattern) if pattern else None
+        self.left = times
 
     def fails(self, bucket: str, name: str) -> bool:
-        return bool(self.pattern and self.pattern.search(f"{bucket}/{name}"))
+        if not (self.pattern and self.pattern.search(f"{bucket}/{name}")):
+            return False
+        if self.left is None:
+            return True
+        self.left -= 1  # the server handles one request at a time: no lock needed
+        return self.left >= 0
 
 
 def _upload_target(request, storage) -> tuple[str, str | None]:
@@ -335,15 +347,17 @@ def serve(
     buckets: list[str] = (),
     host: str = "127.0.0.1",
     fail_writes: str | None = None,
+    fail_times: int | None = None,
 ) -> None:
     """Run the emulator in this process until SIGTERM or Ctrl-C; object writes whose
-    `bucket/name` matches the regular expression `fail_writes` fail (fault injection)."""
+    `bucket/name` matches the regular expression `fail_writes` fail (fault injection), all
+    of them or the first `fail_times`."""
     import logging
 
     from gcp_storage_emulator.server import create_server
 
     logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
-    _make_faithful(_Faults(fail_writes))
+    _make_faithful(_Faults(fail_writes, fail_times))
     # The emulator serves one request at a time; tensorstore opens dozens of connections per
     # process at once. With the default listen backlog of 5 the kernel drops the excess and
     # clients back off for seconds to minutes; a deep backlog just queues them.
@@ -386,8 +400,14 @@ def main(argv: list[str] | None = None) -> None:
         metavar="REGEX",
         help="fault injection: writes to matching BUCKET/NAME fail",
     )
+    parser.add_argument(
+        "--fail-times",
+        type=int,
+        metavar="N",
+        help="only the first N writes that --fail-writes matches fail (default: all)",
+    )
     args = parser.parse_args(argv)
-    serve(args.port, args.data_dir, args.bucket, args.host, args.fail_writes)
+    serve(args.port, args.data_dir, args.bucket, args.host, args.fail_writes, args.fail_times)
 
 
 if __name__ == "__main__":
