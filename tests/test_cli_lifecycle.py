@@ -238,6 +238,19 @@ def test_up_local_needs_no_zone_or_project(run_tpuctl, fake_tpu, monkeypatch):
     assert json.loads(run_tpuctl("list", "--json").out) == {"nodes": []}
 
 
+def test_down_without_name_deletes_your_only_local_pod_without_provider_or_project(
+    run_tpuctl, fake_tpu, monkeypatch
+):
+    monkeypatch.delenv("TPUCTL_ZONE")
+    monkeypatch.delenv("TPUCTL_PROJECT")
+    assert run_tpuctl("up", "v3-8", "--local", "--name", "mine").code == 0
+    result = run_tpuctl("down", "--yes")  # `list` shows it: `down` finds it too
+    assert result.code == 0, result.err
+    assert "deleted mine" in result.out
+    monkeypatch.setenv("TPUCTL_PROVIDER", "local")
+    assert json.loads(run_tpuctl("list", "--json").out) == {"nodes": []}
+
+
 # -- down -------------------------------------------------------------------------------
 
 

@@ -232,15 +232,16 @@ def down(
 
 
 def _own_node(settings: Settings) -> Node:
-    """The one node in the zone that this user created with tpuctl (its labels say so); on a
-    shared project anything else is a colleague's until named."""
+    """The one node that this user created with tpuctl (its labels say so), among the zone's
+    and the local pods (as `list` shows them); on a shared project anything else is a
+    colleague's until named. `settings` then point at it."""
     from tpuctl import ownership
 
-    nodes = provider_for(settings).list()
+    nodes = list_all(settings)
     user = config.local_user()
     mine = [n for n in nodes if ownership.created_by(n.labels, user)]
     if len(mine) == 1:
-        return mine[0]
+        return find_node(settings, mine[0].name) or mine[0]
     if not nodes:
         raise TpuctlError(f"no nodes in {describe_location(settings)}; nothing to delete", 1)
     candidates = ", ".join(
