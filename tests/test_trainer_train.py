@@ -102,10 +102,10 @@ def test_a_pod_started_on_only_some_workers_fails_with_a_message(tiny_recipe, tm
 
 
 def test_cache_build_progress_is_printed_and_reaches_metrics_once_a_minute(tmp_path, capsys):
-    times = iter([0.0, 30.0, 61.0])
+    times = iter([0.0, 30.0, 61.0, 90.0, 122.0])  # the build starts at 0
     report = train.cache_progress(str(tmp_path), clock=lambda: next(times))
-    for line in ("data: cache 1/9", "data: cache 2/9", "data: cache 3/9"):
+    for line in ("data: cache 1/9", "data: cache 2/9", "data: cache 3/9", "data: cache 4/9"):
         report(line)
     records = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert records == [{"data_cache": "data: cache 1/9"}, {"data_cache": "data: cache 3/9"}]
-    assert capsys.readouterr().out.count("data: cache ") == 3
+    assert records == [{"data_cache": "data: cache 2/9"}, {"data_cache": "data: cache 4/9"}]
+    assert capsys.readouterr().out.count("data: cache ") == 4

@@ -10,6 +10,7 @@ from __future__ import annotations
 import getpass
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,9 @@ def private_opener(path: str, flags: int) -> int:
 def write_private(path: Path, text: str) -> None:
     """Replace `path` atomically with `text`, the file 0600 from its first byte."""
     private_dir(path.parent)
-    tmp = path.with_name(f"{path.name}.tmp")
+    # One temporary file per writer: processes (or threads) writing the same file at once
+    # each replace it whole, the last one wins.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "w", opener=private_opener) as handle:
         os.fchmod(handle.fileno(), 0o600)  # a stale tmp file may have been created wider
         handle.write(text)

@@ -262,7 +262,7 @@ def _hash(*parts: str) -> str:
 def cached_wheel(source_hash: str) -> Path:
     """The wheel of this checkout's current source, built once per source hash and kept in
     state_dir()/wheels (many nodes, and every later run, reuse it)."""
-    from tpuctl.config import state_dir
+    from tpuctl.config import private_dir, state_dir
 
     directory = state_dir() / "wheels" / source_hash[:16]
     found = sorted(directory.glob("*.whl"))
@@ -270,7 +270,7 @@ def cached_wheel(source_hash: str) -> Path:
         return found[0]
     with tempfile.TemporaryDirectory(prefix="tpuctl-wheel-") as build_dir:
         built = build_wheel(Path(build_dir))
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)  # state directories are this user's only (0700)
         partial = directory / (built.name + ".partial")
         shutil.copy2(built, partial)
         return partial.rename(directory / built.name)

@@ -279,9 +279,10 @@ def cache_progress(
 ) -> Callable[[str], None]:
     """Print the cache build's progress lines and record one in metrics.jsonl at most once a
     minute (`{"data_cache": line}`, no step), so babysit sees a long build making progress
-    rather than a hang."""
+    rather than a hang. A build shorter than a minute records nothing: metrics.jsonl then
+    holds step records only, as readers of a short run expect."""
     sink = metrics.MetricsLog(run_dir)
-    last_record = -math.inf
+    last_record = clock()
 
     def report(line: str) -> None:
         nonlocal last_record

@@ -8,7 +8,6 @@ asking the workers. One small JSON file per node under `state_dir()/launches/`.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,11 +31,9 @@ def launches_dir() -> Path:
 
 def record(launch: Launch) -> None:
     """Remember `launch` as the node's latest run."""
-    path = launches_dir() / f"{launch.node}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{launch.node}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(launch)))
-    os.replace(tmp, path)
+    from tpuctl.config import write_private
+
+    write_private(launches_dir() / f"{launch.node}.json", json.dumps(asdict(launch)))
 
 
 def latest(node: str) -> Launch | None:

@@ -10,7 +10,6 @@ several locations (a local pod and a cloud node of the same name, which lookup r
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,7 +63,6 @@ def _write(name: str, entries: list[Location]) -> None:
     if not entries:
         path.unlink(missing_ok=True)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"locations": [asdict(entry) for entry in entries]}))
-    os.replace(tmp, path)
+    from tpuctl.config import write_private
+
+    write_private(path, json.dumps({"locations": [asdict(entry) for entry in entries]}))
