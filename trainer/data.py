@@ -4,7 +4,8 @@ Every row is `row_len = seq_len + 1` int32 tokens, then as many uint16 segment i
 (0 = padding), then as many uint8 loss flags (1 = this token is a training target); inputs are
 row[:-1], targets row[1:]. Plain text is concatenated and chunked (documents may continue into
 the next row, under a new segment id); chat and prompt/completion examples are never split
-(truncated if too long) and rows are padded instead. trainer.cache stores the rows, and
+(truncated if too long) and rows are padded instead. A preference pair's two sequences go into
+one row as consecutive segments (2k - 1 chosen, 2k rejected for the row's k-th pair). trainer.cache stores the rows, and
 trainer.mixture picks the rows of each global batch.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainer import chat, io, tokenizer
+from trainer import chat, io, preference, tokenizer
 from trainer.config import CHAT_TEMPLATE_NAMES, DataConfig, RecipeError, TokenizerConfig
 from trainer.tokenizer import Tokenizer, bos, eos
 
@@ -35,6 +36,16 @@ def tokenize(record: object, tok: Tokenizer, cfg: DataConfig) -> tuple[list[int]
         )
         return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
     return chat.tokenize_chat(record, tok, chat.template_source(cfg.chat_template, tok))
+
+
+def sequences(
+    record: object, tok: Tokenizer, cfg: DataConfig, row_len: int
+) -> list[tuple[list[int], list[int]]]:
+    """The (tokens, flags) sequences of one record that go into one row together: one example,
+    or a preference pair's chosen and rejected (trainer.preference; it may raise Skipped)."""
+    if cfg.format == "preference":
+        return list(preference.tokenize_pair(record, tok, cfg, row_len))
+    return [tokenize(record, tok, cfg)]
 
 
 def _field(record: object, name: str) -> str:
@@ -108,6 +119,19 @@ class Packer:
             start += take
             if len(self.tokens) == self.row_len:
                 self._close_row()
+
+    def add_together(self, sequences: list[tuple[list[int], list[int]]]) -> None:
+        """Sequences that share one row, each as its own segment, in order (a preference pair:
+        chosen on an odd segment id, rejected on the next); together at most `row_len`."""
+        if len(sequences) == 1:
+            self.add(*sequences[0])
+            return
+        total = sum(len(tokens) for tokens, _ in sequences)
+        assert total <= self.row_len, "sequences that share a row must fit in one"
+        if len(self.tokens) + total > self.row_len:
+            self._close_row()
+        for tokens, flags in sequences:
+            self._extend(tokens, flags)
 
     def pending_rows(self) -> int:
         return len(self.finished)

@@ -1,9 +1,12 @@
 """The training loop: one jitted step per optimizer update, sharded over the recipe's mesh.
 
 Gradient accumulation is a `lax.scan` over micro-batches inside the step, so `step` always
-counts optimizer updates and the schedule never sees micro-steps. The loss is a per-token sum
-divided by the number of target tokens of the whole (accumulated, packed) batch. The objective
-is a function of (params, apply_fn, batch) -> (loss_sum, tokens): swap it without touching the loop.
+counts optimizer updates and the schedule never sees micro-steps. The loss is a sum over the
+objective's units (target tokens for `lm`, preference pairs for `dpo`) divided by their count in
+the whole (accumulated, packed) batch. An objective is a function of (params, apply_fn, batch,
+*frozen) -> (loss_sum, sums) where sums holds "count" and the sums of its metrics; `frozen` is
+what it reads but never trains (DPO's reference weights), passed to the jitted step sharded like
+the parameters: swap the objective without touching the loop.
 Nothing forces a host sync per step: metrics are fetched only on logging steps.
 """
 
@@ -26,9 +29,16 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from trainer import cache, data, io, metrics, sharding
+from trainer import cache, data, dpo, io, metrics, sharding
 from trainer.checkpoint import EXIT_PREEMPTED, Checkpointer, CheckpointError
-from trainer.config import Recipe, RecipeError, TrainerError, check_batch_divisible, mesh_shape
+from trainer.config import (
+    ObjectiveConfig,
+    Recipe,
+    RecipeError,
+    TrainerError,
+    check_batch_divisible,
+    mesh_shape,
+)
 from trainer.mixture import Mixture
 from trainer.model import Decoder, count_params, init_params
 from trainer.optim import make_optimizer
@@ -45,45 +55,55 @@ class TrainState:
     rng: jax.Array
 
 
-def lm_loss(params, apply_fn: Callable, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def lm_loss(
+    params, apply_fn: Callable, batch: dict[str, jax.Array]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Next-token cross-entropy summed over weighted targets, and the number of targets."""
     logits = apply_fn({"params": params}, batch["tokens"], batch["segment_ids"])
     per_token = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), batch["targets"]
     )
-    return jnp.sum(per_token * batch["weights"]), jnp.sum(batch["weights"])
+    return jnp.sum(per_token * batch["weights"]), {"count": jnp.sum(batch["weights"])}
 
 
-OBJECTIVES = {"lm": lm_loss}
+def make_objective(cfg: ObjectiveConfig) -> Callable:
+    """The loss function `objective.name` selects, with its settings bound."""
+    if cfg.name == "dpo":
+        return functools.partial(dpo.dpo_loss, cfg=cfg)
+    return lm_loss
 
 
 def accumulate(
-    objective: Callable, params, apply_fn: Callable, batch
-) -> tuple[Any, jax.Array, jax.Array]:
-    """(summed gradients, summed loss, tokens) over the leading micro-batch axis of `batch`."""
-    grad_fn = jax.value_and_grad(lambda p, mb: objective(p, apply_fn, mb), has_aux=True)
+    objective: Callable, params, apply_fn: Callable, batch, frozen: tuple = ()
+) -> tuple[Any, jax.Array, dict[str, jax.Array]]:
+    """(summed gradients, summed loss, summed "count" and metrics) over the leading micro-batch
+    axis of `batch`."""
+    grad_fn = jax.value_and_grad(lambda p, mb: objective(p, apply_fn, mb, *frozen), has_aux=True)
     micro_batches = next(iter(batch.values())).shape[0]
     if micro_batches == 1:
-        (loss, tokens), grads = grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], batch))
-        return grads, loss, tokens
+        (loss, sums), grads = grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], batch))
+        return grads, loss, sums
 
     def body(carry, micro_batch):
-        grads_sum, loss_sum, tokens_sum = carry
-        (loss, tokens), grads = grad_fn(params, micro_batch)
+        grads_sum, loss_sum, sums_sum = carry
+        (loss, sums), grads = grad_fn(params, micro_batch)
         grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, grads)
-        return (grads_sum, loss_sum + loss, tokens_sum + tokens), None
+        return (grads_sum, loss_sum + loss, jax.tree_util.tree_map(jnp.add, sums_sum, sums)), None
 
+    first = jax.tree_util.tree_map(lambda x: x[0], batch)
+    sums_shape = jax.eval_shape(lambda: objective(params, apply_fn, first, *frozen)[1])
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    (grads, loss, tokens), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), batch)
-    return grads, loss, tokens
+    no_sums = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape)
+    (grads, loss, sums), _ = jax.lax.scan(body, (zeros, jnp.float32(0), no_sums), batch)
+    return grads, loss, sums
 
 
 def make_train_step(
     apply_fn: Callable, optimizer: optax.GradientTransformation, schedule, objective: Callable
 ):
-    def train_step(state: TrainState, batch):
-        grads, loss_sum, tokens = accumulate(objective, state.params, apply_fn, batch)
-        denominator = jnp.maximum(tokens, 1.0)
+    def train_step(state: TrainState, batch, *frozen):
+        grads, loss_sum, sums = accumulate(objective, state.params, apply_fn, batch, frozen)
+        denominator = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -91,7 +111,8 @@ def make_train_step(
             "loss": loss_sum / denominator,
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
-            "tokens": tokens,
+            "count": sums["count"],
+            **{name: value / denominator for name, value in sums.items() if name != "count"},
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), stats
 
@@ -99,13 +120,16 @@ def make_train_step(
 
 
 def make_eval_step(apply_fn: Callable, objective: Callable):
-    def eval_step(params, batch):
+    def eval_step(params, batch, *frozen):
         def body(carry, micro_batch):
-            loss, tokens = objective(params, apply_fn, micro_batch)
-            return (carry[0] + loss, carry[1] + tokens), None
+            loss, sums = objective(params, apply_fn, micro_batch, *frozen)
+            return (carry[0] + loss, jax.tree_util.tree_map(jnp.add, carry[1], sums)), None
 
-        (loss, tokens), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), batch)
-        return loss, tokens
+        first = jax.tree_util.tree_map(lambda x: x[0], batch)
+        sums_shape = jax.eval_shape(lambda: objective(params, apply_fn, first, *frozen)[1])
+        no_sums = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape)
+        (loss, sums), _ = jax.lax.scan(body, (jnp.float32(0), no_sums), batch)
+        return loss, sums
 
     return eval_step
 
@@ -146,10 +170,11 @@ class Run:
     state: TrainState
     state_shardings: Any
     batch_sharding: Any
-    train_step: Callable
-    eval_step: Callable
+    train_step: Callable  # (state, batch, *frozen) -> (state, stats)
+    eval_step: Callable  # (params, batch, *frozen) -> (loss sum, sums)
     total_steps: int
     flops_per_step: float
+    frozen: tuple = ()  # dpo: (the reference weights,), sharded like the parameters
 
 
 def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = None) -> Run:
@@ -178,17 +203,26 @@ def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = Non
         state = jax.jit(lambda st, p: st.replace(params=p, opt_state=optimizer.init(p)),
                         out_shardings=state_shardings, donate_argnums=0)(state, params)  # fmt: skip
     batch_sharding = sharding.batch_sharding(mesh)
-    objective = OBJECTIVES[recipe.train.objective]
+    objective = make_objective(recipe.objective)
+    # DPO's reference policy: the starting weights (fresh or model.init_from, rebuilt the same
+    # at every start, so a resumed run compares against the same reference), copied before the
+    # state is donated to the first step.
+    frozen, frozen_shardings = (), ()
+    if recipe.objective.name == "dpo":
+        copy = jax.jit(
+            lambda p: jax.tree_util.tree_map(jnp.copy, p), out_shardings=state_shardings.params
+        )
+        frozen, frozen_shardings = (copy(state.params),), (state_shardings.params,)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     train_step = jax.jit(
         make_train_step(model.apply, optimizer, schedule, objective),
-        in_shardings=(state_shardings, batch_sharding),
+        in_shardings=(state_shardings, batch_sharding, *frozen_shardings),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
     eval_step = jax.jit(
         make_eval_step(model.apply, objective),
-        in_shardings=(state_shardings.params, batch_sharding),
+        in_shardings=(state_shardings.params, batch_sharding, *frozen_shardings),
         out_shardings=replicated,
     )
     tokens_per_step = recipe.train.batch_size * recipe.train.seq_len
@@ -203,6 +237,7 @@ def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = Non
         eval_step,
         total_steps,
         flops,
+        frozen,
     )
 
 
@@ -242,13 +277,19 @@ def prepare_data(
 
 
 def evaluate(run: Run, eval_set: Mixture) -> dict[str, float]:
-    loss_sum = tokens = 0.0
+    """Held-out loss over `eval.batches` batches: with perplexity for lm, with TRL's
+    eval_rewards/* and eval_logps/* for dpo."""
+    loss_sum, totals = 0.0, {}
     for i in range(run.recipe.eval.batches):
         batch = global_batch(eval_set, i, run.recipe.train.grad_accum, run.batch_sharding)
-        loss, count = jax.device_get(run.eval_step(run.state.params, batch))
-        loss_sum, tokens = loss_sum + float(loss), tokens + float(count)
-    mean = loss_sum / max(tokens, 1.0)
-    return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
+        loss, sums = jax.device_get(run.eval_step(run.state.params, batch, *run.frozen))
+        loss_sum += float(loss)
+        totals = {name: totals.get(name, 0.0) + float(value) for name, value in sums.items()}
+    count = max(totals.pop("count"), 1.0)
+    result = {"eval_loss": loss_sum / count}
+    if run.recipe.objective.name == "lm":
+        result["eval_perplexity"] = math.exp(min(result["eval_loss"], 50.0))
+    return result | {f"eval_{name}": value / count for name, value in totals.items()}
 
 
 def load_initial_params(recipe: Recipe) -> tuple[Recipe, Any]:
@@ -337,12 +378,11 @@ def train(recipe: Recipe) -> int:
     step = int(jax.device_get(run.state.step))
     last: dict[str, Any] = {}
     batch = global_batch(train_set, step, recipe.train.grad_accum, run.batch_sharding)
-    compiled = run.train_step.lower(
-        run.state, batch
-    ).compile()  # keep compile time out of step times
+    # compiled before the loop: keep compile time out of step times
+    compiled = run.train_step.lower(run.state, batch, *run.frozen).compile()
     interval_start, interval_steps = time.perf_counter(), 0
     while step < run.total_steps:
-        run.state, stats = compiled(run.state, batch)
+        run.state, stats = compiled(run.state, batch, *run.frozen)
         step += 1
         interval_steps += 1
         if step < run.total_steps:  # read the next batch while the devices work on this one
@@ -366,10 +406,7 @@ def train(recipe: Recipe) -> int:
             last.update(result)
             if is_main:
                 log.write(result)
-                print(
-                    f"eval step {step}  loss {result['eval_loss']:.4f}  ppl {result['eval_perplexity']:.2f}",
-                    flush=True,
-                )
+                print(metrics.eval_line(result), flush=True)
             interval_start = time.perf_counter()
         if checkpointer.maybe_save(run.state, step):  # host step: no wait on the devices
             checkpointer.close()
@@ -394,7 +431,7 @@ def _step_record(
     step: int, stats: dict, step_time: float, flops_per_step: float, peak: float, recipe: Recipe
 ) -> dict[str, Any]:
     tokens_per_s = recipe.train.batch_size * recipe.train.seq_len / step_time
-    return {
+    record = {
         "step": step,
         "loss": float(stats["loss"]),
         "lr": float(stats["lr"]),
@@ -403,3 +440,7 @@ def _step_record(
         "mfu": flops_per_step / step_time / peak if peak else 0.0,
         "step_time_s": step_time,
     }
+    if recipe.objective.name == "dpo":  # the step's pairs and TRL's metrics, averaged over them
+        record["pairs"] = int(stats["count"])
+        record |= {name: float(stats[name]) for name in metrics.PREFERENCE_METRICS}
+    return record
