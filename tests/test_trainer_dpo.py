@@ -188,3 +188,26 @@ def test_tiny_dpo_recipe_raises_reward_accuracy_above_0_9(tmp_path):
     (evaluation,) = [r for r in records if "eval_loss" in r]
     assert evaluation["eval_rewards/accuracies"] > 0.9 and "eval_perplexity" not in evaluation
     assert "rewards/accuracies 1.0000" in output and "eval step 40  loss" in output
+
+
+@pytest.mark.slow
+def test_grad_accumulation_averages_over_the_pairs_of_the_whole_batch(tmp_path):
+    results = {}
+    for accum in (1, 2):
+        overrides = [f"run_dir={tmp_path}", "train.batch_size=16", f"train.grad_accum={accum}"]
+        recipe = load_recipe(str(TINY_DPO), overrides)
+        dataset = train.prepare_data(recipe, "train", shuffle=True)
+        run = train.setup(recipe, dataset)
+        batch = train.global_batch(dataset, 0, accum, run.batch_sharding)
+        state, _ = run.train_step(run.state, batch, *run.frozen)  # moves off the reference
+        batch = train.global_batch(dataset, 1, accum, run.batch_sharding)
+        state, stats = run.train_step(state, batch, *run.frozen)
+        results[accum] = jax.device_get((stats, state.params))
+    (one, params_one), (two, params_two) = results[1], results[2]
+    assert one["count"] == two["count"] >= 8
+    for key in ("loss", "grad_norm", *PREFERENCE_METRICS):
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    leaves = zip(jax.tree_util.tree_leaves(params_one), jax.tree_util.tree_leaves(params_two),
+                 strict=True)  # fmt: skip
+    for a, b in leaves:
+        np.testing.assert_allclose(a, b, atol=1e-5)

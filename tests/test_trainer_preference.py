@@ -3,11 +3,15 @@ of data.format chat, the length rule, counted skips and one-line errors naming t
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from tests.fixtures_data import TOKENIZER, build, plan, settings, write_jsonl
 from tests.fixtures_hf import train_tokenizer
+from tests.fixtures_trainer import REPO, trainer_env
 from trainer import cache, chat, data
 from trainer.config import DataConfig, RecipeError, TokenizerConfig
 from trainer.preference import Skipped, tokenize_pair
@@ -167,3 +171,16 @@ def test_a_bad_record_stops_the_build_with_its_file_and_line(tmp_path):
     caches = plan(str(tmp_path / "cache"), [str(path)], format="preference")
     with pytest.raises(RecipeError, match=rf"^{path}:4: data.format preference: the record has no"):
         cache.build(caches, settings(CFG, 33))
+
+
+def test_the_trainer_stops_on_a_bad_record_with_one_line_and_exit_2(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [*pairs(2), {"prompt": "p", "rejected": " a."}])
+    args = [str(REPO / "recipes" / "tiny-dpo.yaml"), f"run_dir={tmp_path / 'run'}",
+            f"data.train=[{path}]", "data.eval=[]"]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True,
+                            text=True, env=trainer_env(2), timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(
+        f"error: {path}:3: data.format preference: the record has no 'chosen'"
+    )
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stdout + result.stderr
