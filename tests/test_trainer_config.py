@@ -120,7 +120,7 @@ def test_explicit_dims_override_the_preset(tmp_path):
         ("", ["model.family=qwen2", "model.rope_scaling=llama3"], "not supported for qwen2"),
         ("", ["data.chat_template=nope.jinja"], "data.chat_template: nope.jinja does not exist"),
         ("", ["objective=ppo"], "objective.name: 'ppo' is not supported; use one of lm, dpo"),
-        ("", ["objective=dpo"], "dpo trains on preference pairs, so set both"),
+        ("", ["objective=dpo"], "dpo and reward train on preference pairs, so set both"),
         ("", ["data.format=preference"], "objective.name lm with data.format preference"),
         (
             "objective: dpo\n",

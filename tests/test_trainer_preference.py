@@ -18,7 +18,7 @@ from trainer.preference import Skipped, tokenize_pair
 from trainer.tokenizer import Tokenizer, load_tokenizer
 
 CFG = DataConfig(format="preference")
-ROW = 257
+ROW = 256
 PROMPT = [
     {"role": "system", "content": "You count."},
     {"role": "user", "content": "Count from one."},

@@ -209,7 +209,7 @@ def build_shard(cache: DatasetCache, shard: int, settings: Settings, memory_mb: 
         _TOKENIZERS[settings.tokenizer_key] = settings.tokenizer()
     tok = _TOKENIZERS[settings.tokenizer_key]
     unit, cfg, row_len = cache.units[shard], settings.data, settings.row_len
-    packer = data.Packer(row_len, split_documents=cfg.format == "text")
+    packer = data.packer(cfg, row_len)
     flush_rows = max(1, memory_mb * 2**20 // (2 * data.row_bytes(row_len)))
     rows_path = shard_path(cache, shard, "rows")
     io.makedirs(cache.directory)

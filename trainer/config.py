@@ -201,7 +201,8 @@ class ObjectiveConfig:
     """What the loss is. A recipe may write `objective: dpo` for `objective: {name: dpo}`."""
 
     shorthand: ClassVar[str] = "name"
-    name: str = "lm"  # lm: next-token loss | dpo: preference pairs (data.format: preference)
+    # lm: next-token loss | dpo, reward: on preference pairs (data.format: preference)
+    name: str = "lm"
     beta: float = 0.1  # dpo: strength of the pull towards the reference policy
     loss: str = "sigmoid"  # dpo: sigmoid | ipo | hinge
     label_smoothing: float = 0.0  # dpo sigmoid: assumed share of flipped labels (cDPO)
@@ -525,7 +526,7 @@ CHOICES = {
     "data.format": ("text", "chat", "prompt_completion", "preference"),
     "optimizer.name": ("adamw", "adafactor", "lion"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
-    "objective.name": ("lm", "dpo"),
+    "objective.name": ("lm", "dpo", "reward"),
     "objective.loss": ("sigmoid", "ipo", "hinge"),
     "objective.reference": ("frozen",),
 }
@@ -541,11 +542,20 @@ def _validate_choices(recipe: Recipe) -> None:
 
 def _validate_objective(objective: ObjectiveConfig, data: DataConfig) -> None:
     pairs = data.format == "preference"
-    if (objective.name == "dpo") != pairs:
+    if (objective.name != "lm") != pairs:
         raise RecipeError(
-            f"objective.name {objective.name} with data.format {data.format}: dpo trains on "
-            "preference pairs, so set both (objective: dpo, data.format: preference) or neither"
+            f"objective.name {objective.name} with data.format {data.format}: dpo and reward "
+            "train on preference pairs, so set both (e.g. objective: dpo, data.format: "
+            "preference) or neither"
         )
+    if objective.name != "dpo":
+        defaults = ObjectiveConfig(name=objective.name)
+        for f in dataclasses.fields(ObjectiveConfig):
+            if getattr(objective, f.name) != getattr(defaults, f.name):
+                raise RecipeError(
+                    f"objective.{f.name} applies to objective dpo only; remove it for "
+                    f"objective {objective.name}"
+                )
     if objective.beta <= 0:
         raise RecipeError(f"objective.beta must be positive, got {objective.beta}")
     if not 0 <= objective.label_smoothing < 0.5:

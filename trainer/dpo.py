@@ -37,18 +37,20 @@ def pair_logps(
         logits_BxLxV.astype(jnp.float32), batch["targets"]
     )
     weights_BxL = batch["weights"]
-    # Segment ids run to at most seq_len + 1; 2P + 1 slots hold segment 0 (padding) and P pairs.
-    pairs = (tokens_BxL.shape[1] + 2) // 2
-
-    def per_segment(values_BxL: jax.Array) -> jax.Array:
-        sums = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=2 * pairs + 1))(
-            values_BxL, segments_BxL
-        )
-        return sums[:, 1::2], sums[:, 2::2]
-
-    chosen_BxP, rejected_BxP = per_segment(logp_BxL * weights_BxL)
-    chosen_n_BxP, rejected_n_BxP = per_segment(weights_BxL)
+    chosen_BxP, rejected_BxP = pair_sums(logp_BxL * weights_BxL, segments_BxL)
+    chosen_n_BxP, rejected_n_BxP = pair_sums(weights_BxL, segments_BxL)
     return chosen_BxP, rejected_BxP, chosen_n_BxP, rejected_n_BxP
+
+
+def pair_sums(values_BxL: jax.Array, segments_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token values summed per sequence: (chosen sums, rejected sums), each [rows, pairs],
+    segments 2k - 1 and 2k giving pair k of its row."""
+    # Segment ids run to at most seq_len; 2P + 1 slots hold segment 0 (padding) and P pairs.
+    pairs = (segments_BxL.shape[1] + 2) // 2
+    sums = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=2 * pairs + 1))(
+        values_BxL, segments_BxL
+    )
+    return sums[:, 1::2], sums[:, 2::2]
 
 
 def dpo_loss(

@@ -13,10 +13,10 @@ Records follow TRL's conventions, `prompt` + `chosen` + `rejected`:
 Conversations are rendered with the chat template rules of `data.format: chat`; only the final
 assistant turn is learned (flag 1), so only response tokens count in the log-probabilities.
 
-Length rule: a pair goes whole into one packed row of `seq_len + 1` tokens, its two
-sequences side by side (each with its own copy of the prompt, as two segments). A pair that
-does not fit first loses prompt tokens from the start (the end, next to the response, is
-kept), each prompt keeping at least a quarter of the row; then the longer response loses
+Length rule: a pair goes whole into one packed row, its two sequences side by side in at most
+`seq_len` tokens (each with its own copy of the prompt, as two segments). A pair that does not
+fit first loses prompt tokens from the start (the end, next to the response, is kept), each
+prompt keeping at least a quarter of seq_len; then the longer response loses
 tokens from its end until both fit. A response longer than `seq_len` on its own, an empty
 response and a pair whose two sequences are identical are skipped and counted (the cache
 summary reports them); a record that is not a pair is an error naming it and the fix.
@@ -45,10 +45,10 @@ class Skipped(Exception):
 
 
 def tokenize_pair(
-    record: object, tok: Tokenizer, cfg: DataConfig, row_len: int
+    record: object, tok: Tokenizer, cfg: DataConfig, budget: int
 ) -> tuple[Sequence, Sequence]:
-    """The (chosen, rejected) sequences of one record, fitted into `row_len` tokens together by
-    the length rule; raises Skipped or RecipeError."""
+    """The (chosen, rejected) sequences of one record, fitted into `budget` tokens together
+    (train.seq_len) by the length rule; raises Skipped or RecipeError."""
     if not isinstance(record, dict):
         raise RecipeError(f"data.format preference: a record is a JSON object, not {record!r:.40}")
     for name in ("chosen", "rejected"):
@@ -80,9 +80,9 @@ def tokenize_pair(
         raise Skipped("empty")
     if pc + rc == pr + rr:
         raise Skipped("identical")
-    if max(len(rc), len(rr)) > row_len - 1:
+    if max(len(rc), len(rr)) > budget:
         raise Skipped("too_long")
-    (pc, rc, fc), (pr, rr, fr) = _fit((pc, rc, fc), (pr, rr, fr), row_len)
+    (pc, rc, fc), (pr, rr, fr) = _fit((pc, rc, fc), (pr, rr, fr), budget)
     return _sequence(pc, rc, fc), _sequence(pr, rr, fr)
 
 
@@ -130,18 +130,18 @@ def _conversation(
     return tokens[:start], tokens[start:], flags[start:]
 
 
-def _fit(chosen: tuple, rejected: tuple, row_len: int) -> tuple[tuple, tuple]:
-    """Both (prompt, response, flags) cut by the length rule to fit `row_len` tokens together."""
+def _fit(chosen: tuple, rejected: tuple, budget: int) -> tuple[tuple, tuple]:
+    """Both (prompt, response, flags) cut by the length rule to fit `budget` tokens together."""
     (pc, rc, fc), (pr, rr, fr) = chosen, rejected
-    over = len(pc) + len(rc) + len(pr) + len(rr) - row_len
+    over = len(pc) + len(rc) + len(pr) + len(rr) - budget
     if over <= 0:
         return chosen, rejected
-    floor = row_len // 4
+    floor = budget // 4
     keep_c = max(min(len(pc), floor), len(pc) - (over + 1) // 2)
     keep_r = max(min(len(pr), floor), len(pr) - (over + 1) // 2)
     pc, pr = pc[len(pc) - keep_c :], pr[len(pr) - keep_r :]
-    room = row_len - len(pc) - len(pr)
-    if len(rc) + len(rr) > room:  # the prompts take at most half the row: room >= row_len / 2
+    room = budget - len(pc) - len(pr)
+    if len(rc) + len(rr) > room:  # the prompts take at most half: room >= budget / 2
         half = room // 2
         cap_c = len(rc) if len(rc) <= half else max(half, room - len(rr))
         cap_r = room - cap_c

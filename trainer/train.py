@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from trainer import cache, data, dpo, io, metrics, sharding
+from trainer import cache, data, dpo, io, metrics, reward, sharding
 from trainer.checkpoint import EXIT_PREEMPTED, Checkpointer, CheckpointError
 from trainer.config import (
     ObjectiveConfig,
@@ -70,7 +70,7 @@ def make_objective(cfg: ObjectiveConfig) -> Callable:
     """The loss function `objective.name` selects, with its settings bound."""
     if cfg.name == "dpo":
         return functools.partial(dpo.dpo_loss, cfg=cfg)
-    return lm_loss
+    return reward.reward_loss if cfg.name == "reward" else lm_loss
 
 
 def accumulate(
@@ -183,18 +183,23 @@ def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = Non
     check_batch_divisible(recipe.train, mesh_shape(recipe.mesh, jax.device_count()))
     total_steps = recipe.train.steps or math.ceil(recipe.train.epochs * train_set.steps_per_epoch())
     optimizer, schedule = make_optimizer(recipe.optimizer, total_steps)
-    model = Decoder(recipe.model)
+    head = "score" if recipe.objective.name == "reward" else "lm"
+    model = Decoder(recipe.model, head)
 
     def fresh_state(rng):
         init_rng, state_rng = jax.random.split(rng)
-        params = init_params(recipe.model, init_rng)
+        params = init_params(recipe.model, init_rng, head=head)
         return TrainState(jnp.int32(0), params, optimizer.init(params), state_rng)
 
     rng = jax.random.key(recipe.train.seed)
-    specs = sharding.state_specs(jax.eval_shape(fresh_state, rng), mesh)
+    abstract = jax.eval_shape(fresh_state, rng)
+    if init_params_from is not None:
+        _check_head(set(init_params_from), set(abstract.params), head)
+    specs = sharding.state_specs(abstract, mesh)
     state_shardings = sharding.named(mesh, specs)
     state = jax.jit(fresh_state, out_shardings=state_shardings)(rng)
     if init_params_from is not None:
+        init_params_from = _with_head(init_params_from, state.params, head)
         params = jax.tree_util.tree_map(
             lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i, x=x: x[i]),
             init_params_from,
@@ -239,6 +244,27 @@ def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = Non
         flops,
         frozen,
     )
+
+
+def _check_head(loaded: set[str], wanted: set[str], head: str) -> None:
+    """Refuse model.init_from weights that `_with_head` cannot turn into `wanted`."""
+    if head == "score" and "score" not in loaded:
+        loaded = (loaded - {"lm_head"}) | {"score"}
+    if loaded != wanted:
+        raise RecipeError(
+            f"model.init_from: its weights have {', '.join(sorted(loaded))} where this "
+            f"objective needs {', '.join(sorted(wanted))}; start an lm or dpo run from a causal "
+            "LM directory (a reward model's score head cannot generate)"
+        )
+
+
+def _with_head(loaded: dict, fresh: dict, head: str) -> dict:
+    """`loaded` (numpy, from model.init_from) with the head `head` needs: a reward model
+    trained from a causal LM gets a fresh score head in place of its LM head."""
+    if head == "score" and "score" not in loaded:
+        loaded = {k: v for k, v in loaded.items() if k != "lm_head"}
+        loaded["score"] = jax.device_get(fresh["score"])
+    return loaded
 
 
 def prepare_data(
@@ -440,7 +466,8 @@ def _step_record(
         "mfu": flops_per_step / step_time / peak if peak else 0.0,
         "step_time_s": step_time,
     }
-    if recipe.objective.name == "dpo":  # the step's pairs and TRL's metrics, averaged over them
+    pair_metrics = metrics.PAIR_METRICS.get(recipe.objective.name, ())
+    if pair_metrics:  # the step's pairs and TRL's metrics, averaged over them
         record["pairs"] = int(stats["count"])
-        record |= {name: float(stats[name]) for name in metrics.PREFERENCE_METRICS}
+        record |= {name: float(stats[name]) for name in pair_metrics}
     return record
