@@ -226,6 +226,7 @@ def remote_files(recipe_path: Path) -> list[str]:
         ("llama2-7b-sft-v3-256.yaml", 256),
         ("llama-1b-pretrain-v4-64.yaml", 32),
         ("llama3.1-8b-sft-v4-32.yaml", 16),
+        ("llama3.1-8b-dpo-v4-32.yaml", 16),
         ("qwen2.5-7b-sft-v3-256.yaml", 256),
     ],
 )

@@ -1,7 +1,8 @@
 """DPO against TRL: on the same weights and token ids, our loss and rewards/* / logps/* metrics
 over packed rows equal what TRL's DPOTrainer computes (its own forward pass through
 transformers, unpacked) for sigmoid, ipo, hinge and label smoothing; the first train step of a
-run from an HF directory matches too; tiny-dpo learns; a killed DPO run resumes exactly."""
+run from an HF directory matches too; gradient accumulation and 4 processes change nothing;
+tiny-dpo learns. (Kill and resume: tests/test_trainer_resume.py.)"""
 
 from __future__ import annotations
 
@@ -211,3 +212,27 @@ def test_grad_accumulation_averages_over_the_pairs_of_the_whole_batch(tmp_path):
                  strict=True)  # fmt: skip
     for a, b in leaves:
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_four_processes_equal_one_on_dpo_loss_and_rewards(tmp_path):
+    short = ["train.steps=10", "logging.every_steps=5", "eval.every_steps=0"]
+    one, four = tmp_path / "one", tmp_path / "four"
+    ((code, output),) = wait_all(
+        launch_trainer([str(TINY_DPO), f"run_dir={one}", *short], 1, 8, tmp_path), timeout=400
+    )
+    assert code == 0, output[-3000:]
+    pod = launch_trainer([str(TINY_DPO), f"run_dir={four}", *short], 4, 2, tmp_path)
+    results = wait_all(pod, timeout=400)
+    assert [c for c, _ in results] == [0] * 4, results[0][1][-3000:]
+    assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in output
+
+    def steps(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if "loss" in r]
+
+    single, pod_steps = steps(one), steps(four)
+    assert [r["pairs"] for r in pod_steps] == [r["pairs"] for r in single]
+    for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+        np.testing.assert_allclose([r[key] for r in pod_steps], [r[key] for r in single],
+                                   rtol=2e-4, atol=1e-5, err_msg=key)  # fmt: skip
