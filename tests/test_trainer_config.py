@@ -142,7 +142,11 @@ def test_explicit_dims_override_the_preset(tmp_path):
             ["data.format=preference"],
             "objective.label_smoothing applies to objective.loss sigmoid only",
         ),
-        ("", ["objective.reference=precompute"], "objective.reference: 'precompute' is not"),
+        (
+            "",
+            ["objective.reference=cached"],
+            "'cached' is not supported; use one of frozen, precompute",
+        ),
         ("", ["objective.betta=1"], "unknown key objective.betta"),
     ],
 )

@@ -236,3 +236,41 @@ def test_four_processes_equal_one_on_dpo_loss_and_rewards(tmp_path):
     for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
         np.testing.assert_allclose([r[key] for r in pod_steps], [r[key] for r in single],
                                    rtol=2e-4, atol=1e-5, err_msg=key)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_precomputed_reference_logps_train_as_the_frozen_copy_and_never_drift(tmp_path):
+    from trainer import reference
+    from trainer.config import TrainerError
+
+    results = {}
+    for kind in ("frozen", "precompute"):
+        overrides = [f"run_dir={tmp_path / kind}", f"data.cache_dir={tmp_path / 'cache'}",
+                     f"objective.reference={kind}"]  # fmt: skip
+        recipe = load_recipe(str(TINY_DPO), overrides)
+        dataset = train.prepare_data(recipe, "train", shuffle=True)
+        run = train.setup(recipe, dataset)
+        ref_logps = reference.prepare(run, dataset, "train") if kind == "precompute" else None
+        state = run.state
+        for step in range(3):  # past the first step, where policy and reference coincide
+            batch = train.global_batch(dataset, step, 1, run.batch_sharding, ref_logps)
+            state, stats = run.train_step(state, batch, *run.frozen)
+        results[kind] = jax.device_get(stats)
+    assert run.frozen == ()  # precompute holds no copy of the weights
+    assert ref_logps.shape[:2] == (dataset.reader.rows, 2)
+    frozen, precomputed = results["frozen"], results["precompute"]
+    assert abs(frozen["rewards/margins"]) > 1e-3
+    for key in ("loss", "grad_norm", *PREFERENCE_METRICS):
+        np.testing.assert_allclose(precomputed[key], frozen[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+    # A later start reads them back (even with trained weights in the state), never recomputes.
+    stored = tmp_path / "precompute" / "reference_logps" / "train.npy"
+    written = stored.stat().st_mtime_ns
+    run.state = state
+    np.testing.assert_array_equal(reference.prepare(run, dataset, "train"), ref_logps)
+    assert stored.stat().st_mtime_ns == written
+    other = dataclasses.replace(
+        run, recipe=load_recipe(str(TINY_DPO), [*overrides, "train.seed=1"])
+    )
+    with pytest.raises(TrainerError, match="holds reference log-probs of other starting weights"):
+        reference.prepare(other, dataset, "train")

@@ -229,12 +229,20 @@ def test_four_processes_on_gcs_killed_twice_match_uninterrupted_run_on_a_mixture
 
 
 @pytest.mark.slow
-def test_a_killed_dpo_run_resumes_to_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("kind", ["frozen", "precompute"])
+def test_a_killed_dpo_run_resumes_to_the_uninterrupted_run(kind, tmp_path):
     reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
-    TrainerPod(reference, 1, tmp_path / "jax-cache", DPO).finish()
+    extra = (*DPO, f"objective.reference={kind}")
+    TrainerPod(reference, 1, tmp_path / "jax-cache", extra).finish()
     stops = [(signal.SIGKILL, random.randint(5, 10)), (signal.SIGTERM, random.randint(13, 18))]
-    kills = _interrupted_run(resumed, 1, stops, tmp_path / "jax-cache", DPO)
+    kills = _interrupted_run(resumed, 1, stops, tmp_path / "jax-cache", extra)
     _check_resumed_run_matches(reference, resumed, kills)
+    if kind == "precompute":  # computed once; a start with trained checkpoints reads it back
+        stored = Path(resumed) / "reference_logps" / "train.npy"
+        written = stored.stat().st_mtime_ns
+        output = TrainerPod(resumed, 1, tmp_path / "jax-cache", extra).finish()
+        assert f"trainer: reference log-probs of train read from {stored}" in output
+        assert stored.stat().st_mtime_ns == written
     for key in ("rewards/margins", "logps/rejected"):  # the reference came back the same
         expected = {step: values[0] for step, values in _losses(reference, key).items()}
         for step, values in _losses(resumed, key).items():

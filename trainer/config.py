@@ -206,7 +206,9 @@ class ObjectiveConfig:
     beta: float = 0.1  # dpo: strength of the pull towards the reference policy
     loss: str = "sigmoid"  # dpo: sigmoid | ipo | hinge
     label_smoothing: float = 0.0  # dpo sigmoid: assumed share of flipped labels (cDPO)
-    reference: str = "frozen"  # dpo: the starting weights, kept as a frozen sharded copy
+    # dpo: the starting weights' log-probs, from a frozen sharded copy of them (frozen) or
+    # computed once before training and stored in the run directory (precompute)
+    reference: str = "frozen"
 
 
 @dataclass(frozen=True)
@@ -528,7 +530,7 @@ CHOICES = {
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "objective.name": ("lm", "dpo", "reward"),
     "objective.loss": ("sigmoid", "ipo", "hinge"),
-    "objective.reference": ("frozen",),
+    "objective.reference": ("frozen", "precompute"),
 }
 
 

@@ -3,7 +3,8 @@
 A row holds whole pairs, the k-th pair's chosen sequence on segment 2k - 1 and its rejected
 one on segment 2k; a sequence's log-probability is the sum over its response tokens (targets
 with loss weight 1) of log p(token | the tokens before it in its segment). The reference is
-the frozen starting weights. Losses, with delta = (chosen - ref chosen) - (rejected - ref
+the starting weights: a frozen copy run beside the policy, or their log-probs precomputed
+once (trainer.reference) and carried in the batch. Losses, with delta = (chosen - ref chosen) - (rejected - ref
 rejected) in summed log-probabilities:
 
 - sigmoid: -(1 - eps) log sigmoid(beta delta) - eps log sigmoid(-beta delta) (eps =
@@ -54,12 +55,25 @@ def pair_sums(values_BxL: jax.Array, segments_BxL: jax.Array) -> tuple[jax.Array
 
 
 def dpo_loss(
-    params, apply_fn: Callable, batch: dict[str, jax.Array], reference, cfg: ObjectiveConfig
+    params,
+    apply_fn: Callable,
+    batch: dict[str, jax.Array],
+    reference=None,
+    *,
+    cfg: ObjectiveConfig,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The DPO loss summed over the batch's pairs, and sums of the pair count ("count") and of
-    metrics.PREFERENCE_METRICS."""
+    metrics.PREFERENCE_METRICS; the reference log-probs come from the `reference` weights or,
+    without them, from the batch's precomputed `ref_chosen`/`ref_rejected`."""
     chosen, rejected, chosen_n, rejected_n = pair_logps(params, apply_fn, batch)
-    ref_chosen, ref_rejected, _, _ = pair_logps(jax.lax.stop_gradient(reference), apply_fn, batch)
+    if reference is not None:  # the frozen starting weights
+        ref_chosen, ref_rejected, _, _ = pair_logps(
+            jax.lax.stop_gradient(reference), apply_fn, batch
+        )
+    else:  # precomputed (trainer.reference), for the row's first pair slots
+        slots = ((0, 0), (0, chosen.shape[1] - batch["ref_chosen"].shape[1]))
+        ref_chosen = jnp.pad(batch["ref_chosen"], slots)
+        ref_rejected = jnp.pad(batch["ref_rejected"], slots)
     valid = ((chosen_n > 0) & (rejected_n > 0)).astype(jnp.float32)
     chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
     delta = chosen_ratio - rejected_ratio

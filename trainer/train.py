@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from trainer import cache, data, dpo, io, metrics, reward, sharding
+from trainer import cache, data, dpo, io, metrics, reference, reward, sharding
 from trainer.checkpoint import EXIT_PREEMPTED, Checkpointer, CheckpointError
 from trainer.config import (
     ObjectiveConfig,
@@ -135,10 +135,11 @@ def make_eval_step(apply_fn: Callable, objective: Callable):
 
 
 def global_batch(
-    dataset: Mixture, step: int, grad_accum: int, batch_sharding
+    dataset: Mixture, step: int, grad_accum: int, batch_sharding, ref_logps=None
 ) -> dict[str, jax.Array]:
     """Global batch `step` as sharded arrays [grad_accum, micro, seq]; this process reads only the
-    rows its devices hold."""
+    rows its devices hold. With `ref_logps` ([rows, 2, pairs], trainer.reference) the batch also
+    carries the rows' precomputed `ref_chosen` / `ref_rejected` [grad_accum, micro, pairs]."""
     rows = dataset.batch_rows(step).reshape(grad_accum, -1)
     shape = (*rows.shape, dataset.reader.row_len - 1)
     local: dict[tuple, dict[str, np.ndarray]] = {}
@@ -147,13 +148,18 @@ def global_batch(
         if key not in local:
             picked = rows[index[0], index[1]]
             arrays = data.batch_arrays(dataset.reader.read(picked.reshape(-1)))
+            if ref_logps is not None:
+                arrays["ref_chosen"] = ref_logps[picked.reshape(-1), 0]
+                arrays["ref_rejected"] = ref_logps[picked.reshape(-1), 1]
             local[key] = {k: v.reshape(*picked.shape, -1) for k, v in arrays.items()}
-    fields = next(iter(local.values())).keys()
+    fields = next(iter(local.values()))
     return {
         name: jax.make_array_from_callback(
-            shape, batch_sharding, lambda i, n=name: local[_index_key(i)][n]
+            (*rows.shape, value.shape[-1]),
+            batch_sharding,
+            lambda i, n=name: local[_index_key(i)][n],
         )
-        for name in fields
+        for name, value in fields.items()
     }
 
 
@@ -213,7 +219,7 @@ def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = Non
     # at every start, so a resumed run compares against the same reference), copied before the
     # state is donated to the first step.
     frozen, frozen_shardings = (), ()
-    if recipe.objective.name == "dpo":
+    if recipe.objective.name == "dpo" and recipe.objective.reference == "frozen":
         copy = jax.jit(
             lambda p: jax.tree_util.tree_map(jnp.copy, p), out_shardings=state_shardings.params
         )
@@ -302,12 +308,14 @@ def prepare_data(
     return Mixture(readers, entries, batch_size, seed, shuffle=shuffle)
 
 
-def evaluate(run: Run, eval_set: Mixture) -> dict[str, float]:
+def evaluate(run: Run, eval_set: Mixture, ref_logps=None) -> dict[str, float]:
     """Held-out loss over `eval.batches` batches: with perplexity for lm, with TRL's
-    eval_rewards/* and eval_logps/* for dpo."""
+    eval_rewards/* and eval_logps/* for dpo (`ref_logps`: the split's precomputed ones)."""
     loss_sum, totals = 0.0, {}
     for i in range(run.recipe.eval.batches):
-        batch = global_batch(eval_set, i, run.recipe.train.grad_accum, run.batch_sharding)
+        batch = global_batch(
+            eval_set, i, run.recipe.train.grad_accum, run.batch_sharding, ref_logps
+        )
         loss, sums = jax.device_get(run.eval_step(run.state.params, batch, *run.frozen))
         loss_sum += float(loss)
         totals = {name: totals.get(name, 0.0) + float(value) for name, value in sums.items()}
@@ -374,6 +382,12 @@ def train(recipe: Recipe) -> int:
         prepare_data(recipe, "eval", shuffle=False, progress=progress) if recipe.data.eval else None
     )
     run = setup(recipe, train_set, hf_params)
+    references: dict[str, Any] = {"train": None, "eval": None}
+    if recipe.objective.name == "dpo" and recipe.objective.reference == "precompute":
+        # from the starting weights, so before a checkpoint replaces them; read back on resume
+        references["train"] = reference.prepare(run, train_set, "train")
+        if eval_set:
+            references["eval"] = reference.prepare(run, eval_set, "eval")
     checkpointer = Checkpointer(
         io.join(recipe.run_dir, "checkpoints"),
         recipe.checkpoint,
@@ -403,7 +417,9 @@ def train(recipe: Recipe) -> int:
 
     step = int(jax.device_get(run.state.step))
     last: dict[str, Any] = {}
-    batch = global_batch(train_set, step, recipe.train.grad_accum, run.batch_sharding)
+    batch = global_batch(
+        train_set, step, recipe.train.grad_accum, run.batch_sharding, references["train"]
+    )
     # compiled before the loop: keep compile time out of step times
     compiled = run.train_step.lower(run.state, batch, *run.frozen).compile()
     interval_start, interval_steps = time.perf_counter(), 0
@@ -412,7 +428,9 @@ def train(recipe: Recipe) -> int:
         step += 1
         interval_steps += 1
         if step < run.total_steps:  # read the next batch while the devices work on this one
-            batch = global_batch(train_set, step, recipe.train.grad_accum, run.batch_sharding)
+            batch = global_batch(
+                train_set, step, recipe.train.grad_accum, run.batch_sharding, references["train"]
+            )
         if step % recipe.logging.every_steps == 0 or step == run.total_steps:
             stats = jax.device_get(stats)
             elapsed = time.perf_counter() - interval_start
@@ -428,7 +446,7 @@ def train(recipe: Recipe) -> int:
             and recipe.eval.every_steps
             and (step % recipe.eval.every_steps == 0 or step == run.total_steps)
         ):
-            result = {"step": step, **evaluate(run, eval_set)}
+            result = {"step": step, **evaluate(run, eval_set, references["eval"])}
             last.update(result)
             if is_main:
                 log.write(result)
