@@ -100,8 +100,8 @@ def trl_reference(pairs, policy, reference, loss_type, cfg, tokenizer_dir) -> di
 
 def our_metrics(params, reference, batch, cfg: ObjectiveConfig) -> dict[str, float]:
     apply = Decoder(CFG).apply
-    loss, sums = dpo.dpo_loss(params, apply, {k: jnp.asarray(v) for k, v in batch.items()},
-                              reference, cfg)  # fmt: skip
+    arrays = {k: jnp.asarray(v) for k, v in batch.items()}
+    loss, sums = dpo.dpo_loss(params, apply, arrays, reference, cfg=cfg)
     count = float(sums["count"])
     return {"loss": float(loss) / count} | {m: float(sums[m]) / count for m in PREFERENCE_METRICS}
 
