@@ -1,7 +1,8 @@
 """Generate the tiny committed corpus and its sentencepiece tokenizer (recipes/data/).
 
 Nothing is downloaded: the text comes from a small seeded grammar with learnable structure
-(agreement, counting, arithmetic facts, repeated entities), so a tiny model's loss falls fast.
+(agreement, counting, arithmetic facts, repeated entities), so a tiny model's loss falls fast;
+the preference pairs prefer counting in order to the same numbers shuffled.
 Run from the repository root: `python scripts/make_tiny_data.py`.
 """
 
@@ -65,6 +66,21 @@ def chat(rng: random.Random) -> dict:
     }
 
 
+def preference(rng: random.Random) -> dict:
+    """A DPO pair whose chosen response follows the rule (counting up in order) and whose
+    rejected response names the same numbers out of order."""
+    start, length = rng.randint(0, 5), rng.randint(3, 5)
+    words = NUMBERS[start : start + length]
+    shuffled = list(words)
+    while shuffled == words:
+        rng.shuffle(shuffled)
+    return {
+        "prompt": f"Count up from {words[0]}:",
+        "chosen": " " + ", ".join(words) + ".",
+        "rejected": " " + ", ".join(shuffled) + ".",
+    }
+
+
 def main() -> None:
     rng = random.Random(SEED)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -75,6 +91,11 @@ def main() -> None:
     with (OUT / "tiny_chat.jsonl").open("w") as f:
         for _ in range(500):
             f.write(json.dumps(chat(rng)) + "\n")
+    pairs = random.Random(SEED + 1)  # its own stream: the files above stay as they were
+    for name, count in (("tiny_preference.jsonl", 600), ("tiny_preference_eval.jsonl", 100)):
+        with (OUT / name).open("w") as f:
+            for _ in range(count):
+                f.write(json.dumps(preference(pairs)) + "\n")
     spm.SentencePieceTrainer.train(
         input=str(OUT / "tiny_train.txt"),
         model_prefix=str(OUT / "tokenizer"),

@@ -55,15 +55,20 @@ SHAPES: dict[str, ModelConfig] = {
 }
 
 
-def hf_model(cfg: ModelConfig, seed: int = 0):
-    """The transformers model of `cfg` (eager attention, float32) with random weights."""
+def hf_model(cfg: ModelConfig, seed: int = 0, score: bool = False):
+    """The transformers model of `cfg` (eager attention, float32) with random weights; with
+    `score`, its *ForSequenceClassification with one label (a reward model)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
     hf_cfg = hf_config_from_model(cfg)
     config = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    auto = transformers.AutoModelForCausalLM
+    if score:
+        config.num_labels = 1
+        auto = transformers.AutoModelForSequenceClassification
+    model = auto.from_config(config, attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
             norm = "norm" in name

@@ -119,6 +119,35 @@ def test_explicit_dims_override_the_preset(tmp_path):
         ("", ["model.rope_scaling=yarn"], "model.rope_scaling: 'yarn' is not supported for llama"),
         ("", ["model.family=qwen2", "model.rope_scaling=llama3"], "not supported for qwen2"),
         ("", ["data.chat_template=nope.jinja"], "data.chat_template: nope.jinja does not exist"),
+        ("", ["objective=ppo"], "objective.name: 'ppo' is not supported; use one of lm, dpo"),
+        ("", ["objective=dpo"], "dpo and reward train on preference pairs, so set both"),
+        ("", ["data.format=preference"], "objective.name lm with data.format preference"),
+        (
+            "objective: dpo\n",
+            ["data.format=preference", "objective.loss=simpo"],
+            "objective.loss: 'simpo' is not supported; use one of sigmoid, ipo, hinge",
+        ),
+        (
+            "objective: dpo\n",
+            ["data.format=preference", "objective.beta=0"],
+            "objective.beta must be positive",
+        ),
+        (
+            "objective: dpo\n",
+            ["data.format=preference", "objective.label_smoothing=0.5"],
+            "objective.label_smoothing must be in [0, 0.5)",
+        ),
+        (
+            "objective: {name: dpo, loss: ipo, label_smoothing: 0.1}\n",
+            ["data.format=preference"],
+            "objective.label_smoothing applies to objective.loss sigmoid only",
+        ),
+        (
+            "",
+            ["objective.reference=cached"],
+            "'cached' is not supported; use one of frozen, precompute",
+        ),
+        ("", ["objective.betta=1"], "unknown key objective.betta"),
     ],
 )
 def test_bad_recipes_get_one_line_errors_naming_the_key(tmp_path, extra, overrides, message):
@@ -126,6 +155,17 @@ def test_bad_recipes_get_one_line_errors_naming_the_key(tmp_path, extra, overrid
         load_recipe(write(tmp_path, recipe_text(extra)), overrides)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_objective_is_a_name_or_a_section_and_overrides_reach_either(tmp_path):
+    assert load_recipe(write(tmp_path, recipe_text())).objective.name == "lm"
+    short = write(tmp_path, recipe_text("objective: dpo\n"))
+    recipe = load_recipe(short, ["data.format=preference", "objective.beta=0.5"])
+    assert (recipe.objective.name, recipe.objective.beta) == ("dpo", 0.5)
+    assert recipe.objective.loss == "sigmoid" and recipe.objective.reference == "frozen"
+    tiny = load_recipe(str(REPO / "recipes" / "tiny-dpo.yaml"), ["objective.loss=hinge"])
+    assert (tiny.objective.name, tiny.objective.loss) == ("dpo", "hinge")
+    assert tiny.data.format == "preference"
 
 
 def test_init_from_implies_its_tokenizer_and_templates_resolve_like_files(tmp_path):
@@ -190,6 +230,7 @@ def remote_files(recipe_path: Path) -> list[str]:
         ("llama2-7b-sft-v3-256.yaml", 256),
         ("llama-1b-pretrain-v4-64.yaml", 32),
         ("llama3.1-8b-sft-v4-32.yaml", 16),
+        ("llama3.1-8b-dpo-v4-32.yaml", 16),
         ("qwen2.5-7b-sft-v3-256.yaml", 256),
     ],
 )

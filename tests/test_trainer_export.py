@@ -210,3 +210,32 @@ def test_each_family_exports_in_its_own_format_with_its_tokenizer(shape, tmp_pat
     with torch.no_grad():
         theirs = model.eval()(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_a_reward_model_exports_as_sequence_classification_with_equal_scores(tmp_path):
+    import jax
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.fixtures_hf import BASE, hf_state
+    from trainer.export import export
+    from trainer.hf import params_from_hf
+    from trainer.model import Decoder
+
+    original = hf_model(BASE, seed=0, score=True)
+    params = params_from_hf(hf_state(original), BASE)
+    rng = np.random.default_rng(0)  # "trained" weights: not the ones transformers initialised
+    params = jax.tree.map(lambda p: p + rng.normal(0, 0.02, p.shape).astype(p.dtype), params)
+    _save_run(str(tmp_path / "run"), BASE, params)
+    export(str(tmp_path / "run"), str(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert sorted(_hf_tensors(tmp_path / "out")) == sorted(hf_state(original))  # score, no lm_head
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    assert model.config.num_labels == 1
+    for length in (5, 17):
+        tokens = rng.integers(0, BASE.vocab_size, size=(1, length))
+        ours = Decoder(BASE, "score").apply({"params": params}, jax.numpy.asarray(tokens))
+        with torch.no_grad():
+            theirs = model(torch.tensor(tokens)).logits[0, 0].item()
+        assert float(ours[0, -1]) == pytest.approx(theirs, abs=1e-4)  # the last token's score

@@ -2,7 +2,8 @@
 first) and started again reaches the same per-step losses and the same final parameters as an
 uninterrupted run, bit for bit on the CPU; on 1 process (local run directory) and on 4
 jax.distributed processes writing to a GCS emulator (SIGKILLed twice) on a mixture of
-per-epoch subsets whose token cache those 4 processes build together."""
+per-epoch subsets whose token cache those 4 processes build together; and a DPO run, whose
+frozen reference must come back the same at every start."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from trainer import io
 from trainer.checkpoint import EXIT_PREEMPTED
@@ -38,6 +40,12 @@ OVERRIDES = [
 # Epochs of subsets crossed within the run: 87 + 40 rows an epoch, 192 rows in 24 steps.
 MIXTURE = (
     "data.train=[{path: data/tiny_train.txt, fraction: 0.05}, {path: data/tiny_eval.txt, size: 40}]"
+)
+DPO = (
+    "data.train=[data/tiny_preference.jsonl]",
+    "data.eval=[]",
+    "data.format=preference",
+    "objective=dpo",
 )
 RUN_TIMEOUT_S = 240
 PROGRESS = re.compile(r"^step (\d+) ", re.MULTILINE)
@@ -129,13 +137,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _losses(run_dir: str) -> dict[int, list[float]]:
-    """Every loss logged for each step, over all attempts."""
+def _losses(run_dir: str, key: str = "loss") -> dict[int, list[float]]:
+    """Every value of `key` logged for each step, over all attempts."""
     losses: dict[int, list[float]] = {}
     for line in io.read_text(io.join(run_dir, "metrics.jsonl")).splitlines():
         record = json.loads(line)
-        if "loss" in record:
-            losses.setdefault(record["step"], []).append(record["loss"])
+        if key in record:
+            losses.setdefault(record["step"], []).append(record[key])
     return losses
 
 
@@ -218,3 +226,24 @@ def test_four_processes_on_gcs_killed_twice_match_uninterrupted_run_on_a_mixture
     stops = [(signal.SIGKILL, step) for step in targets]
     kills = _interrupted_run(resumed, 4, stops, tmp_path / "jax-cache", (MIXTURE,))
     _check_resumed_run_matches(reference, resumed, kills)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["frozen", "precompute"])
+def test_a_killed_dpo_run_resumes_to_the_uninterrupted_run(kind, tmp_path):
+    reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
+    extra = (*DPO, f"objective.reference={kind}")
+    TrainerPod(reference, 1, tmp_path / "jax-cache", extra).finish()
+    stops = [(signal.SIGKILL, random.randint(5, 10)), (signal.SIGTERM, random.randint(13, 18))]
+    kills = _interrupted_run(resumed, 1, stops, tmp_path / "jax-cache", extra)
+    _check_resumed_run_matches(reference, resumed, kills)
+    if kind == "precompute":  # computed once; a start with trained checkpoints reads it back
+        stored = Path(resumed) / "reference_logps" / "train.npy"
+        written = stored.stat().st_mtime_ns
+        output = TrainerPod(resumed, 1, tmp_path / "jax-cache", extra).finish()
+        assert f"trainer: reference log-probs of train read from {stored}" in output
+        assert stored.stat().st_mtime_ns == written
+    for key in ("rewards/margins", "logps/rejected"):  # the reference came back the same
+        expected = {step: values[0] for step, values in _losses(reference, key).items()}
+        for step, values in _losses(resumed, key).items():
+            assert values == [expected[step]] * len(values), f"{key} step {step} ({kills})"

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer import data, io, sources
+from trainer import data, io, preference, sources
 from trainer.config import DataConfig, DatasetConfig, RecipeError
 
 CACHE_VERSION = 2
@@ -209,7 +209,7 @@ def build_shard(cache: DatasetCache, shard: int, settings: Settings, memory_mb: 
         _TOKENIZERS[settings.tokenizer_key] = settings.tokenizer()
     tok = _TOKENIZERS[settings.tokenizer_key]
     unit, cfg, row_len = cache.units[shard], settings.data, settings.row_len
-    packer = data.Packer(row_len, split_documents=cfg.format == "text")
+    packer = data.packer(cfg, row_len)
     flush_rows = max(1, memory_mb * 2**20 // (2 * data.row_bytes(row_len)))
     rows_path = shard_path(cache, shard, "rows")
     io.makedirs(cache.directory)
@@ -217,11 +217,18 @@ def build_shard(cache: DatasetCache, shard: int, settings: Settings, memory_mb: 
         dir=None if io.is_gcs(rows_path) else cache.directory, prefix=".tmp-shard-"
     )
     counts = {"documents": 0, "rows": 0, "tokens": 0, "padding": 0}
+    skipped: dict[str, list] = {}  # reason: [count, where the first one is]
     renewed = time.time()
     try:
         with os.fdopen(fd, "wb") as out:
-            for record in sources.read_records(unit):
-                packer.add(*data.tokenize(record, tok, cfg))
+            for where, record in sources.read_located(unit):
+                try:
+                    packer.add_together(data.sequences(record, tok, cfg, row_len))
+                except preference.Skipped as skip:
+                    skipped.setdefault(skip.reason, [0, where])[0] += 1
+                    continue
+                except RecipeError as e:
+                    raise RecipeError(f"{where}: {e}") from None
                 counts["documents"] += 1
                 if packer.pending_rows() >= flush_rows:
                     _write_rows(out, packer.take(), counts)
@@ -235,6 +242,8 @@ def build_shard(cache: DatasetCache, shard: int, settings: Settings, memory_mb: 
             os.remove(tmp_path)
         raise
     record = {**counts, "file": os.path.basename(rows_path), "source": unit.key}
+    if skipped:
+        record["skipped"] = skipped
     io.write_text(shard_path(cache, shard, "json"), json.dumps(record, sort_keys=True))
     _release(cache, shard)
     return {**record, "bytes": unit.size}
@@ -268,6 +277,12 @@ def finalize(cache: DatasetCache) -> dict | None:
         "shards": shards,
         **{key: sum(s[key] for s in shards) for key in ("documents", "rows", "tokens", "padding")},
     }
+    skipped: dict[str, list] = {}
+    for shard in shards:
+        for reason, (count, where) in shard.get("skipped", {}).items():
+            skipped.setdefault(reason, [0, where])[0] += count
+    if skipped:
+        index["skipped"] = skipped
     io.write_text(index_path, json.dumps(index, sort_keys=True))
     return index
 
@@ -321,9 +336,15 @@ def summary(caches: Iterable[DatasetCache], indexes: Iterable[dict]) -> str:
     totals = {k: sum(i[k] for _, i in pairs) for k in ("documents", "tokens", "rows", "padding")}
     padding = totals["padding"] / max(totals["tokens"] + totals["padding"], 1)
     per_dataset = ", ".join(f"{c.name} {i['tokens'] / 1e6:.2f}M" for c, i in pairs)
+    skips = [
+        f"{count} with {preference.SKIP_REASONS[reason]} (first: {where})"
+        for _, i in pairs
+        for reason, (count, where) in sorted(i.get("skipped", {}).items())
+    ]
     return (
         f"data: {totals['documents']} documents, {totals['tokens'] / 1e6:.2f}M tokens, "
         f"{totals['rows']} rows, padding {padding:.1%}; tokens per dataset: {per_dataset}"
+        + (f"; skipped {', '.join(skips)}" if skips else "")
     )
 
 

@@ -66,9 +66,18 @@ def tokenize_chat(
     messages = record.get("messages") if isinstance(record, dict) else None
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise RecipeError("data.format chat: records need a 'messages' list of {role, content}")
+    return tokenize_messages(messages, tok, template)
+
+
+def tokenize_messages(
+    messages: list[dict], tok: Tokenizer, template: str | None, last_turn_only: bool = False
+) -> tuple[list[int], list[int]]:
+    """(tokens, loss flags) of a conversation; with `last_turn_only`, only its final assistant
+    turn is flagged (a preference pair's response; earlier turns are prompt)."""
     if template is None:
-        return _tokenize_tulu(messages, tok)
+        return _tokenize_tulu(messages, tok, last_turn_only)
     text, spans = render_with_spans(template, messages, tok.special_tokens)
+    spans = spans[-1:] if last_turn_only else spans
     ids, offsets = tok.encode_with_offsets(text)
     flags = [int(any(a < span_end and b > span_start for span_start, span_end in spans))
              for a, b in offsets]  # fmt: skip
@@ -149,10 +158,13 @@ def _compile(template: str):
         raise RecipeError(f"data.chat_template: not a valid Jinja template ({e})") from e
 
 
-def _tokenize_tulu(messages: list[dict], tok: Tokenizer) -> tuple[list[int], list[int]]:
+def _tokenize_tulu(
+    messages: list[dict], tok: Tokenizer, last_turn_only: bool = False
+) -> tuple[list[int], list[int]]:
     """The trainer's original format: `<|role|>\\n` headers, assistant turns ending in EOS."""
     tokens, flags = bos(tok), [0] * len(bos(tok))
-    for message in messages:
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=-1)
+    for i, message in enumerate(messages):
         role = message.get("role")
         if role not in TULU_HEADERS:
             raise RecipeError(
@@ -161,7 +173,7 @@ def _tokenize_tulu(messages: list[dict], tok: Tokenizer) -> tuple[list[int], lis
         header = tok.encode(TULU_HEADERS[role])
         body = tok.encode(str(message.get("content", "")))
         body += eos(tok) if role == "assistant" else tok.encode("\n")
-        learn = 1 if role == "assistant" else 0
+        learn = int(role == "assistant" and (i == last or not last_turn_only))
         tokens += header + body
         flags += [0] * len(header) + [learn] * len(body)
     return tokens, flags

@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -154,7 +154,7 @@ class DatasetConfig:
 class DataConfig:
     train: list[DatasetConfig] = field(default_factory=list)
     eval: list[DatasetConfig] = field(default_factory=list)
-    format: str = "text"  # text | chat | prompt_completion
+    format: str = "text"  # text | chat | prompt_completion | preference
     text_field: str = "text"
     # chat: tulu | llama3 | chatml | a Jinja FILE; default the tokenizer's own, else tulu
     chat_template: str | None = None
@@ -194,7 +194,21 @@ class TrainConfig:
     seq_len: int = 2048
     grad_accum: int = 1  # micro-batches per update (scanned inside the jitted step)
     seed: int = 0
-    objective: str = "lm"  # next-token loss; the loss is separate from the loop
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What the loss is. A recipe may write `objective: dpo` for `objective: {name: dpo}`."""
+
+    shorthand: ClassVar[str] = "name"
+    # lm: next-token loss | dpo, reward: on preference pairs (data.format: preference)
+    name: str = "lm"
+    beta: float = 0.1  # dpo: strength of the pull towards the reference policy
+    loss: str = "sigmoid"  # dpo: sigmoid | ipo | hinge
+    label_smoothing: float = 0.0  # dpo sigmoid: assumed share of flipped labels (cDPO)
+    # dpo: the starting weights' log-probs, from a frozen sharded copy of them (frozen) or
+    # computed once before training and stored in the run directory (precompute)
+    reference: str = "frozen"
 
 
 @dataclass(frozen=True)
@@ -230,6 +244,7 @@ class Recipe:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -296,9 +311,13 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
         value = text
-    node = raw
+    node, section = raw, Recipe
     parts = key.split(".")
     for part in parts[:-1]:
+        section = typing.get_type_hints(section).get(part) if section else None
+        section = section if dataclasses.is_dataclass(section) else None
+        if section is not None and part in node:  # `objective: dpo`, then `objective.beta=0.2`
+            node[part] = _expand_shorthand(section, node[part])
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise RecipeError(f"override {key}: {part} is not a section, so it has no sub-keys")
@@ -322,7 +341,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         key = prefix + name
         annotation = hints[name]
         values[name] = (
-            _build(annotation, value or {}, key + ".")
+            _build(annotation, _expand_shorthand(annotation, value) or {}, key + ".")
             if dataclasses.is_dataclass(annotation)
             else _check_type(key, value, annotation)
         )
@@ -336,6 +355,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if missing:
         raise RecipeError(f"missing key {prefix}{missing[0]}: add it to the recipe")
     return cls(**values)
+
+
+def _expand_shorthand(cls: type, value: Any) -> Any:
+    """`section: VALUE` for `section: {SHORTHAND: VALUE}` where the section declares one."""
+    shorthand = getattr(cls, "shorthand", None)
+    return {shorthand: value} if shorthand and isinstance(value, str) else value
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
@@ -436,6 +461,7 @@ def validate(recipe: Recipe) -> None:
     _validate_model(recipe.model)
     _validate_train(recipe.train, recipe.model)
     _validate_choices(recipe)
+    _validate_objective(recipe.objective, recipe.data)
     _validate_mesh_axes(recipe.mesh)
     _validate_data(recipe.data)
     _validate_files(recipe)
@@ -499,10 +525,12 @@ def _validate_train(train: TrainConfig, model: ModelConfig) -> None:
 CHAT_TEMPLATE_NAMES = ("tulu", "llama3", "chatml")  # trainer/chat.py; anything else is a FILE
 
 CHOICES = {
-    "data.format": ("text", "chat", "prompt_completion"),
+    "data.format": ("text", "chat", "prompt_completion", "preference"),
     "optimizer.name": ("adamw", "adafactor", "lion"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
-    "train.objective": ("lm",),
+    "objective.name": ("lm", "dpo", "reward"),
+    "objective.loss": ("sigmoid", "ipo", "hinge"),
+    "objective.reference": ("frozen", "precompute"),
 }
 
 
@@ -512,6 +540,35 @@ def _validate_choices(recipe: Recipe) -> None:
         value = getattr(getattr(recipe, section), name)
         if value not in allowed:
             raise RecipeError(f"{key}: {value!r} is not supported; use one of {', '.join(allowed)}")
+
+
+def _validate_objective(objective: ObjectiveConfig, data: DataConfig) -> None:
+    pairs = data.format == "preference"
+    if (objective.name != "lm") != pairs:
+        raise RecipeError(
+            f"objective.name {objective.name} with data.format {data.format}: dpo and reward "
+            "train on preference pairs, so set both (e.g. objective: dpo, data.format: "
+            "preference) or neither"
+        )
+    if objective.name != "dpo":
+        defaults = ObjectiveConfig(name=objective.name)
+        for f in dataclasses.fields(ObjectiveConfig):
+            if getattr(objective, f.name) != getattr(defaults, f.name):
+                raise RecipeError(
+                    f"objective.{f.name} applies to objective dpo only; remove it for "
+                    f"objective {objective.name}"
+                )
+    if objective.beta <= 0:
+        raise RecipeError(f"objective.beta must be positive, got {objective.beta}")
+    if not 0 <= objective.label_smoothing < 0.5:
+        raise RecipeError(
+            f"objective.label_smoothing must be in [0, 0.5), got {objective.label_smoothing}"
+        )
+    if objective.label_smoothing and objective.loss != "sigmoid":
+        raise RecipeError(
+            f"objective.label_smoothing applies to objective.loss sigmoid only, not "
+            f"{objective.loss}; set it to 0 or use loss sigmoid"
+        )
 
 
 def _validate_mesh_axes(mesh: MeshConfig) -> None:

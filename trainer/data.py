@@ -4,7 +4,9 @@ Every row is `row_len = seq_len + 1` int32 tokens, then as many uint16 segment i
 (0 = padding), then as many uint8 loss flags (1 = this token is a training target); inputs are
 row[:-1], targets row[1:]. Plain text is concatenated and chunked (documents may continue into
 the next row, under a new segment id); chat and prompt/completion examples are never split
-(truncated if too long) and rows are padded instead. trainer.cache stores the rows, and
+(truncated if too long) and rows are padded instead. A preference pair's two sequences go into
+one row as consecutive segments (2k - 1 chosen, 2k rejected for the row's k-th pair), and
+preference rows leave their last token as padding. trainer.cache stores the rows, and
 trainer.mixture picks the rows of each global batch.
 """
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainer import chat, io, tokenizer
+from trainer import chat, io, preference, tokenizer
 from trainer.config import CHAT_TEMPLATE_NAMES, DataConfig, RecipeError, TokenizerConfig
 from trainer.tokenizer import Tokenizer, bos, eos
 
@@ -35,6 +37,16 @@ def tokenize(record: object, tok: Tokenizer, cfg: DataConfig) -> tuple[list[int]
         )
         return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
     return chat.tokenize_chat(record, tok, chat.template_source(cfg.chat_template, tok))
+
+
+def sequences(
+    record: object, tok: Tokenizer, cfg: DataConfig, row_len: int
+) -> list[tuple[list[int], list[int]]]:
+    """The (tokens, flags) sequences of one record that go into one row together: one example,
+    or a preference pair's chosen and rejected (trainer.preference; it may raise Skipped)."""
+    if cfg.format == "preference":
+        return list(preference.tokenize_pair(record, tok, cfg, row_len - 1))
+    return [tokenize(record, tok, cfg)]
 
 
 def _field(record: object, name: str) -> str:
@@ -87,8 +99,10 @@ class Packer:
     only one row in progress plus what it has not taken.
     """
 
-    def __init__(self, row_len: int, split_documents: bool):
+    def __init__(self, row_len: int, split_documents: bool, fill: int | None = None):
+        """`fill`: tokens a row of sequences added together may hold (default `row_len`)."""
         self.row_len, self.split_documents = row_len, split_documents
+        self.fill = fill or row_len
         self.tokens: list[int] = []
         self.segments: list[int] = []
         self.flags: list[int] = []
@@ -108,6 +122,19 @@ class Packer:
             start += take
             if len(self.tokens) == self.row_len:
                 self._close_row()
+
+    def add_together(self, sequences: list[tuple[list[int], list[int]]]) -> None:
+        """Sequences that share one row, each as its own segment, in order (a preference pair:
+        chosen on an odd segment id, rejected on the next); together at most `fill`."""
+        if len(sequences) == 1:
+            self.add(*sequences[0])
+            return
+        total = sum(len(tokens) for tokens, _ in sequences)
+        assert total <= self.fill, "sequences that share a row must fit in one"
+        if len(self.tokens) + total > self.fill:
+            self._close_row()
+        for tokens, flags in sequences:
+            self._extend(tokens, flags)
 
     def pending_rows(self) -> int:
         return len(self.finished)
@@ -135,6 +162,14 @@ class Packer:
             tuple(np.array(c, d) for c, d in zip(columns, ROW_DTYPES, strict=True))
         )
         self.tokens, self.segments, self.flags = [], [], []
+
+
+def packer(cfg: DataConfig, row_len: int) -> Packer:
+    """The packer of `cfg.format`. Preference rows hold at most seq_len = row_len - 1 tokens,
+    so every sequence's last token is a model input (the reward model scores it there)."""
+    if cfg.format == "preference":
+        return Packer(row_len, split_documents=False, fill=row_len - 1)
+    return Packer(row_len, split_documents=cfg.format == "text")
 
 
 def pack(

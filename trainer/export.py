@@ -1,6 +1,7 @@
 """`python -m trainer.export RUN_DIR OUT_DIR [--step N]`: a checkpoint as a Hugging Face
 directory of its family (config.json with its model_type and architectures, safetensors shards
-with its tensor names, the tokenizer's files) that `AutoModelForCausalLM.from_pretrained` loads.
+with its tensor names, the tokenizer's files) that `AutoModelForCausalLM.from_pretrained` loads;
+a reward model's (a `score` head) as its *ForSequenceClassification with one label.
 
 RUN_DIR and OUT_DIR may be local or gs://. Only the parameters are read, on this host's CPU,
 whatever mesh saved them. Errors print one `error: ...` line and exit 2.
@@ -105,7 +106,7 @@ def export(
     step, params = load_params(checkpoints, step)
     model_cfg, tokenizer_path = _model_and_tokenizer(checkpoints, recipe)
     tensors = params_to_hf(params, model_cfg)
-    hf_config = hf_config_from_model(model_cfg)
+    hf_config = hf_config_from_model(model_cfg, score_head="score" in params)
     if not io.is_gcs(out_dir):
         write_hf_dir(out_dir, tensors, hf_config, tokenizer_path, max_shard_bytes)
         return step

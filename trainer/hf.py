@@ -73,7 +73,9 @@ def params_from_hf(state_dict: dict[str, Any], model_cfg: ModelConfig) -> dict:
         "layers": layers,
         "norm": {"weight": get("model.norm.weight")},
     }
-    if not model_cfg.tie_embeddings:
+    if "score.weight" in state_dict:  # a reward model (*ForSequenceClassification, 1 label)
+        params["score"] = {"kernel": get("score.weight").T}
+    elif not model_cfg.tie_embeddings:
         params["lm_head"] = {"kernel": get("lm_head.weight").T}
     return params
 
@@ -90,7 +92,9 @@ def params_to_hf(params: dict, model_cfg: ModelConfig) -> dict[str, np.ndarray]:
             out[f"model.layers.{i}.{hf_name}"] = np.ascontiguousarray(
                 stacked[i].T if transpose else stacked[i]
             )
-    if not model_cfg.tie_embeddings:
+    if "score" in params:
+        out["score.weight"] = np.ascontiguousarray(_np(params["score"]["kernel"]).T)
+    elif not model_cfg.tie_embeddings:
         out["lm_head.weight"] = np.ascontiguousarray(_np(params["lm_head"]["kernel"]).T)
     return out
 
@@ -155,12 +159,16 @@ def _rope_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def hf_config_from_model(model_cfg: ModelConfig) -> dict[str, Any]:
+def hf_config_from_model(model_cfg: ModelConfig, score_head: bool = False) -> dict[str, Any]:
     """An HF config.json dict of `model_cfg`'s family describing `model_cfg` (the older
-    rope_theta/rope_scaling keys, which transformers 4 and 5 both read)."""
+    rope_theta/rope_scaling keys, which transformers 4 and 5 both read); with `score_head`, a
+    reward model: the family's *ForSequenceClassification with one label."""
     family = FAMILIES[model_cfg.family]
+    architecture = family.architecture
+    if score_head:
+        architecture = architecture.replace("ForCausalLM", "ForSequenceClassification")
     cfg: dict[str, Any] = {
-        "architectures": [family.architecture],
+        "architectures": [architecture],
         "model_type": family.name,
         "vocab_size": model_cfg.vocab_size,
         "hidden_size": model_cfg.dim,
@@ -184,6 +192,8 @@ def hf_config_from_model(model_cfg: ModelConfig) -> dict[str, Any]:
         cfg["use_sliding_window"] = False
     if model_cfg.family == "mistral":
         cfg["sliding_window"] = model_cfg.sliding_window
+    if score_head:
+        cfg["id2label"], cfg["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
     if model_cfg.rope_scaling == "llama3":
         cfg["rope_scaling"] = {
             "rope_type": "llama3",

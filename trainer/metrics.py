@@ -144,9 +144,35 @@ def _tensorboard_sink(log_dir: str):
     return log
 
 
+# DPO's and the reward model's metrics under TRL's names (DPOTrainer's, RewardTrainer's),
+# printed after the loss where a record has them.
+PREFERENCE_METRICS = ("rewards/accuracies", "rewards/margins", "rewards/chosen",
+                      "rewards/rejected", "logps/chosen", "logps/rejected")  # fmt: skip
+REWARD_METRICS = ("accuracy", "margin", "mean_reward")
+PAIR_METRICS = {"dpo": PREFERENCE_METRICS, "reward": REWARD_METRICS}  # by objective.name
+
+
 def progress_line(record: dict[str, Any]) -> str:
+    preference = "".join(
+        f"  {name} {record[name]:.4f}"
+        for name in PREFERENCE_METRICS + REWARD_METRICS
+        if name in record
+    )
     return (
-        f"step {record['step']}  loss {record['loss']:.4f}  lr {record['lr']:.3g}  "
+        f"step {record['step']}  loss {record['loss']:.4f}{preference}  lr {record['lr']:.3g}  "
         f"grad_norm {record['grad_norm']:.3f}  tokens/s {record['tokens_per_s']:.0f}  "
         f"mfu {100 * record['mfu']:.1f}%  step_time {record['step_time_s']:.3f}s"
+    )
+
+
+def eval_line(record: dict[str, Any]) -> str:
+    """`eval step N  loss L  ppl P` (lm) or `eval step N  loss L  rewards/accuracies A ...`
+    (dpo, reward)."""
+    line = f"eval step {record['step']}  loss {record['eval_loss']:.4f}"
+    if "eval_perplexity" in record:
+        line += f"  ppl {record['eval_perplexity']:.2f}"
+    return line + "".join(
+        f"  {name} {record['eval_' + name]:.4f}"
+        for name in PREFERENCE_METRICS + REWARD_METRICS
+        if "eval_" + name in record
     )

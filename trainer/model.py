@@ -123,9 +123,12 @@ def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
 
 
 class Decoder(nn.Module):
-    """Call with tokens [batch, seq] (and optionally segment_ids, positions); returns logits."""
+    """Call with tokens [batch, seq] (and optionally segment_ids, positions); returns logits
+    [batch, seq, vocab], or with `head="score"` (a reward model, as transformers'
+    *ForSequenceClassification with one label) a scalar per token [batch, seq]."""
 
     cfg: ModelConfig
+    head: str = "lm"  # lm | score
 
     @nn.compact
     def __call__(self, tokens, segment_ids=None, positions=None):
@@ -156,6 +159,8 @@ class Decoder(nn.Module):
         )(cfg, name="layers")
         x, _ = layers(x, cos, sin, segment_ids)
         x = _norm(cfg, "norm")(x)
+        if self.head == "score":
+            return _dense_factory(cfg)(1, name="score")(x)[..., 0]
         if cfg.tie_embeddings:
             return embed.attend(x)
         return _dense_factory(cfg)(cfg.vocab_size, name="lm_head")(x)
@@ -220,7 +225,7 @@ def count_params(params) -> int:
     return sum(x.size for x in jax.tree_util.tree_leaves(params))
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
+def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8, head: str = "lm"):
     """Parameters for `cfg` (use under jax.jit with out_shardings to create them sharded)."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    return Decoder(cfg).init(rng, tokens)["params"]
+    return Decoder(cfg, head).init(rng, tokens)["params"]

@@ -30,6 +30,7 @@ DEFAULT_RULES: list[tuple[str, tuple]] = [
     (r"layers/(attn_norm|mlp_norm)/weight", (None, None)),
     (r"norm/weight", (None,)),
     (r"lm_head/kernel", ("fsdp", "tensor")),
+    (r"score/kernel", ("fsdp", None)),  # a reward model's scalar head
 ]
 BATCH_AXES = ("data", "fsdp")
 

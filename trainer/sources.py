@@ -125,16 +125,27 @@ def _hf_units(spec: str, where: str) -> list[Unit]:
 def read_records(unit: Unit) -> Iterator[object]:
     """Stream the records of a unit: .txt files give one string per blank-line-separated
     document; every other kind gives one dict per row or JSON line."""
+    for _, record in read_located(unit):
+        yield record
+
+
+def read_located(unit: Unit) -> Iterator[tuple[str, object]]:
+    """The records of a unit with where each one is, for error messages: `PATH:LINE` for JSON
+    lines, `PATH record N` (from 1) for the other kinds."""
     with contextlib.ExitStack() as stack:
         raw = stack.enter_context(io.open_file(unit.path, "rb"))
-        if unit.kind == "parquet":
-            yield from _parquet_records(raw)
-            return
-        if unit.kind == "arrow":
-            yield from _arrow_records(raw)
+        if unit.kind in ("parquet", "arrow"):
+            rows = _parquet_records(raw) if unit.kind == "parquet" else _arrow_records(raw)
+            for number, record in enumerate(rows, 1):
+                yield f"{unit.path} record {number}", record
             return
         text = stack.enter_context(pyio.TextIOWrapper(_decompressed(raw, unit), "utf-8"))
-        yield from _jsonl_records(text, unit.path) if unit.kind == "jsonl" else _paragraphs(text)
+        if unit.kind == "jsonl":
+            for number, record in _jsonl_records(text, unit.path):
+                yield f"{unit.path}:{number}", record
+            return
+        for number, record in enumerate(_paragraphs(text), 1):
+            yield f"{unit.path} record {number}", record
 
 
 def _decompressed(raw: IO[bytes], unit: Unit) -> IO[bytes]:
@@ -147,11 +158,11 @@ def _decompressed(raw: IO[bytes], unit: Unit) -> IO[bytes]:
     return raw
 
 
-def _jsonl_records(lines: IO[str], path: str) -> Iterator[Any]:
+def _jsonl_records(lines: IO[str], path: str) -> Iterator[tuple[int, Any]]:
     for number, line in enumerate(lines, 1):
         if line.strip():
             try:
-                yield json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as e:
                 raise RecipeError(f"data: {path} line {number} is not JSON ({e.msg})") from e
 

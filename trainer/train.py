@@ -1,9 +1,12 @@
 """The training loop: one jitted step per optimizer update, sharded over the recipe's mesh.
 
 Gradient accumulation is a `lax.scan` over micro-batches inside the step, so `step` always
-counts optimizer updates and the schedule never sees micro-steps. The loss is a per-token sum
-divided by the number of target tokens of the whole (accumulated, packed) batch. The objective
-is a function of (params, apply_fn, batch) -> (loss_sum, tokens): swap it without touching the loop.
+counts optimizer updates and the schedule never sees micro-steps. The loss is a sum over the
+objective's units (target tokens for `lm`, preference pairs for `dpo`) divided by their count in
+the whole (accumulated, packed) batch. An objective is a function of (params, apply_fn, batch,
+*frozen) -> (loss_sum, sums) where sums holds "count" and the sums of its metrics; `frozen` is
+what it reads but never trains (DPO's reference weights), passed to the jitted step sharded like
+the parameters: swap the objective without touching the loop.
 Nothing forces a host sync per step: metrics are fetched only on logging steps.
 """
 
@@ -26,9 +29,16 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from trainer import cache, data, io, metrics, sharding
+from trainer import cache, data, dpo, io, metrics, reference, reward, sharding
 from trainer.checkpoint import EXIT_PREEMPTED, Checkpointer, CheckpointError
-from trainer.config import Recipe, RecipeError, TrainerError, check_batch_divisible, mesh_shape
+from trainer.config import (
+    ObjectiveConfig,
+    Recipe,
+    RecipeError,
+    TrainerError,
+    check_batch_divisible,
+    mesh_shape,
+)
 from trainer.mixture import Mixture
 from trainer.model import Decoder, count_params, init_params
 from trainer.optim import make_optimizer
@@ -45,45 +55,55 @@ class TrainState:
     rng: jax.Array
 
 
-def lm_loss(params, apply_fn: Callable, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def lm_loss(
+    params, apply_fn: Callable, batch: dict[str, jax.Array]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Next-token cross-entropy summed over weighted targets, and the number of targets."""
     logits = apply_fn({"params": params}, batch["tokens"], batch["segment_ids"])
     per_token = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), batch["targets"]
     )
-    return jnp.sum(per_token * batch["weights"]), jnp.sum(batch["weights"])
+    return jnp.sum(per_token * batch["weights"]), {"count": jnp.sum(batch["weights"])}
 
 
-OBJECTIVES = {"lm": lm_loss}
+def make_objective(cfg: ObjectiveConfig) -> Callable:
+    """The loss function `objective.name` selects, with its settings bound."""
+    if cfg.name == "dpo":
+        return functools.partial(dpo.dpo_loss, cfg=cfg)
+    return reward.reward_loss if cfg.name == "reward" else lm_loss
 
 
 def accumulate(
-    objective: Callable, params, apply_fn: Callable, batch
-) -> tuple[Any, jax.Array, jax.Array]:
-    """(summed gradients, summed loss, tokens) over the leading micro-batch axis of `batch`."""
-    grad_fn = jax.value_and_grad(lambda p, mb: objective(p, apply_fn, mb), has_aux=True)
+    objective: Callable, params, apply_fn: Callable, batch, frozen: tuple = ()
+) -> tuple[Any, jax.Array, dict[str, jax.Array]]:
+    """(summed gradients, summed loss, summed "count" and metrics) over the leading micro-batch
+    axis of `batch`."""
+    grad_fn = jax.value_and_grad(lambda p, mb: objective(p, apply_fn, mb, *frozen), has_aux=True)
     micro_batches = next(iter(batch.values())).shape[0]
     if micro_batches == 1:
-        (loss, tokens), grads = grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], batch))
-        return grads, loss, tokens
+        (loss, sums), grads = grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], batch))
+        return grads, loss, sums
 
     def body(carry, micro_batch):
-        grads_sum, loss_sum, tokens_sum = carry
-        (loss, tokens), grads = grad_fn(params, micro_batch)
+        grads_sum, loss_sum, sums_sum = carry
+        (loss, sums), grads = grad_fn(params, micro_batch)
         grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, grads)
-        return (grads_sum, loss_sum + loss, tokens_sum + tokens), None
+        return (grads_sum, loss_sum + loss, jax.tree_util.tree_map(jnp.add, sums_sum, sums)), None
 
+    first = jax.tree_util.tree_map(lambda x: x[0], batch)
+    sums_shape = jax.eval_shape(lambda: objective(params, apply_fn, first, *frozen)[1])
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    (grads, loss, tokens), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), batch)
-    return grads, loss, tokens
+    no_sums = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape)
+    (grads, loss, sums), _ = jax.lax.scan(body, (zeros, jnp.float32(0), no_sums), batch)
+    return grads, loss, sums
 
 
 def make_train_step(
     apply_fn: Callable, optimizer: optax.GradientTransformation, schedule, objective: Callable
 ):
-    def train_step(state: TrainState, batch):
-        grads, loss_sum, tokens = accumulate(objective, state.params, apply_fn, batch)
-        denominator = jnp.maximum(tokens, 1.0)
+    def train_step(state: TrainState, batch, *frozen):
+        grads, loss_sum, sums = accumulate(objective, state.params, apply_fn, batch, frozen)
+        denominator = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -91,7 +111,8 @@ def make_train_step(
             "loss": loss_sum / denominator,
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
-            "tokens": tokens,
+            "count": sums["count"],
+            **{name: value / denominator for name, value in sums.items() if name != "count"},
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), stats
 
@@ -99,22 +120,26 @@ def make_train_step(
 
 
 def make_eval_step(apply_fn: Callable, objective: Callable):
-    def eval_step(params, batch):
+    def eval_step(params, batch, *frozen):
         def body(carry, micro_batch):
-            loss, tokens = objective(params, apply_fn, micro_batch)
-            return (carry[0] + loss, carry[1] + tokens), None
+            loss, sums = objective(params, apply_fn, micro_batch, *frozen)
+            return (carry[0] + loss, jax.tree_util.tree_map(jnp.add, carry[1], sums)), None
 
-        (loss, tokens), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), batch)
-        return loss, tokens
+        first = jax.tree_util.tree_map(lambda x: x[0], batch)
+        sums_shape = jax.eval_shape(lambda: objective(params, apply_fn, first, *frozen)[1])
+        no_sums = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape)
+        (loss, sums), _ = jax.lax.scan(body, (jnp.float32(0), no_sums), batch)
+        return loss, sums
 
     return eval_step
 
 
 def global_batch(
-    dataset: Mixture, step: int, grad_accum: int, batch_sharding
+    dataset: Mixture, step: int, grad_accum: int, batch_sharding, ref_logps=None
 ) -> dict[str, jax.Array]:
     """Global batch `step` as sharded arrays [grad_accum, micro, seq]; this process reads only the
-    rows its devices hold."""
+    rows its devices hold. With `ref_logps` ([rows, 2, pairs], trainer.reference) the batch also
+    carries the rows' precomputed `ref_chosen` / `ref_rejected` [grad_accum, micro, pairs]."""
     rows = dataset.batch_rows(step).reshape(grad_accum, -1)
     shape = (*rows.shape, dataset.reader.row_len - 1)
     local: dict[tuple, dict[str, np.ndarray]] = {}
@@ -123,13 +148,18 @@ def global_batch(
         if key not in local:
             picked = rows[index[0], index[1]]
             arrays = data.batch_arrays(dataset.reader.read(picked.reshape(-1)))
+            if ref_logps is not None:
+                arrays["ref_chosen"] = ref_logps[picked.reshape(-1), 0]
+                arrays["ref_rejected"] = ref_logps[picked.reshape(-1), 1]
             local[key] = {k: v.reshape(*picked.shape, -1) for k, v in arrays.items()}
-    fields = next(iter(local.values())).keys()
+    fields = next(iter(local.values()))
     return {
         name: jax.make_array_from_callback(
-            shape, batch_sharding, lambda i, n=name: local[_index_key(i)][n]
+            (*rows.shape, value.shape[-1]),
+            batch_sharding,
+            lambda i, n=name: local[_index_key(i)][n],
         )
-        for name in fields
+        for name, value in fields.items()
     }
 
 
@@ -146,10 +176,11 @@ class Run:
     state: TrainState
     state_shardings: Any
     batch_sharding: Any
-    train_step: Callable
-    eval_step: Callable
+    train_step: Callable  # (state, batch, *frozen) -> (state, stats)
+    eval_step: Callable  # (params, batch, *frozen) -> (loss sum, sums)
     total_steps: int
     flops_per_step: float
+    frozen: tuple = ()  # dpo: (the reference weights,), sharded like the parameters
 
 
 def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = None) -> Run:
@@ -158,18 +189,23 @@ def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = Non
     check_batch_divisible(recipe.train, mesh_shape(recipe.mesh, jax.device_count()))
     total_steps = recipe.train.steps or math.ceil(recipe.train.epochs * train_set.steps_per_epoch())
     optimizer, schedule = make_optimizer(recipe.optimizer, total_steps)
-    model = Decoder(recipe.model)
+    head = "score" if recipe.objective.name == "reward" else "lm"
+    model = Decoder(recipe.model, head)
 
     def fresh_state(rng):
         init_rng, state_rng = jax.random.split(rng)
-        params = init_params(recipe.model, init_rng)
+        params = init_params(recipe.model, init_rng, head=head)
         return TrainState(jnp.int32(0), params, optimizer.init(params), state_rng)
 
     rng = jax.random.key(recipe.train.seed)
-    specs = sharding.state_specs(jax.eval_shape(fresh_state, rng), mesh)
+    abstract = jax.eval_shape(fresh_state, rng)
+    if init_params_from is not None:
+        _check_head(set(init_params_from), set(abstract.params), head)
+    specs = sharding.state_specs(abstract, mesh)
     state_shardings = sharding.named(mesh, specs)
     state = jax.jit(fresh_state, out_shardings=state_shardings)(rng)
     if init_params_from is not None:
+        init_params_from = _with_head(init_params_from, state.params, head)
         params = jax.tree_util.tree_map(
             lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i, x=x: x[i]),
             init_params_from,
@@ -178,17 +214,26 @@ def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = Non
         state = jax.jit(lambda st, p: st.replace(params=p, opt_state=optimizer.init(p)),
                         out_shardings=state_shardings, donate_argnums=0)(state, params)  # fmt: skip
     batch_sharding = sharding.batch_sharding(mesh)
-    objective = OBJECTIVES[recipe.train.objective]
+    objective = make_objective(recipe.objective)
+    # DPO's reference policy: the starting weights (fresh or model.init_from, rebuilt the same
+    # at every start, so a resumed run compares against the same reference), copied before the
+    # state is donated to the first step.
+    frozen, frozen_shardings = (), ()
+    if recipe.objective.name == "dpo" and recipe.objective.reference == "frozen":
+        copy = jax.jit(
+            lambda p: jax.tree_util.tree_map(jnp.copy, p), out_shardings=state_shardings.params
+        )
+        frozen, frozen_shardings = (copy(state.params),), (state_shardings.params,)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     train_step = jax.jit(
         make_train_step(model.apply, optimizer, schedule, objective),
-        in_shardings=(state_shardings, batch_sharding),
+        in_shardings=(state_shardings, batch_sharding, *frozen_shardings),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
     eval_step = jax.jit(
         make_eval_step(model.apply, objective),
-        in_shardings=(state_shardings.params, batch_sharding),
+        in_shardings=(state_shardings.params, batch_sharding, *frozen_shardings),
         out_shardings=replicated,
     )
     tokens_per_step = recipe.train.batch_size * recipe.train.seq_len
@@ -203,7 +248,29 @@ def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = Non
         eval_step,
         total_steps,
         flops,
+        frozen,
     )
+
+
+def _check_head(loaded: set[str], wanted: set[str], head: str) -> None:
+    """Refuse model.init_from weights that `_with_head` cannot turn into `wanted`."""
+    if head == "score" and "score" not in loaded:
+        loaded = (loaded - {"lm_head"}) | {"score"}
+    if loaded != wanted:
+        raise RecipeError(
+            f"model.init_from: its weights have {', '.join(sorted(loaded))} where this "
+            f"objective needs {', '.join(sorted(wanted))}; start an lm or dpo run from a causal "
+            "LM directory (a reward model's score head cannot generate)"
+        )
+
+
+def _with_head(loaded: dict, fresh: dict, head: str) -> dict:
+    """`loaded` (numpy, from model.init_from) with the head `head` needs: a reward model
+    trained from a causal LM gets a fresh score head in place of its LM head."""
+    if head == "score" and "score" not in loaded:
+        loaded = {k: v for k, v in loaded.items() if k != "lm_head"}
+        loaded["score"] = jax.device_get(fresh["score"])
+    return loaded
 
 
 def prepare_data(
@@ -241,14 +308,22 @@ def prepare_data(
     return Mixture(readers, entries, batch_size, seed, shuffle=shuffle)
 
 
-def evaluate(run: Run, eval_set: Mixture) -> dict[str, float]:
-    loss_sum = tokens = 0.0
+def evaluate(run: Run, eval_set: Mixture, ref_logps=None) -> dict[str, float]:
+    """Held-out loss over `eval.batches` batches: with perplexity for lm, with TRL's
+    eval_rewards/* and eval_logps/* for dpo (`ref_logps`: the split's precomputed ones)."""
+    loss_sum, totals = 0.0, {}
     for i in range(run.recipe.eval.batches):
-        batch = global_batch(eval_set, i, run.recipe.train.grad_accum, run.batch_sharding)
-        loss, count = jax.device_get(run.eval_step(run.state.params, batch))
-        loss_sum, tokens = loss_sum + float(loss), tokens + float(count)
-    mean = loss_sum / max(tokens, 1.0)
-    return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
+        batch = global_batch(
+            eval_set, i, run.recipe.train.grad_accum, run.batch_sharding, ref_logps
+        )
+        loss, sums = jax.device_get(run.eval_step(run.state.params, batch, *run.frozen))
+        loss_sum += float(loss)
+        totals = {name: totals.get(name, 0.0) + float(value) for name, value in sums.items()}
+    count = max(totals.pop("count"), 1.0)
+    result = {"eval_loss": loss_sum / count}
+    if run.recipe.objective.name == "lm":
+        result["eval_perplexity"] = math.exp(min(result["eval_loss"], 50.0))
+    return result | {f"eval_{name}": value / count for name, value in totals.items()}
 
 
 def load_initial_params(recipe: Recipe) -> tuple[Recipe, Any]:
@@ -308,6 +383,12 @@ def train(recipe: Recipe) -> int:
         prepare_data(recipe, "eval", shuffle=False, progress=progress) if recipe.data.eval else None
     )
     run = setup(recipe, train_set, hf_params)
+    references: dict[str, Any] = {"train": None, "eval": None}
+    if recipe.objective.name == "dpo" and recipe.objective.reference == "precompute":
+        # from the starting weights, so before a checkpoint replaces them; read back on resume
+        references["train"] = reference.prepare(run, train_set, "train")
+        if eval_set:
+            references["eval"] = reference.prepare(run, eval_set, "eval")
     checkpointer = Checkpointer(
         io.join(recipe.run_dir, "checkpoints"),
         recipe.checkpoint,
@@ -337,17 +418,20 @@ def train(recipe: Recipe) -> int:
 
     step = int(jax.device_get(run.state.step))
     last: dict[str, Any] = {}
-    batch = global_batch(train_set, step, recipe.train.grad_accum, run.batch_sharding)
-    compiled = run.train_step.lower(
-        run.state, batch
-    ).compile()  # keep compile time out of step times
+    batch = global_batch(
+        train_set, step, recipe.train.grad_accum, run.batch_sharding, references["train"]
+    )
+    # compiled before the loop: keep compile time out of step times
+    compiled = run.train_step.lower(run.state, batch, *run.frozen).compile()
     interval_start, interval_steps = time.perf_counter(), 0
     while step < run.total_steps:
-        run.state, stats = compiled(run.state, batch)
+        run.state, stats = compiled(run.state, batch, *run.frozen)
         step += 1
         interval_steps += 1
         if step < run.total_steps:  # read the next batch while the devices work on this one
-            batch = global_batch(train_set, step, recipe.train.grad_accum, run.batch_sharding)
+            batch = global_batch(
+                train_set, step, recipe.train.grad_accum, run.batch_sharding, references["train"]
+            )
         if step % recipe.logging.every_steps == 0 or step == run.total_steps:
             stats = jax.device_get(stats)
             elapsed = time.perf_counter() - interval_start
@@ -363,14 +447,11 @@ def train(recipe: Recipe) -> int:
             and recipe.eval.every_steps
             and (step % recipe.eval.every_steps == 0 or step == run.total_steps)
         ):
-            result = {"step": step, **evaluate(run, eval_set)}
+            result = {"step": step, **evaluate(run, eval_set, references["eval"])}
             last.update(result)
             if is_main:
                 log.write(result)
-                print(
-                    f"eval step {step}  loss {result['eval_loss']:.4f}  ppl {result['eval_perplexity']:.2f}",
-                    flush=True,
-                )
+                print(metrics.eval_line(result), flush=True)
             interval_start = time.perf_counter()
         if checkpointer.maybe_save(run.state, step):  # host step: no wait on the devices
             checkpointer.close()
@@ -395,7 +476,7 @@ def _step_record(
     step: int, stats: dict, step_time: float, flops_per_step: float, peak: float, recipe: Recipe
 ) -> dict[str, Any]:
     tokens_per_s = recipe.train.batch_size * recipe.train.seq_len / step_time
-    return {
+    record = {
         "step": step,
         "loss": float(stats["loss"]),
         "lr": float(stats["lr"]),
@@ -404,3 +485,8 @@ def _step_record(
         "mfu": flops_per_step / step_time / peak if peak else 0.0,
         "step_time_s": step_time,
     }
+    pair_metrics = metrics.PAIR_METRICS.get(recipe.objective.name, ())
+    if pair_metrics:  # the step's pairs and TRL's metrics, averaged over them
+        record["pairs"] = int(stats["count"])
+        record |= {name: float(stats[name]) for name in pair_metrics}
+    return record

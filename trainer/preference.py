@@ -1,0 +1,153 @@
+"""Preference pairs (`data.format: preference`): one record becomes a chosen and a rejected
+sequence that share its prompt, as tokens and loss flags, or a counted skip.
+
+Records follow TRL's conventions, `prompt` + `chosen` + `rejected`:
+
+- all three strings: BOS + prompt, then the response + EOS (as `prompt_completion`);
+- `prompt` a list of messages, `chosen`/`rejected` the assistant message(s) that follow it;
+- `chosen`/`rejected` whole conversations (UltraFeedback-binarized): the prompt is every
+  message before the last, which must be an assistant turn; both must share it exactly.
+  `prompt` may then be left out (a string `prompt` beside them, UltraFeedback's copy of the
+  first user turn, is not used; a list must equal the shared turns).
+
+Conversations are rendered with the chat template rules of `data.format: chat`; only the final
+assistant turn is learned (flag 1), so only response tokens count in the log-probabilities.
+
+Length rule: a pair goes whole into one packed row, its two sequences side by side in at most
+`seq_len` tokens (each with its own copy of the prompt, as two segments). A pair that does not
+fit first loses prompt tokens from the start (the end, next to the response, is kept), each
+prompt keeping at least a quarter of seq_len; then the longer response loses
+tokens from its end until both fit. A response longer than `seq_len` on its own, an empty
+response and a pair whose two sequences are identical are skipped and counted (the cache
+summary reports them); a record that is not a pair is an error naming it and the fix.
+"""
+
+from __future__ import annotations
+
+from trainer import chat
+from trainer.config import DataConfig, RecipeError
+from trainer.tokenizer import Tokenizer, bos, eos
+
+Sequence = tuple[list[int], list[int]]  # tokens, loss flags
+SKIP_REASONS = {
+    "identical": "chosen == rejected",
+    "too_long": "a response longer than train.seq_len",
+    "empty": "an empty response",
+}
+
+
+class Skipped(Exception):
+    """A record that is a well-formed pair but cannot train; `reason` is a SKIP_REASONS key."""
+
+    def __init__(self, reason: str):
+        super().__init__(SKIP_REASONS[reason])
+        self.reason = reason
+
+
+def tokenize_pair(
+    record: object, tok: Tokenizer, cfg: DataConfig, budget: int
+) -> tuple[Sequence, Sequence]:
+    """The (chosen, rejected) sequences of one record, fitted into `budget` tokens together
+    (train.seq_len) by the length rule; raises Skipped or RecipeError."""
+    if not isinstance(record, dict):
+        raise RecipeError(f"data.format preference: a record is a JSON object, not {record!r:.40}")
+    for name in ("chosen", "rejected"):
+        if name not in record:
+            raise RecipeError(
+                f"data.format preference: the record has no {name!r}; every record needs "
+                "'chosen' and 'rejected' (and 'prompt' unless they are whole conversations)"
+            )
+    chosen, rejected = record["chosen"], record["rejected"]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        prompt = record.get("prompt")
+        if not isinstance(prompt, str):
+            raise RecipeError(
+                "data.format preference: string 'chosen'/'rejected' need a string 'prompt'"
+            )
+        prompt_ids = bos(tok) + tok.encode(prompt)
+        responses = [tok.encode(response) + eos(tok) for response in (chosen, rejected)]
+        pair = [(prompt_ids, ids, [1] * len(ids)) for ids in responses]
+    elif isinstance(chosen, list) and isinstance(rejected, list):
+        template = chat.template_source(cfg.chat_template, tok)
+        pair = [_conversation(c, tok, template) for c in _conversations(record)]
+    else:
+        raise RecipeError(
+            "data.format preference: 'chosen' and 'rejected' must both be strings or both be "
+            "lists of chat messages"
+        )
+    (pc, rc, fc), (pr, rr, fr) = pair
+    if not any(fc) or not any(fr):
+        raise Skipped("empty")
+    if pc + rc == pr + rr:
+        raise Skipped("identical")
+    if max(len(rc), len(rr)) > budget:
+        raise Skipped("too_long")
+    (pc, rc, fc), (pr, rr, fr) = _fit((pc, rc, fc), (pr, rr, fr), budget)
+    return _sequence(pc, rc, fc), _sequence(pr, rr, fr)
+
+
+def _conversations(record: dict) -> tuple[list[dict], list[dict]]:
+    """The chosen and rejected conversations of a chat record, checked to share their prompt."""
+    chosen, rejected, prompt = record["chosen"], record["rejected"], record.get("prompt")
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if not messages or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise RecipeError(
+                f"data.format preference: {name!r} must be a non-empty list of "
+                "{role, content} messages"
+            )
+        if messages[-1]["role"] != "assistant":
+            raise RecipeError(
+                f"data.format preference: {name!r} must end with an assistant message (the response)"
+            )
+    whole = any(m["role"] != "assistant" for m in chosen + rejected)
+    if not whole:  # explicit prompt: the responses follow record["prompt"]
+        if not isinstance(prompt, list) or not prompt:
+            raise RecipeError(
+                "data.format preference: assistant-only 'chosen'/'rejected' need 'prompt' as a "
+                "list of messages (or give whole conversations in 'chosen'/'rejected')"
+            )
+        return prompt + chosen, prompt + rejected
+    if chosen[:-1] != rejected[:-1]:
+        raise RecipeError(
+            "data.format preference: 'chosen' and 'rejected' have different prompts (the turns "
+            "before the final assistant message differ); a pair must share its prompt"
+        )
+    if isinstance(prompt, list) and prompt != chosen[:-1]:
+        raise RecipeError(
+            "data.format preference: 'prompt' differs from the turns 'chosen' and 'rejected' "
+            "share; drop 'prompt' or make it those turns"
+        )
+    return chosen, rejected
+
+
+def _conversation(
+    messages: list[dict], tok: Tokenizer, template: str | None
+) -> tuple[list[int], list[int], list[int]]:
+    """(prompt tokens, response tokens, response flags): the response starts at the first token
+    of the final assistant turn; tokens after it that the template adds keep flag 0."""
+    tokens, flags = chat.tokenize_messages(messages, tok, template, last_turn_only=True)
+    start = flags.index(1) if 1 in flags else len(tokens)
+    return tokens[:start], tokens[start:], flags[start:]
+
+
+def _fit(chosen: tuple, rejected: tuple, budget: int) -> tuple[tuple, tuple]:
+    """Both (prompt, response, flags) cut by the length rule to fit `budget` tokens together."""
+    (pc, rc, fc), (pr, rr, fr) = chosen, rejected
+    over = len(pc) + len(rc) + len(pr) + len(rr) - budget
+    if over <= 0:
+        return chosen, rejected
+    floor = budget // 4
+    keep_c = max(min(len(pc), floor), len(pc) - (over + 1) // 2)
+    keep_r = max(min(len(pr), floor), len(pr) - (over + 1) // 2)
+    pc, pr = pc[len(pc) - keep_c :], pr[len(pr) - keep_r :]
+    room = budget - len(pc) - len(pr)
+    if len(rc) + len(rr) > room:  # the prompts take at most half: room >= budget / 2
+        half = room // 2
+        cap_c = len(rc) if len(rc) <= half else max(half, room - len(rr))
+        cap_r = room - cap_c
+        rc, fc, rr, fr = rc[:cap_c], fc[:cap_c], rr[:cap_r], fr[:cap_r]
+    return (pc, rc, fc), (pr, rr, fr)
+
+
+def _sequence(prompt: list[int], response: list[int], flags: list[int]) -> Sequence:
+    return prompt + response, [0] * len(prompt) + flags
