@@ -409,6 +409,18 @@ def test_a_relative_directory_saves_and_restores(tmp_path, monkeypatch):
         assert int(checkpointer.restore(_abstract()).step) == 1
 
 
+def test_a_relative_tokenizer_path_is_recorded_absolute_for_export(tmp_path, monkeypatch):
+    from trainer.checkpoint import Checkpointer, read_model_info
+    from trainer.config import ModelConfig
+
+    monkeypatch.chdir(tmp_path)  # `python -m trainer recipes/tiny.yaml` from the checkout
+    cfg = CheckpointConfig(every_steps=1)
+    Checkpointer("run", cfg, model=ModelConfig(), tokenizer_path="recipes/data/t.model").close()
+    monkeypatch.chdir("/")  # `tpuctl export` from elsewhere
+    tokenizer = read_model_info(str(tmp_path / "run"))[1]
+    assert tokenizer == str(tmp_path / "recipes/data/t.model")
+
+
 def test_keep_last_k_plus_milestones(local_dir):
     with _checkpointer(local_dir, every_steps=2, keep=2, milestone_every=5) as checkpointer:
         for step in range(1, 13):

@@ -77,7 +77,9 @@ class Checkpointer:
         directory = io.absolute(directory)
         io.makedirs(directory)
         if model is not None and jax.process_index() == 0:
-            info = {"model": dataclasses.asdict(model), "tokenizer": tokenizer_path}
+            # absolute: export runs from anywhere, not only where the trainer was started
+            tokenizer = io.absolute(tokenizer_path) if tokenizer_path else None
+            info = {"model": dataclasses.asdict(model), "tokenizer": tokenizer}
             io.write_text(io.join(directory, MODEL_INFO_FILE), json.dumps(info, indent=1) + "\n")
         self.directory = directory
         self.cfg = cfg

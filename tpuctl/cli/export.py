@@ -1,4 +1,4 @@
-"""`tpuctl export RUN_DIR OUT_DIR`: a run's checkpoint as a Hugging Face Llama directory.
+"""`tpuctl export RUN_DIR OUT_DIR`: a run's checkpoint as a Hugging Face model directory.
 
 The same command as `python -m trainer.export`, with the same options; the trainer (and
 jax) load only when it runs, so the rest of the CLI stays fast.
@@ -32,8 +32,9 @@ def export(
     ),
 ) -> None:
     """Export a checkpoint (parameters only, read on this machine's CPU, whatever mesh saved
-    them) as config.json, safetensors shards and tokenizer.model, which
-    `transformers.LlamaForCausalLM.from_pretrained(OUT_DIR)` loads."""
+    them) in its family's Hugging Face format: config.json, safetensors shards and the
+    tokenizer's files, which `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`
+    loads."""
     try:
         from trainer import export as trainer_export
     except ImportError:
