@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.fixtures_hf import BASE, hf_model, hf_state, train_tokenizer
+from tests.fixtures_hf import hf_model, hf_state, train_tokenizer
+from tests.fixtures_preference import CFG, RECORDS
 from tests.fixtures_trainer import REPO, launch_trainer, wait_all
 from trainer import data, dpo, train
 from trainer.config import DataConfig, ObjectiveConfig, TokenizerConfig, load_recipe
@@ -26,14 +27,6 @@ from trainer.preference import tokenize_pair
 from trainer.tokenizer import load_tokenizer
 
 TINY_DPO = REPO / "recipes" / "tiny-dpo.yaml"
-CFG = dataclasses.replace(BASE, vocab_size=512, max_seq_len=128)
-RECORDS = [
-    {"prompt": "line 1: the quick", "chosen": " brown fox jumps", "rejected": " lazy dogs"},
-    {"prompt": "def add(a, b):", "chosen": "\n    return a + b", "rejected": " pass # sum 1234"},
-    {"prompt": "numbers", "chosen": " 3.14159", "rejected": " SHOUTING and CamelCaseWords now"},
-    {"prompt": "tabs\tand", "chosen": " spaces", "rejected": " emoji 🙂🚀!"},
-    {"prompt": "café, 東京", "chosen": " naïve", "rejected": " over 12 lazy dogs"},
-]
 # (our objective, TRL's loss_type): TRL 1.x's sigmoid has no label smoothing; its `aot` loss
 # on a batch of one pair (the sort over the batch is then the identity) is exactly the
 # label-smoothed sigmoid, so smoothing is compared one pair at a time.

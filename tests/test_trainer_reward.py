@@ -5,7 +5,6 @@ a run starts from a causal LM directory with a fresh score head; tiny-reward lea
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax
@@ -13,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.fixtures_hf import BASE, hf_model, hf_state, train_tokenizer
+from tests.fixtures_hf import hf_model, hf_state, train_tokenizer
+from tests.fixtures_preference import CFG, RECORDS
 from tests.fixtures_trainer import REPO, launch_trainer, wait_all
 from trainer import data, reward, train
 from trainer.config import DataConfig, RecipeError, TokenizerConfig, load_recipe
@@ -24,14 +24,6 @@ from trainer.preference import tokenize_pair
 from trainer.tokenizer import load_tokenizer
 
 TINY_REWARD = REPO / "recipes" / "tiny-reward.yaml"
-CFG = dataclasses.replace(BASE, vocab_size=512, max_seq_len=128)
-RECORDS = [
-    {"prompt": "line 1: the quick", "chosen": " brown fox jumps", "rejected": " lazy dogs"},
-    {"prompt": "def add(a, b):", "chosen": "\n    return a + b", "rejected": " pass # sum 1234"},
-    {"prompt": "numbers", "chosen": " 3.14159", "rejected": " SHOUTING and CamelCaseWords now"},
-    {"prompt": "tabs\tand", "chosen": " spaces", "rejected": " emoji 🙂🚀!"},
-    {"prompt": "café, 東京", "chosen": " naïve", "rejected": " over 12 lazy dogs"},
-]
 PAD = "<|im_start|>"  # a special token no record uses: transformers scores the last non-pad
 
 
