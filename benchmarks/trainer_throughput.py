@@ -67,9 +67,10 @@ def make_recipe(model: ModelConfig, batch: int, seq: int, steps: int) -> Recipe:
 
 
 class OurStep:
-    """Our train step on synthetic tokens, compiled once."""
+    """Our train step (with the run's frozen inputs, e.g. DPO's reference) on a fixed batch,
+    compiled once: `host` ([1, batch, seq] arrays), or synthetic tokens of one document a row."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, host: dict | None = None):
         import jax
         import numpy as np
 
@@ -77,17 +78,20 @@ class OurStep:
 
         self.jax = jax
         self.run = train.setup(recipe, None)
-        rng = np.random.default_rng(0)
-        batch, seq = recipe.train.batch_size, recipe.train.seq_len
-        tokens = rng.integers(0, recipe.model.vocab_size, (1, batch, seq + 1)).astype(np.int32)
-        host = {
-            "tokens": tokens[..., :-1],
-            "targets": tokens[..., 1:],
-            "segment_ids": np.ones((1, batch, seq), np.int32),
-            "weights": np.ones((1, batch, seq), np.float32),
-        }
+        if host is None:
+            rng = np.random.default_rng(0)
+            batch, seq = recipe.train.batch_size, recipe.train.seq_len
+            shape = (1, batch, seq + 1)
+            tokens = rng.integers(0, recipe.model.vocab_size, shape).astype(np.int32)
+            host = {
+                "tokens": tokens[..., :-1],
+                "targets": tokens[..., 1:],
+                "segment_ids": np.ones((1, batch, seq), np.int32),
+                "weights": np.ones((1, batch, seq), np.float32),
+            }
         self.batch = {k: jax.device_put(v, self.run.batch_sharding) for k, v in host.items()}
-        self.step = self.run.train_step.lower(self.run.state, self.batch).compile()
+        lowered = self.run.train_step.lower(self.run.state, self.batch, *self.run.frozen)
+        self.step = lowered.compile()
         self.time(2)  # warm up
 
     def time(self, steps: int) -> float:
@@ -95,7 +99,7 @@ class OurStep:
         start = time.perf_counter()
         state, stats = self.run.state, None
         for _ in range(steps):
-            state, stats = self.step(state, self.batch)
+            state, stats = self.step(state, self.batch, *self.run.frozen)
         loss = float(self.jax.device_get(stats["loss"]))
         self.run.state = state
         assert loss == loss, "loss is NaN"
@@ -126,14 +130,24 @@ for line in sys.stdin:
 
 
 class PeerStep:
-    """HF LlamaForCausalLM + torch AdamW in a child process, driven step batch by step batch."""
+    """A peer in a child process (`script`, by default HF LlamaForCausalLM + torch AdamW), driven
+    step batch by step batch: it reads its settings as JSON from argv[1] (the HF config, batch,
+    seq and `extra`), prints "ready", then answers each line N with the seconds per step of N
+    steps."""
 
-    def __init__(self, model: ModelConfig, batch: int, seq: int):
+    def __init__(
+        self,
+        model: ModelConfig,
+        batch: int,
+        seq: int,
+        script: str = PEER,
+        extra: dict | None = None,
+    ):
         from trainer.hf import hf_config_from_model
 
-        hf = hf_config_from_model(model)
+        cfg = {"hf": hf_config_from_model(model), "batch": batch, "seq": seq, **(extra or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", PEER, json.dumps({"hf": hf, "batch": batch, "seq": seq})],
+            [sys.executable, "-c", script, json.dumps(cfg)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
