@@ -124,8 +124,8 @@ def test_explicit_dims_override_the_preset(tmp_path):
         ("", ["data.format=preference"], "objective.name lm with data.format preference"),
         (
             "objective: dpo\n",
-            ["data.format=preference", "objective.loss=simpo"],
-            "objective.loss: 'simpo' is not supported; use one of sigmoid, ipo, hinge",
+            ["data.format=preference", "objective.loss=orpo"],
+            "objective.loss: 'orpo' is not supported; use one of sigmoid, ipo, hinge, simpo",
         ),
         (
             "objective: dpo\n",
@@ -140,7 +140,27 @@ def test_explicit_dims_override_the_preset(tmp_path):
         (
             "objective: {name: dpo, loss: ipo, label_smoothing: 0.1}\n",
             ["data.format=preference"],
-            "objective.label_smoothing applies to objective.loss sigmoid only",
+            "objective.label_smoothing applies to objective.loss sigmoid or simpo only",
+        ),
+        (
+            "objective: dpo\n",
+            ["data.format=preference", "objective.gamma=1.0"],
+            "objective.gamma applies to objective.loss simpo only, not sigmoid",
+        ),
+        (
+            "objective: {name: dpo, loss: simpo}\n",
+            ["data.format=preference", "objective.gamma=-0.5"],
+            "objective.gamma must be zero or positive",
+        ),
+        (
+            "objective: {name: dpo, loss: simpo}\n",
+            ["data.format=preference", "objective.beta=-2"],
+            "objective.beta must be positive, got -2",
+        ),
+        (
+            "objective: {name: dpo, loss: simpo}\n",
+            ["data.format=preference", "objective.reference=precompute"],
+            "objective.reference does not apply to objective.loss simpo",
         ),
         (
             "",

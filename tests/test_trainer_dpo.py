@@ -1,7 +1,7 @@
 """DPO against TRL: on the same weights and token ids, our loss and rewards/* / logps/* metrics
 over packed rows equal what TRL's DPOTrainer computes (its own forward pass through
-transformers, unpacked) for sigmoid, ipo, hinge and label smoothing; the first train step of a
-run from an HF directory matches too; gradient accumulation and 4 processes change nothing;
+transformers, unpacked) for sigmoid, ipo, hinge and label smoothing, and TRL's CPOTrainer for
+the reference-free SimPO; the first train step of a run from an HF directory matches too; gradient accumulation and 4 processes change nothing;
 tiny-dpo learns. (Kill and resume: tests/test_trainer_resume.py.)"""
 
 from __future__ import annotations
@@ -114,6 +114,86 @@ def test_loss_and_metrics_over_packed_pairs_equal_trl(case, tokenizer_dir):
     assert 0 < theirs["rewards/accuracies"] < 1 and abs(theirs["rewards/margins"]) > 1e-3
     for key, value in theirs.items():
         assert ours[key] == pytest.approx(value, abs=1e-4), key
+
+
+def trl_simpo_metrics(pairs, policy, cfg: ObjectiveConfig, tokenizer_dir) -> dict[str, float]:
+    """Loss and metrics of TRL's SimPO: in TRL 1.x it is CPOTrainer's `loss_type="simpo"` with
+    `cpo_alpha=0` (trl.experimental.cpo; DPOTrainer has no simpo), given `pairs` as its
+    collator lays them out: chosen and rejected right-padded, labels -100 off the response."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    processing = AutoTokenizer.from_pretrained(tokenizer_dir)
+    processing.pad_token = processing.eos_token
+    args = CPOConfig(
+        output_dir=str(tokenizer_dir / "trl-cpo"),
+        loss_type="simpo",
+        cpo_alpha=0.0,
+        beta=cfg.beta,
+        simpo_gamma=cfg.gamma,
+        label_smoothing=cfg.label_smoothing,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+    )
+    unused = Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}])
+    trainer = CPOTrainer(model=policy, args=args, train_dataset=unused,
+                         processing_class=processing)  # fmt: skip
+    trainer.model.train()
+    width = max(len(tokens) for pair in pairs for tokens, _ in pair)
+    batch = {}
+    for side, index in (("chosen", 0), ("rejected", 1)):
+        sequences = [pair[index] for pair in pairs]
+        batch[f"{side}_input_ids"] = torch.tensor(
+            [t + [0] * (width - len(t)) for t, _ in sequences]
+        )
+        batch[f"{side}_attention_mask"] = torch.tensor(
+            [[1] * len(t) + [0] * (width - len(t)) for t, _ in sequences]
+        )
+        batch[f"{side}_labels"] = torch.tensor(
+            [[t if f else -100 for t, f in zip(tokens, flags, strict=True)]
+             + [-100] * (width - len(tokens)) for tokens, flags in sequences]
+        )  # fmt: skip
+    with torch.no_grad():
+        loss, theirs = trainer.get_batch_loss_metrics(trainer.model, batch)
+    return {"loss": float(loss)} | {m: theirs[m] for m in PREFERENCE_METRICS}
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_simpo_over_packed_pairs_equals_trl_and_needs_no_reference(smoothing, tokenizer_dir):
+    cfg = ObjectiveConfig(name="dpo", loss="simpo", beta=2.0, gamma=0.3, label_smoothing=smoothing)
+    tok = load_tokenizer(TokenizerConfig(path=str(tokenizer_dir)))
+    pairs = [tokenize_pair(r, tok, DataConfig(format="preference"), 65) for r in RECORDS]
+    packed = _pack_pairs(pairs, 65)
+    assert len(packed.tokens) < len(pairs)  # several pairs share a row
+    policy = hf_model(CFG, seed=0)
+    params = params_from_hf(hf_state(policy), CFG)
+    batch = data.batch_arrays(packed)
+    assert "ref_chosen" not in batch
+    ours = our_metrics(params, None, batch, cfg)  # neither reference weights nor log-probs
+    theirs = trl_simpo_metrics(pairs, policy, cfg, tokenizer_dir)
+    assert 0 < theirs["rewards/accuracies"] < 1 and abs(theirs["rewards/margins"]) > 1e-3
+    assert theirs["logps/chosen"] > -10  # per-token means, as TRL logs them for simpo
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_a_simpo_run_builds_no_reference(tmp_path):
+    """No frozen copy of the weights and no precompute pass: the step runs on the policy alone."""
+    overrides = [f"run_dir={tmp_path}", "objective.loss=simpo", "objective.beta=2.0",
+                 "train.steps=2"]  # fmt: skip
+    recipe = load_recipe(str(TINY_DPO), overrides)
+    assert not recipe.objective.uses_reference
+    dataset = train.prepare_data(recipe, "train", shuffle=True)
+    run = train.setup(recipe, dataset)
+    assert run.frozen == ()
+    batch = train.global_batch(dataset, 0, 1, run.batch_sharding)
+    _, stats = run.train_step(run.state, batch, *run.frozen)
+    stats = jax.device_get(stats)
+    assert float(stats["count"]) >= 8 and np.isfinite(float(stats["loss"]))
+    assert not (tmp_path / "reference_logps").exists()
 
 
 def _pack_pairs(pairs, row_len: int) -> data.Packed:

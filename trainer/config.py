@@ -204,11 +204,17 @@ class ObjectiveConfig:
     # lm: next-token loss | dpo, reward: on preference pairs (data.format: preference)
     name: str = "lm"
     beta: float = 0.1  # dpo: strength of the pull towards the reference policy
-    loss: str = "sigmoid"  # dpo: sigmoid | ipo | hinge
-    label_smoothing: float = 0.0  # dpo sigmoid: assumed share of flipped labels (cDPO)
+    loss: str = "sigmoid"  # dpo: sigmoid | ipo | hinge | simpo (reference-free)
+    label_smoothing: float = 0.0  # dpo sigmoid, simpo: assumed share of flipped labels (cDPO)
+    gamma: float = 0.5  # dpo simpo: target reward margin (TRL's simpo_gamma)
     # dpo: the starting weights' log-probs, from a frozen sharded copy of them (frozen) or
     # computed once before training and stored in the run directory (precompute)
     reference: str = "frozen"
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss compares against the starting weights (every DPO loss but SimPO)."""
+        return self.name == "dpo" and self.loss != "simpo"
 
 
 @dataclass(frozen=True)
@@ -529,7 +535,7 @@ CHOICES = {
     "optimizer.name": ("adamw", "adafactor", "lion"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "objective.name": ("lm", "dpo", "reward"),
-    "objective.loss": ("sigmoid", "ipo", "hinge"),
+    "objective.loss": ("sigmoid", "ipo", "hinge", "simpo"),
     "objective.reference": ("frozen", "precompute"),
 }
 
@@ -564,10 +570,22 @@ def _validate_objective(objective: ObjectiveConfig, data: DataConfig) -> None:
         raise RecipeError(
             f"objective.label_smoothing must be in [0, 0.5), got {objective.label_smoothing}"
         )
-    if objective.label_smoothing and objective.loss != "sigmoid":
+    if objective.label_smoothing and objective.loss not in ("sigmoid", "simpo"):
         raise RecipeError(
-            f"objective.label_smoothing applies to objective.loss sigmoid only, not "
+            f"objective.label_smoothing applies to objective.loss sigmoid or simpo only, not "
             f"{objective.loss}; set it to 0 or use loss sigmoid"
+        )
+    if objective.loss != "simpo" and objective.gamma != ObjectiveConfig.gamma:
+        raise RecipeError(
+            f"objective.gamma applies to objective.loss simpo only, not {objective.loss}; "
+            "remove it or set objective.loss: simpo"
+        )
+    if objective.gamma < 0:
+        raise RecipeError(f"objective.gamma must be zero or positive, got {objective.gamma}")
+    if objective.loss == "simpo" and objective.reference != ObjectiveConfig.reference:
+        raise RecipeError(
+            "objective.reference does not apply to objective.loss simpo, which is reference-free; "
+            "remove it"
         )
 
 

@@ -11,9 +11,13 @@ rejected) in summed log-probabilities:
   `label_smoothing`, conservative DPO; eps = 0 is the DPO paper's loss);
 - hinge: max(0, 1 - beta delta) (SLiC);
 - ipo: (delta' - 1 / (2 beta))^2 with delta' from log-ratios averaged over each response's
-  tokens, as TRL computes it.
+  tokens, as TRL computes it;
+- simpo: reference-free, on log-probs averaged over each response's tokens (logp'):
+  -(1 - eps) log sigmoid(z) - eps log sigmoid(-z), z = beta (logp' chosen - logp' rejected) -
+  gamma, as TRL's CPOTrainer computes `loss_type="simpo"`.
 
-Metrics carry TRL's names and meanings (rewards = beta x log-ratio), averaged over pairs.
+Metrics carry TRL's names and meanings (rewards = beta x log-ratio; for simpo, as TRL logs
+it, beta x logp' and logps/* are logp'), averaged over pairs.
 """
 
 from __future__ import annotations
@@ -66,31 +70,27 @@ def dpo_loss(
     metrics.PREFERENCE_METRICS; the reference log-probs come from the `reference` weights or,
     without them, from the batch's precomputed `ref_chosen`/`ref_rejected`."""
     chosen, rejected, chosen_n, rejected_n = pair_logps(params, apply_fn, batch)
-    if reference is not None:  # the frozen starting weights
-        ref_chosen, ref_rejected, _, _ = pair_logps(
-            jax.lax.stop_gradient(reference), apply_fn, batch
-        )
-    else:  # precomputed (trainer.reference), for the row's first pair slots
-        slots = ((0, 0), (0, chosen.shape[1] - batch["ref_chosen"].shape[1]))
-        ref_chosen = jnp.pad(batch["ref_chosen"], slots)
-        ref_rejected = jnp.pad(batch["ref_rejected"], slots)
     valid = ((chosen_n > 0) & (rejected_n > 0)).astype(jnp.float32)
-    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
-    delta = chosen_ratio - rejected_ratio
     beta, eps = cfg.beta, cfg.label_smoothing
-    if cfg.loss == "sigmoid":
-        losses = -(1 - eps) * jax.nn.log_sigmoid(beta * delta) - eps * jax.nn.log_sigmoid(
-            -beta * delta
-        )
-    elif cfg.loss == "hinge":
-        losses = jax.nn.relu(1 - beta * delta)
-    elif cfg.loss == "ipo":
-        mean_delta = chosen_ratio / jnp.maximum(chosen_n, 1) - rejected_ratio / jnp.maximum(
-            rejected_n, 1
-        )
-        losses = (mean_delta - 1 / (2 * beta)) ** 2
+    if cfg.loss == "simpo":  # reference-free: the rewards are the length-normalised log-probs
+        chosen, rejected = chosen / jnp.maximum(chosen_n, 1), rejected / jnp.maximum(rejected_n, 1)
+        chosen_ratio, rejected_ratio = chosen, rejected
+        losses = _smoothed_sigmoid_loss(beta * (chosen - rejected) - cfg.gamma, eps)
     else:
-        raise AssertionError(f"objective.loss {cfg.loss} passed validation")
+        ref_chosen, ref_rejected = _reference_logps(reference, apply_fn, batch, chosen.shape[1])
+        chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+        delta = chosen_ratio - rejected_ratio
+        if cfg.loss == "sigmoid":
+            losses = _smoothed_sigmoid_loss(beta * delta, eps)
+        elif cfg.loss == "hinge":
+            losses = jax.nn.relu(1 - beta * delta)
+        elif cfg.loss == "ipo":
+            mean_delta = chosen_ratio / jnp.maximum(chosen_n, 1) - rejected_ratio / jnp.maximum(
+                rejected_n, 1
+            )
+            losses = (mean_delta - 1 / (2 * beta)) ** 2
+        else:
+            raise AssertionError(f"objective.loss {cfg.loss} passed validation")
     chosen_rewards = jax.lax.stop_gradient(beta * chosen_ratio)
     rejected_rewards = jax.lax.stop_gradient(beta * rejected_ratio)
     per_pair = {
@@ -103,3 +103,22 @@ def dpo_loss(
     }
     sums = {name: jnp.sum(value * valid) for name, value in per_pair.items()}
     return jnp.sum(losses * valid), {"count": jnp.sum(valid), **sums}
+
+
+def _reference_logps(
+    reference, apply_fn: Callable, batch: dict[str, jax.Array], pairs: int
+) -> tuple[jax.Array, jax.Array]:
+    """The reference's (chosen, rejected) log-probs, [rows, pairs]: from the frozen starting
+    weights `reference` or, without them, the batch's precomputed ones (trainer.reference)."""
+    if reference is not None:
+        ref_chosen, ref_rejected, _, _ = pair_logps(
+            jax.lax.stop_gradient(reference), apply_fn, batch
+        )
+        return ref_chosen, ref_rejected
+    slots = ((0, 0), (0, pairs - batch["ref_chosen"].shape[1]))  # for the row's first slots
+    return jnp.pad(batch["ref_chosen"], slots), jnp.pad(batch["ref_rejected"], slots)
+
+
+def _smoothed_sigmoid_loss(logits: jax.Array, eps: float) -> jax.Array:
+    """-(1 - eps) log sigmoid(logits) - eps log sigmoid(-logits): eps = 0 is plain DPO/SimPO."""
+    return -(1 - eps) * jax.nn.log_sigmoid(logits) - eps * jax.nn.log_sigmoid(-logits)

@@ -219,7 +219,7 @@ def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = Non
     # at every start, so a resumed run compares against the same reference), copied before the
     # state is donated to the first step.
     frozen, frozen_shardings = (), ()
-    if recipe.objective.name == "dpo" and recipe.objective.reference == "frozen":
+    if recipe.objective.uses_reference and recipe.objective.reference == "frozen":
         copy = jax.jit(
             lambda p: jax.tree_util.tree_map(jnp.copy, p), out_shardings=state_shardings.params
         )
@@ -384,7 +384,7 @@ def train(recipe: Recipe) -> int:
     )
     run = setup(recipe, train_set, hf_params)
     references: dict[str, Any] = {"train": None, "eval": None}
-    if recipe.objective.name == "dpo" and recipe.objective.reference == "precompute":
+    if recipe.objective.uses_reference and recipe.objective.reference == "precompute":
         # from the starting weights, so before a checkpoint replaces them; read back on resume
         references["train"] = reference.prepare(run, train_set, "train")
         if eval_set:
