@@ -165,6 +165,31 @@ def test_the_cache_packs_whole_pairs_and_reports_skips_with_where_the_first_is(t
     )
 
 
+def test_margins_go_with_their_pairs_through_the_cache_into_the_batch(tmp_path):
+    """Each pair's `margin` (0 without one) is what the reward loss reads for that pair."""
+    from trainer import reward
+
+    records = [{**r, "margin": 0.25 * i - 1} if i % 3 else r for i, r in enumerate(pairs(20))]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    reader = build(str(tmp_path / "cache"), [str(path)], seq_len=64, format="preference")
+    rows = reader.read(np.arange(reader.rows))
+    assert rows.margins is not None and rows.margins.dtype == np.float32
+    batch = data.batch_arrays(rows)
+    margins = np.asarray(reward.pair_margins(batch))
+    pairs_per_row = rows.segments.max(axis=1) // 2
+    read = [m for row, n in zip(margins, pairs_per_row, strict=True) for m in row[:n]]
+    assert read == [r.get("margin", 0.0) for r in records]  # float32-exact quarters
+
+
+@pytest.mark.parametrize("margin", ["high", None, float("nan"), True])
+def test_a_margin_that_is_not_a_number_stops_the_build(tmp_path, margin):
+    records = [*pairs(2), {**pairs(1)[0], "margin": margin}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    caches = plan(str(tmp_path / "cache"), [str(path)], format="preference")
+    with pytest.raises(RecipeError, match=rf"^{path}:3: .*'margin' must be a finite number"):
+        cache.build(caches, settings(CFG, 33))
+
+
 def test_a_bad_record_stops_the_build_with_its_file_and_line(tmp_path):
     records = [*pairs(3), {"prompt": "p", "chosen": " a."}]
     path = write_jsonl(tmp_path / "pairs.jsonl", records)

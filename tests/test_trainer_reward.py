@@ -20,7 +20,7 @@ from trainer.config import DataConfig, RecipeError, TokenizerConfig, load_recipe
 from trainer.hf import params_from_hf, params_to_hf
 from trainer.metrics import REWARD_METRICS
 from trainer.model import Decoder
-from trainer.preference import tokenize_pair
+from trainer.preference import margin, tokenize_pair
 from trainer.tokenizer import load_tokenizer
 
 TINY_REWARD = REPO / "recipes" / "tiny-reward.yaml"
@@ -32,17 +32,22 @@ def tokenizer_dir(tmp_path_factory):
     return train_tokenizer(tmp_path_factory.mktemp("tok"), "bpe")
 
 
-def test_loss_and_metrics_over_packed_pairs_equal_trl_reward_trainer(tokenizer_dir):
+@pytest.mark.parametrize("margins", [None, [0.5, 0.0, 2.0, -1.0, 1.25]])
+def test_loss_and_metrics_over_packed_pairs_equal_trl_reward_trainer(tokenizer_dir, margins):
+    """With `margin` fields too: TRL's loss is then -log sigmoid(chosen - rejected - margin)."""
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     tok = load_tokenizer(TokenizerConfig(path=str(tokenizer_dir)))
-    pairs = [tokenize_pair(r, tok, DataConfig(format="preference"), 64) for r in RECORDS]
+    records = (
+        [r | {"margin": m} for r, m in zip(RECORDS, margins, strict=True)] if margins else RECORDS
+    )
+    pairs = [tokenize_pair(r, tok, DataConfig(format="preference"), 64) for r in records]
     packer = data.packer(DataConfig(format="preference"), 65)
-    for pair in pairs:
-        packer.add_together(list(pair))
+    for record, pair in zip(records, pairs, strict=True):
+        packer.add_together(list(pair), margin(record))
     packed = packer.take(final=True)
     assert len(packed.tokens) < len(pairs)  # several pairs share a row
     model = hf_model(CFG, seed=0, score=True)
@@ -68,6 +73,8 @@ def test_loss_and_metrics_over_packed_pairs_equal_trl_reward_trainer(tokenizer_d
         "input_ids": torch.tensor([t + [pad_id] * (width - len(t)) for t, _ in sequences]),
         "attention_mask": torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t, _ in sequences]),
     }  # fmt: skip
+    if margins:
+        inputs["margin"] = torch.tensor(margins)
     with torch.no_grad():
         theirs = {"loss": float(trainer.compute_loss(trainer.model, inputs))}
     theirs |= {m: trainer._metrics["train"][m][-1] for m in REWARD_METRICS}

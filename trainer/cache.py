@@ -34,7 +34,7 @@ import numpy as np
 from trainer import data, io, preference, sources
 from trainer.config import DataConfig, DatasetConfig, RecipeError
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: preference rows carry a margins column
 INDEX = "index.json"
 LEASE_S = 300.0  # a claim without progress for this long belongs to a builder that died
 REFRESH_S = 30.0  # how often a builder renews its claim
@@ -210,7 +210,7 @@ def build_shard(cache: DatasetCache, shard: int, settings: Settings, memory_mb: 
     tok = _TOKENIZERS[settings.tokenizer_key]
     unit, cfg, row_len = cache.units[shard], settings.data, settings.row_len
     packer = data.packer(cfg, row_len)
-    flush_rows = max(1, memory_mb * 2**20 // (2 * data.row_bytes(row_len)))
+    flush_rows = max(1, memory_mb * 2**20 // (2 * data.row_bytes(row_len, margins=True)))
     rows_path = shard_path(cache, shard, "rows")
     io.makedirs(cache.directory)
     fd, tmp_path = tempfile.mkstemp(
@@ -223,7 +223,9 @@ def build_shard(cache: DatasetCache, shard: int, settings: Settings, memory_mb: 
         with os.fdopen(fd, "wb") as out:
             for where, record in sources.read_located(unit):
                 try:
-                    packer.add_together(data.sequences(record, tok, cfg, row_len))
+                    sequences = data.sequences(record, tok, cfg, row_len)
+                    margin = preference.margin(record) if cfg.format == "preference" else 0.0
+                    packer.add_together(sequences, margin)
                 except preference.Skipped as skip:
                     skipped.setdefault(skip.reason, [0, where])[0] += 1
                     continue
@@ -242,6 +244,8 @@ def build_shard(cache: DatasetCache, shard: int, settings: Settings, memory_mb: 
             os.remove(tmp_path)
         raise
     record = {**counts, "file": os.path.basename(rows_path), "source": unit.key}
+    if cfg.format == "preference":
+        record["margins"] = True  # the rows' layout (data.row_bytes)
     if skipped:
         record["skipped"] = skipped
     io.write_text(shard_path(cache, shard, "json"), json.dumps(record, sort_keys=True))
@@ -274,6 +278,7 @@ def finalize(cache: DatasetCache) -> dict | None:
     ]
     index = {
         "version": CACHE_VERSION,
+        "margins": all(s.get("margins", False) for s in shards),
         "shards": shards,
         **{key: sum(s[key] for s in shards) for key in ("documents", "rows", "tokens", "padding")},
     }
@@ -354,15 +359,17 @@ def summary(caches: Iterable[DatasetCache], indexes: Iterable[dict]) -> str:
 class ShardedReader:
     """Random access to rows of committed shards (of one or several caches), one seek per row."""
 
-    def __init__(self, shards: list[tuple[str, int]], row_len: int):
+    def __init__(self, shards: list[tuple[str, int]], row_len: int, margins: bool = False):
+        """`margins`: the rows carry the margins column (preference caches)."""
         self.paths = [path for path, _ in shards]
         self.ends = np.cumsum([rows for _, rows in shards], dtype=np.int64)
         self.rows, self.row_len = int(self.ends[-1]) if shards else 0, row_len
+        self.margins = margins
 
     @staticmethod
     def open(cache: DatasetCache, index: dict, row_len: int) -> ShardedReader:
         shards = [(io.join(cache.directory, s["file"]), s["rows"]) for s in index["shards"]]
-        return ShardedReader(shards, row_len)
+        return ShardedReader(shards, row_len, index["margins"])
 
     @staticmethod
     def concat(readers: list[ShardedReader]) -> ShardedReader:
@@ -373,10 +380,10 @@ class ShardedReader:
                 r.paths, np.concatenate([[0], r.ends[:-1]]), r.ends, strict=True
             )
         ]
-        return ShardedReader(shards, readers[0].row_len)
+        return ShardedReader(shards, readers[0].row_len, readers[0].margins)
 
     def read(self, indices: np.ndarray) -> data.Packed:
-        size = data.row_bytes(self.row_len)
+        size = data.row_bytes(self.row_len, self.margins)
         shard_of = np.searchsorted(self.ends, indices, side="right")
         firsts = np.concatenate([[0], self.ends[:-1]])[shard_of]
         chunks = io.read_ranges(

@@ -1,8 +1,10 @@
 """Rendering records into tokens and loss flags, and packing them into fixed-length rows.
 
 Every row is `row_len = seq_len + 1` int32 tokens, then as many uint16 segment ids
-(0 = padding), then as many uint8 loss flags (1 = this token is a training target); inputs are
-row[:-1], targets row[1:]. Plain text is concatenated and chunked (documents may continue into
+(0 = padding), then as many uint8 loss flags (1 = this token is a training target), and in
+preference rows as many float32 margins (a pair's `margin` on the tokens of its chosen
+sequence, 0 elsewhere: the reward model's Bradley-Terry margin); inputs are row[:-1], targets
+row[1:]. Plain text is concatenated and chunked (documents may continue into
 the next row, under a new segment id); chat and prompt/completion examples are never split
 (truncated if too long) and rows are padded instead. A preference pair's two sequences go into
 one row as consecutive segments (2k - 1 chosen, 2k rejected for the row's k-th pair), and
@@ -73,20 +75,26 @@ class Packed:
     tokens: np.ndarray  # [rows, row_len] int32
     segments: np.ndarray  # [rows, row_len] uint16, 0 = padding
     flags: np.ndarray  # [rows, row_len] uint8
+    margins: np.ndarray | None = None  # [rows, row_len] float32, preference rows only
 
     def to_bytes(self) -> bytes:
-        """The rows in the cache's layout: per row, the tokens, then segments, then flags."""
+        """The rows in the cache's layout: per row, the tokens, then segments, then flags (then
+        margins)."""
         columns = [self.tokens.view(np.uint8), self.segments.view(np.uint8), self.flags]
+        if self.margins is not None:
+            columns.append(self.margins.view(np.uint8))
         return np.concatenate(columns, axis=1).tobytes()
 
     @staticmethod
     def from_bytes(buf: np.ndarray, row_len: int) -> Packed:
-        """Rows from a [rows, row_bytes(row_len)] uint8 array in the cache's layout."""
+        """Rows from a [rows, row_bytes(row_len, margins)] uint8 array in the cache's layout."""
         n = row_len
+        margins = buf.shape[1] == row_bytes(row_len, margins=True)
         return Packed(
             buf[:, : 4 * n].copy().view(np.int32),
             buf[:, 4 * n : 6 * n].copy().view(np.uint16),
-            buf[:, 6 * n :].copy(),
+            buf[:, 6 * n : 7 * n].copy(),
+            buf[:, 7 * n :].copy().view(np.float32) if margins else None,
         )
 
 
@@ -99,14 +107,19 @@ class Packer:
     only one row in progress plus what it has not taken.
     """
 
-    def __init__(self, row_len: int, split_documents: bool, fill: int | None = None):
-        """`fill`: tokens a row of sequences added together may hold (default `row_len`)."""
+    def __init__(
+        self, row_len: int, split_documents: bool, fill: int | None = None, margins: bool = False
+    ):
+        """`fill`: tokens a row of sequences added together may hold (default `row_len`);
+        `margins`: rows carry the margins column (preference rows)."""
         self.row_len, self.split_documents = row_len, split_documents
         self.fill = fill or row_len
+        self.dtypes = ROW_DTYPES + (MARGIN_DTYPE,) * margins
         self.tokens: list[int] = []
         self.segments: list[int] = []
         self.flags: list[int] = []
-        self.finished: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.margins: list[float] = []
+        self.finished: list[tuple[np.ndarray, ...]] = []
 
     def add(self, ex_tokens: list[int], ex_flags: list[int]) -> None:
         if not self.split_documents:
@@ -123,9 +136,12 @@ class Packer:
             if len(self.tokens) == self.row_len:
                 self._close_row()
 
-    def add_together(self, sequences: list[tuple[list[int], list[int]]]) -> None:
+    def add_together(
+        self, sequences: list[tuple[list[int], list[int]]], margin: float = 0.0
+    ) -> None:
         """Sequences that share one row, each as its own segment, in order (a preference pair:
-        chosen on an odd segment id, rejected on the next); together at most `fill`."""
+        chosen on an odd segment id, rejected on the next, the pair's `margin` on the chosen
+        one's tokens); together at most `fill`."""
         if len(sequences) == 1:
             self.add(*sequences[0])
             return
@@ -133,8 +149,8 @@ class Packer:
         assert total <= self.fill, "sequences that share a row must fit in one"
         if len(self.tokens) + total > self.fill:
             self._close_row()
-        for tokens, flags in sequences:
-            self._extend(tokens, flags)
+        for i, (tokens, flags) in enumerate(sequences):
+            self._extend(tokens, flags, margin if i == 0 else 0.0)
 
     def pending_rows(self) -> int:
         return len(self.finished)
@@ -145,30 +161,30 @@ class Packer:
             self._close_row()
         rows, self.finished = self.finished, []
         if not rows:
-            return Packed(*(np.zeros((0, self.row_len), d) for d in ROW_DTYPES))
+            return Packed(*(np.zeros((0, self.row_len), d) for d in self.dtypes))
         return Packed(*(np.stack(column) for column in zip(*rows, strict=True)))
 
-    def _extend(self, tokens: list[int], flags: list[int]) -> None:
+    def _extend(self, tokens: list[int], flags: list[int], margin: float = 0.0) -> None:
         segment = (self.segments[-1] + 1) if self.segments else 1
         self.tokens.extend(tokens)
         self.flags.extend(flags)
         self.segments.extend([segment] * len(tokens))
+        self.margins.extend([margin] * len(tokens))
 
     def _close_row(self) -> None:
         pad = [0] * (self.row_len - len(self.tokens))
-        columns = (self.tokens + pad, self.segments + pad, self.flags + pad)
+        columns = (self.tokens + pad, self.segments + pad, self.flags + pad, self.margins + pad)
         # Finished rows are held as arrays: a list of Python ints costs ~8x the bytes.
-        self.finished.append(
-            tuple(np.array(c, d) for c, d in zip(columns, ROW_DTYPES, strict=True))
-        )
-        self.tokens, self.segments, self.flags = [], [], []
+        kept = columns[: len(self.dtypes)]  # the margins column in preference rows only
+        self.finished.append(tuple(np.array(c, d) for c, d in zip(kept, self.dtypes, strict=True)))
+        self.tokens, self.segments, self.flags, self.margins = [], [], [], []
 
 
 def packer(cfg: DataConfig, row_len: int) -> Packer:
     """The packer of `cfg.format`. Preference rows hold at most seq_len = row_len - 1 tokens,
     so every sequence's last token is a model input (the reward model scores it there)."""
     if cfg.format == "preference":
-        return Packer(row_len, split_documents=False, fill=row_len - 1)
+        return Packer(row_len, split_documents=False, fill=row_len - 1, margins=True)
     return Packer(row_len, split_documents=cfg.format == "text")
 
 
@@ -183,10 +199,13 @@ def pack(
 
 
 ROW_DTYPES = (np.int32, np.uint16, np.uint8)
+MARGIN_DTYPE = np.float32
 
 
-def row_bytes(row_len: int) -> int:
-    return sum(np.dtype(d).itemsize for d in ROW_DTYPES) * row_len
+def row_bytes(row_len: int, margins: bool = False) -> int:
+    """Bytes of one cached row; `margins`: with the margins column (preference rows)."""
+    dtypes = ROW_DTYPES + (MARGIN_DTYPE,) * margins
+    return sum(np.dtype(d).itemsize for d in dtypes) * row_len
 
 
 def tokenizer_key(cfg: TokenizerConfig, data_cfg: DataConfig) -> str:
@@ -200,12 +219,16 @@ def tokenizer_key(cfg: TokenizerConfig, data_cfg: DataConfig) -> str:
 
 
 def batch_arrays(packed: Packed) -> dict[str, np.ndarray]:
-    """Model inputs from packed rows: tokens/targets/segment_ids and per-target loss weights."""
+    """Model inputs from packed rows: tokens/targets/segment_ids and per-target loss weights
+    (and, for preference rows, the per-input `margins`)."""
     seg = packed.segments.astype(np.int32)
     weights = (packed.flags[:, 1:] == 1) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
-    return {
+    arrays = {
         "tokens": packed.tokens[:, :-1],
         "targets": packed.tokens[:, 1:],
         "segment_ids": seg[:, :-1],
         "weights": weights.astype(np.float32),
     }
+    if packed.margins is not None:
+        arrays["margins"] = packed.margins[:, :-1]
+    return arrays

@@ -20,9 +20,14 @@ prompt keeping at least a quarter of seq_len; then the longer response loses
 tokens from its end until both fit. A response longer than `seq_len` on its own, an empty
 response and a pair whose two sequences are identical are skipped and counted (the cache
 summary reports them); a record that is not a pair is an error naming it and the fix.
+
+An optional number `margin` (TRL's RewardTrainer convention: how much better chosen is) goes
+with the pair into its packed row; the reward model's loss subtracts it (trainer.reward).
 """
 
 from __future__ import annotations
+
+import math
 
 from trainer import chat
 from trainer.config import DataConfig, RecipeError
@@ -84,6 +89,17 @@ def tokenize_pair(
         raise Skipped("too_long")
     (pc, rc, fc), (pr, rr, fr) = _fit((pc, rc, fc), (pr, rr, fr), budget)
     return _sequence(pc, rc, fc), _sequence(pr, rr, fr)
+
+
+def margin(record: dict) -> float:
+    """The record's `margin` (0 without one); anything but a finite number is a RecipeError."""
+    value = record.get("margin", 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RecipeError(
+            f"data.format preference: 'margin' must be a finite number, got {value!r:.40}; "
+            "fix it or drop the field"
+        )
+    return float(value)
 
 
 def _conversations(record: dict) -> tuple[list[dict], list[dict]]:
