@@ -21,6 +21,7 @@ from trainer.config import ModelConfig
 from trainer.hf import hf_config_from_model
 
 TINY_SFT = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny-sft.yaml")
+SENTENCEPIECE = str(Path(__file__).resolve().parent.parent / "recipes" / "data" / "tokenizer.model")
 OLMO2_TEMPLATE = (  # allenai/OLMo-2-1124-7B-Instruct's
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
     "{{ '<|system|>\n' + message['content'] + '\n' }}{% elif message['role'] == 'user' %}"
@@ -189,3 +190,36 @@ def assert_export_matches(run_dir: Path, out: Path, source: Path) -> None:
         theirs = model.eval()(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
     assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+
+
+def save_run(
+    run_dir: str, model_cfg: ModelConfig, params, step: int = 7, tokenizer: str = SENTENCEPIECE
+) -> None:
+    """Write params in a train state checkpoint, as the trainer does, from this process."""
+    import flax
+    import jax
+    import jax.numpy as jnp
+
+    from trainer import io
+    from trainer.checkpoint import Checkpointer
+    from trainer.config import CheckpointConfig
+
+    @flax.struct.dataclass
+    class TrainState:
+        step: jax.Array
+        params: dict
+        opt_state: dict
+        rng: jax.Array
+
+    params = jax.tree.map(jnp.asarray, params)
+    state = TrainState(
+        jnp.int32(step), params, {"mu": jax.tree.map(jnp.zeros_like, params)}, jax.random.key(0)
+    )
+    checkpointer = Checkpointer(
+        io.join(run_dir, "checkpoints"),
+        CheckpointConfig(every_steps=1, async_save=False),
+        model=model_cfg,
+        tokenizer_path=tokenizer,
+    )
+    checkpointer.save(state)
+    checkpointer.close()

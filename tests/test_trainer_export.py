@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fixtures_hf import SHAPES, hf_model, train_tokenizer
+from tests.fixtures_hf import SHAPES, hf_model, save_run, train_tokenizer
 from trainer import io
-from trainer.config import CheckpointConfig, ModelConfig
+from trainer.config import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER = REPO / "recipes" / "data" / "tokenizer.model"
@@ -52,37 +52,6 @@ def _hf_tensors(directory: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _save_run(
-    run_dir: str, model_cfg: ModelConfig, params, step: int = 7, tokenizer: str = str(TOKENIZER)
-) -> None:
-    """Write params in a train state checkpoint, as the trainer does, from this process."""
-    import flax
-    import jax
-    import jax.numpy as jnp
-
-    from trainer.checkpoint import Checkpointer
-
-    @flax.struct.dataclass
-    class TrainState:
-        step: jax.Array
-        params: dict
-        opt_state: dict
-        rng: jax.Array
-
-    params = jax.tree.map(jnp.asarray, params)
-    state = TrainState(
-        jnp.int32(step), params, {"mu": jax.tree.map(jnp.zeros_like, params)}, jax.random.key(0)
-    )
-    checkpointer = Checkpointer(
-        io.join(run_dir, "checkpoints"),
-        CheckpointConfig(every_steps=1, async_save=False),
-        model=model_cfg,
-        tokenizer_path=tokenizer,
-    )
-    checkpointer.save(state)
-    checkpointer.close()
-
-
 def _import(hf_model_dir: Path):
     from trainer.hf import load_hf_dir
 
@@ -93,7 +62,7 @@ def test_hf_import_then_export_gives_identical_tensors(hf_model_dir, tmp_path):
     from trainer.export import export
 
     model_cfg, params = _import(hf_model_dir)
-    _save_run(str(tmp_path / "run"), model_cfg, params)
+    save_run(str(tmp_path / "run"), model_cfg, params)
     out = tmp_path / "exported"
     # Small shards: exercises the multi-file layout and its index.
     assert export(str(tmp_path / "run"), str(out), max_shard_bytes=64 * 1024) == 7
@@ -117,7 +86,7 @@ def test_exported_checkpoint_loads_in_transformers_with_matching_logits(hf_model
     model_cfg, params = _import(hf_model_dir)
     rng = np.random.default_rng(0)  # "trained" weights: not the ones transformers initialised
     params = jax.tree.map(lambda p: p + rng.normal(0, 0.02, p.shape).astype(p.dtype), params)
-    _save_run(str(tmp_path / "run"), model_cfg, params)
+    save_run(str(tmp_path / "run"), model_cfg, params)
     out = tmp_path / "exported"
     result = subprocess.run(
         [sys.executable, "-m", "trainer.export", str(tmp_path / "run"), str(out)],
@@ -141,7 +110,7 @@ def test_export_to_gcs(hf_model_dir, tmp_path, gcs):
 
     model_cfg, params = _import(hf_model_dir)
     run_dir = "gs://test-bucket/runs/export"
-    _save_run(run_dir, model_cfg, params, step=3)
+    save_run(run_dir, model_cfg, params, step=3)
     export(run_dir, "gs://test-bucket/models/llama")
     files = io.listdir("gs://test-bucket/models/llama")
     assert files == ["config.json", "model.safetensors", "tokenizer.model"]
@@ -151,7 +120,7 @@ def test_export_to_gcs(hf_model_dir, tmp_path, gcs):
 
 def test_bad_step_and_missing_run_are_one_line_errors(hf_model_dir, tmp_path):
     model_cfg, params = _import(hf_model_dir)
-    _save_run(str(tmp_path / "run"), model_cfg, params)
+    save_run(str(tmp_path / "run"), model_cfg, params)
     for args, expected in [
         ([str(tmp_path / "run"), str(tmp_path / "o"), "--step", "99"], "--step 99"),
         ([str(tmp_path / "nope"), str(tmp_path / "o")], "no committed checkpoint"),
@@ -187,7 +156,7 @@ def test_each_family_exports_in_its_own_format_with_its_tokenizer(shape, tmp_pat
     model_cfg, params = load_hf_dir(str(source), SHAPES[shape])
     rng = np.random.default_rng(1)  # "trained" weights
     params = jax.tree.map(lambda p: p + rng.normal(0, 0.02, p.shape).astype(p.dtype), params)
-    _save_run(str(tmp_path / "run"), model_cfg, params, tokenizer=str(source))
+    save_run(str(tmp_path / "run"), model_cfg, params, tokenizer=str(source))
     out = tmp_path / "exported"
     export(str(tmp_path / "run"), str(out))
     config = json.loads((out / "config.json").read_text())
@@ -226,7 +195,7 @@ def test_a_reward_model_exports_as_sequence_classification_with_equal_scores(tmp
     params = params_from_hf(hf_state(original), BASE)
     rng = np.random.default_rng(0)  # "trained" weights: not the ones transformers initialised
     params = jax.tree.map(lambda p: p + rng.normal(0, 0.02, p.shape).astype(p.dtype), params)
-    _save_run(str(tmp_path / "run"), BASE, params)
+    save_run(str(tmp_path / "run"), BASE, params)
     export(str(tmp_path / "run"), str(tmp_path / "out"))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"]
