@@ -347,3 +347,25 @@ def test_precomputed_reference_logps_train_as_the_frozen_copy_and_never_drift(tm
     )
     with pytest.raises(TrainerError, match="holds reference log-probs of other starting weights"):
         reference.prepare(other, dataset, "train")
+
+
+@pytest.mark.slow
+def test_tpuctl_run_of_tiny_dpo_on_a_local_pod_finishes(tmp_path):
+    """The recipe as shipped (its batch of 8 rows fits a v4-16's 2 workers x 4 devices), one
+    jax.distributed job over both workers, through to `run ... finished` and an eval."""
+    from local_cli import LocalCli
+
+    cli = LocalCli(tmp_path, timeout=600)
+    cli.ok("up", "v4-16", "--local", "--name", "dpo")
+    try:
+        run_dir = tmp_path / "run"
+        out = cli.ok("run", str(TINY_DPO), "--name", "dpo", "--all-workers", "--follow",
+                     "--run-id", "tiny-dpo", "--", f"run_dir={run_dir}", "train.steps=10",
+                     "eval.every_steps=10")  # fmt: skip
+    finally:
+        cli("down", "dpo", "--yes")
+    assert "x 2 process(es)" in out and "rewards/accuracies" in out
+    assert "run tiny-dpo finished: step 10, final loss " in out
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (evaluation,) = [r for r in records if "eval_loss" in r]
+    assert evaluation["step"] == 10 and "eval_rewards/accuracies" in evaluation
