@@ -68,7 +68,8 @@ def dpo_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The DPO loss summed over the batch's pairs, and sums of the pair count ("count") and of
     metrics.PREFERENCE_METRICS; the reference log-probs come from the `reference` weights or,
-    without them, from the batch's precomputed `ref_chosen`/`ref_rejected`."""
+    without them, from the batch's precomputed `ref_chosen`/`ref_rejected` (simpo needs
+    neither)."""
     chosen, rejected, chosen_n, rejected_n = pair_logps(params, apply_fn, batch)
     valid = ((chosen_n > 0) & (rejected_n > 0)).astype(jnp.float32)
     beta, eps = cfg.beta, cfg.label_smoothing
