@@ -17,10 +17,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
-from trainer.config import ModelConfig
+from trainer.config import ModelConfig, RecipeError, cudnn_problem
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# model.remat: what a layer keeps for the backward pass (the rest is recomputed). The names
+# are the checkpoint_name tags in Attention.
+_policies = jax.checkpoint_policies
+REMAT = {
+    "full": None,  # nothing: the whole layer is recomputed
+    "dots_saveable": _policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": _policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": _policies.save_only_these_names("qkv_proj"),
+    "save_attention_out": _policies.save_only_these_names("attention_out"),
+}
 
 
 class RMSNorm(nn.Module):
@@ -87,8 +99,9 @@ class Attention(nn.Module):
         k = k_BxLxK.reshape(batch, seq, cfg.kv_heads, cfg.head_dim)
         v = v_BxLxK.reshape(batch, seq, cfg.kv_heads, cfg.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (checkpoint_name(x, "qkv_proj") for x in (q, k, v))
         window = cfg.sliding_window if cfg.sliding_window and seq > cfg.sliding_window else None
-        out = causal_attention(q, k, v, segment_ids, cfg.attention_chunk, window)
+        out = checkpoint_name(attend(cfg, q, k, v, segment_ids, window), "attention_out")
         return dense(cfg.dim, name="wo")(out.reshape(batch, seq, cfg.n_heads * cfg.head_dim))
 
 
@@ -148,7 +161,10 @@ class Decoder(nn.Module):
         )
         x = embed(tokens)
         cos, sin = rotary_tables(positions, rope_inv_freq(cfg))
-        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        policy = cfg.remat_policy
+        block = (
+            Block if policy == "none" else nn.remat(Block, prevent_cse=False, policy=REMAT[policy])
+        )
         layers = nn.scan(
             block,
             variable_axes={"params": 0},
@@ -204,6 +220,94 @@ def attention_mask(
         visible &= position[queries, None] - position[None, :] < window
     same = segment_ids[:, queries, None] == segment_ids[:, None, : queries.stop]
     return (same & visible)[:, None]
+
+
+def attention_path(cfg: ModelConfig, platform: str, seq: int) -> str:
+    """The attention implementation `model.attention` picks on `platform` (cpu, gpu, tpu) for
+    sequences of `seq` tokens; an explicit choice the platform cannot run is a RecipeError."""
+    choice = cfg.attention
+    needs = {"cudnn": ("gpu",), "splash": ("tpu", "cpu")}.get(choice)
+    if needs and platform not in needs:
+        raise RecipeError(
+            f"model.attention: {choice} runs on {' or '.join(needs)}, not {platform}; use auto"
+        )
+    if choice != "auto":
+        return choice
+    if platform == "tpu":
+        return "splash" if seq % SPLASH_BLOCK == 0 else "xla"
+    if platform == "gpu":
+        return "xla" if cudnn_problem(cfg) or seq % 2 else "cudnn"
+    return "chunked"
+
+
+def attend(cfg: ModelConfig, q, k, v, segment_ids, window: int | None) -> jax.Array:
+    """Causal attention within documents [batch, seq, heads, head_dim] through the path
+    `attention_path` picks; every path honours segment ids, grouped-query heads and `window`."""
+    platform = jax.default_backend()
+    path = attention_path(cfg, platform, q.shape[1])
+    if path == "splash":
+        # Pallas TPU kernel; elsewhere (CPU tests) Pallas' interpreter runs the same kernel.
+        return splash_attention(q, k, v, segment_ids, window, interpret=platform != "tpu")
+    if path == "cudnn":
+        return fused_attention(q, k, v, segment_ids, window, "cudnn")
+    chunk = cfg.attention_chunk if path == "chunked" else 0
+    return causal_attention(q, k, v, segment_ids, chunk, window)
+
+
+def fused_attention(q, k, v, segment_ids, window: int | None, implementation: str) -> jax.Array:
+    """One `jax.nn.dot_product_attention` with the causal mask and the window as the kernel's
+    own masks (cuDNN skips the masked blocks) and only the document mask as an input."""
+    same_document = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=same_document,
+        is_causal=True,
+        local_window_size=(window - 1, 0) if window else None,
+        implementation=implementation,
+    )
+
+
+SPLASH_BLOCK = 128  # the splash kernel's query/key block: sequences must be a multiple
+SPLASH_BLOCK_FIELDS = ("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv",
+                       "block_kv_dkv_compute", "block_q_dq", "block_kv_dq")  # fmt: skip
+
+
+def splash_attention(q, k, v, segment_ids, window: int | None, interpret: bool) -> jax.Array:
+    """The Pallas TPU splash attention kernel: causal (or local, for a window) block-sparse
+    masks, so fully masked blocks are skipped, and segment ids for packed documents; grouped
+    query heads share their key/value head inside the kernel."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as masks,
+    )
+
+    _, seq, heads, head_dim = q.shape
+    block = next((b for b in (512, 256, SPLASH_BLOCK) if seq % b == 0), seq)
+    if window:
+        head_mask = masks.LocalMask((seq, seq), (window - 1, 0), offset=0)
+    else:
+        head_mask = masks.CausalMask((seq, seq))
+    kernel = splash.make_splash_mha(
+        masks.MultiHeadMask([head_mask] * heads),
+        block_sizes=splash.BlockSizes(**dict.fromkeys(SPLASH_BLOCK_FIELDS, block)),
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )
+    q_BxHxLxD, k_BxKxLxD, v_BxKxLxD = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    q_BxHxLxD = q_BxHxLxD * jnp.asarray(head_dim**-0.5, q.dtype)  # the kernel does not scale
+
+    def one_row(q_HxLxD, k_KxLxD, v_KxLxD, segments_L):
+        return kernel(
+            q_HxLxD, k_KxLxD, v_KxLxD, segment_ids=splash.SegmentIds(segments_L, segments_L)
+        )
+
+    out_BxHxLxD = jax.vmap(one_row)(q_BxHxLxD, k_BxKxLxD, v_BxKxLxD, segment_ids)
+    return out_BxHxLxD.transpose(0, 2, 1, 3)
 
 
 def causal_attention(q, k, v, segment_ids, chunk: int, window: int | None = None) -> jax.Array:
