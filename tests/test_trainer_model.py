@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures_hf import BASE, SHAPES, hf_logits, hf_model, hf_state
-from trainer.config import REMAT_POLICIES, RecipeError
+from trainer.config import REMAT_POLICIES, MeshConfig, RecipeError
 from trainer.hf import params_from_hf
 from trainer.model import (
     Decoder,
@@ -22,6 +22,7 @@ from trainer.model import (
     positions_from_segments,
     rope_inv_freq,
 )
+from trainer.sharding import make_mesh
 
 TINY = BASE
 
@@ -111,13 +112,13 @@ def test_bfloat16_compute_keeps_float32_master_weights():
     assert logits.dtype == jnp.bfloat16
 
 
-def _loss_and_grads(cfg, params, tokens, segments):
+def _loss_and_grads(cfg, params, tokens, segments, mesh=None):
     """Decoder loss (a fixed random projection of the logits, so every position counts) and
     its parameter gradients."""
     probe = jax.random.normal(jax.random.key(9), (cfg.vocab_size,))
 
     def loss(p):
-        logits = Decoder(cfg).apply({"params": p}, tokens, segments)
+        logits = Decoder(cfg, mesh=mesh).apply({"params": p}, tokens, segments)
         return jnp.mean(logits.astype(jnp.float32) @ probe)
 
     return jax.jit(jax.value_and_grad(loss))(params)
@@ -156,6 +157,19 @@ def test_attention_paths_match_xla_in_outputs_and_gradients(path, window):
         dataclasses.replace(cfg, attention=path, attention_chunk=128), params, tokens, segments
     )
     _assert_same(got, want, atol=1e-4)
+
+
+@pytest.mark.slow  # the interpreted kernel on 8 devices
+def test_splash_runs_per_shard_over_the_runs_mesh():
+    # batch over data x fsdp, heads over tensor: each of 8 devices runs the kernel on its part
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    tokens, segments = _attention_batch(256)
+    tokens, segments = jnp.tile(tokens, (2, 1)), jnp.tile(segments, (2, 1))
+    cfg = dataclasses.replace(ATTENTION_CFG, max_seq_len=256)
+    params = init_params(cfg, jax.random.key(0))
+    want = _loss_and_grads(dataclasses.replace(cfg, attention="xla"), params, tokens, segments)
+    splash = dataclasses.replace(cfg, attention="splash")
+    _assert_same(_loss_and_grads(splash, params, tokens, segments, mesh), want, atol=1e-4)
 
 
 @pytest.mark.parametrize("window", [None, 5], ids=["causal", "mistral-window"])

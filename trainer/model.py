@@ -13,13 +13,18 @@ positions restart per document.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from trainer.config import ModelConfig, RecipeError, cudnn_problem
+from trainer.sharding import BATCH_AXES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -83,6 +88,7 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 class Attention(nn.Module):
     cfg: ModelConfig
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids):
@@ -101,7 +107,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (checkpoint_name(x, "qkv_proj") for x in (q, k, v))
         window = cfg.sliding_window if cfg.sliding_window and seq > cfg.sliding_window else None
-        out = checkpoint_name(attend(cfg, q, k, v, segment_ids, window), "attention_out")
+        out = attend(cfg, q, k, v, segment_ids, window, self.mesh)
+        out = checkpoint_name(out, "attention_out")
         return dense(cfg.dim, name="wo")(out.reshape(batch, seq, cfg.n_heads * cfg.head_dim))
 
 
@@ -118,11 +125,12 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     cfg: ModelConfig
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids):
         cfg = self.cfg
-        attn, mlp = Attention(cfg, name="attn"), MLP(cfg, name="mlp")
+        attn, mlp = Attention(cfg, self.mesh, name="attn"), MLP(cfg, name="mlp")
         attn_norm, mlp_norm = _norm(cfg, "attn_norm"), _norm(cfg, "mlp_norm")
         if cfg.post_norms:  # OLMo 2: normalise each sublayer's output, not its input
             x = x + attn_norm(attn(x, cos, sin, segment_ids))
@@ -138,10 +146,12 @@ def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
 class Decoder(nn.Module):
     """Call with tokens [batch, seq] (and optionally segment_ids, positions); returns logits
     [batch, seq, vocab], or with `head="score"` (a reward model, as transformers'
-    *ForSequenceClassification with one label) a scalar per token [batch, seq]."""
+    *ForSequenceClassification with one label) a scalar per token [batch, seq]. `mesh`: the
+    run's device mesh, over which the splash kernel runs per shard (batch x heads)."""
 
     cfg: ModelConfig
     head: str = "lm"  # lm | score
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, tokens, segment_ids=None, positions=None):
@@ -172,7 +182,7 @@ class Decoder(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.n_layers,
             unroll=cfg.scan_unroll,
-        )(cfg, name="layers")
+        )(cfg, self.mesh, name="layers")
         x, _ = layers(x, cos, sin, segment_ids)
         x = _norm(cfg, "norm")(x)
         if self.head == "score":
@@ -240,14 +250,17 @@ def attention_path(cfg: ModelConfig, platform: str, seq: int) -> str:
     return "chunked"
 
 
-def attend(cfg: ModelConfig, q, k, v, segment_ids, window: int | None) -> jax.Array:
+def attend(
+    cfg: ModelConfig, q, k, v, segment_ids, window: int | None, mesh: Mesh | None = None
+) -> jax.Array:
     """Causal attention within documents [batch, seq, heads, head_dim] through the path
     `attention_path` picks; every path honours segment ids, grouped-query heads and `window`."""
     platform = jax.default_backend()
     path = attention_path(cfg, platform, q.shape[1])
     if path == "splash":
         # Pallas TPU kernel; elsewhere (CPU tests) Pallas' interpreter runs the same kernel.
-        return splash_attention(q, k, v, segment_ids, window, interpret=platform != "tpu")
+        kernel = functools.partial(splash_attention, window=window, interpret=platform != "tpu")
+        return _per_shard(kernel, mesh, cfg)(q, k, v, segment_ids)
     if path == "cudnn":
         return fused_attention(q, k, v, segment_ids, window, "cudnn")
     chunk = cfg.attention_chunk if path == "chunked" else 0
@@ -266,6 +279,24 @@ def fused_attention(q, k, v, segment_ids, window: int | None, implementation: st
         is_causal=True,
         local_window_size=(window - 1, 0) if window else None,
         implementation=implementation,
+    )
+
+
+def _per_shard(kernel, mesh: Mesh | None, cfg: ModelConfig):
+    """`kernel(q, k, v, segment_ids)` on each device's rows (and heads, where the tensor axis
+    divides them) of `mesh`: XLA cannot partition a Pallas call itself, and would otherwise
+    gather the whole batch onto every device."""
+    if mesh is None or mesh.size == 1:
+        return kernel
+    tensor = mesh.shape["tensor"]
+    heads = "tensor" if cfg.n_heads % tensor == 0 and cfg.kv_heads % tensor == 0 else None
+    qkv = P(BATCH_AXES, None, heads, None)
+    return jax.shard_map(
+        kernel,
+        mesh=mesh,
+        in_specs=(qkv, qkv, qkv, P(BATCH_AXES, None)),
+        out_specs=qkv,
+        check_vma=False,
     )
 
 

@@ -192,7 +192,7 @@ def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = Non
     total_steps = recipe.train.steps or math.ceil(recipe.train.epochs * train_set.steps_per_epoch())
     optimizer, schedule = make_optimizer(recipe.optimizer, total_steps)
     head = "score" if recipe.objective.name == "reward" else "lm"
-    model = Decoder(recipe.model, head)
+    model = Decoder(recipe.model, head, mesh)
 
     def fresh_state(rng):
         init_rng, state_rng = jax.random.split(rng)
