@@ -186,7 +186,7 @@ def main() -> None:
     import jax
 
     from trainer import metrics
-    from trainer.model import attention_path
+    from trainer.model import attention_path, backend_platform
 
     devices = jax.devices()
     platform = devices[0].platform
@@ -225,7 +225,7 @@ def main() -> None:
         "batch": args.batch,
         "seq_len": args.seq,
         "settings": settings,
-        "attention_path": attention_path(model, jax.default_backend(), args.seq),
+        "attention_path": attention_path(model, backend_platform(), args.seq),
         "load_average_1m": os.getloadavg()[0],
         "rounds": args.rounds,
         "steps_per_round": args.steps,

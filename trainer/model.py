@@ -2,8 +2,9 @@
 LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM and Olmo2ForCausalLM.
 
 RMSNorm, rotary position embeddings (the "rotate half" layout HF uses, with Llama 3's
-frequency scaling), SwiGLU MLP and grouped-query attention through
-`jax.nn.dot_product_attention` (fused where the backend has a fused kernel). What a family adds
+frequency scaling), SwiGLU MLP and grouped-query attention through the platform's kernel
+(`model.attention`: Pallas splash on TPU, cuDNN flash attention on GPU, causal chunks on
+CPU, or one `jax.nn.dot_product_attention`). What a family adds
 (trainer/models.py: q/k/v biases, q/k norms, post-norms, a sliding window) is decided when the
 model is traced, so a family pays only for what it uses. Layers are stacked with `nn.scan`, so
 compile time does not grow with depth and every layer parameter has a leading layer axis.
@@ -232,6 +233,12 @@ def attention_mask(
     return (same & visible)[:, None]
 
 
+def backend_platform() -> str:
+    """cpu, gpu or tpu: the default backend (CUDA's own name, "cuda", is gpu here)."""
+    name = jax.default_backend()
+    return "gpu" if name in ("cuda", "rocm") else name
+
+
 def attention_path(cfg: ModelConfig, platform: str, seq: int) -> str:
     """The attention implementation `model.attention` picks on `platform` (cpu, gpu, tpu) for
     sequences of `seq` tokens; an explicit choice the platform cannot run is a RecipeError."""
@@ -255,7 +262,7 @@ def attend(
 ) -> jax.Array:
     """Causal attention within documents [batch, seq, heads, head_dim] through the path
     `attention_path` picks; every path honours segment ids, grouped-query heads and `window`."""
-    platform = jax.default_backend()
+    platform = backend_platform()
     path = attention_path(cfg, platform, q.shape[1])
     if path == "splash":
         # Pallas TPU kernel; elsewhere (CPU tests) Pallas' interpreter runs the same kernel.

@@ -40,7 +40,7 @@ from trainer.config import (
     mesh_shape,
 )
 from trainer.mixture import Mixture
-from trainer.model import Decoder, attention_path, count_params, init_params
+from trainer.model import Decoder, attention_path, backend_platform, count_params, init_params
 from trainer.optim import make_optimizer
 from trainer.tokenizer import load_tokenizer
 from trainer.tracing import StepTrace
@@ -186,7 +186,7 @@ class Run:
 
 def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = None) -> Run:
     """Mesh, sharded initial state (fresh or from `init_params_from`) and compiled-on-demand steps."""
-    attention_path(recipe.model, jax.default_backend(), recipe.train.seq_len)  # before tracing
+    attention_path(recipe.model, backend_platform(), recipe.train.seq_len)  # before tracing
     mesh = sharding.make_mesh(recipe.mesh)
     check_batch_divisible(recipe.train, mesh_shape(recipe.mesh, jax.device_count()))
     total_steps = recipe.train.steps or math.ceil(recipe.train.epochs * train_set.steps_per_epoch())
