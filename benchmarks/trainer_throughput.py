@@ -1,6 +1,7 @@
 """Trainer throughput: tokens/s and MFU of our jitted train step, against HF transformers + torch.
 
     python benchmarks/trainer_throughput.py [--rounds 5] [--steps 3] [--out result.json]
+    python benchmarks/trainer_throughput.py --size llama-1b --seq 2048 [--remat POLICY]  # GPU/TPU
 
 Same model config, batch and optimizer for both: our Flax Llama with optax AdamW, and
 transformers' LlamaForCausalLM with torch.optim.AdamW (the peer a user would otherwise pick),
@@ -174,6 +175,10 @@ def main() -> None:
     parser.add_argument(
         "--dtype", default=None, help="compute dtype (default: best for the device)"
     )
+    parser.add_argument(
+        "--attention", default=None, help="model.attention (default: auto, the device's kernel)"
+    )
+    parser.add_argument("--remat", default=None, help="model.remat policy (default: none)")
     parser.add_argument("--no-peer", action="store_true", help="skip the HF/torch peer")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
@@ -181,13 +186,15 @@ def main() -> None:
     import jax
 
     from trainer import metrics
+    from trainer.model import attention_path, backend_platform
 
     devices = jax.devices()
     platform = devices[0].platform
     model = SIZES[args.size]
     settings = best_settings(platform, model.n_layers)
-    if args.dtype:
-        settings["dtype"] = args.dtype
+    for name in ("dtype", "attention", "remat"):
+        if getattr(args, name):
+            settings[name] = getattr(args, name)
     dtype = settings["dtype"]
     model = replace(
         model, **settings, param_dtype="float32", max_seq_len=max(model.max_seq_len, args.seq)
@@ -218,6 +225,7 @@ def main() -> None:
         "batch": args.batch,
         "seq_len": args.seq,
         "settings": settings,
+        "attention_path": attention_path(model, backend_platform(), args.seq),
         "load_average_1m": os.getloadavg()[0],
         "rounds": args.rounds,
         "steps_per_round": args.steps,

@@ -202,9 +202,12 @@ def test_a_local_pod_is_found_by_name_by_every_command_without_the_provider_sett
         run_dir = tmp_path / "run"
         out = cli.ok(
             "run", TINY, "--name", "mine", "--follow", "--run-id", "found",
-            "--", *FAST, "train.steps=2", f"run_dir={run_dir}",
+            "--", *FAST, "train.steps=2", "train.profile_steps=[0,2]", f"run_dir={run_dir}",
         )  # fmt: skip
         assert "run found finished: step 2" in out
+        fetched = cli.ok("profile", "mine", "--to", str(tmp_path / "trace"))  # by node name
+        assert f"1 trace(s) of {run_dir} in {tmp_path / 'trace'}" in fetched
+        assert list((tmp_path / "trace").glob("plugins/profile/*/*.xplane.pb"))
         assert "step 2 " in cli.ok("logs", "mine")
         assert ps_rows(cli, "mine")[0][:3] == ["w00", "found", "exited"]
         assert cli.ok("kill", "mine").strip() == "w00: nothing running"
@@ -241,3 +244,23 @@ def test_logs_and_ps_leave_out_gloo_chatter_that_raw_keeps(cli, tmp_path):
         ] * 2
     finally:
         cli.ok("down", "chatty", "--yes")
+
+
+def test_profile_fetches_a_gs_run_dirs_trace_and_says_what_is_missing(gcs, tmp_path):
+    from trainer.tracing import StepTrace
+
+    trace = StepTrace("gs://test-bucket/run", [0, 1])
+    trace.at_step(0, None)
+    trace.at_step(1, None)
+    cli = LocalCli(tmp_path)
+    cli.env["STORAGE_EMULATOR_HOST"] = gcs.url
+    out = cli.ok("profile", "gs://test-bucket/run", "--to", str(tmp_path / "got"))
+    assert out.startswith(f"1 trace(s) of gs://test-bucket/run in {tmp_path / 'got'}: ")
+    assert "tensorboard --logdir" in out
+    assert list((tmp_path / "got").glob("plugins/profile/*/*.xplane.pb"))
+    unknown = cli("profile", "nosuch")
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
+    assert "RUN 'nosuch' is neither a run directory nor a node" in unknown.stderr
+    (tmp_path / "bare").mkdir()
+    untraced = cli("profile", str(tmp_path / "bare"), "--to", str(tmp_path / "none"))
+    assert untraced.returncode == 1 and "set train.profile_steps=[START,END]" in untraced.stderr

@@ -53,6 +53,9 @@ def test_dotted_overrides_are_typed_and_win(tiny_recipe):
     )
     assert recipe.train.steps == 7 and recipe.optimizer.lr == 1e-5
     assert recipe.run_dir == "gs://b/r" and recipe.model.remat is True
+    assert recipe.model.remat_policy == "full"  # recipes written before remat policies
+    named = load_recipe(str(tiny_recipe), ["model.remat=dots_saveable", "model.attention=splash"])
+    assert named.model.remat_policy == "dots_saveable" and named.model.attention == "splash"
     assert recipe.env == {"A": "1"}
     assert recipe.model.dim == 64  # the preset still fills what was not overridden
 
@@ -90,7 +93,38 @@ def test_explicit_dims_override_the_preset(tmp_path):
     [
         ("optimizer: {lrr: 1}\n", [], "unknown key optimizer.lrr: remove it or use one of"),
         ("", ["train.steps=abc"], "train.steps: expected an integer, got 'abc'"),
-        ("", ["model.remat=maybe"], "model.remat: expected true or false"),
+        (
+            "",
+            ["model.remat=maybe"],
+            "model.remat: 'maybe' is not a policy; use one of none, full, dots_saveable, "
+            "dots_with_no_batch_dims_saveable, save_qkv_proj, save_attention_out (or true / false)",
+        ),
+        (
+            "",
+            ["model.attention=flash"],
+            "model.attention: 'flash' is not supported; use one of auto",
+        ),
+        (
+            "",
+            ["model.attention=cudnn", "model.dtype=float32"],
+            "model.attention: cudnn needs model.dtype bfloat16 or float16",
+        ),
+        (
+            "",
+            ["model.attention=chunked", "model.attention_chunk=0"],
+            "model.attention_chunk must be positive for the chunked path, got 0",
+        ),
+        (
+            "",
+            ["train.profile_steps=[5, 5]"],
+            "train.profile_steps: give [start, end] with 0 <= start < end, got [5, 5]",
+        ),
+        ("", ["train.profile_steps=[3]"], "train.profile_steps: give [start, end]"),
+        (
+            "",
+            ["train.profile_steps=[1, x]"],
+            "train.profile_steps[1]: expected an integer, got 'x'",
+        ),
         ("", ["mesh.data=0"], "mesh.data must be a positive size or -1"),
         ("mesh: {data: -1, fsdp: -1}\n", [], "at most one axis may be -1"),
         (

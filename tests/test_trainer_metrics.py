@@ -27,6 +27,11 @@ def test_published_peaks_match_device_kinds():
     assert metrics.published_peak("TPU v5 lite") == 197e12
     assert metrics.published_peak("TPU v5p") == 459e12
     assert metrics.published_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert metrics.published_peak("NVIDIA H100 PCIe") == 756e12
+    assert metrics.published_peak("NVIDIA H200") == 989e12
+    assert metrics.published_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert metrics.published_peak("TPU v5") == 459e12
+    assert metrics.published_peak("TPU v6 lite") == 918e12
     assert metrics.published_peak("cpu") is None
 
 

@@ -10,14 +10,19 @@ import numpy as np
 import pytest
 
 from tests.fixtures_hf import BASE, SHAPES, hf_logits, hf_model, hf_state
+from trainer.config import REMAT_POLICIES, MeshConfig, RecipeError
 from trainer.hf import params_from_hf
 from trainer.model import (
     Decoder,
     attention_mask,
+    attention_path,
+    causal_attention,
+    fused_attention,
     init_params,
     positions_from_segments,
     rope_inv_freq,
 )
+from trainer.sharding import make_mesh
 
 TINY = BASE
 
@@ -107,16 +112,102 @@ def test_bfloat16_compute_keeps_float32_master_weights():
     assert logits.dtype == jnp.bfloat16
 
 
-def test_remat_gives_the_same_gradients():
-    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 128, (2, 16)))
-    params = init_params(TINY, jax.random.key(0))
+def _loss_and_grads(cfg, params, tokens, segments, mesh=None):
+    """Decoder loss (a fixed random projection of the logits, so every position counts) and
+    its parameter gradients."""
+    probe = jax.random.normal(jax.random.key(9), (cfg.vocab_size,))
 
-    def grads(cfg):
-        loss = lambda p: Decoder(cfg).apply({"params": p}, tokens).sum()  # noqa: E731
-        return jax.grad(loss)(params)
+    def loss(p):
+        logits = Decoder(cfg, mesh=mesh).apply({"params": p}, tokens, segments)
+        return jnp.mean(logits.astype(jnp.float32) @ probe)
 
-    plain, remat = grads(TINY), grads(dataclasses.replace(TINY, remat=True))
-    for a, b in zip(
-        jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(remat), strict=True
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def _assert_same(got, want, atol):
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=atol, atol=atol)
+
+
+# Grouped-query heads (4 over 2), two packed documents and padding in one row, a Mistral
+# window shorter than the documents: what every attention path must honour.
+ATTENTION_CFG = dataclasses.replace(
+    TINY, family="mistral", n_kv_heads=2, dtype="float32", param_dtype="float32"
+)
+
+
+def _attention_batch(seq: int):
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 128, (2, seq)))
+    split, pad = seq * 2 // 3, seq - seq // 8
+    segments = jnp.asarray([[1] * split + [2] * (seq - split), [1] * pad + [0] * (seq - pad)])
+    return tokens, segments
+
+
+@pytest.mark.parametrize("window", [None, 37], ids=["causal", "mistral-window"])
+@pytest.mark.parametrize("path", ["chunked", "splash"])
+def test_attention_paths_match_xla_in_outputs_and_gradients(path, window):
+    # splash runs in Pallas' interpreter on CPU: the TPU kernel's own code, masks and blocks
+    # (seq 384 = three 128-token blocks, so whole blocks are skipped).
+    seq = 384
+    tokens, segments = _attention_batch(seq)
+    cfg = dataclasses.replace(ATTENTION_CFG, sliding_window=window, max_seq_len=seq)
+    params = init_params(cfg, jax.random.key(0))
+    want = _loss_and_grads(dataclasses.replace(cfg, attention="xla"), params, tokens, segments)
+    got = _loss_and_grads(
+        dataclasses.replace(cfg, attention=path, attention_chunk=128), params, tokens, segments
+    )
+    _assert_same(got, want, atol=1e-4)
+
+
+@pytest.mark.slow  # the interpreted kernel on 8 devices
+def test_splash_runs_per_shard_over_the_runs_mesh():
+    # batch over data x fsdp, heads over tensor: each of 8 devices runs the kernel on its part
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    tokens, segments = _attention_batch(256)
+    tokens, segments = jnp.tile(tokens, (2, 1)), jnp.tile(segments, (2, 1))
+    cfg = dataclasses.replace(ATTENTION_CFG, max_seq_len=256)
+    params = init_params(cfg, jax.random.key(0))
+    want = _loss_and_grads(dataclasses.replace(cfg, attention="xla"), params, tokens, segments)
+    splash = dataclasses.replace(cfg, attention="splash")
+    _assert_same(_loss_and_grads(splash, params, tokens, segments, mesh), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("window", [None, 5], ids=["causal", "mistral-window"])
+def test_cudnn_call_masks_match_the_reference_mask(window):
+    # No GPU here: the cuDNN path's call (kernel-side causal and window masks, the document
+    # mask as input) run through XLA's implementation of the same API.
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 24, h, 16)), jnp.float32) for h in (4, 2, 2))
+    segments = jnp.asarray([[1] * 10 + [2] * 14, [1] * 20 + [0] * 4])
+    want = causal_attention(q, k, v, segments, 0, window)
+    np.testing.assert_allclose(fused_attention(q, k, v, segments, window, "xla"), want, atol=1e-5)
+
+
+def test_attention_auto_picks_the_platform_kernel_and_falls_back():
+    bf16 = dataclasses.replace(TINY, dtype="bfloat16")
+    assert attention_path(bf16, "cpu", 512) == "chunked"
+    assert attention_path(bf16, "gpu", 512) == "cudnn"
+    assert attention_path(dataclasses.replace(bf16, dtype="float32"), "gpu", 512) == "xla"
+    assert attention_path(bf16, "tpu", 512) == "splash"
+    assert attention_path(bf16, "tpu", 100) == "xla"  # not a whole number of kernel blocks
+    assert attention_path(dataclasses.replace(bf16, attention="xla"), "tpu", 512) == "xla"
+
+
+def test_an_attention_path_the_platform_cannot_run_is_a_recipe_error():
+    cfg = dataclasses.replace(TINY, attention="cudnn", dtype="bfloat16")
+    with pytest.raises(
+        RecipeError, match=r"^model.attention: cudnn runs on gpu, not cpu; use auto$"
     ):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        attention_path(cfg, "cpu", 512)
+    with pytest.raises(RecipeError, match=r"^model.attention: splash runs on tpu or cpu, not gpu"):
+        attention_path(dataclasses.replace(cfg, attention="splash"), "gpu", 512)
+
+
+def test_remat_policies_give_the_same_loss_and_gradients():
+    tokens, segments = _attention_batch(16)
+    cfg = dataclasses.replace(ATTENTION_CFG, sliding_window=5)
+    params = init_params(cfg, jax.random.key(0))
+    want = _loss_and_grads(cfg, params, tokens, segments)
+    for policy in REMAT_POLICIES[1:]:  # all but none
+        got = _loss_and_grads(dataclasses.replace(cfg, remat=policy), params, tokens, segments)
+        _assert_same(got, want, atol=1e-5)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tests.fixtures_trainer import launch_trainer, wait_all
 from trainer import train
-from trainer.config import load_recipe
+from trainer.config import ModelConfig, load_recipe
 
 STEPS = 12
 SHORT = [
@@ -110,3 +112,25 @@ def test_cache_build_progress_is_printed_and_reaches_metrics_once_a_minute(tmp_p
     records = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records == [{"data_cache": "data: cache 2/9"}, {"data_cache": "data: cache 4/9"}]
     assert capsys.readouterr().out.count("data: cache ") == 4
+
+
+def test_bf16_compute_with_fp32_master_weights_and_optimizer_state_is_the_default(
+    tiny_recipe, tmp_path
+):
+    defaults = ModelConfig()
+    assert (defaults.dtype, defaults.param_dtype) == ("bfloat16", "float32")
+    recipe = load_recipe(str(tiny_recipe), [f"run_dir={tmp_path}", "train.grad_accum=1"])
+    model = dataclasses.replace(
+        recipe.model, dtype=defaults.dtype, param_dtype=defaults.param_dtype
+    )
+    recipe = dataclasses.replace(recipe, model=model)
+    dataset = train.prepare_data(recipe, "train", shuffle=True)
+    run = train.setup(recipe, dataset)
+    state, stats = run.train_step(run.state, train.global_batch(dataset, 0, 1, run.batch_sharding))
+    floats = [
+        x.dtype
+        for x in jax.tree_util.tree_leaves((state.params, state.opt_state))
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    ]
+    assert floats and set(floats) == {jnp.dtype("float32")}
+    assert np.isfinite(float(stats["loss"]))

@@ -8,6 +8,7 @@ bucket must already exist. google.cloud.storage is imported only when a call nee
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from tpuctl.errors import TpuctlError
@@ -110,3 +111,18 @@ def read_tail(uri: str, max_bytes: int) -> bytes | None:
         return blob.download_as_bytes(start=max(0, (blob.size or 0) - max_bytes))
     except exceptions.NotFound:
         return None
+
+
+def download_prefix(uri: str, destination: Path) -> list[Path]:
+    """Download every object under the gs:// prefix `uri` into `destination`, keeping the
+    layout below the prefix; returns the local files (none when nothing is there)."""
+    bucket_id, path = split_uri(uri.rstrip("/") + "/")
+    files = []
+    for item in _client().list_blobs(bucket_id, prefix=path):
+        if item.name.endswith("/"):
+            continue  # a folder placeholder
+        target = destination / item.name[len(path) :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        item.download_to_filename(str(target))
+        files.append(target)
+    return files

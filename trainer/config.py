@@ -64,10 +64,12 @@ class ModelConfig:
     )
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"  # master weights and optimizer state
-    remat: bool = False  # recompute each layer's activations in the backward pass
-    # 0: one jax.nn.dot_product_attention over the whole sequence (fused kernels on GPU/TPU);
-    # N: causal query chunks of N tokens that skip the masked key blocks (faster on CPU).
-    attention_chunk: int = 0
+    # what each layer keeps for the backward pass (REMAT_POLICIES); true = full, false = none
+    remat: bool | str = "none"
+    # auto: splash kernel on TPU, cuDNN flash attention on GPU (bf16/fp16), chunked on CPU
+    attention: str = "auto"  # auto | xla | cudnn | splash | chunked
+    # the chunked path's query chunk (skips the masked key blocks); 0: one whole-sequence call
+    attention_chunk: int = 128
     scan_unroll: int = 1  # layers per iteration of the layer scan (n_layers: no loop at all)
     init_std: float = 0.02
 
@@ -78,6 +80,13 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def remat_policy(self) -> str:
+        """`remat` as a policy name: true and false are full and none."""
+        if isinstance(self.remat, bool):
+            return "full" if self.remat else "none"
+        return self.remat
 
     @property
     def qkv_bias(self) -> bool:
@@ -194,6 +203,9 @@ class TrainConfig:
     seq_len: int = 2048
     grad_accum: int = 1  # micro-batches per update (scanned inside the jitted step)
     seed: int = 0
+    # [start, end]: a jax.profiler trace of the updates after step start up to step end, in
+    # {run_dir}/profile (trainer/tracing.py); empty: no trace
+    profile_steps: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -375,8 +387,11 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
-        (inner,) = [o for o in options if o is not type(None)]
-        return _check_type(key, value, inner)
+        inner = [o for o in options if o is not type(None)]
+        for option in inner[:-1]:  # `bool | str`: the first type that takes the value
+            with contextlib.suppress(RecipeError):
+                return _check_type(key, value, option)
+        return _check_type(key, value, inner[-1])
     if origin is list:
         (item,) = typing.get_args(annotation)
         items = value if isinstance(value, list) else [value]
@@ -506,6 +521,41 @@ def _validate_model(model: ModelConfig) -> None:
             raise RecipeError(
                 f"model.{name}: use float32, bfloat16 or float16, not {getattr(model, name)!r}"
             )
+    _validate_attention(model)
+    if model.remat_policy not in REMAT_POLICIES:
+        raise RecipeError(
+            f"model.remat: {model.remat!r} is not a policy; use one of "
+            f"{', '.join(REMAT_POLICIES)} (or true / false)"
+        )
+
+
+ATTENTION = ("auto", "xla", "cudnn", "splash", "chunked")  # trainer/model.py: attend
+# trainer/model.py: REMAT; the jax.checkpoint_policies MaxText's remat_policy offers
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "save_qkv_proj", "save_attention_out")  # fmt: skip
+
+
+def _validate_attention(model: ModelConfig) -> None:
+    """What the chosen path cannot run; the platform is checked when the model is traced."""
+    if model.attention not in ATTENTION:
+        raise RecipeError(
+            f"model.attention: {model.attention!r} is not supported; use one of {', '.join(ATTENTION)}"
+        )
+    if model.attention_chunk < 0 or (model.attention == "chunked" and not model.attention_chunk):
+        raise RecipeError(
+            f"model.attention_chunk must be positive for the chunked path, got {model.attention_chunk}"
+        )
+    if model.attention == "cudnn" and cudnn_problem(model):
+        raise RecipeError(f"model.attention: cudnn {cudnn_problem(model)}; use auto or xla")
+
+
+def cudnn_problem(model: ModelConfig) -> str | None:
+    """Why cuDNN flash attention cannot run this model (None if it can)."""
+    if model.dtype == "float32":
+        return "needs model.dtype bfloat16 or float16, not float32"
+    if model.head_dim % 8 or model.head_dim > 128:
+        return f"needs a head dim that is a multiple of 8 up to 128, not {model.head_dim}"
+    return None
 
 
 def _validate_train(train: TrainConfig, model: ModelConfig) -> None:
@@ -521,6 +571,11 @@ def _validate_train(train: TrainConfig, model: ModelConfig) -> None:
     if train.batch_size % train.grad_accum:
         raise RecipeError(
             f"train.batch_size ({train.batch_size}) must be divisible by train.grad_accum ({train.grad_accum})"
+        )
+    profile = train.profile_steps
+    if profile and (len(profile) != 2 or not 0 <= profile[0] < profile[1]):
+        raise RecipeError(
+            f"train.profile_steps: give [start, end] with 0 <= start < end, got {profile}"
         )
     if train.seq_len > model.max_seq_len:
         raise RecipeError(

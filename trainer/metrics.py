@@ -15,7 +15,8 @@ from typing import Any
 from trainer import io
 from trainer.config import ModelConfig
 
-# Dense bf16 peak FLOP/s per JAX device (a TPU v2/v3 device is one core; v4+ one chip).
+# Dense (not 2:4 sparse) bf16 peak FLOP/s per JAX device, from the vendors' data sheets (a TPU
+# v2/v3 device is one core; v4+ one chip; v5 lite is v5e, v6 lite v6e, plain v5 v5p).
 PEAK_FLOPS = {
     "TPU v2": 22.5e12,
     "TPU v3": 61.5e12,
@@ -26,9 +27,12 @@ PEAK_FLOPS = {
     "TPU v5": 459e12,
     "TPU v6 lite": 918e12,
     "TPU v6e": 918e12,
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
+    "H200": 989e12,  # SXM, as the H100 SXM
+    "H200 NVL": 835e12,
+    "H100": 989e12,  # SXM ("NVIDIA H100 80GB HBM3")
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "A100": 312e12,  # SXM and PCIe alike
     "L4": 121e12,
     "A10G": 70e12,
 }

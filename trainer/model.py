@@ -2,8 +2,9 @@
 LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM and Olmo2ForCausalLM.
 
 RMSNorm, rotary position embeddings (the "rotate half" layout HF uses, with Llama 3's
-frequency scaling), SwiGLU MLP and grouped-query attention through
-`jax.nn.dot_product_attention` (fused where the backend has a fused kernel). What a family adds
+frequency scaling), SwiGLU MLP and grouped-query attention through the platform's kernel
+(`model.attention`: Pallas splash on TPU, cuDNN flash attention on GPU, causal chunks on
+CPU, or one `jax.nn.dot_product_attention`). What a family adds
 (trainer/models.py: q/k/v biases, q/k norms, post-norms, a sliding window) is decided when the
 model is traced, so a family pays only for what it uses. Layers are stacked with `nn.scan`, so
 compile time does not grow with depth and every layer parameter has a leading layer axis.
@@ -13,14 +14,31 @@ positions restart per document.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from trainer.config import ModelConfig
+from trainer.config import ModelConfig, RecipeError, cudnn_problem
+from trainer.sharding import BATCH_AXES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# model.remat: what a layer keeps for the backward pass (the rest is recomputed). The names
+# are the checkpoint_name tags in Attention.
+_policies = jax.checkpoint_policies
+REMAT = {
+    "full": None,  # nothing: the whole layer is recomputed
+    "dots_saveable": _policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": _policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": _policies.save_only_these_names("qkv_proj"),
+    "save_attention_out": _policies.save_only_these_names("attention_out"),
+}
 
 
 class RMSNorm(nn.Module):
@@ -71,6 +89,7 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 class Attention(nn.Module):
     cfg: ModelConfig
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids):
@@ -87,8 +106,10 @@ class Attention(nn.Module):
         k = k_BxLxK.reshape(batch, seq, cfg.kv_heads, cfg.head_dim)
         v = v_BxLxK.reshape(batch, seq, cfg.kv_heads, cfg.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (checkpoint_name(x, "qkv_proj") for x in (q, k, v))
         window = cfg.sliding_window if cfg.sliding_window and seq > cfg.sliding_window else None
-        out = causal_attention(q, k, v, segment_ids, cfg.attention_chunk, window)
+        out = attend(cfg, q, k, v, segment_ids, window, self.mesh)
+        out = checkpoint_name(out, "attention_out")
         return dense(cfg.dim, name="wo")(out.reshape(batch, seq, cfg.n_heads * cfg.head_dim))
 
 
@@ -105,11 +126,12 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     cfg: ModelConfig
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids):
         cfg = self.cfg
-        attn, mlp = Attention(cfg, name="attn"), MLP(cfg, name="mlp")
+        attn, mlp = Attention(cfg, self.mesh, name="attn"), MLP(cfg, name="mlp")
         attn_norm, mlp_norm = _norm(cfg, "attn_norm"), _norm(cfg, "mlp_norm")
         if cfg.post_norms:  # OLMo 2: normalise each sublayer's output, not its input
             x = x + attn_norm(attn(x, cos, sin, segment_ids))
@@ -125,10 +147,12 @@ def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
 class Decoder(nn.Module):
     """Call with tokens [batch, seq] (and optionally segment_ids, positions); returns logits
     [batch, seq, vocab], or with `head="score"` (a reward model, as transformers'
-    *ForSequenceClassification with one label) a scalar per token [batch, seq]."""
+    *ForSequenceClassification with one label) a scalar per token [batch, seq]. `mesh`: the
+    run's device mesh, over which the splash kernel runs per shard (batch x heads)."""
 
     cfg: ModelConfig
     head: str = "lm"  # lm | score
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, tokens, segment_ids=None, positions=None):
@@ -148,7 +172,10 @@ class Decoder(nn.Module):
         )
         x = embed(tokens)
         cos, sin = rotary_tables(positions, rope_inv_freq(cfg))
-        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        policy = cfg.remat_policy
+        block = (
+            Block if policy == "none" else nn.remat(Block, prevent_cse=False, policy=REMAT[policy])
+        )
         layers = nn.scan(
             block,
             variable_axes={"params": 0},
@@ -156,7 +183,7 @@ class Decoder(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.n_layers,
             unroll=cfg.scan_unroll,
-        )(cfg, name="layers")
+        )(cfg, self.mesh, name="layers")
         x, _ = layers(x, cos, sin, segment_ids)
         x = _norm(cfg, "norm")(x)
         if self.head == "score":
@@ -204,6 +231,121 @@ def attention_mask(
         visible &= position[queries, None] - position[None, :] < window
     same = segment_ids[:, queries, None] == segment_ids[:, None, : queries.stop]
     return (same & visible)[:, None]
+
+
+def backend_platform() -> str:
+    """cpu, gpu or tpu: the default backend (CUDA's own name, "cuda", is gpu here)."""
+    name = jax.default_backend()
+    return "gpu" if name in ("cuda", "rocm") else name
+
+
+def attention_path(cfg: ModelConfig, platform: str, seq: int) -> str:
+    """The attention implementation `model.attention` picks on `platform` (cpu, gpu, tpu) for
+    sequences of `seq` tokens; an explicit choice the platform cannot run is a RecipeError."""
+    choice = cfg.attention
+    needs = {"cudnn": ("gpu",), "splash": ("tpu", "cpu")}.get(choice)
+    if needs and platform not in needs:
+        raise RecipeError(
+            f"model.attention: {choice} runs on {' or '.join(needs)}, not {platform}; use auto"
+        )
+    if choice != "auto":
+        return choice
+    if platform == "tpu":
+        return "splash" if seq % SPLASH_BLOCK == 0 else "xla"
+    if platform == "gpu":
+        return "xla" if cudnn_problem(cfg) or seq % 2 else "cudnn"
+    return "chunked"
+
+
+def attend(
+    cfg: ModelConfig, q, k, v, segment_ids, window: int | None, mesh: Mesh | None = None
+) -> jax.Array:
+    """Causal attention within documents [batch, seq, heads, head_dim] through the path
+    `attention_path` picks; every path honours segment ids, grouped-query heads and `window`."""
+    platform = backend_platform()
+    path = attention_path(cfg, platform, q.shape[1])
+    if path == "splash":
+        # Pallas TPU kernel; elsewhere (CPU tests) Pallas' interpreter runs the same kernel.
+        kernel = functools.partial(splash_attention, window=window, interpret=platform != "tpu")
+        return _per_shard(kernel, mesh, cfg)(q, k, v, segment_ids)
+    if path == "cudnn":
+        return fused_attention(q, k, v, segment_ids, window, "cudnn")
+    chunk = cfg.attention_chunk if path == "chunked" else 0
+    return causal_attention(q, k, v, segment_ids, chunk, window)
+
+
+def fused_attention(q, k, v, segment_ids, window: int | None, implementation: str) -> jax.Array:
+    """One `jax.nn.dot_product_attention` with the causal mask and the window as the kernel's
+    own masks (cuDNN skips the masked blocks) and only the document mask as an input."""
+    same_document = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=same_document,
+        is_causal=True,
+        local_window_size=(window - 1, 0) if window else None,
+        implementation=implementation,
+    )
+
+
+def _per_shard(kernel, mesh: Mesh | None, cfg: ModelConfig):
+    """`kernel(q, k, v, segment_ids)` on each device's rows (and heads, where the tensor axis
+    divides them) of `mesh`: XLA cannot partition a Pallas call itself, and would otherwise
+    gather the whole batch onto every device."""
+    if mesh is None or mesh.size == 1:
+        return kernel
+    tensor = mesh.shape["tensor"]
+    heads = "tensor" if cfg.n_heads % tensor == 0 and cfg.kv_heads % tensor == 0 else None
+    qkv = P(BATCH_AXES, None, heads, None)
+    return jax.shard_map(
+        kernel,
+        mesh=mesh,
+        in_specs=(qkv, qkv, qkv, P(BATCH_AXES, None)),
+        out_specs=qkv,
+        check_vma=False,
+    )
+
+
+SPLASH_BLOCK = 128  # the splash kernel's query/key block: sequences must be a multiple
+SPLASH_BLOCK_FIELDS = ("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv",
+                       "block_kv_dkv_compute", "block_q_dq", "block_kv_dq")  # fmt: skip
+
+
+def splash_attention(q, k, v, segment_ids, window: int | None, interpret: bool) -> jax.Array:
+    """The Pallas TPU splash attention kernel: causal (or local, for a window) block-sparse
+    masks, so fully masked blocks are skipped, and segment ids for packed documents; grouped
+    query heads share their key/value head inside the kernel."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as masks,
+    )
+
+    _, seq, heads, head_dim = q.shape
+    block = next((b for b in (512, 256, SPLASH_BLOCK) if seq % b == 0), seq)
+    if window:
+        head_mask = masks.LocalMask((seq, seq), (window - 1, 0), offset=0)
+    else:
+        head_mask = masks.CausalMask((seq, seq))
+    kernel = splash.make_splash_mha(
+        masks.MultiHeadMask([head_mask] * heads),
+        block_sizes=splash.BlockSizes(**dict.fromkeys(SPLASH_BLOCK_FIELDS, block)),
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )
+    q_BxHxLxD, k_BxKxLxD, v_BxKxLxD = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    q_BxHxLxD = q_BxHxLxD * jnp.asarray(head_dim**-0.5, q.dtype)  # the kernel does not scale
+
+    def one_row(q_HxLxD, k_KxLxD, v_KxLxD, segments_L):
+        return kernel(
+            q_HxLxD, k_KxLxD, v_KxLxD, segment_ids=splash.SegmentIds(segments_L, segments_L)
+        )
+
+    out_BxHxLxD = jax.vmap(one_row)(q_BxHxLxD, k_BxKxLxD, v_BxKxLxD, segment_ids)
+    return out_BxHxLxD.transpose(0, 2, 1, 3)
 
 
 def causal_attention(q, k, v, segment_ids, chunk: int, window: int | None = None) -> jax.Array:

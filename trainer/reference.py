@@ -77,7 +77,7 @@ def compute(run: Any, dataset: Mixture) -> np.ndarray:
     rows = recipe.train.batch_size // recipe.train.grad_accum
     batch_sharding = NamedSharding(run.mesh, P(sharding.BATCH_AXES, None))
     replicated = NamedSharding(run.mesh, P())
-    apply = Decoder(recipe.model).apply
+    apply = Decoder(recipe.model, mesh=run.mesh).apply
     logps = jax.jit(
         lambda params, batch: dpo.pair_logps(params, apply, batch)[:2],
         in_shardings=(run.state_shardings.params, batch_sharding),

@@ -40,9 +40,10 @@ from trainer.config import (
     mesh_shape,
 )
 from trainer.mixture import Mixture
-from trainer.model import Decoder, count_params, init_params
+from trainer.model import Decoder, attention_path, backend_platform, count_params, init_params
 from trainer.optim import make_optimizer
 from trainer.tokenizer import load_tokenizer
+from trainer.tracing import StepTrace
 
 
 @flax.struct.dataclass
@@ -185,12 +186,13 @@ class Run:
 
 def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = None) -> Run:
     """Mesh, sharded initial state (fresh or from `init_params_from`) and compiled-on-demand steps."""
+    attention_path(recipe.model, backend_platform(), recipe.train.seq_len)  # before tracing
     mesh = sharding.make_mesh(recipe.mesh)
     check_batch_divisible(recipe.train, mesh_shape(recipe.mesh, jax.device_count()))
     total_steps = recipe.train.steps or math.ceil(recipe.train.epochs * train_set.steps_per_epoch())
     optimizer, schedule = make_optimizer(recipe.optimizer, total_steps)
     head = "score" if recipe.objective.name == "reward" else "lm"
-    model = Decoder(recipe.model, head)
+    model = Decoder(recipe.model, head, mesh)
 
     def fresh_state(rng):
         init_rng, state_rng = jax.random.split(rng)
@@ -423,8 +425,10 @@ def train(recipe: Recipe) -> int:
     )
     # compiled before the loop: keep compile time out of step times
     compiled = run.train_step.lower(run.state, batch, *run.frozen).compile()
+    trace = StepTrace(recipe.run_dir, recipe.train.profile_steps if is_main else [])
     interval_start, interval_steps = time.perf_counter(), 0
     while step < run.total_steps:
+        trace.at_step(step, run.state)
         run.state, stats = compiled(run.state, batch, *run.frozen)
         step += 1
         interval_steps += 1
@@ -460,6 +464,7 @@ def train(recipe: Recipe) -> int:
                     f"trainer: stopped on SIGTERM at step {step}, checkpoint committed", flush=True
                 )
             return EXIT_PREEMPTED
+    trace.at_step(step, run.state, done=True)
     checkpointer.save(run.state)  # the final state, whatever the save interval
     checkpointer.close()
     if is_main:

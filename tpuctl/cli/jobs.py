@@ -6,6 +6,7 @@ Thin layer: resolve the node and its hosts, call tpuctl.jobs, render the result.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
@@ -242,3 +243,25 @@ def kill(
         print(f"{report.label}: {what}{holders}")
     if failed:
         raise TpuctlError(f"kill failed on {failed} worker(s)", 1)
+
+
+@app.command()
+def profile(
+    run: str = typer.Argument(
+        ..., help="A run directory (local or gs://), or a node: its latest run from here."
+    ),
+    to: Path | None = typer.Option(
+        None, "--to", help="Where to put the trace (default: ./RUN_NAME-profile)."
+    ),
+) -> None:
+    """Fetch the jax.profiler trace a run wrote for `train.profile_steps` ({run_dir}/profile,
+    TensorBoard / XProf format) and say how to open it."""
+    from tpuctl.jobs.runs import fetch_profile, find_run_dir
+
+    run_dir = find_run_dir(run)
+    destination = to or Path(f"{run_dir.rstrip('/').rsplit('/', 1)[-1]}-profile")
+    traces = fetch_profile(run_dir, destination)
+    print(f"{len(traces)} trace(s) of {run_dir} in {destination}: {traces[-1]}")
+    print(
+        f"open it: tensorboard --logdir {destination} (the Profile tab), or xprof --logdir {destination}"
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -260,3 +261,40 @@ def run_summary(run_dir: str) -> dict[str, Any] | None:
         path = Path(done)
         text = path.read_text() if path.is_file() else None
     return json.loads(text) if text else None
+
+
+def find_run_dir(run: str) -> str:
+    """The run directory `run` names: itself (a gs:// URI or a local directory), or the run
+    directory of the latest run tpuctl launched from this machine on the node named `run`."""
+    if "://" in run or Path(run).is_dir():
+        return run
+    launch = launches.latest(run)
+    if launch is None:
+        raise TpuctlError(
+            f"RUN {run!r} is neither a run directory nor a node with a run launched from this "
+            "machine; give the run directory (local or gs://)"
+        )
+    return launch.run_dir
+
+
+def fetch_profile(run_dir: str, destination: Path) -> list[Path]:
+    """Copy the trainer's trace (`train.profile_steps`, in {run_dir}/profile) to
+    `destination`; returns the trace files (*.xplane.pb)."""
+    source = f"{run_dir.rstrip('/')}/profile"
+    if "://" in source:
+        storage.download_prefix(source, destination)
+    elif Path(source).is_dir():
+        shutil.copytree(source, destination, dirs_exist_ok=True)
+    elif not Path(run_dir).is_dir():
+        raise TpuctlError(
+            f"run directory {run_dir} is not on this machine (a worker's local disk?): "
+            f"fetch it with `tpuctl get {source} DIR --worker 0`"
+        )
+    traces = sorted(destination.glob("plugins/profile/*/*.xplane.pb"))
+    if not traces:
+        raise TpuctlError(
+            f"no trace in {source}: set train.profile_steps=[START,END] in the recipe and "
+            "let the run pass step END",
+            exit_code=1,
+        )
+    return traces
