@@ -354,13 +354,38 @@ def causal_attention(q, k, v, segment_ids, chunk: int, window: int | None = None
     seq = q.shape[1]
     if not chunk or chunk >= seq or seq % chunk:
         return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids, None, window))
+    return _chunked_attention(q, k, v, segment_ids, chunk, window)
+
+
+def _chunked_attention(q, k, v, segment_ids, chunk: int, window: int | None) -> jax.Array:
+    """`causal_attention` by query chunks, computed head-major ([batch, kv head, group, seq,
+    head_dim]) so each head's products are contiguous matmuls: on CPU, XLA's batched dots and
+    their gradients run about a third faster than in jax.nn.dot_product_attention's
+    sequence-major layout. Numerics as that function's XLA path: fp32 logits and softmax,
+    probabilities cast back to the value dtype."""
+    batch, seq, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q_BxKxGxLxD = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
+    q_BxKxGxLxD = q_BxKxGxLxD.transpose(0, 2, 3, 1, 4)
+    k_BxKxLxD, v_BxKxLxD = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scale = head_dim**-0.5
     outputs = []
     for start in range(0, seq, chunk):
-        rows = slice(start, start + chunk)
-        keys = slice(0, start + chunk)
-        mask = attention_mask(segment_ids, rows, window)
-        outputs.append(jax.nn.dot_product_attention(q[:, rows], k[:, keys], v[:, keys], mask=mask))
-    return jnp.concatenate(outputs, axis=1)
+        rows, keys = slice(start, start + chunk), slice(0, start + chunk)
+        logits_BxKxGxCxS = jnp.einsum(
+            "bkgqd,bksd->bkgqs",
+            q_BxKxGxLxD[:, :, :, rows],
+            k_BxKxLxD[:, :, keys],
+            preferred_element_type=jnp.float32,
+        )
+        mask_Bx1x1xCxS = attention_mask(segment_ids, rows, window)[:, :, None]
+        logits_BxKxGxCxS = jnp.where(
+            mask_Bx1x1xCxS, logits_BxKxGxCxS * scale, jnp.finfo(jnp.float32).min
+        )
+        probs_BxKxGxCxS = jax.nn.softmax(logits_BxKxGxCxS, axis=-1).astype(v.dtype)
+        outputs.append(jnp.einsum("bkgqs,bksd->bkgqd", probs_BxKxGxCxS, v_BxKxLxD[:, :, keys]))
+    out_BxKxGxLxD = jnp.concatenate(outputs, axis=3)
+    return out_BxKxGxLxD.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, head_dim)
 
 
 def count_params(params) -> int:
