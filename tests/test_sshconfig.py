@@ -3,6 +3,9 @@ test_fanout.py and test_cli_workers.py connect through what this resolves)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from tpuctl.errors import TpuctlError
@@ -72,3 +75,17 @@ def test_an_unparsable_ssh_config_is_one_line_naming_the_file(tmp_path, monkeypa
     (tmp_path / ".ssh" / "config").write_text("Host x\n  =broken\n")
     with pytest.raises(TpuctlError, match=r"\.ssh/config: Unparsable line =broken; fix that line"):
         user_ssh_config()
+
+
+def test_match_exec_runs_its_command_though_paramiko_is_imported_without_invoke():
+    # A fresh process: paramiko comes without invoke (tpuctl.fanout.paramiko_loader) and
+    # gets it when a `Match exec` line is evaluated.
+    code = """
+import sys
+from tpuctl.sshconfig import SshConfig
+config = SshConfig([("config", 'Match exec "test %h = 10.0.0.2"\\n    User alice\\n')])
+before = "invoke" in sys.modules
+print(before, config.options("10.0.0.2").get("user"), config.options("10.0.0.3").get("user"))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "alice", "None"]

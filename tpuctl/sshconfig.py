@@ -46,8 +46,9 @@ class SshConfig:
         self._config: paramiko.SSHConfig | None = None
         if not files:
             return
-        import paramiko
+        from tpuctl.fanout import paramiko_loader
 
+        paramiko = paramiko_loader.load()
         self._config = paramiko.SSHConfig()
         for name, text in files:
             try:
@@ -63,8 +64,15 @@ class SshConfig:
             return {}
         try:
             return self._config.lookup(name)
-        except ImportError as err:  # `Match exec` needs invoke, which paramiko imports lazily
+        except ImportError:  # a `Match exec` line: paramiko was imported without invoke
+            pass
+        from tpuctl.fanout import paramiko_loader
+
+        try:
+            paramiko_loader.enable_match_exec()
+        except ImportError as err:
             raise TpuctlError(f"ssh_config `Match exec` for {name}: {err}") from None
+        return self._config.lookup(name)
 
     def apply(
         self, host: Host, *, default_user: str, proxy_jump: str | None, jump_known_hosts: str

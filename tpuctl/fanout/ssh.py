@@ -21,8 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-import paramiko
-
+from tpuctl.fanout import paramiko_loader
 from tpuctl.fanout.base import (
     AUTH_FAILED,
     PID_MARKER,
@@ -36,6 +35,8 @@ from tpuctl.fanout.base import (
     kill_group_script,
     wrapped_command,
 )
+
+paramiko = paramiko_loader.load()
 
 # Failures worth another try: the host is booting or sshd is briefly overloaded.
 TRANSIENT_ERRORS = (ConnectionRefusedError, ConnectionResetError, EOFError, paramiko.SSHException)
