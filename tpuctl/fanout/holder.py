@@ -250,7 +250,7 @@ def _converse(
     return final
 
 
-def spawn(attachment: Attachment, connect_timeout: float) -> None:
+def spawn(attachment: Attachment, connect_timeout: float) -> subprocess.Popen:
     """Start the node's holder in the background; it outlives this command."""
     from tpuctl.config import private_dir
 
@@ -272,6 +272,7 @@ def spawn(attachment: Attachment, connect_timeout: float) -> None:
     assert holder.stdin is not None
     holder.stdin.write(json.dumps(settings).encode())
     holder.stdin.close()
+    return holder
 
 
 class _Lines:
@@ -402,17 +403,23 @@ class _Holder:
                 if idle:
                     break
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                if self.path.stat().st_ino == self._inode:  # not a successor's socket
-                    self.path.unlink()
+            self._release_path()
             listener.close()
             self.pool.close()
+
+    def _release_path(self) -> None:
+        """Remove our socket, so that no command finds it (never a successor's socket)."""
+        with contextlib.suppress(FileNotFoundError):
+            if self.path.stat().st_ino == self._inode:
+                self.path.unlink()
 
     def _listen(self) -> socket.socket | None:
         """Bind the socket 0600 (a successor for a new identity replaces a stale path)."""
         from tpuctl.config import private_dir
 
         private_dir(self.path.parent)
+        if _listening(self.path):  # two cold commands at once: the first holder serves
+            return None
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
@@ -452,6 +459,7 @@ class _Holder:
         request = conn.receive() or {}
         if request.get("op") == "exit":  # a successor for the node's new identity
             self.exiting = True
+            self._release_path()
         elif mine and request.get("op") == "run":
             self._run(conn, request)
 
@@ -504,6 +512,16 @@ class _Holder:
 
         _fan_out(hosts, one, len(hosts), bool(request["fail_fast"]), stop, on_result)
         ctx.close()
+
+
+def _listening(path: Path) -> bool:
+    """Whether a holder accepts connections at `path` (one told to exit no longer does)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def _peer_uid(conn: socket.socket) -> int:
