@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -69,15 +68,8 @@ def held(ssh_pod, pod_key, tmp_path, state):
     holder.attach(attachment)
     yield hosts, attachment
     holder.attach(None)
-    _tell_to_exit(attachment.socket)
+    holder.tell_to_exit(attachment.socket)
     wait_for(lambda: not attachment.socket.exists(), what="the holder to exit")
-
-
-def _tell_to_exit(path: Path) -> None:
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as conn:
-        conn.connect(str(path))
-        conn.sendall(b'{"identity": "-"}\n{"op": "exit"}\n')
-        conn.recv(100)
 
 
 def logins(pod) -> int:
@@ -255,5 +247,5 @@ def test_exec_and_ps_reuse_one_holder_from_the_cli(fake_tpu, ssh_pod, pod_key, s
         assert listed.returncode == 0 and listed.stdout.count("absent") == 4, listed.stderr
         assert logins(ssh_pod) == before + 8
     finally:
-        _tell_to_exit(sock)
+        holder.tell_to_exit(sock)
         wait_for(lambda: not sock.exists(), what="the holder to exit")

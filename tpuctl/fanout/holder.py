@@ -250,6 +250,19 @@ def _converse(
     return final
 
 
+def tell_to_exit(path: Path) -> None:
+    """Ask the holder listening at `path` (if any) to exit, as `ssh -O exit` does."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lines = _Lines(conn)
+    with contextlib.suppress(OSError, ValueError):
+        conn.settimeout(ANSWER_TIMEOUT_S)
+        conn.connect(str(path))
+        lines.send({"identity": None})
+        lines.receive()
+        lines.send({"op": "exit"})
+    conn.close()
+
+
 def spawn(attachment: Attachment, connect_timeout: float) -> subprocess.Popen:
     """Start the node's holder in the background; it outlives this command."""
     from tpuctl.config import private_dir
