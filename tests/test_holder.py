@@ -5,8 +5,10 @@ commands, and it is left alone when the node, its host keys or the settings say 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -245,6 +247,21 @@ def test_exec_and_ps_reuse_one_holder_from_the_cli(fake_tpu, ssh_pod, pod_key, s
                     for r in (warm, cold)]  # fmt: skip
             assert seen[0] == seen[1]
         assert listed.returncode == 0 and listed.stdout.count("absent") == 4, listed.stderr
+        assert logins(ssh_pod) == before + 8
+        argv = [sys.executable, "-m", "tpuctl", "exec", "--json", "--", "sleep", "1000"]
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env=env)  # fmt: skip
+        try:
+            wait_for(lambda: all(any("sleep 1000" in p for p in ssh_pod.processes(i))
+                                 for i in range(4)))  # fmt: skip
+            process.send_signal(signal.SIGINT)
+            stdout, stderr = process.communicate(timeout=15)
+        finally:
+            process.kill()
+        assert process.returncode == 130  # Ctrl-C: as on the cold path
+        assert [r["error"] for r in json.loads(stdout)] == ["interrupted"] * 4
+        assert "interrupted: 0/4 workers succeeded" in stderr
+        assert not any("sleep 1000" in p for i in range(4) for p in ssh_pod.processes(i))
         assert logins(ssh_pod) == before + 8
     finally:
         holder.tell_to_exit(sock)
