@@ -89,3 +89,18 @@ print(before, config.options("10.0.0.2").get("user"), config.options("10.0.0.3")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "alice", "None"]
+
+
+def test_a_config_naming_nothing_tpuctl_reads_is_not_handed_to_paramiko():
+    code = """
+import sys
+from tpuctl.sshconfig import SshConfig
+stock = "Host *\\n    SendEnv LANG LC_*\\n    HashKnownHosts yes\\n# User is a comment here\\n"
+print(SshConfig([("ssh_config", stock)]).options("10.0.0.2"), "paramiko" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["{}", "False"]
+    assert (
+        apply(Host("w00", "10.0.0.2"), config="Host *\n  SendEnv LANG\n  User=carol\n").user
+        == "carol"
+    )
