@@ -280,6 +280,7 @@ def spawn(attachment: Attachment, connect_timeout: float) -> subprocess.Popen:
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        cwd="/",  # keeps no directory of the user's busy
         start_new_session=True,  # Ctrl-C in the terminal is not for the holder
     )
     assert holder.stdin is not None
