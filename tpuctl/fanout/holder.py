@@ -137,6 +137,7 @@ def attach_node(settings: Settings, node: Node, hosts: list[Host]) -> None:
 
 
 def attach(attachment: Attachment | None) -> None:
+    """Route this process's covered fan-outs through `attachment`'s holder (None: none)."""
     global _attached
     _attached = attachment
 
