@@ -223,7 +223,9 @@ def test_opted_out_no_holder_is_started(ssh_pod, pod_key, tmp_path, state, monke
 
 
 @pod
-def test_exec_and_ps_reuse_one_holder_from_the_cli_and_down_ends_it(fake_tpu, ssh_pod, pod_key, state, monkeypatch):
+def test_exec_and_ps_reuse_one_holder_from_the_cli_and_down_ends_it(
+    fake_tpu, ssh_pod, pod_key, state, monkeypatch
+):
     fake_tpu.add_node("pod", "v3-32", project="test-project", zone="us-central1-a",
                       worker_ips=ssh_pod.hosts)  # fmt: skip
     monkeypatch.setenv("XDG_STATE_HOME", str(state))  # fake_tpu set a long one
