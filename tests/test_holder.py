@@ -248,7 +248,8 @@ def test_exec_and_ps_reuse_one_holder_from_the_cli_and_down_ends_it(
             seen = [sorted(ln for ln in getattr(r, stream).splitlines() if "done after" not in ln)
                     for r in (warm, cold)]  # fmt: skip
             assert seen[0] == seen[1]
-        assert listed.returncode == 0 and listed.stdout.count("absent") == 4, listed.stderr
+        rows = [line.split()[0] for line in listed.stdout.splitlines()[1:]]
+        assert listed.returncode == 0 and rows == ["w00", "w01", "w02", "w03"], listed.stderr
         assert logins(ssh_pod) == before + 8
         argv = [sys.executable, "-m", "tpuctl", "exec", "--json", "--", "sleep", "1000"]
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
