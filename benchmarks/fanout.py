@@ -1,13 +1,18 @@
-"""Fan-out benchmark: the whole `tpuctl exec NODE -- true` process against `pdsh -R ssh`.
+"""Fan-out benchmark: the whole `tpuctl exec NODE -- true` process, cold and warm, against
+`pdsh -R ssh`, and how each grows with the number of workers.
 
 On an SshPod (real sshd hosts in network namespaces; needs root), with the fake Cloud TPU
 API handing out the hosts' addresses, it times the complete CLI process (Python start-up,
-config, address cache, SSH handshakes, command, summary) at 1, 8 and 32 workers, and pdsh
-on the same hosts with the same key. Every figure is the median of --runs runs after one
-warm-up run (which fills tpuctl's address cache and known_hosts, as a user's first command
-would); the runs of all six commands are interleaved so load on the machine hits each alike.
+config, address cache, SSH, command, summary) at 1, 8, 32 and 128 workers three ways:
+cold (`ssh.reuse off`: a key exchange per worker), warm (through the node's connection
+holder, which the warm-up run leaves behind) and pdsh on the same hosts with the same key;
+plus `tpuctl exec` on a 512-worker local pod (processes, no SSH). Every figure is the median
+of --runs runs after warm-up runs (which fill tpuctl's address cache and known_hosts, as a
+user's first command would, and start the holders); the runs of all commands are
+interleaved so load on the machine hits each alike. Python's bytecode cache is on for the
+tpuctl runs, as for an installed package.
 
-    sudo .venv/bin/python benchmarks/fanout.py [--runs 7] [--json results.json]
+    sudo .venv/bin/python benchmarks/fanout.py [--runs 7] [--sizes 1,8,32,128] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,15 +28,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from tpuctl.fanout import holder
 from tpuctl.testing.fake_tpu import FakeTpuApi
 from tpuctl.testing.sshpod import SshPod, make_keypair
 
 # worker count -> an accelerator type with that many hosts
-SIZES = {1: "v3-8", 8: "v3-64", 32: "v3-256"}
+SSH_SIZES = {1: "v3-8", 8: "v3-64", 32: "v3-256", 128: "v3-1024"}
+LOCAL_SIZE, LOCAL_TYPE = 512, "v4-4096"
 PROJECT, ZONE = "bench-project", "us-central1-a"
 PRIORITY = -10  # nice value for everything the benchmark starts
-TARGET_VS_PDSH = 0.5
-TARGET_VS_ONE_WORKER = 1.5
+TARGET_COLD_VS_PDSH = 0.3  # at 32 workers
+TARGET_WARM_VS_PDSH = 0.1  # at 32 workers
+TARGET_WARM_GROWTH = 2.0  # warm at 128 workers / warm at 1 worker
 
 
 def timed(argv: list[str], env: dict[str, str]) -> float:
@@ -40,82 +48,136 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - started
 
 
-def interleaved_medians(commands: dict[str, list[str]], env: dict[str, str], runs: int):
+def interleaved_medians(commands: dict[str, tuple[list[str], dict[str, str]]], runs: int):
     """Median wall time of each command. Rounds alternate between all commands, so a
     burst of load on the machine hits every figure alike rather than one of them."""
-    for argv in commands.values():
-        timed(argv, env)  # warm-up: address cache, known_hosts, page cache
     samples: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(runs):
-        for name, argv in commands.items():
+        for name, (argv, env) in commands.items():
             samples[name].append(timed(argv, env))
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def warm_up(commands: dict[str, tuple[list[str], dict[str, str]]], holders: Path, count: int):
+    """One run of each command, then every warm node's holder listening and connected."""
+    for argv, env in commands.values():
+        timed(argv, env)
+    deadline = time.monotonic() + 300
+    while len(list(holders.glob("*.sock"))) < count:
+        if time.monotonic() > deadline:
+            sys.exit(f"only {len(list(holders.glob('*.sock')))} of {count} holders started")
+        time.sleep(0.2)
+    for name, (argv, env) in commands.items():
+        if name.startswith("warm-"):
+            timed(argv, env)  # waits for the holder's connections, if it is still making them
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=7, help="timed runs per figure (median)")
+    parser.add_argument("--sizes", default="1,8,32,128", help="sshd worker counts to time")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
     if os.geteuid() != 0:
         sys.exit("the benchmark starts sshd hosts in network namespaces: run it as root")
     if not shutil.which("pdsh"):
         sys.exit("pdsh is not installed (apt-get install pdsh)")
+    if unknown := [s for s in sizes if s not in SSH_SIZES]:
+        sys.exit(f"--sizes {unknown}: choose from {list(SSH_SIZES)}")
 
     # Every process of the benchmark (sshd hosts, tpuctl, pdsh) inherits this priority, so
     # on a shared machine the figures measure the tools more than the neighbours' load.
     os.setpriority(os.PRIO_PROCESS, 0, PRIORITY)
-    work = Path(tempfile.mkdtemp(prefix="tpuctl-bench-"))
+    load_before = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="tpuctl-bench-"))  # short: holders' socket paths
     key = make_keypair(work)
-    with SshPod(max(SIZES), key) as pod, FakeTpuApi() as api:
-        for count, accelerator in SIZES.items():
-            api.add_node(
-                f"bench{count}", accelerator, project=PROJECT, zone=ZONE,
-                worker_ips=pod.hosts[:count],
-            )  # fmt: skip
-        env = {
-            **os.environ,
-            "TPUCTL_TPU_API_ENDPOINT": api.url,
-            "TPUCTL_PROJECT": PROJECT,
-            "TPUCTL_ZONE": ZONE,
-            "TPUCTL_SSH_KEY": key[0],
-            "TPUCTL_SSH_USER": "root",
-            "XDG_CONFIG_HOME": str(work / "config"),
-            "XDG_STATE_HOME": str(work / "state"),
-            "PDSH_SSH_ARGS_APPEND": (
-                f"-i {key[0]} -o BatchMode=yes -o StrictHostKeyChecking=accept-new "
-                f"-o UserKnownHostsFile={work / 'pdsh_known_hosts'}"
-            ),
-        }
-        commands = {}
-        for count in SIZES:
-            hosts = ",".join(pod.hosts[:count])
-            commands[f"tpuctl-{count}"] = [sys.executable, "-m", "tpuctl", "exec", f"bench{count}", "--", "true"]  # fmt: skip
-            commands[f"pdsh-{count}"] = ["pdsh", "-R", "ssh", "-l", "root", "-f", "64", "-w", hosts, "true"]  # fmt: skip
-        medians = interleaved_medians(commands, env, args.runs)
-    figures = {
-        count: {"tpuctl_s": medians[f"tpuctl-{count}"], "pdsh_s": medians[f"pdsh-{count}"]}
-        for count in SIZES
+    base = {
+        **{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
+        "TPUCTL_PROJECT": PROJECT,
+        "TPUCTL_ZONE": ZONE,
+        "TPUCTL_SSH_KEY": key[0],
+        "TPUCTL_SSH_USER": "root",
+        "XDG_CONFIG_HOME": str(work / "config"),
+        "XDG_STATE_HOME": str(work / "state"),
+        "PDSH_SSH_ARGS_APPEND": (
+            f"-i {key[0]} -o BatchMode=yes -o StrictHostKeyChecking=accept-new "
+            f"-o UserKnownHostsFile={work / 'pdsh_known_hosts'}"
+        ),
     }
-    for count, figure in figures.items():
-        print(
-            f"{count:>3} workers: tpuctl {figure['tpuctl_s']:.3f} s, pdsh {figure['pdsh_s']:.3f} s"
-        )
-    shutil.rmtree(work, ignore_errors=True)
+    tpuctl = [sys.executable, "-m", "tpuctl"]
+    local = {**base, "TPUCTL_PROVIDER": "local"}
+    subprocess.run([*tpuctl, "up", LOCAL_TYPE, "--local", "--name", "local512"], env=local,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    holders = work / "state" / "tpuctl" / "holders"
+    try:
+        with SshPod(max(sizes), key) as pod, FakeTpuApi() as api:
+            base["TPUCTL_TPU_API_ENDPOINT"] = api.url
+            commands: dict[str, tuple[list[str], dict[str, str]]] = {}
+            for count in sizes:
+                api.add_node(
+                    f"bench{count}", SSH_SIZES[count], project=PROJECT, zone=ZONE,
+                    worker_ips=pod.hosts[:count],
+                )  # fmt: skip
+                exec_true = [*tpuctl, "exec", f"bench{count}", "--", "true"]
+                commands[f"cold-{count}"] = (exec_true, {**base, "TPUCTL_SSH_REUSE": "off"})
+                commands[f"warm-{count}"] = (exec_true, {**base, "TPUCTL_SSH_REUSE": "10m"})
+                hosts = ",".join(pod.hosts[:count])
+                pdsh = ["pdsh", "-R", "ssh", "-l", "root", "-f", "64", "-w", hosts, "true"]
+                commands[f"pdsh-{count}"] = (pdsh, base)
+            commands[f"local-{LOCAL_SIZE}"] = ([*tpuctl, "exec", "local512", "--", "true"], local)
+            warm_up(commands, holders, len(sizes))
+            medians = interleaved_medians(commands, args.runs)
+            for path in holders.glob("*.sock"):
+                holder.tell_to_exit(path)
+    finally:
+        subprocess.run([*tpuctl, "down", "local512", "--yes"], env=local,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        shutil.rmtree(work, ignore_errors=True)
+    report(args, sizes, medians, load_before)
 
-    vs_pdsh = figures[32]["tpuctl_s"] / figures[32]["pdsh_s"]
-    vs_one = figures[32]["tpuctl_s"] / figures[1]["tpuctl_s"]
-    print(f"32 workers: tpuctl/pdsh = {vs_pdsh:.2f} (target <= {TARGET_VS_PDSH})")
-    print(f"tpuctl 32 workers / 1 worker = {vs_one:.2f} (target <= {TARGET_VS_ONE_WORKER})")
+
+def report(args, sizes: list[int], medians: dict[str, float], load_before) -> None:
+    figures = {
+        count: {k: medians[f"{k}-{count}"] for k in ("cold", "warm", "pdsh")} for count in sizes
+    }
+    first = figures[sizes[0]]
+    print(f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}")
+    for count, f in figures.items():
+        print(
+            f"{count:>4} workers: cold {f['cold']:.3f} s ({f['cold'] / f['pdsh']:.2f}x pdsh, "
+            f"{f['cold'] / first['cold']:.2f}x 1 worker), warm {f['warm']:.3f} s "
+            f"({f['warm'] / f['pdsh']:.2f}x pdsh, {f['warm'] / first['warm']:.2f}x 1 worker), "
+            f"pdsh {f['pdsh']:.3f} s"
+        )
+    print(f"{LOCAL_SIZE:>4} local workers: {medians[f'local-{LOCAL_SIZE}']:.3f} s")
+    targets = {}
+    if 32 in figures:
+        targets["cold_vs_pdsh_32"] = (
+            figures[32]["cold"] / figures[32]["pdsh"],
+            TARGET_COLD_VS_PDSH,
+        )
+        targets["warm_vs_pdsh_32"] = (
+            figures[32]["warm"] / figures[32]["pdsh"],
+            TARGET_WARM_VS_PDSH,
+        )
+    if 128 in figures and 1 in figures:
+        growth = figures[128]["warm"] / figures[1]["warm"]
+        targets["warm_128_vs_1"] = (growth, TARGET_WARM_GROWTH)
+    for name, (value, target) in targets.items():
+        print(f"{name} = {value:.2f} (target <= {target})")
+    if os.getloadavg()[0] > (os.cpu_count() or 1):
+        print("warning: the load average passed the CPU count: the figures are load-bound")
     result = {
         "runs": args.runs,
         "cpus": os.cpu_count(),
-        "load_average": os.getloadavg(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
         "nice": PRIORITY,
         "workers": {str(k): v for k, v in figures.items()},
-        "ratio_tpuctl_vs_pdsh_32": vs_pdsh,
-        "ratio_tpuctl_32_vs_1": vs_one,
-        "targets_met": vs_pdsh <= TARGET_VS_PDSH and vs_one <= TARGET_VS_ONE_WORKER,
+        f"local_{LOCAL_SIZE}_s": medians[f"local-{LOCAL_SIZE}"],
+        "ratios": {name: value for name, (value, _) in targets.items()},
+        "targets_met": all(value <= target for value, target in targets.values()),
     }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

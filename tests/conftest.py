@@ -2,6 +2,8 @@
 (the fake Cloud TPU API, the sshd test pod, the GCS emulator, offline worker
 preparation), registered here."""
 
+import os
+
 pytest_plugins: list[str] = [
     "tests.fixtures_gcs",
     "tests.fixtures_tpu",
@@ -9,3 +11,7 @@ pytest_plugins: list[str] = [
     "tests.fixtures_trainer",
     "tests.fixtures_workerenv",
 ]
+
+# Connection holders (tpuctl.fanout.holder) outlive the command that starts them: the
+# suite's commands run cold, and tests/test_holder.py turns reuse on where it tests it.
+os.environ["TPUCTL_SSH_REUSE"] = "off"

@@ -34,6 +34,19 @@ def test_cli_import_pulls_in_no_heavy_library():
     assert out.stdout.strip() == "[]"
 
 
+def test_cli_import_leaves_rich_and_paramiko_to_the_commands_that_use_them():
+    # A cold `tpuctl exec` pays for every import: rich and paramiko come only when needed.
+    code = "import sys, tpuctl.cli; print(sorted({'rich', 'paramiko'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_ssh_transport_imports_paramiko_without_invoke():
+    code = "import sys, tpuctl.fanout.ssh; print('invoke' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_unknown_command_is_a_usage_error_not_a_traceback():
     result = tpuctl("no-such-command")
     assert result.returncode == 2

@@ -3,6 +3,9 @@ test_fanout.py and test_cli_workers.py connect through what this resolves)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from tpuctl.errors import TpuctlError
@@ -72,3 +75,32 @@ def test_an_unparsable_ssh_config_is_one_line_naming_the_file(tmp_path, monkeypa
     (tmp_path / ".ssh" / "config").write_text("Host x\n  =broken\n")
     with pytest.raises(TpuctlError, match=r"\.ssh/config: Unparsable line =broken; fix that line"):
         user_ssh_config()
+
+
+def test_match_exec_runs_its_command_though_paramiko_is_imported_without_invoke():
+    # A fresh process: paramiko comes without invoke (tpuctl.fanout.paramiko_loader) and
+    # gets it when a `Match exec` line is evaluated.
+    code = """
+import sys
+from tpuctl.sshconfig import SshConfig
+config = SshConfig([("config", 'Match exec "test %h = 10.0.0.2"\\n    User alice\\n')])
+before = "invoke" in sys.modules
+print(before, config.options("10.0.0.2").get("user"), config.options("10.0.0.3").get("user"))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "alice", "None"]
+
+
+def test_a_config_naming_nothing_tpuctl_reads_is_not_handed_to_paramiko():
+    code = """
+import sys
+from tpuctl.sshconfig import SshConfig
+stock = "Host *\\n    SendEnv LANG LC_*\\n    HashKnownHosts yes\\n# User is a comment here\\n"
+print(SshConfig([("ssh_config", stock)]).options("10.0.0.2"), "paramiko" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["{}", "False"]
+    assert (
+        apply(Host("w00", "10.0.0.2"), config="Host *\n  SendEnv LANG\n  User=carol\n").user
+        == "carol"
+    )

@@ -1,6 +1,8 @@
 """The SSH key pair `up` puts into node metadata."""
 
 import os
+import subprocess
+import sys
 
 import paramiko
 import pytest
@@ -49,3 +51,15 @@ def test_missing_configured_key_is_a_clear_error(tmp_path, monkeypatch, settings
 
 def test_metadata_value():
     assert sshkeys.metadata_ssh_keys("alice", "ssh-ed25519 AAAA c\n") == "alice:ssh-ed25519 AAAA c"
+
+
+def test_the_login_key_needs_neither_its_public_half_nor_cryptography(tmp_path):
+    # hosts_for runs in every `exec`: finding the key must not derive its public line.
+    key = tmp_path / "gce"
+    key.write_text("any private key\n")
+    code = "import sys; from tpuctl import config, sshkeys; "
+    code += "print(sshkeys.private_key_path(config.load()), 'cryptography' in sys.modules)"
+    env = {**os.environ, "TPUCTL_SSH_KEY": str(key), "XDG_CONFIG_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env)  # fmt: skip
+    assert out.stdout.split() == [str(key), "False"]

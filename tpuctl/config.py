@@ -29,6 +29,7 @@ ENV_KEYS: dict[str, str] = {
     "TPUCTL_SSH_KEY": "ssh.key",
     "TPUCTL_SSH_INTERNAL_IP": "ssh.internal_ip",
     "TPUCTL_SSH_PROXY_JUMP": "ssh.proxy_jump",
+    "TPUCTL_SSH_REUSE": "ssh.reuse",
     "TPUCTL_NODE": "node",
 }
 
@@ -46,6 +47,7 @@ KNOWN_KEYS: dict[str, str] = {
     "ssh.key": "SSH private key path (default: a key pair tpuctl generates)",
     "ssh.internal_ip": "connect to workers' internal IPs (true when running inside the VPC)",
     "ssh.proxy_jump": "jump host for the workers, [user@]host[:port][,...]; none ignores ssh_config's",
+    "ssh.reuse": "keep workers' connections open for later commands this long idle (5m); off: never",
     # How `tpuctl run` prepares workers (tpuctl.workerenv; README "Worker environment").
     "worker.python": "interpreter on the workers that has the trainer; nothing is installed",
     "worker.image": "container image to run the trainer in",

@@ -113,9 +113,9 @@ def _internal(settings: Settings) -> bool:
 
 def _private_key(settings: Settings) -> str:
     """`ssh.key`, else the key pair tpuctl generated (whose public half `up` installs)."""
-    from tpuctl.sshkeys import ensure_keypair
+    from tpuctl.sshkeys import private_key_path
 
-    return str(ensure_keypair(settings)[0])
+    return str(private_key_path(settings))
 
 
 # --- address cache --------------------------------------------------------------------

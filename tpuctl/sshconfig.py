@@ -8,7 +8,10 @@ IdentityFile entries. A jump host (`ssh.proxy_jump`, else ProxyJump, else ProxyC
 gets its own ssh_config entry applied too, with its own user (default: the local user).
 
 The files are parsed once per process (again only if they change); each address then
-costs one in-memory lookup.
+costs one in-memory lookup. A file that names none of the options tpuctl reads (a stock
+/etc/ssh/ssh_config: SendEnv, HashKnownHosts, ...) and that paramiko would parse cannot
+change a host, so it is skipped, and a command through a connection holder then never
+imports paramiko.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ SYSTEM_CONFIG = Path("/etc/ssh/ssh_config")
 DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")  # what ssh offers with no IdentityFile
 MAX_HOPS = 8
 _HOP = re.compile(r"^(?:(?P<user>[^@:\s]+)@)?(?P<host>[^@:\s]+)(?::(?P<port>\d+))?$")
+# The options `apply` reads, and the line syntax paramiko parses (anything else is an error).
+_USED = re.compile(r"^\s*(hostname|user|port|identityfile|proxyjump|proxycommand)\b", re.I | re.M)
+_LINE = re.compile(r"\s*(#.*)?$|\s*\w+(\s*=\s*|\s+)\S")
 
 
 def user_config_path() -> Path:
@@ -44,10 +50,12 @@ class SshConfig:
     def __init__(self, files: list[tuple[str, str]]) -> None:
         """`files`: (name for error messages, text), highest precedence first."""
         self._config: paramiko.SSHConfig | None = None
+        files = [(name, text) for name, text in files if _matters(text)]
         if not files:
             return
-        import paramiko
+        from tpuctl.fanout import paramiko_loader
 
+        paramiko = paramiko_loader.load()
         self._config = paramiko.SSHConfig()
         for name, text in files:
             try:
@@ -63,8 +71,15 @@ class SshConfig:
             return {}
         try:
             return self._config.lookup(name)
-        except ImportError as err:  # `Match exec` needs invoke, which paramiko imports lazily
+        except ImportError:  # a `Match exec` line: paramiko was imported without invoke
+            pass
+        from tpuctl.fanout import paramiko_loader
+
+        try:
+            paramiko_loader.enable_match_exec()
+        except ImportError as err:
             raise TpuctlError(f"ssh_config `Match exec` for {name}: {err}") from None
+        return self._config.lookup(name)
 
     def apply(
         self, host: Host, *, default_user: str, proxy_jump: str | None, jump_known_hosts: str
@@ -134,6 +149,11 @@ class _Jumps:
         if through is not None:
             return replace(hop, jump=through)
         return replace(hop, **self.route(options, None, name, {*seen, name}))
+
+
+def _matters(text: str) -> bool:
+    """Whether an ssh_config file can change a host, or has a line paramiko would refuse."""
+    return bool(_USED.search(text)) or not all(map(_LINE.match, text.splitlines()))
 
 
 def _port(value: str | None, default: int, name: str) -> int:

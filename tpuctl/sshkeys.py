@@ -22,6 +22,13 @@ def default_key_path() -> Path:
 def ensure_keypair(settings: Settings) -> tuple[Path, str]:
     """(private key path, public key line) from `ssh.key`, generating tpuctl's own
     ed25519 pair in the config dir when no key is configured and none exists yet."""
+    private = private_key_path(settings)
+    return private, _public_line_for(private)
+
+
+def private_key_path(settings: Settings) -> Path:
+    """The private key of `ensure_keypair`, without reading its public half: all that
+    logging in needs (deriving it imports cryptography, in every `exec`)."""
     configured = settings.get("ssh.key")
     if configured:
         private = Path(os.path.expanduser(str(configured)))
@@ -30,11 +37,11 @@ def ensure_keypair(settings: Settings) -> tuple[Path, str]:
                 f"ssh.key {private} (from {settings.source('ssh.key')}) does not exist; "
                 "point it at a private key or unset it to let tpuctl generate one"
             )
-        return private, _public_line_for(private)
+        return private
     private = default_key_path()
     if not private.is_file():
         _generate(private, comment=f"{settings.get('ssh.user')}@{socket.gethostname()}")
-    return private, _public_line_for(private)
+    return private
 
 
 def metadata_ssh_keys(user: str, public_line: str) -> str:

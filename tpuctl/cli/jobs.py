@@ -39,8 +39,12 @@ def _target(
         raise TpuctlError(
             f"node {node.name} is {node.state}, not READY; see `tpuctl status {node.name}`", 1
         )
+    from tpuctl.fanout.holder import attach_node
+
     workers = parse_workers(worker, len(node.workers))
-    return settings, node, hosts_for(settings, node, workers)
+    hosts = hosts_for(settings, node, workers)
+    attach_node(settings, node, hosts if workers is None else hosts_for(settings, node))
+    return settings, node, hosts
 
 
 def _print_line(host: Host, _stream: str, line: str) -> None:

@@ -228,6 +228,9 @@ def down(
     with StatusLine(f"down {node.name}") as status:
         status.update(f"deleting {summary}")
         provider.delete(node.name, status.update)
+    from tpuctl.fanout import holder
+
+    holder.tell_to_exit(holder.socket_path(settings, node.name))  # its workers are gone
     console.print(f"deleted {node.name}")
 
 

@@ -9,15 +9,32 @@ import json
 import sys
 import time
 from types import TracebackType
-from typing import Any
-
-from rich.console import Console
-from rich.markup import escape
+from typing import TYPE_CHECKING, Any
 
 from tpuctl.durations import format_duration
 
-console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+class _LazyConsole:
+    """A rich Console made on first use: importing rich is a tenth of a cold `tpuctl exec`,
+    whose lines and summary are plain writes. Everything else is the Console's own."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+
+console: Console = _LazyConsole(highlight=False, soft_wrap=True)  # type: ignore[assignment]
+err_console: Console = _LazyConsole(stderr=True, highlight=False, soft_wrap=True)  # type: ignore[assignment]
 
 
 def print_json(data: Any) -> None:
@@ -65,6 +82,8 @@ class StatusLine:
 
     def update(self, message: str) -> None:
         """Record a new state or event: printed once, and shown on the spinner."""
+        from rich.markup import escape
+
         stamp = format_duration(self.elapsed)
         self.console.print(f"[dim]{stamp:>6}[/dim]  {escape(message)}")
         if self._live is not None:

@@ -90,8 +90,12 @@ def _target(settings: Settings, name: str | None, worker: str | None, all_worker
             f"node {node.name} is {node.state}, not READY; see `tpuctl status {node.name}`",
             exit_code=1,
         )
+    from tpuctl.fanout.holder import attach_node
+
     workers = parse_workers(worker, len(node.workers))
-    return Target(settings, node, workers, hosts_for(settings, node, workers), cached)
+    hosts = hosts_for(settings, node, workers)
+    attach_node(settings, node, hosts if workers is None else hosts_for(settings, node))
+    return Target(settings, node, workers, hosts, cached)
 
 
 def _fan_out(target: Target, action, **kwargs) -> list[HostResult]:

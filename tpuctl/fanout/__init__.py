@@ -9,6 +9,8 @@ all of its processes do), with at most `max_parallel` SSH handshakes in flight; 
 line, no process per host. Environment values travel inside the script fed on stdin, never in any argv. On
 Ctrl-C every remote command is stopped and `Interrupted` carries the per-host results.
 This module is light; paramiko is imported only when an SSH host is actually contacted.
+When the CLI attached the node's connection holder (tpuctl.fanout.holder), `run` goes
+over the holder's open connections instead, with the same results.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def run(
     envs = [merged_env(host, env) for host in hosts]
     stop = stop or StopSignal()
 
-    def run_one(index: int) -> HostResult:
+    def run_one(index: int, ctx) -> HostResult:
         host = hosts[index]
         if stop.is_set():
             return HostResult(host, None, "", "", stop.reason, 0.0)
@@ -87,8 +89,20 @@ def run(
 
         return ssh.run_on_host(host, command, envs[index], ctx, stop, timeout, on_line)
 
-    with _ssh_context(hosts, connect_timeout, max_parallel) as ctx:
-        return _fan_out(hosts, run_one, len(hosts), fail_fast, stop, on_result)
+    def cold() -> list[HostResult]:
+        with _ssh_context(hosts, connect_timeout, max_parallel) as ctx:
+            one = lambda index: run_one(index, ctx)  # noqa: E731
+            return _fan_out(hosts, one, len(hosts), fail_fast, stop, on_result)
+
+    if not any(host.transport == "ssh" for host in hosts):
+        return cold()
+    from tpuctl.fanout.holder import run_via_holder
+
+    return run_via_holder(
+        hosts, command, envs, timeout=timeout, on_line=on_line, fail_fast=fail_fast,
+        max_parallel=max_parallel, connect_timeout=connect_timeout, on_result=on_result,
+        stop=stop, cold=cold,
+    )  # fmt: skip
 
 
 def put(

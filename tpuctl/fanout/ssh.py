@@ -21,8 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-import paramiko
-
+from tpuctl.fanout import paramiko_loader
 from tpuctl.fanout.base import (
     AUTH_FAILED,
     PID_MARKER,
@@ -36,6 +35,8 @@ from tpuctl.fanout.base import (
     kill_group_script,
     wrapped_command,
 )
+
+paramiko = paramiko_loader.load()
 
 # Failures worth another try: the host is booting or sshd is briefly overloaded.
 TRANSIENT_ERRORS = (ConnectionRefusedError, ConnectionResetError, EOFError, paramiko.SSHException)
@@ -125,6 +126,13 @@ class KnownHosts:
                 return
             if known.get(key.get_name()) != key:
                 raise self.changed(host)
+
+    def records(self, host: Host, key: paramiko.PKey) -> bool:
+        """Whether `key` is the key recorded for `host` now (a held connection is reused
+        only then: a deleted or changed line means a fresh, fully checked connection)."""
+        with self._lock:
+            known = self._keys.lookup(_known_name(host))
+        return known is not None and known.get(key.get_name()) == key
 
     def changed(self, host: Host) -> HostKeyChanged:
         return HostKeyChanged(
@@ -342,13 +350,28 @@ def run_on_host(
     except ConnectionError as err:
         return HostResult(host, None, "", "", str(err), time.monotonic() - started)
     try:
+        return run_on_transport(transport, host, command, env, stop, timeout, on_line, started)
+    finally:
+        transport.close()
+
+
+def run_on_transport(
+    transport: paramiko.Transport,
+    host: Host,
+    command: str,
+    env: dict[str, str],
+    stop: StopSignal,
+    timeout: float | None,
+    on_line: LineFn | None,
+    started: float,
+) -> HostResult:
+    """Run `command` over an open connection (left open); never raises for remote trouble."""
+    try:
         return _run_on_transport(transport, host, command, env, stop, timeout, on_line, started)
     except (*TRANSIENT_ERRORS, OSError) as err:
         # The host went away mid-command (preempted, rebooted): a result, not a crash.
         error = f"connection lost: {err or type(err).__name__}"
         return HostResult(host, None, "", "", error, time.monotonic() - started)
-    finally:
-        transport.close()
 
 
 def _run_on_transport(

@@ -14,10 +14,10 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
-import paramiko
-
 from tpuctl.fanout import ssh
 from tpuctl.fanout.base import Host, StopSignal
+
+paramiko = ssh.paramiko
 
 # What a missing subsystem looks like to paramiko: sshd closes the channel it asked on.
 _NO_SFTP = (paramiko.SSHException, EOFError)

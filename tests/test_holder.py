@@ -1,0 +1,273 @@
+"""Connection reuse through the per-node holder, against real sshd hosts (tests/fixtures_pod.py):
+the holder's answers are the cold path's, it keeps one connection per worker across
+commands, and it is left alone when the node, its host keys or the settings say so."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+from polling import wait_for
+
+from tests.fixtures_pod import pod_hosts
+from tpuctl import config
+from tpuctl.fanout import StopSignal, holder, run
+
+COMMAND = 'echo "out $(hostname -I)"; echo err >&2; exit $(( $(hostname -I | cut -d. -f4) % 3 ))'
+
+
+@pytest.mark.parametrize(
+    ("enabled", "covered", "answer", "step"),
+    [
+        (False, True, "ready", "cold"),  # opted out: never a holder, not even a live one
+        (True, False, "ready", "cold"),  # a host the holder does not hold (a jump host's)
+        (True, True, "ready", "use"),
+        (True, True, None, "start"),  # nobody listening: run cold, leave a holder behind
+        (True, True, "other", "replace"),  # the node was recreated or its workers moved
+    ],
+)
+def test_choose(enabled, covered, answer, step):
+    assert holder.choose(enabled, covered, answer) == step
+
+
+def test_reuse_is_five_minutes_unless_set_and_off_turns_it_off(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.delenv("TPUCTL_SSH_REUSE")
+    assert holder.reuse_seconds(config.load()) == 300
+    monkeypatch.setenv("TPUCTL_SSH_REUSE", "90s")
+    assert holder.reuse_seconds(config.load()) == 90
+    monkeypatch.setenv("TPUCTL_SSH_REUSE", "off")
+    assert holder.reuse_seconds(config.load()) is None
+
+
+pod = pytest.mark.pod
+
+
+@pytest.fixture
+def state(monkeypatch):
+    """A short state dir (a socket path holds ~100 bytes), which the holders inherit."""
+    directory = Path(tempfile.mkdtemp(prefix="tpuctl-holder-", dir="/tmp"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(directory))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def held(ssh_pod, pod_key, tmp_path, state):
+    """The pod's hosts, attached to a holder of identity "node-a" (started by the first run)."""
+    hosts = pod_hosts(ssh_pod, pod_key, str(tmp_path / "known_hosts"))
+    attachment = holder.Attachment("node-a", state / "holders" / "a.sock", 60.0, tuple(hosts))
+    holder.attach(attachment)
+    yield hosts, attachment
+    holder.attach(None)
+    holder.tell_to_exit(attachment.socket)
+    wait_for(lambda: not attachment.socket.exists(), what="the holder to exit")
+
+
+def logins(pod) -> int:
+    return sum(pod.log(i).count("Accepted publickey") for i in range(pod.n))
+
+
+def _warm_up(pod, hosts, attachment) -> list:
+    """A cold run, then its holder up and connected to every host."""
+    before = logins(pod)
+    results = run(hosts, COMMAND)
+    wait_for(lambda: logins(pod) == before + 2 * len(hosts), what="the holder's logins")
+    wait_for(attachment.socket.exists, what="the holder's socket")
+    return results
+
+
+def outcome(results) -> list[tuple]:
+    return [(r.host.label, r.exit_code, r.stdout, r.stderr, r.error) for r in results]
+
+
+@pod
+def test_later_runs_reuse_the_holders_connections_and_answer_as_the_cold_run(ssh_pod, held):
+    hosts, attachment = held
+    cold = _warm_up(ssh_pod, hosts, attachment)
+    assert {r.exit_code for r in cold} != {0}  # the outcome compared includes failures
+    held_logins = logins(ssh_pod)
+    lines: list[tuple] = []
+    warm = run(hosts, COMMAND, on_line=lambda h, s, t: lines.append((h.label, s, t)))
+    again = run(hosts[1:3], COMMAND)
+    assert outcome(warm) == outcome(cold) and outcome(again) == outcome(cold)[1:3]
+    assert sorted(lines) == sorted(
+        (r.host.label, stream, text.rstrip("\n"))
+        for r in cold
+        for stream, text in (("stdout", r.stdout), ("stderr", r.stderr))
+    )
+    assert logins(ssh_pod) == held_logins  # sshd saw no new connection
+
+
+@pod
+def test_the_socket_is_the_users_alone(ssh_pod, held):
+    hosts, attachment = held
+    _warm_up(ssh_pod, hosts, attachment)
+    assert stat.S_IMODE(attachment.socket.stat().st_mode) == 0o600
+    assert stat.S_IMODE(attachment.socket.parent.stat().st_mode) == 0o700
+
+
+@pod
+def test_a_second_holder_for_a_live_one_leaves_it_serving(ssh_pod, held):
+    hosts, attachment = held
+    _warm_up(ssh_pod, hosts, attachment)
+    inode, before = attachment.socket.stat().st_ino, logins(ssh_pod)
+    assert holder.spawn(attachment, 10.0).wait(timeout=60) == 0
+    assert attachment.socket.stat().st_ino == inode and logins(ssh_pod) == before
+    assert all(r.ok for r in run(hosts, "true")) and logins(ssh_pod) == before
+
+
+@pod
+def test_an_idle_holder_exits(ssh_pod, pod_key, tmp_path, state):
+    hosts = pod_hosts(ssh_pod, pod_key, str(tmp_path / "known_hosts"))
+    attachment = holder.Attachment("node-a", state / "holders" / "a.sock", 1.0, tuple(hosts))
+    holder.attach(attachment)
+    try:
+        _warm_up(ssh_pod, hosts, attachment)
+    finally:
+        holder.attach(None)
+    wait_for(lambda: not attachment.socket.exists(), timeout=30, what="the idle holder to exit")
+
+
+@pod
+def test_a_recreated_node_is_not_served_by_the_old_holder(ssh_pod, held):
+    hosts, attachment = held
+    _warm_up(ssh_pod, hosts, attachment)
+    before = logins(ssh_pod)
+    holder.attach(holder.Attachment("node-a-recreated", attachment.socket, 60.0, tuple(hosts)))
+    results = run(hosts, "true")
+    assert all(r.ok for r in results)
+    assert logins(ssh_pod) >= before + len(hosts)  # cold, not through the old holder
+
+
+@pod
+def test_a_changed_host_key_is_refused_as_on_a_cold_connection(ssh_pod, held, tmp_path):
+    hosts, attachment = held
+    _warm_up(ssh_pod, hosts, attachment)
+    known = tmp_path / "known_hosts"
+    keys = dict(line.split(None, 1) for line in known.read_text().splitlines())
+    # Hosts 0 and 1 swap recorded keys: the held connections' keys are no longer recorded.
+    keys[ssh_pod.hosts[0]], keys[ssh_pod.hosts[1]] = keys[ssh_pod.hosts[1]], keys[ssh_pod.hosts[0]]
+    known.write_text("".join(f"{name} {key}\n" for name, key in keys.items()))
+    results = run(hosts, "true")
+    for index in (0, 1):
+        assert f"host key of w0{index}" in results[index].error
+        assert "changed" in results[index].error and results[index].unreachable
+    assert results[2].ok and results[3].ok
+
+
+@pod
+def test_a_timeout_stops_the_remote_command_through_the_holder(ssh_pod, held):
+    hosts, attachment = held
+    _warm_up(ssh_pod, hosts, attachment)
+    results = run(hosts, "sleep 41", timeout=1)
+    assert all(r.error == "timed out after 1 s" and r.exit_code is None for r in results)
+    wait_for(lambda: not any("sleep 41" in p for i in range(4) for p in ssh_pod.processes(i)))
+
+
+@pod
+def test_secrets_reach_the_command_but_no_argv_or_file(ssh_pod, held, state):
+    hosts, attachment = held
+    _warm_up(ssh_pod, hosts, attachment)
+    secret = "hunter2-held-secret"
+    stop, seen = StopSignal(), []
+    worker = threading.Thread(
+        target=lambda: seen.extend(
+            r.stdout
+            for r in run(hosts, 'echo "$TOKEN"; sleep 42', env={"TOKEN": secret}, stop=stop)
+        )
+    )
+    worker.start()
+    try:
+        wait_for(lambda: all(any("sleep 42" in p for p in ssh_pod.processes(i)) for i in range(4)))
+        argvs = [p for i in range(4) for p in ssh_pod.processes(i)] + _local_argvs()
+        assert not any(secret in p for p in argvs)
+        files = [p for p in state.rglob("*") if p.is_file()]
+        assert not any(secret.encode() in p.read_bytes() for p in files)
+    finally:
+        stop.set("test over")
+        worker.join(10)
+    assert seen == [f"{secret}\n"] * 4
+
+
+def _local_argvs() -> list[str]:
+    argvs = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            argvs.append(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
+    return argvs
+
+
+@pod
+def test_opted_out_no_holder_is_started(ssh_pod, pod_key, tmp_path, state, monkeypatch):
+    from tpuctl.providers.base import Node
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    hosts = pod_hosts(ssh_pod, pod_key, str(tmp_path / "known_hosts"))
+    node = Node("pod", "us-central1-a", "v3-32", "READY")
+    holder.attach_node(config.load(), node, hosts)  # TPUCTL_SSH_REUSE=off (tests/conftest.py)
+    before = logins(ssh_pod)
+    assert all(r.ok for r in run(hosts, "true")) and all(r.ok for r in run(hosts, "true"))
+    assert logins(ssh_pod) == before + 2 * len(hosts)
+    assert not (state / "tpuctl" / "holders").exists()
+
+
+@pod
+def test_exec_and_ps_reuse_one_holder_from_the_cli_and_down_ends_it(
+    fake_tpu, ssh_pod, pod_key, state, monkeypatch
+):
+    fake_tpu.add_node("pod", "v3-32", project="test-project", zone="us-central1-a",
+                      worker_ips=ssh_pod.hosts)  # fmt: skip
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))  # fake_tpu set a long one
+    env = {**os.environ, "TPUCTL_SSH_KEY": pod_key[0], "TPUCTL_SSH_USER": "root",
+           "TPUCTL_SSH_REUSE": "60s"}  # fmt: skip
+
+    def tpuctl(*args: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "tpuctl", *args]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+
+    before = logins(ssh_pod)
+    cold = tpuctl("exec", "--", COMMAND)
+    wait_for(lambda: logins(ssh_pod) == before + 8, what="the holder's logins")
+    [sock] = wait_for(lambda: list((state / "tpuctl" / "holders").glob("*.sock")))
+    try:
+        warm = tpuctl("exec", "--", COMMAND)
+        listed = tpuctl("ps")
+        assert warm.returncode == cold.returncode == 1
+        for stream in ("stdout", "stderr"):  # in arrival order, without the progress lines
+            seen = [sorted(ln for ln in getattr(r, stream).splitlines() if "done after" not in ln)
+                    for r in (warm, cold)]  # fmt: skip
+            assert seen[0] == seen[1]
+        rows = [line.split()[0] for line in listed.stdout.splitlines()[1:]]
+        assert listed.returncode == 0 and rows == ["w00", "w01", "w02", "w03"], listed.stderr
+        assert logins(ssh_pod) == before + 8
+        argv = [sys.executable, "-m", "tpuctl", "exec", "--json", "--", "sleep", "1000"]
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env=env)  # fmt: skip
+        try:
+            wait_for(lambda: all(any("sleep 1000" in p for p in ssh_pod.processes(i))
+                                 for i in range(4)))  # fmt: skip
+            process.send_signal(signal.SIGINT)
+            stdout, stderr = process.communicate(timeout=15)
+        finally:
+            process.kill()
+        assert process.returncode == 130  # Ctrl-C: as on the cold path
+        assert [r["error"] for r in json.loads(stdout)] == ["interrupted"] * 4
+        assert "interrupted: 0/4 workers succeeded" in stderr
+        assert not any("sleep 1000" in p for i in range(4) for p in ssh_pod.processes(i))
+        assert logins(ssh_pod) == before + 8
+        assert tpuctl("down", "pod", "--yes").returncode == 0
+        wait_for(lambda: not sock.exists(), what="the holder to exit with its node")
+    finally:
+        holder.tell_to_exit(sock)
+        wait_for(lambda: not sock.exists(), what="the holder to exit")

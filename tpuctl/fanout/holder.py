@@ -1,0 +1,561 @@
+"""Connection reuse, as OpenSSH's ControlMaster/ControlPersist: a per-node holder process
+keeps the SSH connections to a node's workers open, and later `tpuctl` commands run over
+them instead of paying a key exchange per worker.
+
+The first command to a node runs cold and then starts the holder (`spawn`), which connects
+to the workers on its own and listens on a unix socket, 0600 in a 0700 directory
+(`state_dir()/holders/`), for `run` requests; it exits after `ssh.reuse` of idleness.
+The holder is keyed on the node's identity (name, creation time, worker addresses and
+login): a recreated node, moved workers or other keys mean another identity, which the
+old holder refuses (and is told to exit). Each request re-reads the known_hosts files and
+reuses a held connection only if its host's key is the one recorded now; otherwise the
+holder connects afresh, checked exactly as a cold connection is. Hosts behind a jump host
+or a ProxyCommand are always contacted cold.
+
+Requests and answers are JSON lines; environment values travel in them over the socket,
+never in an argv or a file. This module is light: paramiko is imported only by the holder.
+
+    python -m tpuctl.fanout.holder     # the holder itself; its settings come on stdin
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tpuctl.fanout.base import Host, HostResult, LineFn, ResultFn, StopSignal
+
+if TYPE_CHECKING:
+    from tpuctl.config import Settings
+    from tpuctl.providers.base import Node
+
+DEFAULT_IDLE_S = 300.0
+MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux, 104 on macOS
+ANSWER_TIMEOUT_S = 5.0  # for the holder's first answer; commands themselves may run long
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """The holder a command's fan-outs may use: for these hosts, under this identity."""
+
+    identity: str
+    socket: Path
+    idle_s: float
+    hosts: tuple[Host, ...]
+
+
+_attached: Attachment | None = None
+
+
+# --- decisions (pure) -----------------------------------------------------------------
+
+
+def choose(enabled: bool, covered: bool, answer: str | None) -> str:
+    """What a fan-out does: "use" the holder, run "cold" and then "start" one, or run cold
+    and "replace" the holder of another identity; plain "cold" when reuse is off or some
+    host is not the holder's to serve. `answer` is the holder's reply to our identity:
+    None (no holder listening), "ready" or "other"."""
+    if not enabled or not covered:
+        return "cold"
+    if answer == "ready":
+        return "use"
+    return "start" if answer is None else "replace"
+
+
+def holdable(host: Host) -> bool:
+    """Only direct SSH connections are held: a jump host's connection is shared anyway."""
+    return host.transport == "ssh" and host.jump is None and host.proxy_command is None
+
+
+def covers(attachment: Attachment | None, hosts: list[Host]) -> bool:
+    """Whether every host is one of the attached node's (per-call env aside)."""
+    if attachment is None or not hosts:
+        return False
+    held = {_route_id(h) for h in attachment.hosts}
+    return all(holdable(h) and _route_id(h) in held for h in hosts)
+
+
+def node_identity(node: Node, hosts: list[Host]) -> str:
+    """Changes whenever the node is recreated or its workers' addresses or logins do."""
+    created = node.created.isoformat() if node.created else ""
+    record = [node.provider, node.project, node.zone, node.name, created]
+    record += sorted(_route_id(h) for h in hosts)
+    return hashlib.sha256(json.dumps(record).encode()).hexdigest()[:32]
+
+
+def _route_id(host: Host) -> str:
+    fields = dataclasses.asdict(dataclasses.replace(host, env={}))
+    return json.dumps(fields, sort_keys=True)
+
+
+def socket_path(settings: Settings, node_name: str) -> Path:
+    from tpuctl.config import state_dir
+
+    place = f"{settings.get('project')}/{settings.get('zone')}/{node_name}"
+    return state_dir() / "holders" / f"{hashlib.sha256(place.encode()).hexdigest()[:16]}.sock"
+
+
+def reuse_seconds(settings: Settings) -> float | None:
+    """`ssh.reuse` (TPUCTL_SSH_REUSE): how long a holder waits idle; None when off."""
+    value = settings.get("ssh.reuse")
+    if value is None:
+        return DEFAULT_IDLE_S
+    text = str(value).strip().lower()
+    if text in ("0", "no", "off", "false", "none"):
+        return None
+    from tpuctl.durations import parse_duration
+
+    return parse_duration(text, "ssh.reuse")
+
+
+# --- client side ----------------------------------------------------------------------
+
+
+def attach_node(settings: Settings, node: Node, hosts: list[Host]) -> None:
+    """Let this process's fan-outs to the node's workers go through its holder (if reuse
+    is on); `hosts` are all the node's workers, so that one holder serves any selection."""
+    idle = reuse_seconds(settings)
+    path = socket_path(settings, node.name)
+    held = [h for h in hosts if holdable(h)]
+    if idle is None or not held or len(os.fsencode(str(path))) > MAX_SOCKET_PATH:
+        attach(None)
+        return
+    attach(Attachment(node_identity(node, held), path, idle, tuple(held)))
+
+
+def attach(attachment: Attachment | None) -> None:
+    """Route this process's covered fan-outs through `attachment`'s holder (None: none)."""
+    global _attached
+    _attached = attachment
+
+
+def run_via_holder(
+    hosts: list[Host],
+    command: str,
+    envs: list[dict[str, str]],
+    *,
+    timeout: float | None,
+    on_line: LineFn | None,
+    fail_fast: bool,
+    max_parallel: int,
+    connect_timeout: float,
+    on_result: ResultFn | None,
+    stop: StopSignal,
+    cold: Callable[[], list[HostResult]],
+) -> list[HostResult]:
+    """`tpuctl.fanout.run` through the attached holder when `choose` says so, else `cold()`
+    (then starting or replacing the holder for the next command)."""
+    attachment = _attached
+    enabled, covered = attachment is not None, covers(attachment, hosts)
+    conn, answer = _hello(attachment) if enabled and covered else (None, None)
+    step = choose(enabled, covered, answer)
+    if step == "use":
+        request = {
+            "op": "run",
+            "command": command,
+            "hosts": [dataclasses.asdict(h) for h in hosts],
+            "envs": envs,
+            "timeout": timeout,
+            "fail_fast": fail_fast,
+            "max_parallel": max_parallel,
+            "connect_timeout": connect_timeout,
+        }
+        return _converse(conn, request, hosts, on_line, on_result, stop)
+    if conn is not None:
+        if step == "replace":
+            with contextlib.suppress(OSError):
+                conn.send({"op": "exit"})
+        conn.close()
+    results = cold()
+    if step in ("start", "replace") and attachment is not None:
+        spawn(attachment, connect_timeout)
+    return results
+
+
+def _hello(attachment: Attachment) -> tuple[_Lines | None, str | None]:
+    """Connect and introduce ourselves: (connection, "ready" | "other"), or (None, None)."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lines = _Lines(conn)
+    try:
+        conn.settimeout(ANSWER_TIMEOUT_S)
+        conn.connect(str(attachment.socket))
+        lines.send({"identity": attachment.identity})
+        reply = lines.receive() or {}
+        conn.settimeout(None)
+    except (OSError, ValueError):
+        conn.close()
+        return None, None
+    return lines, "ready" if reply.get("ready") else "other"
+
+
+def _converse(
+    conn: _Lines,
+    request: dict[str, Any],
+    hosts: list[Host],
+    on_line: LineFn | None,
+    on_result: ResultFn | None,
+    stop: StopSignal,
+) -> list[HostResult]:
+    """Send a run request and relay the holder's lines and results until it is done."""
+    from tpuctl.fanout import Interrupted
+
+    results: list[HostResult | None] = [None] * len(hosts)
+    conn.send(request)
+    interrupted = stopping = False
+    while None in results:
+        try:
+            if stop.is_set() and not stopping:
+                conn.send({"op": "stop", "reason": stop.reason})
+                stopping = True
+            message = conn.receive(timeout=0.2)  # short waits: Ctrl-C and `stop` noticed
+        except TimeoutError:
+            continue
+        except KeyboardInterrupt:
+            interrupted = True
+            stop.set("interrupted")
+            continue
+        except (OSError, ValueError):
+            message = None
+        if message is None:
+            break
+        if "line" in message:
+            index, stream, text = message["line"]
+            if on_line is not None:
+                on_line(hosts[index], stream, text)
+        elif "result" in message:
+            fields = message["result"]
+            index = fields.pop("index")
+            results[index] = result = HostResult(hosts[index], **fields)
+            if on_result is not None:
+                on_result(result)
+    conn.close()
+    final = [
+        r or HostResult(h, None, "", "", "connection lost: the holder exited", 0.0)
+        for h, r in zip(hosts, results, strict=True)
+    ]
+    if interrupted:
+        raise Interrupted(final)
+    return final
+
+
+def tell_to_exit(path: Path) -> None:
+    """Ask the holder listening at `path` (if any) to exit, as `ssh -O exit` does."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lines = _Lines(conn)
+    with contextlib.suppress(OSError, ValueError):
+        conn.settimeout(ANSWER_TIMEOUT_S)
+        conn.connect(str(path))
+        lines.send({"identity": None})
+        lines.receive()
+        lines.send({"op": "exit"})
+    conn.close()
+
+
+def spawn(attachment: Attachment, connect_timeout: float) -> subprocess.Popen:
+    """Start the node's holder in the background; it outlives this command."""
+    from tpuctl.config import private_dir
+
+    private_dir(attachment.socket.parent)
+    settings = {
+        "identity": attachment.identity,
+        "socket": str(attachment.socket),
+        "idle_s": attachment.idle_s,
+        "connect_timeout": connect_timeout,
+        "hosts": [dataclasses.asdict(h) for h in attachment.hosts],
+    }
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "tpuctl.fanout.holder"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd="/",  # keeps no directory of the user's busy
+        start_new_session=True,  # Ctrl-C in the terminal is not for the holder
+    )
+    assert holder.stdin is not None
+    holder.stdin.write(json.dumps(settings).encode())
+    holder.stdin.close()
+    return holder
+
+
+class _Lines:
+    """JSON messages, one per line, over a connected unix socket."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self._buffer = b""
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        self.conn.sendall(json.dumps(message).encode() + b"\n")
+
+    def receive(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next message, None at the end; TimeoutError if `timeout` passes first."""
+        while b"\n" not in self._buffer:
+            if timeout is not None and not select.select([self.conn], [], [], timeout)[0]:
+                raise TimeoutError
+            chunk = self.conn.recv(65536)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# --- the holder -----------------------------------------------------------------------
+
+
+def _host(fields: dict[str, Any]) -> Host:
+    return Host(**{**fields, "identity_files": tuple(fields["identity_files"]), "jump": None})
+
+
+class _Pool:
+    """The held connections, by route; each used only while its host key is still the one
+    recorded in the host's known_hosts file."""
+
+    def __init__(self, connect_timeout: float) -> None:
+        self.connect_timeout = connect_timeout
+        self._held: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def connect_all(self, hosts: list[Host]) -> None:
+        from tpuctl.fanout import _fan_out
+
+        ctx = self.context()
+        stop = StopSignal()
+
+        def one(index: int) -> HostResult:
+            with contextlib.suppress(ConnectionError):
+                self._connect(hosts[index], ctx, stop)
+            return HostResult(hosts[index], 0, "", "", None, 0.0)
+
+        _fan_out(hosts, one, len(hosts), False, stop, None)
+
+    def transport(self, host: Host, ctx, known, stop: StopSignal):
+        """A live connection to `host` whose key is recorded now, else a fresh one.
+        Raises ConnectionError as `ssh.connect` does."""
+        key = _route_id(host)
+        with self._lock:
+            held = self._held.get(key)
+        if (
+            held is not None
+            and held.is_active()
+            and known.records(host, held.get_remote_server_key())
+        ):
+            return held
+        if held is not None:
+            held.close()
+        return self._connect(host, ctx, stop)
+
+    def drop(self, host: Host) -> None:
+        with self._lock:
+            held = self._held.pop(_route_id(host), None)
+        if held is not None:
+            held.close()
+
+    def _connect(self, host: Host, ctx, stop: StopSignal):
+        from tpuctl.fanout import ssh
+
+        transport = ssh.connect(host, ctx, stop)
+        with self._lock:
+            self._held[_route_id(host)] = transport
+        return transport
+
+    def context(self, max_parallel: int = 64):
+        from tpuctl.fanout import ssh
+
+        return ssh.SshContext(self.connect_timeout, max_parallel)
+
+    def close(self) -> None:
+        with self._lock:
+            for transport in self._held.values():
+                transport.close()
+            self._held.clear()
+
+
+class _Holder:
+    """Serves run requests for one node identity until idle for `idle_s`."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.identity = settings["identity"]
+        self.path = Path(settings["socket"])
+        self.idle_s = float(settings["idle_s"])
+        self.pool = _Pool(float(settings["connect_timeout"]))
+        self.hosts = [_host(h) for h in settings["hosts"]]
+        self.active = 0
+        self.last_used = time.monotonic()
+        self.exiting = False
+        self._inode: int | None = None
+        self._lock = threading.Lock()
+
+    def serve(self) -> None:
+        listener = self._listen()
+        if listener is None:
+            return
+        try:
+            self.pool.connect_all(self.hosts)
+            while not self.exiting:
+                ready, _, _ = select.select([listener], [], [], 0.5)
+                if ready:
+                    conn, _ = listener.accept()
+                    threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+                with self._lock:
+                    idle = self.active == 0 and time.monotonic() - self.last_used > self.idle_s
+                if idle:
+                    break
+        finally:
+            self._release_path()
+            listener.close()
+            self.pool.close()
+
+    def _release_path(self) -> None:
+        """Remove our socket, so that no command finds it (never a successor's socket)."""
+        with contextlib.suppress(FileNotFoundError):
+            if self.path.stat().st_ino == self._inode:
+                self.path.unlink()
+
+    def _listen(self) -> socket.socket | None:
+        """Bind the socket 0600 (a successor for a new identity replaces a stale path)."""
+        from tpuctl.config import private_dir
+
+        private_dir(self.path.parent)
+        if _listening(self.path):  # two cold commands at once: the first holder serves
+            return None
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old_umask = os.umask(0o177)  # created 0600: never reachable by others, even briefly
+        try:
+            listener.bind(str(self.path))
+        except OSError:
+            listener.close()
+            return None
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+        self._inode = self.path.stat().st_ino
+        listener.listen(16)
+        return listener
+
+    def _handle(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.active += 1
+        try:
+            if _peer_uid(conn) == os.getuid():
+                self._converse(_Lines(conn))
+        except (OSError, ValueError, KeyError):
+            pass  # the client went away or sent nonsense: nothing to answer
+        finally:
+            with contextlib.suppress(OSError):  # wakes the stop watcher blocked reading
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+            with self._lock:
+                self.active -= 1
+                self.last_used = time.monotonic()
+
+    def _converse(self, conn: _Lines) -> None:
+        hello = conn.receive() or {}
+        mine = hello.get("identity") == self.identity
+        conn.send({"ready": mine})
+        request = conn.receive() or {}
+        if request.get("op") == "exit":  # a successor for the node's new identity
+            self.exiting = True
+            self._release_path()
+        elif mine and request.get("op") == "run":
+            self._run(conn, request)
+
+    def _run(self, conn: _Lines, request: dict[str, Any]) -> None:
+        from tpuctl.fanout import _fan_out, ssh
+
+        hosts = [_host(h) for h in request["hosts"]]
+        envs = request["envs"]
+        stop = StopSignal()
+        write_lock = threading.Lock()
+
+        def send(message: dict[str, Any]) -> None:
+            with write_lock, contextlib.suppress(OSError):
+                conn.send(message)
+
+        def on_line(host: Host, stream: str, text: str) -> None:
+            send({"line": [hosts.index(host), stream, text]})
+
+        def watch() -> None:  # a stop request, or the client gone, stops every host
+            try:
+                message = conn.receive() or {}
+            except (OSError, ValueError):
+                message = {}
+            stop.set(message.get("reason") or "interrupted")
+
+        threading.Thread(target=watch, daemon=True).start()
+        ctx = self.pool.context(int(request["max_parallel"]))
+        known = {p: ssh.KnownHosts(p) for p in {h.known_hosts for h in hosts}}
+
+        def one(index: int) -> HostResult:
+            host, started = hosts[index], time.monotonic()
+            if stop.is_set():
+                return HostResult(host, None, "", "", stop.reason, 0.0)
+            try:
+                transport = self.pool.transport(host, ctx, known[host.known_hosts], stop)
+            except ConnectionError as err:
+                return HostResult(host, None, "", "", str(err), time.monotonic() - started)
+            result = ssh.run_on_transport(
+                transport, host, request["command"], envs[index], stop,
+                request["timeout"], on_line, started,
+            )  # fmt: skip
+            if not transport.is_active():
+                self.pool.drop(host)
+            return result
+
+        def on_result(result: HostResult) -> None:
+            fields = dataclasses.asdict(result)
+            fields.pop("host")
+            send({"result": {"index": hosts.index(result.host), **fields}})
+
+        _fan_out(hosts, one, len(hosts), bool(request["fail_fast"]), stop, on_result)
+        ctx.close()
+
+
+def _listening(path: Path) -> bool:
+    """Whether a holder accepts connections at `path` (one told to exit no longer does)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end (Linux); our own where it cannot be told."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return os.getuid()  # the 0600 socket in a 0700 directory already keeps others out
+    import struct
+
+    creds = conn.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def main() -> None:
+    """The holder process: settings (JSON) on stdin, then serve until idle."""
+    settings = json.loads(sys.stdin.read())
+    sys.stdin.close()
+    _Holder(settings).serve()
+
+
+if __name__ == "__main__":
+    main()
