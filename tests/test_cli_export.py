@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 
+from tests.fixtures_hf import save_run
 from tests.test_trainer_export import (  # the real checkpoint those tests make
     REPO,
     _hf_tensors,
     _import,
-    _save_run,
     hf_model_dir,  # noqa: F401 (a fixture)
 )
 
@@ -28,7 +28,7 @@ def tpuctl(*args: str) -> subprocess.CompletedProcess:
 
 def test_tpuctl_export_writes_the_same_directory_as_the_module(hf_model_dir, tmp_path):  # noqa: F811
     model_cfg, params = _import(hf_model_dir)
-    _save_run(str(tmp_path / "run"), model_cfg, params)
+    save_run(str(tmp_path / "run"), model_cfg, params)
     out = tmp_path / "hf"
     result = tpuctl(
         "export", str(tmp_path / "run"), str(out), "--step", "7", "--max-shard-gb", "0.0001"
