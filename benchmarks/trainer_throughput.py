@@ -26,7 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.config import (
+    ATTENTION,
     PRESETS,
+    REMAT_POLICIES,
     MeshConfig,
     ModelConfig,
     OptimizerConfig,
@@ -176,9 +178,14 @@ def main() -> None:
         "--dtype", default=None, help="compute dtype (default: best for the device)"
     )
     parser.add_argument(
-        "--attention", default=None, help="model.attention (default: auto, the device's kernel)"
+        "--attention",
+        choices=ATTENTION,
+        default=None,
+        help="model.attention (default: auto, the device's kernel)",
     )
-    parser.add_argument("--remat", default=None, help="model.remat policy (default: none)")
+    parser.add_argument(
+        "--remat", choices=REMAT_POLICIES, default=None, help="model.remat (default: none)"
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip the HF/torch peer")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
