@@ -205,6 +205,13 @@ def test_one_process_killed_and_resumed_matches_uninterrupted_run(tmp_path):
     kills = _interrupted_run(resumed, 1, stops, tmp_path / "jax-cache")
     _check_resumed_run_matches(reference, resumed, kills)
 
+    # Started again once finished, it trains nothing and keeps its DONE record.
+    done = (Path(resumed) / "DONE").read_text()
+    again = TrainerPod(resumed, 1, tmp_path / "jax-cache").finish()
+    assert f"trainer: run already finished at step {STEPS} in {resumed}" in again
+    assert PROGRESS.search(again) is None
+    assert (Path(resumed) / "DONE").read_text() == done
+
     # A committed checkpoint that cannot be read stops the run; it never restarts from step 0.
     checkpoints = Path(resumed) / "checkpoints"
     (checkpoints / str(STEPS) / "default" / "_METADATA").write_text("{not json")

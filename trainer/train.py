@@ -419,6 +419,14 @@ def train(recipe: Recipe) -> int:
               flush=True)  # fmt: skip
 
     step = int(jax.device_get(run.state.step))
+    if step >= run.total_steps:  # the same on every process: all stop here together
+        checkpointer.close()
+        if is_main:
+            print(f"trainer: run already finished at step {step} in {recipe.run_dir}: nothing "
+                  "to train (raise train.steps to go on)", flush=True)  # fmt: skip
+            if not io.exists(_done_path(recipe)):  # stopped between its last save and DONE
+                _write_done(recipe, step, {}, started)
+        return 0
     last: dict[str, Any] = {}
     batch = global_batch(
         train_set, step, recipe.train.grad_accum, run.batch_sharding, references["train"]
@@ -468,9 +476,18 @@ def train(recipe: Recipe) -> int:
     checkpointer.save(run.state)  # the final state, whatever the save interval
     checkpointer.close()
     if is_main:
-        done = {"step": step, "final": last, "wall_time_s": time.time() - started}
-        io.write_text(io.join(recipe.run_dir, "DONE"), json.dumps(done) + "\n")
+        _write_done(recipe, step, last, started)
     return 0
+
+
+def _done_path(recipe: Recipe) -> str:
+    return io.join(recipe.run_dir, "DONE")
+
+
+def _write_done(recipe: Recipe, step: int, last: dict[str, Any], started: float) -> None:
+    """The run's DONE record: its final step and metrics, written once, when it finishes."""
+    done = {"step": step, "final": last, "wall_time_s": time.time() - started}
+    io.write_text(_done_path(recipe), json.dumps(done) + "\n")
 
 
 def _abstract(x: jax.Array) -> jax.ShapeDtypeStruct:
