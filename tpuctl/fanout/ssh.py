@@ -367,42 +367,29 @@ def run_on_transport(
 ) -> HostResult:
     """Run `command` over an open connection (left open); never raises for remote trouble."""
     try:
-        return _run_on_transport(transport, host, command, env, stop, timeout, on_line, started)
-    except (*TRANSIENT_ERRORS, OSError) as err:
+        channel = transport.open_session(timeout=10)
+        # `exec` keeps one process: the login shell becomes bash, whatever the user's shell is.
+        channel.exec_command(f"exec bash -c {shlex.quote(wrapped_command(command))}")
+        channel.sendall(env_script(env))
+        channel.shutdown_write()
+        out = _MarkedStdout(LineSplitter(host, "stdout", on_line))
+        err = LineSplitter(host, "stderr", on_line)
+        deadline = None if timeout is None else started + timeout
+        error = _pump(channel, out, err, stop, deadline, timeout)
+        if error is not None:
+            _await_marker(channel, out, MARKER_WAIT_S)
+        if error is not None and out.pgid is not None:
+            _kill_remote(transport, out.pgid)
+        exit_code = None
+        if error is None:
+            exit_code = channel.recv_exit_status()
+            if exit_code == -1:  # killed by a signal: sshd reports no status
+                exit_code, error = None, "terminated by a signal"
+        channel.close()
+    except (*TRANSIENT_ERRORS, OSError) as lost:
         # The host went away mid-command (preempted, rebooted): a result, not a crash.
-        error = f"connection lost: {err or type(err).__name__}"
+        error = f"connection lost: {lost or type(lost).__name__}"
         return HostResult(host, None, "", "", error, time.monotonic() - started)
-
-
-def _run_on_transport(
-    transport: paramiko.Transport,
-    host: Host,
-    command: str,
-    env: dict[str, str],
-    stop: StopSignal,
-    timeout: float | None,
-    on_line: LineFn | None,
-    started: float,
-) -> HostResult:
-    channel = transport.open_session(timeout=10)
-    # `exec` keeps one process: the login shell becomes bash, whatever the user's shell is.
-    channel.exec_command(f"exec bash -c {shlex.quote(wrapped_command(command))}")
-    channel.sendall(env_script(env))
-    channel.shutdown_write()
-    out = _MarkedStdout(LineSplitter(host, "stdout", on_line))
-    err = LineSplitter(host, "stderr", on_line)
-    deadline = None if timeout is None else started + timeout
-    error = _pump(channel, out, err, stop, deadline, timeout)
-    if error is not None:
-        _await_marker(channel, out, MARKER_WAIT_S)
-    if error is not None and out.pgid is not None:
-        _kill_remote(transport, out.pgid)
-    exit_code = None
-    if error is None:
-        exit_code = channel.recv_exit_status()
-        if exit_code == -1:  # killed by a signal: sshd reports no status
-            exit_code, error = None, "terminated by a signal"
-    channel.close()
     return HostResult(host, exit_code, out.close(), err.close(), error, time.monotonic() - started)
 
 
