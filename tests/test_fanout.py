@@ -175,6 +175,25 @@ def test_32_workers_in_parallel(ssh_pod32, pod_key, tmp_path):
     assert [r.stdout.split() for r in results] == [[address] for address in pod.hosts]
 
 
+def test_a_new_connection_opens_its_first_channel_without_a_delayed_ack(hosts):
+    """After login sshd sends small messages and Nagle holds its answer to the first
+    channel open until they are acknowledged: 40 ms at least (Linux's minimum delayed
+    ACK) on every new connection, unless the client acknowledges at once."""
+    from tpuctl.fanout import ssh
+
+    ctx = ssh.SshContext(connect_timeout=10.0)
+    waits = []
+    for host in hosts:
+        transport = ssh.connect(host, ctx, StopSignal())
+        try:
+            started = time.monotonic()
+            transport.open_session().close()
+            waits.append(time.monotonic() - started)
+        finally:
+            transport.close()
+    assert min(waits) < 0.030, waits
+
+
 def test_a_worker_that_dies_mid_command_is_reported_without_waiting(ssh_pod, hosts):
     lost = threading.Event()
     stop = StopSignal()
