@@ -26,7 +26,7 @@ def test_version():
 
 def test_cli_import_pulls_in_no_heavy_library():
     code = (
-        "import sys, tpuctl.cli; "
+        "import sys, tpuctl.cli; tpuctl.cli.load_commands([]); "
         f"print([m for m in {HEAVY_MODULES!r} if any(k == m or k.startswith(m + '.') "
         "for k in sys.modules)])"
     )
@@ -36,9 +36,42 @@ def test_cli_import_pulls_in_no_heavy_library():
 
 def test_cli_import_leaves_rich_and_paramiko_to_the_commands_that_use_them():
     # A cold `tpuctl exec` pays for every import: rich and paramiko come only when needed.
-    code = "import sys, tpuctl.cli; print(sorted({'rich', 'paramiko'} & set(sys.modules)))"
+    code = (
+        "import sys, tpuctl.cli; tpuctl.cli.load_commands([]); "
+        "print(sorted({'rich', 'paramiko'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_each_command_loads_from_the_module_that_registers_it():
+    import typer.main
+
+    from tpuctl.cli import COMMAND_MODULES, app, load_commands
+
+    load_commands([])
+    registered = {
+        info.name or typer.main.get_command_name(info.callback.__name__): info.callback.__module__
+        for info in app.registered_commands
+    }
+    registered |= {
+        info.name: info.typer_instance.registered_commands[0].callback.__module__
+        for info in app.registered_groups
+    }
+    assert {name: f"tpuctl.cli.{m}" for name, m in COMMAND_MODULES.items()} == registered
+
+
+def test_a_command_imports_only_its_own_module():
+    code = (
+        "import sys, tpuctl.cli; sys.argv = ['tpuctl', 'exec', '--help']\n"
+        "try: tpuctl.cli.main()\nexcept SystemExit: pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('tpuctl.cli.')), file=sys.stderr)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "Usage" in out.stdout
+    loaded = out.stderr.strip()
+    assert "tpuctl.cli.workers" in loaded
+    assert "tpuctl.cli.babysit" not in loaded and "tpuctl.cli.lifecycle" not in loaded
 
 
 def test_the_ssh_transport_imports_paramiko_without_invoke():

@@ -11,7 +11,7 @@ app = typer.Typer(
     help="Create, drive and babysit Cloud TPU pods, and train JAX models on them.",
     no_args_is_help=True,
     add_completion=False,
-    rich_markup_mode="markdown",  # reflow docstring paragraphs instead of keeping their line breaks
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
