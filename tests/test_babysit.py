@@ -13,7 +13,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -559,8 +561,13 @@ def test_of_two_babysitters_started_at_once_exactly_one_acts(fake_tpu, gcs, tmp_
         assert refused[0].returncode == 1
         assert f"error: run {run_id} is already babysat by {holder}" in output(refused[0])
         acting.send_signal(signal.SIGINT)
-        acting.wait(timeout=RUN_TIMEOUT_S)  # a loaded machine stops it slowly
-        assert f"babysitting run {run_id} on pod-{repetition}" in output(acting)
+        try:
+            acting.wait(timeout=RUN_TIMEOUT_S)  # a loaded machine stops it slowly
+        except subprocess.TimeoutExpired:
+            acting.kill()
+            raise AssertionError(f"Ctrl-C did not stop it:\n{output(acting)}") from None
+        assert acting.returncode == 130, output(acting)
+        assert f"babysit: interrupted; node pod-{repetition} and run {run_id}" in output(acting)
 
 
 def sitter_in_process(tmp_path, *extra: str, **options):
@@ -592,6 +599,52 @@ def test_a_babysitter_whose_lease_was_taken_over_stops_acting_and_says_by_whom(
         sitter.cycle()
     assert fake_tpu.requests == []  # it stopped before looking, let alone acting
     sitter.lock.release()
+
+
+def test_a_ctrl_c_in_a_finaliser_still_stops_the_babysitter_and_frees_its_lease(
+    fake_tpu, gcs, tmp_path, monkeypatch
+):
+    """A KeyboardInterrupt raised inside a callback Python runs for itself (in CI: an
+    import's module-lock cleanup) is printed as "Exception ignored" and lost, and the
+    babysitter used to go on for good. Ctrl-C now stops it at its next look, wherever it
+    lands, and frees the lease for the next babysitter."""
+    from tpuctl.babysit import stop_on_signals
+    from tpuctl.lease import GcsLease
+
+    monkeypatch.setenv("TPUCTL_BUCKET", "test-bucket")
+    fake_tpu.add_node(
+        "pod", "v4-16", project="test-project", zone="us-central1-a", state="REPAIRING",
+        labels=our_labels("obs"),
+    )  # fmt: skip
+    sitter = sitter_in_process(tmp_path, poll_s=0.05, not_ready_grace_s=3600)
+    updates = []
+
+    def ctrl_c_swallowed_once(_state, _view) -> None:
+        updates.append(_state)
+        assert len(updates) < 3, "the babysitter went on after Ctrl-C"
+        if len(updates) == 1:
+            finalised = type("Finalised", (), {})()
+            weakref.finalize(finalised, os.kill, os.getpid(), signal.SIGINT)
+            del finalised  # the finaliser runs here: Python would swallow an interrupt
+
+    sitter.on_update = ctrl_c_swallowed_once
+    with pytest.raises(KeyboardInterrupt), stop_on_signals(sitter.stopping):
+        sitter.run()
+    assert len(updates) == 1
+    assert not sitter.lock.holding
+    GcsLease(sitter.lease.uri, sitter.lease_ttl_s).claim("run obs")  # free for the next one
+
+
+def test_a_second_ctrl_c_interrupts_the_babysitter_at_once():
+    from tpuctl.babysit import stop_on_signals
+
+    stopping = threading.Event()
+    with stop_on_signals(stopping):
+        signal.raise_signal(signal.SIGINT)  # the first asks it to stop at its next look
+        assert stopping.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_http_429_from_the_tpu_api_is_waited_out_not_fatal(fake_tpu, tmp_path):

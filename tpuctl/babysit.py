@@ -23,7 +23,9 @@ import dataclasses
 import fcntl
 import json
 import os
+import signal
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -259,6 +261,32 @@ class BudgetExhausted(StopBabysitting):
     """Too many preemptions or failures."""
 
 
+@contextlib.contextmanager
+def stop_on_signals(stopping: threading.Event, signums=(signal.SIGINT, signal.SIGTERM)):
+    """While inside, Ctrl-C or SIGTERM sets `stopping`, which `Babysitter` looks at before
+    every observation, in long actions and while it waits between polls; a second one
+    interrupts at once.
+
+    The first one raises nothing: a KeyboardInterrupt raised wherever the main thread
+    happens to be is lost when that is a callback Python runs for itself (an import's
+    module-lock cleanup, a finaliser: "Exception ignored"), and the babysitter went on
+    for good; one raised inside an import can also leave Python exiting by SIGINT after
+    the interrupt was handled."""
+
+    def stop(_signum: int, _frame: object) -> None:
+        if stopping.is_set():
+            raise KeyboardInterrupt
+        stopping.set()
+        os.write(2, b"babysit: stopping after the current action (again to stop at once)\n")
+
+    previous = {signum: signal.signal(signum, stop) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 class Babysitter:
     """The loop: `run()` returns the final state once the run's DONE marker exists."""
 
@@ -301,6 +329,9 @@ class Babysitter:
         self._last_note: str | None = None
         self._api_down = False
         self._user_storage_env = {name: os.environ.get(name) for name in STORAGE_ENV}
+        # Set by stop_on_signals (Ctrl-C, SIGTERM): the loop raises KeyboardInterrupt at
+        # its next look, wait or progress report.
+        self.stopping = threading.Event()
         # --env, then every env value of the first launch: stored recipes keep names only.
         self._run_env = dict(options.env)
 
@@ -347,7 +378,8 @@ class Babysitter:
                 while not self.cycle():
                     self._save()
                     self.on_update(self.state, self.view)
-                    time.sleep(self.options.poll_s)
+                    if self.stopping.wait(self.options.poll_s):
+                        raise KeyboardInterrupt
                 self.on_update(self.state, self.view)
                 return self.state
         finally:
@@ -362,6 +394,7 @@ class Babysitter:
         job) is retried on the next cycle, up to --max-failures times in a row."""
         try:
             while True:  # a fresh node is looked at again at once, not a poll later
+                self._check_stopping()
                 self._check_lease()
                 observation = self.observe()
                 self.state, lines = note(self.state, observation)
@@ -399,10 +432,15 @@ class Babysitter:
                 exit_code=1,
             )
 
+    def _check_stopping(self) -> None:
+        if self.stopping.is_set():
+            raise KeyboardInterrupt
+
     def _progress(self, line: str) -> None:
         """Progress of a long action (stockout retries, worker preparation): logged, and
-        the action stops if the lease was lost meanwhile."""
+        the action stops if the babysitter is stopping or lost its lease meanwhile."""
         self.log(line)
+        self._check_stopping()
         self._check_lease()
 
     # -- observe ----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from tpuctl.errors import TpuctlError
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from tpuctl.babysit import BabysitState, View
+    from tpuctl.babysit import BabysitState, Babysitter, View
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
@@ -80,7 +80,7 @@ def babysit(
     """Keep RECIPE running on node --name until its DONE marker exists: recreate the node
     after preemptions (and stockouts), relaunch after crashes and hangs, resume from the
     newest checkpoint each time. Recipe overrides go after `--` (train.steps=20)."""
-    from tpuctl.babysit import BabysitOptions, Babysitter, LogFile, last_run
+    from tpuctl.babysit import BabysitOptions, Babysitter, last_run, stop_on_signals
     from tpuctl.naming import validate_run_id
 
     if spot and preemptible:
@@ -116,8 +116,31 @@ def babysit(
         retry_for_s=parse_duration(retry_for, "--retry-for", allow_zero=True),
         delete_when_done=delete_when_done,
     )
-    display = Display()
     sitter = Babysitter(settings, options)
+    try:
+        with stop_on_signals(sitter.stopping):
+            state = babysit_with_display(sitter, node_name, log_file)
+    except KeyboardInterrupt:
+        print(
+            f"babysit: interrupted; node {node_name} and run {sitter.run_id} are left as they "
+            f"are (start babysit again with --run-id {sitter.run_id} to carry on)",
+            file=sys.stderr,
+        )
+        raise typer.Exit(130) from None
+    loss = state.final_loss
+    loss_text = f"final loss {loss:.4f}" if isinstance(loss, int | float) else "no loss logged"
+    print(f"run {state.run_id} finished: step {state.final_step}, {loss_text}")
+    print(
+        f"restarts: {state.preemptions} preemption(s), {state.failures} failure(s), "
+        f"{state.launches} launch(es)"
+    )
+
+
+def babysit_with_display(sitter: Babysitter, node_name: str, log_file: Path | None):
+    """Claim the run, then babysit it with the live table (or log lines) until DONE."""
+    from tpuctl.babysit import LogFile
+
+    display = Display()
     sitter.claim()  # a second babysitter on the run stops here, before saying anything
     with LogFile(sitter.run_id, log_file) as write_log:
 
@@ -127,15 +150,12 @@ def babysit(
 
         sitter.log, sitter.on_update = log, display.refresh
         err_console.print(f"babysitting run {sitter.run_id} on {node_name}; log: {write_log.path}")
-        with display:
-            state = sitter.run()
-    loss = state.final_loss
-    loss_text = f"final loss {loss:.4f}" if isinstance(loss, int | float) else "no loss logged"
-    print(f"run {state.run_id} finished: step {state.final_step}, {loss_text}")
-    print(
-        f"restarts: {state.preemptions} preemption(s), {state.failures} failure(s), "
-        f"{state.launches} launch(es)"
-    )
+        try:
+            with display:
+                return sitter.run()
+        except KeyboardInterrupt:
+            write_log(f"interrupted: stopped babysitting run {sitter.run_id}")
+            raise
 
 
 class Display:
