@@ -250,6 +250,36 @@ def test_every_tpuctl_command_the_readme_runs_exists():
     assert used and not [name for name in used if f" {name} " not in known]
 
 
+NAMED_TEST = re.compile(
+    r"(?:tests/)?(?P<file>test_\w+\.py)(?:::(?P<test>test_\w+))?|::(?P<more>test_\w+)"
+)
+
+
+def named_tests(text: str) -> list[tuple[str, str | None]]:
+    """(file, test or None) for each test the README names: `tests/test_x.py::test_y`, and
+    a bare `::test_z` after it for another test of the same file."""
+    named, file = [], None
+    for match in NAMED_TEST.finditer(text):
+        file = match["file"] or file
+        named.append((file, match["test"] or match["more"]))
+    return named
+
+
+def test_every_test_the_readme_names_exists():
+    """The README backs its promises with named tests: a renamed or deleted test must not
+    leave a promise pointing at nothing."""
+    named = named_tests(README.read_text())
+    assert named_tests("`a_test.py`, `tests/test_a.py::test_b`, `::test_c`, `test_d.py`") == [
+        ("test_a.py", "test_b"), ("test_a.py", "test_c"), ("test_d.py", None)
+    ]  # fmt: skip
+    missing = []
+    for file, test in named:
+        path = REPO / "tests" / file
+        if not path.is_file() or (test and f"def {test}(" not in path.read_text()):
+            missing.append(f"{file}::{test}" if test else file)
+    assert len(named) > 40 and not missing, f"the README names tests that do not exist: {missing}"
+
+
 @pytest.mark.slow
 def test_every_runnable_readme_command_works_as_written(tmp_path):
     workdir = checkout_copy(tmp_path / "checkout")
