@@ -20,17 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
 from tpuctl.fanout import holder
 from tpuctl.testing.fake_tpu import FakeTpuApi
-from tpuctl.testing.sshpod import SshPod, make_keypair
+from tpuctl.testing.sshpod import SshPod, cpu_seconds, make_keypair
 
 # worker count -> an accelerator type with that many hosts
 SSH_SIZES = {1: "v3-8", 8: "v3-64", 32: "v3-256", 128: "v3-1024"}
@@ -42,26 +44,56 @@ TARGET_WARM_VS_PDSH = 0.1  # at 32 workers
 TARGET_WARM_GROWTH = 2.0  # warm at 128 workers / warm at 1 worker
 
 
-def timed(argv: list[str], env: dict[str, str]) -> float:
+@dataclass(frozen=True)
+class Sample:
+    """One run of a command: its wall time and the CPU it cost, split by where it ran."""
+
+    wall: float
+    client_cpu: float  # the command's own process tree (tpuctl or pdsh and its ssh)
+    holder_cpu: float  # tpuctl's connection holders (warm runs do their SSH work there)
+    hosts_cpu: float  # every sshd host of the pod: handshakes, sessions, the command
+
+
+def holders_cpu() -> float:
+    pids = [e for e in os.listdir("/proc") if e.isdigit()]
+    return sum(cpu_seconds(int(pid)) for pid in pids if b"tpuctl.fanout.holder" in _cmdline(pid))
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def timed(argv: list[str], env: dict[str, str], pod: SshPod) -> Sample:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    hosts, holders = pod.cpu_seconds(), holders_cpu()
     started = time.perf_counter()
     subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return Sample(wall, client, holders_cpu() - holders, pod.cpu_seconds() - hosts)
 
 
-def interleaved_medians(commands: dict[str, tuple[list[str], dict[str, str]]], runs: int):
-    """Median wall time of each command. Rounds alternate between all commands, so a
-    burst of load on the machine hits every figure alike rather than one of them."""
-    samples: dict[str, list[float]] = {name: [] for name in commands}
-    for _ in range(runs):
+def interleaved_medians(commands: dict[str, tuple[list[str], dict[str, str]]], rounds: int, pod):
+    """Median wall time and CPU of each command. Rounds alternate between all commands,
+    so a burst of load on the machine hits every figure alike rather than one of them."""
+    samples: dict[str, list[Sample]] = {name: [] for name in commands}
+    for _ in range(rounds):
         for name, (argv, env) in commands.items():
-            samples[name].append(timed(argv, env))
-    return {name: statistics.median(times) for name, times in samples.items()}
+            samples[name].append(timed(argv, env, pod))
+    return {
+        name: Sample(*map(statistics.median, zip(*map(astuple, runs), strict=True)))
+        for name, runs in samples.items()
+    }
 
 
-def warm_up(commands: dict[str, tuple[list[str], dict[str, str]]], holders: Path, count: int):
+def warm_up(commands: dict[str, tuple[list[str], dict[str, str]]], holders: Path, count, pod):
     """One run of each command, then every warm node's holder listening and connected."""
     for argv, env in commands.values():
-        timed(argv, env)
+        timed(argv, env, pod)
     deadline = time.monotonic() + 300
     while len(list(holders.glob("*.sock"))) < count:
         if time.monotonic() > deadline:
@@ -69,7 +101,7 @@ def warm_up(commands: dict[str, tuple[list[str], dict[str, str]]], holders: Path
         time.sleep(0.2)
     for name, (argv, env) in commands.items():
         if name.startswith("warm-"):
-            timed(argv, env)  # waits for the holder's connections, if it is still making them
+            timed(argv, env, pod)  # waits for the holder's connections, if still making them
 
 
 def main() -> None:
@@ -126,8 +158,8 @@ def main() -> None:
                 pdsh = ["pdsh", "-R", "ssh", "-l", "root", "-f", "64", "-w", hosts, "true"]
                 commands[f"pdsh-{count}"] = (pdsh, base)
             commands[f"local-{LOCAL_SIZE}"] = ([*tpuctl, "exec", "local512", "--", "true"], local)
-            warm_up(commands, holders, len(sizes))
-            medians = interleaved_medians(commands, args.runs)
+            warm_up(commands, holders, len(sizes), pod)
+            medians = interleaved_medians(commands, args.runs, pod)
             for path in holders.glob("*.sock"):
                 holder.tell_to_exit(path)
     finally:
@@ -137,33 +169,34 @@ def main() -> None:
     report(args, sizes, medians, load_before)
 
 
-def report(args, sizes: list[int], medians: dict[str, float], load_before) -> None:
-    figures = {
-        count: {k: medians[f"{k}-{count}"] for k in ("cold", "warm", "pdsh")} for count in sizes
+def report(args, sizes: list[int], medians: dict[str, Sample], load_before) -> None:
+    walls = {
+        count: {k: medians[f"{k}-{count}"].wall for k in ("cold", "warm", "pdsh")}
+        for count in sizes
     }
-    first = figures[sizes[0]]
+    first = walls[sizes[0]]
     print(f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}")
-    for count, f in figures.items():
+    for count, f in walls.items():
         print(
             f"{count:>4} workers: cold {f['cold']:.3f} s ({f['cold'] / f['pdsh']:.2f}x pdsh, "
             f"{f['cold'] / first['cold']:.2f}x 1 worker), warm {f['warm']:.3f} s "
             f"({f['warm'] / f['pdsh']:.2f}x pdsh, {f['warm'] / first['warm']:.2f}x 1 worker), "
             f"pdsh {f['pdsh']:.3f} s"
         )
-    print(f"{LOCAL_SIZE:>4} local workers: {medians[f'local-{LOCAL_SIZE}']:.3f} s")
+    print("CPU seconds per command (medians): the command's own / tpuctl's holder / the hosts'")
+    for count in sizes:
+        cpu = {k: medians[f"{k}-{count}"] for k in ("cold", "warm", "pdsh")}
+        print(f"{count:>4} workers: " + ", ".join(
+            f"{k} {c.client_cpu:.2f} / {c.holder_cpu:.2f} / {c.hosts_cpu:.2f}" for k, c in cpu.items()
+        ))  # fmt: skip
+    local = medians[f"local-{LOCAL_SIZE}"].wall
+    print(f"{LOCAL_SIZE:>4} local workers: {local:.3f} s")
     targets = {}
-    if 32 in figures:
-        targets["cold_vs_pdsh_32"] = (
-            figures[32]["cold"] / figures[32]["pdsh"],
-            TARGET_COLD_VS_PDSH,
-        )
-        targets["warm_vs_pdsh_32"] = (
-            figures[32]["warm"] / figures[32]["pdsh"],
-            TARGET_WARM_VS_PDSH,
-        )
-    if 128 in figures and 1 in figures:
-        growth = figures[128]["warm"] / figures[1]["warm"]
-        targets["warm_128_vs_1"] = (growth, TARGET_WARM_GROWTH)
+    if 32 in walls:
+        targets["cold_vs_pdsh_32"] = (walls[32]["cold"] / walls[32]["pdsh"], TARGET_COLD_VS_PDSH)
+        targets["warm_vs_pdsh_32"] = (walls[32]["warm"] / walls[32]["pdsh"], TARGET_WARM_VS_PDSH)
+    if 128 in walls and 1 in walls:
+        targets["warm_128_vs_1"] = (walls[128]["warm"] / walls[1]["warm"], TARGET_WARM_GROWTH)
     for name, (value, target) in targets.items():
         print(f"{name} = {value:.2f} (target <= {target})")
     if os.getloadavg()[0] > (os.cpu_count() or 1):
@@ -174,8 +207,9 @@ def report(args, sizes: list[int], medians: dict[str, float], load_before) -> No
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "nice": PRIORITY,
-        "workers": {str(k): v for k, v in figures.items()},
-        f"local_{LOCAL_SIZE}_s": medians[f"local-{LOCAL_SIZE}"],
+        "workers": {str(k): v for k, v in walls.items()},
+        "cpu_s": {name: asdict(sample) for name, sample in medians.items()},
+        f"local_{LOCAL_SIZE}_s": local,
         "ratios": {name: value for name, (value, _) in targets.items()},
         "targets_met": all(value <= target for value, target in targets.values()),
     }

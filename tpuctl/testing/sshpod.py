@@ -86,11 +86,8 @@ def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def _alive(pid: int) -> bool:
     """Whether a pod's owner still runs (a killed owner may linger as a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 class SshPod:
@@ -226,6 +223,14 @@ class SshPod:
         if host.process is None:
             return []
         return [_cmdline(pid) for pid in _descendants(host.process.pid)]
+
+    def cpu_seconds(self) -> float:
+        """CPU time the hosts have used so far: every sshd, its sessions and the commands
+        they ran, finished ones included (each counts in the parent that reaped it)."""
+        children = _children()
+        roots = [h.process.pid for h in self._hosts if h.process is not None]
+        pids = [*roots, *(p for root in roots for p in _descendants(root, children))]
+        return sum(cpu_seconds(pid) for pid in pids)
 
     def path(self, index: int, inside: str) -> Path:
         """Where a host's private /tmp or /root path lives on this machine."""
@@ -430,17 +435,31 @@ def _kill_tree(process: subprocess.Popen) -> None:
     process.wait(timeout=10)
 
 
-def _descendants(root: int) -> list[int]:
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat after the command name: state, ppid, ... (None once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of a process and of its children it has reaped."""
+    fields = _stat_fields(pid)
+    ticks = sum(int(f) for f in fields[11:15]) if fields else 0  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _children() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
+        if entry.isdigit() and (fields := _stat_fields(entry)):
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    return children
+
+
+def _descendants(root: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    children = _children() if children is None else children
     found, queue = [], [root]
     while queue:
         for child in children.get(queue.pop(), []):
