@@ -19,8 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -247,6 +245,9 @@ def free_port() -> int:
 
 
 def _answers(url: str) -> bool:
+    import urllib.error
+    import urllib.request  # here: ~20 ms that every command naming a node would pay
+
     try:
         urllib.request.urlopen(f"{url}/storage/v1/b?project=local", timeout=1).close()
         return True
