@@ -658,6 +658,40 @@ def test_http_429_from_the_tpu_api_is_waited_out_not_fatal(fake_tpu, tmp_path):
         assert isinstance(decide(sitter.state, observation, sitter.options), Wait)
 
 
+CLI_ONLY_READS = """
+import sys
+for name in ("fsspec", "gcsfs", "jax"):
+    sys.modules[name] = None  # as after `pip install tpuctl`, without the trainer's extra
+from tpuctl import storage
+from tpuctl.babysit import MetricsTail, read_done
+
+run = sys.argv[1]
+tail = MetricsTail(run)
+steps = lambda: [record["step"] for record in tail.poll()]
+before = (steps(), read_done(run))
+storage.upload_text(f"{run}/metrics.jsonl", '{"step": 1, "loss": 3.0}\\n{"step": 2, "loss": 2.')
+first = steps()  # step 2's line is still being written
+storage.upload_text(f"{run}/metrics.jsonl", '{"step": 1, "loss": 3.0}\\n{"step": 2, "loss": 2.5}\\n')
+grown = steps()
+storage.upload_text(f"{run}/metrics.jsonl", '{"step": 3, "loss": 2.0}\\n')
+recreated = steps()
+storage.upload_text(f"{run}/DONE", '{"step": 3, "final": {}, "wall_time_s": 1.0}')
+print(before, first, grown, recreated, read_done(run)["step"])
+"""
+
+
+def test_a_cli_only_install_reads_a_gs_run_dirs_metrics_and_done(gcs):
+    """babysit read a gs:// run directory through the trainer's gcsfs, which `pip install
+    tpuctl` does not bring: every look failed, so it never saw a step, a preemption or
+    the end. It reads through google-cloud-storage, new bytes only."""
+    run = "gs://test-bucket/runs/cli-only"
+    result = subprocess.run(
+        [sys.executable, "-c", CLI_ONLY_READS, run], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "([], None) [1] [2] [3] 3"
+
+
 def test_gcs_read_errors_on_metrics_and_done_are_waited_out(fake_tpu, tmp_path, monkeypatch):
     from tpuctl.babysit import MetricsTail
     from tpuctl.providers.local import free_port

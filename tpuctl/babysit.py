@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tpuctl import jobs
+from tpuctl import jobs, storage
 from tpuctl.babysit_policy import (
     Action,
     Adopt,
@@ -117,28 +117,32 @@ class MetricsTail:
         return records
 
     def _read_from(self, offset: int) -> bytes | None:
-        from trainer import io
-
-        if not io.exists(self.path):
+        # gs:// through google-cloud-storage, a CLI dependency: the trainer's gcsfs may not
+        # be installed where babysit runs (`pip install tpuctl` on a laptop).
+        found = storage.read_from(self.path, offset) if "://" in self.path else self._local(offset)
+        if found is None:
             return None
-        with io.open_file(self.path, "rb") as f:  # on gs://, a ranged read of the new bytes
-            size = f.seek(0, os.SEEK_END)
-            if size < offset:  # the file was recreated: start over
-                self.offset = offset = 0
-            f.seek(offset)
-            return f.read()
+        size, data = found
+        if size < offset:  # the file was recreated: start over
+            self.offset = 0
+            return self._read_from(0)
+        return data
+
+    def _local(self, offset: int) -> tuple[int, bytes] | None:
+        try:
+            with open(self.path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(min(offset, size))
+                return size, f.read()
+        except FileNotFoundError:
+            return None
 
 
 def read_done(run_dir: str) -> dict[str, Any] | None:
     """The run's DONE record, or None while it is not finished."""
     from tpuctl.jobs.runs import run_summary
 
-    if "://" in run_dir:
-        from trainer import io
-
-        path = f"{run_dir.rstrip('/')}/DONE"
-        return json.loads(io.read_text(path)) if io.exists(path) else None
-    return run_summary(run_dir)
+    return run_summary(run_dir, polling=True)
 
 
 # -- state files and the lease ---------------------------------------------------------
@@ -164,8 +168,6 @@ def remote_dir(settings: Settings, run_id: str) -> str | None:
     """The run's directory in GCS, next to its stored recipe, where the state and the
     lease are shared between machines. None for local pods (everything is on this
     machine) and when no bucket is configured."""
-    from tpuctl import storage
-
     bucket = settings.get("bucket")
     if settings.get("provider") == "local" or not bucket:
         return None
@@ -174,8 +176,6 @@ def remote_dir(settings: Settings, run_id: str) -> str | None:
 
 def load_state(run_id: str, remote_dir: str | None = None) -> BabysitState | None:
     """The newest saved state of a run: this machine's file, or the copy in GCS."""
-    from tpuctl import storage
-
     found = []
     path = local_state_path(run_id)
     if path.is_file():
@@ -733,8 +733,6 @@ class Babysitter:
             self.metrics = MetricsTail(self.state.run_dir)
 
     def _save(self) -> None:
-        from tpuctl import storage
-
         self.state.updated_at = self.clock()
         text = self.state.to_json()
         write_private(local_state_path(self.run_id), text)
@@ -778,7 +776,6 @@ def last_run(
 ) -> tuple[str, str, str, str]:
     """For `tpuctl babysit --preemptible` alone: the node's type and name, the run id of its
     latest run (worker 0's) and that run's stored recipe."""
-    from tpuctl import storage
     from tpuctl.hosts import hosts_for
     from tpuctl.jobs.runs import LOCAL_POD_BUCKET
     from tpuctl.providers import resolve_node

@@ -88,13 +88,46 @@ def upload_text(uri: str, text: str) -> None:
         raise TpuctlError(f"no permission to write {uri}: {err.message}", exit_code=1) from None
 
 
-def read_text(uri: str) -> str | None:
-    """The text of a gs:// object, or None when it does not exist."""
+# Reads that a poll repeats anyway (babysit's metrics and DONE) retry for seconds, not
+# google-cloud-storage's two minutes: an unreachable bucket shows in the next poll's view
+# instead of holding up the babysitter's look at the node.
+POLL_RETRY_S = 5.0
+
+
+def _retry(polling: bool) -> Any:
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY.with_timeout(POLL_RETRY_S) if polling else DEFAULT_RETRY
+
+
+def read_text(uri: str, polling: bool = False) -> str | None:
+    """The text of a gs:// object, or None when it does not exist (`polling`: give up
+    after POLL_RETRY_S of retries)."""
     from google.api_core import exceptions
 
     bucket_id, path = split_uri(uri)
     try:
-        return _client().bucket(bucket_id).blob(path).download_as_text()
+        return _client().bucket(bucket_id).blob(path).download_as_text(retry=_retry(polling))
+    except exceptions.NotFound:
+        return None
+
+
+def read_from(uri: str, start: int) -> tuple[int, bytes] | None:
+    """(the object's size, its bytes from `start` on): a ranged read of what a growing
+    gs:// object gained since `start`, retried as a poll's read is; b"" when it has not
+    grown or is now shorter than `start`. None when it does not exist."""
+    from google.api_core import exceptions
+
+    bucket_id, path = split_uri(uri)
+    try:
+        found = _client().bucket(bucket_id).get_blob(path, retry=_retry(polling=True))
+        if found is None:
+            return None
+        size = found.size or 0
+        if size <= start:
+            return size, b""
+        # found.generation pins the read to the version whose size was just read
+        return size, found.download_as_bytes(start=start, retry=_retry(polling=True))
     except exceptions.NotFound:
         return None
 

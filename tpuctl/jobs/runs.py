@@ -252,11 +252,12 @@ def _with_process_ids(hosts: list[Host]) -> list[Host]:
     ]
 
 
-def run_summary(run_dir: str) -> dict[str, Any] | None:
-    """The trainer's DONE record ({step, final, wall_time_s}) of a finished run, or None."""
+def run_summary(run_dir: str, polling: bool = False) -> dict[str, Any] | None:
+    """The trainer's DONE record ({step, final, wall_time_s}) of a finished run, or None
+    (`polling`: a gs:// read gives up after storage.POLL_RETRY_S)."""
     done = f"{run_dir.rstrip('/')}/DONE"
     if "://" in done:
-        text = storage.read_text(done)
+        text = storage.read_text(done, polling)
     else:
         path = Path(done)
         text = path.read_text() if path.is_file() else None
