@@ -635,16 +635,18 @@ def test_a_ctrl_c_in_a_finaliser_still_stops_the_babysitter_and_frees_its_lease(
     GcsLease(sitter.lease.uri, sitter.lease_ttl_s).claim("run obs")  # free for the next one
 
 
-def test_a_second_ctrl_c_interrupts_the_babysitter_at_once():
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_ctrl_c_or_sigterm_interrupts_the_babysitter_at_once(signum):
     from tpuctl.babysit import stop_on_signals
 
     stopping = threading.Event()
+    before = signal.getsignal(signum)
     with stop_on_signals(stopping):
-        signal.raise_signal(signal.SIGINT)  # the first asks it to stop at its next look
+        signal.raise_signal(signum)  # the first asks it to stop at its next look
         assert stopping.is_set()
         with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            signal.raise_signal(signum)
+    assert signal.getsignal(signum) is before
 
 
 def test_http_429_from_the_tpu_api_is_waited_out_not_fatal(fake_tpu, tmp_path):
