@@ -329,8 +329,8 @@ class Babysitter:
         self._last_note: str | None = None
         self._api_down = False
         self._user_storage_env = {name: os.environ.get(name) for name in STORAGE_ENV}
-        # Set by stop_on_signals (Ctrl-C, SIGTERM): the loop raises KeyboardInterrupt at
-        # its next look, wait or progress report.
+        # Set by stop_on_signals (Ctrl-C, SIGTERM): _check_stopping raises KeyboardInterrupt
+        # at the loop's next look, wait or progress report.
         self.stopping = threading.Event()
         # --env, then every env value of the first launch: stored recipes keep names only.
         self._run_env = dict(options.env)
@@ -378,8 +378,8 @@ class Babysitter:
                 while not self.cycle():
                     self._save()
                     self.on_update(self.state, self.view)
-                    if self.stopping.wait(self.options.poll_s):
-                        raise KeyboardInterrupt
+                    self.stopping.wait(self.options.poll_s)  # returns at once on a signal
+                    self._check_stopping()
                 self.on_update(self.state, self.view)
                 return self.state
         finally:
