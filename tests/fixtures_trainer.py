@@ -81,3 +81,11 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, s
 @pytest.fixture
 def tiny_recipe() -> Path:
     return TINY_RECIPE
+
+
+def assert_all_exited_0(results: list[tuple[int, str]]) -> None:
+    """Fail naming the first process that did not exit 0, with the end of its own output."""
+    for index, (code, output) in enumerate(results):
+        assert code == 0, (
+            f"process {index} exited {code} (all: {[c for c, _ in results]}):\n{output[-3000:]}"
+        )

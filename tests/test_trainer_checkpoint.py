@@ -333,7 +333,7 @@ def test_killed_process_ends_the_others_naming_it(tmp_path):
     exits = _exit_times(workers)
     for index in (0, 1, 3):
         assert exits[index] - killed_at < 60
-        assert workers[index].process.returncode == EXIT_PEER_LOST
+        assert workers[index].process.returncode == EXIT_PEER_LOST, workers[index].stderr()[-3000:]
         err = workers[index].stderr()
         assert (
             f"error: process 2 of 4 stopped (no heartbeat for 20 s); stopping process {index} too"

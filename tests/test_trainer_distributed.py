@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from tests.fixtures_trainer import REPO, TINY_RECIPE
+from tests.fixtures_trainer import REPO, TINY_RECIPE, free_port, trainer_env, wait_all
 from trainer.config import MeshConfig
 from trainer.distributed import CPU_DEVICES_FLAG, cpu_devices_flags
 
@@ -43,3 +43,41 @@ def test_the_tiny_recipe_trains_on_a_plain_machine_without_xla_flags(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in done.stdout + done.stderr
     assert (tmp_path / "run" / "DONE").is_file()
+
+
+LEAVE_SLOWLY = """
+import sys, time, jax
+from trainer import distributed
+distributed.initialize()
+if jax.process_index() == 1:  # a loaded worker: still disconnecting when process 0 is done
+    shutdown = jax.distributed.shutdown
+    jax.distributed.shutdown = lambda: (time.sleep(3), shutdown())
+distributed.finish()
+print("left", flush=True)
+"""
+
+
+def test_process_0_leaves_a_normal_finish_after_a_slow_process_has_disconnected(tmp_path):
+    # Process 0 hosts jax's coordination service; one that left at once aborted process 1
+    # ("Terminating process because the JAX distributed service detected fatal errors").
+    port = free_port()
+    workers = []
+    for index in range(3):
+        env = trainer_env(1, PYTHONUNBUFFERED="1")
+        env |= {
+            "TPUCTL_COORDINATOR": f"127.0.0.1:{port}",
+            "TPUCTL_NUM_PROCESSES": "3",
+            "TPUCTL_PROCESS_ID": str(index),
+        }
+        workers.append(
+            subprocess.Popen(
+                [sys.executable, "-c", LEAVE_SLOWLY],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    for index, (code, output) in enumerate(wait_all(workers, timeout=120)):
+        assert code == 0 and "left" in output, f"process {index} exited {code}:\n{output[-3000:]}"

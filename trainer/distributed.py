@@ -124,23 +124,44 @@ def initialize() -> None:
 def finish() -> None:
     """Leave the pod after the run ended normally (done, or stopped on SIGTERM): stop
     watching, meet the others, and let process 0, which hosts jax's coordination service,
-    leave last, so that no process takes another's normal exit for a death."""
+    leave last, so that no process takes another's normal exit for a death (a process still
+    disconnecting when the service goes away is aborted by jax)."""
     import jax
 
     client = _client()
     if client is None or not _watch:
         return
     _watch[0].stopped.set()
-    timeout_ms = 2000 * _heartbeat_timeout_s()
-    with contextlib.suppress(Exception):  # a peer gone by now: nothing left to wait for
-        client.wait_at_barrier("tpuctl/finish", timeout_ms)
-        if jax.process_index() != 0:
+    timeout_s = 2 * _heartbeat_timeout_s()
+    try:
+        client.wait_at_barrier("tpuctl/finish", timeout_s * 1000)
+    except Exception:  # a peer gone by now, or the coordinator: nothing left to wait for
+        return
+    if jax.process_index() != 0:
+        with contextlib.suppress(Exception):
             jax.distributed.shutdown()
-            return
-        others = list(range(1, jax.process_count()))
-        deadline = time.monotonic() + timeout_ms / 1000
-        while client.get_live_nodes(others) and time.monotonic() < deadline:
-            time.sleep(0.05)
+    else:
+        _wait_until_alone(client, jax.process_count(), timeout_s)
+
+
+def _wait_until_alone(client, count: int, timeout_s: float) -> None:
+    """Wait until every other process has disconnected (or died), at most `timeout_s`.
+
+    jax's get_live_nodes is a barrier of the live processes, which must include the caller:
+    it returns once each other one has either called it too or left. After `finish` the
+    others only leave, but their PodWatch may have called it just before it stopped, so one
+    call can return at once with them still there; it is called until it names only this
+    process. It has no timeout of its own, hence the thread."""
+    alone = threading.Event()
+
+    def wait() -> None:
+        with contextlib.suppress(Exception):  # the others gone by now, at worst
+            while len(client.get_live_nodes(list(range(count)))) > 1:
+                pass
+        alone.set()
+
+    threading.Thread(target=wait, name="wait-for-others", daemon=True).start()
+    alone.wait(timeout_s)
 
 
 def _client():
@@ -151,8 +172,12 @@ def _client():
 
 
 def _exit(message: str, status: int) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    _print_error(message)
     os._exit(status)  # other threads (orbax's savers, collectives) may be blocked for good
+
+
+def _print_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 def fail_everywhere(message: str, status: int) -> NoReturn:
@@ -171,20 +196,26 @@ def fail_everywhere(message: str, status: int) -> NoReturn:
     _leave(client, message, status)
 
 
-def _leave(client, message: str, status: int) -> NoReturn:
+def _leave(client, message: str, status: int, leaving: int | None = None) -> NoReturn:
+    """Exit with `error: message` as one of `leaving` processes that are ending the run
+    together. Process 0 hosts jax's coordination service, and a process still connected when
+    it goes away is aborted by jax (a C++ stack trace instead of the line), so the others
+    acknowledge in its key-value store just before they exit and process 0 waits for their
+    acknowledgements (at most 30 s). `leaving` defaults to every process."""
     import jax
 
-    index, count = jax.process_index(), jax.process_count()
+    index, leaving = jax.process_index(), leaving or jax.process_count()
+    _print_error(message)  # before the acknowledgement, after which process 0 may be gone
     with contextlib.suppress(Exception):
         client.key_value_set(f"{_ACK_DIR}{index}", "1")
     if index == 0:
         deadline = time.monotonic() + _ACK_TIMEOUT_S
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):
-                if len(client.key_value_dir_get(_ACK_DIR)) >= count:
+                if len(client.key_value_dir_get(_ACK_DIR)) >= leaving:
                     break
             time.sleep(0.1)
-    _exit(message, status)
+    os._exit(status)  # other threads (orbax's savers, collectives) may be blocked for good
 
 
 def crash(error: BaseException) -> NoReturn:
@@ -240,10 +271,12 @@ class PodWatch(threading.Thread):
                 )
             if (dead := sorted(set(everyone) - set(live))) and not self.stopped.is_set():
                 names = ", ".join(map(str, dead))
-                _exit(
+                _leave(
+                    client,
                     f"process {names} of {self.count} stopped (no heartbeat for "
                     f"{self.heartbeat_timeout_s} s); stopping process {self.index} too",
                     EXIT_PEER_LOST,
+                    leaving=self.count - len(dead),
                 )
 
 
