@@ -430,6 +430,47 @@ def test_a_relative_tokenizer_path_is_recorded_absolute_for_export(tmp_path, mon
     assert tokenizer == str(tmp_path / "recipes/data/t.model")
 
 
+def _recorded(directory: str, width: int, objective: str | None = "lm"):
+    """A Checkpointer recording a model of `width` and `objective`, as the trainer makes it."""
+    from trainer.checkpoint import Checkpointer
+    from trainer.config import ModelConfig
+
+    cfg = CheckpointConfig(every_steps=1, async_save=False)
+    return Checkpointer(directory, cfg, model=ModelConfig(dim=width), objective=objective)
+
+
+def test_a_recipe_that_cannot_resume_a_run_leaves_its_model_record_alone(local_dir):
+    from trainer.checkpoint import CheckpointError, read_model_info
+
+    with _recorded(local_dir, width=4) as checkpointer:
+        checkpointer.save(_state(1, width=4))
+    with _recorded(local_dir, width=8) as checkpointer:  # the recipe changed the model
+        with pytest.raises(CheckpointError, match="cannot be loaded"):
+            checkpointer.restore(_abstract(width=8))
+    assert read_model_info(local_dir)[0].dim == 4  # export still rebuilds the saved model
+    with _recorded(local_dir, width=4) as checkpointer:
+        assert int(checkpointer.restore(_abstract(width=4)).step) == 1
+
+
+def test_a_run_is_not_resumed_under_another_objective(local_dir):
+    from trainer.checkpoint import CheckpointError
+
+    with _recorded(local_dir, width=4, objective="lm") as checkpointer:
+        checkpointer.save(_state(3, width=4))
+    with _recorded(local_dir, width=4, objective="dpo") as checkpointer:
+        with pytest.raises(CheckpointError) as refused:
+            checkpointer.restore(_abstract(width=4))
+    assert str(refused.value) == (
+        f"{local_dir} holds checkpoints of an objective 'lm' run (newest step 3) and this "
+        "recipe's objective is 'dpo': set a new run_dir (to start from that run's weights, "
+        "export them with `python -m trainer.export` and set model.init_from to the export)"
+    )
+    with _recorded(local_dir, width=4, objective="lm") as checkpointer:
+        assert int(checkpointer.restore(_abstract(width=4)).step) == 3
+    with _recorded(local_dir, width=4, objective=None) as checkpointer:  # recorded by no one
+        assert int(checkpointer.restore(_abstract(width=4)).step) == 3
+
+
 def test_keep_last_k_plus_milestones(local_dir):
     with _checkpointer(local_dir, every_steps=2, keep=2, milestone_every=5) as checkpointer:
         for step in range(1, 13):

@@ -71,16 +71,21 @@ class Checkpointer:
         *,
         model: ModelConfig | None = None,
         tokenizer_path: str | None = None,
+        objective: str | None = None,
     ):
-        """`model` and `tokenizer_path`, when given, are recorded beside the checkpoints so that
-        `python -m trainer.export` can rebuild a Hugging Face directory from the run alone."""
+        """`model`, `tokenizer_path` and `objective`, when given, are recorded beside the
+        checkpoints so that `python -m trainer.export` can rebuild a Hugging Face directory from
+        the run alone, and a resume under another objective is refused. Beside committed
+        checkpoints they are recorded only once `restore` has accepted them: a recipe that
+        cannot resume the run must not rewrite what the run's checkpoints are."""
         directory = io.absolute(directory)
         io.makedirs(directory)
-        if model is not None and jax.process_index() == 0:
+        self._info: dict | None = None
+        if model is not None:
             # absolute: export runs from anywhere, not only where the trainer was started
             tokenizer = io.absolute(tokenizer_path) if tokenizer_path else None
             info = {"model": dataclasses.asdict(model), "tokenizer": tokenizer}
-            io.write_text(io.join(directory, MODEL_INFO_FILE), json.dumps(info, indent=1) + "\n")
+            self._info = info | ({"objective": objective} if objective else {})
         self.directory = directory
         self.cfg = cfg
         self._manager = ocp.CheckpointManager(directory, options=self._options(cfg))
@@ -94,6 +99,27 @@ class Checkpointer:
         self._watchdog: threading.Thread | None = None
         self._save_errors = _SaveErrors(lambda: self._save_started is not None)
         _quiet_orbax_teardown()
+        if self.latest_step is None:
+            self._record_info()
+
+    def _record_info(self) -> None:
+        if self._info is not None and jax.process_index() == 0:
+            text = json.dumps(self._info, indent=1) + "\n"
+            io.write_text(io.join(self.directory, MODEL_INFO_FILE), text)
+
+    def _check_objective(self, step: int) -> None:
+        """Refuse to resume a run trained under another objective: its step count and optimizer
+        state would carry on under a different loss, and its checkpoints be replaced."""
+        ours = (self._info or {}).get("objective")
+        path = io.join(self.directory, MODEL_INFO_FILE)
+        theirs = json.loads(io.read_text(path)).get("objective") if io.exists(path) else None
+        if ours and theirs and ours != theirs:
+            raise CheckpointError(
+                f"{self.directory} holds checkpoints of an objective '{theirs}' run (newest step "
+                f"{step}) and this recipe's objective is '{ours}': set a new run_dir (to start "
+                "from that run's weights, export them with `python -m trainer.export` and set "
+                "model.init_from to the export)"
+            )
 
     @staticmethod
     def _options(cfg: CheckpointConfig) -> ocp.CheckpointManagerOptions:
@@ -124,6 +150,7 @@ class Checkpointer:
         step = self.latest_step
         if step is None:
             return None
+        self._check_objective(step)
         try:
             state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except Exception as e:
@@ -133,6 +160,7 @@ class Checkpointer:
                 "away to resume from an earlier one (it was not treated as 'no checkpoint')"
             ) from e
         self._last_save_time = time.monotonic()
+        self._record_info()
         if jax.process_index() == 0:
             print(f"trainer: resuming from checkpoint step {step} in {self.directory}", flush=True)
         return state

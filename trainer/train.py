@@ -396,6 +396,7 @@ def train(recipe: Recipe) -> int:
         recipe.checkpoint,
         model=recipe.model,  # recorded for `python -m trainer.export`
         tokenizer_path=recipe.tokenizer.path,
+        objective=recipe.objective.name,
     )
     try:
         restored = checkpointer.restore(jax.tree_util.tree_map(_abstract, run.state))
