@@ -35,7 +35,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.trainer_throughput import SIZES, OurStep, PeerStep, best_settings, make_recipe
+from benchmarks.trainer_throughput import (
+    SIZES,
+    OurStep,
+    PeerStep,
+    add_allocator_argument,
+    add_cpu_dots_argument,
+    best_settings,
+    make_recipe,
+    use_allocator,
+    use_cpu_dots,
+)
 from trainer.config import PRESETS, ModelConfig, ObjectiveConfig
 
 SIZES = {**SIZES, "tiny": replace(ModelConfig(), **PRESETS["tiny"])}
@@ -155,10 +165,14 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=positive, default=5)
     parser.add_argument("--steps", type=positive, default=2, help="steps per timed round")
+    add_cpu_dots_argument(parser)
+    add_allocator_argument(parser)
     parser.add_argument("--json", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     if args.seq_len < 2:
         parser.error("--seq-len: at least 2 tokens (a prompt and a response token)")
+    use_allocator(args.allocator)
+    xla_flags = use_cpu_dots(args.cpu_dots)
 
     load_before = load_average("before the run")
     import jax
@@ -194,6 +208,8 @@ def main() -> None:
         "seq_len": args.seq_len,
         "objective": "dpo sigmoid, beta 0.1, frozen reference",
         "settings": settings,
+        "xla_flags": xla_flags,
+        "allocator": args.allocator,
         "cpus": os.cpu_count(),
         "load_average_before": load_before,
         "load_average_after": load_average("after the run"),
