@@ -39,12 +39,10 @@ from benchmarks.trainer_throughput import (
     SIZES,
     OurStep,
     PeerStep,
-    add_allocator_argument,
-    add_cpu_dots_argument,
+    add_cpu_arguments,
+    apply_cpu_arguments,
     best_settings,
     make_recipe,
-    use_allocator,
-    use_cpu_dots,
 )
 from trainer.config import PRESETS, ModelConfig, ObjectiveConfig
 
@@ -165,14 +163,12 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=positive, default=5)
     parser.add_argument("--steps", type=positive, default=2, help="steps per timed round")
-    add_cpu_dots_argument(parser)
-    add_allocator_argument(parser)
+    add_cpu_arguments(parser)
     parser.add_argument("--json", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     if args.seq_len < 2:
         parser.error("--seq-len: at least 2 tokens (a prompt and a response token)")
-    use_allocator(args.allocator)
-    xla_flags = use_cpu_dots(args.cpu_dots)
+    xla_flags = apply_cpu_arguments(args)
 
     load_before = load_average("before the run")
     import jax

@@ -60,15 +60,6 @@ def best_settings(platform: str, n_layers: int) -> dict:
 CPU_DOTS_FLAGS = {"ynnpack": "--xla_cpu_experimental_ynn_fusion_type=dot", "xla": ""}
 
 
-def add_cpu_dots_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--cpu-dots",
-        choices=sorted(CPU_DOTS_FLAGS),
-        default="ynnpack",
-        help="the CPU's matmul kernels: YNNPACK (default) or XLA's own codegen",
-    )
-
-
 def use_cpu_dots(choice: str) -> str:
     """Add `choice`'s flag to XLA_FLAGS (call before jax starts) and return XLA_FLAGS."""
     flags = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), CPU_DOTS_FLAGS[choice]) if f)
@@ -86,13 +77,26 @@ ALLOCATORS = {
 }
 
 
-def add_allocator_argument(parser: argparse.ArgumentParser) -> None:
+def add_cpu_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cpu-dots and --allocator, for `apply_cpu_arguments`."""
+    parser.add_argument(
+        "--cpu-dots",
+        choices=sorted(CPU_DOTS_FLAGS),
+        default="ynnpack",
+        help="the CPU's matmul kernels: YNNPACK (default) or XLA's own codegen",
+    )
     parser.add_argument(
         "--allocator",
         choices=sorted(ALLOCATORS),
         default="tcmalloc",
         help="malloc for both sides: tcmalloc (default; apt install libtcmalloc-minimal4) or glibc's",
     )
+
+
+def apply_cpu_arguments(args: argparse.Namespace) -> str:
+    """Put --allocator and --cpu-dots in force (before jax starts); returns XLA_FLAGS."""
+    use_allocator(args.allocator)
+    return use_cpu_dots(args.cpu_dots)
 
 
 def use_allocator(choice: str) -> None:
@@ -242,13 +246,11 @@ def main() -> None:
     parser.add_argument(
         "--remat", choices=REMAT_POLICIES, default=None, help="model.remat (default: none)"
     )
-    add_cpu_dots_argument(parser)
-    add_allocator_argument(parser)
+    add_cpu_arguments(parser)
     parser.add_argument("--no-peer", action="store_true", help="skip the HF/torch peer")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
-    use_allocator(args.allocator)
-    xla_flags = use_cpu_dots(args.cpu_dots)
+    xla_flags = apply_cpu_arguments(args)
 
     import jax
 
