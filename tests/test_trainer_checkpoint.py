@@ -444,9 +444,9 @@ def test_a_recipe_that_cannot_resume_a_run_leaves_its_model_record_alone(local_d
 
     with _recorded(local_dir, width=4) as checkpointer:
         checkpointer.save(_state(1, width=4))
-    with _recorded(local_dir, width=8) as checkpointer:  # the recipe changed the model
-        with pytest.raises(CheckpointError, match="cannot be loaded"):
-            checkpointer.restore(_abstract(width=8))
+    changed = _recorded(local_dir, width=8)  # the recipe changed the model
+    with changed as checkpointer, pytest.raises(CheckpointError, match="cannot be loaded"):
+        checkpointer.restore(_abstract(width=8))
     assert read_model_info(local_dir)[0].dim == 4  # export still rebuilds the saved model
     with _recorded(local_dir, width=4) as checkpointer:
         assert int(checkpointer.restore(_abstract(width=4)).step) == 1
@@ -457,9 +457,9 @@ def test_a_run_is_not_resumed_under_another_objective(local_dir):
 
     with _recorded(local_dir, width=4, objective="lm") as checkpointer:
         checkpointer.save(_state(3, width=4))
-    with _recorded(local_dir, width=4, objective="dpo") as checkpointer:
-        with pytest.raises(CheckpointError) as refused:
-            checkpointer.restore(_abstract(width=4))
+    dpo = _recorded(local_dir, width=4, objective="dpo")
+    with dpo as checkpointer, pytest.raises(CheckpointError) as refused:
+        checkpointer.restore(_abstract(width=4))
     assert str(refused.value) == (
         f"{local_dir} holds checkpoints of an objective 'lm' run (newest step 3) and this "
         "recipe's objective is 'dpo': set a new run_dir (to start from that run's weights, "
