@@ -53,7 +53,8 @@ if jax.process_index() == 1:  # a loaded worker: still disconnecting when proces
     shutdown = jax.distributed.shutdown
     jax.distributed.shutdown = lambda: (time.sleep(3), shutdown())
 distributed.finish()
-print("left", flush=True)
+# A watch thread still inside a jax call at exit can abort the process as Python finalizes.
+print("left, watch still running" if distributed._watch[0].is_alive() else "left", flush=True)
 """
 
 
@@ -80,4 +81,5 @@ def test_process_0_leaves_a_normal_finish_after_a_slow_process_has_disconnected(
             )
         )
     for index, (code, output) in enumerate(wait_all(workers, timeout=120)):
-        assert code == 0 and "left" in output, f"process {index} exited {code}:\n{output[-3000:]}"
+        last = output.strip().splitlines()[-1] if output.strip() else ""
+        assert code == 0 and last == "left", f"process {index} exited {code}:\n{output[-3000:]}"

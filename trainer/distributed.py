@@ -131,17 +131,22 @@ def finish() -> None:
     client = _client()
     if client is None or not _watch:
         return
-    _watch[0].stopped.set()
+    watch = _watch[0]
+    watch.stopped.set()
     timeout_s = 2 * _heartbeat_timeout_s()
     try:
         client.wait_at_barrier("tpuctl/finish", timeout_s * 1000)
+        if jax.process_index() != 0:
+            with contextlib.suppress(Exception):
+                jax.distributed.shutdown()
+        else:
+            _wait_until_alone(client, jax.process_count(), timeout_s)
     except Exception:  # a peer gone by now, or the coordinator: nothing left to wait for
-        return
-    if jax.process_index() != 0:
-        with contextlib.suppress(Exception):
-            jax.distributed.shutdown()
-    else:
-        _wait_until_alone(client, jax.process_count(), timeout_s)
+        pass
+    # The watch may be inside a jax call that returns once the others have left; woken there
+    # while Python finalizes, a daemon thread aborts the process ("FATAL: exception not
+    # rethrown"), so it must be out before this process exits.
+    watch.join(timeout_s)
 
 
 def _wait_until_alone(client, count: int, timeout_s: float) -> None:
