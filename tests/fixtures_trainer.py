@@ -40,6 +40,15 @@ def launch_trainer(
     args: list[str], processes: int, devices_per_process: int, cwd: Path, **extra_env: str
 ) -> list[subprocess.Popen]:
     """Start `python -m trainer ARGS` as `processes` jax.distributed processes (or one plain one)."""
+    command = [sys.executable, "-m", "trainer", *args]
+    return launch_processes(command, processes, devices_per_process, cwd, **extra_env)
+
+
+def launch_processes(
+    command: list[str], processes: int, devices_per_process: int, cwd: Path, **extra_env: str
+) -> list[subprocess.Popen]:
+    """Start `command` as `processes` jax.distributed processes joined as tpuctl joins them
+    (TPUCTL_COORDINATOR and friends), or as one plain process."""
     port = free_port()
     procs = []
     for index in range(processes):
@@ -52,7 +61,7 @@ def launch_trainer(
             }
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "trainer", *args],
+                command,
                 cwd=cwd,
                 env=env,
                 stdout=subprocess.PIPE,

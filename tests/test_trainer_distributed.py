@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from tests.fixtures_trainer import REPO, TINY_RECIPE, free_port, trainer_env, wait_all
+from tests.fixtures_trainer import REPO, TINY_RECIPE, launch_processes, wait_all
 from trainer.config import MeshConfig
 from trainer.distributed import CPU_DEVICES_FLAG, cpu_devices_flags
 
@@ -61,25 +61,8 @@ print("left, watch still running" if distributed._watch[0].is_alive() else "left
 def test_process_0_leaves_a_normal_finish_after_a_slow_process_has_disconnected(tmp_path):
     # Process 0 hosts jax's coordination service; one that left at once aborted process 1
     # ("Terminating process because the JAX distributed service detected fatal errors").
-    port = free_port()
-    workers = []
-    for index in range(3):
-        env = trainer_env(1, PYTHONUNBUFFERED="1")
-        env |= {
-            "TPUCTL_COORDINATOR": f"127.0.0.1:{port}",
-            "TPUCTL_NUM_PROCESSES": "3",
-            "TPUCTL_PROCESS_ID": str(index),
-        }
-        workers.append(
-            subprocess.Popen(
-                [sys.executable, "-c", LEAVE_SLOWLY],
-                cwd=tmp_path,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
+    command = [sys.executable, "-c", LEAVE_SLOWLY]
+    workers = launch_processes(command, 3, 1, tmp_path, PYTHONUNBUFFERED="1")
     for index, (code, output) in enumerate(wait_all(workers, timeout=120)):
         last = output.strip().splitlines()[-1] if output.strip() else ""
         assert code == 0 and last == "left", f"process {index} exited {code}:\n{output[-3000:]}"

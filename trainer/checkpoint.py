@@ -111,8 +111,7 @@ class Checkpointer:
         """Refuse to resume a run trained under another objective: its step count and optimizer
         state would carry on under a different loss, and its checkpoints be replaced."""
         ours = (self._info or {}).get("objective")
-        path = io.join(self.directory, MODEL_INFO_FILE)
-        theirs = json.loads(io.read_text(path)).get("objective") if io.exists(path) else None
+        theirs = (_recorded_info(self.directory) or {}).get("objective")
         if ours and theirs and ours != theirs:
             raise CheckpointError(
                 f"{self.directory} holds checkpoints of an objective '{theirs}' run (newest step "
@@ -366,13 +365,19 @@ def _host_step(state: Any) -> int:
 
 def read_model_info(directory: str) -> tuple[ModelConfig, str | None]:
     """The ModelConfig and tokenizer path a Checkpointer recorded in `directory`."""
-    path = io.join(directory, MODEL_INFO_FILE)
-    if not io.exists(path):
+    info = _recorded_info(directory)
+    if info is None:
         raise CheckpointError(
-            f"{path} not found: this run did not record its model config; pass --recipe RECIPE"
+            f"{io.join(directory, MODEL_INFO_FILE)} not found: this run did not record its "
+            "model config; pass --recipe RECIPE"
         )
-    info = json.loads(io.read_text(path))
     return ModelConfig(**info["model"]), info.get("tokenizer")
+
+
+def _recorded_info(directory: str) -> dict | None:
+    """What a Checkpointer recorded beside the checkpoints in `directory`, None if nothing."""
+    path = io.join(directory, MODEL_INFO_FILE)
+    return json.loads(io.read_text(path)) if io.exists(path) else None
 
 
 def load_params(directory: str, step: int | None = None) -> tuple[int, Any]:
