@@ -3,11 +3,18 @@ copies the same way SFTP does (tests/test_fanout.py covers hosts with SFTP)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sysconfig
+import tarfile
+from pathlib import Path
+
 import paramiko
 import pytest
 
 from tests.fixtures_pod import pod_hosts
-from tpuctl.fanout import get, put, run
+from tpuctl.fanout import get, put, run, transfer
 
 pytestmark = pytest.mark.pod
 
@@ -80,3 +87,76 @@ def test_get_skips_symlinks_inside_the_tree_and_follows_the_named_one(hosts, tmp
     )
     assert copied == 1 and (target / "sub" / "a").read_text() == "a\n"
     assert skipped == ["linked/passwd"] and not (target / "passwd").exists()
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o755, 0o4755, 0o2775, 0o666, 0o500, 0o700, 0o1777, 0o070])
+def test_the_fallback_gives_a_file_the_mode_and_owner_of_tarfiles_data_filter(mode, tmp_path):
+    # Python before 3.11.4 has no extraction filters; transfer then applies the data filter's
+    # rules itself. Here, on a Python that has the filter, the two must agree.
+    member = tarfile.TarInfo("tree/file")
+    member.mode, member.uid, member.uname = mode, 4321, "someone"
+    want = tarfile.data_filter(member, str(tmp_path))
+    got = transfer._as_data(member)
+    assert oct(got.mode) == oct(want.mode)
+    assert (got.uid, got.uname) == (os.getuid(), "") and want.uid is None
+
+
+def test_the_fallback_keeps_directories_plain_and_refuses_special_files(tmp_path):
+    directory = tarfile.TarInfo("tree")
+    directory.type, directory.mode = tarfile.DIRTYPE, 0o7777
+    assert tarfile.data_filter(directory, str(tmp_path)).mode is None  # left to the umask
+    assert transfer._as_data(directory).mode == 0o755
+    for kind in (tarfile.FIFOTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE):
+        special = tarfile.TarInfo("tree/special")
+        special.type = kind
+        with pytest.raises(tarfile.FilterError):
+            tarfile.data_filter(special, str(tmp_path))
+        with pytest.raises(transfer.RefusedMember, match="'tree/special' is a special file"):
+            transfer._as_data(special)
+
+
+def _python_without_tar_filters() -> str | None:
+    """A Python 3.11 before 3.11.4 on this machine (Debian 12's is 3.11.2), if any."""
+    probe = "import sys, tarfile; sys.exit(sys.version_info[:2] != (3, 11) or hasattr(tarfile, 'data_filter'))"
+    for python in ("/usr/bin/python3.11", "/usr/bin/python3"):
+        if Path(python).exists() and subprocess.run([python, "-c", probe]).returncode == 0:
+            return python
+    return None
+
+
+GET_SCRIPT = """
+import json, sys
+from pathlib import Path
+from tpuctl.fanout import get
+from tpuctl.fanout.base import Host
+host = Host(**json.loads(sys.argv[1]))
+for remote in ("plain", "with-fifo"):
+    result = get([host], remote, Path(sys.argv[2]) / remote)[0]
+    print(json.dumps([result.exit_code, result.stdout, result.stderr]))
+"""
+
+
+def test_get_through_tar_works_on_a_python_without_extraction_filters(hosts, tmp_path):
+    python = _python_without_tar_filters()
+    if python is None:
+        pytest.skip("no Python 3.11.0 to 3.11.3 on this machine")
+    made = run(
+        hosts[:1],
+        "mkdir -p plain/sub with-fifo && echo hi > plain/sub/tool && chmod 4757 plain/sub/tool"
+        " && echo x > with-fifo/a && mkfifo with-fifo/pipe",
+    )
+    assert made[0].ok, made[0].stderr
+    host = {k: v for k, v in hosts[0].__dict__.items() if k not in ("jump", "env")}
+    paths = os.pathsep.join([sysconfig.get_paths()["purelib"], str(Path(__file__).parents[1])])
+    done = subprocess.run(
+        [python, "-c", GET_SCRIPT, json.dumps(host), str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": paths},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain, with_fifo = (json.loads(line) for line in done.stdout.splitlines())
+    assert plain[:2] == [0, f"1 file -> {tmp_path / 'plain' / 'w00' / 'plain'}"], plain
+    tool = tmp_path / "plain" / "w00" / "plain" / "sub" / "tool"
+    assert tool.read_text() == "hi\n" and oct(tool.stat().st_mode & 0o7777) == oct(0o755)
+    assert with_fifo[0] == 1 and "'with-fifo/pipe' is a special file" in with_fifo[2], with_fifo

@@ -8,6 +8,8 @@ ConnectionError, never as a paramiko exception.
 
 from __future__ import annotations
 
+import copy
+import os
 import posixpath
 import shlex
 import tarfile
@@ -138,15 +140,52 @@ def _get_tar(transport: paramiko.Transport, remote: str, local: Path, skipped: l
                     skipped.append(posixpath.join(remote, *parts))
                     continue
                 member.name = posixpath.join(local.name, *parts)
-                # The data filter also refuses devices and anything leading out of local.parent.
-                tar.extract(member, local.parent, filter="data")
+                _extract(tar, member, local.parent)
                 files += member.isfile()
-    except tarfile.FilterError as err:
+    except _REFUSED as err:
         raise OSError(None, str(err), remote) from None
     except tarfile.ReadError:
         pass  # an empty stream: tar failed before writing, and _finish says why
     _finish(channel, remote)
     return files
+
+
+class RefusedMember(tarfile.TarError):
+    """A tar member the data filter's rules refuse, on a Python without tarfile's filters."""
+
+
+# tarfile.FilterError is Python 3.11.4's and later; `_as_data` raises RefusedMember before.
+_REFUSED = (RefusedMember, getattr(tarfile, "FilterError", RefusedMember))
+
+
+def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, destination: Path) -> None:
+    """Extract `member` under `destination` through tarfile's "data" filter, which refuses
+    devices and anything leading out of `destination`. Python 3.11.4 added extraction filters;
+    on the 3.11 releases before it (Debian 12 ships 3.11.2) `_as_data` applies the data
+    filter's rules to the files and directories this stream can hold."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extract(member, destination, filter="data")
+    else:
+        tar.extract(_as_data(member), destination)
+
+
+def _as_data(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    """A copy of `member` as tarfile.data_filter would extract it: no set-id or sticky bits
+    and no group or other write; a file readable and writable by its owner, and executable by
+    others only if by its owner; owned by whoever extracts it. Devices and fifos are refused.
+    (Names need no check here: `_member_parts` built them.)"""
+    if not (member.isfile() or member.isdir()):
+        raise RefusedMember(f"{member.name!r} is a special file")
+    safe = copy.copy(member)
+    safe.mode = member.mode & 0o755
+    if member.isfile():
+        safe.mode |= 0o600
+        if not safe.mode & 0o100:
+            safe.mode &= ~0o011
+    else:  # the filter leaves a directory's mode to the umask; the owner must write into it
+        safe.mode |= 0o700
+    safe.uid, safe.gid, safe.uname, safe.gname = os.getuid(), os.getgid(), "", ""
+    return safe
 
 
 def _member_parts(member: tarfile.TarInfo, remote: str) -> list[str]:
