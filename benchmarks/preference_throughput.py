@@ -1,7 +1,7 @@
 """Preference throughput: DPO pairs/s of our jitted train step, against TRL's DPOTrainer.
 
     python benchmarks/preference_throughput.py [--rounds 5] [--steps 2] [--batch 4]
-        [--seq-len 128] [--size reference-34m] [--json result.json]
+        [--seq-len 128] [--size reference-34m] [--dtype float32] [--json result.json]
 
 One batch of `--batch` synthetic pairs, each a chosen and a rejected sequence of `--seq-len`
 tokens (a prompt of half of them, then the response), goes to both sides, and both do the
@@ -9,8 +9,8 @@ same work per pair: forward and backward of the policy on chosen and rejected, a
 frozen reference on both, the sigmoid DPO loss (beta 0.1), gradient clipping at 1.0 and an
 AdamW update. Ours: the trainer's train step for `objective: dpo` (frozen reference), on rows
 the trainer's packer builds (one pair a row, its chosen and rejected on segments 1 and 2).
-TRL's: DPOTrainer on transformers' LlamaForCausalLM (fp32, torch on the CPU) with its default
-optimizer, `training_step` (its loss, the reference forward and the backward) then the
+TRL's: DPOTrainer on transformers' LlamaForCausalLM (torch on the CPU, in the same precision as
+ours: with `bf16` on, its autocast, for our default bf16 compute) with its default optimizer, `training_step` (its loss, the reference forward and the backward) then the
 optimizer step, as its train loop does them, on the same pairs right-padded into one batch,
 chosen rows first, as its collator lays them out. Data loading is outside both timings.
 
@@ -76,12 +76,14 @@ out = tempfile.mkdtemp(prefix="trl-bench-")
 args = DPOConfig(
     output_dir=out, beta=cfg["beta"], loss_type=["sigmoid"], learning_rate=1e-4,
     weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0,
-    per_device_train_batch_size=cfg["batch"], report_to="none", use_cpu=True, bf16=False,
+    per_device_train_batch_size=cfg["batch"], report_to="none", use_cpu=True, bf16=cfg["bf16"],
 )
 trainer = DPOTrainer(
     model=policy, ref_model=reference, args=args, processing_class=processing,
     train_dataset=Dataset.from_list([{"prompt": "2", "chosen": " 3", "rejected": " 4"}]),
 )
+# bf16: the accelerator's autocast wraps the policy's and the reference's forwards
+assert trainer.accelerator.mixed_precision == ("bf16" if cfg["bf16"] else "no")
 trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
 trainer.current_gradient_accumulation_steps = 1  # set by its train loop, read by training_step
 pairs = np.load(cfg["pairs"])
@@ -163,6 +165,11 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=positive, default=5)
     parser.add_argument("--steps", type=positive, default=2, help="steps per timed round")
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        help="compute dtype of both sides (default: bf16)",
+    )
     add_cpu_arguments(parser)
     parser.add_argument("--json", type=Path, help="also write the JSON here")
     args = parser.parse_args()
@@ -177,7 +184,9 @@ def main() -> None:
     platform = devices[0].platform
     row = 2 * args.seq_len  # one pair a packed row
     model = SIZES[args.size]
-    settings = best_settings(platform, model.n_layers)
+    settings = best_settings(platform, model.n_layers) | (
+        {"dtype": args.dtype} if args.dtype else {}
+    )
     model = replace(
         model, **settings, param_dtype="float32", max_seq_len=max(model.max_seq_len, row)
     )
@@ -214,7 +223,8 @@ def main() -> None:
         "ours_pairs_per_s": ours_pps,
         "ours_pairs_per_s_best_round": args.batch / min(our_times),
         "ours_step_s_all": our_times,
-        "peer": "trl DPOTrainer on transformers LlamaForCausalLM (fp32, torch CPU)",
+        "peer": "trl DPOTrainer on transformers LlamaForCausalLM (torch CPU, "
+        + ("bf16 autocast, fp32 weights)" if settings["dtype"] == "bfloat16" else "fp32)"),
         "peer_pairs_per_s": peer_pps,
         "peer_pairs_per_s_best_round": args.batch / min(peer_times),
         "peer_step_s_all": peer_times,

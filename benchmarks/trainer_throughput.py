@@ -44,19 +44,19 @@ SIZES = {"reference-34m": REFERENCE, "llama-1b": replace(ModelConfig(), **PRESET
 
 
 def best_settings(platform: str, n_layers: int) -> dict:
-    """bf16 and fused whole-sequence attention on accelerators. On CPU: fp32, which XLA runs
-    faster than bf16 (no convert churn), causal attention chunks that skip the masked half, and
-    the layer scan unrolled so XLA can fuse across layers."""
+    """bf16 compute (fp32 master weights, the trainer's default) everywhere; on accelerators
+    the platform's fused attention. On CPU, causal attention chunks that skip the masked half
+    and the layer scan unrolled so XLA can fuse across layers."""
     if platform == "cpu":
-        return dict(dtype="float32", attention_chunk=128, scan_unroll=n_layers)
+        return dict(dtype="bfloat16", attention_chunk=128, scan_unroll=n_layers)
     return dict(dtype="bfloat16")
 
 
-# XLA:CPU hands matmuls to YNNPACK (XNNPACK's successor) with this flag: about 1.2x the
-# default codegen's tokens/s on the reference model on a 2-core x86 machine, with the same
-# results (the model's HF parity tests pass with it). It is experimental in jax 0.10 and an
-# unknown XLA flag is fatal, so it is the benchmark's choice, not the trainer's default;
-# `--cpu-dots xla` measures without it.
+# XLA:CPU hands fp32 matmuls to YNNPACK (XNNPACK's successor) with this flag: about 1.2x the
+# default codegen's tokens/s on the reference model in fp32 on a 2-core x86 machine, with the
+# same results (the model's HF parity tests pass with it), but its bf16 dots run at half the
+# speed of XLA's own, so it helps `--dtype float32` runs only. It is experimental in jax 0.10
+# and an unknown XLA flag is fatal, so it is the benchmark's choice, not the trainer's default.
 CPU_DOTS_FLAGS = {"ynnpack": "--xla_cpu_experimental_ynn_fusion_type=dot", "xla": ""}
 
 
@@ -82,8 +82,8 @@ def add_cpu_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpu-dots",
         choices=sorted(CPU_DOTS_FLAGS),
-        default="ynnpack",
-        help="the CPU's matmul kernels: YNNPACK (default) or XLA's own codegen",
+        default="xla",
+        help="the CPU's matmul kernels: XLA's own (default) or YNNPACK (faster in fp32 only)",
     )
     parser.add_argument(
         "--allocator",
@@ -178,7 +178,9 @@ model = transformers.LlamaForCausalLM(hf_cfg).train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
 tokens = torch.randint(0, hf_cfg.vocab_size, (cfg["batch"], cfg["seq"]))
 def step():
-    loss = model(input_ids=tokens, labels=tokens).loss
+    # bf16 runs: torch's mixed precision (autocast: bf16 products, fp32 weights), as ours
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["bf16"]):
+        loss = model(input_ids=tokens, labels=tokens).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step(); opt.zero_grad(set_to_none=True)
@@ -208,7 +210,13 @@ class PeerStep:
     ):
         from trainer.hf import hf_config_from_model
 
-        cfg = {"hf": hf_config_from_model(model), "batch": batch, "seq": seq, **(extra or {})}
+        cfg = {
+            "hf": hf_config_from_model(model),
+            "batch": batch,
+            "seq": seq,
+            "bf16": model.dtype == "bfloat16",
+            **(extra or {}),
+        }
         self.proc = subprocess.Popen(
             [sys.executable, "-c", script, json.dumps(cfg)],
             stdin=subprocess.PIPE,
@@ -311,7 +319,8 @@ def main() -> None:
     if peer_times:
         peer_tps = tokens / statistics.median(peer_times)
         result |= {
-            "peer": "transformers LlamaForCausalLM + torch.optim.AdamW (fp32)",
+            "peer": "transformers LlamaForCausalLM + torch.optim.AdamW ("
+            + ("torch.autocast bf16, fp32 weights)" if dtype == "bfloat16" else "fp32)"),
             "peer_tokens_per_s": peer_tps,
             "peer_mfu": flops_per_step * peer_tps / tokens / peak if peak else None,
             "peer_tokens_per_s_best_round": tokens / min(peer_times),

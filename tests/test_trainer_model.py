@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures_hf import BASE, SHAPES, hf_logits, hf_model, hf_state
+from tests.test_trainer_matmul import dot_types
 from trainer.config import REMAT_POLICIES, MeshConfig, RecipeError
 from trainer.hf import params_from_hf
 from trainer.model import (
@@ -110,6 +111,34 @@ def test_bfloat16_compute_keeps_float32_master_weights():
     assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype("float32")}
     logits = Decoder(cfg).apply({"params": params}, jnp.zeros((1, 8), jnp.int32))
     assert logits.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["lm-head", "tied-embeddings"])
+def test_bfloat16_training_on_cpu_runs_every_product_on_the_fast_kernels_and_tracks_float32(
+    tied,
+):
+    # Every dot of the step, forward and backward (projections, MLP, head, chunked attention),
+    # writes fp32 from bf16 operands: the only dots XLA:CPU runs on its bf16 kernels.
+    seq = 256
+    tokens, segments = _attention_batch(seq)
+    cfg = dataclasses.replace(
+        ATTENTION_CFG, max_seq_len=seq, attention_chunk=64, tie_embeddings=tied
+    )
+    params = init_params(cfg, jax.random.key(0))
+    bf16 = dataclasses.replace(cfg, dtype="bfloat16")
+    probe = jax.random.normal(jax.random.key(9), (cfg.vocab_size,))
+
+    def loss(p):
+        return jnp.mean(
+            Decoder(bf16).apply({"params": p}, tokens, segments).astype(jnp.float32) @ probe
+        )
+
+    dots = dot_types(jax.jit(jax.value_and_grad(loss)).lower(params).as_text())
+    model_dots = [(ops, result) for ops, result in dots if "bf16" in ops]  # not the probe's
+    assert len(model_dots) > 20
+    assert all(ops.count("bf16") == 2 and "xf32>" in result for ops, result in model_dots), dots
+    want = _loss_and_grads(cfg, params, tokens, segments)
+    _assert_same(_loss_and_grads(bf16, params, tokens, segments), want, atol=0.05)
 
 
 def _loss_and_grads(cfg, params, tokens, segments, mesh=None):

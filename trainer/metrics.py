@@ -59,12 +59,16 @@ def published_peak(device_kind: str) -> float | None:
 
 
 def measure_matmul_peak(dtype: str = "float32", size: int = 2048, seconds: float = 2.0) -> float:
-    """Best FLOP/s of a jitted square matmul on the default device (the CPU peak we can reach)."""
+    """Best FLOP/s of a jitted square matmul on the default device (the CPU peak we can reach).
+    The product is accumulated and written in fp32, as the model's are (`trainer.matmul`):
+    XLA:CPU's fast bf16 kernels need that."""
     import jax
     import jax.numpy as jnp
 
     a = jnp.ones((size, size), dtype)
-    step = jax.jit(lambda x: (x @ a) * (1.0 / size))
+    step = jax.jit(
+        lambda x: (jnp.dot(x, a, preferred_element_type=jnp.float32) / size).astype(dtype)
+    )
     x = step(a).block_until_ready()
     best, deadline = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < deadline:

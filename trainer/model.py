@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from trainer.config import ModelConfig, RecipeError, cudnn_problem
+from trainer.matmul import accumulating_einsum, dense_dot_general, plain_einsum
 from trainer.sharding import BATCH_AXES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -82,6 +83,7 @@ def rotary_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding of x [batch, seq, heads, head_dim], in x's dtype."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
@@ -188,12 +190,18 @@ class Decoder(nn.Module):
         x = _norm(cfg, "norm")(x)
         if self.head == "score":
             return _dense_factory(cfg)(1, name="score")(x)[..., 0]
+        if cfg.tie_embeddings and _accumulates_in_fp32(cfg):
+            return accumulating_einsum(
+                "bld,vd->blv", x.astype(dtype), embed.embedding.astype(dtype)
+            )
         if cfg.tie_embeddings:
             return embed.attend(x)
         return _dense_factory(cfg)(cfg.vocab_size, name="lm_head")(x)
 
 
 def _dense_factory(cfg: ModelConfig):
+    products = {"dot_general": dense_dot_general} if _accumulates_in_fp32(cfg) else {}
+
     def dense(features: int, name: str, bias: bool = False) -> nn.Dense:
         return nn.Dense(
             features,
@@ -202,9 +210,17 @@ def _dense_factory(cfg: ModelConfig):
             param_dtype=DTYPES[cfg.param_dtype],
             kernel_init=nn.initializers.normal(cfg.init_std),
             name=name,
+            **products,
         )
 
     return dense
+
+
+def _accumulates_in_fp32(cfg: ModelConfig) -> bool:
+    """Whether the model's matmuls go through `trainer.matmul`: low-precision compute on a
+    CPU, where only fp32-result dots reach the fast bf16 kernels. Accelerators accumulate
+    bf16 dots in fp32 natively and keep XLA's own products."""
+    return cfg.dtype != "float32" and backend_platform() == "cpu"
 
 
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
@@ -271,7 +287,7 @@ def attend(
     if path == "cudnn":
         return fused_attention(q, k, v, segment_ids, window, "cudnn")
     chunk = cfg.attention_chunk if path == "chunked" else 0
-    return causal_attention(q, k, v, segment_ids, chunk, window)
+    return causal_attention(q, k, v, segment_ids, chunk, window, _accumulates_in_fp32(cfg))
 
 
 def fused_attention(q, k, v, segment_ids, window: int | None, implementation: str) -> jax.Array:
@@ -348,16 +364,20 @@ def splash_attention(q, k, v, segment_ids, window: int | None, interpret: bool) 
     return out_BxHxLxD.transpose(0, 2, 1, 3)
 
 
-def causal_attention(q, k, v, segment_ids, chunk: int, window: int | None = None) -> jax.Array:
+def causal_attention(
+    q, k, v, segment_ids, chunk: int, window: int | None = None, accumulate: bool = False
+) -> jax.Array:
     """Causal attention within documents; with `chunk`, query chunk i only attends to keys
-    [0, (i + 1) * chunk), so the fully masked blocks are neither computed nor stored."""
+    [0, (i + 1) * chunk), so the fully masked blocks are neither computed nor stored, and
+    with `accumulate` its products are `trainer.matmul.accumulating_einsum`'s."""
     seq = q.shape[1]
     if not chunk or chunk >= seq or seq % chunk:
         return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids, None, window))
-    return _chunked_attention(q, k, v, segment_ids, chunk, window)
+    products = accumulating_einsum if accumulate else plain_einsum
+    return _chunked_attention(q, k, v, segment_ids, chunk, window, products)
 
 
-def _chunked_attention(q, k, v, segment_ids, chunk: int, window: int | None) -> jax.Array:
+def _chunked_attention(q, k, v, segment_ids, chunk: int, window: int | None, products):
     """`causal_attention` by query chunks, computed head-major ([batch, kv head, group, seq,
     head_dim]) so each head's products are contiguous matmuls: on CPU, XLA's batched dots and
     their gradients run about a third faster than in jax.nn.dot_product_attention's
@@ -369,21 +389,23 @@ def _chunked_attention(q, k, v, segment_ids, chunk: int, window: int | None) -> 
     q_BxKxGxLxD = q_BxKxGxLxD.transpose(0, 2, 3, 1, 4)
     k_BxKxLxD, v_BxKxLxD = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scale = head_dim**-0.5
+    # Chunks by split and keys by concatenation, not by slicing: the gradient of a slice is a
+    # zero-padded copy of the whole sequence per chunk, summed; of a split, one concatenation.
+    q_chunks = jnp.split(q_BxKxGxLxD, seq // chunk, axis=3)
+    k_chunks = jnp.split(k_BxKxLxD, seq // chunk, axis=2)
+    v_chunks = jnp.split(v_BxKxLxD, seq // chunk, axis=2)
     outputs = []
-    for start in range(0, seq, chunk):
-        rows, keys = slice(start, start + chunk), slice(0, start + chunk)
-        logits_BxKxGxCxS = jnp.einsum(
-            "bkgqd,bksd->bkgqs",
-            q_BxKxGxLxD[:, :, :, rows],
-            k_BxKxLxD[:, :, keys],
-            preferred_element_type=jnp.float32,
-        )
+    for i, start in enumerate(range(0, seq, chunk)):
+        rows = slice(start, start + chunk)
+        k_BxKxSxD = jnp.concatenate(k_chunks[: i + 1], axis=2)
+        v_BxKxSxD = jnp.concatenate(v_chunks[: i + 1], axis=2)
+        logits_BxKxGxCxS = products("bkgqd,bksd->bkgqs", q_chunks[i], k_BxKxSxD, True)
         mask_Bx1x1xCxS = attention_mask(segment_ids, rows, window)[:, :, None]
         logits_BxKxGxCxS = jnp.where(
             mask_Bx1x1xCxS, logits_BxKxGxCxS * scale, jnp.finfo(jnp.float32).min
         )
         probs_BxKxGxCxS = jax.nn.softmax(logits_BxKxGxCxS, axis=-1).astype(v.dtype)
-        outputs.append(jnp.einsum("bkgqs,bksd->bkgqd", probs_BxKxGxCxS, v_BxKxLxD[:, :, keys]))
+        outputs.append(products("bkgqs,bksd->bkgqd", probs_BxKxGxCxS, v_BxKxSxD))
     out_BxKxGxLxD = jnp.concatenate(outputs, axis=3)
     return out_BxKxGxLxD.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, head_dim)
 
