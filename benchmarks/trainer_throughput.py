@@ -3,9 +3,10 @@
     python benchmarks/trainer_throughput.py [--rounds 5] [--steps 3] [--out result.json]
     python benchmarks/trainer_throughput.py --size llama-1b --seq 2048 [--remat POLICY]  # GPU/TPU
 
-Same model config, batch and optimizer for both: our Flax Llama with optax AdamW, and
-transformers' LlamaForCausalLM with torch.optim.AdamW (the peer a user would otherwise pick),
-which runs in a child process so the two never compete for threads at the same time. Rounds
+Same model config, batch, optimizer and precision for both: our Flax Llama with optax AdamW,
+and transformers' LlamaForCausalLM with torch.optim.AdamW (the peer a user would otherwise
+pick), in bf16 compute over fp32 weights by default (the peer under torch.autocast) or fp32
+with `--dtype float32`. The peer runs in a child process so the two never compete for threads at the same time. Rounds
 alternate peak / ours / peer, so a noisy neighbour hits all three alike; the JSON reports
 medians. On a CPU, MFU is against a matmul peak measured in the same run (in the compute
 dtype); on a GPU or TPU against the published peak of the device.
