@@ -8,6 +8,7 @@ data=2 x fsdp=4 mesh that the 4-process tests spread over four processes.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -98,3 +99,8 @@ def assert_all_exited_0(results: list[tuple[int, str]]) -> None:
         assert code == 0, (
             f"process {index} exited {code} (all: {[c for c, _ in results]}):\n{output[-3000:]}"
         )
+
+
+def dot_types(lowered_text: str) -> list[tuple[str, str]]:
+    """(operand types, result type) of every dot_general in a lowered StableHLO module."""
+    return re.findall(r"dot_general.*?: \((.*?)\) -> (\S+)", lowered_text)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.fixtures_trainer import dot_types
 from trainer.matmul import accumulating_einsum, dense_dot_general, plain_einsum
 
 # spec, shape of a, shape of b: the products the model makes
@@ -73,11 +72,6 @@ def test_fp32_out_keeps_the_accumulator_and_the_gradients_match_float32():
     exact = _value_and_grads(plain_einsum, spec, a.astype(jnp.float32), b.astype(jnp.float32))
     for got, want in zip(grads, exact[1], strict=True):
         np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0.05, atol=0.05)
-
-
-def dot_types(lowered_text: str) -> list[tuple[str, str]]:
-    """(operand types, result type) of every dot_general in a lowered StableHLO module."""
-    return re.findall(r"dot_general.*?: \((.*?)\) -> (\S+)", lowered_text)
 
 
 @pytest.mark.parametrize("name", SPECS)

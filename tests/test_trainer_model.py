@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures_hf import BASE, SHAPES, hf_logits, hf_model, hf_state
-from tests.test_trainer_matmul import dot_types
+from tests.fixtures_trainer import dot_types
 from trainer.config import REMAT_POLICIES, MeshConfig, RecipeError
 from trainer.hf import params_from_hf
 from trainer.model import (
