@@ -37,16 +37,6 @@ def test_open_file_streams_lines(root):
         assert [line.strip() for line in f] == ['{"step": 1}', '{"step": 2}']
 
 
-def test_local_copy_gives_a_real_file_and_directory(root, tmp_path):
-    io.write_bytes(io.join(root, "tok", "tokenizer.model"), b"model-bytes")
-    file_copy = io.local_copy(io.join(root, "tok", "tokenizer.model"))
-    with open(file_copy, "rb") as f:
-        assert f.read() == b"model-bytes"
-    dir_copy = io.local_copy(io.join(root, "tok"), str(tmp_path / "dl"))
-    with open(f"{dir_copy}/tokenizer.model", "rb") as f:
-        assert f.read() == b"model-bytes"
-
-
 def test_copy_tree_uploads_a_directory(root, tmp_path):
     source = tmp_path / "export"
     (source / "nested").mkdir(parents=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -21,7 +23,9 @@ def test_profile_steps_write_an_xplane_trace_under_the_run_dir(tiny_recipe, tmp_
     assert f"trainer: profile of steps 2-3 in {tmp_path}/profile" in capsys.readouterr().out
 
 
-def test_a_gs_run_dir_gets_the_trace_uploaded_when_it_stops(gcs):
+def test_a_gs_run_dir_gets_the_trace_uploaded_when_it_stops(gcs, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    StepTrace("gs://test-bucket/untraced", [])
     trace = StepTrace("gs://test-bucket/run", [0, 1])
     x = jnp.ones((64, 64))
     trace.at_step(0, x)
@@ -31,3 +35,4 @@ def test_a_gs_run_dir_gets_the_trace_uploaded_when_it_stops(gcs):
     assert any(
         n.startswith("run/profile/plugins/profile/") and n.endswith(".xplane.pb") for n in names
     )
+    assert not list(tmp_path.iterdir())  # nothing left behind in the temporary directory

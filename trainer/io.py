@@ -209,22 +209,6 @@ def remove(path: str) -> None:
         os.remove(path)
 
 
-def local_copy(path: str, directory: str | None = None) -> str:
-    """A local filesystem path with the content of `path`, for libraries that need a real file
-    (sentencepiece). Local paths are returned as they are; gs:// objects (or prefixes) are
-    downloaded into `directory` (default: a fresh temporary directory)."""
-    if not is_gcs(path):
-        return path
-    directory = directory or tempfile.mkdtemp(prefix="trainer-io-")
-    target = os.path.join(directory, posixpath.basename(path.rstrip("/")))
-    fs = _gcs()
-    if fs.isdir(path):
-        fs.get(path.rstrip("/") + "/", target, recursive=True)
-    else:
-        fs.get(path, target)
-    return target
-
-
 def copy_tree(source: str, destination: str) -> None:
     """Copy a local directory to a local path or a gs:// prefix."""
     if is_gcs(destination):
