@@ -200,6 +200,12 @@ def _run(mode, directory, **kwargs) -> list[dict]:
     return _finish(_spawn(mode, directory, **kwargs))
 
 
+@pytest.fixture(autouse=True)
+def _worker_logs_in_tmp_path(tmp_path, monkeypatch):
+    """`_spawn`'s log directories go to the test's tmp_path, which pytest prunes, not /tmp."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 @pytest.fixture
 def local_dir(tmp_path) -> str:
     return str(tmp_path / "checkpoints")

@@ -58,7 +58,8 @@ class TrainerPod:
         self, run_dir: str, processes: int, compile_cache: Path, extra: tuple[str, ...] = ()
     ):
         port = _free_port()
-        self.logs = Path(tempfile.mkdtemp(prefix="resume-"))
+        # Beside the compile cache, in the test's tmp_path (which pytest prunes), not in /tmp.
+        self.logs = Path(tempfile.mkdtemp(prefix="resume-", dir=compile_cache.parent))
         self.procs: list[subprocess.Popen] = []
         for index in range(processes):
             env = {k: v for k, v in os.environ.items() if not k.startswith("TPUCTL_")}
