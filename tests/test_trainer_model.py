@@ -232,6 +232,32 @@ def test_an_attention_path_the_platform_cannot_run_is_a_recipe_error():
         attention_path(dataclasses.replace(cfg, attention="splash"), "gpu", 512)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_remat_policies_that_save_dots_recompute_none_of_them(dtype):
+    # In bf16 on CPU the products are trainer.matmul's custom-VJP einsums, whose dots a policy
+    # cannot see: it must save them by name, or dots_saveable recomputes as much as full.
+    seq = 128
+    tokens, segments = _attention_batch(seq)
+    cfg = dataclasses.replace(ATTENTION_CFG, dtype=dtype, max_seq_len=seq, attention_chunk=64)
+    params = init_params(cfg, jax.random.key(0))
+    probe = jax.random.normal(jax.random.key(9), (cfg.vocab_size,))
+
+    def dots_in_step(remat: str) -> int:
+        model = Decoder(dataclasses.replace(cfg, remat=remat))
+
+        def loss(p):
+            return jnp.mean(
+                model.apply({"params": p}, tokens, segments).astype(jnp.float32) @ probe
+            )
+
+        return len(dot_types(jax.jit(jax.value_and_grad(loss)).lower(params).as_text()))
+
+    kept, recomputed = dots_in_step("none"), dots_in_step("full")
+    assert dots_in_step("dots_saveable") == kept < recomputed
+    # Attention's products have batch dimensions: that policy recomputes them, and only them.
+    assert kept < dots_in_step("dots_with_no_batch_dims_saveable") < recomputed
+
+
 def test_remat_policies_give_the_same_loss_and_gradients():
     tokens, segments = _attention_batch(16)
     cfg = dataclasses.replace(ATTENTION_CFG, sliding_window=5)

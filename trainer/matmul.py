@@ -17,6 +17,13 @@ import string
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+# checkpoint_name tags of `accumulating_einsum`'s results, with and without batch dimensions
+# (indices in both operands and the result). A remat policy cannot see the dot inside a
+# custom VJP, so the dot-saving policies of `model.remat` save these names too.
+DOT_NAME = "accumulated_dot"
+BATCHED_DOT_NAME = "accumulated_batched_dot"
 
 
 def accumulating_einsum(spec: str, a: jax.Array, b: jax.Array, fp32_out: bool = False) -> jax.Array:
@@ -26,7 +33,12 @@ def accumulating_einsum(spec: str, a: jax.Array, b: jax.Array, fp32_out: bool = 
     the gradient dots, as flash attention kernels do). `spec` is explicit ("ab,bc->ac"),
     without ellipsis, and every index of an operand appears in the other operand or the
     output."""
-    return _accumulating(spec, fp32_out, a, b)
+    inputs, out = spec.split("->")
+    a_idx, b_idx = inputs.split(",")
+    batched = set(a_idx) & set(b_idx) & set(out)
+    return checkpoint_name(
+        _accumulating(spec, fp32_out, a, b), BATCHED_DOT_NAME if batched else DOT_NAME
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

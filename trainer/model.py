@@ -25,18 +25,28 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from trainer.config import ModelConfig, RecipeError, cudnn_problem
-from trainer.matmul import accumulating_einsum, dense_dot_general, plain_einsum
+from trainer.matmul import (
+    BATCHED_DOT_NAME,
+    DOT_NAME,
+    accumulating_einsum,
+    dense_dot_general,
+    plain_einsum,
+)
 from trainer.sharding import BATCH_AXES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # model.remat: what a layer keeps for the backward pass (the rest is recomputed). The names
-# are the checkpoint_name tags in Attention.
+# are the checkpoint_name tags in Attention and those of trainer.matmul's products (CPU bf16).
 _policies = jax.checkpoint_policies
 REMAT = {
     "full": None,  # nothing: the whole layer is recomputed
-    "dots_saveable": _policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": _policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": _policies.save_from_both_policies(
+        _policies.dots_saveable, _policies.save_only_these_names(DOT_NAME, BATCHED_DOT_NAME)
+    ),
+    "dots_with_no_batch_dims_saveable": _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable, _policies.save_only_these_names(DOT_NAME)
+    ),
     "save_qkv_proj": _policies.save_only_these_names("qkv_proj"),
     "save_attention_out": _policies.save_only_these_names("attention_out"),
 }
