@@ -29,10 +29,12 @@ ERROR_LINE = (
     r"Segmentation fault|tpuctl: job failed"
 )
 # Runtime chatter that says nothing to the user, hidden from `logs` and `ps` unless raw:
-# gloo's per-collective "[Gloo] Rank 3 is connected to 15 peer ranks ..." (whose halves
-# interleave between threads), absl's start-up banner and XLA/TF C++ INFO lines.
+# gloo's per-collective "[Gloo] Rank 3 is connected to 15 peer ranks. Expected number of
+# connected peer ranks is : 15", written in pieces that interleave between threads, so a line
+# can be any piece ("Expected number of ...", " peer ranks. ...") or a bare rank number;
+# absl's start-up banner and XLA/TF C++ INFO lines.
 NOISE_LINE = (
-    r"\[Gloo\]|is connected to [0-9]+ peer ranks|"
+    r"\[Gloo\]|peer ranks|^[0-9]+$|"
     r"^WARNING: All log messages before absl::InitializeLog\(\) is called|"
     r"^I[0-9]{4} [0-9:.]+ +[0-9]+ [^ ]+:[0-9]+\] "
 )
@@ -153,7 +155,7 @@ fi
 echo "started=$(cat "$run_dir/started" 2>/dev/null)"
 echo "now=$(date +%s)"
 echo "last=$(tail -n "$status_tail" "$run_dir/log" 2>/dev/null | grep -avE "$noise_line" |
-  tail -n 1 | tr -d '\r')"
+  grep -a '[^[:space:]]' | tail -n 1 | tr -d '\r')"
 """
 
 _LOGS = r"""
