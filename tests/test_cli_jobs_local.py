@@ -230,10 +230,14 @@ def test_logs_and_ps_leave_out_gloo_chatter_that_raw_keeps(cli, tmp_path):
     try:
         node = LocalProvider(cli.root / "state" / "tpuctl" / "local").get("chatty")
         gloo = "[Gloo] Rank 1 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3"
-        # Pieces of gloo's line interleaved between its threads, as a 4-process pod's logs
-        # have them, and a blank line, which `ps` passes over too.
+        # Pieces of gloo's line interleaved between its threads and jax's warning about the
+        # trainer's recoverability setting, as a 4-process pod's logs have them, and a blank
+        # line, which `ps` passes over too.
         pieces = ["Expected number of connected peer ranks is : 31", "1",
-                  " peer ranks. Expected number of connected peer ranks is : 3"]  # fmt: skip
+                  " peer ranks. Expected number of connected peer ranks is : 3",
+                  "W1206 11:25:10.802769   20189 coordination_service.cc:185] [4782202217185705062]"
+                  " Using experimental recoverable task feature. The default shutdown barrier will"
+                  " only block non-recoverable tasks."]  # fmt: skip
         chatter = "; ".join(f"echo '{line}'" for line in [gloo, *pieces])
         script = f"{chatter}; echo 'step 5  loss 3.1000'; {chatter}; echo"
         hosts = hosts_for(Settings(), node)

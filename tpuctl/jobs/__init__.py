@@ -32,9 +32,10 @@ ERROR_LINE = (
 # gloo's per-collective "[Gloo] Rank 3 is connected to 15 peer ranks. Expected number of
 # connected peer ranks is : 15", written in pieces that interleave between threads, so a line
 # can be any piece ("Expected number of ...", " peer ranks. ...") or a bare rank number;
-# absl's start-up banner and XLA/TF C++ INFO lines.
+# jax's warning that the trainer's own `jax_enable_recoverability` is experimental; absl's
+# start-up banner and XLA/TF C++ INFO lines.
 NOISE_LINE = (
-    r"\[Gloo\]|peer ranks|^[0-9]+$|"
+    r"\[Gloo\]|peer ranks|^[0-9]+$|\] Using experimental recoverable task feature|"
     r"^WARNING: All log messages before absl::InitializeLog\(\) is called|"
     r"^I[0-9]{4} [0-9:.]+ +[0-9]+ [^ ]+:[0-9]+\] "
 )
