@@ -9,8 +9,9 @@ same work per pair: forward and backward of the policy on chosen and rejected, a
 frozen reference on both, the sigmoid DPO loss (beta 0.1), gradient clipping at 1.0 and an
 AdamW update. Ours: the trainer's train step for `objective: dpo` (frozen reference), on rows
 the trainer's packer builds (one pair a row, its chosen and rejected on segments 1 and 2).
-TRL's: DPOTrainer on transformers' LlamaForCausalLM (torch on the CPU, in the same precision as
-ours: with `bf16` on, its autocast, for our default bf16 compute) with its default optimizer, `training_step` (its loss, the reference forward and the backward) then the
+TRL's: DPOTrainer on transformers' LlamaForCausalLM (torch on the CPU, in the same precision
+as ours: with `bf16` on, its autocast, for our default bf16 compute) with its default
+optimizer, `training_step` (its loss, the reference forward and the backward) then the
 optimizer step, as its train loop does them, on the same pairs right-padded into one batch,
 chosen rows first, as its collator lays them out. Data loading is outside both timings.
 

@@ -6,10 +6,10 @@
 Same model config, batch, optimizer and precision for both: our Flax Llama with optax AdamW,
 and transformers' LlamaForCausalLM with torch.optim.AdamW (the peer a user would otherwise
 pick), in bf16 compute over fp32 weights by default (the peer under torch.autocast) or fp32
-with `--dtype float32`. The peer runs in a child process so the two never compete for threads at the same time. Rounds
-alternate peak / ours / peer, so a noisy neighbour hits all three alike; the JSON reports
-medians. On a CPU, MFU is against a matmul peak measured in the same run (in the compute
-dtype); on a GPU or TPU against the published peak of the device.
+with `--dtype float32`. The peer runs in a child process so the two never compete for
+threads at the same time. Rounds alternate peak / ours / peer, so a noisy neighbour hits all
+three alike; the JSON reports medians. On a CPU, MFU is against a matmul peak measured in the
+same run (in the compute dtype); on a GPU or TPU against the published peak of the device.
 """
 
 from __future__ import annotations

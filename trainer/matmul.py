@@ -33,8 +33,7 @@ def accumulating_einsum(spec: str, a: jax.Array, b: jax.Array, fp32_out: bool = 
     the gradient dots, as flash attention kernels do). `spec` is explicit ("ab,bc->ac"),
     without ellipsis, and every index of an operand appears in the other operand or the
     output."""
-    inputs, out = spec.split("->")
-    a_idx, b_idx = inputs.split(",")
+    a_idx, b_idx, out = _indices(spec)
     batched = set(a_idx) & set(b_idx) & set(out)
     return checkpoint_name(
         _accumulating(spec, fp32_out, a, b), BATCHED_DOT_NAME if batched else DOT_NAME
@@ -53,8 +52,7 @@ def _forward(spec: str, fp32_out: bool, a: jax.Array, b: jax.Array):
 
 def _backward(spec: str, fp32_out: bool, residuals, g: jax.Array):
     a, b = residuals
-    inputs, out = spec.split("->")
-    a_idx, b_idx = inputs.split(",")
+    a_idx, b_idx, out = _indices(spec)
     g = g.astype(a.dtype)
     da = plain_einsum(f"{out},{b_idx}->{a_idx}", g, b, fp32_out=True).astype(a.dtype)
     db = plain_einsum(f"{a_idx},{out}->{b_idx}", a, g, fp32_out=True).astype(b.dtype)
@@ -62,6 +60,13 @@ def _backward(spec: str, fp32_out: bool, residuals, g: jax.Array):
 
 
 _accumulating.defvjp(_forward, _backward)
+
+
+def _indices(spec: str) -> tuple[str, str, str]:
+    """An explicit two-operand einsum spec's index strings: ab,bc->ac gives ab, bc, ac."""
+    inputs, out = spec.split("->")
+    a_idx, b_idx = inputs.split(",")
+    return a_idx, b_idx, out
 
 
 def plain_einsum(spec: str, a: jax.Array, b: jax.Array, fp32_out: bool = False) -> jax.Array:
