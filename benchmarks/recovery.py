@@ -60,6 +60,10 @@ def main() -> None:
     parser.add_argument("--preemptions", type=int, default=3)
     parser.add_argument("--poll", default="1")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--compile-cache", choices=["true", "false"], default="true",
+        help="train.compile_cache: false compiles the step again at every relaunch",
+    )  # fmt: skip
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="tpuctl-recovery-"))
@@ -74,8 +78,7 @@ def main() -> None:
     command = [
         sys.executable, "-m", "tpuctl", "babysit", "v4-16", str(REPO / "recipes" / "tiny.yaml"),
         "--name", "bench", "--run-id", "recovery", "--poll", args.poll, "--delete-when-done",
-        "--env", f"JAX_COMPILATION_CACHE_DIR={root / 'jax-cache'}",
-        "--", *overrides(steps, run_dir),
+        "--", *overrides(steps, run_dir), f"train.compile_cache={args.compile_cache}",
     ]  # fmt: skip
     with open(root / "babysit.out", "w") as out:
         proc = subprocess.Popen(command, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT)

@@ -27,9 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in recipe.env.items():  # before jax starts, so LIBTPU_INIT_ARGS etc. apply
             if value is not None:  # a name only: tpuctl passed the value in the environment
                 os.environ.setdefault(name, value)
-        from trainer import distributed
+        from trainer import compile_cache, distributed
 
         distributed.provide_cpu_devices(recipe.mesh)
+        compile_cache.enable(recipe)
         distributed.initialize()
         from trainer.train import train
 

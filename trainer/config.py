@@ -206,6 +206,9 @@ class TrainConfig:
     # [start, end]: a jax.profiler trace of the updates after step start up to step end, in
     # {run_dir}/profile (trainer/tracing.py); empty: no trace
     profile_steps: list[int] = field(default_factory=list)
+    # keep compiled programs in {run_dir}/compile_cache, so that a resumed or relaunched run
+    # loads them instead of compiling again (trainer/compile_cache.py)
+    compile_cache: bool = True
 
 
 @dataclass(frozen=True)

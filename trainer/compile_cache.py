@@ -1,0 +1,38 @@
+"""`train.compile_cache`: jax's persistent compilation cache in {run_dir}/compile_cache.
+
+A run started again on the same run directory (a resume, `tpuctl babysit` relaunching it
+after a preemption) loads the programs compiled before instead of compiling them again: on
+a TPU pod that is minutes of every restart. jax writes entries from process 0 only and every
+process reads them, so the directory must be one that all hosts see, as a gs:// run_dir is
+(jax reaches it through etils' epath and gcsfs). jax caches only programs that took at least
+a second to compile (`jax_persistent_cache_min_compile_time_secs`), and a program whose
+entry cannot be read is compiled as if there were none. A JAX_COMPILATION_CACHE_DIR set by
+the user wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+from trainer import io
+from trainer.config import Recipe
+
+CACHE_DIR = "compile_cache"
+
+
+def cache_dir(recipe: Recipe) -> str | None:
+    """Where this run's compiled programs are kept, or None when the recipe turns it off
+    or the user's environment already chose a place."""
+    if not recipe.train.compile_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    return io.join(io.absolute(recipe.run_dir), CACHE_DIR)
+
+
+def enable(recipe: Recipe) -> None:
+    """Point jax at the run's cache; call before anything compiles (jax decides once per
+    process, at its first compilation, whether it uses a cache)."""
+    path = cache_dir(recipe)
+    if path is not None:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", path)
