@@ -67,7 +67,7 @@ def live_processes(text: str) -> list[str]:
 
 @pytest.mark.slow
 def test_run_follow_on_a_four_worker_pod_trains_and_reports_the_final_loss(cli, tmp_path):
-    cli.ok("up", "v3-32", "--local", "--name", "big")
+    cli.ok("up", "v4-32", "--local", "--name", "big")  # 4 workers x 4 devices
     run_dir = tmp_path / "run"
     out = cli.ok(
         "run", TINY, "--name", "big", "--all-workers", "--follow", "--run-id", "e2e",
@@ -84,6 +84,9 @@ def test_run_follow_on_a_four_worker_pod_trains_and_reports_the_final_loss(cli, 
     rows = ps_rows(cli, "big")
     assert [row[:3] for row in rows] == [[f"w0{i}", "e2e", "exited"] for i in range(4)]
     assert all(row[3].startswith("0 ") for row in rows)
+    # each worker's last line says where it is, not only process 0's (which logs the run)
+    for index, row in enumerate(rows[1:], 1):
+        assert row[3].endswith(f"trainer: process {index} of 4 finished at step 3"), row
     assert "deleted big" in cli.ok("down", "big", "--yes")
 
 

@@ -418,6 +418,9 @@ def train(recipe: Recipe) -> int:
               f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})", flush=True)  # fmt: skip
         print(f"trainer: Python {sys.version.split()[0]} ({sys.executable}), jax {jax.__version__}",
               flush=True)  # fmt: skip
+    else:  # one line of its own, so that every worker's log (and `tpuctl ps`) says where it is
+        print(f"trainer: {_process()}, {jax.local_device_count()} devices; process 0 logs the run",
+              flush=True)  # fmt: skip
 
     step = int(jax.device_get(run.state.step))
     if step >= run.total_steps:  # the same on every process: all stop here together
@@ -468,17 +471,20 @@ def train(recipe: Recipe) -> int:
             interval_start = time.perf_counter()
         if checkpointer.maybe_save(run.state, step):  # host step: no wait on the devices
             checkpointer.close()
-            if is_main:
-                print(
-                    f"trainer: stopped on SIGTERM at step {step}, checkpoint committed", flush=True
-                )
+            print(f"trainer: stopped on SIGTERM at step {step}, checkpoint committed", flush=True)
             return EXIT_PREEMPTED
     trace.at_step(step, run.state, done=True)
     checkpointer.save(run.state)  # the final state, whatever the save interval
     checkpointer.close()
     if is_main:
         _write_done(recipe, step, last, started)
+    else:
+        print(f"trainer: {_process()} finished at step {step}", flush=True)
     return 0
+
+
+def _process() -> str:
+    return f"process {jax.process_index()} of {jax.process_count()}"
 
 
 def _done_path(recipe: Recipe) -> str:
