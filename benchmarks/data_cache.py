@@ -6,7 +6,8 @@ first batch on an existing cache.
 One generated corpus (gzipped JSON lines, `--corpus-mb` of text in 32 MB files) and one fast
 tokenizer (a `tokenizers` BPE model trained on the first file) for both sides:
 
-- ours: `trainer.cache.build` with `--workers` tokenising processes, rows of 2049 tokens;
+- ours: `trainer.cache.build` with `--workers` tokenising processes, rows of 2049 tokens, the
+  tokenizer loaded as a recipe's `tokenizer.path` is (`trainer.tokenizer.load_tokenizer`);
 - datasets: `load_dataset("json")`, then `.map(tokenize, batched=True, num_proc=N)` and
   `.map(pack into blocks of 2049, batched=True, num_proc=N)`, the usual recipe;
 - first batch: a fresh process that plans and opens the existing cache and reads the
@@ -40,26 +41,6 @@ FILE_MB = 32
 ROW_LEN = 2049
 VOCAB = 8192
 BATCH_ROWS = 512
-
-
-class FastTokenizer:
-    """A `tokenizers` model behind the interface trainer.data.tokenize uses."""
-
-    def __init__(self, path: str):
-        from tokenizers import Tokenizer
-
-        self.tok = Tokenizer.from_file(path)
-        self.bos_id, self.eos_id = self.tok.token_to_id("<s>"), self.tok.token_to_id("</s>")
-        self.vocab_size = self.tok.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def bos(self) -> list[int]:
-        return [self.bos_id]
-
-    def eos(self) -> list[int]:
-        return [self.eos_id]
 
 
 def generate(directory: Path, megabytes: int) -> list[str]:
@@ -98,19 +79,22 @@ def train_tokenizer(first_file: str, path: Path) -> None:
 
     tok.train_from_iterator(texts(), trainer)
     tok.save(str(path))
+    # as in a Hugging Face model directory: which tokens are BOS and EOS
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (path.parent / "tokenizer_config.json").write_text(json.dumps(specials))
 
 
 def cache_args(work: Path):
-    from trainer import cache
-    from trainer.config import DataConfig, DatasetConfig
+    from trainer import cache, tokenizer
+    from trainer.config import DataConfig, DatasetConfig, TokenizerConfig
 
-    tokenizer = str(work / "tokenizer.json")
+    tokenizer_cfg = TokenizerConfig(path=str(work / "tokenizer.json"))
     cfg = DataConfig(train=[DatasetConfig(path=[str(work / "corpus" / "*.jsonl.gz")])])
-    key = Path(tokenizer).read_bytes().hex()[:64]
+    key = tokenizer.fingerprint(tokenizer_cfg.path).hex()[:64]
     caches = cache.plan(cfg.train, "data.train", str(work / "cache"), key, cfg, ROW_LEN)
-    settings = cache.Settings(
-        functools.partial(FastTokenizer, tokenizer), key, cfg, ROW_LEN, 1024, "benchmark"
-    )
+    # the trainer's own loading of a tokenizer.json, as a recipe's tokenizer.path gets
+    make = functools.partial(tokenizer.load_tokenizer, tokenizer_cfg)
+    settings = cache.Settings(make, key, cfg, ROW_LEN, 1024, "benchmark")
     return cfg, caches, settings
 
 
@@ -124,16 +108,18 @@ def child_ours(work: Path, workers: int) -> dict:
 
 def child_datasets(work: Path, workers: int) -> dict:
     import datasets
+    from tokenizers import Tokenizer
 
-    tok = FastTokenizer(str(work / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(work / "tokenizer.json"))
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
     files = sorted(str(p) for p in (work / "corpus").glob("*.jsonl.gz"))
     ds = datasets.load_dataset(
         "json", data_files=files, split="train", cache_dir=str(work / "hf-cache")
     )
 
     def tokenize(batch):
-        encoded = tok.tok.encode_batch(batch["text"], add_special_tokens=False)
-        return {"input_ids": [[tok.bos_id, *e.ids, tok.eos_id] for e in encoded]}
+        encoded = tok.encode_batch(batch["text"], add_special_tokens=False)
+        return {"input_ids": [[bos, *e.ids, eos] for e in encoded]}
 
     def pack(batch):
         flat = [t for ids in batch["input_ids"] for t in ids]
