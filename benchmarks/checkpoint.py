@@ -1,6 +1,6 @@
 """Checkpoint benchmark: how long a save blocks the train loop, and restore throughput.
 
-    python benchmarks/checkpoint.py [--steps 8] [--every 4] [--out result.json]
+    python benchmarks/checkpoint.py [--steps 16] [--every 4] [--out result.json]
 
 The trainer's real jitted step (Flax Llama + AdamW, 8 virtual CPU devices, fsdp) on a model
 whose train state (params + two Adam moments) is about 250 MB, saved with the trainer's
@@ -8,7 +8,9 @@ Checkpointer exactly as the loop does (`maybe_save` after every step). Figures:
 
 - blocked_s: median time a `maybe_save` that saves keeps the loop waiting (async: the copy
   off the devices and orbax's bookkeeping; the write goes on in the background), against the
-  median step time. Target: under 10% of one step.
+  median step time, over every save but the loop's first. Target: under 10% of one step.
+- first_blocked_s: the first save of the process, which also sets orbax up (once per run
+  and relaunch).
 - slowdown_per_save_s: the same loop's wall time with saves minus without, per save: it also
   counts the background write competing with the steps for the CPU.
 - the same for synchronous saves, for comparison.
@@ -122,10 +124,13 @@ def save_modes(loop: Loop, steps: int, every: int) -> dict:
         cfg = CheckpointConfig(every_steps=every, keep=2, async_save=async_save)
         wall, _, blocked = train_with_saves(loop, directory, steps, cfg)
         shutil.rmtree(directory)
+        # A run's first save also sets orbax up (once per process): reported on its own.
+        later = statistics.median(blocked[1:] or blocked)
         results[mode] = {
             "saves": len(blocked),
-            "blocked_s": statistics.median(blocked),
-            "blocked_fraction_of_step": statistics.median(blocked) / results["step_s"],
+            "first_blocked_s": blocked[0],
+            "blocked_s": later,
+            "blocked_fraction_of_step": later / results["step_s"],
             "slowdown_per_save_s": (wall - baseline_wall) / max(1, len(blocked)),
         }
     return results
@@ -150,7 +155,7 @@ def transfer_rates(loop: Loop, directory: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8, help="steps per timed loop")
+    parser.add_argument("--steps", type=int, default=16, help="steps per timed loop")
     parser.add_argument("--every", type=int, default=4, help="save every N steps")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -176,7 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     result["load_average_after"] = os.getloadavg()
     print(json.dumps(result, indent=2))
     fraction = result["async"]["blocked_fraction_of_step"]
-    print(f"async save blocks the loop {100 * fraction:.1f}% of a step (target < 10%)")
+    first = result["async"]["first_blocked_s"]
+    print(f"async save blocks the loop {100 * fraction:.1f}% of a step (target < 10%); "
+          f"the first save of the run {first:.2f} s")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
