@@ -6,10 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from tests.fixtures_trainer import TINY_RECIPE, trainer_env
-from trainer.compile_cache import cache_dir
+from trainer.compile_cache import cache_dir, enable
 from trainer.config import load_recipe
 
 TRAIN_STEP_HIT = "Persistent compilation cache hit for 'jit_train_step'"
@@ -61,3 +62,17 @@ def test_the_cache_is_in_the_run_directory_unless_turned_off_or_placed_by_the_us
     assert cache_dir(recipe("train.compile_cache=false")) is None
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
     assert cache_dir(recipe()) is None
+
+
+def test_a_gs_cache_holds_jax_executables_not_xla_file_caches(monkeypatch):
+    """XLA's own caches (GPU autotuning) are local files: never under a gs:// directory."""
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_enable_xla_caches")
+    before = {name: getattr(jax.config, name) for name in names}
+    try:
+        enable(load_recipe(str(TINY_RECIPE), ["run_dir=gs://b/run"]))
+        assert jax.config.jax_compilation_cache_dir == "gs://b/run/compile_cache"
+        assert jax.config.jax_persistent_cache_enable_xla_caches is None
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)

@@ -36,3 +36,7 @@ def enable(recipe: Recipe) -> None:
         import jax
 
         jax.config.update("jax_compilation_cache_dir", path)
+        if io.is_gcs(path):
+            # jax also points XLA's own caches (a GPU's autotuning results) under it, and
+            # XLA writes those with plain file I/O, which cannot reach gs://
+            jax.config.update("jax_persistent_cache_enable_xla_caches", None)
