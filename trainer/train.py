@@ -411,8 +411,9 @@ def train(recipe: Recipe) -> int:
         if is_main
         else None
     )
-    peak, peak_source = metrics.hardware_peak(jax.devices(), recipe.model.dtype)
+    peak = 0.0  # MFU is process 0's to log; on a CPU the others need not measure a peak
     if is_main:
+        peak, peak_source = metrics.hardware_peak(jax.devices(), recipe.model.dtype)
         n_params = count_params(run.state.params)
         print(f"trainer: {n_params / 1e6:.1f}M params, mesh {dict(run.mesh.shape)}, {run.total_steps} steps, "
               f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})", flush=True)  # fmt: skip
