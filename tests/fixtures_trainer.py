@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,31 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, s
                 proc.kill()
                 proc.wait()
     return results
+
+
+COMPILE_CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compile_cache():
+    """One jax compile cache for every trainer process the suite starts: the suite's hundreds
+    of starts compile a handful of distinct programs, and each start after the first loads
+    them. Processes started here, and a local pod's workers, inherit it from this
+    environment; an SSH test pod's hosts get it through `--env` (`compile_cache_env_args`),
+    and see it because it is in /var/tmp, not in their private /tmp. As a user's own
+    JAX_COMPILATION_CACHE_DIR does, it takes the place of the run directory's cache;
+    tests/test_trainer_compile_cache.py removes it to test that one."""
+    path = tempfile.mkdtemp(prefix="tpuctl-jax-cache-", dir="/var/tmp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(COMPILE_CACHE_ENV[0], path)
+        patch.setenv(COMPILE_CACHE_ENV[1], "0")  # small programs too
+        yield
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def compile_cache_env_args() -> list[str]:
+    """`tpuctl run`/`babysit` flags that hand the shared compile cache to remote workers."""
+    return [arg for name in COMPILE_CACHE_ENV for arg in ("--env", name)]
 
 
 @pytest.fixture

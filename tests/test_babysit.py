@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from local_cli import LocalCli
 
+from tests.fixtures_trainer import compile_cache_env_args
 from tpuctl.gcs_emulator import GcsEmulator, emulator_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,7 +147,7 @@ def reference(tmp_path_factory) -> Path:
     devices) that is deleted when done."""
     cli = Cli(tmp_path_factory.mktemp("reference"))
     run_dir = cli.root / "reference"
-    result = cli(*babysit_args(cli, "ref", "reference", run_dir, "--delete-when-done"))
+    result = cli(*babysit_args("ref", "reference", run_dir, "--delete-when-done"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"run reference finished: step {STEPS}" in result.stdout
     assert "restarts: 0 preemption(s), 0 failure(s), 1 launch(es)" in result.stdout
@@ -168,11 +169,11 @@ def assert_same_training(reference: Path, resumed: Path) -> None:
 
 
 def babysit_args(
-    cli: Cli, name: str, run_id: str, run_dir: Path, *extra: str, overrides: tuple[str, ...] = ()
+    name: str, run_id: str, run_dir: Path, *extra: str, overrides: tuple[str, ...] = ()
 ) -> list[str]:
     return [
         "babysit", "v4-16", TINY, "--name", name, "--run-id", run_id, "--poll", "0.3",
-        "--grace", "5", "--env", f"JAX_COMPILATION_CACHE_DIR={cli.root / 'jax-cache'}",
+        "--grace", "5", *compile_cache_env_args(),
         *extra, "--", *OVERRIDES, f"run_dir={run_dir}", *overrides,
     ]  # fmt: skip
 
@@ -184,7 +185,7 @@ def test_babysit_carries_a_run_through_two_preemptions_and_a_crash_on_a_local_po
 
     resumed = tmp_path / "resumed"
     pods = LocalProvider(cli.pods_dir().parent)
-    proc = cli.start(*babysit_args(cli, "pod", "resumed", resumed))
+    proc = cli.start(*babysit_args("pod", "resumed", resumed))
     wait_for(step_reached(resumed, 4), "step 4", proc)
     pods.preempt("pod")  # PREEMPTED, every worker process killed
     seen = len(metrics(resumed))
@@ -218,7 +219,7 @@ def test_babysit_carries_a_run_through_two_preemptions_and_a_crash_on_a_local_po
 def test_the_preemption_budget_stops_babysitting_and_leaves_the_node_as_it_is(cli, tmp_path):
     from tpuctl.providers.local import LocalProvider
 
-    args = babysit_args(cli, "pod", "budget", tmp_path / "run", "--max-preemptions", "0")
+    args = babysit_args("pod", "budget", tmp_path / "run", "--max-preemptions", "0")
     proc = cli.start(*args)
     wait_for(lambda: cli.state("budget").get("launches") == 1, "the first launch", proc)
     LocalProvider(cli.pods_dir().parent).preempt("pod")
@@ -299,7 +300,7 @@ def test_a_second_babysitter_on_the_same_run_refuses_naming_the_first(cli, tmp_p
     try:
         first = LocalLock("shared-run")
         first.acquire()
-        second = cli(*babysit_args(cli, "pod", "shared-run", tmp_path / "run"), timeout=60)
+        second = cli(*babysit_args("pod", "shared-run", tmp_path / "run"), timeout=60)
         first.release()
     finally:
         os.environ.pop("XDG_STATE_HOME")
@@ -314,7 +315,7 @@ def test_a_second_babysitter_on_the_same_run_refuses_naming_the_first(cli, tmp_p
 def test_no_step_progress_is_a_failure_and_the_failure_budget_stops_babysitting(cli, tmp_path):
     run_dir = tmp_path / "run"
     # No step within 1 s of the launch (the trainer is still starting): a hang, each time.
-    args = babysit_args(cli, "pod", "hangs", run_dir, "--hang-timeout", "1s", "--max-failures", "1")
+    args = babysit_args("pod", "hangs", run_dir, "--hang-timeout", "1s", "--max-failures", "1")
     result = cli(*args)
     assert result.returncode == 1, result.stdout + result.stderr
     assert (
@@ -410,7 +411,7 @@ def test_babysit_on_the_ssh_test_pod_through_vanish_stockouts_outage_preemption_
 ):
     cli, run_dir = cloud_cli, shared_dir / "run"
     log = cli.root / "state" / "tpuctl" / "babysit" / "ssh.log"
-    proc = cli.start(*babysit_args(cli, "pod", "ssh", run_dir, "--spot"))
+    proc = cli.start(*babysit_args("pod", "ssh", run_dir, "--spot"))
     wait_for(step_reached(run_dir, 3), "step 3", proc)  # babysit created pod and launched
     assert fake_tpu.node("pod")["schedulingConfig"] == {"spot": True}  # queued, as v4 pods are
 
@@ -481,7 +482,7 @@ def test_a_failed_checkpoint_save_on_the_ssh_test_pod_is_a_failure_relaunched_at
     with faulty:
         faulty.create_bucket("test-bucket")
         cli.env.update(emulator_env(faulty.url))
-        proc = cli.start(*babysit_args(cli, "pod", "savefail", "gs://test-bucket/runs/savefail"))
+        proc = cli.start(*babysit_args("pod", "savefail", "gs://test-bucket/runs/savefail"))
         proc.wait(timeout=RUN_TIMEOUT_S)
         out = output(proc)
         assert proc.returncode == 0, out
@@ -522,7 +523,7 @@ def test_a_colleagues_preempted_node_of_the_same_name_is_left_alone(fake_tpu, gc
     )  # fmt: skip
     cli = Cli(tmp_path)
     cloud_env(cli, gcs.url)
-    result = cli(*babysit_args(cli, "pod", "mine", tmp_path / "run"), timeout=120)
+    result = cli(*babysit_args("pod", "mine", tmp_path / "run"), timeout=120)
     assert result.returncode == 1, result.stderr
     assert (
         "error: stopped babysitting run mine: node pod is not yours (labels tpuctl-user=bob, "
@@ -549,9 +550,7 @@ def test_of_two_babysitters_started_at_once_exactly_one_acts(fake_tpu, gcs, tmp_
             cli = Cli(tmp_path / f"{machine}-{repetition}")
             cloud_env(cli, gcs.url)
             node, run_dir = f"pod-{repetition}", tmp_path / run_id
-            sitters.append(
-                (cli, babysit_args(cli, node, run_id, run_dir, "--not-ready-grace", "1h"))
-            )
+            sitters.append((cli, babysit_args(node, run_id, run_dir, "--not-ready-grace", "1h")))
         procs = [cli.start(*args) for cli, args in sitters]
         wait_for(lambda ps=procs: any(p.poll() is not None for p in ps), "one to refuse")
         refused = [p for p in procs if p.poll() is not None]
@@ -749,7 +748,7 @@ def test_a_key_the_node_refuses_stops_babysitting_and_deletes_nothing(
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("STORAGE_EMULATOR_HOST", env["STORAGE_EMULATOR_HOST"])
         storage.upload_text("gs://test-bucket/tpuctl/runs/elsewhere/babysit.json", saved.to_json())
-    args = babysit_args(cli, "pod", "elsewhere", tmp_path / "run", "--not-ready-grace", "1s")
+    args = babysit_args("pod", "elsewhere", tmp_path / "run", "--not-ready-grace", "1s")
     result = cli(*args, timeout=180)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "carrying on from saved state: 1 launch(es)" in result.stderr
@@ -774,7 +773,7 @@ def test_after_a_stockout_the_node_in_the_fallback_zone_is_the_only_one_and_runs
     config.write_text(config.read_text() + "accelerators:\n  v4-16:\n    zones: [us-east1-d]\n")
     fake_tpu.fail_queued(1)  # no capacity in us-central1-a: the queued resource ends FAILED
     run_id = "llama-3.1-fallback"  # dots: not a valid label value as it is
-    proc = cli.start(*babysit_args(cli, "pod", run_id, run_dir, overrides=("train.steps=6",)))
+    proc = cli.start(*babysit_args("pod", run_id, run_dir, overrides=("train.steps=6",)))
     nodes_seen = set()
 
     def finished() -> bool:

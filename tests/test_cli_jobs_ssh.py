@@ -19,6 +19,7 @@ import pytest
 from polling import wait_for
 
 from tests.fixtures_pod import pod_hosts
+from tests.fixtures_trainer import compile_cache_env_args
 from tpuctl.fanout import run
 from tpuctl.gcs_emulator import GcsEmulator, emulator_env
 
@@ -110,7 +111,7 @@ def test_run_follow_trains_across_the_four_hosts_with_jax_distributed(pod, share
     ssh_pod, _hosts = pod
     out = ok(
         "run", TINY, "--name", "pod", "--all-workers", "--follow", "--run-id", "ssh-e2e",
-        "--", *FAST, "train.steps=3", f"run_dir={shared_dir}",
+        *compile_cache_env_args(), "--", *FAST, "train.steps=3", f"run_dir={shared_dir}",
     )  # fmt: skip
     assert "run ssh-e2e started on 4 worker(s) of pod" in out
     assert "gs://test-bucket/tpuctl/runs/ssh-e2e/recipe.yaml" in out
@@ -130,7 +131,7 @@ def test_second_run_refused_secrets_hidden_crash_visible_and_kill_leaves_nothing
     secret = "wandb-secret-on-ssh-77"
     ok(
         "run", TINY, "--name", "pod", "--all-workers", "--run-id", "ssh-long",
-        "--env", f"WANDB_API_KEY={secret}",
+        "--env", f"WANDB_API_KEY={secret}", *compile_cache_env_args(),
         "--", *FAST, "train.steps=100000", f"run_dir={shared_dir}",
     )  # fmt: skip
     wait_for(lambda: "step 1 " in ok("logs", "pod", "-n", "5"), timeout=SLOW_S)

@@ -54,12 +54,10 @@ PROGRESS = re.compile(r"^step (\d+) ", re.MULTILINE)
 class TrainerPod:
     """`python -m trainer` on `processes` jax.distributed CPU processes (2 devices each)."""
 
-    def __init__(
-        self, run_dir: str, processes: int, compile_cache: Path, extra: tuple[str, ...] = ()
-    ):
+    def __init__(self, run_dir: str, processes: int, logs: Path, extra: tuple[str, ...] = ()):
         port = _free_port()
-        # Beside the compile cache, in the test's tmp_path (which pytest prunes), not in /tmp.
-        self.logs = Path(tempfile.mkdtemp(prefix="resume-", dir=compile_cache.parent))
+        # In the test's tmp_path (which pytest prunes), not in /tmp.
+        self.logs = Path(tempfile.mkdtemp(prefix="resume-", dir=logs))
         self.procs: list[subprocess.Popen] = []
         for index in range(processes):
             env = {k: v for k, v in os.environ.items() if not k.startswith("TPUCTL_")}
@@ -70,11 +68,6 @@ class TrainerPod:
                     TPUCTL_NUM_PROCESSES=str(processes),
                     TPUCTL_PROCESS_ID=str(index),
                 )
-            else:
-                # Later attempts reuse the first one's compiled step (the same executable, so
-                # the same numbers). Not on several processes: only process 0 would hit the
-                # cache, and the others, still compiling, would miss gloo's 30 s rendezvous.
-                env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache))
             command = [sys.executable, "-m", "trainer", str(RECIPE), f"run_dir={run_dir}"]
             with open(self.logs / f"{index}.out", "w") as out:
                 self.procs.append(
@@ -181,16 +174,16 @@ def _interrupted_run(
     run_dir: str,
     processes: int,
     stops: list[tuple[int, int]],
-    cache: Path,
+    logs: Path,
     extra: tuple[str, ...] = (),
 ) -> list[int]:
     """Run to the end, stopping every process with each (signal, target step) in turn and
     starting again; returns the steps at which the attempts stopped."""
     stopped_at = [0]
     for sig, target in stops:  # each stop lands past the previous one, so the run advances
-        pod = TrainerPod(run_dir, processes, cache, extra)
+        pod = TrainerPod(run_dir, processes, logs, extra)
         stopped_at.append(pod.stop_at(max(target, stopped_at[-1] + 3), sig))
-    output = TrainerPod(run_dir, processes, cache, extra).finish()
+    output = TrainerPod(run_dir, processes, logs, extra).finish()
     resumed = re.search(r"trainer: resuming from checkpoint step (\d+) in ", output)
     assert resumed, output[-3000:]
     if stops[-1][0] == signal.SIGTERM:  # it saved the very step it stopped at
@@ -200,15 +193,15 @@ def _interrupted_run(
 
 def test_one_process_killed_and_resumed_matches_uninterrupted_run(tmp_path):
     reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
-    TrainerPod(reference, 1, tmp_path / "jax-cache").finish()
+    TrainerPod(reference, 1, tmp_path).finish()
     first = random.randint(5, 10)
     stops = [(signal.SIGKILL, first), (signal.SIGTERM, random.randint(first + 3, 16))]
-    kills = _interrupted_run(resumed, 1, stops, tmp_path / "jax-cache")
+    kills = _interrupted_run(resumed, 1, stops, tmp_path)
     _check_resumed_run_matches(reference, resumed, kills)
 
     # Started again once finished, it trains nothing and keeps its DONE record.
     done = (Path(resumed) / "DONE").read_text()
-    again = TrainerPod(resumed, 1, tmp_path / "jax-cache").finish()
+    again = TrainerPod(resumed, 1, tmp_path).finish()
     assert f"trainer: run already finished at step {STEPS} in {resumed}" in again
     assert PROGRESS.search(again) is None
     assert (Path(resumed) / "DONE").read_text() == done
@@ -217,7 +210,7 @@ def test_one_process_killed_and_resumed_matches_uninterrupted_run(tmp_path):
     checkpoints = Path(resumed) / "checkpoints"
     (checkpoints / str(STEPS) / "default" / "_METADATA").write_text("{not json")
     before = sorted(p.name for p in checkpoints.iterdir())
-    pod = TrainerPod(resumed, 1, tmp_path / "jax-cache")
+    pod = TrainerPod(resumed, 1, tmp_path)
     assert pod.wait() == [2]
     assert f"error: checkpoint step {STEPS} in {checkpoints} cannot be loaded" in pod.output()
     assert sorted(p.name for p in checkpoints.iterdir()) == before
@@ -226,13 +219,13 @@ def test_one_process_killed_and_resumed_matches_uninterrupted_run(tmp_path):
 
 def test_four_processes_on_gcs_killed_twice_match_uninterrupted_run_on_a_mixture(gcs, tmp_path):
     reference, resumed = "gs://test-bucket/runs/reference", "gs://test-bucket/runs/resumed"
-    output = TrainerPod(reference, 4, tmp_path / "jax-cache", (MIXTURE,)).finish()
+    output = TrainerPod(reference, 4, tmp_path, (MIXTURE,)).finish()
     train_summary = next(line for line in output.splitlines() if "tokens per dataset: " in line)
     assert "tiny_train.txt" in train_summary and "tiny_eval.txt" in train_summary
     first = random.randint(5, 10)
     targets = [first, random.randint(first + 3, 16)]
     stops = [(signal.SIGKILL, step) for step in targets]
-    kills = _interrupted_run(resumed, 4, stops, tmp_path / "jax-cache", (MIXTURE,))
+    kills = _interrupted_run(resumed, 4, stops, tmp_path, (MIXTURE,))
     _check_resumed_run_matches(reference, resumed, kills)
 
 
@@ -241,14 +234,14 @@ def test_four_processes_on_gcs_killed_twice_match_uninterrupted_run_on_a_mixture
 def test_a_killed_dpo_run_resumes_to_the_uninterrupted_run(kind, tmp_path):
     reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
     extra = (*DPO, f"objective.reference={kind}")
-    TrainerPod(reference, 1, tmp_path / "jax-cache", extra).finish()
+    TrainerPod(reference, 1, tmp_path, extra).finish()
     stops = [(signal.SIGKILL, random.randint(5, 10)), (signal.SIGTERM, random.randint(13, 18))]
-    kills = _interrupted_run(resumed, 1, stops, tmp_path / "jax-cache", extra)
+    kills = _interrupted_run(resumed, 1, stops, tmp_path, extra)
     _check_resumed_run_matches(reference, resumed, kills)
     if kind == "precompute":  # computed once; a start with trained checkpoints reads it back
         stored = Path(resumed) / "reference_logps" / "train.npy"
         written = stored.stat().st_mtime_ns
-        output = TrainerPod(resumed, 1, tmp_path / "jax-cache", extra).finish()
+        output = TrainerPod(resumed, 1, tmp_path, extra).finish()
         assert f"trainer: reference log-probs of train read from {stored}" in output
         assert stored.stat().st_mtime_ns == written
     for key in ("rewards/margins", "logps/rejected"):  # the reference came back the same
