@@ -13,8 +13,9 @@ What runs is read from the README itself, so an edit there changes the test:
 
 All blocks run in README order in one copy of the checkout (later blocks use what earlier
 ones made, as a reader's session would), with a fresh HOME and XDG directories, this
-environment's interpreter first on PATH, no TPUCTL_*/XLA_FLAGS/emulator settings, and
-TPUCTL_TIME_SCALE=0.01 (waits and backoff shortened, as the README says the tests do).
+environment's interpreter first on PATH, no TPUCTL_*, XLA_FLAGS, jax cache or emulator
+settings, and TPUCTL_TIME_SCALE=0.01 (waits and backoff shortened, as the README says the
+tests do).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures_trainer import COMPILE_CACHE_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -161,7 +164,10 @@ def checkout_copy(destination: Path) -> Path:
 
 
 def fresh_env(home: Path) -> dict[str, str]:
-    dropped = ("XLA_FLAGS", "JAX_PLATFORMS", "STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")
+    dropped = (
+        "XLA_FLAGS", "JAX_PLATFORMS", "STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+        *COMPILE_CACHE_ENV,  # a reader's runs keep their compiled programs in the run directory
+    )  # fmt: skip
     env = {
         k: v
         for k, v in os.environ.items()
