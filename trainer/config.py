@@ -209,6 +209,9 @@ class TrainConfig:
     # keep compiled programs in {run_dir}/compile_cache, so that a resumed or relaunched run
     # loads them instead of compiling again (trainer/compile_cache.py)
     compile_cache: bool = True
+    # a process whose loop completes no iteration (step, logging, eval, save) for this long
+    # prints its threads' stacks and ends the run with exit 70 (trainer/watchdog.py); 0: never
+    stall_timeout_s: float = 1800.0
 
 
 @dataclass(frozen=True)
@@ -574,6 +577,10 @@ def _validate_train(train: TrainConfig, model: ModelConfig) -> None:
     if train.batch_size % train.grad_accum:
         raise RecipeError(
             f"train.batch_size ({train.batch_size}) must be divisible by train.grad_accum ({train.grad_accum})"
+        )
+    if train.stall_timeout_s < 0:
+        raise RecipeError(
+            f"train.stall_timeout_s must be 0 (never) or a number of seconds, got {train.stall_timeout_s}"
         )
     profile = train.profile_steps
     if profile and (len(profile) != 2 or not 0 <= profile[0] < profile[1]):

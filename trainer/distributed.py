@@ -15,6 +15,7 @@ it blocked in the next collective. `fail_everywhere` is how a process that hits 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import math
 import os
@@ -38,6 +39,7 @@ _FAILURE_KEY = "tpuctl/fatal"  # in jax's coordination key-value store
 _ACK_DIR = "tpuctl/fatal_ack/"
 _ACK_TIMEOUT_S = 30.0
 _watch: list[PodWatch] = []  # this process's PodWatch, once joined
+_stacks_shown = threading.Lock()  # held once this process has printed its stacks
 
 
 def coordinator_env() -> tuple[str, int, int] | None:
@@ -185,15 +187,25 @@ def _print_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
-def fail_everywhere(message: str, status: int) -> NoReturn:
+def show_stacks(header: str) -> None:
+    """Print `trainer: header` and the Python stack of every thread to stderr (once per
+    process): where each one waits when a run stalls."""
+    if _stacks_shown.acquire(blocking=False):
+        print(f"trainer: {header}; the stack of every thread follows", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+
+
+def fail_everywhere(message: str, status: int, stacks: bool = False) -> NoReturn:
     """End every process of the run with `error: message` and exit `status`: this one now,
     the others within a second (their PodWatch reads it from jax's key-value store). Process 0
-    hosts that store, so it leaves last, once the others have read it (or after 30 s)."""
+    hosts that store, so it leaves last, once the others have read it (or after 30 s). With
+    `stacks`, every other process shows its threads' stacks (`show_stacks`) as it leaves."""
     client = _client()
     if client is None:
         _exit(message, status)
     try:
-        client.key_value_set(_FAILURE_KEY, json.dumps({"message": message, "status": status}))
+        failure = {"message": message, "status": status, "stacks": stacks}
+        client.key_value_set(_FAILURE_KEY, json.dumps(failure))
     except Exception:  # another process failed first: end with its message
         with contextlib.suppress(Exception):
             failure = json.loads(client.key_value_try_get(_FAILURE_KEY))
@@ -263,6 +275,8 @@ class PodWatch(threading.Thread):
                 failure = None
             if failure:
                 failure = json.loads(failure)
+                if failure.get("stacks"):
+                    show_stacks(f"process {self.index} of {self.count} as the run ends")
                 _leave(client, failure["message"], failure["status"])
             try:
                 live = client.get_live_nodes(everyone)

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from trainer import cache, data, dpo, io, metrics, reference, reward, sharding
+from trainer import cache, data, distributed, dpo, io, metrics, reference, reward, sharding
 from trainer.checkpoint import EXIT_PREEMPTED, Checkpointer, CheckpointError
 from trainer.config import (
     ObjectiveConfig,
@@ -44,6 +44,7 @@ from trainer.model import Decoder, attention_path, backend_platform, count_param
 from trainer.optim import make_optimizer
 from trainer.tokenizer import load_tokenizer
 from trainer.tracing import StepTrace
+from trainer.watchdog import EXIT_STALLED, Watchdog
 
 
 @flax.struct.dataclass
@@ -439,6 +440,8 @@ def train(recipe: Recipe) -> int:
     # compiled before the loop: keep compile time out of step times
     compiled = run.train_step.lower(run.state, batch, *run.frozen).compile()
     trace = StepTrace(recipe.run_dir, recipe.train.profile_steps if is_main else [])
+    watchdog = Watchdog(recipe.train.stall_timeout_s, _end_stalled(recipe.train.stall_timeout_s))
+    watchdog.start()
     interval_start, interval_steps = time.perf_counter(), 0
     while step < run.total_steps:
         trace.at_step(step, run.state)
@@ -471,9 +474,12 @@ def train(recipe: Recipe) -> int:
                 print(metrics.eval_line(result), flush=True)
             interval_start = time.perf_counter()
         if checkpointer.maybe_save(run.state, step):  # host step: no wait on the devices
+            watchdog.stop()
             checkpointer.close()
             print(f"trainer: stopped on SIGTERM at step {step}, checkpoint committed", flush=True)
             return EXIT_PREEMPTED
+        watchdog.progress(f"step {step}")
+    watchdog.stop()
     trace.at_step(step, run.state, done=True)
     checkpointer.save(run.state)  # the final state, whatever the save interval
     checkpointer.close()
@@ -482,6 +488,23 @@ def train(recipe: Recipe) -> int:
     else:
         print(f"trainer: {_process()} finished at step {step}", flush=True)
     return 0
+
+
+def _end_stalled(timeout_s: float) -> Callable[[str, float], None]:
+    """What the watchdog does when this process's loop stalls: show where every thread
+    waits, then end every process of the run with one line."""
+
+    def end(last: str, idle_s: float) -> None:
+        distributed.show_stacks(f"{_process()}: no progress for {idle_s:.0f} s since {last}")
+        distributed.fail_everywhere(
+            f"training stalled on process {jax.process_index()}: no progress for "
+            f"{idle_s:.0f} s since {last} (train.stall_timeout_s={timeout_s:g}; raise it if an "
+            "iteration can take that long)",
+            EXIT_STALLED,
+            stacks=True,
+        )
+
+    return end
 
 
 def _process() -> str:

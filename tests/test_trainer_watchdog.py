@@ -1,0 +1,83 @@
+"""`train.stall_timeout_s`: a training loop that stops making progress without dying ends
+the run, every process of it, with the stacks that show where it waits."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from tests.fixtures_trainer import TINY_RECIPE, launch_trainer, wait_all
+from trainer.watchdog import EXIT_STALLED, Watchdog, stalled
+
+
+@pytest.mark.parametrize(
+    ("last", "now", "timeout", "expected"),
+    [
+        (0.0, 10.0, 30.0, False),  # progress 10 s ago
+        (0.0, 30.0, 30.0, False),  # exactly the timeout: not yet
+        (0.0, 30.5, 30.0, True),
+        (0.0, 1e9, 0.0, False),  # 0: never
+    ],
+)
+def test_stalled(last, now, timeout, expected):
+    assert stalled(last, now, timeout) is expected
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_keeps_the_watchdog_quiet_and_a_stall_is_reported_once():
+    clock, calls, fired = FakeClock(), [], threading.Event()
+
+    def on_stall(last: str, idle_s: float) -> None:
+        calls.append((last, idle_s))
+        fired.set()
+
+    watchdog = Watchdog(1.0, on_stall, clock)
+    watchdog.start()
+    clock.now += 0.9
+    watchdog.progress("step 1")
+    clock.now += 0.9  # 1.8 s since the start, 0.9 s since step 1
+    assert not fired.wait(0.3)
+    clock.now += 0.6
+    assert fired.wait(10)
+    watchdog._thread.join(10)  # it returns after reporting: once, never again
+    assert calls == [("step 1", pytest.approx(1.5))]
+
+
+def test_a_timeout_of_0_starts_no_watch():
+    watchdog = Watchdog(0.0, lambda last, idle: None)
+    watchdog.start()
+    assert not watchdog._thread.is_alive()
+
+
+@pytest.mark.slow  # two 2-process tiny runs
+def test_a_loop_hung_on_one_process_ends_every_process_with_its_stack(tmp_path):
+    # Process 0 writes the first step's metrics line into a FIFO nobody reads: its open()
+    # never returns, as a write to a dead NFS mount would not. Process 1 then waits in the
+    # next step's collective for a process that never comes.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    os.mkfifo(run_dir / "metrics.jsonl")
+    args = [
+        str(TINY_RECIPE), f"run_dir={run_dir}", "train.steps=50", "train.stall_timeout_s=3",
+        "logging.every_steps=1", "eval.every_steps=0",
+    ]  # fmt: skip
+    results = wait_all(launch_trainer(args, 2, 2, tmp_path), timeout=300)
+    assert [code for code, _ in results] == [EXIT_STALLED] * 2, results[0][1][-3000:]
+    hung, waiting = (output for _, output in results)
+    # Whichever process noticed first, each shows where it waits: the hung one in the write.
+    assert 'trainer/metrics.py", line' in hung and " in write\n" in hung, hung[-3000:]
+    assert "in process_allgather" in waiting, waiting[-3000:]  # the next collective
+    for output in (hung, waiting):
+        assert output.count("; the stack of every thread follows") == 1, output[-3000:]
+        assert "no progress for 3 s since the start of the loop (train.stall_timeout_s=3; " \
+            "raise it if an iteration can take that long)" in output  # fmt: skip
+        assert "error: training stalled on process " in output
