@@ -443,43 +443,50 @@ def train(recipe: Recipe) -> int:
     watchdog = Watchdog(recipe.train.stall_timeout_s, _end_stalled(recipe.train.stall_timeout_s))
     watchdog.start()
     interval_start, interval_steps = time.perf_counter(), 0
-    while step < run.total_steps:
-        trace.at_step(step, run.state)
-        run.state, stats = compiled(run.state, batch, *run.frozen)
-        step += 1
-        interval_steps += 1
-        if step < run.total_steps:  # read the next batch while the devices work on this one
-            batch = global_batch(
-                train_set, step, recipe.train.grad_accum, run.batch_sharding, references["train"]
-            )
-        if step % recipe.logging.every_steps == 0 or step == run.total_steps:
-            stats = jax.device_get(stats)
-            elapsed = time.perf_counter() - interval_start
-            last = _step_record(
-                step, stats, elapsed / interval_steps, run.flops_per_step, peak, recipe
-            )
-            if is_main:
-                log.write(last)
-                print(metrics.progress_line(last), flush=True)
-            interval_start, interval_steps = time.perf_counter(), 0
-        if (
-            eval_set
-            and recipe.eval.every_steps
-            and (step % recipe.eval.every_steps == 0 or step == run.total_steps)
-        ):
-            result = {"step": step, **evaluate(run, eval_set, references["eval"])}
-            last.update(result)
-            if is_main:
-                log.write(result)
-                print(metrics.eval_line(result), flush=True)
-            interval_start = time.perf_counter()
-        if checkpointer.maybe_save(run.state, step):  # host step: no wait on the devices
-            watchdog.stop()
-            checkpointer.close()
-            print(f"trainer: stopped on SIGTERM at step {step}, checkpoint committed", flush=True)
-            return EXIT_PREEMPTED
-        watchdog.progress(f"step {step}")
-    watchdog.stop()
+    try:  # however the loop ends (a crash included), the watchdog goes with it
+        while step < run.total_steps:
+            trace.at_step(step, run.state)
+            run.state, stats = compiled(run.state, batch, *run.frozen)
+            step += 1
+            interval_steps += 1
+            if step < run.total_steps:  # read the next batch while the devices work on this one
+                batch = global_batch(
+                    train_set,
+                    step,
+                    recipe.train.grad_accum,
+                    run.batch_sharding,
+                    references["train"],
+                )
+            if step % recipe.logging.every_steps == 0 or step == run.total_steps:
+                stats = jax.device_get(stats)
+                elapsed = time.perf_counter() - interval_start
+                last = _step_record(
+                    step, stats, elapsed / interval_steps, run.flops_per_step, peak, recipe
+                )
+                if is_main:
+                    log.write(last)
+                    print(metrics.progress_line(last), flush=True)
+                interval_start, interval_steps = time.perf_counter(), 0
+            if (
+                eval_set
+                and recipe.eval.every_steps
+                and (step % recipe.eval.every_steps == 0 or step == run.total_steps)
+            ):
+                result = {"step": step, **evaluate(run, eval_set, references["eval"])}
+                last.update(result)
+                if is_main:
+                    log.write(result)
+                    print(metrics.eval_line(result), flush=True)
+                interval_start = time.perf_counter()
+            if checkpointer.maybe_save(run.state, step):  # host step: no wait on the devices
+                checkpointer.close()
+                print(
+                    f"trainer: stopped on SIGTERM at step {step}, checkpoint committed", flush=True
+                )
+                return EXIT_PREEMPTED
+            watchdog.progress(f"step {step}")
+    finally:
+        watchdog.stop()
     trace.at_step(step, run.state, done=True)
     checkpointer.save(run.state)  # the final state, whatever the save interval
     checkpointer.close()
