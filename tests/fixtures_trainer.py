@@ -101,7 +101,8 @@ def shared_compile_cache():
     environment; an SSH test pod's hosts get it through `--env` (`compile_cache_env_args`),
     and see it because it is in /var/tmp, not in their private /tmp. As a user's own
     JAX_COMPILATION_CACHE_DIR does, it takes the place of the run directory's cache;
-    tests/test_trainer_compile_cache.py removes it to test that one."""
+    tests/test_trainer_compile_cache.py removes it to test that one, and tests/test_readme.py
+    because a reader's shell has no such setting."""
     path = tempfile.mkdtemp(prefix="tpuctl-jax-cache-", dir="/var/tmp")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(COMPILE_CACHE_ENV[0], path)
