@@ -287,7 +287,7 @@ def main() -> None:
     peaks, our_times, peer_times = [], [], []
     for _ in range(args.rounds):
         if platform == "cpu":
-            peaks.append(metrics.measure_matmul_peak(dtype, seconds=1.0))
+            peaks.append(metrics.measure_matmul_peak(dtype, size=2048, seconds=1.0))
         our_times.append(ours.time(args.steps))
         if peer:
             peer_times.append(peer.time(args.steps))
