@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.provide_cpu_devices(recipe.mesh)
         compile_cache.enable(recipe)
         distributed.initialize()
+        compile_cache.write_from_every_cpu_process()
         from trainer.train import train
 
         try:
