@@ -373,6 +373,23 @@ def cache_progress(
     return report
 
 
+@dataclass
+class Feed:
+    """What the loop feeds the steps: each split's mixture and, with a precomputed DPO
+    reference, each split's reference log-probs (trainer.reference)."""
+
+    train: Mixture
+    eval: Mixture | None
+    references: dict[str, Any]
+
+    def batch(self, run: Run, step: int) -> dict[str, jax.Array]:
+        """The training batch of `step`."""
+        grad_accum = run.recipe.train.grad_accum
+        return global_batch(
+            self.train, step, grad_accum, run.batch_sharding, self.references["train"]
+        )
+
+
 def train(recipe: Recipe) -> int:
     """Run the recipe to completion, resuming from its newest checkpoint; returns the exit status
     (0, or EXIT_PREEMPTED when SIGTERM stopped it after a committed save)."""
@@ -386,12 +403,55 @@ def train(recipe: Recipe) -> int:
         prepare_data(recipe, "eval", shuffle=False, progress=progress) if recipe.data.eval else None
     )
     run = setup(recipe, train_set, hf_params)
-    references: dict[str, Any] = {"train": None, "eval": None}
-    if recipe.objective.uses_reference and recipe.objective.reference == "precompute":
-        # from the starting weights, so before a checkpoint replaces them; read back on resume
-        references["train"] = reference.prepare(run, train_set, "train")
-        if eval_set:
-            references["eval"] = reference.prepare(run, eval_set, "eval")
+    feed = Feed(train_set, eval_set, reference_logps(run, train_set, eval_set))
+    checkpointer = open_checkpointer(run)
+    peak = announce(run)
+    step = int(jax.device_get(run.state.step))
+    if step >= run.total_steps:  # the same on every process: all stop here together
+        checkpointer.close()
+        if is_main:
+            print(f"trainer: run already finished at step {step} in {recipe.run_dir}: nothing "
+                  "to train (raise train.steps to go on)", flush=True)  # fmt: skip
+            if not io.exists(_done_path(recipe)):  # stopped between its last save and DONE
+                _write_done(recipe, step, {}, started)
+        return 0
+    log = (
+        metrics.MetricsLog(
+            recipe.run_dir, recipe.logging.wandb_project, recipe.logging.tensorboard, recipe.run_id
+        )
+        if is_main
+        else None
+    )
+    step, last, preempted = train_loop(run, feed, step, checkpointer, log, peak)
+    if preempted:
+        checkpointer.close()
+        print(f"trainer: stopped on SIGTERM at step {step}, checkpoint committed", flush=True)
+        return EXIT_PREEMPTED
+    checkpointer.save(run.state)  # the final state, whatever the save interval
+    checkpointer.close()
+    if is_main:
+        _write_done(recipe, step, last, started)
+    else:
+        print(f"trainer: {_process()} finished at step {step}", flush=True)
+    return 0
+
+
+def reference_logps(run: Run, train_set: Mixture, eval_set: Mixture | None) -> dict[str, Any]:
+    """Each split's precomputed reference log-probs, for `objective.reference: precompute`;
+    None otherwise. Computed from the starting weights, so before a checkpoint replaces
+    them, and read back on resume."""
+    objective = run.recipe.objective
+    if not (objective.uses_reference and objective.reference == "precompute"):
+        return {"train": None, "eval": None}
+    return {
+        "train": reference.prepare(run, train_set, "train"),
+        "eval": reference.prepare(run, eval_set, "eval") if eval_set else None,
+    }
+
+
+def open_checkpointer(run: Run) -> Checkpointer:
+    """The run's Checkpointer, with `run.state` restored from its newest checkpoint if any."""
+    recipe = run.recipe
     checkpointer = Checkpointer(
         io.join(recipe.run_dir, "checkpoints"),
         recipe.checkpoint,
@@ -405,40 +465,42 @@ def train(recipe: Recipe) -> int:
         raise TrainerError(str(e)) from e
     if restored is not None:
         run.state = restored
-    log = (
-        metrics.MetricsLog(
-            recipe.run_dir, recipe.logging.wandb_project, recipe.logging.tensorboard, recipe.run_id
-        )
-        if is_main
-        else None
-    )
-    peak = 0.0  # MFU is process 0's to log; on a CPU the others need not measure a peak
-    if is_main:
-        peak, peak_source = metrics.hardware_peak(jax.devices(), recipe.model.dtype)
-        n_params = count_params(run.state.params)
-        print(f"trainer: {n_params / 1e6:.1f}M params, mesh {dict(run.mesh.shape)}, {run.total_steps} steps, "
-              f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})", flush=True)  # fmt: skip
-        print(f"trainer: Python {sys.version.split()[0]} ({sys.executable}), jax {jax.__version__}",
-              flush=True)  # fmt: skip
-    else:  # one line of its own, so that every worker's log (and `tpuctl ps`) says where it is
+    return checkpointer
+
+
+def announce(run: Run) -> float:
+    """Print what this process runs; returns the peak FLOP/s MFU is measured against (0 on
+    processes other than 0: MFU is process 0's to log, and a CPU's peak is measured)."""
+    if jax.process_index() != 0:  # one line: each worker's log (and `tpuctl ps`) says where it is
         print(f"trainer: {_process()}, {jax.local_device_count()} devices; process 0 logs the run",
               flush=True)  # fmt: skip
+        return 0.0
+    peak, peak_source = metrics.hardware_peak(jax.devices(), run.recipe.model.dtype)
+    n_params = count_params(run.state.params)
+    print(f"trainer: {n_params / 1e6:.1f}M params, mesh {dict(run.mesh.shape)}, {run.total_steps} steps, "
+          f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})", flush=True)  # fmt: skip
+    print(f"trainer: Python {sys.version.split()[0]} ({sys.executable}), jax {jax.__version__}",
+          flush=True)  # fmt: skip
+    return peak
 
-    step = int(jax.device_get(run.state.step))
-    if step >= run.total_steps:  # the same on every process: all stop here together
-        checkpointer.close()
-        if is_main:
-            print(f"trainer: run already finished at step {step} in {recipe.run_dir}: nothing "
-                  "to train (raise train.steps to go on)", flush=True)  # fmt: skip
-            if not io.exists(_done_path(recipe)):  # stopped between its last save and DONE
-                _write_done(recipe, step, {}, started)
-        return 0
+
+def train_loop(
+    run: Run,
+    feed: Feed,
+    step: int,
+    checkpointer: Checkpointer,
+    log: metrics.MetricsLog | None,
+    peak: float,
+) -> tuple[int, dict[str, Any], bool]:
+    """Train from `step` to the run's last step, logging, evaluating and saving as the
+    recipe says: (the step it stopped at, that step's record, whether SIGTERM stopped it
+    after a committed save). The stall watchdog and the profile trace cover this loop."""
+    recipe = run.recipe
     last: dict[str, Any] = {}
-    batch = global_batch(
-        train_set, step, recipe.train.grad_accum, run.batch_sharding, references["train"]
-    )
+    batch = feed.batch(run, step)
     # compiled before the loop: keep compile time out of step times
     compiled = run.train_step.lower(run.state, batch, *run.frozen).compile()
+    is_main = jax.process_index() == 0
     trace = StepTrace(recipe.run_dir, recipe.train.profile_steps if is_main else [])
     watchdog = Watchdog(recipe.train.stall_timeout_s, _end_stalled(recipe.train.stall_timeout_s))
     watchdog.start()
@@ -450,51 +512,35 @@ def train(recipe: Recipe) -> int:
             step += 1
             interval_steps += 1
             if step < run.total_steps:  # read the next batch while the devices work on this one
-                batch = global_batch(
-                    train_set,
-                    step,
-                    recipe.train.grad_accum,
-                    run.batch_sharding,
-                    references["train"],
-                )
+                batch = feed.batch(run, step)
             if step % recipe.logging.every_steps == 0 or step == run.total_steps:
-                stats = jax.device_get(stats)
                 elapsed = time.perf_counter() - interval_start
                 last = _step_record(
-                    step, stats, elapsed / interval_steps, run.flops_per_step, peak, recipe
+                    step, jax.device_get(stats), elapsed / interval_steps, run, peak
                 )
-                if is_main:
+                if log is not None:
                     log.write(last)
                     print(metrics.progress_line(last), flush=True)
                 interval_start, interval_steps = time.perf_counter(), 0
-            if (
-                eval_set
-                and recipe.eval.every_steps
-                and (step % recipe.eval.every_steps == 0 or step == run.total_steps)
-            ):
-                result = {"step": step, **evaluate(run, eval_set, references["eval"])}
+            if _evaluates_at(run, feed, step):
+                result = {"step": step, **evaluate(run, feed.eval, feed.references["eval"])}
                 last.update(result)
-                if is_main:
+                if log is not None:
                     log.write(result)
                     print(metrics.eval_line(result), flush=True)
                 interval_start = time.perf_counter()
             if checkpointer.maybe_save(run.state, step):  # host step: no wait on the devices
-                checkpointer.close()
-                print(
-                    f"trainer: stopped on SIGTERM at step {step}, checkpoint committed", flush=True
-                )
-                return EXIT_PREEMPTED
+                return step, last, True
             watchdog.progress(f"step {step}")
     finally:
         watchdog.stop()
     trace.at_step(step, run.state, done=True)
-    checkpointer.save(run.state)  # the final state, whatever the save interval
-    checkpointer.close()
-    if is_main:
-        _write_done(recipe, step, last, started)
-    else:
-        print(f"trainer: {_process()} finished at step {step}", flush=True)
-    return 0
+    return step, last, False
+
+
+def _evaluates_at(run: Run, feed: Feed, step: int) -> bool:
+    every = run.recipe.eval.every_steps
+    return bool(feed.eval and every and (step % every == 0 or step == run.total_steps))
 
 
 def _end_stalled(timeout_s: float) -> Callable[[str, float], None]:
@@ -532,9 +578,8 @@ def _abstract(x: jax.Array) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
 
-def _step_record(
-    step: int, stats: dict, step_time: float, flops_per_step: float, peak: float, recipe: Recipe
-) -> dict[str, Any]:
+def _step_record(step: int, stats: dict, step_time: float, run: Run, peak: float) -> dict[str, Any]:
+    recipe, flops_per_step = run.recipe, run.flops_per_step
     tokens_per_s = recipe.train.batch_size * recipe.train.seq_len / step_time
     record = {
         "step": step,
