@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tests.fixtures_trainer import assert_all_exited_0, launch_trainer, wait_all
 from trainer import train
@@ -134,3 +136,25 @@ def test_bf16_compute_with_fp32_master_weights_and_optimizer_state_is_the_defaul
     ]
     assert floats and set(floats) == {jnp.dtype("float32")}
     assert np.isfinite(float(stats["loss"]))
+
+
+@pytest.mark.slow  # a whole tiny run
+def test_a_logged_step_time_includes_the_step_itself_not_only_its_dispatch(tiny_recipe, tmp_path):
+    """jax dispatches a step and returns at once: the loop's step time must end when the
+    step's results are in, or it reports a fraction of the time a step takes."""
+    overrides = [f"run_dir={tmp_path}", "train.steps=6", "logging.every_steps=1",
+                 "eval.every_steps=0", "train.grad_accum=1"]  # fmt: skip
+    recipe = load_recipe(str(tiny_recipe), overrides)
+    assert train.train(recipe) == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = float(np.median([r["step_time_s"] for r in records if "step_time_s" in r][1:]))
+    dataset = train.prepare_data(recipe, "train", shuffle=True)
+    run = train.setup(recipe, dataset)
+    batch = train.global_batch(dataset, 0, 1, run.batch_sharding)
+    step, state = run.train_step.lower(run.state, batch).compile(), run.state
+    timings = []
+    for _ in range(5):
+        started = time.perf_counter()
+        state, _ = jax.block_until_ready(step(state, batch))  # the state is donated
+        timings.append(time.perf_counter() - started)
+    assert logged > 0.5 * float(np.median(timings)), (logged, timings)

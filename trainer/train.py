@@ -514,10 +514,9 @@ def train_loop(
             if step < run.total_steps:  # read the next batch while the devices work on this one
                 batch = feed.batch(run, step)
             if step % recipe.logging.every_steps == 0 or step == run.total_steps:
+                stats = jax.device_get(stats)  # first: a step's time ends when its results are in
                 elapsed = time.perf_counter() - interval_start
-                last = _step_record(
-                    step, jax.device_get(stats), elapsed / interval_steps, run, peak
-                )
+                last = _step_record(step, stats, elapsed / interval_steps, run, peak)
                 if log is not None:
                     log.write(last)
                     print(metrics.progress_line(last), flush=True)
