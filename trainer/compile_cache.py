@@ -13,7 +13,9 @@ the user wins.
 
 from __future__ import annotations
 
+import inspect
 import os
+import sys
 
 from trainer import io
 from trainer.config import Recipe
@@ -52,25 +54,52 @@ def write_from_every_cpu_process() -> None:
     processes never found an entry and compiled every program at every start: a 4-process
     local run of the tiny recipe took about 35 s to finish, 15 s once each process found its
     own entries. Their keys differ, so no two processes write one entry. TPUs and GPUs keep
-    jax's way: process 0's entries serve every host there. A jax without the private
-    function this wraps compiles as before."""
+    jax's way: process 0's entries serve every host there.
+
+    This replaces jax's private `_cache_write` with one that writes as it does, without its
+    process-0 check (never by changing jax's process id, which other threads read). A jax
+    whose private functions differ keeps its own, and the other processes compile as
+    before."""
     import jax
 
     if jax.process_index() == 0 or jax.default_backend() != "cpu":
         return
-    from jax._src import compiler
-    from jax._src import distributed as jax_distributed
+    from jax._src import compilation_cache, compiler
 
-    write = getattr(compiler, "_cache_write", None)
-    state = jax_distributed.global_state
-    if write is None or not hasattr(state, "process_id"):
+    jax_write = getattr(compiler, "_cache_write", None)
+    put = getattr(compilation_cache, "put_executable_and_time", None)
+    if jax_write is None or put is None:
+        return
+    signature = inspect.signature(jax_write)
+    if not _WRITE_ARGUMENTS.issubset(signature.parameters):
         return
 
-    def write_as_process_0(*args, **kwargs):  # jax's check is `process_id != 0`: skip it
-        process_id, state.process_id = state.process_id, 0
+    def write(*args, **kwargs) -> None:
+        given = signature.bind(*args, **kwargs).arguments
+        min_time_s = jax.config.jax_persistent_cache_min_compile_time_secs
+        if given["host_callbacks"] or given["compile_time_secs"] < min_time_s:
+            return  # jax keeps neither
+        name = given["module_name"]
         try:
-            return write(*args, **kwargs)
-        finally:
-            state.process_id = process_id
+            put(
+                cache_key=given["cache_key"],
+                module_name=name,
+                executable=given["executable"],
+                backend=given["backend"],
+                compile_time=int(given["compile_time_secs"]),
+            )
+        except Exception as e:  # as jax does: an entry not written costs a compile, not the run
+            print(f"trainer: compile cache entry for {name!r} not written: {e}", file=sys.stderr)
 
-    compiler._cache_write = write_as_process_0
+    compiler._cache_write = write
+
+
+# the arguments of jax's _cache_write that `write_from_every_cpu_process` reads
+_WRITE_ARGUMENTS = {
+    "cache_key",
+    "compile_time_secs",
+    "module_name",
+    "backend",
+    "executable",
+    "host_callbacks",
+}
