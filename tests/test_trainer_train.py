@@ -27,9 +27,12 @@ SHORT = [
 ]
 
 
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run_dir: Path) -> list[float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
+    return [r["loss"] for r in records(run_dir) if "loss" in r]
 
 
 def test_grad_accumulation_is_one_update_over_the_whole_batch(tiny_recipe, tmp_path):
@@ -79,8 +82,7 @@ def test_one_process_and_four_processes_give_the_same_losses_and_loss_falls(tiny
 
     done = json.loads((four / "DONE").read_text())
     assert done["step"] == STEPS and done["final"]["eval_loss"] < single_losses[0]
-    records = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
-    record = next(r for r in records if "loss" in r)  # a step record
+    record = next(r for r in records(one) if "loss" in r)  # a step record
     assert {
         "step",
         "loss",
@@ -111,8 +113,10 @@ def test_cache_build_progress_is_printed_and_reaches_metrics_once_a_minute(tmp_p
     report = train.cache_progress(str(tmp_path), clock=lambda: next(times))
     for line in ("data: cache 1/9", "data: cache 2/9", "data: cache 3/9", "data: cache 4/9"):
         report(line)
-    records = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert records == [{"data_cache": "data: cache 2/9"}, {"data_cache": "data: cache 4/9"}]
+    assert records(tmp_path) == [
+        {"data_cache": "data: cache 2/9"},
+        {"data_cache": "data: cache 4/9"},
+    ]
     assert capsys.readouterr().out.count("data: cache ") == 4
 
 
@@ -146,8 +150,8 @@ def test_a_logged_step_time_includes_the_step_itself_not_only_its_dispatch(tiny_
                  "eval.every_steps=0", "train.grad_accum=1"]  # fmt: skip
     recipe = load_recipe(str(tiny_recipe), overrides)
     assert train.train(recipe) == 0
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    logged = float(np.median([r["step_time_s"] for r in records if "step_time_s" in r][1:]))
+    step_times = [r["step_time_s"] for r in records(tmp_path) if "step_time_s" in r]
+    logged = float(np.median(step_times[1:]))
     dataset = train.prepare_data(recipe, "train", shuffle=True)
     run = train.setup(recipe, dataset)
     batch = train.global_batch(dataset, 0, 1, run.batch_sharding)
