@@ -282,6 +282,8 @@ def test_progress_is_read_incrementally_and_a_half_written_line_waits(where, tmp
         (["v4-16", TINY, "-n", "p", "--spot", "--preemptible"], "error: --spot and --preemptible"),
         (["v4-16", TINY, "-n", "p", "--poll", "soon"], "error: --poll 'soon' is not a duration"),
         (["--name", "nowhere"], "error: no node named 'nowhere'"),
+        (["mine"], "error: 'mine' is not a TPU type (e.g. v4-32); the node goes in --name"),
+        (["v9-16", TINY, "-n", "p"], "error: unknown TPU generation 'v9' in 'v9-16'"),
         (["v4-16", TINY, "-n", "p", "--run-id", "../../x"], "error: --run-id '../../x' is not"),
     ],
 )

@@ -87,6 +87,8 @@ def babysit(
         raise TpuctlError("--spot and --preemptible exclude each other; pick one")
     if run_id is not None:
         validate_run_id(run_id)
+    if accelerator_type is not None:
+        _check_accelerator_type(accelerator_type, recipe)
     settings = config.load()
     node_name = name or settings.get("node")
     if recipe is None:
@@ -134,6 +136,22 @@ def babysit(
         f"restarts: {state.preemptions} preemption(s), {state.failures} failure(s), "
         f"{state.launches} launch(es)"
     )
+
+
+def _check_accelerator_type(text: str, recipe: str | None) -> None:
+    """A first argument that is no TPU type is most often a node name (as `exec NODE`
+    takes one): say where the node goes rather than failing on something else later."""
+    from tpuctl import catalog
+
+    try:
+        catalog.parse(text)
+    except TpuctlError:
+        if recipe is not None:
+            raise
+        raise TpuctlError(
+            f"{text!r} is not a TPU type (e.g. v4-32); the node goes in --name: "
+            f"`tpuctl babysit --name {text}` carries on its latest run"
+        ) from None
 
 
 def babysit_with_display(sitter: Babysitter, node_name: str, log_file: Path | None):
