@@ -33,6 +33,8 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from machine_load import after_run, before_run
+
 from trainer.config import (
     CheckpointConfig,
     MeshConfig,
@@ -164,11 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     absl_logging.set_verbosity(absl_logging.ERROR)
     from tpuctl.gcs_emulator import GcsEmulator, emulator_env
 
+    load_before = before_run()
     loop = Loop()
     result = {
         "state_MB": loop.state_bytes() / 1e6,
         "cpus": os.cpu_count(),
-        "load_average": os.getloadavg(),
+        "load_average_before": load_before,
         **save_modes(loop, args.steps, args.every),
     }
     local = tempfile.mkdtemp(prefix="ckpt-bench-local-")
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.update(emulator_env(emulator.url))
         emulator.create_bucket("bench-bucket")
         result["gcs_emulator"] = transfer_rates(loop, "gs://bench-bucket/ckpt")
-    result["load_average_after"] = os.getloadavg()
+    result["load_average_after"] = after_run()
     print(json.dumps(result, indent=2))
     fraction = result["async"]["blocked_fraction_of_step"]
     first = result["async"]["first_blocked_s"]

@@ -37,6 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from machine_load import after_run, before_run
+
 FILE_MB = 32
 ROW_LEN = 2049
 VOCAB = 8192
@@ -188,7 +190,7 @@ def main() -> None:
         }[args.child]
         print(json.dumps(run()))
         return
-    load_before = os.getloadavg()
+    load_before = before_run()
     rounds: dict[str, list[dict]] = {"ours": [], "datasets": [], "first_batch": []}
     with tempfile.TemporaryDirectory(prefix="data-cache-bench-") as tmp:
         work = Path(tmp)
@@ -216,7 +218,7 @@ def main() -> None:
         "workers": args.workers,
         "cpus": os.cpu_count(),
         "load_before": load_before,
-        "load_after": os.getloadavg(),
+        "load_after": after_run(),
         "medians": medians,
         "rounds": rounds,
         "throughput_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],

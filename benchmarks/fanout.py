@@ -30,6 +30,8 @@ import time
 from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
+from machine_load import after_run, before_run
+
 from tpuctl.fanout import holder
 from tpuctl.testing.fake_tpu import FakeTpuApi
 from tpuctl.testing.sshpod import SshPod, cpu_seconds, make_keypair
@@ -121,7 +123,7 @@ def main() -> None:
     # Every process of the benchmark (sshd hosts, tpuctl, pdsh) inherits this priority, so
     # on a shared machine the figures measure the tools more than the neighbours' load.
     os.setpriority(os.PRIO_PROCESS, 0, PRIORITY)
-    load_before = os.getloadavg()
+    load_before = before_run()
     work = Path(tempfile.mkdtemp(prefix="tpuctl-bench-"))  # short: holders' socket paths
     key = make_keypair(work)
     base = {
@@ -175,7 +177,8 @@ def report(args, sizes: list[int], medians: dict[str, Sample], load_before) -> N
         for count in sizes
     }
     first = walls[sizes[0]]
-    print(f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}")
+    load_after = after_run()
+    print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (its own hosts)")
     for count, f in walls.items():
         print(
             f"{count:>4} workers: cold {f['cold']:.3f} s ({f['cold'] / f['pdsh']:.2f}x pdsh, "
@@ -199,13 +202,11 @@ def report(args, sizes: list[int], medians: dict[str, Sample], load_before) -> N
         targets["warm_128_vs_1"] = (walls[128]["warm"] / walls[1]["warm"], TARGET_WARM_GROWTH)
     for name, (value, target) in targets.items():
         print(f"{name} = {value:.2f} (target <= {target})")
-    if os.getloadavg()[0] > (os.cpu_count() or 1):
-        print("warning: the load average passed the CPU count: the figures are load-bound")
     result = {
         "runs": args.runs,
         "cpus": os.cpu_count(),
         "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
+        "load_average_after": load_after,
         "nice": PRIORITY,
         "workers": {str(k): v for k, v in walls.items()},
         "cpu_s": {name: asdict(sample) for name, sample in medians.items()},

@@ -36,6 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from machine_load import after_run, before_run
+
 from benchmarks.trainer_throughput import (
     SIZES,
     OurStep,
@@ -144,19 +146,6 @@ def positive(text: str) -> int:
     return value
 
 
-def load_average(when: str) -> list[float]:
-    """The 1, 5 and 15 minute load averages, with a warning when the 1-minute one exceeds the
-    CPU count (the figures are then skewed by other work)."""
-    load = list(os.getloadavg())
-    if load[0] > (os.cpu_count() or 1):
-        print(
-            f"warning: load average {load[0]:.1f} {when} exceeds the {os.cpu_count()} CPUs;"
-            " figures are skewed, rerun on a quiet machine",
-            file=sys.stderr,
-        )
-    return load
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="reference-34m")
@@ -178,7 +167,7 @@ def main() -> None:
         parser.error("--seq-len: at least 2 tokens (a prompt and a response token)")
     xla_flags = apply_cpu_arguments(args)
 
-    load_before = load_average("before the run")
+    load_before = before_run()
     import jax
 
     devices = jax.devices()
@@ -218,7 +207,7 @@ def main() -> None:
         "allocator": args.allocator,
         "cpus": os.cpu_count(),
         "load_average_before": load_before,
-        "load_average_after": load_average("after the run"),
+        "load_average_after": after_run(),
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "ours_pairs_per_s": ours_pps,

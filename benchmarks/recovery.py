@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine_load import after_run, before_run
+
 REPO = Path(__file__).resolve().parent.parent
 CHECKPOINT_EVERY = 4
 STEPS_BETWEEN = 6  # new steps logged before each preemption
@@ -65,6 +67,7 @@ def main() -> None:
         help="train.compile_cache: false compiles the step again at every relaunch",
     )  # fmt: skip
     args = parser.parse_args()
+    load_before = before_run()
 
     root = Path(tempfile.mkdtemp(prefix="tpuctl-recovery-"))
     env = {**os.environ, "XDG_CONFIG_HOME": str(root / "config"), "TPUCTL_PROVIDER": "local"}
@@ -109,7 +112,8 @@ def main() -> None:
     summary = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
     summary["max_steps_lost"] = max(row["steps_lost"] for row in rows)
     summary["checkpoint_every"] = CHECKPOINT_EVERY
-    summary["load_average"] = os.getloadavg()[0]
+    summary["load_average_before"] = load_before[0]
+    summary["load_average_after"] = after_run()[0]
     print("median: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
     if args.json:
         args.json.write_text(json.dumps({"preemptions": rows, "summary": summary}, indent=2))

@@ -26,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from machine_load import after_run, before_run
+
 from trainer.config import (
     ATTENTION,
     PRESETS,
@@ -260,6 +262,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     xla_flags = apply_cpu_arguments(args)
+    load_before = before_run()
 
     import jax
 
@@ -306,7 +309,8 @@ def main() -> None:
         "xla_flags": xla_flags,
         "allocator": args.allocator,
         "attention_path": attention_path(model, backend_platform(), args.seq),
-        "load_average_1m": os.getloadavg()[0],
+        "load_average_before": load_before,
+        "load_average_after": after_run(),
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "flops_per_token": metrics.flops_per_token(model, args.seq),
