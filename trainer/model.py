@@ -92,11 +92,45 @@ def rotary_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array
     return jnp.cos(angles), jnp.sin(angles)
 
 
+@jax.custom_vjp
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotary embedding of x [batch, seq, heads, head_dim], in x's dtype."""
+    """Rotary embedding of x [batch, seq, heads, head_dim], in x's dtype.
+
+    Its gradient is written out (the rotation's transpose is minus the rotation): autodiff's
+    own gives XLA:CPU one fused loop of transposes, slices and pads per layer that took about
+    5% of the reference model's step on a CPU."""
+    return _rotate(x, cos, sin)
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    return (x * cos.astype(x.dtype) + _rotate_half(x) * sin.astype(x.dtype)).astype(x.dtype)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def _rotary_forward(x, cos, sin):
+    return _rotate(x, cos, sin), (x, cos, sin)
+
+
+def _rotary_backward(residuals, g):
+    x, cos, sin = residuals
+    dx = g * cos.astype(g.dtype) - _rotate_half(g * sin.astype(g.dtype))
+    # The tables' cotangents (summed over the heads they were broadcast to); a train step
+    # never uses them (the tables come from integer positions), so XLA drops them.
+    dcos = _sum_to(g * x, cos)
+    dsin = _sum_to(g * _rotate_half(x), sin)
+    return dx.astype(x.dtype), dcos, dsin
+
+
+def _sum_to(t: jax.Array, like: jax.Array) -> jax.Array:
+    axes = tuple(i for i, (n, m) in enumerate(zip(t.shape, like.shape, strict=True)) if m == 1 < n)
+    return jnp.sum(t.astype(like.dtype), axis=axes, keepdims=True)
+
+
+apply_rotary.defvjp(_rotary_forward, _rotary_backward)
 
 
 class Attention(nn.Module):
