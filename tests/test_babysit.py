@@ -316,8 +316,12 @@ def test_a_second_babysitter_on_the_same_run_refuses_naming_the_first(cli, tmp_p
 
 def test_no_step_progress_is_a_failure_and_the_failure_budget_stops_babysitting(cli, tmp_path):
     run_dir = tmp_path / "run"
-    # No step within 1 s of the launch (the trainer is still starting): a hang, each time.
-    args = babysit_args("pod", "hangs", run_dir, "--hang-timeout", "1s", "--max-failures", "1")
+    # A run that trains but never logs a step (far too long to finish while it is stopped):
+    # no step progress within 1 s of each launch, a hang each time, whatever the machine.
+    quiet = ("train.steps=100000", "logging.every_steps=100000")
+    args = babysit_args(
+        "pod", "hangs", run_dir, "--hang-timeout", "1s", "--max-failures", "1", overrides=quiet
+    )
     result = cli(*args)
     assert result.returncode == 1, result.stdout + result.stderr
     assert (
