@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+from tpuctl.cli import _exit_status
+
 HEAVY_MODULES = ("jax", "flax", "optax", "orbax", "google.cloud.tpu_v2", "google.cloud.storage")
 
 
@@ -85,3 +87,38 @@ def test_unknown_command_is_a_usage_error_not_a_traceback():
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "No such command" in result.stderr
+
+
+def _entry(prelude: str, *args: str) -> subprocess.CompletedProcess:
+    """`tpuctl ARGS` through the executable's entry point, after `prelude` ran."""
+    code = f"import sys\n{prelude}\nsys.argv = ['tpuctl', *{args!r}]\nfrom tpuctl.cli import entry\nentry()"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_the_executable_runs_atexit_handlers_and_flushes_piped_output_before_it_leaves():
+    result = _entry("import atexit; atexit.register(print, 'atexit ran')", "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["tpuctl 0.1.0", "atexit ran"]
+
+
+def test_the_executable_waits_for_threads_still_running_as_the_interpreter_does():
+    prelude = (
+        "import threading\n"
+        "work = lambda: (threading.Event().wait(0.5), print('thread finished', flush=True))\n"
+        "threading.Thread(target=work).start()"
+    )
+    result = _entry(prelude, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["tpuctl 0.1.0", "thread finished"]
+
+
+def test_the_executable_keeps_exit_statuses_and_one_line_errors():
+    assert _entry("", "no-such-command").returncode == 2
+    bad = _entry("", "babysit", "mynode")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: 'mynode' is not a TPU type")
+
+
+def test_exit_codes_read_as_sys_exit_reads_them(capsys):
+    assert [_exit_status(code) for code in (None, 0, 3)] == [0, 0, 3]
+    assert _exit_status("stopped: no workers") == 1
+    assert capsys.readouterr().err == "stopped: no workers\n"

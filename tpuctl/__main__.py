@@ -1,3 +1,3 @@
-from tpuctl.cli import main
+from tpuctl.cli import entry
 
-main()
+entry()

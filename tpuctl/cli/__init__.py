@@ -1,7 +1,12 @@
 """The tpuctl command line: `tpuctl COMMAND --help` for each command."""
 
+import atexit
+import contextlib
 import importlib
+import os
 import sys
+import threading
+from typing import NoReturn
 
 from tpuctl.cli.app import app
 from tpuctl.errors import TpuctlError
@@ -57,3 +62,36 @@ def main() -> None:
     except TpuctlError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+
+
+def entry() -> NoReturn:
+    """The `tpuctl` executable (and `python -m tpuctl`): `main`, then out of the process
+    without tearing the interpreter down.
+
+    Freeing every module's objects at exit took about 14 ms of every command, a sixth of a
+    warm `tpuctl exec`. What exit still owes is done here: other threads still running are
+    waited for (then the interpreter exits as usual), atexit handlers run and the standard
+    streams are flushed. A crash (any other exception) exits as usual, with its traceback.
+    """
+    try:
+        main()
+        status = 0
+    except SystemExit as exit_:
+        status = _exit_status(exit_.code)
+    if any(t is not threading.current_thread() and not t.daemon for t in threading.enumerate()):
+        sys.exit(status)
+    atexit._run_exitfuncs()  # what sys.exit would run; os._exit runs nothing
+    for stream in (sys.stdout, sys.stderr):
+        # a reader that went away (`tpuctl ps | head -1`) or a closed stream
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)
+
+
+def _exit_status(code: object) -> int:
+    """The status `sys.exit(code)` gives: None is 0, an int itself, anything else printed
+    to stderr and 1."""
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr)
+    return 1
