@@ -327,7 +327,7 @@ def attend(
     if path == "cudnn":
         return fused_attention(q, k, v, segment_ids, window, "cudnn")
     chunk = cfg.attention_chunk if path == "chunked" else 0
-    return causal_attention(q, k, v, segment_ids, chunk, window, _accumulates_in_fp32(cfg))
+    return causal_attention(q, k, v, segment_ids, chunk, window)
 
 
 def fused_attention(q, k, v, segment_ids, window: int | None, implementation: str) -> jax.Array:
@@ -404,31 +404,26 @@ def splash_attention(q, k, v, segment_ids, window: int | None, interpret: bool) 
     return out_BxHxLxD.transpose(0, 2, 1, 3)
 
 
-def causal_attention(
-    q, k, v, segment_ids, chunk: int, window: int | None = None, accumulate: bool = False
-) -> jax.Array:
+def causal_attention(q, k, v, segment_ids, chunk: int, window: int | None = None) -> jax.Array:
     """Causal attention within documents; with `chunk`, query chunk i only attends to keys
-    [0, (i + 1) * chunk), so the fully masked blocks are neither computed nor stored, and
-    with `accumulate` its products are `trainer.matmul.accumulating_einsum`'s."""
+    [0, (i + 1) * chunk), so the fully masked blocks are neither computed nor stored."""
     seq = q.shape[1]
     if not chunk or chunk >= seq or seq % chunk:
         return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids, None, window))
-    products = accumulating_einsum if accumulate else plain_einsum
-    return _chunked_attention(q, k, v, segment_ids, chunk, window, products)
+    return _chunked_attention(q, k, v, segment_ids, chunk, window)
 
 
-def _chunked_attention(q, k, v, segment_ids, chunk: int, window: int | None, products):
+def _chunked_attention(q, k, v, segment_ids, chunk: int, window: int | None) -> jax.Array:
     """`causal_attention` by query chunks, computed head-major ([batch, kv head, group, seq,
     head_dim]) so each head's products are contiguous matmuls: on CPU, XLA's batched dots and
     their gradients run about a third faster than in jax.nn.dot_product_attention's
     sequence-major layout. Numerics as that function's XLA path: fp32 logits and softmax,
-    probabilities cast back to the value dtype."""
+    probabilities cast back to the value dtype; every product accumulates in fp32."""
     batch, seq, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     q_BxKxGxLxD = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
     q_BxKxGxLxD = q_BxKxGxLxD.transpose(0, 2, 3, 1, 4)
     k_BxKxLxD, v_BxKxLxD = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    scale = head_dim**-0.5
     # Chunks by split and keys by concatenation, not by slicing: the gradient of a slice is a
     # zero-padded copy of the whole sequence per chunk, summed; of a split, one concatenation.
     q_chunks = jnp.split(q_BxKxGxLxD, seq // chunk, axis=3)
@@ -436,18 +431,59 @@ def _chunked_attention(q, k, v, segment_ids, chunk: int, window: int | None, pro
     v_chunks = jnp.split(v_BxKxLxD, seq // chunk, axis=2)
     outputs = []
     for i, start in enumerate(range(0, seq, chunk)):
-        rows = slice(start, start + chunk)
         k_BxKxSxD = jnp.concatenate(k_chunks[: i + 1], axis=2)
         v_BxKxSxD = jnp.concatenate(v_chunks[: i + 1], axis=2)
-        logits_BxKxGxCxS = products("bkgqd,bksd->bkgqs", q_chunks[i], k_BxKxSxD, True)
-        mask_Bx1x1xCxS = attention_mask(segment_ids, rows, window)[:, :, None]
-        logits_BxKxGxCxS = jnp.where(
-            mask_Bx1x1xCxS, logits_BxKxGxCxS * scale, jnp.finfo(jnp.float32).min
+        mask_Bx1x1xCxS = attention_mask(segment_ids, slice(start, start + chunk), window)
+        outputs.append(
+            _attention_chunk(q_chunks[i], k_BxKxSxD, v_BxKxSxD, mask_Bx1x1xCxS[:, :, None])
         )
-        probs_BxKxGxCxS = jax.nn.softmax(logits_BxKxGxCxS, axis=-1).astype(v.dtype)
-        outputs.append(products("bkgqs,bksd->bkgqd", probs_BxKxGxCxS, v_BxKxSxD))
     out_BxKxGxLxD = jnp.concatenate(outputs, axis=3)
     return out_BxKxGxLxD.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, head_dim)
+
+
+@jax.custom_vjp
+def _attention_chunk(q_BxKxGxCxD, k_BxKxSxD, v_BxKxSxD, mask_Bx1x1xCxS) -> jax.Array:
+    """One query chunk's attention over its keys, with flash attention's backward pass."""
+    return _attention_chunk_forward(q_BxKxGxCxD, k_BxKxSxD, v_BxKxSxD, mask_Bx1x1xCxS)[0]
+
+
+def _attention_chunk_forward(q_BxKxGxCxD, k_BxKxSxD, v_BxKxSxD, mask_Bx1x1xCxS):
+    scale = q_BxKxGxCxD.shape[-1] ** -0.5
+    logits_BxKxGxCxS = plain_einsum("bkgqd,bksd->bkgqs", q_BxKxGxCxD, k_BxKxSxD, fp32_out=True)
+    logits_BxKxGxCxS = jnp.where(
+        mask_Bx1x1xCxS, logits_BxKxGxCxS * scale, jnp.finfo(jnp.float32).min
+    )
+    probs_BxKxGxCxS = jax.nn.softmax(logits_BxKxGxCxS, axis=-1).astype(v_BxKxSxD.dtype)
+    out_BxKxGxCxD = plain_einsum("bkgqs,bksd->bkgqd", probs_BxKxGxCxS, v_BxKxSxD, fp32_out=True)
+    out_BxKxGxCxD = out_BxKxGxCxD.astype(v_BxKxSxD.dtype)
+    return out_BxKxGxCxD, (q_BxKxGxCxD, k_BxKxSxD, v_BxKxSxD, probs_BxKxGxCxS, out_BxKxGxCxD)
+
+
+def _attention_chunk_backward(residuals, g_BxKxGxCxD):
+    """Flash attention's gradient: the softmax's row sums come from the output and its
+    cotangent (sum over keys of p * dp = g . out, per query), not from a reduction over the
+    keys, so the logits' gradient is one elementwise pass (masked keys have p = 0)."""
+    q_BxKxGxCxD, k_BxKxSxD, v_BxKxSxD, probs_BxKxGxCxS, out_BxKxGxCxD = residuals
+    scale = q_BxKxGxCxD.shape[-1] ** -0.5
+    g_BxKxGxCxD = g_BxKxGxCxD.astype(v_BxKxSxD.dtype)
+    dprobs_BxKxGxCxS = plain_einsum("bkgqd,bksd->bkgqs", g_BxKxGxCxD, v_BxKxSxD, fp32_out=True)
+    rows_BxKxGxCx1 = jnp.sum(
+        g_BxKxGxCxD.astype(jnp.float32) * out_BxKxGxCxD.astype(jnp.float32), -1, keepdims=True
+    )
+    dlogits_BxKxGxCxS = probs_BxKxGxCxS.astype(jnp.float32) * (dprobs_BxKxGxCxS - rows_BxKxGxCx1)
+    dlogits_BxKxGxCxS = (dlogits_BxKxGxCxS * scale).astype(q_BxKxGxCxD.dtype)
+    dq = plain_einsum("bkgqs,bksd->bkgqd", dlogits_BxKxGxCxS, k_BxKxSxD, fp32_out=True)
+    dk = plain_einsum("bkgqs,bkgqd->bksd", dlogits_BxKxGxCxS, q_BxKxGxCxD, fp32_out=True)
+    dv = plain_einsum("bkgqs,bkgqd->bksd", probs_BxKxGxCxS, g_BxKxGxCxD, fp32_out=True)
+    return (
+        dq.astype(q_BxKxGxCxD.dtype),
+        dk.astype(k_BxKxSxD.dtype),
+        dv.astype(v_BxKxSxD.dtype),
+        None,  # the mask is not differentiated
+    )
+
+
+_attention_chunk.defvjp(_attention_chunk_forward, _attention_chunk_backward)
 
 
 def count_params(params) -> int:
