@@ -62,7 +62,30 @@ class RMSNorm(nn.Module):
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return weight.astype(self.dtype) * normed.astype(self.dtype)
+        return _scale(weight.astype(self.dtype), normed.astype(self.dtype))
+
+
+@jax.custom_vjp
+def _scale(weight_D: jax.Array, x: jax.Array) -> jax.Array:
+    """weight_D * x, whose weight gradient sums g * x over every row as a product with a
+    vector of ones, accumulated in fp32: XLA:CPU rewrote autodiff's sum into a reduce-window
+    of about 7 ms a norm on one Xeon core (16 norms a step); the step is about 3% faster."""
+    return weight_D * x
+
+
+def _scale_forward(weight_D, x):
+    return weight_D * x, (weight_D, x)
+
+
+def _scale_backward(residuals, g):
+    weight_D, x = residuals
+    rows_NxD = (g * x).reshape(-1, x.shape[-1])
+    ones_N = jnp.ones(rows_NxD.shape[:1], rows_NxD.dtype)
+    dweight_D = plain_einsum("n,nd->d", ones_N, rows_NxD, fp32_out=True)
+    return dweight_D.astype(weight_D.dtype), (g * weight_D).astype(x.dtype)
+
+
+_scale.defvjp(_scale_forward, _scale_backward)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
