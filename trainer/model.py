@@ -186,7 +186,31 @@ class MLP(nn.Module):
         dense = _dense_factory(self.cfg)
         gate = dense(self.cfg.mlp_dim, name="gate")(x)
         up = dense(self.cfg.mlp_dim, name="up")(x)
-        return dense(self.cfg.dim, name="down")(nn.silu(gate) * up)
+        return dense(self.cfg.dim, name="down")(swiglu(gate, up))
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up, computed in fp32 and rounded once to the inputs' dtype, with its
+    gradient written out: one pass over gate, up and the cotangent, where autodiff's took
+    several (the sigmoid computed and stored in the forward pass, then re-read)."""
+    return _swiglu_forward(gate, up)[0]
+
+
+def _swiglu_forward(gate, up):
+    gate32 = gate.astype(jnp.float32)
+    return (gate32 * jax.nn.sigmoid(gate32) * up.astype(jnp.float32)).astype(up.dtype), (gate, up)
+
+
+def _swiglu_backward(residuals, g):
+    gate, up = residuals
+    gate32, up32, g32 = gate.astype(jnp.float32), up.astype(jnp.float32), g.astype(jnp.float32)
+    sigmoid = jax.nn.sigmoid(gate32)
+    dgate = g32 * up32 * sigmoid * (1 + gate32 * (1 - sigmoid))
+    return dgate.astype(gate.dtype), (g32 * gate32 * sigmoid).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_forward, _swiglu_backward)
 
 
 class Block(nn.Module):
