@@ -15,6 +15,7 @@ positions restart per document.
 from __future__ import annotations
 
 import functools
+import string
 
 import jax
 import jax.numpy as jnp
@@ -79,9 +80,11 @@ def _scale_forward(weight_D, x):
 
 def _scale_backward(residuals, g):
     weight_D, x = residuals
-    rows_NxD = (g * x).reshape(-1, x.shape[-1])
-    ones_N = jnp.ones(rows_NxD.shape[:1], rows_NxD.dtype)
-    dweight_D = plain_einsum("n,nd->d", ones_N, rows_NxD, fp32_out=True)
+    products = g * x
+    # No reshape into rows: the leading axes may be sharded differently (batch, sequence).
+    rows = string.ascii_lowercase[: x.ndim - 1]
+    ones = jnp.ones(x.shape[:-1], products.dtype)
+    dweight_D = plain_einsum(f"{rows},{rows}z->z", ones, products, fp32_out=True)
     return dweight_D.astype(weight_D.dtype), (g * weight_D).astype(x.dtype)
 
 
