@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tests.fixtures_trainer import dot_types
-from trainer.matmul import accumulating_einsum, dense_dot_general, plain_einsum
+from trainer.matmul import (
+    accumulating_einsum,
+    copied_operands_einsum,
+    dense_dot_general,
+    plain_einsum,
+)
 
 # spec, shape of a, shape of b: the products the model makes
 SPECS = {
     "dense": ("aby,yz->abz", (2, 12, 32), (32, 24)),
-    "attention logits": ("bkgqd,bksd->bkgqs", (2, 2, 2, 8, 16), (2, 2, 12, 16)),
-    "attention values": ("bkgqs,bksd->bkgqd", (2, 2, 2, 8, 12), (2, 2, 12, 16)),
+    "attention logits": ("bkrd,bksd->bkrs", (2, 2, 8, 16), (2, 2, 12, 16)),
+    "attention values": ("bkrs,bksd->bkrd", (2, 2, 8, 12), (2, 2, 12, 16)),
+    "attention key gradients": ("bkrd,bkrs->bkds", (2, 2, 8, 16), (2, 2, 8, 12)),
 }
 
 
@@ -87,6 +95,42 @@ def test_every_bfloat16_product_of_forward_and_backward_writes_float32(name):
     assert len(ours) == 3  # the product and both gradients
     assert all("bf16" in operands and "xf32>" in result for operands, result in ours), ours
     assert any("xbf16>" in result for _, result in dot_types(step(plain_einsum)))
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_copied_operands_einsum_is_the_einsum_and_its_autodiff(name):
+    spec, a, b = _operands(name, jnp.bfloat16)
+    for fp32_out in (False, True):
+        got = _value_and_grads(copied_operands_einsum, spec, a, b, fp32_out)
+        want = _value_and_grads(plain_einsum, spec, a, b, fp32_out)
+        for x, y in zip(*map(jax.tree_util.tree_leaves, (got, want)), strict=True):
+            assert x.dtype == y.dtype  # equal up to the order of the fp32 sums
+            tolerance = 2 * float(jnp.finfo(x.dtype).eps)
+            np.testing.assert_allclose(
+                np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=tolerance, atol=1e-6
+            )
+
+
+def test_copied_operands_keep_a_chunks_product_on_xla_cpus_bf16_kernels():
+    # Attention's products take chunks of transposed arrays. XLA:CPU folds such a transpose
+    # into a 4-d dot, finds no bf16 kernel for the folded dot and computes it in fp32
+    # (about 3x slower); with the operands copied first the dot stays bf16. If the plain
+    # einsum stops falling back, `copied_operands_einsum` has become unneeded.
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, 64, 2, 16)), jnp.bfloat16)  # [batch, seq, head, dim]
+    k = jnp.asarray(rng.normal(size=(2, 2, 16, 64)), jnp.bfloat16)  # [batch, head, dim, seq]
+
+    def compiled_dot_operands(einsum) -> list[str]:
+        def chunk_logits(q, k):
+            q_chunk = q[:, 16:32].transpose(0, 2, 1, 3)  # [batch, head, chunk, dim]
+            return einsum("bkrd,bkds->bkrs", q_chunk, k, fp32_out=True)
+
+        text = jax.jit(chunk_logits).lower(q, k).compile().as_text()
+        types = dict(re.findall(r"%(\S+) = (\w+)\[", text))
+        return [types[x] for pair in re.findall(r" dot\(%(\S+), %(\S+)\)", text) for x in pair]
+
+    assert set(compiled_dot_operands(copied_operands_einsum)) == {"bf16"}
+    assert "f32" in compiled_dot_operands(plain_einsum)
 
 
 def test_dense_dot_general_is_the_dense_product_and_refuses_others():

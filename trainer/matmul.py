@@ -74,6 +74,21 @@ def plain_einsum(spec: str, a: jax.Array, b: jax.Array, fp32_out: bool = False) 
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32 if fp32_out else None)
 
 
+def copied_operands_einsum(spec: str, a: jax.Array, b: jax.Array, fp32_out: bool = False):
+    """`plain_einsum` with both operands copied into a plain matmul's layout first, for
+    products of slices and transposes (attention's chunks). XLA:CPU otherwise folds an
+    operand's transpose into the dot, finds no bf16 kernel for the folded dot and runs it in
+    fp32, about 3x slower. A second contracted axis of size 1 makes XLA's dot
+    canonicalisation copy the operands instead (it merges the two axes)."""
+    a_idx, b_idx, out = _indices(spec)
+    first = next(i for i in a_idx if i in b_idx and i not in out)
+    extra = next(i for i in string.ascii_letters if i not in spec)
+    a = jnp.expand_dims(a, a_idx.index(first))
+    b = jnp.expand_dims(b, b_idx.index(first))
+    spec = f"{a_idx.replace(first, extra + first)},{b_idx.replace(first, extra + first)}->{out}"
+    return plain_einsum(spec, a, b, fp32_out)
+
+
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """`flax.linen.Dense(dot_general=...)`: the layer's product inputs[..., in] @ kernel[in,
     out] through `accumulating_einsum`. Other contractions are not a Dense layer's and are

@@ -30,6 +30,7 @@ from trainer.matmul import (
     BATCHED_DOT_NAME,
     DOT_NAME,
     accumulating_einsum,
+    copied_operands_einsum,
     dense_dot_general,
     plain_einsum,
 )
@@ -465,11 +466,13 @@ def causal_attention(q, k, v, segment_ids, chunk: int, window: int | None = None
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _chunked_attention(q, k, v, segment_ids, chunk: int, window: int | None) -> jax.Array:
-    """`causal_attention` by query chunks, computed head-major ([batch, kv head, group, seq,
-    head_dim]) so each head's products are contiguous matmuls: on CPU, XLA's batched dots and
-    their gradients run about a third faster than in jax.nn.dot_product_attention's
-    sequence-major layout. Numerics as that function's XLA path: fp32 logits and softmax,
-    probabilities cast back to the value dtype; every product accumulates in fp32.
+    """`causal_attention` by query chunks, computed head-major ([batch, kv head, rows,
+    head_dim], a kv head's query heads' rows stacked) so each head's products are contiguous
+    4-d matmuls: on CPU, XLA's batched dots and their gradients run about a third faster than
+    in jax.nn.dot_product_attention's sequence-major layout. Numerics as that function's XLA
+    path: fp32 logits and softmax, probabilities cast back to the value dtype; every product
+    accumulates in fp32. The products copy their operands (`copied_operands_einsum`): a
+    chunk's slices and transposes folded into the dots send XLA:CPU to its fp32 kernels.
 
     Its own VJP is flash attention's backward pass (`_attention_chunk_grads`), with each key
     chunk's gradient summed over the query chunks in fp32 and every layout change made per
@@ -479,97 +482,119 @@ def _chunked_attention(q, k, v, segment_ids, chunk: int, window: int | None) -> 
 
 
 def _chunked_attention_forward(q, k, v, segment_ids, chunk, window):
-    batch, seq, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    q_chunks = _head_major_chunks(
-        q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim), chunk
-    )
+    seq, kv_heads = q.shape[1], k.shape[2]
+    group = q.shape[2] // kv_heads
+    q_chunks = _row_chunks(q, kv_heads, chunk)
     k_BxKxLxD, v_BxKxLxD = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     probs, outputs = [], []
     for i, start in enumerate(range(0, seq, chunk)):
         keys = slice(0, start + chunk)
-        mask_Bx1x1xCxS = attention_mask(segment_ids, slice(start, start + chunk), window)
-        out_BxKxGxCxD, probs_BxKxGxCxS = _attention_chunk(
-            q_chunks[i], k_BxKxLxD[:, :, keys], v_BxKxLxD[:, :, keys], mask_Bx1x1xCxS[:, :, None]
-        )
-        probs.append(probs_BxKxGxCxS)
-        outputs.append(out_BxKxGxCxD)
+        mask_Bx1xCxS = attention_mask(segment_ids, slice(start, start + chunk), window)
+        out_BxKxRxD, probs_BxKxRxS = _attention_chunk(
+            q_chunks[i], k_BxKxLxD[:, :, keys], v_BxKxLxD[:, :, keys],
+            jnp.tile(mask_Bx1xCxS, (1, 1, group, 1)),
+        )  # fmt: skip
+        probs.append(probs_BxKxRxS)
+        outputs.append(out_BxKxRxD)
     out = _seq_major(outputs, q.shape)
     return out, (q_chunks, k_BxKxLxD, v_BxKxLxD, probs, outputs)
 
 
 def _chunked_attention_backward(chunk, window, residuals, g):
     q_chunks, k_BxKxLxD, v_BxKxLxD, probs, outputs = residuals
-    batch, seq, heads, head_dim = g.shape
+    batch, seq, _, head_dim = g.shape
     kv_heads = k_BxKxLxD.shape[1]
-    g_chunks = _head_major_chunks(
-        g.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim), chunk
-    )
+    g_chunks = _row_chunks(g, kv_heads, chunk)
     dq_chunks = []
-    dk_chunks = [jnp.zeros((*c.shape[:2], chunk, head_dim), jnp.float32) for c in q_chunks]
+    dk_chunks = [jnp.zeros((batch, kv_heads, head_dim, chunk), jnp.float32) for _ in g_chunks]
     dv_chunks = list(dk_chunks)
     for i, start in enumerate(range(0, seq, chunk)):
         keys = slice(0, start + chunk)
-        dq, dk_BxKxSxD, dv_BxKxSxD = _attention_chunk_grads(
+        dq_BxKxRxD, dk_BxKxDxS, dv_BxKxDxS = _attention_chunk_grads(
             q_chunks[i], k_BxKxLxD[:, :, keys], v_BxKxLxD[:, :, keys], probs[i], outputs[i],
             g_chunks[i],
         )  # fmt: skip
-        dq_chunks.append(dq.astype(g.dtype))
+        dq_chunks.append(dq_BxKxRxD.astype(g.dtype))
         for j in range(i + 1):
             block = slice(j * chunk, (j + 1) * chunk)
-            dk_chunks[j] += dk_BxKxSxD[:, :, block]
-            dv_chunks[j] += dv_BxKxSxD[:, :, block]
+            dk_chunks[j] += dk_BxKxDxS[..., block]
+            dv_chunks[j] += dv_BxKxDxS[..., block]
     dq = _seq_major(dq_chunks, g.shape)
-    k_shape = (batch, seq, kv_heads, head_dim)
-    dk = _seq_major([d.astype(k_BxKxLxD.dtype) for d in dk_chunks], k_shape)
-    dv = _seq_major([d.astype(v_BxKxLxD.dtype) for d in dv_chunks], k_shape)
+    dk = _keys_seq_major(dk_chunks, k_BxKxLxD.dtype)
+    dv = _keys_seq_major(dv_chunks, v_BxKxLxD.dtype)
     return dq, dk, dv, None  # segment ids are not differentiated
 
 
 _chunked_attention.defvjp(_chunked_attention_forward, _chunked_attention_backward)
 
 
-def _head_major_chunks(x_BxLx___xD: jax.Array, chunk: int) -> list[jax.Array]:
-    """[batch, seq, heads..., head_dim] as seq // chunk chunks [batch, heads..., chunk,
-    head_dim], each transposed on its own (cheaper than transposing the whole)."""
-    chunks = jnp.split(x_BxLx___xD, x_BxLx___xD.shape[1] // chunk, axis=1)
-    return [jnp.moveaxis(c, 1, -2) for c in chunks]
+def _row_chunks(x_BxLxHxD: jax.Array, kv_heads: int, chunk: int) -> list[jax.Array]:
+    """[batch, seq, heads, head_dim] as seq // chunk chunks [batch, kv head, rows, head_dim]:
+    a kv head's rows are its query heads' rows of the chunk one after another (group x
+    chunk). A separate group axis, of size 1 without grouped-query heads, costs XLA:CPU a
+    copy of every product's result. Each chunk is transposed on its own (cheaper than the
+    whole)."""
+    batch, seq, heads, head_dim = x_BxLxHxD.shape
+    x_BxLxKxGxD = x_BxLxHxD.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
+    return [
+        c.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, head_dim)
+        for c in jnp.split(x_BxLxKxGxD, seq // chunk, axis=1)
+    ]
 
 
-def _seq_major(chunks: list[jax.Array], shape) -> jax.Array:
-    """The inverse of `_head_major_chunks`: chunks [batch, heads..., chunk, head_dim] back to
-    one [batch, seq, heads..., head_dim] array of `shape`, each chunk transposed on its own."""
-    return jnp.concatenate([jnp.moveaxis(c, -2, 1) for c in chunks], axis=1).reshape(shape)
+def _seq_major(chunks_BxKxRxD: list[jax.Array], shape) -> jax.Array:
+    """The inverse of `_row_chunks`: one [batch, seq, heads, head_dim] array of `shape`, each
+    chunk transposed on its own."""
+    batch, kv_heads, rows, head_dim = chunks_BxKxRxD[0].shape
+    group = shape[2] // kv_heads
+    chunks = [c.reshape(batch, kv_heads, group, rows // group, head_dim) for c in chunks_BxKxRxD]
+    return jnp.concatenate([c.transpose(0, 3, 1, 2, 4) for c in chunks], axis=1).reshape(shape)
 
 
-def _attention_chunk(q_BxKxGxCxD, k_BxKxSxD, v_BxKxSxD, mask_Bx1x1xCxS):
-    """One query chunk's attention over its keys: the output and the probabilities."""
-    scale = q_BxKxGxCxD.shape[-1] ** -0.5
-    logits_BxKxGxCxS = plain_einsum("bkgqd,bksd->bkgqs", q_BxKxGxCxD, k_BxKxSxD, fp32_out=True)
-    logits_BxKxGxCxS = jnp.where(
-        mask_Bx1x1xCxS, logits_BxKxGxCxS * scale, jnp.finfo(jnp.float32).min
-    )
-    probs_BxKxGxCxS = jax.nn.softmax(logits_BxKxGxCxS, axis=-1).astype(v_BxKxSxD.dtype)
-    out_BxKxGxCxD = plain_einsum("bkgqs,bksd->bkgqd", probs_BxKxGxCxS, v_BxKxSxD, fp32_out=True)
-    return out_BxKxGxCxD.astype(v_BxKxSxD.dtype), probs_BxKxGxCxS
+def _keys_seq_major(chunks_BxKxDxC: list[jax.Array], dtype) -> jax.Array:
+    """Key gradients, chunks [batch, kv head, head_dim, chunk] in fp32, as one [batch, seq,
+    kv head, head_dim] array of `dtype`, concatenated and cast before the transpose (fused
+    with the concatenation, XLA:CPU's transpose runs several times slower)."""
+    x_BxKxDxL = jnp.concatenate(chunks_BxKxDxC, -1).astype(dtype)
+    return x_BxKxDxL.transpose(0, 3, 1, 2)
 
 
-def _attention_chunk_grads(q_BxKxGxCxD, k_BxKxSxD, v_BxKxSxD, probs_BxKxGxCxS, out_BxKxGxCxD, g):
+def _attention_chunk(q_BxKxRxD, k_BxKxSxD, v_BxKxSxD, mask_Bx1xRxS):
+    """One query chunk's attention over its keys: the output and the probabilities. R is
+    the chunk's rows of every query head that shares the kv head."""
+    scale = q_BxKxRxD.shape[-1] ** -0.5
+    logits_BxKxRxS = _product("bkrd,bksd->bkrs", q_BxKxRxD, k_BxKxSxD)
+    logits_BxKxRxS = jnp.where(mask_Bx1xRxS, logits_BxKxRxS * scale, jnp.finfo(jnp.float32).min)
+    probs_BxKxRxS = jax.nn.softmax(logits_BxKxRxS, axis=-1).astype(v_BxKxSxD.dtype)
+    out_BxKxRxD = _product("bkrs,bksd->bkrd", probs_BxKxRxS, v_BxKxSxD)
+    return out_BxKxRxD.astype(v_BxKxSxD.dtype), probs_BxKxRxS
+
+
+def _attention_chunk_grads(q_BxKxRxD, k_BxKxSxD, v_BxKxSxD, probs_BxKxRxS, out_BxKxRxD, g_BxKxRxD):
     """Flash attention's gradient of one chunk, in fp32: the softmax's row sums come from
     the output and its cotangent (sum over keys of p * dp = g . out, per query), not from a
     reduction over the keys, so the logits' gradient is one elementwise pass (masked keys
-    have p = 0)."""
-    scale = q_BxKxGxCxD.shape[-1] ** -0.5
-    dprobs_BxKxGxCxS = plain_einsum("bkgqd,bksd->bkgqs", g, v_BxKxSxD, fp32_out=True)
-    rows_BxKxGxCx1 = jnp.sum(
-        g.astype(jnp.float32) * out_BxKxGxCxD.astype(jnp.float32), -1, keepdims=True
+    have p = 0). Key gradients come out [.., head_dim, keys], so that their products take
+    the probabilities as they are rather than transposed."""
+    scale = q_BxKxRxD.shape[-1] ** -0.5
+    dprobs_BxKxRxS = _product("bkrd,bksd->bkrs", g_BxKxRxD, v_BxKxSxD)
+    rows_BxKxRx1 = jnp.sum(
+        g_BxKxRxD.astype(jnp.float32) * out_BxKxRxD.astype(jnp.float32), -1, keepdims=True
     )
-    dlogits_BxKxGxCxS = probs_BxKxGxCxS.astype(jnp.float32) * (dprobs_BxKxGxCxS - rows_BxKxGxCx1)
-    dlogits_BxKxGxCxS = (dlogits_BxKxGxCxS * scale).astype(q_BxKxGxCxD.dtype)
-    dq = plain_einsum("bkgqs,bksd->bkgqd", dlogits_BxKxGxCxS, k_BxKxSxD, fp32_out=True)
-    dk = plain_einsum("bkgqs,bkgqd->bksd", dlogits_BxKxGxCxS, q_BxKxGxCxD, fp32_out=True)
-    dv = plain_einsum("bkgqs,bkgqd->bksd", probs_BxKxGxCxS, g, fp32_out=True)
-    return dq, dk, dv
+    # The logits' gradient before the softmax scale, which is applied to the (smaller)
+    # products instead: a scale inside the elementwise pass costs XLA:CPU a full-size
+    # broadcast of the constant.
+    unscaled_BxKxRxS = probs_BxKxRxS.astype(jnp.float32) * (dprobs_BxKxRxS - rows_BxKxRx1)
+    unscaled_BxKxRxS = unscaled_BxKxRxS.astype(q_BxKxRxD.dtype)
+    dq_BxKxRxD = _product("bkrs,bksd->bkrd", unscaled_BxKxRxS, k_BxKxSxD) * scale
+    dk_BxKxDxS = _product("bkrd,bkrs->bkds", q_BxKxRxD, unscaled_BxKxRxS) * scale
+    dv_BxKxDxS = _product("bkrd,bkrs->bkds", g_BxKxRxD, probs_BxKxRxS)
+    return dq_BxKxRxD, dk_BxKxDxS, dv_BxKxDxS
+
+
+def _product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """An attention product, fp32 out, its operands (slices, transposes) copied first."""
+    return copied_operands_einsum(spec, a, b, fp32_out=True)
 
 
 def count_params(params) -> int:
