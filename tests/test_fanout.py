@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -79,6 +82,28 @@ def test_timeout_stops_the_remote_command(ssh_pod, hosts):
     assert time.monotonic() - started < 5
     assert all(r.error == "timed out after 1 s" and r.exit_code is None for r in results)
     wait_for(lambda: not any("sleep 31" in p for i in range(4) for p in ssh_pod.processes(i)))
+
+
+def test_a_timeout_stops_the_command_on_a_host_with_no_session_to_spare(ssh_pod, hosts):
+    # sshd's MaxSessions 1: the command's session is the connection's only one, and lasts as
+    # long as the command does, so stopping it takes a connection of its own.
+    ssh_pod.set_max_sessions(0, 1)
+    try:
+        # In a process of its own: there Python would print paramiko's log of the refused
+        # channel to stderr (pytest's log capture takes it here).
+        script = (
+            "import json, sys; from tpuctl.fanout import Host, run; "
+            "host = Host(**{**json.loads(sys.argv[1]), 'identity_files': (), 'jump': None}); "
+            "print(run([host], 'sleep 1031', timeout=1)[0].error)"
+        )
+        fields = json.dumps({**asdict(hosts[0]), "identity_files": None, "jump": None})
+        done = subprocess.run(
+            [sys.executable, "-c", script, fields], capture_output=True, text=True, timeout=60
+        )
+        assert done.stdout == "timed out after 1 s\n" and done.stderr == ""
+        wait_for(lambda: not any("sleep 1031" in p for p in ssh_pod.processes(0)))
+    finally:
+        ssh_pod.set_max_sessions(0, 100)
 
 
 def test_fail_fast_stops_the_others(ssh_pod, hosts):

@@ -184,6 +184,42 @@ def test_a_timeout_stops_the_remote_command_through_the_holder(ssh_pod, held):
 
 
 @pod
+def test_a_host_refusing_more_sessions_on_the_held_connection_gets_a_connection_of_its_own(
+    ssh_pod, held
+):
+    # sshd allows MaxSessions sessions per connection (10 by default): commands beyond that
+    # through one held connection (a `logs --tail`, a babysit, a shell loop of execs) would
+    # fail as "connection lost" where their cold runs succeed.
+    hosts, attachment = held
+    ssh_pod.set_max_sessions(0, 1)
+    try:
+        host = hosts[:1]
+        _warm_up(host, attachment)
+        stop, started = StopSignal(), threading.Event()
+        long = threading.Thread(
+            target=run, args=(host, "echo started; sleep 1043"),
+            kwargs={"stop": stop, "on_line": lambda *_: started.set()},
+        )  # fmt: skip
+        long.start()
+        try:
+            assert started.wait(30)
+            before = logins(ssh_pod)
+            [result] = run(host, "echo second")
+            assert result.ok and result.stdout == "second\n", result.error
+            assert logins(ssh_pod) == before + 1  # a connection for this command alone
+            [again] = run(host, "echo third")
+            assert again.ok and logins(ssh_pod) == before + 2  # not held: the first still is
+        finally:
+            stop.set("done")
+            long.join(30)
+        # Stopped without a session to spare for the kill: it freed its own first.
+        wait_for(lambda: not any("sleep 1043" in p for p in ssh_pod.processes(0)))
+        assert all(r.ok for r in run(host, "true"))
+    finally:
+        ssh_pod.set_max_sessions(0, 100)
+
+
+@pod
 def test_secrets_reach_the_command_but_no_argv_or_file(ssh_pod, held, state):
     hosts, attachment = held
     _warm_up(hosts, attachment)

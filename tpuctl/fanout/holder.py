@@ -512,10 +512,15 @@ class _Holder:
                 transport = self.pool.transport(host, ctx, known[host.known_hosts], stop)
             except ConnectionError as err:
                 return HostResult(host, None, "", "", str(err), time.monotonic() - started)
-            result = ssh.run_on_transport(
-                transport, host, request["command"], envs[index], stop,
-                request["timeout"], on_line, started,
-            )  # fmt: skip
+            try:
+                result = ssh.run_on_transport(
+                    transport, host, request["command"], envs[index], ctx, stop,
+                    request["timeout"], on_line, started,
+                )  # fmt: skip
+            except ssh.SessionRefused:  # as many commands as sshd allows already use it
+                return ssh.run_on_host(
+                    host, request["command"], envs[index], ctx, stop, request["timeout"], on_line
+                )
             if not transport.is_active():
                 self.pool.drop(host)
             return result

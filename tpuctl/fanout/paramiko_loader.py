@@ -4,18 +4,22 @@ invoke is imported when a `Match exec` line is actually evaluated (`enable_match
 
 from __future__ import annotations
 
+import logging
 import sys
 from types import ModuleType
 
 
 def load() -> ModuleType:
-    """The paramiko module, imported (once per process) with invoke held back."""
+    """The paramiko module, imported (once per process) with invoke held back, and its own
+    log lines kept off stderr: tpuctl reports each host's trouble in one line itself, where
+    Python would print paramiko's errors (a refused channel, a failed handshake) bare."""
     if "paramiko" not in sys.modules and "invoke" not in sys.modules:
         sys.modules["invoke"] = None  # type: ignore[assignment]  # `import invoke` fails
         try:
             import paramiko
         finally:
             del sys.modules["invoke"]
+        logging.getLogger("paramiko").addHandler(logging.NullHandler())
     import paramiko
 
     return paramiko

@@ -355,6 +355,11 @@ def connect(host: Host, ctx: SshContext, stop: StopSignal) -> paramiko.Transport
     raise ConnectionError(f"{UNREACHABLE}: {host.address}:{host.port}: {reason}")
 
 
+class SessionRefused(Exception):
+    """The connection is up, but sshd opens no further session on it (its MaxSessions,
+    10 by default, counts the sessions of one connection)."""
+
+
 def run_on_host(
     host: Host,
     command: str,
@@ -364,14 +369,18 @@ def run_on_host(
     timeout: float | None,
     on_line: LineFn | None,
 ) -> HostResult:
-    """Run `command` on one host and stream its lines; never raises for remote trouble."""
+    """Run `command` on one host over a connection of its own and stream its lines; never
+    raises for remote trouble."""
     started = time.monotonic()
     try:
         transport = connect(host, ctx, stop)
     except ConnectionError as err:
         return HostResult(host, None, "", "", str(err), time.monotonic() - started)
     try:
-        return run_on_transport(transport, host, command, env, stop, timeout, on_line, started)
+        return run_on_transport(transport, host, command, env, ctx, stop, timeout, on_line, started)
+    except SessionRefused as refused:
+        error = f"{host.address} refused a session: {refused}"
+        return HostResult(host, None, "", "", error, time.monotonic() - started)
     finally:
         transport.close()
 
@@ -381,14 +390,23 @@ def run_on_transport(
     host: Host,
     command: str,
     env: dict[str, str],
+    ctx: SshContext,
     stop: StopSignal,
     timeout: float | None,
     on_line: LineFn | None,
     started: float,
 ) -> HostResult:
-    """Run `command` over an open connection (left open); never raises for remote trouble."""
+    """Run `command` over an open connection (left open); never raises for remote trouble,
+    except SessionRefused when sshd opens no further session on this connection. `ctx`
+    connects anew to stop the command if this connection has no session to spare then."""
     try:
         channel = transport.open_session(timeout=10)
+    except paramiko.ChannelException as refused:
+        raise SessionRefused(refused) from refused
+    except (*TRANSIENT_ERRORS, OSError) as lost:
+        error = f"connection lost: {lost or type(lost).__name__}"
+        return HostResult(host, None, "", "", error, time.monotonic() - started)
+    try:
         # `exec` keeps one process: the login shell becomes bash, whatever the user's shell is.
         channel.exec_command(f"exec bash -c {shlex.quote(wrapped_command(command))}")
         channel.sendall(env_script(env))
@@ -400,7 +418,7 @@ def run_on_transport(
         if error is not None:
             _await_marker(channel, out, MARKER_WAIT_S)
         if error is not None and out.pgid is not None:
-            _kill_remote(transport, out.pgid)
+            _stop_remote(transport, host, ctx, out.pgid)
         exit_code = None
         if error is None:
             exit_code = channel.recv_exit_status()
@@ -459,15 +477,35 @@ def _await_marker(channel: paramiko.Channel, out: _MarkedStdout, seconds: float)
             out.feed(channel.recv(65536))
 
 
-def _kill_remote(transport: paramiko.Transport, pgid: int) -> None:
-    """Signal the command's process group over a second channel of the same connection."""
+def _stop_remote(transport: paramiko.Transport, host: Host, ctx: SshContext, pgid: int) -> None:
+    """Stop the command's process group over another channel of its connection or, where
+    sshd has no session to spare there (a session ends only with its command), over a new
+    connection."""
+    if _kill_remote(transport, pgid):
+        return
+    try:
+        spare = connect(host, ctx, StopSignal())
+    except ConnectionError:
+        return  # unreachable now: nothing more can be done from here
+    try:
+        _kill_remote(spare, pgid)
+    finally:
+        spare.close()
+
+
+def _kill_remote(transport: paramiko.Transport, pgid: int) -> bool:
+    """Signal the command's process group over a second channel of the same connection;
+    False if sshd refused that channel (no session to spare)."""
     try:
         channel = transport.open_session(timeout=5)
         channel.exec_command(f"exec bash -c {shlex.quote(kill_group_script(pgid))}")
         channel.status_event.wait(5)
         channel.close()
+    except paramiko.ChannelException:
+        return False
     except (paramiko.SSHException, OSError, EOFError):
         pass  # the connection died with the command; nothing is left to stop
+    return True
 
 
 class _MarkedStdout:

@@ -189,6 +189,15 @@ class SshPod:
             self._launch(host)
             self._wait_until_listening([index])
 
+    def set_max_sessions(self, index: int, sessions: int) -> None:
+        """Restart a host whose sshd allows `sessions` sessions per connection (OpenSSH's
+        default is 10; the pod's hosts start with 100)."""
+        config = self._hosts[index].directory / "sshd_config"
+        lines = [ln for ln in config.read_text().splitlines() if not ln.startswith("MaxSessions")]
+        config.write_text("\n".join([*lines, f"MaxSessions {sessions}"]) + "\n")
+        self.stop_host(index)
+        self.start_host(index)
+
     def set_host_keys(
         self, index: int, key_types: tuple[str, ...] = ("ed25519",), fresh: bool = False
     ) -> None:
