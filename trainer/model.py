@@ -475,9 +475,9 @@ def _chunked_attention(q, k, v, segment_ids, chunk: int, window: int | None) -> 
     chunk's slices and transposes folded into the dots send XLA:CPU to its fp32 kernels.
 
     Its own VJP is flash attention's backward pass (`_attention_chunk_grads`), with each key
-    chunk's gradient summed over the query chunks in fp32 and every layout change made per
-    chunk: autodiff's version, bf16 sums of slices, a concatenation and a transpose in one
-    loop, took about 9 ms per layer and operand on one Xeon core, this about 1."""
+    chunk's gradient summed over the query chunks in fp32 and cast before one transpose:
+    autodiff's version, bf16 sums of slices, a concatenation and a transpose in one loop,
+    took about 9 ms per layer and operand on one Xeon core, this about 1."""
     return _chunked_attention_forward(q, k, v, segment_ids, chunk, window)[0]
 
 

@@ -400,13 +400,7 @@ def run_on_transport(
     except SessionRefused when sshd opens no further session on this connection. `ctx`
     connects anew to stop the command if this connection has no session to spare then."""
     try:
-        channel = transport.open_session(timeout=10)
-    except paramiko.ChannelException as refused:
-        raise SessionRefused(refused) from refused
-    except (*TRANSIENT_ERRORS, OSError) as lost:
-        error = f"connection lost: {lost or type(lost).__name__}"
-        return HostResult(host, None, "", "", error, time.monotonic() - started)
-    try:
+        channel = _open_session(transport)
         # `exec` keeps one process: the login shell becomes bash, whatever the user's shell is.
         channel.exec_command(f"exec bash -c {shlex.quote(wrapped_command(command))}")
         channel.sendall(env_script(env))
@@ -430,6 +424,14 @@ def run_on_transport(
         error = f"connection lost: {lost or type(lost).__name__}"
         return HostResult(host, None, "", "", error, time.monotonic() - started)
     return HostResult(host, exit_code, out.close(), err.close(), error, time.monotonic() - started)
+
+
+def _open_session(transport: paramiko.Transport) -> paramiko.Channel:
+    """A new session channel; SessionRefused (not a lost connection) when sshd refuses it."""
+    try:
+        return transport.open_session(timeout=10)
+    except paramiko.ChannelException as refused:
+        raise SessionRefused(refused) from refused
 
 
 def _pump(
