@@ -88,6 +88,8 @@ def _work(mode: str, directory: str, options: dict) -> int:
         )
 
     make_state = jax.jit(state_at, out_shardings=shardings)
+    if jax.process_index() == options.get("sigterm_before_checkpointer"):  # still starting up
+        os.kill(os.getpid(), signal.SIGTERM)
     checkpointer = Checkpointer(directory, CheckpointConfig(**options["cfg"]))
     report: dict = {"process": jax.process_index()}
     if mode == "save":
@@ -273,6 +275,19 @@ def test_sigterm_on_one_process_saves_current_step_on_all_and_exits_preempted(tm
     checkpointer = Checkpointer(directory, CheckpointConfig(**cfg))
     assert checkpointer.latest_step == stopped.pop()
     checkpointer.close()
+
+
+def test_sigterm_while_one_process_is_still_starting_up_stops_every_process_preempted(tmp_path):
+    """A SIGTERM between joining the pod and the Checkpointer (loading weights, tokenizing,
+    compiling) counts too: jax's preemption notifier used to swallow it, and the run trained on
+    (this test then timed out)."""
+    from trainer.checkpoint import EXIT_PREEMPTED
+
+    cfg = {"every_steps": 1000, "keep": 2, "async_save": True}
+    options = dict(cfg=cfg, ready_file=str(tmp_path / "ready"), sigterm_before_checkpointer=2)
+    workers = _spawn("until_sigterm", str(tmp_path / "ckpt"), processes=PROCESSES, **options)
+    reports = _finish(workers, expect_rc=EXIT_PREEMPTED)
+    assert {r["stopped_at"] for r in reports} == {1}, reports
 
 
 # -- fail-stop: a failed save or a dead process ends every process ---------------------------

@@ -13,9 +13,10 @@
   `EXIT_SAVE_FAILED` and one line `error: checkpoint save of step N failed on process P:
   CAUSE`, instead of training on without checkpoints or stalling in the next save. orbax
   only logs a failed background save; a log handler turns that record into the failure.
-- Preemption: the first SIGTERM makes the next `maybe_save` write the current step, wait for
-  it to commit and return True; the trainer then exits with `EXIT_PREEMPTED`. A second
-  SIGTERM terminates at once.
+- Preemption: the first SIGTERM (`trainer.preemption`, even one that came before this
+  Checkpointer existed) makes the next `maybe_save` write the current step, wait for it to
+  commit and return True; the trainer then exits with `EXIT_PREEMPTED`. A second SIGTERM
+  terminates at once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
 import threading
 import time
@@ -38,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from trainer import io
+from trainer import io, preemption
 from trainer.config import CheckpointConfig, ModelConfig, TrainerError
 from trainer.distributed import fail_everywhere, first_line
 
@@ -90,9 +90,7 @@ class Checkpointer:
         self.cfg = cfg
         self._manager = ocp.CheckpointManager(directory, options=self._options(cfg))
         self._last_save_time = time.monotonic()
-        self._sigterm = threading.Event()
-        self._previous_sigterm_handler = None
-        self._install_sigterm_handler()
+        self._previous_sigterm_handler = preemption.watch()
         self._save_started: float | None = None  # set while a save may still be uncommitted
         self._saving_step: int | None = None
         self._in_blocking_save = False
@@ -191,10 +189,10 @@ class Checkpointer:
         minutes = self.cfg.every_minutes
         time_due = bool(minutes) and time.monotonic() - self._last_save_time >= minutes * 60
         if jax.process_count() == 1:
-            return self._sigterm.is_set(), time_due
+            return preemption.received(), time_due
         from jax.experimental import multihost_utils
 
-        local = np.array([self._sigterm.is_set(), time_due], dtype=np.int32)
+        local = np.array([preemption.received(), time_due], dtype=np.int32)
         flags = np.asarray(multihost_utils.process_allgather(local))
         return bool(flags[:, 0].any()), bool(flags[0, 1])
 
@@ -246,9 +244,8 @@ class Checkpointer:
         self._manager.close()
         self._save_errors.close()
         self._save_started = None
-        if self._previous_sigterm_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_sigterm_handler)
-            self._previous_sigterm_handler = None
+        preemption.unwatch(self._previous_sigterm_handler)
+        self._previous_sigterm_handler = None
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -256,24 +253,7 @@ class Checkpointer:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    # -- SIGTERM and the save watchdog -----------------------------------------------------------
-
-    def _install_sigterm_handler(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-
-        def on_sigterm(signum, frame):
-            if self._sigterm.is_set():  # a second SIGTERM: stop now
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                os.kill(os.getpid(), signal.SIGTERM)
-            self._sigterm.set()
-
-        self._previous_sigterm_handler = signal.signal(signal.SIGTERM, on_sigterm)
-
-    @property
-    def sigterm_received(self) -> bool:
-        """True once this process got SIGTERM."""
-        return self._sigterm.is_set()
+    # -- the save watchdog -------------------------------------------------------------------
 
     def _start_watchdog(self) -> None:
         if self._watchdog is None:

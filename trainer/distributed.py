@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NoReturn
 
+from trainer import preemption
 from trainer.config import MESH_AXES, MeshConfig, RecipeError, TrainerError
 
 DEFAULT_TIMEOUT_S = 900
@@ -93,9 +94,14 @@ def provide_cpu_devices(mesh: MeshConfig) -> None:
 
 
 def initialize() -> None:
-    """Call before any other jax use. Single process when neither TPUCTL_* nor a TPU is present."""
+    """Call before any other jax use. Single process when neither TPUCTL_* nor a TPU is present.
+    From here on a SIGTERM means "save and stop" (`trainer.preemption`), on every process."""
     import jax
 
+    # First, so that a process that got through the rendezvous below takes SIGTERM as the
+    # trainer does; jax's own notifier would swallow it until the Checkpointer exists.
+    preemption.watch()
+    jax.config.update("jax_enable_preemption_service", False)
     timeout = int(os.environ.get("TPUCTL_INIT_TIMEOUT", DEFAULT_TIMEOUT_S))
     heartbeat = _heartbeat_timeout_s()
     # Recoverable: a dead peer does not make jax abort the survivors with a C++ stack trace;
