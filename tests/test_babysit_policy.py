@@ -321,7 +321,7 @@ def test_timers_are_not_saved_a_babysitter_that_carries_on_starts_them_afresh():
 
 
 def test_clean_stop_exit_is_the_trainers():
-    from trainer.checkpoint import EXIT_PREEMPTED
+    from trainer.preemption import EXIT_PREEMPTED
 
     assert CLEAN_STOP_EXIT == EXIT_PREEMPTED
 

@@ -61,7 +61,9 @@ def _work(mode: str, directory: str, options: dict) -> int:
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from trainer.checkpoint import EXIT_PREEMPTED, Checkpointer
+    from trainer import preemption
+    from trainer.checkpoint import Checkpointer
+    from trainer.preemption import EXIT_PREEMPTED
 
     @flax.struct.dataclass
     class State:
@@ -109,7 +111,8 @@ def _work(mode: str, directory: str, options: dict) -> int:
         report.update(local_shards=len(shards), shard_shape=list(shards[0].data.shape))
     elif mode == "until_sigterm":
         step = 0
-        Path(options["ready_file"]).touch()
+        preemption.started()  # as the trainer's loop: a SIGTERM now saves
+        (Path(options["ready_dir"]) / str(jax.process_index())).touch()
         while True:
             step += 1
             if checkpointer.maybe_save(make_state(step)):
@@ -258,36 +261,62 @@ def test_single_process_sync_save_local_restores_on_smaller_mesh(local_dir):
 # -- SIGTERM -------------------------------------------------------------------------------
 
 
-def test_sigterm_on_one_process_saves_current_step_on_all_and_exits_preempted(tmp_path):
-    from trainer.checkpoint import EXIT_PREEMPTED, Checkpointer
-
-    directory = str(tmp_path / "checkpoints")
+def _spawn_until_sigterm(tmp_path, **options) -> list[Worker]:
+    """Workers that save only when a SIGTERM stops them, and have each started its loop
+    (every process is past start-up) when this returns."""
     ready = tmp_path / "ready"
+    ready.mkdir()
     cfg = {"every_steps": 1000, "keep": 2, "async_save": True}
     workers = _spawn(
-        "until_sigterm", directory, processes=PROCESSES, cfg=cfg, ready_file=str(ready)
+        "until_sigterm",
+        str(tmp_path / "checkpoints"),
+        processes=PROCESSES,
+        cfg=cfg,
+        ready_dir=str(ready),
+        **options,
     )
-    wait_for(ready.exists, what="the workers to start their loop")
+    wait_for(lambda: len(list(ready.iterdir())) == PROCESSES, what="every worker's loop")
+    return workers
+
+
+def test_sigterm_on_one_process_saves_current_step_on_all_and_exits_preempted(tmp_path):
+    from trainer.checkpoint import Checkpointer
+    from trainer.preemption import EXIT_PREEMPTED
+
+    workers = _spawn_until_sigterm(tmp_path)
     workers[2].process.send_signal(signal.SIGTERM)  # only one host hears it; all must stop
     reports = _finish(workers, expect_rc=EXIT_PREEMPTED)
     stopped = {r["stopped_at"] for r in reports}
     assert len(stopped) == 1, reports
-    checkpointer = Checkpointer(directory, CheckpointConfig(**cfg))
+    cfg = {"every_steps": 1000, "keep": 2, "async_save": True}
+    checkpointer = Checkpointer(str(tmp_path / "checkpoints"), CheckpointConfig(**cfg))
     assert checkpointer.latest_step == stopped.pop()
     checkpointer.close()
 
 
-def test_sigterm_while_one_process_is_still_starting_up_stops_every_process_preempted(tmp_path):
-    """A SIGTERM between joining the pod and the Checkpointer (loading weights, tokenizing,
-    compiling) counts too: jax's preemption notifier used to swallow it, and the run trained on
-    (this test then timed out)."""
-    from trainer.checkpoint import EXIT_PREEMPTED
+def test_sigterm_while_one_process_is_still_starting_up_stops_every_process_at_once(tmp_path):
+    """A SIGTERM after joining the pod and before training (loading weights, tokenizing,
+    compiling) ends every process at once: there is nothing new to save. jax's preemption
+    notifier used to swallow it, and the run trained on (this test then timed out)."""
+    from trainer.preemption import EXIT_PREEMPTED
 
     cfg = {"every_steps": 1000, "keep": 2, "async_save": True}
-    options = dict(cfg=cfg, ready_file=str(tmp_path / "ready"), sigterm_before_checkpointer=2)
-    workers = _spawn("until_sigterm", str(tmp_path / "ckpt"), processes=PROCESSES, **options)
-    reports = _finish(workers, expect_rc=EXIT_PREEMPTED)
-    assert {r["stopped_at"] for r in reports} == {1}, reports
+    workers = _spawn(
+        "until_sigterm",
+        str(tmp_path / "checkpoints"),
+        processes=PROCESSES,
+        cfg=cfg,
+        ready_dir=str(tmp_path),
+        sigterm_before_checkpointer=2,
+    )
+    assert _finish(workers, expect_rc=EXIT_PREEMPTED) == [None] * PROCESSES  # none trained
+    expected = (
+        "error: process 2 of 4 got SIGTERM while starting up: stopped before training, "
+        "nothing new to save"
+    )
+    for worker in workers:
+        assert expected in worker.stderr().splitlines(), worker.stderr()[-3000:]
+    assert _committed_steps(str(tmp_path / "checkpoints"), cfg) == []
 
 
 # -- fail-stop: a failed save or a dead process ends every process ---------------------------
@@ -346,12 +375,7 @@ _GLOO_ABORT = "terminate called after throwing an instance of 'gloo::"
 def test_killed_process_ends_the_others_naming_it(tmp_path):
     from trainer.distributed import EXIT_PEER_LOST
 
-    ready = tmp_path / "ready"
-    cfg = {"every_steps": 1000, "keep": 2, "async_save": True}
-    workers = _spawn(
-        "until_sigterm", str(tmp_path / "ckpt"), processes=PROCESSES, cfg=cfg, ready_file=str(ready)
-    )
-    wait_for(ready.exists, what="the workers to start their loop")
+    workers = _spawn_until_sigterm(tmp_path)
     workers[2].process.kill()
     killed_at = time.monotonic()
     exits = _exit_times(workers)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from trainer import io
-from trainer.checkpoint import EXIT_PREEMPTED
+from trainer.preemption import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tiny.yaml"

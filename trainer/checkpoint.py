@@ -13,10 +13,9 @@
   `EXIT_SAVE_FAILED` and one line `error: checkpoint save of step N failed on process P:
   CAUSE`, instead of training on without checkpoints or stalling in the next save. orbax
   only logs a failed background save; a log handler turns that record into the failure.
-- Preemption: the first SIGTERM (`trainer.preemption`, even one that came before this
-  Checkpointer existed) makes the next `maybe_save` write the current step, wait for it to
-  commit and return True; the trainer then exits with `EXIT_PREEMPTED`. A second SIGTERM
-  terminates at once.
+- Preemption: once the run trains, the first SIGTERM (`trainer.preemption`) makes the next
+  `maybe_save` write the current step, wait for it to commit and return True; the trainer
+  then exits with `EXIT_PREEMPTED`. A second SIGTERM terminates at once.
 """
 
 from __future__ import annotations
@@ -42,9 +41,8 @@ from trainer import io, preemption
 from trainer.config import CheckpointConfig, ModelConfig, TrainerError
 from trainer.distributed import fail_everywhere, first_line
 
-# Distinct exit statuses, so tpuctl can tell "saved and stopped on SIGTERM" (resume it) and
-# "a checkpoint save failed or hung" from a crash. sysexits' EX_TEMPFAIL and EX_IOERR.
-EXIT_PREEMPTED = 75
+# A distinct exit status, so tpuctl can tell "a checkpoint save failed or hung" from a crash
+# (and from `EXIT_PREEMPTED`, "stopped on SIGTERM"). sysexits' EX_IOERR.
 EXIT_SAVE_FAILED = 74
 
 _WATCHDOG_POLL_S = 0.2

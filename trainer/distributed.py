@@ -95,12 +95,14 @@ def provide_cpu_devices(mesh: MeshConfig) -> None:
 
 def initialize() -> None:
     """Call before any other jax use. Single process when neither TPUCTL_* nor a TPU is present.
-    From here on a SIGTERM means "save and stop" (`trainer.preemption`), on every process."""
+    From here on a SIGTERM on any process stops the run (`trainer.preemption`): at once until
+    `preemption.started()`, after a save of the current step from then on."""
     import jax
 
     # First, so that a process that got through the rendezvous below takes SIGTERM as the
-    # trainer does; jax's own notifier would swallow it until the Checkpointer exists.
+    # trainer does; jax's own notifier would swallow it.
     preemption.watch()
+    preemption.while_starting(_stop_while_starting)
     jax.config.update("jax_enable_preemption_service", False)
     timeout = int(os.environ.get("TPUCTL_INIT_TIMEOUT", DEFAULT_TIMEOUT_S))
     heartbeat = _heartbeat_timeout_s()
@@ -127,6 +129,17 @@ def initialize() -> None:
     if jax.process_count() > 1:
         _watch.append(PodWatch(jax.process_index(), jax.process_count(), heartbeat))
         _watch[0].start()
+
+
+def _stop_while_starting() -> NoReturn:
+    """End every process of a run that got SIGTERM before it trained (`preemption`)."""
+    import jax
+
+    who = f"process {jax.process_index()} of {jax.process_count()}" if _client() else "the trainer"
+    fail_everywhere(
+        f"{who} got SIGTERM while starting up: stopped before training, nothing new to save",
+        preemption.EXIT_PREEMPTED,
+    )
 
 
 def finish() -> None:

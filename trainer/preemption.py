@@ -1,14 +1,15 @@
-"""SIGTERM as "save and stop": the flag the Checkpointer turns into a committed save.
+"""SIGTERM (a TPU VM's preemption, `tpuctl kill`, a local pod's `down`): stop, keeping the work.
 
-A TPU VM being preempted, `tpuctl kill` and a local pod's `down` all send SIGTERM first. The
-first one only sets a flag, whenever it comes: while the run is still loading weights,
-tokenizing or compiling, as well as between steps. The Checkpointer reads the flag at its next
-`maybe_save`, saves that step and stops the run. A second SIGTERM ends the process at once.
+- While the run is starting up (joining the pod, loading weights, tokenizing, compiling)
+  there is nothing new to keep: the first SIGTERM ends the run at once (`while_starting`),
+  with `EXIT_PREEMPTED`, which tpuctl resumes like any other stop of that kind.
+- Once it trains (`started`), the first SIGTERM only sets a flag: the Checkpointer reads it
+  at its next `maybe_save`, saves that step and the run exits with `EXIT_PREEMPTED`.
+- A second SIGTERM ends the process at once.
 
-jax's own preemption notifier would take SIGTERM from the process as soon as it joins a pod,
-and keep it until the Checkpointer's handler replaced it: a SIGTERM in that window was lost
-and the run trained on. `trainer.distributed` therefore turns that notifier off and calls
-`watch` before it joins.
+jax's own preemption notifier would take SIGTERM from the process as soon as it joins a pod
+and keep it: a SIGTERM then was lost and the run trained on. `trainer.distributed` turns it
+off and calls `watch` before it joins.
 """
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
+# sysexits' EX_TEMPFAIL: "stopped on SIGTERM, resume me", told apart from a crash by tpuctl.
+EXIT_PREEMPTED = 75
+
 _received = threading.Event()
+_starting_lock = threading.Lock()
+_starting = False
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -46,3 +53,26 @@ def unwatch(previous: Any) -> None:
 def received() -> bool:
     """True once this process got SIGTERM while watching."""
     return _received.is_set()
+
+
+def while_starting(stop: Callable[[], Any]) -> None:
+    """Until `started`, a SIGTERM (one already received included) calls `stop`, which ends
+    the process. It runs in a thread of its own, not in the signal handler, which interrupts
+    the main thread anywhere (inside a print, holding a lock)."""
+    global _starting
+    _starting = True
+
+    def stop_if_starting() -> None:
+        _received.wait()
+        with _starting_lock:
+            if _starting:
+                stop()
+
+    threading.Thread(target=stop_if_starting, name="sigterm-while-starting", daemon=True).start()
+
+
+def started() -> None:
+    """The run trains from here on: a SIGTERM now means save this step and stop."""
+    global _starting
+    with _starting_lock:
+        _starting = False

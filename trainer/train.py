@@ -29,8 +29,19 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from trainer import cache, data, distributed, dpo, io, metrics, reference, reward, sharding
-from trainer.checkpoint import EXIT_PREEMPTED, Checkpointer, CheckpointError
+from trainer import (
+    cache,
+    data,
+    distributed,
+    dpo,
+    io,
+    metrics,
+    preemption,
+    reference,
+    reward,
+    sharding,
+)
+from trainer.checkpoint import Checkpointer, CheckpointError
 from trainer.config import (
     ObjectiveConfig,
     Recipe,
@@ -42,6 +53,7 @@ from trainer.config import (
 from trainer.mixture import Mixture
 from trainer.model import Decoder, attention_path, backend_platform, count_params, init_params
 from trainer.optim import make_optimizer
+from trainer.preemption import EXIT_PREEMPTED
 from trainer.tokenizer import load_tokenizer
 from trainer.tracing import StepTrace
 from trainer.watchdog import EXIT_STALLED, Watchdog
@@ -504,6 +516,7 @@ def train_loop(
     trace = StepTrace(recipe.run_dir, recipe.train.profile_steps if is_main else [])
     watchdog = Watchdog(recipe.train.stall_timeout_s, _end_stalled(recipe.train.stall_timeout_s))
     watchdog.start()
+    preemption.started()  # a SIGTERM from now on saves the step it stops at
     interval_start, interval_steps = time.perf_counter(), 0
     try:  # however the loop ends (a crash included), the watchdog goes with it
         while step < run.total_steps:
