@@ -261,22 +261,26 @@ def test_single_process_sync_save_local_restores_on_smaller_mesh(local_dir):
 # -- SIGTERM -------------------------------------------------------------------------------
 
 
+UNTIL_SIGTERM = {"every_steps": 1000, "keep": 2, "async_save": True}  # only a stop saves
+
+
 def _spawn_until_sigterm(tmp_path, **options) -> list[Worker]:
-    """Workers that save only when a SIGTERM stops them, and have each started its loop
-    (every process is past start-up) when this returns."""
-    ready = tmp_path / "ready"
-    ready.mkdir()
-    cfg = {"every_steps": 1000, "keep": 2, "async_save": True}
-    workers = _spawn(
+    """Workers that save only when a SIGTERM stops them; each touches its own file in
+    tmp_path/ready once it is in its loop (past start-up)."""
+    (tmp_path / "ready").mkdir()
+    return _spawn(
         "until_sigterm",
         str(tmp_path / "checkpoints"),
         processes=PROCESSES,
-        cfg=cfg,
-        ready_dir=str(ready),
+        cfg=UNTIL_SIGTERM,
+        ready_dir=str(tmp_path / "ready"),
         **options,
     )
+
+
+def _wait_until_all_train(tmp_path) -> None:
+    ready = tmp_path / "ready"
     wait_for(lambda: len(list(ready.iterdir())) == PROCESSES, what="every worker's loop")
-    return workers
 
 
 def test_sigterm_on_one_process_saves_current_step_on_all_and_exits_preempted(tmp_path):
@@ -284,12 +288,12 @@ def test_sigterm_on_one_process_saves_current_step_on_all_and_exits_preempted(tm
     from trainer.preemption import EXIT_PREEMPTED
 
     workers = _spawn_until_sigterm(tmp_path)
+    _wait_until_all_train(tmp_path)
     workers[2].process.send_signal(signal.SIGTERM)  # only one host hears it; all must stop
     reports = _finish(workers, expect_rc=EXIT_PREEMPTED)
     stopped = {r["stopped_at"] for r in reports}
     assert len(stopped) == 1, reports
-    cfg = {"every_steps": 1000, "keep": 2, "async_save": True}
-    checkpointer = Checkpointer(str(tmp_path / "checkpoints"), CheckpointConfig(**cfg))
+    checkpointer = Checkpointer(str(tmp_path / "checkpoints"), CheckpointConfig(**UNTIL_SIGTERM))
     assert checkpointer.latest_step == stopped.pop()
     checkpointer.close()
 
@@ -300,15 +304,7 @@ def test_sigterm_while_one_process_is_still_starting_up_stops_every_process_at_o
     notifier used to swallow it, and the run trained on (this test then timed out)."""
     from trainer.preemption import EXIT_PREEMPTED
 
-    cfg = {"every_steps": 1000, "keep": 2, "async_save": True}
-    workers = _spawn(
-        "until_sigterm",
-        str(tmp_path / "checkpoints"),
-        processes=PROCESSES,
-        cfg=cfg,
-        ready_dir=str(tmp_path),
-        sigterm_before_checkpointer=2,
-    )
+    workers = _spawn_until_sigterm(tmp_path, sigterm_before_checkpointer=2)
     assert _finish(workers, expect_rc=EXIT_PREEMPTED) == [None] * PROCESSES  # none trained
     expected = (
         "error: process 2 of 4 got SIGTERM while starting up: stopped before training, "
@@ -316,7 +312,7 @@ def test_sigterm_while_one_process_is_still_starting_up_stops_every_process_at_o
     )
     for worker in workers:
         assert expected in worker.stderr().splitlines(), worker.stderr()[-3000:]
-    assert _committed_steps(str(tmp_path / "checkpoints"), cfg) == []
+    assert _committed_steps(str(tmp_path / "checkpoints"), UNTIL_SIGTERM) == []
 
 
 # -- fail-stop: a failed save or a dead process ends every process ---------------------------
@@ -376,6 +372,7 @@ def test_killed_process_ends_the_others_naming_it(tmp_path):
     from trainer.distributed import EXIT_PEER_LOST
 
     workers = _spawn_until_sigterm(tmp_path)
+    _wait_until_all_train(tmp_path)
     workers[2].process.kill()
     killed_at = time.monotonic()
     exits = _exit_times(workers)
