@@ -307,7 +307,7 @@ def test_sigterm_while_one_process_is_still_starting_up_stops_every_process_at_o
     workers = _spawn_until_sigterm(tmp_path, sigterm_before_checkpointer=2)
     assert _finish(workers, expect_rc=EXIT_PREEMPTED) == [None] * PROCESSES  # none trained
     expected = (
-        "error: process 2 of 4 got SIGTERM while starting up: stopped before training, "
+        "trainer: stopped on SIGTERM while starting up (process 2 of 4): before training, "
         "nothing new to save"
     )
     for worker in workers:

@@ -135,10 +135,11 @@ def _stop_while_starting() -> NoReturn:
     """End every process of a run that got SIGTERM before it trained (`preemption`)."""
     import jax
 
-    who = f"process {jax.process_index()} of {jax.process_count()}" if _client() else "the trainer"
+    where = f" (process {jax.process_index()} of {jax.process_count()})" if _client() else ""
     fail_everywhere(
-        f"{who} got SIGTERM while starting up: stopped before training, nothing new to save",
+        f"stopped on SIGTERM while starting up{where}: before training, nothing new to save",
         preemption.EXIT_PREEMPTED,
+        prefix="trainer",
     )
 
 
@@ -197,13 +198,13 @@ def _client():
     return jax_distributed.global_state.client
 
 
-def _exit(message: str, status: int) -> NoReturn:
-    _print_error(message)
+def _exit(line: str, status: int) -> NoReturn:
+    _print_line(line)
     os._exit(status)  # other threads (orbax's savers, collectives) may be blocked for good
 
 
-def _print_error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+def _print_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def show_stacks(header: str) -> None:
@@ -214,26 +215,29 @@ def show_stacks(header: str) -> None:
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
 
 
-def fail_everywhere(message: str, status: int, stacks: bool = False) -> NoReturn:
-    """End every process of the run with `error: message` and exit `status`: this one now,
-    the others within a second (their PodWatch reads it from jax's key-value store). Process 0
-    hosts that store, so it leaves last, once the others have read it (or after 30 s). With
-    `stacks`, every other process shows its threads' stacks (`show_stacks`) as it leaves."""
-    client = _client()
+def fail_everywhere(
+    message: str, status: int, stacks: bool = False, prefix: str = "error"
+) -> NoReturn:
+    """End every process of the run with `{prefix}: message` and exit `status`: this one
+    now, the others within a second (their PodWatch reads it from jax's key-value store).
+    Process 0 hosts that store, so it leaves last, once the others have read it (or after
+    30 s). With `stacks`, every other process shows its threads' stacks (`show_stacks`) as
+    it leaves."""
+    client, line = _client(), f"{prefix}: {message}"
     if client is None:
-        _exit(message, status)
+        _exit(line, status)
     try:
-        failure = {"message": message, "status": status, "stacks": stacks}
+        failure = {"line": line, "status": status, "stacks": stacks}
         client.key_value_set(_FAILURE_KEY, json.dumps(failure))
-    except Exception:  # another process failed first: end with its message
+    except Exception:  # another process failed first: end with its line
         with contextlib.suppress(Exception):
             failure = json.loads(client.key_value_try_get(_FAILURE_KEY))
-            message, status = failure["message"], failure["status"]
-    _leave(client, message, status)
+            line, status = failure["line"], failure["status"]
+    _leave(client, line, status)
 
 
-def _leave(client, message: str, status: int, leaving: int | None = None) -> NoReturn:
-    """Exit with `error: message` as one of `leaving` processes that are ending the run
+def _leave(client, line: str, status: int, leaving: int | None = None) -> NoReturn:
+    """Exit with `line` on stderr as one of `leaving` processes that are ending the run
     together. Process 0 hosts jax's coordination service, and a process still connected when
     it goes away is aborted by jax (a C++ stack trace instead of the line), so the others
     acknowledge in its key-value store just before they exit and process 0 waits for their
@@ -241,7 +245,7 @@ def _leave(client, message: str, status: int, leaving: int | None = None) -> NoR
     import jax
 
     index, leaving = jax.process_index(), leaving or jax.process_count()
-    _print_error(message)  # before the acknowledgement, after which process 0 may be gone
+    _print_line(line)  # before the acknowledgement, after which process 0 may be gone
     with contextlib.suppress(Exception):
         client.key_value_set(f"{_ACK_DIR}{index}", "1")
     if index == 0:
@@ -296,14 +300,14 @@ class PodWatch(threading.Thread):
                 failure = json.loads(failure)
                 if failure.get("stacks"):
                     show_stacks(f"process {self.index} of {self.count} as the run ends")
-                _leave(client, failure["message"], failure["status"])
+                _leave(client, failure["line"], failure["status"])
             try:
                 live = client.get_live_nodes(everyone)
             except Exception as e:
                 if self.stopped.is_set():
                     return
                 _exit(
-                    f"lost the coordinator (process 0 of {self.count}): {first_line(e)}; "
+                    f"error: lost the coordinator (process 0 of {self.count}): {first_line(e)}; "
                     f"stopping process {self.index} too",
                     EXIT_PEER_LOST,
                 )
@@ -311,7 +315,7 @@ class PodWatch(threading.Thread):
                 names = ", ".join(map(str, dead))
                 _leave(
                     client,
-                    f"process {names} of {self.count} stopped (no heartbeat for "
+                    f"error: process {names} of {self.count} stopped (no heartbeat for "
                     f"{self.heartbeat_timeout_s} s); stopping process {self.index} too",
                     EXIT_PEER_LOST,
                     leaving=self.count - len(dead),
