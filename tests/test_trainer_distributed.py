@@ -1,4 +1,5 @@
-"""Joining a run: CPU devices for a plain machine, before jax starts."""
+"""Joining a run (CPU devices for a plain machine, before jax starts) and leaving it: a normal
+finish, and a crash told apart from a SIGTERM's stop."""
 
 from __future__ import annotations
 
@@ -66,3 +67,34 @@ def test_process_0_leaves_a_normal_finish_after_a_slow_process_has_disconnected(
     for index, (code, output) in enumerate(wait_all(workers, timeout=120)):
         last = output.strip().splitlines()[-1] if output.strip() else ""
         assert code == 0 and last == "left", f"process {index} exited {code}:\n{output[-3000:]}"
+
+
+_CRASH_WHILE_STOPPING = """
+import os, signal, time
+import jax._src.distributed  # what crash() reads: imported now, so it answers at once
+from trainer import distributed, preemption
+
+def slow_stop():
+    time.sleep(2)  # a stop that takes its time (process 0 waits for the others' acks)
+    print("stopped on SIGTERM", flush=True)
+    os._exit(preemption.EXIT_PREEMPTED)
+
+preemption.watch()
+preemption.while_starting(slow_stop)
+os.kill(os.getpid(), signal.SIGTERM)
+distributed.crash(RuntimeError("a worker process of the token cache died"))
+"""
+
+
+def test_an_error_while_a_sigterm_stops_the_start_up_is_that_stop_not_a_crash():
+    """The token cache's worker processes die of the SIGTERM that stops the run; the error
+    the main thread then sees must not end the run first, as a crash with a traceback."""
+    child = subprocess.run(
+        [sys.executable, "-c", _CRASH_WHILE_STOPPING],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (child.returncode, child.stdout) == (75, "stopped on SIGTERM\n"), child.stderr[-3000:]
+    assert "Traceback" not in child.stderr

@@ -262,11 +262,13 @@ def crash(error: BaseException) -> NoReturn:
     """End a multi-process run on an unexpected exception in this process. When another
     process died first (this one's collective then fails too), PodWatch names that one within
     a heartbeat timeout; otherwise the error is this process's own: its traceback, then every
-    process ends promptly (not after a heartbeat timeout, or in the next collective)."""
+    process ends promptly (not after a heartbeat timeout, or in the next collective). An
+    error while a SIGTERM stops the start-up is part of that stop (`preemption`)."""
     import traceback
 
     import jax
 
+    preemption.wait_if_stopping(_ACK_TIMEOUT_S + 30)
     if _client() is None:
         raise error
     deadline = time.monotonic() + _heartbeat_timeout_s() + 5 * _WATCH_POLL_S

@@ -26,6 +26,7 @@ EXIT_PREEMPTED = 75
 _received = threading.Event()
 _starting_lock = threading.Lock()
 _starting = False
+_stopper: threading.Thread | None = None  # while_starting's thread
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -59,7 +60,7 @@ def while_starting(stop: Callable[[], Any]) -> None:
     """Until `started`, a SIGTERM (one already received included) calls `stop`, which ends
     the process. It runs in a thread of its own, not in the signal handler, which interrupts
     the main thread anywhere (inside a print, holding a lock)."""
-    global _starting
+    global _starting, _stopper
     _starting = True
 
     def stop_if_starting() -> None:
@@ -68,7 +69,16 @@ def while_starting(stop: Callable[[], Any]) -> None:
             if _starting:
                 stop()
 
-    threading.Thread(target=stop_if_starting, name="sigterm-while-starting", daemon=True).start()
+    _stopper = threading.Thread(target=stop_if_starting, name="sigterm-while-starting", daemon=True)
+    _stopper.start()
+
+
+def wait_if_stopping(timeout_s: float) -> None:
+    """When a SIGTERM came while starting up, wait (at most `timeout_s`) for `stop` to end the
+    process: an error it causes meanwhile (the token cache's worker processes die of the same
+    SIGTERM) is part of that stop, not a crash of its own."""
+    if _starting and _received.is_set() and _stopper is not None:
+        _stopper.join(timeout_s)
 
 
 def started() -> None:
