@@ -63,7 +63,6 @@ def _work(mode: str, directory: str, options: dict) -> int:
 
     from trainer import preemption
     from trainer.checkpoint import Checkpointer
-    from trainer.preemption import EXIT_PREEMPTED
 
     @flax.struct.dataclass
     class State:
@@ -118,7 +117,7 @@ def _work(mode: str, directory: str, options: dict) -> int:
             if checkpointer.maybe_save(make_state(step)):
                 checkpointer.close()
                 print(json.dumps({**report, "stopped_at": step}), flush=True)
-                return EXIT_PREEMPTED
+                return preemption.EXIT_PREEMPTED
     elif mode == "hang":
         checkpointer.save(make_state(1))
         checkpointer.wait_until_committed()
