@@ -4,9 +4,12 @@ started it. The SIGTERM cases run in a child process: the flag lasts for a proce
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from trainer import preemption
@@ -77,3 +80,42 @@ def test_unwatch_gives_sigterm_back():
     preemption.unwatch(replaced)
     assert signal.getsignal(signal.SIGTERM) is previous
     assert not preemption.received()
+
+
+def test_a_sigterm_while_the_trainer_reads_its_recipe_stops_it_to_be_resumed():
+    """`python -m trainer gs://...` is sent SIGTERM while its recipe is being read (the
+    storage server holds the request until then): before jax is imported or the pod joined.
+    Before the entry point watched from its first line, the signal's default action killed
+    it (-15), which babysit counts as a failure."""
+    asked, release = threading.Event(), threading.Event()
+
+    class HoldEveryRequest(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.set()
+            release.wait(60)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HoldEveryRequest)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPUCTL_")}
+    env["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{server.server_port}"
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "trainer", "gs://bucket/recipe.yaml"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert asked.wait(60), "the trainer never asked for its recipe"
+        trainer.send_signal(signal.SIGTERM)
+        _, stderr = trainer.communicate(timeout=60)
+    finally:
+        trainer.kill()
+        release.set()
+        server.shutdown()
+    assert trainer.returncode == EXIT_PREEMPTED, stderr
+    assert stderr.splitlines() == [
+        "trainer: stopped on SIGTERM while starting up: before training, nothing new to save"
+    ]

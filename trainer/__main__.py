@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+from trainer import distributed, preemption
 from trainer.config import RecipeError, TrainerError, load_recipe
 
 USAGE = """usage: python -m trainer RECIPE [key=value ...]
@@ -22,12 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if args else 2
+    # First: a SIGTERM while reading the recipe or importing jax ends the start-up as one
+    # while joining or compiling does (exit 75, resumable), not the process by the signal.
+    preemption.watch()
+    preemption.while_starting(distributed.stop_while_starting)
     try:
         recipe = load_recipe(args[0], args[1:])
         for name, value in recipe.env.items():  # before jax starts, so LIBTPU_INIT_ARGS etc. apply
             if value is not None:  # a name only: tpuctl passed the value in the environment
                 os.environ.setdefault(name, value)
-        from trainer import compile_cache, distributed
+        from trainer import compile_cache
 
         distributed.provide_cpu_devices(recipe.mesh)
         compile_cache.enable(recipe)

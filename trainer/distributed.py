@@ -102,7 +102,7 @@ def initialize() -> None:
     # First, so that a process that got through the rendezvous below takes SIGTERM as the
     # trainer does; jax's own notifier would swallow it.
     preemption.watch()
-    preemption.while_starting(_stop_while_starting)
+    preemption.while_starting(stop_while_starting)
     jax.config.update("jax_enable_preemption_service", False)
     timeout = int(os.environ.get("TPUCTL_INIT_TIMEOUT", DEFAULT_TIMEOUT_S))
     heartbeat = _heartbeat_timeout_s()
@@ -131,11 +131,14 @@ def initialize() -> None:
         _watch[0].start()
 
 
-def _stop_while_starting() -> NoReturn:
-    """End every process of a run that got SIGTERM before it trained (`preemption`)."""
-    import jax
+def stop_while_starting() -> NoReturn:
+    """End every process of a run that got SIGTERM before it trained (`preemption`); the
+    entry point's stop from its first line, before jax is even imported."""
+    where = ""
+    if _client() is not None:
+        import jax
 
-    where = f" (process {jax.process_index()} of {jax.process_count()})" if _client() else ""
+        where = f" (process {jax.process_index()} of {jax.process_count()})"
     fail_everywhere(
         f"stopped on SIGTERM while starting up{where}: before training, nothing new to save",
         preemption.EXIT_PREEMPTED,
@@ -192,7 +195,10 @@ def _wait_until_alone(client, count: int, timeout_s: float) -> None:
 
 
 def _client():
-    """jax's coordination-service client, or None in a single-process run."""
+    """jax's coordination-service client, or None in a single-process run (or before jax
+    was imported: nothing has joined yet)."""
+    if "jax" not in sys.modules:
+        return None
     from jax._src import distributed as jax_distributed  # no public accessor for the client
 
     return jax_distributed.global_state.client

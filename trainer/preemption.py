@@ -1,7 +1,7 @@
 """SIGTERM (a TPU VM's preemption, `tpuctl kill`, a local pod's `down`): stop, keeping the work.
 
-- While the run is starting up (joining the pod, loading weights, tokenizing, compiling)
-  there is nothing new to keep: the first SIGTERM ends the run at once (`while_starting`),
+- While the run is starting up (reading the recipe, importing jax, joining the pod, loading
+  weights, tokenizing, compiling) there is nothing new to keep: the first SIGTERM ends the run at once (`while_starting`),
   with `EXIT_PREEMPTED`, which tpuctl resumes like any other stop of that kind.
 - Once it trains (`started`), the first SIGTERM only sets a flag: the Checkpointer reads it
   at its next `maybe_save`, saves that step and the run exits with `EXIT_PREEMPTED`.
@@ -9,7 +9,7 @@
 
 jax's own preemption notifier would take SIGTERM from the process as soon as it joins a pod
 and keep it: a SIGTERM then was lost and the run trained on. `trainer.distributed` turns it
-off and calls `watch` before it joins.
+off; `python -m trainer` calls `watch` first thing, before the recipe or jax.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ EXIT_PREEMPTED = 75
 _received = threading.Event()
 _starting_lock = threading.Lock()
 _starting = False
-_stopper: threading.Thread | None = None  # while_starting's thread
+_stop: Callable[[], Any] | None = None  # while_starting's
+_stopper: threading.Thread | None = None  # the thread that calls it
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -59,18 +60,24 @@ def received() -> bool:
 def while_starting(stop: Callable[[], Any]) -> None:
     """Until `started`, a SIGTERM (one already received included) calls `stop`, which ends
     the process. It runs in a thread of its own, not in the signal handler, which interrupts
-    the main thread anywhere (inside a print, holding a lock)."""
-    global _starting, _stopper
-    _starting = True
+    the main thread anywhere (inside a print, holding a lock). A later call replaces `stop`:
+    the entry point watches from its first line, and joining the pod brings a `stop` that
+    ends every process."""
+    global _starting, _stop, _stopper
+    with _starting_lock:
+        _starting, _stop = True, stop
+        if _stopper is None:
+            _stopper = threading.Thread(
+                target=_stop_if_starting, name="sigterm-while-starting", daemon=True
+            )
+            _stopper.start()
 
-    def stop_if_starting() -> None:
-        _received.wait()
-        with _starting_lock:
-            if _starting:
-                stop()
 
-    _stopper = threading.Thread(target=stop_if_starting, name="sigterm-while-starting", daemon=True)
-    _stopper.start()
+def _stop_if_starting() -> None:
+    _received.wait()
+    with _starting_lock:
+        if _starting and _stop is not None:
+            _stop()
 
 
 def wait_if_stopping(timeout_s: float) -> None:
