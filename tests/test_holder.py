@@ -21,7 +21,7 @@ from polling import wait_for
 
 from tests.fixtures_pod import pod_hosts
 from tpuctl import config
-from tpuctl.fanout import StopSignal, holder, run
+from tpuctl.fanout import StopSignal, get, holder, put, run
 
 COMMAND = 'echo "out $(hostname -I)"; echo err >&2; exit $(( $(hostname -I | cut -d. -f4) % 3 ))'
 
@@ -118,6 +118,32 @@ def test_later_runs_reuse_the_holders_connections_and_answer_as_the_cold_run(ssh
 
 
 @pod
+def test_put_and_get_go_over_the_held_connections_as_the_cold_path_copies(
+    ssh_pod, held, tmp_path, monkeypatch
+):
+    hosts, attachment = held
+    _warm_up(hosts, attachment)
+    held_logins = logins(ssh_pod)
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "a").write_text("a\n")
+    (tmp_path / "tree" / "sub" / "b").write_text("b\n")
+    monkeypatch.chdir(tmp_path)  # relative paths are the command's, not the holder's
+    assert [r.stdout for r in put(hosts, "tree", "held-tree")] == ["2 files -> held-tree"] * 4
+    fetched = get(hosts, "held-tree", "back")
+    assert [r.stdout for r in fetched] == [f"2 files -> back/{h.label}/held-tree" for h in hosts]
+    assert (tmp_path / "back" / "w03" / "held-tree" / "sub" / "b").read_text() == "b\n"
+    missing = outcome(get(hosts, "/tmp/does-not-exist", "back"))
+    holder.attach(None)
+    try:
+        assert missing == outcome(get(hosts, "/tmp/does-not-exist", "back"))  # as cold
+        held_logins += len(hosts)
+    finally:
+        holder.attach(attachment)
+    assert {(m[1], m[3]) for m in missing} == {(1, "No such file: /tmp/does-not-exist")}
+    assert logins(ssh_pod) == held_logins  # sshd saw no new connection
+
+
+@pod
 def test_the_socket_is_the_users_alone(ssh_pod, held):
     hosts, attachment = held
     _warm_up(hosts, attachment)
@@ -209,6 +235,8 @@ def test_a_host_refusing_more_sessions_on_the_held_connection_gets_a_connection_
             assert logins(ssh_pod) == before + 1  # a connection for this command alone
             [again] = run(host, "echo third")
             assert again.ok and logins(ssh_pod) == before + 2  # not held: the first still is
+            [sent] = put(host, Path(__file__), "/tmp/held-copy.py")  # a copy is a session too
+            assert sent.ok and logins(ssh_pod) == before + 3, sent.error
         finally:
             stop.set("done")
             long.join(30)

@@ -82,9 +82,8 @@ def test_get_skips_symlinks_inside_the_tree_and_follows_the_named_one(hosts, tmp
     assert made[0].ok, made[0].stderr
     skipped: list[str] = []
     target = tmp_path / "w00" / "linked"
-    copied = transfer.get_from_host(
-        hosts[0], SshContext(10.0), StopSignal(), "linked", target, skipped
-    )
+    over = transfer.over_new_connection(SshContext(10.0), StopSignal())
+    copied = transfer.get_from_host(hosts[0], over, "linked", target, skipped)
     assert copied == 1 and (target / "sub" / "a").read_text() == "a\n"
     assert skipped == ["linked/passwd"] and not (target / "passwd").exists()
 

@@ -9,18 +9,20 @@ all of its processes do), with at most `max_parallel` SSH handshakes in flight; 
 line, no process per host. Environment values travel inside the script fed on stdin, never in any argv. On
 Ctrl-C every remote command is stopped and `Interrupted` carries the per-host results.
 This module is light; paramiko is imported only when an SSH host is actually contacted.
-When the CLI attached the node's connection holder (tpuctl.fanout.holder), `run` goes
-over the holder's open connections instead, with the same results.
+When the CLI attached the node's connection holder (tpuctl.fanout.holder), `run`, `put` and
+`get` go over the holder's open connections instead, with the same results.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
 import posixpath
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tpuctl.fanout.base import (
     UNREACHABLE,
@@ -32,6 +34,9 @@ from tpuctl.fanout.base import (
     ensure_descriptors,
     merged_env,
 )
+
+if TYPE_CHECKING:
+    from tpuctl.fanout.transfer import Over
 
 __all__ = [
     "UNREACHABLE",
@@ -96,13 +101,13 @@ def run(
 
     if not any(host.transport == "ssh" for host in hosts):
         return cold()
-    from tpuctl.fanout.holder import run_via_holder
+    from tpuctl.fanout.holder import via_holder
 
-    return run_via_holder(
-        hosts, command, envs, timeout=timeout, on_line=on_line, fail_fast=fail_fast,
-        max_parallel=max_parallel, connect_timeout=connect_timeout, on_result=on_result,
-        stop=stop, cold=cold,
-    )  # fmt: skip
+    request = {
+        "op": "run", "command": command, "envs": envs, "timeout": timeout,
+        "fail_fast": fail_fast, "max_parallel": max_parallel,
+    }  # fmt: skip
+    return via_holder(hosts, request, on_line, on_result, stop, connect_timeout, cold)
 
 
 def put(
@@ -118,24 +123,9 @@ def put(
     hosts, source = list(hosts), Path(local_path)
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist")
-    stop = StopSignal()
-
-    def put_one(index: int) -> HostResult:
-        host = hosts[index]
-
-        def copy() -> int:
-            if host.transport == "local":
-                from tpuctl.fanout import local
-
-                return local.copy_tree(source, local.resolve(host, remote_path))
-            from tpuctl.fanout import transfer
-
-            return transfer.put_to_host(host, ctx, stop, source, remote_path)
-
-        return _transfer(host, copy, remote_path, f"-> {remote_path}")
-
-    with _ssh_context(hosts, connect_timeout, max_parallel) as ctx:
-        return _fan_out(hosts, put_one, max_parallel, False, stop, on_result)
+    request = {"op": "put", "local": str(source.absolute()), "remote": remote_path}
+    one = lambda host, over: put_one(host, source, remote_path, over)  # noqa: E731
+    return _copy(hosts, one, request, max_parallel, connect_timeout, on_result)
 
 
 def get(
@@ -149,31 +139,80 @@ def get(
 ) -> list[HostResult]:
     """Copy `remote_path` (file or directory) from every host to `local_dir/<label>/<name>`."""
     hosts = list(hosts)
+    request = {"op": "get", "remote": remote_path, "local": str(local_dir), "cwd": os.getcwd()}
+    one = lambda host, over: get_one(host, remote_path, Path(local_dir), over)  # noqa: E731
+    return _copy(hosts, one, request, max_parallel, connect_timeout, on_result)
+
+
+def put_one(host: Host, source: Path, remote_path: str, over: Over | None) -> HostResult:
+    """One host's part of `put`: its result, never an exception for its trouble. `over`
+    gives SSH hosts their connection (None: no SSH host in the fan-out)."""
+
+    def copy() -> int:
+        if host.transport == "local":
+            from tpuctl.fanout import local
+
+            return local.copy_tree(source, local.resolve(host, remote_path))
+        from tpuctl.fanout import transfer
+
+        return transfer.put_to_host(host, over, source, remote_path)
+
+    return _transfer(host, copy, remote_path, f"-> {remote_path}")
+
+
+def get_one(
+    host: Host, remote_path: str, local_dir: Path, over: Over | None, cwd: Path = Path()
+) -> HostResult:
+    """One host's part of `get`, into `local_dir` (relative to `cwd`: the holder's requests
+    come from another working directory; the result names `local_dir` as given)."""
     name = posixpath.basename(posixpath.normpath(remote_path))
     name = "root" if name in ("", ".", "..") else name  # never LOCAL_DIR/wNN/.. itself
+    target = local_dir / host.label / name
+    links: list[str] = []
+
+    def copy() -> int:
+        if host.transport == "local":
+            from tpuctl.fanout import local
+
+            return local.copy_tree(local.resolve(host, remote_path), cwd / target)
+        from tpuctl.fanout import transfer
+
+        return transfer.get_from_host(host, over, remote_path, cwd / target, skipped=links)
+
+    result = _transfer(host, copy, remote_path, f"-> {target}")
+    if links and result.ok:
+        result.stdout += f" (skipped symlinks, not followed: {', '.join(links)})"
+    return result
+
+
+def _copy(
+    hosts: list[Host],
+    one: Callable[[Host, Over | None], HostResult],
+    request: dict[str, Any],
+    max_parallel: int,
+    connect_timeout: float,
+    on_result: ResultFn | None,
+) -> list[HostResult]:
+    """`put` or `get`: through the node's connection holder when one is attached (the
+    `request` tells it what to do), else over a connection per host."""
     stop = StopSignal()
 
-    def get_one(index: int) -> HostResult:
-        host = hosts[index]
-        target = Path(local_dir) / host.label / name
-        links: list[str] = []
+    def cold() -> list[HostResult]:
+        with _ssh_context(hosts, connect_timeout, max_parallel) as ctx:
+            over = None
+            if ctx is not None:
+                from tpuctl.fanout import transfer
 
-        def copy() -> int:
-            if host.transport == "local":
-                from tpuctl.fanout import local
+                over = transfer.over_new_connection(ctx, stop)
+            job = lambda index: one(hosts[index], over)  # noqa: E731
+            return _fan_out(hosts, job, max_parallel, False, stop, on_result)
 
-                return local.copy_tree(local.resolve(host, remote_path), target)
-            from tpuctl.fanout import transfer
+    if not any(host.transport == "ssh" for host in hosts):
+        return cold()
+    from tpuctl.fanout.holder import via_holder
 
-            return transfer.get_from_host(host, ctx, stop, remote_path, target, skipped=links)
-
-        result = _transfer(host, copy, remote_path, f"-> {target}")
-        if links and result.ok:
-            result.stdout += f" (skipped symlinks, not followed: {', '.join(links)})"
-        return result
-
-    with _ssh_context(hosts, connect_timeout, max_parallel) as ctx:
-        return _fan_out(hosts, get_one, max_parallel, False, stop, on_result)
+    request |= {"fail_fast": False, "max_parallel": max_parallel}
+    return via_holder(hosts, request, None, on_result, stop, connect_timeout, cold)
 
 
 def _transfer(host: Host, copy: Callable[[], int], remote_path: str, where: str) -> HostResult:

@@ -4,7 +4,9 @@ them instead of paying a key exchange per worker.
 
 The first command to a node runs cold and then starts the holder (`spawn`), which connects
 to the workers on its own and listens on a unix socket, 0600 in a 0700 directory
-(`state_dir()/holders/`), for `run` requests; it exits after `ssh.reuse` of idleness.
+(`state_dir()/holders/`), for requests: run a command, put or get files (the holder is the
+same user, so it reads and writes the requester's files); it exits after `ssh.reuse` of
+idleness.
 The holder is keyed on the node's identity (name, creation time, worker addresses and
 login): a recreated node, moved workers or other keys mean another identity, which the
 old holder refuses (and is told to exit). Each request re-reads the known_hosts files and
@@ -142,37 +144,25 @@ def attach(attachment: Attachment | None) -> None:
     _attached = attachment
 
 
-def run_via_holder(
+def via_holder(
     hosts: list[Host],
-    command: str,
-    envs: list[dict[str, str]],
-    *,
-    timeout: float | None,
+    request: dict[str, Any],
     on_line: LineFn | None,
-    fail_fast: bool,
-    max_parallel: int,
-    connect_timeout: float,
     on_result: ResultFn | None,
     stop: StopSignal,
+    connect_timeout: float,
     cold: Callable[[], list[HostResult]],
 ) -> list[HostResult]:
-    """`tpuctl.fanout.run` through the attached holder when `choose` says so, else `cold()`
-    (then starting or replacing the holder for the next command)."""
+    """A fan-out (`request`: its op, "run", "put" or "get", and that op's arguments) through
+    the attached holder when `choose` says so, else `cold()` (then starting or replacing the
+    holder for the next command)."""
     attachment = _attached
     enabled, covered = attachment is not None, covers(attachment, hosts)
     conn, answer = _hello(attachment) if enabled and covered else (None, None)
     step = choose(enabled, covered, answer)
     if step == "use":
-        request = {
-            "op": "run",
-            "command": command,
-            "hosts": [dataclasses.asdict(h) for h in hosts],
-            "envs": envs,
-            "timeout": timeout,
-            "fail_fast": fail_fast,
-            "max_parallel": max_parallel,
-            "connect_timeout": connect_timeout,
-        }
+        hosts_fields = [dataclasses.asdict(h) for h in hosts]
+        request = {**request, "hosts": hosts_fields, "connect_timeout": connect_timeout}
         return _converse(conn, request, hosts, on_line, on_result, stop)
     if conn is not None:
         if step == "replace":
@@ -209,7 +199,7 @@ def _converse(
     on_result: ResultFn | None,
     stop: StopSignal,
 ) -> list[HostResult]:
-    """Send a run request and relay the holder's lines and results until it is done."""
+    """Send a request and relay the holder's lines and results until it is done."""
     from tpuctl.fanout import Interrupted
 
     results: list[HostResult | None] = [None] * len(hosts)
@@ -475,23 +465,19 @@ class _Holder:
         if request.get("op") == "exit":  # a successor for the node's new identity
             self.exiting = True
             self._release_path()
-        elif mine and request.get("op") == "run":
-            self._run(conn, request)
+        elif mine and request.get("op") in ("run", "put", "get"):
+            self._serve(conn, request)
 
-    def _run(self, conn: _Lines, request: dict[str, Any]) -> None:
+    def _serve(self, conn: _Lines, request: dict[str, Any]) -> None:
         from tpuctl.fanout import _fan_out, ssh
 
         hosts = [_host(h) for h in request["hosts"]]
-        envs = request["envs"]
         stop = StopSignal()
         write_lock = threading.Lock()
 
         def send(message: dict[str, Any]) -> None:
             with write_lock, contextlib.suppress(OSError):
                 conn.send(message)
-
-        def on_line(host: Host, stream: str, text: str) -> None:
-            send({"line": [hosts.index(host), stream, text]})
 
         def watch() -> None:  # a stop request, or the client gone, stops every host
             try:
@@ -504,34 +490,84 @@ class _Holder:
         ctx = self.pool.context(int(request["max_parallel"]))
         known = {p: ssh.KnownHosts(p) for p in {h.known_hosts for h in hosts}}
 
-        def one(index: int) -> HostResult:
-            host, started = hosts[index], time.monotonic()
-            if stop.is_set():
-                return HostResult(host, None, "", "", stop.reason, 0.0)
-            try:
-                transport = self.pool.transport(host, ctx, known[host.known_hosts], stop)
-            except ConnectionError as err:
-                return HostResult(host, None, "", "", str(err), time.monotonic() - started)
-            try:
-                result = ssh.run_on_transport(
-                    transport, host, request["command"], envs[index], ctx, stop,
-                    request["timeout"], on_line, started,
-                )  # fmt: skip
-            except ssh.SessionRefused:  # as many commands as sshd allows already use it
-                return ssh.run_on_host(
-                    host, request["command"], envs[index], ctx, stop, request["timeout"], on_line
-                )
-            if not transport.is_active():
-                self.pool.drop(host)
-            return result
+        def held(host: Host) -> Any:
+            """The host's held connection, or ConnectionError as a cold connection gives."""
+            return self.pool.transport(host, ctx, known[host.known_hosts], stop)
+
+        if request["op"] == "run":
+            one = self._run_one(request, hosts, held, ctx, stop, send)
+            workers = len(hosts)  # every command starts at once, as on the cold path
+        else:
+            one = self._copy_one(request, hosts, held, ctx, stop)
+            workers = int(request["max_parallel"])
 
         def on_result(result: HostResult) -> None:
             fields = dataclasses.asdict(result)
             fields.pop("host")
             send({"result": {"index": hosts.index(result.host), **fields}})
 
-        _fan_out(hosts, one, len(hosts), bool(request["fail_fast"]), stop, on_result)
+        _fan_out(hosts, one, workers, bool(request["fail_fast"]), stop, on_result)
         ctx.close()
+
+    def _run_one(self, request, hosts, held, ctx, stop, send) -> Callable[[int], HostResult]:
+        """One host's part of a "run" request, its lines sent as they come."""
+        from tpuctl.fanout import ssh
+
+        command, envs = request["command"], request["envs"]
+
+        def on_line(host: Host, stream: str, text: str) -> None:
+            send({"line": [hosts.index(host), stream, text]})
+
+        def one(index: int) -> HostResult:
+            host, started = hosts[index], time.monotonic()
+            if stop.is_set():
+                return HostResult(host, None, "", "", stop.reason, 0.0)
+            try:
+                transport = held(host)
+            except ConnectionError as err:
+                return HostResult(host, None, "", "", str(err), time.monotonic() - started)
+            try:
+                result = ssh.run_on_transport(
+                    transport, host, command, envs[index], ctx, stop,
+                    request["timeout"], on_line, started,
+                )  # fmt: skip
+            except ssh.SessionRefused:  # as many commands as sshd allows already use it
+                return ssh.run_on_host(
+                    host, command, envs[index], ctx, stop, request["timeout"], on_line
+                )
+            if not transport.is_active():
+                self.pool.drop(host)
+            return result
+
+        return one
+
+    def _copy_one(self, request, hosts, held, ctx, stop) -> Callable[[int], HostResult]:
+        """One host's part of a "put" or "get" request: the same copy as the cold path's,
+        over the held connection (or one of its own where that has no session to spare)."""
+        from tpuctl.fanout import get_one, put_one, ssh, transfer
+
+        fresh = transfer.over_new_connection(ctx, stop)
+
+        def over(host: Host, copy: transfer.Copy) -> int:
+            transport = held(host)
+            try:
+                return copy(transport)
+            except ssh.SessionRefused:
+                return fresh(host, copy)
+            finally:
+                if not transport.is_active():
+                    self.pool.drop(host)
+
+        def one(index: int) -> HostResult:
+            host = hosts[index]
+            if stop.is_set():
+                return HostResult(host, None, "", "", stop.reason, 0.0)
+            if request["op"] == "put":
+                return put_one(host, Path(request["local"]), request["remote"], over)
+            local_dir, cwd = Path(request["local"]), Path(request["cwd"])
+            return get_one(host, request["remote"], local_dir, over, cwd)
+
+        return one
 
 
 def _listening(path: Path) -> bool:

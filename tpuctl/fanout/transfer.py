@@ -25,21 +25,43 @@ paramiko = ssh.paramiko
 _NO_SFTP = (paramiko.SSHException, EOFError)
 
 
-def put_to_host(host: Host, ctx: ssh.SshContext, stop: StopSignal, local: Path, remote: str) -> int:
+# A copy over a connection to one host: `over(host, copy)` calls `copy(transport)` over a
+# connection to `host` and returns its count (a new connection, or one the holder keeps).
+Copy = Callable[[paramiko.Transport], int]
+Over = Callable[[Host, Copy], int]
+
+
+def over_new_connection(ctx: ssh.SshContext, stop: StopSignal) -> Over:
+    """Each copy over a connection of its own, closed after it."""
+
+    def over(host: Host, copy: Copy) -> int:
+        transport = ssh.connect(host, ctx, stop)
+        try:
+            return copy(transport)
+        except ssh.SessionRefused as refused:
+            raise ConnectionError(f"{host.address} refused a session: {refused}") from refused
+        finally:
+            transport.close()
+
+    return over
+
+
+def put_to_host(host: Host, over: Over, local: Path, remote: str) -> int:
     """Copy a local file or directory to `remote` on `host`; returns the files copied."""
-    return _with_transport(
+    return over(
         host,
-        ctx,
-        stop,
-        lambda sftp: ssh.put_tree(sftp, local, remote),
-        lambda transport: _put_tar(transport, local, remote),
+        lambda transport: _copy(
+            transport,
+            host,
+            lambda sftp: ssh.put_tree(sftp, local, remote),
+            lambda: _put_tar(transport, local, remote),
+        ),
     )
 
 
 def get_from_host(
     host: Host,
-    ctx: ssh.SshContext,
-    stop: StopSignal,
+    over: Over,
     remote: str,
     local: Path,
     skipped: list[str] | None = None,
@@ -47,26 +69,30 @@ def get_from_host(
     """Copy `remote` (file or directory) from `host` to `local`; returns the files copied.
     Symlinks inside the tree are not followed: they are skipped and listed in `skipped`."""
     found = [] if skipped is None else skipped
-    return _with_transport(
+    return over(
         host,
-        ctx,
-        stop,
-        lambda sftp: ssh.get_tree(sftp, remote, local, skipped=found),
-        lambda transport: _get_tar(transport, remote, local, found),
+        lambda transport: _copy(
+            transport,
+            host,
+            lambda sftp: ssh.get_tree(sftp, remote, local, skipped=found),
+            lambda: _get_tar(transport, remote, local, found),
+        ),
     )
 
 
-def _with_transport(
+def _copy(
+    transport: paramiko.Transport,
     host: Host,
-    ctx: ssh.SshContext,
-    stop: StopSignal,
     by_sftp: Callable[[paramiko.SFTPClient], int],
-    by_tar: Callable[[paramiko.Transport], int],
+    by_tar: Callable[[], int],
 ) -> int:
-    transport = ssh.connect(host, ctx, stop)
+    """SFTP where the host offers it, else tar. ssh.SessionRefused when sshd opens no
+    further session on this connection (a held one may have none to spare)."""
     try:
         try:
             sftp = paramiko.SFTPClient.from_transport(transport)
+        except paramiko.ChannelException as refused:  # not even a session: no subsystem asked
+            raise ssh.SessionRefused(refused) from refused
         except _NO_SFTP:
             sftp = None
         if sftp is not None:
@@ -74,11 +100,9 @@ def _with_transport(
                 return by_sftp(sftp)
         if not transport.is_active():
             raise ConnectionError(f"connection lost: {host.address}:{host.port}")
-        return by_tar(transport)
+        return by_tar()
     except (paramiko.SSHException, EOFError) as err:
         raise ConnectionError(f"connection lost: {err or type(err).__name__}") from err
-    finally:
-        transport.close()
 
 
 def _split(remote: str) -> tuple[str, str]:
