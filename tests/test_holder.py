@@ -295,8 +295,8 @@ def test_opted_out_no_holder_is_started(ssh_pod, pod_key, tmp_path, state, monke
 
 
 @pod
-def test_exec_and_ps_reuse_one_holder_from_the_cli_and_down_ends_it(
-    fake_tpu, ssh_pod, pod_key, state, monkeypatch
+def test_exec_ps_put_and_get_reuse_one_holder_from_the_cli_and_down_ends_it(
+    fake_tpu, ssh_pod, pod_key, state, monkeypatch, tmp_path
 ):
     fake_tpu.add_node("pod", "v3-32", project="test-project", zone="us-central1-a",
                       worker_ips=ssh_pod.hosts)  # fmt: skip
@@ -322,6 +322,10 @@ def test_exec_and_ps_reuse_one_holder_from_the_cli_and_down_ends_it(
             assert seen[0] == seen[1]
         rows = [line.split()[0] for line in listed.stdout.splitlines()[1:]]
         assert listed.returncode == 0 and rows == ["w00", "w01", "w02", "w03"], listed.stderr
+        sent = tpuctl("put", __file__, "/tmp/via-holder.py")
+        assert sent.returncode == 0, sent.stderr
+        assert tpuctl("get", "/tmp/via-holder.py", str(tmp_path)).returncode == 0
+        assert (tmp_path / "w03" / "via-holder.py").read_text() == Path(__file__).read_text()
         assert logins(ssh_pod) == before + 8
         argv = [sys.executable, "-m", "tpuctl", "exec", "--json", "--", "sleep", "1000"]
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
