@@ -6,7 +6,9 @@ API handing out the hosts' addresses, it times the complete CLI process (Python 
 config, address cache, SSH, command, summary) at 1, 8, 32 and 128 workers three ways:
 cold (`ssh.reuse off`: a key exchange per worker), warm (through the node's connection
 holder, which the warm-up run leaves behind) and pdsh on the same hosts with the same key;
-plus `tpuctl exec` on a 512-worker local pod (processes, no SSH). Every figure is the median
+plus `tpuctl exec` on a 512-worker local pod (processes, no SSH), and `tpuctl put` of a
+1 MiB file cold and warm (no peer: pdcp needs itself installed on every host). Every figure
+is the median
 of --runs runs after warm-up runs (which fill tpuctl's address cache and known_hosts, as a
 user's first command would, and start the holders); the runs of all commands are
 interleaved so load on the machine hits each alike. Python's bytecode cache is on for the
@@ -44,6 +46,7 @@ PRIORITY = -10  # nice value for everything the benchmark starts
 TARGET_COLD_VS_PDSH = 0.3  # at 32 workers
 TARGET_WARM_VS_PDSH = 0.1  # at 32 workers
 TARGET_WARM_GROWTH = 2.0  # warm at 128 workers / warm at 1 worker
+PUT_BYTES = 1 << 20  # the file `tpuctl put` copies
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ def warm_up(commands: dict[str, tuple[list[str], dict[str, str]]], holders: Path
             sys.exit(f"only {len(list(holders.glob('*.sock')))} of {count} holders started")
         time.sleep(0.2)
     for name, (argv, env) in commands.items():
-        if name.startswith("warm-"):
+        if name.startswith(("warm-", "putwarm-")):
             timed(argv, env, pod)  # waits for the holder's connections, if still making them
 
 
@@ -144,6 +147,8 @@ def main() -> None:
     subprocess.run([*tpuctl, "up", LOCAL_TYPE, "--local", "--name", "local512"], env=local,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     holders = work / "state" / "tpuctl" / "holders"
+    payload = work / "payload"
+    payload.write_bytes(os.urandom(PUT_BYTES))
     try:
         with SshPod(max(sizes), key) as pod, FakeTpuApi() as api:
             base["TPUCTL_TPU_API_ENDPOINT"] = api.url
@@ -156,6 +161,16 @@ def main() -> None:
                 exec_true = [*tpuctl, "exec", f"bench{count}", "--", "true"]
                 commands[f"cold-{count}"] = (exec_true, {**base, "TPUCTL_SSH_REUSE": "off"})
                 commands[f"warm-{count}"] = (exec_true, {**base, "TPUCTL_SSH_REUSE": "10m"})
+                put = [
+                    *tpuctl,
+                    "put",
+                    "-n",
+                    f"bench{count}",
+                    str(payload),
+                    "/tmp/tpuctl-bench-payload",
+                ]
+                commands[f"putcold-{count}"] = (put, {**base, "TPUCTL_SSH_REUSE": "off"})
+                commands[f"putwarm-{count}"] = (put, {**base, "TPUCTL_SSH_REUSE": "10m"})
                 hosts = ",".join(pod.hosts[:count])
                 pdsh = ["pdsh", "-R", "ssh", "-l", "root", "-f", "64", "-w", hosts, "true"]
                 commands[f"pdsh-{count}"] = (pdsh, base)
@@ -194,6 +209,12 @@ def report(args, sizes: list[int], medians: dict[str, Sample], load_before) -> N
         ))  # fmt: skip
     local = medians[f"local-{LOCAL_SIZE}"].wall
     print(f"{LOCAL_SIZE:>4} local workers: {local:.3f} s")
+    puts = {
+        count: {k: medians[f"put{k}-{count}"].wall for k in ("cold", "warm")} for count in sizes
+    }
+    for count, f in puts.items():
+        print(f"{count:>4} workers: put of {PUT_BYTES >> 20} MiB cold {f['cold']:.3f} s, "
+              f"warm {f['warm']:.3f} s ({f['warm'] / f['cold']:.2f}x cold)")  # fmt: skip
     targets = {}
     if 32 in walls:
         targets["cold_vs_pdsh_32"] = (walls[32]["cold"] / walls[32]["pdsh"], TARGET_COLD_VS_PDSH)
@@ -211,6 +232,7 @@ def report(args, sizes: list[int], medians: dict[str, Sample], load_before) -> N
         "workers": {str(k): v for k, v in walls.items()},
         "cpu_s": {name: asdict(sample) for name, sample in medians.items()},
         f"local_{LOCAL_SIZE}_s": local,
+        "put_s": {str(k): v for k, v in puts.items()},
         "ratios": {name: value for name, (value, _) in targets.items()},
         "targets_met": all(value <= target for value, target in targets.values()),
     }
