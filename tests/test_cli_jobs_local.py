@@ -76,7 +76,8 @@ def test_run_follow_on_a_four_worker_pod_trains_and_reports_the_final_loss(cli, 
     )  # fmt: skip
     assert "run e2e started on 4 worker(s) of big" in out
     assert "gs://tpuctl-local/tpuctl/runs/e2e/recipe.yaml" in out
-    assert "w00 | trainer:" in out and "x 4 process(es)" in out  # one jax.distributed job
+    assert "w00 | trainer:" in out
+    assert "x 1 machine(s) of 4 process(es)" in out  # one jax.distributed job, one machine
     done = json.loads((run_dir / "DONE").read_text())
     assert done["step"] == 3
     assert f"run e2e finished: step 3, final loss {done['final']['loss']:.4f}" in out

@@ -115,7 +115,8 @@ def test_run_follow_trains_across_the_four_hosts_with_jax_distributed(pod, share
     )  # fmt: skip
     assert "run ssh-e2e started on 4 worker(s) of pod" in out
     assert "gs://test-bucket/tpuctl/runs/ssh-e2e/recipe.yaml" in out
-    assert "x 4 process(es)" in out  # one program over the 4 hosts' 32 devices
+    # One program over the 4 hosts' 32 devices, all on this machine (one measured peak).
+    assert "x 1 machine(s) of 4 process(es)" in out
     done = json.loads((shared_dir / "DONE").read_text())
     assert f"run ssh-e2e finished: step 3, final loss {done['final']['loss']:.4f}" in out
     rows = [line.split() for line in ok("ps", "pod").splitlines()[1:]]

@@ -364,7 +364,7 @@ def test_tpuctl_run_of_tiny_dpo_on_a_local_pod_finishes(tmp_path):
                      "eval.every_steps=10")  # fmt: skip
     finally:
         cli("down", "dpo", "--yes")
-    assert "x 2 process(es)" in out and "rewards/accuracies" in out
+    assert "x 1 machine(s) of 2 process(es)" in out and "rewards/accuracies" in out
     assert "run tiny-dpo finished: step 10, final loss " in out
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     (evaluation,) = [r for r in records if "eval_loss" in r]

@@ -43,6 +43,6 @@ def test_tpuctl_run_fine_tunes_then_export_loads_in_transformers(cli, shape, tem
         "run", TINY_SFT, "--name", "fam", "--all-workers", "--follow", "--run-id", family,
         "--", *overrides,
     )  # fmt: skip
-    assert "x 2 process(es)" in out  # one jax.distributed job over both workers
+    assert "x 1 machine(s) of 2 process(es)" in out  # one jax.distributed job over both workers
     assert json.loads((run_dir / "DONE").read_text())["step"] == 3
     assert_export_matches(run_dir, cli.root / family / "out", source)

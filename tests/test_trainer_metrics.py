@@ -36,7 +36,7 @@ def test_published_peaks_match_device_kinds():
 
 
 def test_cpu_peak_is_measured():
-    peak, source = metrics.hardware_peak(jax.devices()[:1], "float32")
+    peak, source = metrics.hardware_peak(jax.devices()[:1], "float32", 1)
     assert 1e9 < peak < 1e14 and source.startswith("measured float32 matmul on cpu")
 
 

@@ -38,6 +38,8 @@ EXIT_PEER_LOST = 69
 _WATCH_POLL_S = 0.5
 _FAILURE_KEY = "tpuctl/fatal"  # in jax's coordination key-value store
 _ACK_DIR = "tpuctl/fatal_ack/"
+_MACHINE_DIR = "tpuctl/machine/"  # each process's machine, for `machine_count`
+_MACHINE_WAIT_S = 60
 _ACK_TIMEOUT_S = 30.0
 _watch: list[PodWatch] = []  # this process's PodWatch, once joined
 _stacks_shown = threading.Lock()  # held once this process has printed its stacks
@@ -127,8 +129,32 @@ def initialize() -> None:
     else:
         return
     if jax.process_count() > 1:
+        _client().key_value_set(f"{_MACHINE_DIR}{jax.process_index()}", _machine_id())
         _watch.append(PodWatch(jax.process_index(), jax.process_count(), heartbeat))
         _watch[0].start()
+
+
+def _machine_id() -> str:
+    """The kernel's boot id: processes under one kernel (a local pod's workers, the test
+    pod's hosts in their network namespaces) share its CPU cores; a TPU VM has its own."""
+    with contextlib.suppress(OSError):
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return socket.gethostname()
+
+
+def machine_count() -> int:
+    """How many machines the run's processes are on: 1 for a single process, or for a local
+    pod however many processes it has (a CPU's measured peak counts once per machine)."""
+    import jax
+
+    client = _client()
+    if client is None or jax.process_count() == 1:
+        return 1
+    try:
+        keys = [f"{_MACHINE_DIR}{i}" for i in range(jax.process_count())]
+        return len({client.blocking_key_value_get(k, _MACHINE_WAIT_S * 1000) for k in keys})
+    except Exception:  # a process that never said: count each process as a machine
+        return jax.process_count()
 
 
 def stop_while_starting() -> NoReturn:

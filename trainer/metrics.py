@@ -79,13 +79,18 @@ def measure_matmul_peak(dtype: str = "float32", size: int = 1024, seconds: float
     return 2.0 * size**3 / best
 
 
-def hardware_peak(devices, dtype: str) -> tuple[float, str]:
-    """(Peak FLOP/s of `devices` together, where it came from)."""
+def hardware_peak(devices, dtype: str, machines: int) -> tuple[float, str]:
+    """(Peak FLOP/s of `devices` together, where it came from). On CPU, this process's
+    measured matmul peak once per machine of the run (`machines`): the processes of a local
+    pod share one machine's cores."""
     kind = devices[0].device_kind
     if devices[0].platform == "cpu":
         processes = len({d.process_index for d in devices})
         measured = measure_matmul_peak(dtype)
-        return measured * processes, f"measured {dtype} matmul on cpu x {processes} process(es)"
+        source = (
+            f"measured {dtype} matmul on cpu x {machines} machine(s) of {processes} process(es)"
+        )
+        return measured * machines, source
     peak = published_peak(kind)
     if peak is None:
         return 0.0, f"unknown device kind {kind!r} (MFU not reported)"

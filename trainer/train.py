@@ -487,7 +487,8 @@ def announce(run: Run) -> float:
         print(f"trainer: {_process()}, {jax.local_device_count()} devices; process 0 logs the run",
               flush=True)  # fmt: skip
         return 0.0
-    peak, peak_source = metrics.hardware_peak(jax.devices(), run.recipe.model.dtype)
+    machines = distributed.machine_count()
+    peak, peak_source = metrics.hardware_peak(jax.devices(), run.recipe.model.dtype, machines)
     n_params = count_params(run.state.params)
     print(f"trainer: {n_params / 1e6:.1f}M params, mesh {dict(run.mesh.shape)}, {run.total_steps} steps, "
           f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})", flush=True)  # fmt: skip
