@@ -50,6 +50,18 @@ def test_reuse_is_five_minutes_unless_set_and_off_turns_it_off(monkeypatch, tmp_
     assert holder.reuse_seconds(config.load()) is None
 
 
+def test_a_holder_of_another_protocol_serves_another_identity(monkeypatch):
+    # A holder an older tpuctl left running would ignore a put or get: the identity it serves
+    # carries the protocol, so a newer command replaces it rather than asks it.
+    from tpuctl.fanout.base import Host
+    from tpuctl.providers.base import Node
+
+    node, hosts = Node("pod", "us-central1-a", "v3-8", "READY"), [Host("w00", "10.0.0.2")]
+    current = holder.node_identity(node, hosts)
+    monkeypatch.setattr(holder, "PROTOCOL", holder.PROTOCOL - 1)
+    assert holder.node_identity(node, hosts) != current
+
+
 pod = pytest.mark.pod
 
 

@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 DEFAULT_IDLE_S = 300.0
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux, 104 on macOS
 ANSWER_TIMEOUT_S = 5.0  # for the holder's first answer; commands themselves may run long
+# The requests a holder understands. Part of the identity it serves, so that a holder left
+# running by an older tpuctl (one without put and get) is replaced, not sent what it ignores.
+PROTOCOL = 2
 
 
 @dataclass(frozen=True)
@@ -91,9 +94,10 @@ def covers(attachment: Attachment | None, hosts: list[Host]) -> bool:
 
 
 def node_identity(node: Node, hosts: list[Host]) -> str:
-    """Changes whenever the node is recreated or its workers' addresses or logins do."""
+    """Changes whenever the node is recreated or its workers' addresses or logins do, or
+    the holder's `PROTOCOL`."""
     created = node.created.isoformat() if node.created else ""
-    record = [node.provider, node.project, node.zone, node.name, created]
+    record = [PROTOCOL, node.provider, node.project, node.zone, node.name, created]
     record += sorted(_route_id(h) for h in hosts)
     return hashlib.sha256(json.dumps(record).encode()).hexdigest()[:32]
 
@@ -509,7 +513,15 @@ class _Holder:
         _fan_out(hosts, one, workers, bool(request["fail_fast"]), stop, on_result)
         ctx.close()
 
-    def _run_one(self, request, hosts, held, ctx, stop, send) -> Callable[[int], HostResult]:
+    def _run_one(
+        self,
+        request: dict[str, Any],
+        hosts: list[Host],
+        held: Callable[[Host], Any],
+        ctx: Any,
+        stop: StopSignal,
+        send: Callable[[dict[str, Any]], None],
+    ) -> Callable[[int], HostResult]:
         """One host's part of a "run" request, its lines sent as they come."""
         from tpuctl.fanout import ssh
 
@@ -541,7 +553,14 @@ class _Holder:
 
         return one
 
-    def _copy_one(self, request, hosts, held, ctx, stop) -> Callable[[int], HostResult]:
+    def _copy_one(
+        self,
+        request: dict[str, Any],
+        hosts: list[Host],
+        held: Callable[[Host], Any],
+        ctx: Any,
+        stop: StopSignal,
+    ) -> Callable[[int], HostResult]:
         """One host's part of a "put" or "get" request: the same copy as the cold path's,
         over the held connection (or one of its own where that has no session to spare)."""
         from tpuctl.fanout import get_one, put_one, ssh, transfer
