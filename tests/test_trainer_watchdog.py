@@ -7,6 +7,7 @@ import os
 import threading
 
 import pytest
+from polling import wait_for
 
 from tests.fixtures_trainer import TINY_RECIPE, launch_trainer, wait_all
 from trainer.watchdog import EXIT_STALLED, Watchdog, stalled
@@ -33,29 +34,40 @@ class FakeClock:
         return self.now
 
 
-def test_progress_keeps_the_watchdog_quiet_and_a_stall_is_reported_once():
+def test_progress_keeps_the_watchdog_quiet_and_a_stall_is_reported():
+    clock, calls = FakeClock(), []
+    watchdog = Watchdog(1.0, lambda last, idle_s: calls.append((last, idle_s)), clock)
+    clock.now += 0.9
+    watchdog.progress("step 1")
+    clock.now += 0.9  # 1.8 s since the start, 0.9 s since step 1
+    assert not watchdog.check() and calls == []
+    clock.now += 0.6
+    assert watchdog.check() and calls == [("step 1", pytest.approx(1.5))]
+    watchdog.stop()
+    clock.now += 10
+    assert not watchdog.check()  # stopped: the loop ended, nothing is stalled
+
+
+def test_its_thread_reports_a_stall_once_and_stops():
     clock, calls, fired = FakeClock(), [], threading.Event()
 
     def on_stall(last: str, idle_s: float) -> None:
         calls.append((last, idle_s))
         fired.set()
 
-    watchdog = Watchdog(1.0, on_stall, clock)
+    watchdog = Watchdog(0.5, on_stall, clock)
     watchdog.start()
-    clock.now += 0.9
-    watchdog.progress("step 1")
-    clock.now += 0.9  # 1.8 s since the start, 0.9 s since step 1
-    assert not fired.wait(0.3)
-    clock.now += 0.6
+    assert watchdog.watching
+    clock.now += 1.0
     assert fired.wait(10)
-    watchdog._thread.join(10)  # it returns after reporting: once, never again
-    assert calls == [("step 1", pytest.approx(1.5))]
+    wait_for(lambda: not watchdog.watching, what="the watchdog's thread to stop")
+    assert calls == [("the start of the loop", pytest.approx(1.0))]
 
 
 def test_a_timeout_of_0_starts_no_watch():
     watchdog = Watchdog(0.0, lambda last, idle: None)
     watchdog.start()
-    assert not watchdog._thread.is_alive()
+    assert not watchdog.watching
 
 
 @pytest.mark.slow  # two 2-process tiny runs

@@ -45,9 +45,15 @@ class Watchdog:
         self._thread = threading.Thread(target=self._watch, name="stall-watchdog", daemon=True)
 
     def start(self) -> None:
+        """Watch from now on, in a thread of its own (nothing with a timeout of 0)."""
         if self.timeout_s > 0:
             self._seen = (self._seen[0], self.clock())
             self._thread.start()
+
+    @property
+    def watching(self) -> bool:
+        """Whether its thread is watching (it stops after reporting, or once stopped)."""
+        return self._thread.is_alive()
 
     def progress(self, what: str) -> None:
         self._seen = (what, self.clock())
@@ -55,11 +61,18 @@ class Watchdog:
     def stop(self) -> None:
         self._stopped.set()
 
+    def check(self) -> bool:
+        """Call `on_stall` if the loop is stalled now; True when it did (the thread then
+        stops: a stall is reported once)."""
+        last, at = self._seen
+        now = self.clock()
+        if stalled(at, now, self.timeout_s) and not self._stopped.is_set():
+            self.on_stall(last, now - at)
+            return True
+        return False
+
     def _watch(self) -> None:
         poll_s = min(MAX_POLL_S, self.timeout_s / 10)
         while not self._stopped.wait(poll_s):
-            last, at = self._seen
-            now = self.clock()
-            if stalled(at, now, self.timeout_s) and not self._stopped.is_set():
-                self.on_stall(last, now - at)
+            if self.check():
                 return
