@@ -47,9 +47,8 @@ from benchmarks.trainer_throughput import (
     best_settings,
     make_recipe,
 )
-from trainer.config import PRESETS, ModelConfig, ObjectiveConfig
+from trainer.config import ObjectiveConfig
 
-SIZES = {**SIZES, "tiny": replace(ModelConfig(), **PRESETS["tiny"])}
 TARGET = 1.2
 OBJECTIVE = ObjectiveConfig(name="dpo", beta=0.1, loss="sigmoid", reference="frozen")
 

@@ -43,7 +43,11 @@ REFERENCE = ModelConfig(
     vocab_size=8000, dim=512, n_layers=8, n_heads=8, n_kv_heads=8, mlp_dim=1408, max_seq_len=512,
     norm_eps=1e-6,
 )  # fmt: skip
-SIZES = {"reference-34m": REFERENCE, "llama-1b": replace(ModelConfig(), **PRESETS["llama-1b"])}
+SIZES = {
+    "reference-34m": REFERENCE,
+    "llama-1b": replace(ModelConfig(), **PRESETS["llama-1b"]),
+    "tiny": replace(ModelConfig(), **PRESETS["tiny"]),  # checks the script in seconds
+}
 
 
 def best_settings(platform: str, n_layers: int) -> dict:
