@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,29 @@ def test_put_and_get_go_over_the_held_connections_as_the_cold_path_copies(
         holder.attach(attachment)
     assert {(m[1], m[3]) for m in missing} == {(1, "No such file: /tmp/does-not-exist")}
     assert logins(ssh_pod) == held_logins  # sshd saw no new connection
+
+
+@pod
+def test_workers_behind_a_proxy_command_keep_their_connections_and_proxies_in_the_holder(
+    bastion_pod, pod_key, tmp_path, state
+):
+    # OpenSSH's `ssh -W` through the bastion: each connection runs one, a login there.
+    through = (f"ssh -q -i {pod_key[0]} -o BatchMode=yes -o StrictHostKeyChecking=no "
+               f"-o UserKnownHostsFile=/dev/null -W {{}}:22 root@{bastion_pod.hosts[0]}")  # fmt: skip
+    direct = pod_hosts(bastion_pod, pod_key, str(tmp_path / "known_hosts"))[1:]
+    hosts = [replace(h, proxy_command=through.format(h.address)) for h in direct]
+    attachment = holder.Attachment("node-p", state / "holders" / "p.sock", 60.0, tuple(hosts))
+    holder.attach(attachment)
+    try:
+        _warm_up(hosts, attachment)
+        bastion_logins = bastion_pod.log(0).count("Accepted publickey")
+        results = run(hosts, "hostname -I")
+        assert [r.stdout.split() for r in results] == [[h.address] for h in direct]
+        assert bastion_pod.log(0).count("Accepted publickey") == bastion_logins
+    finally:
+        holder.attach(None)
+        holder.tell_to_exit(attachment.socket)
+        wait_for(lambda: not attachment.socket.exists(), what="the holder to exit")
 
 
 @pod

@@ -12,7 +12,7 @@ login): a recreated node, moved workers or other keys mean another identity, whi
 old holder refuses (and is told to exit). Each request re-reads the known_hosts files and
 reuses a held connection only if its host's key is the one recorded now; otherwise the
 holder connects afresh, checked exactly as a cold connection is. Hosts behind a jump host
-or a ProxyCommand are always contacted cold.
+are always contacted cold.
 
 Requests and answers are JSON lines; environment values travel in them over the socket,
 never in an argv or a file. This module is light: paramiko is imported only by the holder.
@@ -81,8 +81,10 @@ def choose(enabled: bool, covered: bool, answer: str | None) -> str:
 
 
 def holdable(host: Host) -> bool:
-    """Only direct SSH connections are held: a jump host's connection is shared anyway."""
-    return host.transport == "ssh" and host.jump is None and host.proxy_command is None
+    """SSH connections are held, direct or through a ProxyCommand (its process lives as long
+    as the connection: an IAP tunnel or `ssh -W` is started once, not per command); not
+    those through a jump host, whose connection belongs to one fan-out."""
+    return host.transport == "ssh" and host.jump is None
 
 
 def covers(attachment: Attachment | None, hosts: list[Host]) -> bool:
