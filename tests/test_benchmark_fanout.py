@@ -4,18 +4,13 @@ and put cold and warm, with the figures its JSON promises."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.benchmark_runs import run_benchmark
 from tests.fixtures_pod import NOT_ROOT
-
-REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.pod
 
@@ -25,13 +20,8 @@ def test_the_fanout_benchmark_times_tpuctl_cold_warm_and_put_against_pdsh(tmp_pa
         pytest.skip(NOT_ROOT)
     if not shutil.which("pdsh"):
         pytest.skip("pdsh is not installed (scripts/test installs it as root)")
-    out = tmp_path / "result.json"
-    command = [sys.executable, str(REPO / "benchmarks" / "fanout.py"),
-               "--sizes", "1", "--runs", "1", "--json", str(out)]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TPUCTL_", "XDG_"))}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    figures = json.loads(out.read_text())
+    args = ["--sizes", "1", "--runs", "1"]
+    figures, result = run_benchmark("fanout.py", args, tmp_path / "result.json", "--json")
     one = figures["workers"]["1"]
     assert set(one) == {"cold", "warm", "pdsh"} and all(t > 0 for t in one.values())
     assert all(t > 0 for t in figures["put_s"]["1"].values()) and figures["local_512_s"] > 0

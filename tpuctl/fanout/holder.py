@@ -383,6 +383,18 @@ class _Pool:
             self._held.clear()
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One request being served: its hosts, their held connections, its fan-out's SSH
+    context and stop signal."""
+
+    request: dict[str, Any]
+    hosts: list[Host]
+    held: Callable[[Host], Any]  # the host's held connection (ConnectionError as cold)
+    ctx: Any  # ssh.SshContext (paramiko is the holder's import alone)
+    stop: StopSignal
+
+
 class _Holder:
     """Serves run requests for one node identity until idle for `idle_s`."""
 
@@ -500,11 +512,12 @@ class _Holder:
             """The host's held connection, or ConnectionError as a cold connection gives."""
             return self.pool.transport(host, ctx, known[host.known_hosts], stop)
 
+        job = _Job(request, hosts, held, ctx, stop)
         if request["op"] == "run":
-            one = self._run_one(request, hosts, held, ctx, stop, send)
+            one = self._run_one(job, send)
             workers = len(hosts)  # every command starts at once, as on the cold path
         else:
-            one = self._copy_one(request, hosts, held, ctx, stop)
+            one = self._copy_one(job)
             workers = int(request["max_parallel"])
 
         def on_result(result: HostResult) -> None:
@@ -516,17 +529,12 @@ class _Holder:
         ctx.close()
 
     def _run_one(
-        self,
-        request: dict[str, Any],
-        hosts: list[Host],
-        held: Callable[[Host], Any],
-        ctx: Any,
-        stop: StopSignal,
-        send: Callable[[dict[str, Any]], None],
+        self, job: _Job, send: Callable[[dict[str, Any]], None]
     ) -> Callable[[int], HostResult]:
         """One host's part of a "run" request, its lines sent as they come."""
         from tpuctl.fanout import ssh
 
+        request, hosts, held, ctx, stop = job.request, job.hosts, job.held, job.ctx, job.stop
         command, envs = request["command"], request["envs"]
 
         def on_line(host: Host, stream: str, text: str) -> None:
@@ -555,19 +563,13 @@ class _Holder:
 
         return one
 
-    def _copy_one(
-        self,
-        request: dict[str, Any],
-        hosts: list[Host],
-        held: Callable[[Host], Any],
-        ctx: Any,
-        stop: StopSignal,
-    ) -> Callable[[int], HostResult]:
+    def _copy_one(self, job: _Job) -> Callable[[int], HostResult]:
         """One host's part of a "put" or "get" request: the same copy as the cold path's,
         over the held connection (or one of its own where that has no session to spare)."""
         from tpuctl.fanout import get_one, put_one, ssh, transfer
 
-        fresh = transfer.over_new_connection(ctx, stop)
+        request, hosts, held, stop = job.request, job.hosts, job.held, job.stop
+        fresh = transfer.over_new_connection(job.ctx, stop)
 
         def over(host: Host, copy: transfer.Copy) -> int:
             transport = held(host)
