@@ -180,6 +180,36 @@ def test_workers_behind_a_proxy_command_keep_their_connections_and_proxies_in_th
 
 
 @pod
+def test_workers_behind_a_jump_host_are_held_with_its_connection_and_its_key_checked(
+    bastion_pod, pod_key, tmp_path, state
+):
+    known = tmp_path / "known_hosts"
+    direct = pod_hosts(bastion_pod, pod_key, str(known))
+    bastion = replace(direct[0], label="bastion")
+    hosts = [replace(h, jump=bastion) for h in direct[1:]]
+    attachment = holder.Attachment("node-j", state / "holders" / "j.sock", 60.0, tuple(hosts))
+    holder.attach(attachment)
+    try:
+        _warm_up(hosts, attachment)
+        held_logins = logins(bastion_pod)
+        results = run(hosts, "hostname -I")
+        assert [r.stdout.split() for r in results] == [[h.address] for h in direct[1:]]
+        assert logins(bastion_pod) == held_logins  # neither the bastion nor a worker
+        # The bastion's recorded key is now another host's: its held connection goes, with
+        # the workers' through it, and the fresh one is refused as a cold one is.
+        keys = dict(line.split(None, 1) for line in known.read_text().splitlines())
+        keys[bastion.address] = keys[direct[1].address]
+        known.write_text("".join(f"{name} {key}\n" for name, key in keys.items()))
+        refused = run(hosts, "true")
+        assert all(r.unreachable and "via bastion" in r.error for r in refused), refused
+        assert all("host key of bastion" in r.error for r in refused)
+    finally:
+        holder.attach(None)
+        holder.tell_to_exit(attachment.socket)
+        wait_for(lambda: not attachment.socket.exists(), what="the holder to exit")
+
+
+@pod
 def test_the_socket_is_the_users_alone(ssh_pod, held):
     hosts, attachment = held
     _warm_up(hosts, attachment)

@@ -11,8 +11,9 @@ The holder is keyed on the node's identity (name, creation time, worker addresse
 login): a recreated node, moved workers or other keys mean another identity, which the
 old holder refuses (and is told to exit). Each request re-reads the known_hosts files and
 reuses a held connection only if its host's key is the one recorded now; otherwise the
-holder connects afresh, checked exactly as a cold connection is. Hosts behind a jump host
-are always contacted cold.
+holder connects afresh, checked exactly as a cold connection is. The connections to jump
+hosts are held and checked the same way; a worker's held connection goes with its jump
+host's.
 
 Requests and answers are JSON lines; environment values travel in them over the socket,
 never in an argv or a file. This module is light: paramiko is imported only by the holder.
@@ -81,10 +82,10 @@ def choose(enabled: bool, covered: bool, answer: str | None) -> str:
 
 
 def holdable(host: Host) -> bool:
-    """SSH connections are held, direct or through a ProxyCommand (its process lives as long
-    as the connection: an IAP tunnel or `ssh -W` is started once, not per command); not
-    those through a jump host, whose connection belongs to one fan-out."""
-    return host.transport == "ssh" and host.jump is None
+    """SSH connections are held: direct, through a ProxyCommand (its process lives as long
+    as the connection: an IAP tunnel or `ssh -W` is started once, not per command) or
+    through a jump host (whose connection the holder keeps too)."""
+    return host.transport == "ssh"
 
 
 def covers(attachment: Attachment | None, hosts: list[Host]) -> bool:
@@ -316,16 +317,21 @@ class _Lines:
 
 
 def _host(fields: dict[str, Any]) -> Host:
-    return Host(**{**fields, "identity_files": tuple(fields["identity_files"]), "jump": None})
+    jump = _host(fields["jump"]) if fields.get("jump") else None
+    return Host(**{**fields, "identity_files": tuple(fields["identity_files"]), "jump": jump})
 
 
 class _Pool:
     """The held connections, by route; each used only while its host key is still the one
-    recorded in the host's known_hosts file."""
+    recorded in the host's known_hosts file. Jump hosts' connections are held too, lent to
+    each request's SSH context (which handles the workers' connections through them)."""
 
     def __init__(self, connect_timeout: float) -> None:
         self.connect_timeout = connect_timeout
         self._held: dict[str, Any] = {}
+        self._through: dict[str, str] = {}  # a held worker's route -> its jump host's
+        self._jumps: dict[str, Any] = {}
+        self._retired: list[Any] = []  # jump connections replaced while others used them
         self._lock = threading.Lock()
 
     def connect_all(self, hosts: list[Host]) -> None:
@@ -340,6 +346,43 @@ class _Pool:
             return HostResult(hosts[index], 0, "", "", None, 0.0)
 
         _fan_out(hosts, one, len(hosts), False, stop, None)
+        self.keep_jumps(ctx)
+        ctx.close()
+
+    def lend_jumps(self, ctx, hosts: list[Host], known: Mapping[str | None, Any]) -> None:
+        """Before a request: lend `ctx` the held connections to the jump hosts `hosts` go
+        through, those still live whose key is recorded now; close the others, and the
+        workers' connections through them (a fresh one is checked as a cold one is)."""
+        jumps = {_route_id(h.jump): h.jump for h in hosts if h.jump is not None}
+        for key, jump in jumps.items():
+            with self._lock:
+                held = self._jumps.get(key)
+            if held is None:
+                continue
+            if held.is_active() and known[jump.known_hosts].records(
+                jump, held.get_remote_server_key()
+            ):
+                ctx.lend_jump(jump, held)
+            else:
+                self._drop_jump(key)
+
+    def keep_jumps(self, ctx) -> None:
+        """After a request: hold the jump-host connections `ctx` made for it."""
+        for jump, transport in ctx.take_jumps():
+            with self._lock:
+                replaced = self._jumps.get(_route_id(jump))
+                self._jumps[_route_id(jump)] = transport
+                if replaced is not None:  # two requests connected at once: both in use
+                    self._retired.append(replaced)
+
+    def _drop_jump(self, key: str) -> None:
+        with self._lock:
+            jump = self._jumps.pop(key, None)
+            workers = [w for w, through in self._through.items() if through == key]
+            dropped = [self._held.pop(w, None) for w in workers]
+        for transport in [*dropped, jump]:
+            if transport is not None:
+                transport.close()
 
     def transport(self, host: Host, ctx, known, stop: StopSignal):
         """A live connection to `host` whose key is recorded now, else a fresh one.
@@ -369,6 +412,8 @@ class _Pool:
         transport = ssh.connect(host, ctx, stop)
         with self._lock:
             self._held[_route_id(host)] = transport
+            if host.jump is not None:
+                self._through[_route_id(host)] = _route_id(host.jump)
         return transport
 
     def context(self, max_parallel: int = 64):
@@ -378,9 +423,11 @@ class _Pool:
 
     def close(self) -> None:
         with self._lock:
-            for transport in self._held.values():
+            for transport in [*self._held.values(), *self._jumps.values(), *self._retired]:
                 transport.close()
             self._held.clear()
+            self._jumps.clear()
+            self._retired.clear()
 
 
 @dataclass(frozen=True)
@@ -506,7 +553,9 @@ class _Holder:
 
         threading.Thread(target=watch, daemon=True).start()
         ctx = self.pool.context(int(request["max_parallel"]))
-        known = {p: ssh.KnownHosts(p) for p in {h.known_hosts for h in hosts}}
+        routes = [*hosts, *(h.jump for h in hosts if h.jump is not None)]
+        known = {p: ssh.KnownHosts(p) for p in {h.known_hosts for h in routes}}
+        self.pool.lend_jumps(ctx, hosts, known)
 
         def held(host: Host) -> Any:
             """The host's held connection, or ConnectionError as a cold connection gives."""
@@ -526,6 +575,7 @@ class _Holder:
             send({"result": {"index": hosts.index(result.host), **fields}})
 
         _fan_out(hosts, one, workers, bool(request["fail_fast"]), stop, on_result)
+        self.pool.keep_jumps(ctx)
         ctx.close()
 
     def _run_one(

@@ -186,6 +186,8 @@ class SshContext:
         self.credentials = Credentials()
         self._known: dict[str | None, KnownHosts] = {}
         self._jumps: dict[tuple, paramiko.Transport | ConnectionError] = {}
+        self._jump_hosts: dict[tuple, Host] = {}
+        self._lent: set[tuple] = set()  # jump connections owned elsewhere: not closed here
         self._jump_locks: dict[tuple, threading.Lock] = {}
         self._lock = threading.Lock()
 
@@ -210,18 +212,41 @@ class SshContext:
             if known is not None and known.is_active():
                 return known
             try:
-                self._jumps[key] = connect(jump, self, stop)
+                self._jumps[key], self._jump_hosts[key] = connect(jump, self, stop), jump
             except ConnectionError as err:
                 reason = str(err).removeprefix(f"{UNREACHABLE}: ")
                 self._jumps[key] = ConnectionError(f"{UNREACHABLE}: via {jump.label}: {reason}")
                 raise self._jumps[key] from err
             return self._jumps[key]
 
-    def close(self) -> None:
-        """Close the jump hosts' connections (the workers' close with their commands)."""
+    def lend_jump(self, jump: Host, transport: paramiko.Transport) -> None:
+        """Reach the workers behind `jump` through `transport`, a connection to it owned
+        elsewhere (a connection holder's): `close` leaves it open."""
         with self._lock:
-            for transport in self._jumps.values():
-                if isinstance(transport, paramiko.Transport):
+            self._jumps[_route(jump)] = transport
+            self._lent.add(_route(jump))
+
+    def take_jumps(self) -> list[tuple[Host, paramiko.Transport]]:
+        """The live jump-host connections this fan-out made, handed over to the caller:
+        `close` no longer closes them."""
+        with self._lock:
+            taken = [
+                (self._jump_hosts[key], transport)
+                for key, transport in self._jumps.items()
+                if key not in self._lent
+                and isinstance(transport, paramiko.Transport)
+                and transport.is_active()
+            ]
+            for jump, _ in taken:
+                del self._jumps[_route(jump)]
+        return taken
+
+    def close(self) -> None:
+        """Close the jump hosts' connections it made (the workers' close with their
+        commands)."""
+        with self._lock:
+            for key, transport in self._jumps.items():
+                if isinstance(transport, paramiko.Transport) and key not in self._lent:
                     transport.close()
             self._jumps.clear()
 
