@@ -380,6 +380,8 @@ class _Pool:
             jump = self._jumps.pop(key, None)
             workers = [w for w, through in self._through.items() if through == key]
             dropped = [self._held.pop(w, None) for w in workers]
+            for worker in workers:
+                del self._through[worker]
         for transport in [*dropped, jump]:
             if transport is not None:
                 transport.close()
@@ -403,6 +405,7 @@ class _Pool:
     def drop(self, host: Host) -> None:
         with self._lock:
             held = self._held.pop(_route_id(host), None)
+            self._through.pop(_route_id(host), None)
         if held is not None:
             held.close()
 

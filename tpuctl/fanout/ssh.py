@@ -384,6 +384,10 @@ class SessionRefused(Exception):
     """The connection is up, but sshd opens no further session on it (its MaxSessions,
     10 by default, counts the sessions of one connection)."""
 
+    def reason(self, host: Host) -> str:
+        """The one-line error of a connection of its own that `host` refused a session."""
+        return f"{host.address} refused a session: {self}"
+
 
 def run_on_host(
     host: Host,
@@ -404,7 +408,7 @@ def run_on_host(
     try:
         return run_on_transport(transport, host, command, env, ctx, stop, timeout, on_line, started)
     except SessionRefused as refused:
-        error = f"{host.address} refused a session: {refused}"
+        error = refused.reason(host)
         return HostResult(host, None, "", "", error, time.monotonic() - started)
     finally:
         transport.close()

@@ -39,7 +39,7 @@ def over_new_connection(ctx: ssh.SshContext, stop: StopSignal) -> Over:
         try:
             return copy(transport)
         except ssh.SessionRefused as refused:
-            raise ConnectionError(f"{host.address} refused a session: {refused}") from refused
+            raise ConnectionError(refused.reason(host)) from refused
         finally:
             transport.close()
 
