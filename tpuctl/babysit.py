@@ -446,8 +446,8 @@ class Babysitter:
     # -- observe ----------------------------------------------------------------------
 
     def observe(self) -> Observation:
-        """Look at everything a decision needs; reads only, changes nothing."""
-        now = self.clock()
+        """Look at everything a decision needs; reads only, changes nothing. Its time is
+        read last: an event's `at` is when the babysitter knew, never before it happened."""
         progress, storage_error = self._read_progress()
         node, api_error = self._look_up_node()
         workers: tuple[jobs.WorkerJob, ...] = ()
@@ -458,7 +458,7 @@ class Babysitter:
                 # before calling a job that ended on a READY node a failure.
                 node, api_error = self._look_up_node()
         return Observation(
-            now=now,
+            now=self.clock(),
             node=node,
             api_error=api_error,
             workers=workers,
