@@ -4,14 +4,19 @@ started it. The SIGTERM cases run in a child process: the flag lasts for a proce
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
+
+from tests.polling import wait_for
 from trainer import preemption
 from trainer.preemption import EXIT_PREEMPTED
 
@@ -101,21 +106,60 @@ def test_a_sigterm_while_the_trainer_reads_its_recipe_stops_it_to_be_resumed():
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), HoldEveryRequest)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TPUCTL_")}
-    env["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{server.server_port}"
-    trainer = subprocess.Popen(
-        [sys.executable, "-m", "trainer", "gs://bucket/recipe.yaml"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
     try:
-        assert asked.wait(60), "the trainer never asked for its recipe"
-        trainer.send_signal(signal.SIGTERM)
-        _, stderr = trainer.communicate(timeout=60)
+        stderr = _stopped_while_starting(
+            ["gs://bucket/recipe.yaml"],
+            lambda: asked.wait(60) or pytest.fail("the trainer never asked for its recipe"),
+            STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{server.server_port}",
+        )
     finally:
-        trainer.kill()
         release.set()
         server.shutdown()
+    assert stderr.splitlines() == [STOPPED_WHILE_STARTING]
+
+
+def test_a_sigterm_while_worker_processes_build_the_token_cache_stops_it_quietly(tmp_path):
+    """SIGTERM to the trainer's process group (as `tpuctl kill` sends it) while two
+    tokenising processes build the token cache. The stop used to leave the pool's semaphores
+    to multiprocessing's resource tracker, which printed "There appear to be 5 leaked
+    semaphore objects" into the run's log."""
+    words = (ROOT / "recipes" / "data" / "tiny_train.txt").read_text().split()
+    paragraph = " ".join(words[:60]) + "\n\n"
+    inputs = [tmp_path / f"part{i}.txt" for i in range(2)]
+    for path in inputs:  # a few seconds of tokenising each
+        path.write_text(paragraph * 40_000)
+    run_dir = tmp_path / "run"
+
+    def both_workers_building() -> bool:
+        return len(list(run_dir.glob("data_cache/*/.tmp-shard-*"))) == 2
+
+    stderr = _stopped_while_starting(
+        ["recipes/tiny.yaml", f"run_dir={run_dir}", "data.cache_workers=2",
+         f"data.train=[{','.join(map(str, inputs))}]"],
+        lambda: wait_for(both_workers_building, what="two workers building shards"),
+    )  # fmt: skip
+    assert stderr.splitlines() == [STOPPED_WHILE_STARTING]
+
+
+STOPPED_WHILE_STARTING = (
+    "trainer: stopped on SIGTERM while starting up: before training, nothing new to save"
+)
+
+
+def _stopped_while_starting(args: list[str], ready: Callable[[], object], **env: str) -> str:
+    """Start `python -m trainer ARGS` in a process group of its own, SIGTERM the group once
+    `ready()` returns, check that the trainer stopped to be resumed; its stderr."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TPUCTL_")}
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "trainer", *args], cwd=ROOT, env=clean | env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        ready()
+        os.killpg(trainer.pid, signal.SIGTERM)
+        _, stderr = trainer.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(trainer.pid, signal.SIGKILL)
     assert trainer.returncode == EXIT_PREEMPTED, stderr
-    assert stderr.splitlines() == [
-        "trainer: stopped on SIGTERM while starting up: before training, nothing new to save"
-    ]
+    return stderr

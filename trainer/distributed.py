@@ -232,7 +232,19 @@ def _client():
 
 def _exit(line: str, status: int) -> NoReturn:
     _print_line(line)
-    os._exit(status)  # other threads (orbax's savers, collectives) may be blocked for good
+    _hard_exit(status)
+
+
+def _hard_exit(status: int) -> NoReturn:
+    """os._exit: other threads (orbax's savers, collectives) may be blocked for good. It skips
+    multiprocessing's exit handler, so its finalizers run here first: a tokenising pool still
+    building the token cache (trainer.cache) frees its semaphores, which multiprocessing's
+    resource tracker would otherwise report as leaked in the run's log."""
+    if "multiprocessing" in sys.modules:
+        from multiprocessing import util
+
+        util._run_finalizers(0)  # what its exit handler runs first; no public equivalent
+    os._exit(status)
 
 
 def _print_line(line: str) -> None:
@@ -287,7 +299,7 @@ def _leave(client, line: str, status: int, leaving: int | None = None) -> NoRetu
                 if len(client.key_value_dir_get(_ACK_DIR)) >= leaving:
                     break
             time.sleep(0.1)
-    os._exit(status)  # other threads (orbax's savers, collectives) may be blocked for good
+    _hard_exit(status)
 
 
 def crash(error: BaseException) -> NoReturn:
