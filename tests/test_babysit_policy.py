@@ -165,6 +165,13 @@ ROWS = [
         "node pod is not yours (labels tpuctl-user=bob, tpuctl-run=bobs-run)",
     ),
     (
+        "3: a colleague's node made for a run of the same id is not this run's",
+        launched(),
+        look(node=node("PREEMPTED", labels=ownership_labels("bob", RUN))),
+        GiveUp,
+        "node pod is not yours (labels tpuctl-user=bob, tpuctl-run=llama-3-1-8b-20261123)",
+    ),
+    (
         "3: a colleague's READY node is left alone",
         BabysitState(RUN, "pod", "v4-16"),
         look(node=node(labels=ownership_labels("bob"))),
@@ -252,6 +259,18 @@ def test_only_the_api_justifies_deleting_and_adopt_hands_the_node_over():
     assert isinstance(action, ReplaceNode) and action.node == mine_from_up
 
 
+def test_adopt_never_hands_over_a_colleagues_node():
+    adopting = dataclasses.replace(OPTIONS, adopt=True, delete_when_done=True)
+    bobs = node("PREEMPTED", labels=ownership_labels("bob", "bobs-run"))
+    action = decide(launched(), look(node=bobs), adopting)
+    assert isinstance(action, GiveUp) and "node pod is not yours" in action.reason
+    done = Progress(done={"step": 100})
+    action = decide(
+        launched(), look(node=node(labels=ownership_labels("bob", RUN)), progress=done), adopting
+    )
+    assert isinstance(action, Finish) and not action.delete_node
+
+
 def test_the_restart_budget_counts_every_kind_of_restart():
     options = dataclasses.replace(OPTIONS, max_restarts=2)
     action = decide(launched(preemptions=1, clean_stops=1), look(node=None), options)
@@ -285,12 +304,14 @@ def test_done_deletes_the_node_only_when_asked_and_it_is_the_runs():
 
 
 def test_note_keeps_the_timers_and_where_the_run_node_lives():
-    state, _ = note(launched(), look(node=node("REPAIRING", zone="us-east1-d"), workers=()))
+    state, _ = note(
+        launched(), look(node=node("REPAIRING", zone="us-east1-d"), workers=()), "alice"
+    )
     assert (state.not_ready_since, state.zone) == (NOW, "us-east1-d")
-    state, _ = note(state, look(node=node(zone="us-east1-d")))
+    state, _ = note(state, look(node=node(zone="us-east1-d")), "alice")
     assert state.not_ready_since is None
     flaky = (job("w00", "unreachable", error="unreachable: timed out"),)
-    state, _ = note(state, look(node=node(zone="us-east1-d"), workers=flaky))
+    state, _ = note(state, look(node=node(zone="us-east1-d"), workers=flaky), "alice")
     assert state.unreachable_since == NOW
     state.reset_timers(NOW + 5)  # the node replaced or the job relaunched
     assert (state.unreachable_since, state.not_ready_since, state.progress_at) == (
@@ -299,7 +320,9 @@ def test_note_keeps_the_timers_and_where_the_run_node_lives():
         NOW + 5,
     )
     # A colleague's node of the same name tells us nothing about where ours lives.
-    state, _ = note(state, look(node=node(labels=ownership_labels("bob"), zone="elsewhere")))
+    state, _ = note(
+        state, look(node=node(labels=ownership_labels("bob"), zone="elsewhere")), "alice"
+    )
     assert state.zone == "us-east1-d"
 
 
@@ -307,7 +330,7 @@ def test_note_reports_what_a_restart_cost():
     state = launched(
         events=[Event("preemption", "node pod PREEMPTED", NOW - 30, 40, relaunched_s=5.0)]
     )
-    state, lines = note(state, look(progress=Progress(first_step=37, step=38, loss=2.0)))
+    state, lines = note(state, look(progress=Progress(first_step=37, step=38, loss=2.0)), "alice")
     event = state.events[0]
     assert (event.resumed_s, event.steps_lost, state.step, state.progress_at) == (30, 4, 38, NOW)
     assert lines == ["training again at step 37: 30.0 s after the preemption, 4 step(s) lost"]
@@ -329,7 +352,7 @@ def test_clean_stop_exit_is_the_trainers():
 def test_a_token_cache_build_record_is_progress_without_a_step():
     stalled = launched(progress_at=NOW - 1801)  # past --hang-timeout, no new step
     building = look(progress=Progress(building_cache=True))
-    state, _ = note(stalled, building)
+    state, _ = note(stalled, building, "alice")
     assert (state.progress_at, state.step) == (NOW, 40)
     assert isinstance(decide(state, building, OPTIONS), Wait)
     assert isinstance(decide(stalled, look(), OPTIONS), Relaunch)  # without it: a hang

@@ -32,8 +32,11 @@ def test_a_nodes_labels_say_whose_and_which_runs_it_is():
     labels = ownership.ownership_labels("Alice", "llama-3.1-8b")
     assert labels == {"tpuctl-user": "alice", "tpuctl-run": "llama-3-1-8b"}
     assert ownership.created_by(labels, "Alice") and not ownership.created_by(labels, "bob")
-    assert ownership.created_for_run(labels, "llama-3.1-8b")
-    assert not ownership.created_for_run(labels, "llama-3.1-8b-other")
-    assert not ownership.created_for_run({}, "llama-3.1-8b")
+    assert ownership.created_for_run(labels, "llama-3.1-8b", "alice")
+    assert not ownership.created_for_run(labels, "llama-3.1-8b", "bob")  # bob's run of that id
+    assert not ownership.created_for_run(labels, "llama-3.1-8b-other", "alice")
+    assert not ownership.created_for_run({}, "llama-3.1-8b", "alice")
+    assert ownership.someone_elses(labels, "bob") and not ownership.someone_elses(labels, "alice")
+    assert not ownership.someone_elses({}, "bob")  # not created by tpuctl: nobody's in particular
     assert ownership.describe_owner(labels) == "labels tpuctl-user=alice, tpuctl-run=llama-3-1-8b"
     assert ownership.describe_owner({}) == "no tpuctl labels (not created by tpuctl)"

@@ -397,7 +397,7 @@ class Babysitter:
                 self._check_stopping()
                 self._check_lease()
                 observation = self.observe()
-                self.state, lines = note(self.state, observation)
+                self.state, lines = note(self.state, observation, self.options.user)
                 for line in lines:
                     self.log(line)
                 action = decide(self.state, observation, self.options)

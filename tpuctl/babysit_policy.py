@@ -228,9 +228,9 @@ Action = Wait | ReplaceNode | Launch | Adopt | Relaunch | Finish | GiveUp
 # -- noting an observation --------------------------------------------------------------
 
 
-def note(state: BabysitState, obs: Observation) -> tuple[BabysitState, list[str]]:
-    """The state with the observation folded in (timers, progress, the node's location),
-    and lines worth logging."""
+def note(state: BabysitState, obs: Observation, user: str) -> tuple[BabysitState, list[str]]:
+    """The state with the observation folded in (timers, progress, the location of the node
+    `user` made for the run), and lines worth logging."""
     state = dataclasses.replace(state, events=list(state.events))
     lines: list[str] = []
     if state.progress_at is None:
@@ -242,7 +242,7 @@ def note(state: BabysitState, obs: Observation) -> tuple[BabysitState, list[str]
         state.step, state.loss, state.progress_at = progress.step, progress.loss, obs.now
         state.events = [_resumed(e, progress, obs.now, lines) for e in state.events]
     node = obs.node
-    if node is not None and run_may_replace(node, state.run_id, adopt=False):
+    if node is not None and ownership.created_for_run(node.labels, state.run_id, user):
         state.zone, state.project = node.zone, node.project
     if obs.api_error is None:
         if node is None or node.ready:
@@ -269,10 +269,13 @@ def _resumed(event: Event, progress: Progress, now: float, lines: list[str]) -> 
     return resumed
 
 
-def run_may_replace(node: Node, run_id: str, adopt: bool) -> bool:
-    """Whether babysitting `run_id` may delete and recreate this node: its labels say it
-    was created for this run, or the user handed it over with --adopt."""
-    return adopt or ownership.created_for_run(node.labels, run_id)
+def run_may_replace(node: Node, run_id: str, options: BabysitOptions) -> bool:
+    """Whether babysitting `run_id` may delete and recreate this node: its labels say the
+    user's babysitter created it for this run, or the user handed it over with --adopt.
+    Never a node labelled as someone else's, --adopt or not."""
+    if ownership.someone_elses(node.labels, options.user):
+        return False
+    return options.adopt or ownership.created_for_run(node.labels, run_id, options.user)
 
 
 # -- deciding ---------------------------------------------------------------------------
@@ -282,7 +285,7 @@ def decide(state: BabysitState, obs: Observation, options: BabysitOptions) -> Ac
     """The one thing to do about `obs`. Pure: reads nothing but its arguments."""
     if obs.progress.done is not None:
         node = obs.node
-        mine = node is not None and run_may_replace(node, state.run_id, options.adopt)
+        mine = node is not None and run_may_replace(node, state.run_id, options)
         return Finish(obs.progress.done, delete_node=options.delete_when_done and mine)
     if obs.storage_error is not None:
         return Wait("cannot read the run's files; looking again", f"{obs.storage_error}")
@@ -291,7 +294,7 @@ def decide(state: BabysitState, obs: Observation, options: BabysitOptions) -> Ac
     node = obs.node
     if node is None:
         return _replace(state, obs, options, None, "missing")
-    refusal = _refuse(state, node, options)
+    refusal = _refuse(node, options)
     if refusal is not None:
         return refusal
     lost_since = state.not_ready_since
@@ -304,17 +307,14 @@ def decide(state: BabysitState, obs: Observation, options: BabysitOptions) -> Ac
     return _tend_job(state, obs, options)
 
 
-def _refuse(state: BabysitState, node: Node, options: BabysitOptions) -> GiveUp | None:
+def _refuse(node: Node, options: BabysitOptions) -> GiveUp | None:
     """A node babysit must leave alone: of another type, or someone else's."""
     if node.accelerator_type != options.accelerator_type:
         return GiveUp(
             f"node {node.name} is a {node.accelerator_type}, not a {options.accelerator_type}; "
             f"babysit another --name or `tpuctl down {node.name}` it"
         )
-    mine = run_may_replace(node, state.run_id, options.adopt)
-    if mine or ownership.created_by(node.labels, options.user):
-        return None
-    if ownership.USER_LABEL in node.labels:  # created by tpuctl for someone else
+    if ownership.someone_elses(node.labels, options.user):
         return GiveUp(
             f"node {node.name} is not yours ({ownership.describe_owner(node.labels)}): "
             "babysit leaves it alone; babysit another --name"
@@ -326,7 +326,7 @@ def _replace(
     state: BabysitState, obs: Observation, options: BabysitOptions, node: Node | None, what: str
 ) -> Action:
     first = state.launches == 0 and not state.events and node is None
-    if node is not None and not run_may_replace(node, state.run_id, options.adopt):
+    if node is not None and not run_may_replace(node, state.run_id, options):
         return GiveUp(
             f"node {node.name} is {what} but was not created for run {state.run_id} "
             f"({ownership.describe_owner(node.labels)}): babysit does not delete it; delete it "

@@ -41,9 +41,15 @@ def created_by(labels: Mapping[str, str], user: str) -> bool:
     return labels.get(USER_LABEL) == label_value(user)
 
 
-def created_for_run(labels: Mapping[str, str], run_id: str) -> bool:
-    """Whether the node's labels say a babysitter created it for `run_id`."""
-    return labels.get(RUN_LABEL) == label_value(run_id)
+def someone_elses(labels: Mapping[str, str], user: str) -> bool:
+    """Whether the node's labels say tpuctl created it for a user other than `user`."""
+    return USER_LABEL in labels and not created_by(labels, user)
+
+
+def created_for_run(labels: Mapping[str, str], run_id: str, user: str) -> bool:
+    """Whether the node's labels say `user`'s babysitter created it for `run_id`: a
+    colleague's run of the same id is not this one."""
+    return created_by(labels, user) and labels.get(RUN_LABEL) == label_value(run_id)
 
 
 def describe_owner(labels: Mapping[str, str]) -> str:
