@@ -59,6 +59,10 @@ def look(**changes) -> Observation:
     return dataclasses.replace(Observation(NOW, node=node(), workers=RUNNING), **changes)
 
 
+PREEMPTED_AT_40 = Event("preemption", "node pod PREEMPTED", NOW - 60, 40)
+RECREATED_AFTER_40 = dataclasses.replace(PREEMPTED_AT_40, recreate_s=50.0)
+CRASHED_AT_40 = Event("failure", "job ended without DONE", NOW - 60, 40, worker="w01")
+
 ROWS = [
     # -- the README's table ------------------------------------------------------------
     ("node missing", launched(), look(node=None), ReplaceNode, "node pod missing"),
@@ -94,6 +98,13 @@ ROWS = [
         "finishing",
     ),
     (
+        "worker 0 stuck in its final save while the others finished is a hang",
+        launched(progress_at=NOW - 1801),
+        look(workers=(job("w00"), job("w01", "exited", 0))),
+        Relaunch,
+        "no step progress for 1801 s",
+    ),
+    (
         "no new step for --hang-timeout",
         launched(progress_at=NOW - 1801),
         look(),
@@ -113,10 +124,24 @@ ROWS = [
     ("no node yet", BabysitState(RUN, "pod", "v4-16"), look(node=None), ReplaceNode, None),
     (
         "a recreation retried is the same preemption",
-        launched(pending_launch=True),
+        launched(pending_launch=True, preemptions=2, events=[PREEMPTED_AT_40]),
         look(node=None),
         ReplaceNode,
         None,
+    ),
+    (
+        "the recreated node preempted before its launch is a preemption of its own",
+        launched(pending_launch=True, preemptions=2, events=[RECREATED_AFTER_40]),
+        look(node=node("PREEMPTED")),
+        GiveUp,
+        "3 preemptions (--max-preemptions 2)",
+    ),
+    (
+        "the node of a relaunch that failed, lost, is a preemption too",
+        launched(pending_launch=True, preemptions=2, failures=1, events=[CRASHED_AT_40]),
+        look(node=node("PREEMPTED")),
+        GiveUp,
+        "3 preemptions (--max-preemptions 2)",
     ),
     ("a new node gets the job", BabysitState(RUN, "pod", "v4-16"), look(workers=()), Launch, ""),
     ("a run already running is watched", BabysitState(RUN, "pod", "v4-16"), look(), Adopt, ""),
@@ -269,6 +294,13 @@ def test_adopt_never_hands_over_a_colleagues_node():
         launched(), look(node=node(labels=ownership_labels("bob", RUN)), progress=done), adopting
     )
     assert isinstance(action, Finish) and not action.delete_node
+
+
+def test_a_new_babysitter_stops_a_run_found_half_crashed_before_launching_it_again():
+    half = look(workers=(job("w00"), job("w01", "exited", 1)))
+    assert decide(BabysitState(RUN, "pod", "v4-16"), half, OPTIONS) == Launch(stop_first=True)
+    nothing = look(workers=(job("w00", "absent"), job("w01", "absent")))
+    assert decide(BabysitState(RUN, "pod", "v4-16"), nothing, OPTIONS) == Launch(stop_first=False)
 
 
 def test_the_restart_budget_counts_every_kind_of_restart():

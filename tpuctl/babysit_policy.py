@@ -332,13 +332,26 @@ def _replace(
             f"({ownership.describe_owner(node.labels)}): babysit does not delete it; delete it "
             f"yourself (`tpuctl down {node.name}`), or pass --adopt to let babysit replace it"
         )
-    if first or state.pending_launch:  # nothing yet, or a retried recreation: same event
+    if first or _replacing(state):  # nothing yet, or a retried recreation: same event
         return ReplaceNode(None, node)
     event = Event("preemption", f"node {state.node} {what}", obs.now, state.step)
     over = _over_budget(state, options, "preemption")
     if over:
         return GiveUp(over, event=event, budget=True)
     return ReplaceNode(event, node)
+
+
+def _replacing(state: BabysitState) -> bool:
+    """A lost node's replacement began and its new node was not created yet. A node lost
+    after that (the new one preempted before the launch, or the node of a relaunch that
+    failed) is a preemption of its own."""
+    last = state.events[-1] if state.events else None
+    return (
+        state.pending_launch
+        and last is not None
+        and last.kind == "preemption"
+        and last.recreate_s is None
+    )
 
 
 def _tend_job(state: BabysitState, obs: Observation, options: BabysitOptions) -> Action:
@@ -355,7 +368,9 @@ def _tend_job(state: BabysitState, obs: Observation, options: BabysitOptions) ->
     if state.launches == 0 and workers and all(w.state == "running" for w in workers):
         return Adopt()
     if state.launches == 0 or state.pending_launch:
-        return Launch(stop_first=state.launches > 0)
+        # a run found half ended (a worker crashed before this babysitter) goes first too
+        running = any(w.state == "running" for w in workers)
+        return Launch(stop_first=state.launches > 0 or running)
     unreachable = [w.label for w in workers if w.state == "unreachable"]
     if unreachable:
         since = state.unreachable_since if state.unreachable_since is not None else obs.now
@@ -367,16 +382,14 @@ def _tend_job(state: BabysitState, obs: Observation, options: BabysitOptions) ->
                 "(only the API's view can justify it)"
             )
         return Wait(f"{', '.join(unreachable)} unreachable; looking again", note)
-    ended = [w for w in workers if w.state != "running"]
-    if ended:
-        if len(ended) < len(workers) and all(w.exit_code == 0 for w in ended):
-            return Wait("finishing")  # process 0 writes DONE last
-        return _relaunch(state, obs, options, ended)
     stalled = obs.now - (state.progress_at if state.progress_at is not None else obs.now)
-    if stalled > options.hang_timeout_s:
+    ended = [w for w in workers if w.state != "running"]
+    if ended and (len(ended) == len(workers) or any(w.exit_code != 0 for w in ended)):
+        return _relaunch(state, obs, options, ended)
+    if stalled > options.hang_timeout_s:  # worker 0 stuck in its final save counts too
         cause = f"no step progress for {stalled:.0f} s (hung collective or stranded worker)"
         return _failure(state, options, Event("hang", cause, obs.now, state.step))
-    return Wait("training")
+    return Wait("finishing" if ended else "training")  # process 0 writes DONE last
 
 
 def _relaunch(
