@@ -43,6 +43,19 @@ def test_every_format_gives_the_same_records(tmp_path, monkeypatch):
     assert len(sources.expand(str(tmp_path / "saved"), "x")) == 3  # one unit per Arrow file
 
 
+def test_two_saved_datasets_with_files_of_one_size_have_different_cache_keys(tmp_path):
+    """Saved datasets all name their files data-0000N-of-0000M.arrow: keyed by that name
+    and its size, another dataset of the same size reused the first one's token cache."""
+    records = documents(50)
+    scrambled = [{"text": r["text"][::-1]} for r in records]  # same bytes, other text
+    first = sources.expand(str(save_to_disk(tmp_path / "a", records, shards=1)), "x")
+    other = sources.expand(str(save_to_disk(tmp_path / "b", scrambled, shards=1)), "x")
+    assert first[0].size == other[0].size
+    assert first[0].key != other[0].key
+    again = sources.expand(str(save_to_disk(tmp_path / "a", scrambled, shards=1)), "x")
+    assert again[0].key != first[0].key  # saved again in place: a new version
+
+
 def test_globs_expand_sorted_and_an_empty_glob_is_an_error(tmp_path):
     for i in (2, 0, 1):
         write_jsonl(tmp_path / f"part-{i}.jsonl.gz", documents(3, start=10 * i))

@@ -82,11 +82,13 @@ def _dataset_dir_units(path: str, where: str) -> list[Unit]:
             else "give files, a glob or a save_to_disk directory"
         )
         raise RecipeError(f"{where}: {path} is a directory but not a saved dataset; {hint}")
-    files = [f["filename"] for f in json.loads(io.read_text(state_path))["_data_files"]]
-    return [
-        Unit(io.join(path, name), "arrow", io.size(io.join(path, name)), key_path=name)
-        for name in files
-    ]
+    state = json.loads(io.read_text(state_path))
+    files = [f["filename"] for f in state["_data_files"]]
+    # Every saved dataset names its files alike (data-00000-of-00001.arrow): the key takes
+    # the directory, and the fingerprint `datasets` gives each version of its contents.
+    version = f"@{state['_fingerprint']}" if state.get("_fingerprint") else ""
+    paths = [io.join(path, name) for name in files]
+    return [Unit(file, "arrow", io.size(file), key_path=file + version) for file in paths]
 
 
 def parse_hf(spec: str) -> tuple[str, str | None, str]:
