@@ -202,6 +202,17 @@ def test_explicit_dims_override_the_preset(tmp_path):
             "'cached' is not supported; use one of frozen, precompute",
         ),
         ("", ["objective.betta=1"], "unknown key objective.betta"),
+        # each of these once passed and failed later with a traceback
+        ("", ["logging.every_steps=0"], "logging.every_steps must be at least 1, got 0"),
+        ("", ["eval.batches=0"], "eval.batches must be at least 1, got 0"),
+        ("", ["train.seed=-1"], "train.seed must be at least 0, got -1"),
+        ("", ["checkpoint.save_timeout_s=0"], "checkpoint.save_timeout_s must be more than 0"),
+        ("", ["train.steps=null", "train.epochs=.nan"], "train.epochs: expected a finite number"),
+        (
+            "",
+            ["data.train=[{path: a.txt, weight: .inf}, {path: b.txt, weight: 1}]"],
+            "data.train[0].weight: expected a finite number, got inf",
+        ),
     ],
 )
 def test_bad_recipes_get_one_line_errors_naming_the_key(tmp_path, extra, overrides, message):

@@ -427,6 +427,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise RecipeError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan and .inf
+            raise RecipeError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str | int | float) or isinstance(value, bool):
@@ -491,7 +493,38 @@ def validate(recipe: Recipe) -> None:
     _validate_objective(recipe.objective, recipe.data)
     _validate_mesh_axes(recipe.mesh)
     _validate_data(recipe.data)
+    _validate_floors(recipe)
     _validate_files(recipe)
+
+
+# Numbers no other check bounds: (key, the smallest value, whether that value is allowed).
+# 0 turns off periodic eval and step-based saves, keeps every checkpoint, clips nothing.
+_FLOORS = (
+    ("train.seed", 0, True),
+    ("logging.every_steps", 1, True),
+    ("eval.every_steps", 0, True),
+    ("eval.batches", 1, True),
+    ("checkpoint.every_steps", 0, True),
+    ("checkpoint.keep", 0, True),
+    ("checkpoint.milestone_every", 1, True),
+    ("checkpoint.every_minutes", 0, False),
+    ("checkpoint.save_timeout_s", 0, False),
+    ("optimizer.lr", 0, True),
+    ("optimizer.end_lr", 0, True),
+    ("optimizer.warmup_steps", 0, True),
+    ("optimizer.weight_decay", 0, True),
+    ("optimizer.eps", 0, False),
+    ("optimizer.clip_norm", 0, True),
+)
+
+
+def _validate_floors(recipe: Recipe) -> None:
+    for key, floor, allowed in _FLOORS:
+        section, name = key.split(".")
+        value = getattr(getattr(recipe, section), name)
+        if value is not None and (value < floor or (value == floor and not allowed)):
+            bound = f"at least {floor}" if allowed else f"more than {floor}"
+            raise RecipeError(f"{key} must be {bound}, got {value}")
 
 
 def _validate_model(model: ModelConfig) -> None:
