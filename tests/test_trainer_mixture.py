@@ -42,9 +42,23 @@ def test_batches_are_a_pure_function_of_seed_and_step_and_cover_each_epoch():
     assert a.steps_per_epoch() == 203 / 8
 
 
-def test_unshuffled_eval_reads_rows_in_order():
+def test_unshuffled_eval_takes_every_row_once_per_pass_from_both_datasets():
     m = mixture.Mixture(readers(10, 5), entries({}, {}), 4, seed=0, shuffle=False)
-    assert m.rows_at(np.arange(17)).tolist() == [*range(15), 0, 1]
+    rows = m.rows_at(np.arange(15)).tolist()
+    assert sorted(rows) == list(range(15))  # every row once per epoch
+    assert any(r >= 10 for r in rows[:4])  # not dataset 0's rows first
+    assert m.rows_at(np.arange(15)).tolist() == rows  # the same rows at every eval
+
+
+def test_eval_mixture_weights_hold_in_its_first_batches():
+    """Unshuffled, the weighted block once listed dataset 0's 65536 x w0 slots first: every
+    eval batch came from the first entry and the others' weights did nothing."""
+    m = mixture.Mixture(
+        readers(1000, 1000), entries({"weight": 1}, {"weight": 1}), 16, seed=0, shuffle=False
+    )
+    rows = np.concatenate([m.batch_rows(i) for i in range(8)])
+    second = int((rows >= 1000).sum())
+    assert 40 <= second <= 88, second  # 64 expected of 128; 4 sigma either side
 
 
 def test_weights_give_each_dataset_its_share_of_rows():

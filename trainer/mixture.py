@@ -13,6 +13,8 @@ Each dataset is read as an endless *stream*: its rows in a fresh shuffled order 
 - With weights, the batch stream is cut into blocks of BLOCK rows; each dataset fills its
   share of every block (largest-remainder rounding of BLOCK x weight), at shuffled slots.
   An "epoch" (for train.epochs) is then the total rows of all datasets.
+- Unshuffled (eval), the datasets still take their slots in the seeded order, so every
+  eval batch holds each dataset by its share; only the streams' passes are not reshuffled.
 """
 
 from __future__ import annotations
@@ -102,9 +104,9 @@ class Mixture:
         period = BLOCK if self.weighted else self.epoch_rows()
         chunks, offsets = np.divmod(positions, period)
         slots = offsets.copy()
-        for chunk in np.unique(chunks):
-            here = chunks == chunk
-            slots[here] = self._shuffled(offsets[here], period, ("order", int(chunk)))
+        for chunk in np.unique(chunks):  # seeded even unshuffled (eval): in slot order the
+            here = chunks == chunk  # first dataset would fill every eval batch
+            slots[here] = self._permuted(offsets[here], period, ("order", int(chunk)))
         dataset = np.searchsorted(self.starts, slots, side="right") - 1
         shares = self.per_block if self.weighted else self.per_epoch
         streamed = chunks * shares[dataset] + slots - self.starts[dataset]
@@ -129,10 +131,11 @@ class Mixture:
         share = int(self.per_epoch[dataset])
         return self.stream(dataset, np.arange(epoch * share, (epoch + 1) * share))
 
-    def _shuffled(self, positions: np.ndarray, n: int, name: tuple) -> np.ndarray:
-        if not self.shuffle:
-            return positions
+    def _permuted(self, positions: np.ndarray, n: int, name: tuple) -> np.ndarray:
         return permute(positions, n, (self.seed, *[_int(part) for part in name]))
+
+    def _shuffled(self, positions: np.ndarray, n: int, name: tuple) -> np.ndarray:
+        return self._permuted(positions, n, name) if self.shuffle else positions
 
 
 def _epoch_rows(entry: DatasetConfig, rows: int) -> int:
