@@ -727,6 +727,30 @@ def test_an_observation_is_timed_once_the_tpu_api_answered(fake_tpu, tmp_path):
     assert observation.now == len(fake_tpu.requests) > 0
 
 
+def test_a_run_that_finishes_while_it_is_observed_is_seen_finished(fake_tpu, tmp_path, monkeypatch):
+    """Worker 0 writes DONE, then every worker exits 0. Read before the jobs, DONE could be
+    missed and the ended jobs then count as a failure (a finished run relaunched, or the
+    babysitter exiting 1 once its failure budget was spent)."""
+    from tpuctl import jobs
+    from tpuctl.babysit import MetricsTail
+
+    fake_tpu.add_node(
+        "pod", "v4-16", project="test-project", zone="us-east1-d", labels=our_labels("obs")
+    )
+    sitter = sitter_in_process(tmp_path, "accelerators.v4-16.zones", ["us-east1-d"])
+    sitter.state.run_dir = str(tmp_path / "run")
+    sitter.metrics = MetricsTail(sitter.state.run_dir)
+    (tmp_path / "run").mkdir()
+
+    def the_run_finishes_meanwhile(hosts, run_id):  # the trainer's order: DONE, then exit
+        (tmp_path / "run" / "DONE").write_text('{"step": 8, "final": {"loss": 1.5}}')
+        return [jobs.WorkerJob(h.label, "exited", run_id=run_id, exit_code=0) for h in hosts]
+
+    monkeypatch.setattr(jobs, "status", the_run_finishes_meanwhile)
+    observation = sitter.observe()
+    assert observation.progress.done == {"step": 8, "final": {"loss": 1.5}}
+
+
 def test_the_node_is_looked_for_where_it_lives_first_its_remembered_zone(fake_tpu, tmp_path):
     fake_tpu.add_node(
         "pod", "v4-16", project="test-project", zone="us-east1-d", labels=our_labels("obs")

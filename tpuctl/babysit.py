@@ -446,9 +446,10 @@ class Babysitter:
     # -- observe ----------------------------------------------------------------------
 
     def observe(self) -> Observation:
-        """Look at everything a decision needs; reads only, changes nothing. Its time is
-        read last: an event's `at` is when the babysitter knew, never before it happened."""
-        progress, storage_error = self._read_progress()
+        """Look at everything a decision needs; reads only, changes nothing. The run's files
+        are read after its jobs: worker 0 writes DONE before it exits, so jobs seen ended
+        without DONE have ended without it. Its time is read last: an event's `at` is when
+        the babysitter knew, never before it happened."""
         node, api_error = self._look_up_node()
         workers: tuple[jobs.WorkerJob, ...] = ()
         if node is not None and node.ready:
@@ -457,6 +458,7 @@ class Babysitter:
                 # A preemption kills the jobs before the API says so: look at the node again
                 # before calling a job that ended on a READY node a failure.
                 node, api_error = self._look_up_node()
+        progress, storage_error = self._read_progress()
         return Observation(
             now=self.clock(),
             node=node,
