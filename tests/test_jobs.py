@@ -170,6 +170,16 @@ def test_kill_sigterms_so_the_job_saves_and_leaves_no_process(hosts):
     assert [r.run_id for r in again] == [None] * 3
 
 
+def test_a_kill_for_one_run_leaves_another_run_running(hosts):
+    """babysit stops only its own run: one a user started meanwhile keeps running."""
+    jobs.launch(hosts, spec("theirs", STEPS="1000"))
+    wait_until_stepping(hosts)
+    reports = jobs.kill(hosts, grace=10, only="mine")
+    assert [(r.run_id, r.other_run) for r in reports] == [(None, "theirs")] * 3
+    assert states(hosts) == ["running"] * 3
+    assert [r.run_id for r in jobs.kill(hosts, grace=10, only="theirs")] == ["theirs"] * 3
+
+
 def test_kill_escalates_to_sigkill_after_the_grace_period(hosts):
     jobs.launch(hosts[:1], spec(STEPS="1000", IGNORE_TERM="1"))
     wait_for(lambda: collect_logs(hosts[:1]))

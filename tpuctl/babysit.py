@@ -683,9 +683,16 @@ class Babysitter:
     def _stop_job(self, hosts: list[Host]) -> None:
         """SIGTERM to each worker's job, wait, SIGKILL what remains, then clear lockfiles."""
         self.view.activity = "stopping the job on every worker"
-        for report in jobs.kill(hosts, grace=self.options.stop_grace_s):
+        for report in jobs.kill(hosts, grace=self.options.stop_grace_s, only=self.run_id):
             if report.error:
                 raise TpuctlError(f"could not stop the job on {report.label}: {report.error}", 1)
+            if report.other_run:
+                raise StopBabysitting(
+                    f"stopped babysitting run {self.run_id}: {report.label} runs another "
+                    f"run, {report.other_run}, and babysit stops only its own; stop that one "
+                    f"yourself (`tpuctl kill {self.options.node}`) and babysit again",
+                    1,
+                )
 
     def _log_tail(self, hosts: list[Host]) -> list[str]:
         lines: list[str] = []

@@ -185,6 +185,10 @@ _KILL = r"""
 current=$(current_run)
 pid=""
 [ -n "$current" ] && pid=$(run_pid "$current")
+if [ -n "$only" ] && [ "$current" != "$only" ] && group_alive "$pid"; then
+  echo "other $current"  # someone else's run: left running, its lockfiles too
+  exit 0
+fi
 if group_alive "$pid"; then
   echo "killed $current $(stop_run "$current")"
 else
@@ -231,6 +235,7 @@ class KillReport:
     signal: str | None  # SIGTERM if the job ended within the grace period, else SIGKILL
     holders: list[str]  # "PID COMM SIGNAL" for other accelerator holders stopped (--force)
     error: str | None = None
+    other_run: str | None = None  # a run other than `only`, left running
 
 
 class JobBusy(TpuctlError):
@@ -405,12 +410,18 @@ def logs(
 
 
 def kill(
-    hosts: Iterable[Host], *, grace: float = DEFAULT_GRACE_S, force: bool = False
+    hosts: Iterable[Host],
+    *,
+    grace: float = DEFAULT_GRACE_S,
+    force: bool = False,
+    only: str | None = None,
 ) -> list[KillReport]:
     """Stop the current job on every worker: SIGTERM to its process group, SIGKILL after
     `grace` seconds, then clear stale lockfiles. `force` also stops any other process
-    holding the TPU. Nothing running is not an error."""
-    results = run(job_hosts(hosts), _script(_KILL, grace=grace, force=force), timeout=grace + 60)
+    holding the TPU. With `only`, a worker running another run leaves it be and reports
+    it (`other_run`). Nothing running is not an error."""
+    script = _script(_KILL, grace=grace, force=force, only=only or "")
+    results = run(job_hosts(hosts), script, timeout=grace + 60)
     return [_parse_kill(result) for result in results]
 
 
@@ -426,6 +437,8 @@ def _parse_kill(result: HostResult) -> KillReport:
             run_id, _, signal = rest.partition(" ")
         elif word == "holder":
             holders.append(rest)
+        elif word == "other":
+            return KillReport(label, None, None, [], other_run=rest)
     return KillReport(label, run_id, signal or None, holders)
 
 
