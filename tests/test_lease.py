@@ -80,3 +80,17 @@ def test_the_heartbeat_thread_renews_while_the_main_thread_is_busy(gcs):
     with Heartbeat(lease, period_s=0.05):
         assert renewed.wait(timeout=30)  # the main thread does nothing meanwhile
     assert lease.holding and lease.generation != claimed
+
+
+def test_a_heartbeat_whose_write_committed_but_whose_reply_was_lost_keeps_the_lease(gcs):
+    """google-cloud-storage retries a conditional write whose reply was lost; when the
+    first attempt had committed, the retry fails its precondition against our own write.
+    The heartbeat took that for a takeover and the babysitter stopped."""
+    lease = GcsLease(URI, ttl_s=60)
+    lease.claim("run shared")
+    committed = GcsLease(URI, ttl_s=60, holder=lease.holder)  # that first attempt
+    committed.generation = lease.generation
+    assert committed.heartbeat()
+    assert lease.heartbeat()  # its generation is stale, but the lease holds its own record
+    assert lease.lost is None and lease.generation == committed.generation
+    assert lease.heartbeat()

@@ -101,7 +101,12 @@ class GcsLease:
                 self._write(LeaseRecord(self.holder, self.now()), self.generation)
                 return True
             except PreconditionFailed:
-                record, _generation = self._read()
+                record, generation = self._read()
+                if record is not None and record.holder == self.holder and not record.released:
+                    # our own write committed and its reply was lost: the client's retry of
+                    # it found the generation moved on, by us
+                    self.generation, self._renewed_at = generation, record.heartbeat
+                    return True
                 taker = record.holder if record else "nobody (it was deleted)"
                 self._lose(f"the lease {self.uri} was taken over by {taker}")
             except Exception as err:  # GCS trouble: our lease may still be live
