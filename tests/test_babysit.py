@@ -764,6 +764,10 @@ def test_the_node_is_looked_for_where_it_lives_first_its_remembered_zone(fake_tp
     assert {path for _verb, path in fake_tpu.requests} == {
         "/v2/projects/test-project/locations/us-east1-d/nodes/pod"
     }
+    # Remembered where the lost node was, while its replacement, interrupted (a Ctrl-C),
+    # came up in the fallback zone: found there, not created a second time.
+    sitter.state.zone = "us-central1-a"
+    assert sitter.observe().node.zone == "us-east1-d"
 
 
 # -- on a shared project: the fake API whose nodes are the sshd hosts ---------------------

@@ -492,10 +492,14 @@ class Babysitter:
             if not self.provider.capabilities.zones:
                 return self.provider.get(self.options.node), None
             if self.state.zone:
-                return self._provider_at(self.state.zone, self.state.project).get(
-                    self.options.node
-                ), None
+                node = self._provider_at(self.state.zone, self.state.project).get(self.options.node)
+                if node is not None:
+                    return node, None
+            # Not remembered, or not there: a replacement interrupted (Ctrl-C, a lost lease)
+            # while it came up in a fallback zone goes on coming up there.
             for zone in self.plan.zones:
+                if zone == self.state.zone and self.plan.spec.project == self.state.project:
+                    continue  # just looked
                 node = self._provider_at(zone, self.plan.spec.project).get(self.options.node)
                 if node is not None:
                     return node, None
