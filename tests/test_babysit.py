@@ -583,7 +583,8 @@ def sitter_in_process(tmp_path, *extra: str, **options):
     settings = config.load()
     for key, value in (extra[i : i + 2] for i in range(0, len(extra), 2)):
         settings.values[key] = value
-    babysit = BabysitOptions("v4-16", "pod", TINY, run_id="obs", user="me", **options)
+    user = config.local_user()  # who our_labels says made the node
+    babysit = BabysitOptions("v4-16", "pod", TINY, run_id="obs", user=user, **options)
     return Babysitter(settings, babysit)
 
 
@@ -809,6 +810,12 @@ def test_a_key_the_node_refuses_stops_babysitting_and_deletes_nothing(
     assert "Nothing was deleted" in last and "ssh.key PATH" in last
     assert api_requests(fake_tpu, "DELETE") == api_requests(fake_tpu, "POST") == 0
     assert fake_tpu.node_state("pod") == "READY"
+    # With no run named, worker 0 is asked for its latest: refused, that is not "no run yet".
+    alone = cli("babysit", "--preemptible", "--name", "pod", timeout=120)
+    assert alone.returncode == 1, alone.stdout + alone.stderr
+    assert alone.stderr.startswith(
+        "error: cannot ask w00 of pod for its latest run: unreachable: authentication failed"
+    ), alone.stderr
 
 
 @pytest.mark.pod

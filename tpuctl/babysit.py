@@ -801,7 +801,14 @@ def last_run(
             exit_code=1,
         )
     if run_id is None:
-        run_id = jobs.status(hosts_for(settings, node, [0]))[0].run_id
+        (worker,) = jobs.status(hosts_for(settings, node, [0]))
+        if worker.state == "unreachable":  # not "no run yet": nobody could tell
+            raise TpuctlError(
+                f"cannot ask {worker.label} of {node.name} for its latest run: {worker.error}; "
+                "fix the SSH access, or name the run with --run-id RUN",
+                exit_code=1,
+            )
+        run_id = worker.run_id
     if run_id is None:
         raise TpuctlError(
             f"no run on {node.name} yet: give the recipe, "
