@@ -190,6 +190,50 @@ def test_a_queued_resource_failed_for_capacity_is_deleted_and_retried_as_a_stock
     assert fake_tpu.queued_resource_state("q") == "ACTIVE"  # the second one
 
 
+def test_up_never_takes_over_a_colleagues_queued_resource_or_one_of_another_type(
+    run_tpuctl, fake_tpu, monkeypatch
+):
+    fake_tpu.set_queued_wait(60)
+    for name in ("LOGNAME", "USER"):
+        monkeypatch.setenv(name, "bob")
+    assert run_tpuctl("up", "v4-32", "--name", "shared", "--no-wait").code == 0
+    for name in ("LOGNAME", "USER"):
+        monkeypatch.setenv(name, "alice")
+    other_type = run_tpuctl("up", "v4-16", "--name", "shared")
+    assert other_type.code == 1
+    assert other_type.err.strip().splitlines()[-1] == (
+        "error: queued resource shared in us-central1-a asks for a v4-32, not a v4-16: choose "
+        "another --name, or delete it first (`tpuctl down shared`)"
+    )
+    bobs = run_tpuctl("up", "v4-32", "--name", "shared")  # before: waited on it, and took it
+    assert bobs.code == 1
+    assert bobs.err.strip().splitlines()[-1] == (
+        "error: queued resource shared in us-central1-a is not yours (labels tpuctl-user=bob): "
+        "choose another --name"
+    )
+    assert fake_tpu.queued_resource_state("shared") == "WAITING_FOR_RESOURCES"  # still bob's
+
+
+def test_down_deletes_a_queued_resource_that_has_no_node_yet(run_tpuctl, fake_tpu):
+    fake_tpu.set_queued_wait(60)
+    assert run_tpuctl("up", "v4-32", "--name", "q", "--no-wait").code == 0
+    result = run_tpuctl("down", "q", "--yes")  # before: "does not exist; nothing deleted"
+    assert result.code == 0, result.err
+    assert "deleted queued resource q" in result.out
+    assert fake_tpu.queued_resource_state("q") is None
+
+
+def test_a_queued_resource_given_up_on_is_forgotten_where_it_was(run_tpuctl, fake_tpu):
+    """Remembered after a stockout, the zone hid a node of that name made later elsewhere."""
+    from tpuctl.providers import registry
+
+    fake_tpu.fail_queued(1)
+    result = run_tpuctl("up", "v4-32", "--name", "y", "--zone", "us-east1-d", "--retry-for", "0")
+    assert result.code == 1
+    assert fake_tpu.queued_resource_state("y") is None
+    assert registry.locations("y") == []
+
+
 def test_queued_resource_quota_error_is_one_line(run_tpuctl, fake_tpu):
     fake_tpu.inject_quota_errors(1)
     result = run_tpuctl("up", "v4-32", "--name", "q")

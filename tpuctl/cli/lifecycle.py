@@ -215,6 +215,8 @@ def down(
     settings = config.load({"zone": zone, "project": project})
     chosen = name or settings.get("node")
     node = find_node(settings, chosen) if chosen else _own_node(settings)
+    if node is None and chosen and _down_queued(settings, chosen, yes):
+        return
     if node is None:
         err_console.print(
             f"node {chosen} does not exist in {describe_location(settings)}; nothing deleted"
@@ -232,6 +234,24 @@ def down(
 
     holder.tell_to_exit(holder.socket_path(settings, node.name))  # its workers are gone
     console.print(f"deleted {node.name}")
+
+
+def _down_queued(settings: Settings, name: str, yes: bool) -> bool:
+    """Delete the queued resource of a node not made yet (`up --no-wait`, or an `up` that
+    stopped waiting): it holds quota, and becomes a billed node once granted. False when
+    there is none."""
+    provider = provider_for(settings)
+    state = provider.queued_state(name) if provider.capabilities.queued_resources else None
+    if state is None:
+        return False
+    where = f"queued resource {name} ({state}, no node yet) in {describe_location(settings)}"
+    if not yes:
+        typer.confirm(f"Delete {where}?", abort=True)
+    with StatusLine(f"down {name}") as status:
+        status.update(f"deleting {where}")
+        provider.delete_queued(provider.queued_path(name), status.update)
+    console.print(f"deleted queued resource {name}")
+    return True
 
 
 def _own_node(settings: Settings) -> Node:

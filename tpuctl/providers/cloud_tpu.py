@@ -72,9 +72,9 @@ class CloudTpuProvider:
         """The same API, looking in `zone` (of `project`): where a node actually lives."""
         return CloudTpuProvider(project or self.project, zone, self.clock)
 
-    def queued_path(self, name: str) -> str:
-        """The queued resource that creates node `name` in this zone."""
-        return f"{self._parent()}/queuedResources/{name}"
+    def queued_path(self, name: str, zone: str | None = None) -> str:
+        """The queued resource that creates node `name` in this zone (or `zone`)."""
+        return f"{self._parent(zone)}/queuedResources/{name}"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CloudTpuProvider:
@@ -132,6 +132,17 @@ class CloudTpuProvider:
 
     def _node_path(self, name: str, zone: str | None = None) -> str:
         return f"{self._parent(zone)}/nodes/{name}"
+
+    def queued_state(self, name: str) -> str | None:
+        """The state of the queued resource of node `name` here (WAITING_FOR_RESOURCES,
+        ...), None when there is none."""
+        from google.api_core import exceptions
+
+        try:
+            queued = self._call(self.client.get_queued_resource, name=self.queued_path(name))
+        except exceptions.NotFound:
+            return None
+        return queued.state.state.name
 
     # -- describe --------------------------------------------------------------------------
 
@@ -323,7 +334,7 @@ class CloudTpuProvider:
             queued.queueing_policy = tpu_v2.QueuedResource.QueueingPolicy(
                 valid_until_duration=duration_pb2.Duration(seconds=int(valid_for))
             )
-        path = f"{self._parent(spec.zone)}/queuedResources/{spec.name}"
+        path = self.queued_path(spec.name, spec.zone)
         try:
             operation = self._call(
                 self.client.create_queued_resource,
@@ -334,6 +345,7 @@ class CloudTpuProvider:
             self._wait_for_operation(operation, spec, lambda _msg: None)
             progress(f"queued resource {spec.name} created in {spec.zone}")
         except exceptions.Conflict:
+            self._check_existing_queued(path, spec)
             progress(f"queued resource {spec.name} already exists in {spec.zone}; waiting on it")
         except exceptions.TooManyRequests as error:
             self._raise_for(error, spec)
@@ -346,7 +358,32 @@ class CloudTpuProvider:
         except BaseException:
             progress(f"giving up: deleting queued resource {spec.name} so it holds no quota")
             self.delete_queued(path, lambda _msg: None)
+            registry.forget(spec.name, self.location(spec.zone))
             raise
+
+    def _check_existing_queued(self, path: str, spec: NodeSpec) -> None:
+        """A queued resource of the node's name exists already: `up` waits on it (and may
+        delete it when it gives up) only when it asks for the same type for the same user,
+        as an earlier `up --no-wait` of this node does. Anyone else's is left alone."""
+        from tpuctl import ownership
+
+        existing = self._call(self.client.get_queued_resource, name=path)
+        specs = existing.tpu.node_spec
+        node = specs[0].node if specs else None
+        kind = node.accelerator_type if node is not None else "node of unknown type"
+        labels = dict(node.labels) if node is not None else {}
+        where = f"queued resource {spec.name} in {spec.zone}"
+        if kind != spec.accelerator_type:
+            raise TpuctlError(
+                f"{where} asks for a {kind}, not a {spec.accelerator_type}: choose another "
+                f"--name, or delete it first (`tpuctl down {spec.name}`)",
+                exit_code=1,
+            )
+        if labels.get(ownership.USER_LABEL) != spec.labels.get(ownership.USER_LABEL):
+            raise TpuctlError(
+                f"{where} is not yours ({ownership.describe_owner(labels)}): choose another --name",
+                exit_code=1,
+            )
 
     def _wait_for_queued(self, path: str, spec: NodeSpec, progress: ProgressFn) -> None:
         last_state = None
