@@ -80,6 +80,26 @@ def test_per_accelerator_defaults_from_nested_yaml(clean_env):
     assert config.accelerator_settings(settings, "v4-8") == {}
 
 
+def test_per_accelerator_defaults_under_an_alias_of_the_type_apply_too(clean_env):
+    """`config set accelerators.v5e-16.zone` was accepted and shown, then ignored by `up`."""
+    write_user_file(
+        clean_env,
+        {
+            "accelerators": {
+                "v5e-16": {"zone": "europe-west4-a", "zones": ["us-east5-b"]},
+                "V5LITEPOD-16": {"project": "p2"},
+                "v5litepod-16": {"zone": "us-west4-a"},
+                "not-a-type": {"zone": "x"},
+            }
+        },
+    )
+    assert config.accelerator_settings(config.load(), "v5litepod-16") == {
+        "zone": "us-west4-a",  # the canonical name's own wins
+        "zones": ["us-east5-b"],
+        "project": "p2",
+    }
+
+
 def test_config_set_writes_the_user_file_and_keeps_other_keys(clean_env):
     config.set_user_value("project", "ai2-tpu")
     path = config.set_user_value("accelerators.v3-256.zones", "us-east1-d, europe-west4-a")

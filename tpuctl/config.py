@@ -182,9 +182,24 @@ def load(flags: dict[str, object] | None = None) -> Settings:
 
 
 def accelerator_settings(settings: Settings, accelerator_type: str) -> dict[str, Any]:
-    """Per-accelerator defaults (`accelerators.<TYPE>.*`), e.g. {"zone": ..., "zones": [...]}."""
-    found = settings.get(f"accelerators.{accelerator_type}", {})
-    return found if isinstance(found, dict) else {}
+    """Per-accelerator defaults (`accelerators.<TYPE>.*`), e.g. {"zone": ..., "zones": [...]},
+    of the canonical type name and of any other spelling of it (`v5e-16` is `v5litepod-16`);
+    the canonical name's win."""
+    from tpuctl import catalog
+
+    merged: dict[str, Any] = {}
+    every = settings.get("accelerators", {})
+    for name, found in every.items() if isinstance(every, dict) else []:
+        if name == accelerator_type or not isinstance(found, dict):
+            continue
+        try:
+            same = catalog.parse(str(name)).name == accelerator_type
+        except TpuctlError:  # not a type name (a hand-written file may hold anything)
+            continue
+        if same:
+            merged.update(found)
+    own = every.get(accelerator_type) if isinstance(every, dict) else None
+    return {**merged, **own} if isinstance(own, dict) else merged
 
 
 def validate_key(key: str) -> None:
