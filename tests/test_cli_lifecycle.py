@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 
@@ -109,6 +110,24 @@ def test_bad_name_and_conflicting_flags_are_one_line_errors(run_tpuctl, fake_tpu
     assert result.code == 2 and "choose one of --spot, --preemptible, --reserved" in result.err
     result = run_tpuctl("up", "v3-8", "--retry-for", "soon")
     assert result.code == 2 and "--retry-for 'soon' is not a duration" in result.err
+    assert fake_tpu.requests == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("status", "a/b"), "node name 'a/b' is not a valid TPU node id"),
+        (("down", "a/b", "--yes"), "node name 'a/b' is not a valid TPU node id"),
+        (("list", "--project", "p/q"), "project 'p/q' is not a Cloud project name"),
+        (("up", "v3-8", "--name", "n", "--zone", "us-central1-a/nodes"), "zone 'us-central1-a/"),
+        (("up", "v3-8", "--name", "n", "--zone", "us central1-a"), "zone 'us central1-a' is not"),
+    ],
+)
+def test_names_that_would_not_be_api_paths_are_one_line_errors(run_tpuctl, fake_tpu, args, message):
+    """Each reached the TPU client and ended in its ValueError or NotFound traceback."""
+    result = run_tpuctl(*args)
+    assert result.code == 2 and message in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1
     assert fake_tpu.requests == []
 
 

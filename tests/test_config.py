@@ -161,3 +161,22 @@ def test_config_set_unknown_key_is_a_one_line_error(clean_env, run_tpuctl):
     assert result.code == 2
     assert result.err.startswith("error: unknown config key 'zonee'; known keys: project, zone")
     assert "Traceback" not in result.err
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"node": 123}, "must be a string, not 123"),
+        ({"zone": ["a", "b"]}, "must be a string, not ['a', 'b']"),
+        ({"accelerators": [1, 2]}, "must map each type to its settings"),
+        ({"accelerators": {"v3-8": "us-central1-a"}}, "must map each type to its settings"),
+        ({"accelerators": {"v3-8": {"zones": 5}}}, "must be a list of zone names, not 5"),
+        ({"accelerators": {"v3-8": {"runtime_version": 7}}}, "must be a string, not 7"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_one_line_errors(clean_env, data, message):
+    """Each was a TypeError traceback in `up`, `status` or `config show`."""
+    write_user_file(clean_env, data)
+    with pytest.raises(TpuctlError) as info:
+        config.load()
+    assert message in str(info.value) and "\n" not in str(info.value)

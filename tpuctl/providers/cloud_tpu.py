@@ -57,6 +57,21 @@ class Backoff:
         return base * (rng or random).uniform(1 - self.jitter, 1 + self.jitter)
 
 
+# What the API's resource paths can hold: a value with a '/' or a space would name another
+# resource or fail inside the client with a traceback.
+_ZONE_RE = re.compile(r"[a-z][a-z0-9-]*[a-z0-9]\Z")
+_PROJECT_RE = re.compile(r"[a-z0-9][a-z0-9.:-]*\Z")
+
+
+def _checked(what: str, value: str, pattern: re.Pattern[str], example: str) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise TpuctlError(
+            f"{what} {value!r} is not a Cloud {what} name (e.g. {example}); fix --{what}, "
+            f"TPUCTL_{what.upper()} or the {what} setting"
+        )
+    return value
+
+
 class CloudTpuProvider:
     """Nodes in one project; `zone` is where get/list/delete look, `spec.zone` where create goes."""
 
@@ -64,8 +79,8 @@ class CloudTpuProvider:
     capabilities = Capabilities(zones=True, queued_resources=True)
 
     def __init__(self, project: str, zone: str, clock: Clock | None = None):
-        self.project = project
-        self.zone = zone
+        self.project = _checked("project", project, _PROJECT_RE, "my-project")
+        self.zone = _checked("zone", zone, _ZONE_RE, "us-central1-a")
         self.clock = clock or Clock()
 
     def at(self, zone: str, project: str | None = None) -> CloudTpuProvider:
