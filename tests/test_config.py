@@ -163,6 +163,14 @@ def test_config_set_unknown_key_is_a_one_line_error(clean_env, run_tpuctl):
     assert "Traceback" not in result.err
 
 
+def test_config_set_of_a_bad_user_name_writes_nothing(clean_env, run_tpuctl):
+    """It used to write the value, then refuse it: every later command failed on the file."""
+    result = run_tpuctl("config", "set", "--", "ssh.user", "bad user")
+    assert result.code == 2 and "is not a user name" in result.err
+    assert not config.user_config_path().exists()
+    assert run_tpuctl("config", "show").code == 0
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

@@ -220,8 +220,9 @@ def set_user_value(key: str, raw_value: str) -> Path:
 
     validate_key(key)
     value = _coerce(key, raw_value, f"tpuctl config set {key}")
-    if key == "provider":
-        _check_provider(Settings(values={"provider": value}, sources={"provider": "value"}))
+    check = {"provider": _check_provider, "ssh.user": _check_ssh_user}.get(key)
+    if check is not None:  # before writing: a bad value in the file stops every command
+        check(Settings(values={key: value}, sources={key: f"tpuctl config set {key}"}))
     path = user_config_path()
     data = _read_yaml_nested(path)
     node = data
