@@ -131,6 +131,26 @@ def test_names_that_would_not_be_api_paths_are_one_line_errors(run_tpuctl, fake_
     assert fake_tpu.requests == []
 
 
+def test_up_no_wait_of_a_preempted_node_says_so_instead_of_requesting_it(run_tpuctl, fake_tpu):
+    fake_tpu.add_node(
+        "pre", "v3-8", project="test-project", zone="us-central1-a", state="PREEMPTED"
+    )
+    result = run_tpuctl("up", "v3-8", "--name", "pre", "--no-wait")  # before: "requested"
+    assert result.code == 1
+    assert "node pre exists but is PREEMPTED; delete it with `tpuctl down pre`" in result.err
+
+
+def test_up_on_the_cloud_refuses_the_name_of_a_local_pod(run_tpuctl, fake_tpu):
+    assert run_tpuctl("up", "v4-8", "--local", "--name", "dup").code == 0
+    try:
+        result = run_tpuctl("up", "v4-8", "--name", "dup")  # before: a cloud twin
+        assert result.code == 2
+        assert "a local pod is named dup: pick another --name" in result.err
+        assert creates(fake_tpu) == 0
+    finally:
+        assert run_tpuctl("down", "dup", "--yes").code == 0
+
+
 def test_up_reuses_a_ready_node_of_the_same_type(run_tpuctl, fake_tpu):
     fake_tpu.add_node("n", "v3-32", project="test-project", zone="us-central1-a")
     result = run_tpuctl("up", "v3-32", "--name", "n", "--json")

@@ -131,6 +131,8 @@ def up(
 
 def _bring_up(settings: Settings, plan: NodePlan, wait: bool) -> Node | None:
     """Create the node, or reuse/await an existing one of the same name and type."""
+    from tpuctl.providers.local import LocalProvider
+
     provider = provider_for(settings)
     spec = plan.spec
     with StatusLine(f"up {spec.name}") as status:
@@ -139,6 +141,11 @@ def _bring_up(settings: Settings, plan: NodePlan, wait: bool) -> Node | None:
             if existing is not None:
                 return _reuse(provider, existing, spec, status, wait)
             return create_planned(provider, plan, status.update)
+        if LocalProvider().get(spec.name) is not None:  # one name, one node: else every
+            raise TpuctlError(  # later command would refuse the name as ambiguous
+                f"a local pod is named {spec.name}: pick another --name, or take the pod "
+                f"down first (`tpuctl down {spec.name}`)"
+            )
         # A node made earlier may sit in a fallback zone: reuse it rather than make a twin.
         for zone in plan.zones:
             existing = provider.get(spec.name, zone)
@@ -165,11 +172,11 @@ def _reuse(provider: Any, existing: Node, spec: NodeSpec, status: StatusLine, wa
     if existing.ready:
         status.update(f"{spec.name} already exists and is READY; reusing it")
         return existing
-    if existing.state in ("CREATING", "STARTING", "RESTARTING", "REPAIRING") and wait:
+    if existing.state in ("CREATING", "STARTING", "RESTARTING", "REPAIRING"):
+        if not wait:  # on its way: `up --no-wait` says its creation was requested
+            return None
         status.update(f"{spec.name} already exists and is {existing.state}; waiting for READY")
         return provider.wait_until_ready(spec.name, status.update, zone=existing.zone)
-    if not wait:
-        return None
     raise TpuctlError(
         f"node {spec.name} exists but is {existing.state}; delete it with "
         f"`tpuctl down {spec.name}` and run `tpuctl up` again",
