@@ -552,6 +552,20 @@ def test_durations_must_be_positive_and_finite(args, tmp_path):
     one_line_error(result, flag, "finite number of seconds")
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["logs", "--run-id", "../.."],  # read a file outside the jobs directory
+        ["ps", "--run-id", "a/b"],
+        ["run", "r.yaml", "--run-id", "nl\n"],  # passed, then ps and kill lost the job
+        ["status", "pod\n"],
+    ],
+)
+def test_run_ids_and_node_names_are_checked_by_every_command_that_takes_them(args, tmp_path):
+    result = LocalCli(tmp_path)(*args, timeout=60)
+    one_line_error(result, "is not a")
+
+
 def test_a_huge_worker_range_is_refused_at_once(local_pod):
     started = time.monotonic()
     result = local_pod("exec", "lp", "--worker", "0-400000", "--", "true", timeout=60)

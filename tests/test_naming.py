@@ -18,7 +18,7 @@ def test_long_user_names_are_cut_to_63_characters():
     assert validate_node_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["Alice-v3-8", "1node", "node-", "my_node", "a" * 64, ""])
+@pytest.mark.parametrize("name", ["Alice-v3-8", "1node", "node-", "my_node", "a" * 64, "", "pod\n"])
 def test_invalid_names_are_refused_with_the_rule(name):
     with pytest.raises(TpuctlError, match="node name"):
         validate_node_name(name)
@@ -29,7 +29,7 @@ def test_run_ids_that_are_one_safe_path_segment_pass(run_id):
     assert validate_run_id(run_id) == run_id
 
 
-@pytest.mark.parametrize("run_id", ["../../x", "a/b", ".hidden", "", "a b", "run;rm"])
+@pytest.mark.parametrize("run_id", ["../../x", "a/b", ".hidden", "", "a b", "run;rm", "nl\n"])
 def test_other_run_ids_are_refused_naming_the_flag_and_the_rule(run_id):
     with pytest.raises(TpuctlError, match=r"^--run-id .* is not a run id: use letters, digits"):
         validate_run_id(run_id)

@@ -8,11 +8,11 @@ from tpuctl.errors import TpuctlError
 
 # Cloud TPU node ids: lowercase letters, digits and hyphens, starting with a letter and
 # not ending with a hyphen, at most 63 characters (RFC 1035 labels).
-NODE_ID_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+NODE_ID_RE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?\Z")  # \Z: `$` lets a "\n" end pass
 MAX_NODE_ID = 63
 # Run ids name directories (state files, the run's folder in GCS, each worker's job
 # records): one path segment, no hidden files, nothing a shell or a URI has to quote.
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\Z")
 
 
 def default_node_name(user: str, accelerator_type: str) -> str:

@@ -24,7 +24,17 @@ if TYPE_CHECKING:
 
 NODE_ARGUMENT = typer.Argument(None, help="Node name (default: config `node`, or the only node).")
 WORKER_OPTION = typer.Option(None, "--worker", "-w", help="Workers, e.g. 0,3,5-7 (default: all).")
-RUN_ID_OPTION = typer.Option(None, "--run-id", help="Run id (default: the node's latest run).")
+
+
+def _run_id(value: str | None) -> str | None:
+    from tpuctl.naming import validate_run_id
+
+    return None if value is None else validate_run_id(value)
+
+
+RUN_ID_OPTION = typer.Option(
+    None, "--run-id", help="Run id (default: the node's latest run).", callback=_run_id
+)
 
 
 def _target(
