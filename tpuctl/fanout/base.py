@@ -95,6 +95,10 @@ def env_problem(name: str, value: str) -> str | None:
         return f"{name!r} is not a variable name: use letters, digits and _, not first a digit"
     if "\0" in value:  # the channel is NUL-terminated: the rest of the environment is lost
         return f"the value of {name} contains a NUL byte, which no environment can hold"
+    try:
+        value.encode()  # bytes that are not UTF-8 come from os.environ as lone surrogates
+    except UnicodeEncodeError:
+        return f"the value of {name} is not UTF-8 text, which the SSH channel carries"
     return None
 
 
