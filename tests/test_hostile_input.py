@@ -353,6 +353,15 @@ def test_exec_refuses_env_names_a_shell_would_echo_with_their_value(name, tmp_pa
     assert "env-secret-5" not in result.stdout + result.stderr
 
 
+def test_an_env_value_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    """It was a UnicodeEncodeError traceback (through the holder: 'connection lost')."""
+    cli = LocalCli(tmp_path)
+    cli.env["TOKEN"] = "ab\udcffcd-env-secret-6"  # the bytes ab, 0xff, cd...
+    result = cli("exec", "--env", "TOKEN", "--", "true")
+    one_line_error(result, "--env TOKEN", "not UTF-8")
+    assert "env-secret-6" not in result.stdout + result.stderr
+
+
 def test_the_environment_channel_refuses_a_nul_byte_rather_than_drop_everything(tmp_path):
     host = Host("w00", "localhost", workdir=str(tmp_path), transport="local")
     with pytest.raises(ValueError, match="NUL") as caught:
@@ -564,6 +573,16 @@ def test_durations_must_be_positive_and_finite(args, tmp_path):
 def test_run_ids_and_node_names_are_checked_by_every_command_that_takes_them(args, tmp_path):
     result = LocalCli(tmp_path)(*args, timeout=60)
     one_line_error(result, "is not a")
+
+
+def test_what_a_worker_prints_is_shown_as_text_not_as_rich_markup(local_pod, tmp_path):
+    """A worker's Python printing '[/bold]' ended `check` in rich's MarkupError traceback."""
+    fake = tmp_path / "fakepy"
+    fake.write_text("#!/bin/sh\necho '[/bold] oops [red]styled'\nexit 3\n")
+    fake.chmod(0o755)
+    result = local_pod("check", "lp", "--python", str(fake), timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "unhealthy" in result.stderr
 
 
 def test_a_huge_worker_range_is_refused_at_once(local_pod):

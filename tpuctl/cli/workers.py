@@ -481,6 +481,7 @@ def _trainer_check_script(target: Target) -> str:
 
 
 def _print_health(results, health, problems: list[str]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from tpuctl.cli.output import console, err_console
@@ -489,22 +490,22 @@ def _print_health(results, health, problems: list[str]) -> None:
         "worker", "address", "python", "jax", "devices", "local", "TPU held by", "disk free",
         "mem free",
     )  # fmt: skip
-    for result in results:
+    for result in results:  # what workers print is text, never rich markup: escape it
         row = health.get(result.host.label)
         if row is None:
-            table.add_row(result.host.label, result.host.address, f"[red]{result.error}[/red]")
+            error = escape(str(result.error))
+            table.add_row(result.host.label, result.host.address, f"[red]{error}[/red]")
             continue
-        devices = (
-            str(row.devices) if row.devices is not None else f"[red]{row.jax_error or '-'}[/red]"
-        )
+        jax_error = escape(row.jax_error or "-")
+        devices = str(row.devices) if row.devices is not None else f"[red]{jax_error}[/red]"
         table.add_row(
             result.host.label,
             result.host.address,
-            row.python or "?",
-            row.jax or "-",
+            escape(row.python or "?"),
+            escape(row.jax or "-"),
             devices,
             str(row.local_devices) if row.local_devices is not None else "-",
-            "; ".join(row.holders) or "-",
+            escape("; ".join(row.holders) or "-"),
             f"{row.disk_free_gb:.1f} GB" if row.disk_free_gb is not None else "?",
             f"{row.mem_free_gb:.1f} GB" if row.mem_free_gb is not None else "?",
         )
