@@ -316,9 +316,47 @@ def test_get_does_not_follow_remote_symlinks(hostile_worker, pod_key, tmp_path):
     listing = [("ok.txt", stat.S_IFREG | 0o644), ("loop", stat.S_IFLNK | 0o777)]
     result = hostile_get(hostile_worker, pod_key[0], tmp_path, listing)
     assert result.ok, result
-    assert "skipped symlinks, not followed: /data/loop" in result.stdout
+    assert "skipped symlinks and special files: /data/loop" in result.stdout
     copied = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*"))
     assert copied == [Path("w00"), Path("w00/data"), Path("w00/data/ok.txt")]
+
+
+def test_get_reads_no_fifo_or_device_from_a_worker(hostile_worker, pod_key, tmp_path):
+    """A remote /dev/zero was copied without end (and a FIFO hung the get for good)."""
+    listing = [
+        ("ok.txt", stat.S_IFREG | 0o644),
+        ("pipe", stat.S_IFIFO | 0o644),
+        ("zero", stat.S_IFCHR | 0o666),
+    ]
+    result = hostile_get(hostile_worker, pod_key[0], tmp_path, listing)
+    assert result.ok, result
+    assert "skipped symlinks and special files: /data/pipe, /data/zero" in result.stdout
+    copied = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*"))
+    assert copied == [Path("w00"), Path("w00/data"), Path("w00/data/ok.txt")]
+
+
+def test_a_local_pods_get_follows_no_symlink_there_or_here(local_pod, tmp_path):
+    """copytree followed a worker's links (all of /etc came along) and wrote through a
+    link already in LOCAL_DIR/wNN."""
+    worker = Path(local_pod("exec", "lp", "--worker", "0", "--", "pwd").stdout.split()[-1])
+    data = worker / "linked"
+    data.mkdir()
+    (data / "a.txt").write_text("a")
+    (data / "etc").symlink_to("/etc")
+    (data / "pipe").mkdir()
+    os.mkfifo(data / "pipe" / "fifo")
+    result = local_pod("get", "linked", str(tmp_path / "out"), "--name", "lp", "--worker", "0")
+    assert result.returncode == 0, result.stderr
+    assert "skipped symlinks and special files" in result.stdout
+    copied = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*"))
+    assert copied == [Path(p) for p in ("w00", "w00/linked", "w00/linked/a.txt", "w00/linked/pipe")]
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (tmp_path / "out2" / "w00").mkdir(parents=True)
+    (tmp_path / "out2" / "w00" / "linked").symlink_to(victim)
+    again = local_pod("get", "linked", str(tmp_path / "out2"), "--name", "lp", "--worker", "0")
+    assert again.returncode == 1 and "resolves outside" in again.stdout + again.stderr
+    assert list(victim.iterdir()) == []
 
 
 def test_get_of_a_path_ending_in_dot_dot_stays_in_the_worker_directory(ssh_pod, pod_key, tmp_path):

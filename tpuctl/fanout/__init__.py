@@ -174,14 +174,14 @@ def get_one(
         if host.transport == "local":
             from tpuctl.fanout import local
 
-            return local.copy_tree(local.resolve(host, remote_path), cwd / target)
+            return local.get_tree(local.resolve(host, remote_path), cwd / target, links)
         from tpuctl.fanout import transfer
 
         return transfer.get_from_host(host, over, remote_path, cwd / target, skipped=links)
 
     result = _transfer(host, copy, remote_path, f"-> {target}")
     if links and result.ok:
-        result.stdout += f" (skipped symlinks, not followed: {', '.join(links)})"
+        result.stdout += f" (skipped symlinks and special files: {', '.join(links)})"
     return result
 
 

@@ -599,7 +599,8 @@ def get_tree(
     The names a worker lists are untrusted (a compromised worker can say anything): a name
     with `/`, `.` or `..` is refused (UnsafeRemoteName), every target must resolve inside
     `local`'s parent (LOCAL_DIR/wNN), and symlinks inside the tree are not followed but
-    skipped and appended to `skipped`. `remote` itself may be a link: the user named it."""
+    skipped and appended to `skipped`, as are FIFOs, devices and sockets. `remote` itself
+    may be a link: the user named it."""
     root = os.path.realpath(local.parent)
     found = [] if skipped is None else skipped
     return _get_entry(sftp, remote, local, sftp.stat(remote), root, found)
@@ -617,10 +618,10 @@ def _get_entry(
     if os.path.commonpath([resolved, root]) != root:
         raise UnsafeRemoteName(f"refusing to write {local}: it resolves outside {root}")
     mode = attrs.st_mode or 0
-    if stat.S_ISLNK(mode):
-        skipped.append(remote)
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a link is not followed, and a
+        skipped.append(remote)  # FIFO or a device (/dev/zero) would never end
         return 0
-    if not stat.S_ISDIR(mode):
+    if stat.S_ISREG(mode):
         local.parent.mkdir(parents=True, exist_ok=True)
         sftp.get(remote, str(local))
         return 1
