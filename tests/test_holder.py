@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -273,6 +274,27 @@ def test_a_timeout_stops_the_remote_command_through_the_holder(ssh_pod, held):
     results = run(hosts, "sleep 41", timeout=1)
     assert all(r.error == "timed out after 1 s" and r.exit_code is None for r in results)
     wait_for(lambda: not any("sleep 41" in p for i in range(4) for p in ssh_pod.processes(i)))
+
+
+def test_a_held_connection_to_a_silent_host_costs_one_connect_timeout_then_is_dropped(
+    ssh_pod, held
+):
+    """A held connection whose host went silent waited paramiko's fixed 10 s to open a
+    session, whatever --connect-timeout said, at every command, and said 'connection lost'."""
+    hosts, attachment = held
+    _warm_up(hosts, attachment)
+    ssh_pod.silence_host(2)
+    try:
+        for attempt in range(2):  # the held connection, then a fresh one
+            started = time.monotonic()
+            results = run(hosts, "echo up", connect_timeout=1.5)
+            assert time.monotonic() - started < 6, attempt
+            assert results[2].error.startswith(
+                f"unreachable: no answer from {ssh_pod.hosts[2]}:22 within 1.5 s"
+            ), results[2].error
+            assert [r.ok for r in results] == [True, True, False, True]
+    finally:
+        ssh_pod.silence_host(2, silent=False)
 
 
 @pod

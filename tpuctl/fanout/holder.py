@@ -419,10 +419,11 @@ class _Pool:
                 self._through[_route_id(host)] = _route_id(host.jump)
         return transport
 
-    def context(self, max_parallel: int = 64):
+    def context(self, max_parallel: int = 64, connect_timeout: float | None = None):
+        """An SSH context for one request: its own --connect-timeout, else the holder's."""
         from tpuctl.fanout import ssh
 
-        return ssh.SshContext(self.connect_timeout, max_parallel)
+        return ssh.SshContext(connect_timeout or self.connect_timeout, max_parallel)
 
     def close(self) -> None:
         with self._lock:
@@ -555,7 +556,7 @@ class _Holder:
             stop.set(message.get("reason") or "interrupted")
 
         threading.Thread(target=watch, daemon=True).start()
-        ctx = self.pool.context(int(request["max_parallel"]))
+        ctx = self.pool.context(int(request["max_parallel"]), float(request["connect_timeout"]))
         routes = [*hosts, *(h.jump for h in hosts if h.jump is not None)]
         known = {p: ssh.KnownHosts(p) for p in {h.known_hosts for h in routes}}
         self.pool.lend_jumps(ctx, hosts, known)

@@ -429,7 +429,7 @@ def run_on_transport(
     except SessionRefused when sshd opens no further session on this connection. `ctx`
     connects anew to stop the command if this connection has no session to spare then."""
     try:
-        channel = _open_session(transport)
+        channel = _open_session(transport, host, ctx.connect_timeout)
         # `exec` keeps one process: the login shell becomes bash, whatever the user's shell is.
         channel.exec_command(f"exec bash -c {shlex.quote(wrapped_command(command))}")
         channel.sendall(env_script(env))
@@ -448,6 +448,8 @@ def run_on_transport(
             if exit_code == -1:  # killed by a signal: sshd reports no status
                 exit_code, error = None, "terminated by a signal"
         channel.close()
+    except Silent as silent:
+        return HostResult(host, None, "", "", str(silent), time.monotonic() - started)
     except (*TRANSIENT_ERRORS, OSError) as lost:
         # The host went away mid-command (preempted, rebooted): a result, not a crash.
         error = f"connection lost: {lost or type(lost).__name__}"
@@ -455,12 +457,26 @@ def run_on_transport(
     return HostResult(host, exit_code, out.close(), err.close(), error, time.monotonic() - started)
 
 
-def _open_session(transport: paramiko.Transport) -> paramiko.Channel:
-    """A new session channel; SessionRefused (not a lost connection) when sshd refuses it."""
+class Silent(Exception):
+    """A connected host that no longer answers (its network went down): unreachable."""
+
+
+def _open_session(transport: paramiko.Transport, host: Host, timeout: float) -> paramiko.Channel:
+    """A new session channel; SessionRefused (not a lost connection) when sshd refuses it.
+    A host that does not answer within `timeout` (the connect timeout) is Silent, and its
+    connection closed: a held one is never waited on again."""
     try:
-        return transport.open_session(timeout=10)
+        return transport.open_session(timeout=timeout)
     except paramiko.ChannelException as refused:
         raise SessionRefused(refused) from refused
+    except paramiko.SSHException as silent:
+        if "Timeout" not in str(silent):  # paramiko's only sign of a channel not opened in time
+            raise
+        transport.close()
+        raise Silent(
+            f"{UNREACHABLE}: no answer from {host.address}:{host.port} within {timeout:g} s "
+            "(opening a session)"
+        ) from silent
 
 
 def _pump(
