@@ -257,17 +257,18 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if text in ("0", "false", "no", "off", ""):
             return False
         raise TpuctlError(f"{key} from {where} must be true or false, not {value!r}")
-    if key.startswith("accelerators.") and leaf in LIST_FIELDS and isinstance(value, str):
+    per_type = key.startswith("accelerators.")  # accelerators.TYPE.FIELD
+    listed = per_type and leaf in LIST_FIELDS
+    if listed and isinstance(value, str):
         return [z.strip() for z in value.split(",") if z.strip()]
-    if key == "accelerators" or (key.startswith("accelerators.") and key.count(".") == 1):
+    if key == "accelerators" or (per_type and key.count(".") == 1):
         raise TpuctlError(
             f"{key} from {where} must map each type to its settings, e.g. accelerators: "
             "{v3-8: {zone: us-central1-a}}"
         )
-    listed = key.startswith("accelerators.") and leaf in LIST_FIELDS
     if listed and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
         raise TpuctlError(f"{key} from {where} must be a list of zone names, not {value!r}")
-    named = key in _NAME_KEYS or key.startswith("accelerators.")
+    named = key in _NAME_KEYS or per_type
     if named and not listed and not isinstance(value, str):  # YAML reads `node: 123` as a number
         raise TpuctlError(f"{key} from {where} must be a string, not {value!r}")
     return value

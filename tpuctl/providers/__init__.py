@@ -122,7 +122,7 @@ def find_node(settings: Settings, name: str) -> Node | None:
     from tpuctl.naming import validate_node_name
     from tpuctl.providers.local import LocalProvider
 
-    validate_node_name(str(name))  # `status a/b` must not reach the API as a path
+    validate_node_name(name)  # `status a/b` must not reach the API as a path
     local_allowed = _allowed(settings, [LocalProvider.LOCATION]) != []
     found = [node] if local_allowed and (node := LocalProvider().get(name)) else []
     clouds = [p for p in _allowed(settings, registry.locations(name)) if p.provider == "cloud"]
