@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -40,18 +41,30 @@ def trainer_env(devices: int, **extra: str) -> dict[str, str]:
 
 
 def launch_trainer(
-    args: list[str], processes: int, devices_per_process: int, cwd: Path, **extra_env: str
+    args: list[str],
+    processes: int,
+    devices_per_process: int,
+    cwd: Path,
+    args_of: Mapping[int, list[str]] | None = None,
+    **extra_env: str,
 ) -> list[subprocess.Popen]:
-    """Start `python -m trainer ARGS` as `processes` jax.distributed processes (or one plain one)."""
+    """Start `python -m trainer ARGS` as `processes` jax.distributed processes (or one plain
+    one); process i gets `args_of[i]` after ARGS too."""
     command = [sys.executable, "-m", "trainer", *args]
-    return launch_processes(command, processes, devices_per_process, cwd, **extra_env)
+    return launch_processes(command, processes, devices_per_process, cwd, args_of, **extra_env)
 
 
 def launch_processes(
-    command: list[str], processes: int, devices_per_process: int, cwd: Path, **extra_env: str
+    command: list[str],
+    processes: int,
+    devices_per_process: int,
+    cwd: Path,
+    args_of: Mapping[int, list[str]] | None = None,
+    **extra_env: str,
 ) -> list[subprocess.Popen]:
     """Start `command` as `processes` jax.distributed processes joined as tpuctl joins them
-    (TPUCTL_COORDINATOR and friends), or as one plain process."""
+    (TPUCTL_COORDINATOR and friends), or as one plain process; process i gets `args_of[i]`
+    after `command`'s arguments."""
     port = free_port()
     procs = []
     for index in range(processes):
@@ -64,7 +77,7 @@ def launch_processes(
             }
         procs.append(
             subprocess.Popen(
-                command,
+                [*command, *(args_of or {}).get(index, [])],
                 cwd=cwd,
                 env=env,
                 stdout=subprocess.PIPE,

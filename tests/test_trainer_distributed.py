@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.fixtures_trainer import REPO, TINY_RECIPE, launch_processes, wait_all
+from tests.fixtures_trainer import REPO, TINY_RECIPE, launch_processes, launch_trainer, wait_all
 from trainer.config import MeshConfig
 from trainer.distributed import CPU_DEVICES_FLAG, cpu_devices_flags
 
@@ -98,3 +98,20 @@ def test_an_error_while_a_sigterm_stops_the_start_up_is_that_stop_not_a_crash():
     )
     assert (child.returncode, child.stdout) == (75, "stopped on SIGTERM\n"), child.stderr[-3000:]
     assert "Traceback" not in child.stderr
+
+
+def test_a_process_that_fails_before_joining_ends_the_pod_at_once(tmp_path):
+    """Not after TPUCTL_INIT_TIMEOUT (900 s): the processes waiting to join end with the
+    failed one's line and exit status."""
+    procs = launch_trainer(
+        [str(TINY_RECIPE), f"run_dir={tmp_path}"], 3, 1, tmp_path, args_of={2: ["train.steps=0"]}
+    )
+    results = wait_all(procs, timeout=120)
+    assert [code for code, _ in results] == [2, 2, 2], results
+    failed = results[2][1]
+    assert "error: train.steps" in failed and "Traceback" not in failed
+    line = failed.strip().splitlines()[-1].removeprefix("error: ")
+    for _code, output in results[:2]:
+        assert f"error: process 2 failed before joining the pod: {line}" in output
+        assert "Traceback" not in output
+    assert not (tmp_path / "DONE").exists()

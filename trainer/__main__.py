@@ -1,7 +1,8 @@
 """`python -m trainer RECIPE [key=value ...]`: validate the recipe, join the pod, train.
 
 Recipe problems and multi-host start-up failures print one `error: ...` line and exit 2.
-On a pod, any other failure ends every process within about a minute (trainer.distributed).
+A process that fails before it joined the pod ends the processes waiting for it at once, and
+after joining, any failure ends every process within about a minute (trainer.distributed).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         distributed.provide_cpu_devices(recipe.mesh)
         compile_cache.enable(recipe)
         distributed.initialize()
+    except Exception as e:  # the others may be waiting for this process to join: tell them
+        return distributed.failed_before_joining(e)
+    try:
         compile_cache.write_from_every_cpu_process()
         from trainer.train import train
 

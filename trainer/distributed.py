@@ -23,11 +23,12 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NoReturn
 
-from trainer import preemption
+from trainer import preemption, rendezvous
 from trainer.config import MESH_AXES, MeshConfig, RecipeError, TrainerError
 
 DEFAULT_TIMEOUT_S = 900
@@ -43,6 +44,7 @@ _MACHINE_WAIT_S = 60
 _ACK_TIMEOUT_S = 30.0
 _watch: list[PodWatch] = []  # this process's PodWatch, once joined
 _stacks_shown = threading.Lock()  # held once this process has printed its stacks
+_met = threading.Event()  # set once every process reached the rendezvous
 
 
 def coordinator_env() -> tuple[str, int, int] | None:
@@ -121,7 +123,8 @@ def initialize() -> None:
         address, count, index = explicit
         # jax aborts the whole process (no exception) when a peer never registers, so first
         # make sure every worker is there, with an error that says what happened.
-        rendezvous(address, count, index, timeout)
+        rendezvous.join(address, count, index, timeout)
+        _met.set()
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(address, count, index, **limits)
     elif on_tpu_vm():
@@ -132,6 +135,29 @@ def initialize() -> None:
         _client().key_value_set(f"{_MACHINE_DIR}{jax.process_index()}", _machine_id())
         _watch.append(PodWatch(jax.process_index(), jax.process_count(), heartbeat))
         _watch[0].start()
+
+
+def failed_before_joining(error: Exception) -> int:
+    """Print `error: ...` for an error that ended this process before it joined the pod,
+    tell the pod's other processes, which wait to join, to end with it too
+    (`rendezvous.tell_failure`, where TPUCTL_COORDINATOR says they meet), and return the exit
+    status: 2 for a recipe or start-up error, 1 for any other exception, and another
+    process's status when it failed first."""
+    preemption.wait_if_stopping(_ACK_TIMEOUT_S)  # an error a SIGTERM's stop caused is that stop
+    if isinstance(error, rendezvous.JoinFailed):
+        _print_line(f"error: {error}")
+        return error.status
+    expected = isinstance(error, RecipeError | TrainerError | ImportError)
+    message = str(error) if expected else f"crashed: {type(error).__name__}: {first_line(error)}"
+    status = 2 if expected else 1
+    if not expected:
+        traceback.print_exception(error)
+    _print_line(f"error: {message}")
+    with contextlib.suppress(RecipeError):  # no pod to tell when its variables are wrong
+        if (explicit := coordinator_env()) and not _met.is_set():
+            address, count, index = explicit
+            rendezvous.tell_failure(address, count, rendezvous.Failure(index, message, status))
+    return status
 
 
 def _machine_id() -> str:
@@ -308,8 +334,6 @@ def crash(error: BaseException) -> NoReturn:
     a heartbeat timeout; otherwise the error is this process's own: its traceback, then every
     process ends promptly (not after a heartbeat timeout, or in the next collective). An
     error while a SIGTERM stops the start-up is part of that stop (`preemption`)."""
-    import traceback
-
     import jax
 
     preemption.wait_if_stopping(_ACK_TIMEOUT_S + 30)
@@ -372,63 +396,3 @@ def first_line(error: BaseException) -> str:
     """The first line of an error's message (its type's name when it has none)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-def rendezvous(address: str, count: int, index: int, timeout: float) -> None:
-    """Wait until all `count` processes reach this point, on the coordinator's own port (which
-    jax's coordination service takes over right after), or raise TrainerError."""
-    if count == 1:
-        return
-    host, _, port = address.rpartition(":")
-    deadline = time.monotonic() + timeout
-    if index == 0:
-        _gather(int(port), count, deadline, address)
-    else:
-        _report(host, int(port), index, deadline, address)
-
-
-def _gather(port: int, count: int, deadline: float, address: str) -> None:
-    peers: dict[int, socket.socket] = {}
-    with socket.create_server(("", port), reuse_port=False) as server:
-        server.settimeout(0.5)
-        while len(peers) < count - 1:
-            if time.monotonic() > deadline:
-                missing = sorted(set(range(1, count)) - set(peers))
-                raise TrainerError(
-                    f"only {len(peers) + 1} of {count} workers joined coordinator {address} "
-                    f"(missing process ids {_ranges(missing)}): start the run on every worker of the "
-                    "pod (tpuctl run does), or raise TPUCTL_INIT_TIMEOUT"
-                )
-            with contextlib.suppress(TimeoutError):
-                conn, _ = server.accept()
-                conn.settimeout(10)
-                peers[int(conn.recv(16).decode() or -1)] = conn
-        for conn in peers.values():
-            conn.sendall(b"go")
-        for conn in peers.values():  # peers close first, so no port is left in TIME_WAIT here
-            with contextlib.suppress(OSError):
-                conn.recv(1)
-            conn.close()
-
-
-def _report(host: str, port: int, index: int, deadline: float, address: str) -> None:
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=2) as conn:
-                conn.sendall(str(index).encode())
-                conn.settimeout(max(deadline - time.monotonic(), 1))
-                if conn.recv(2) == b"go":
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TrainerError(
-                f"not all workers joined coordinator {address}: process 0 did not release this "
-                "worker in time; start the run on every worker of the pod (tpuctl run does), or "
-                "raise TPUCTL_INIT_TIMEOUT"
-            )
-        time.sleep(0.2)
-
-
-def _ranges(ids: list[int]) -> str:
-    return ",".join(str(i) for i in ids[:8]) + ("..." if len(ids) > 8 else "")
