@@ -1,6 +1,8 @@
 """The local pod provider: nodes are directories, one working directory per worker."""
 
+import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,13 @@ from tpuctl import config
 from tpuctl.errors import TpuctlError
 from tpuctl.providers import provider_for, resolve_node
 from tpuctl.providers.base import NodeSpec
-from tpuctl.providers.local import LocalProvider, devices_per_host, hosts_per_type
+from tpuctl.providers.local import (
+    LocalProvider,
+    devices_per_host,
+    gcs_dir,
+    hosts_per_type,
+    running_gcs_emulator_url,
+)
 
 
 @pytest.fixture
@@ -65,6 +73,26 @@ def test_down_removes_the_pod_but_not_data_outside_it(provider, tmp_path):
     assert not any(os.path.exists(w.workdir) for w in node.workers)
     assert run_data.is_dir()
     assert provider.delete("pod", lambda _m: None) is False
+
+
+def test_down_of_the_last_pod_stops_no_process_that_a_stale_emulator_record_names(provider):
+    """The record outlives an emulator that crashed or a reboot; its pid may be another
+    process's by now."""
+    record = gcs_dir() / "emulator.json"
+    bystander = subprocess.Popen(["sleep", "600"])
+    try:
+        for text in (json.dumps({"pid": bystander.pid, "url": "http://127.0.0.1:1"}), '{"pid": '):
+            provider.create(spec(), lambda _m: None)
+            config.write_private(record, text)
+            messages = []
+            assert provider.delete("pod", messages.append) is True
+            assert bystander.poll() is None, "a process that is not the emulator was stopped"
+            assert not record.exists() and "stopped the local GCS emulator" not in str(messages)
+        config.write_private(record, "[1, 2]")
+        assert running_gcs_emulator_url() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 @pytest.mark.parametrize(

@@ -176,11 +176,8 @@ def gcs_dir() -> Path:
 
 def running_gcs_emulator_url() -> str | None:
     """The URL of the local pods' GCS emulator if it runs (never starts it), else None."""
-    record = gcs_dir() / "emulator.json"
-    if not record.is_file():
-        return None
-    url = json.loads(record.read_text())["url"]
-    return url if _answers(url) else None
+    record = _emulator_record()
+    return record["url"] if record and _answers(record["url"]) else None
 
 
 def gcs_emulator_url() -> str:
@@ -224,17 +221,41 @@ def gcs_emulator_url() -> str:
 
 
 def stop_gcs_emulator() -> bool:
-    """Stop the local pods' GCS emulator if it runs (its data stays); True if it did."""
-    record = gcs_dir() / "emulator.json"
-    if not record.is_file():
+    """Stop the local pods' GCS emulator if it runs (its data stays); True if it did. The
+    record may be stale (the emulator crashed, the machine rebooted, its pid reused), so
+    only a process that is the emulator the record describes is stopped."""
+    record = _emulator_record()
+    (gcs_dir() / "emulator.json").unlink(missing_ok=True)
+    if record is None or not _is_emulator(record["pid"], record["url"]):
         return False
-    pid = json.loads(record.read_text())["pid"]
-    record.unlink()
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(record["pid"], signal.SIGTERM)
     except ProcessLookupError:
         return False
     return True
+
+
+def _emulator_record() -> dict | None:
+    """The running emulator's record ({pid, url}), or None: none, or one no longer readable
+    (then it is started again as if there were none)."""
+    try:
+        record = json.loads((gcs_dir() / "emulator.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("url"), str):
+        return None
+    pid = record.get("pid")
+    return record if isinstance(pid, int) and not isinstance(pid, bool) and pid > 1 else None
+
+
+def _is_emulator(pid: int, url: str) -> bool:
+    """Whether process `pid` is the emulator serving `url`, as `gcs_emulator_url` started it."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    port = url.rpartition(":")[2]
+    return "tpuctl.gcs_emulator" in argv and port in argv
 
 
 def free_port() -> int:
