@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tpuctl.providers.base import NodeSpec
+from tpuctl.providers.local import LocalProvider
+
 
 def retry_delays(stderr: str) -> list[int]:
     """The backoff delays `up` announced, in seconds."""
@@ -149,6 +152,17 @@ def test_up_on_the_cloud_refuses_the_name_of_a_local_pod(run_tpuctl, fake_tpu):
         assert creates(fake_tpu) == 0
     finally:
         assert run_tpuctl("down", "dup", "--yes").code == 0
+
+
+def test_up_local_refuses_the_name_of_a_cloud_node(run_tpuctl, fake_tpu):
+    assert run_tpuctl("up", "v4-8", "--name", "dup").code == 0
+    result = run_tpuctl("up", "v4-8", "--local", "--name", "dup")  # before: a local twin
+    assert result.code == 2
+    assert (
+        "a node in zone us-central1-a of project test-project is named dup: pick another --name"
+        in result.err
+    )
+    assert run_tpuctl("status", "dup").code == 0
 
 
 def test_up_reuses_a_ready_node_of_the_same_type(run_tpuctl, fake_tpu):
@@ -531,7 +545,8 @@ def test_list_shows_local_pods_beside_cloud_nodes(run_tpuctl, fake_tpu):
 
 def test_a_name_that_is_both_a_local_pod_and_a_cloud_node_is_refused(run_tpuctl, fake_tpu):
     assert run_tpuctl("up", "v3-8", "--name", "twin").code == 0
-    assert run_tpuctl("up", "v3-8", "--local", "--name", "twin").code == 0
+    # `up` refuses to make a twin now; an older tpuctl, or two `up`s at once, could.
+    LocalProvider().create(NodeSpec("twin", "local", "v3-8", ""), lambda _m: None)
     result = run_tpuctl("status", "twin")
     assert result.code == 2
     assert "a local pod and a cloud node in zone us-central1-a of project test-project" in (

@@ -19,6 +19,7 @@ from tpuctl.providers import (
     list_all,
     missing_hint,
     provider_for,
+    registry,
     resolve_node,
 )
 from tpuctl.providers.base import Node, NodeSpec
@@ -140,12 +141,11 @@ def _bring_up(settings: Settings, plan: NodePlan, wait: bool) -> Node | None:
             existing = provider.get(spec.name)
             if existing is not None:
                 return _reuse(provider, existing, spec, status, wait)
+            clouds = [n for n in registry.locations(spec.name) if n.provider != "local"]
+            _refuse_a_twin(spec.name, clouds)
             return create_planned(provider, plan, status.update)
-        if LocalProvider().get(spec.name) is not None:  # one name, one node: else every
-            raise TpuctlError(  # later command would refuse the name as ambiguous
-                f"a local pod is named {spec.name}: pick another --name, or take the pod "
-                f"down first (`tpuctl down {spec.name}`)"
-            )
+        if LocalProvider().get(spec.name) is not None:
+            _refuse_a_twin(spec.name, [registry.Location("local", "local")])
         # A node made earlier may sit in a fallback zone: reuse it rather than make a twin.
         for zone in plan.zones:
             existing = provider.get(spec.name, zone)
@@ -160,6 +160,17 @@ def _bring_up(settings: Settings, plan: NodePlan, wait: bool) -> Node | None:
         if node is not None:
             status.update(f"{node.name} is READY with {len(node.workers)} workers")
         return node
+
+
+def _refuse_a_twin(name: str, elsewhere: list[registry.Location]) -> None:
+    """One name, one node: with a local pod and a cloud node of one name, every later
+    command would refuse the name as ambiguous."""
+    if elsewhere:
+        where = elsewhere[0].describe()
+        raise TpuctlError(
+            f"{where if where == 'a local pod' else f'a node in {where}'} is named {name}: "
+            f"pick another --name, or take it down first (`tpuctl down {name}`)"
+        )
 
 
 def _reuse(provider: Any, existing: Node, spec: NodeSpec, status: StatusLine, wait: bool):
