@@ -80,3 +80,27 @@ def test_top_once_json_shows_cloud_nodes_per_zone_and_a_local_run_with_its_babys
             babysitter.wait(timeout=60)
         cli("kill", "pod", "--grace", "5")
         cli("down", "pod", "--yes")
+
+
+def test_a_diverged_runs_nan_loss_is_null_in_top_json_and_a_new_node_shows_no_old_run(
+    run_tpuctl, fake_tpu, tmp_path
+):
+    from tpuctl.jobs import launches
+
+    assert run_tpuctl("up", "v4-8", "--local", "--name", "mine").code == 0
+    try:
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text('{"step": 5, "loss": NaN, "mfu": Infinity}\n')
+        launches.record(launches.Launch("mine", "r1", str(run_dir), 10, 0.0))
+        shown = run_tpuctl("top", "--once", "--json")
+        assert shown.code == 0, shown.err
+        run = json.loads(shown.out, parse_constant=pytest.fail)["nodes"][0]["run"]
+        assert (run["run_id"], run["step"], run["loss"], run["mfu"]) == ("r1", 5, None, None)
+
+        assert run_tpuctl("down", "mine", "--yes").code == 0
+        assert run_tpuctl("up", "v4-8", "--local", "--name", "mine").code == 0
+        again = json.loads(run_tpuctl("top", "--once", "--json").out)["nodes"]
+        assert [(n["name"], n["run"]) for n in again] == [("mine", None)]
+    finally:
+        run_tpuctl("down", "mine", "--yes")

@@ -249,8 +249,10 @@ def down(
         status.update(f"deleting {summary}")
         provider.delete(node.name, status.update)
     from tpuctl.fanout import holder
+    from tpuctl.jobs import launches
 
     holder.tell_to_exit(holder.socket_path(settings, node.name))  # its workers are gone
+    launches.forget(node.name)  # else `top` shows its last run on a new node of that name
     console.print(f"deleted {node.name}")
 
 

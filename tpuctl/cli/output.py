@@ -6,6 +6,7 @@ Progress and diagnostics go to stderr so that stdout stays clean for `--json`.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from types import TracebackType
@@ -38,9 +39,21 @@ err_console: Console = _LazyConsole(stderr=True, highlight=False, soft_wrap=True
 
 
 def print_json(data: Any) -> None:
-    """Write `data` as indented JSON on stdout (no colour, no wrapping: for scripts)."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Write `data` as indented JSON on stdout (no colour, no wrapping: for scripts). NaN
+    and infinities (a diverged run's loss) become null: they are not JSON, and strict
+    parsers (jq, JavaScript's JSON.parse) reject the whole document."""
+    sys.stdout.write(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(value) for value in data]
+    return data
 
 
 class StatusLine:

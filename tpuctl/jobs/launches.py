@@ -42,3 +42,8 @@ def latest(node: str) -> Launch | None:
         return Launch(**json.loads((launches_dir() / f"{node}.json").read_text()))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def forget(node: str) -> None:
+    """The node is gone (`down`): a new node of the same name has run nothing yet."""
+    (launches_dir() / f"{node}.json").unlink(missing_ok=True)
