@@ -624,3 +624,13 @@ def test_readme_demo_from_a_shell(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_list_piped_prints_whole_rows(run_tpuctl, fake_tpu):
+    """Not rich's 80 columns: a grep for a long name must find its row."""
+    name = "a-long-name-for-the-lab-llama-3-8b-sft-run-42"
+    fake_tpu.add_node(name, "v3-32", project="test-project", zone="us-central1-a")
+    listed = run_tpuctl("list")
+    assert listed.code == 0, listed.err
+    row = next(line for line in listed.out.splitlines() if line.split()[0] == name)
+    assert "v3-32" in row and "us-central1-a" in row and "READY" in row

@@ -9,7 +9,7 @@ import typer
 
 from tpuctl import catalog, config
 from tpuctl.cli.app import app
-from tpuctl.cli.output import StatusLine, console, err_console, print_json
+from tpuctl.cli.output import StatusLine, console, err_console, print_json, print_table
 from tpuctl.durations import format_duration, parse_duration
 from tpuctl.errors import TpuctlError
 from tpuctl.planning import NodePlan, create_planned, plan_node
@@ -341,7 +341,7 @@ def list_nodes(
             str(len(node.workers)),
             _ip_summary(node),
         )
-    console.print(table)
+    print_table(table)
 
 
 @app.command()
@@ -383,7 +383,7 @@ def _print_node(node: Node) -> None:
         table.add_column(column)
     for worker in node.workers:
         table.add_row(f"w{worker.index:02d}", worker.internal_ip, worker.external_ip or "-")
-    console.print(table)
+    print_table(table)
 
 
 # -- types ------------------------------------------------------------------------------
@@ -430,5 +430,5 @@ def types(
             row["type"], str(row["hosts"]), str(row["chips"]), str(row["chips_per_host"]),
             str(row["cores_per_host"]), row["runtime_version"], queued,
         )  # fmt: skip
-    console.print(table)
+    print_table(table)
     console.print("v5e-N is an alias of v5litepod-N. QUEUED: provisioned through queued resources.")

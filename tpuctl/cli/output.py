@@ -56,6 +56,19 @@ def _finite(data: Any) -> Any:
     return data
 
 
+PIPED_WIDTH = 250  # piped tables get whole rows (for grep and scripts), not 80 squeezed columns
+
+
+def print_table(table: Any) -> None:
+    """Print a rich Table on stdout: at the terminal's width there, and wide when piped."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.console import Console
+
+    Console(highlight=False, width=PIPED_WIDTH).print(table)
+
+
 class StatusLine:
     """A live spinner line on stderr; each `update` also leaves a permanent, timestamped line.
 

@@ -9,14 +9,12 @@ import typer
 
 from tpuctl import config
 from tpuctl.cli.app import app
-from tpuctl.cli.output import console, print_json
+from tpuctl.cli.output import console, print_json, print_table
 from tpuctl.durations import Clock, format_duration, parse_duration
 
 if TYPE_CHECKING:
-    from rich.console import Console
     from rich.table import Table
 
-PIPED_WIDTH = 250
 COLUMNS = (
     "NODE", "ZONE", "TYPE", "STATE", "AGE", "SCHED", "RUN", "STEP", "LOSS", "TOK/S", "MFU",
     "ETA", "RESTARTS", "BABYSITTER",
@@ -40,7 +38,7 @@ def top(
         if json_out:
             print_json({"nodes": rows})
         else:
-            _wide_when_piped().print(_table(rows))
+            print_table(_table(rows))
         return
     from rich.live import Live
 
@@ -80,13 +78,6 @@ def _table(rows: list[dict[str, Any]]) -> Table:
             run.get("babysitter") or "-",
         )
     return table
-
-
-def _wide_when_piped() -> Console:
-    """Piped output gets whole rows (for grep and scripts), not 80 squeezed columns."""
-    from rich.console import Console
-
-    return console if console.is_terminal else Console(highlight=False, width=PIPED_WIDTH)
 
 
 def _steps(run: dict[str, Any]) -> str:

@@ -484,7 +484,7 @@ def _print_health(results, health, problems: list[str]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from tpuctl.cli.output import console, err_console
+    from tpuctl.cli.output import err_console, print_table
 
     table = Table(
         "worker", "address", "python", "jax", "devices", "local", "TPU held by", "disk free",
@@ -509,7 +509,7 @@ def _print_health(results, health, problems: list[str]) -> None:
             f"{row.disk_free_gb:.1f} GB" if row.disk_free_gb is not None else "?",
             f"{row.mem_free_gb:.1f} GB" if row.mem_free_gb is not None else "?",
         )
-    console.print(table)
+    print_table(table)
     if problems:
         err_console.print("[bold red]✗ unhealthy[/bold red]")
         for problem in problems:
