@@ -1,6 +1,8 @@
 """Settings precedence: flags > env > ./tpuctl.yaml > user file > defaults, with sources."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -102,7 +104,8 @@ def test_per_accelerator_defaults_under_an_alias_of_the_type_apply_too(clean_env
 
 def test_config_set_writes_the_user_file_and_keeps_other_keys(clean_env):
     config.set_user_value("project", "ai2-tpu")
-    path = config.set_user_value("accelerators.v3-256.zones", "us-east1-d, europe-west4-a")
+    path, zones = config.set_user_value("accelerators.v3-256.zones", "us-east1-d, europe-west4-a")
+    assert zones == ["us-east1-d", "europe-west4-a"]
     config.set_user_value("ssh.internal_ip", "yes")
     data = yaml.safe_load(path.read_text())
     assert data == {
@@ -161,6 +164,46 @@ def test_config_set_unknown_key_is_a_one_line_error(clean_env, run_tpuctl):
     assert result.code == 2
     assert result.err.startswith("error: unknown config key 'zonee'; known keys: project, zone")
     assert "Traceback" not in result.err
+
+
+def test_config_set_writes_through_a_link_and_says_what_it_wrote(
+    clean_env, run_tpuctl, monkeypatch, tmp_path
+):
+    """A config file kept in a dotfiles repo stays a link; the value echoed is the one
+    written, not one an environment variable or a broken project file decides."""
+    dotfile = tmp_path / "dotfiles" / "tpuctl.yaml"
+    dotfile.parent.mkdir()
+    dotfile.write_text("project: ai2-tpu\n")
+    config.user_config_path().parent.mkdir(parents=True, exist_ok=True)
+    config.user_config_path().symlink_to(dotfile)
+    (clean_env / "project" / "tpuctl.yaml").write_text("ssh: {user: 'bad user'}\n")
+    monkeypatch.setenv("TPUCTL_ZONE", "us-east1-d")
+    result = run_tpuctl("config", "set", "zone", "europe-west4-a")
+    assert result.code == 0, result.err
+    assert result.out.splitlines() == [
+        f"zone = 'europe-west4-a' written to {dotfile}",
+        "note: TPUCTL_ZONE is set in this shell and overrides it here",
+    ]
+    assert config.user_config_path().is_symlink()
+    assert yaml.safe_load(dotfile.read_text()) == {"project": "ai2-tpu", "zone": "europe-west4-a"}
+
+
+def test_config_set_from_many_processes_at_once_keeps_every_key(clean_env):
+    keys = [f"accelerators.v3-{8 * i}.zone" for i in range(1, 9)]
+    setters = [
+        subprocess.Popen([sys.executable, "-m", "tpuctl", "config", "set", key, f"zone-{i}"])
+        for i, key in enumerate(keys)
+    ]
+    assert [p.wait(timeout=120) for p in setters] == [0] * len(keys)
+    settings = config.load()
+    assert [settings.get(key) for key in keys] == [f"zone-{i}" for i in range(len(keys))]
+
+
+def test_config_show_prints_lists_of_numbers(clean_env, run_tpuctl):
+    (clean_env / "project" / "tpuctl.yaml").write_text("worker: {uv_args: [--index-url, 1]}\n")
+    shown = run_tpuctl("config", "show")
+    assert shown.code == 0, shown.err
+    assert "--index-url, 1" in shown.out
 
 
 def test_config_set_of_a_bad_user_name_writes_nothing(clean_env, run_tpuctl):

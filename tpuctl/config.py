@@ -214,8 +214,12 @@ def validate_key(key: str) -> None:
     raise TpuctlError(f"unknown config key {key!r}; known keys: {known}")
 
 
-def set_user_value(key: str, raw_value: str) -> Path:
-    """Write one key into the user config file (creating it) and return the file's path."""
+def set_user_value(key: str, raw_value: str) -> tuple[Path, Any]:
+    """Write one key into the user config file (creating it); returns the file's path and
+    the value written. A config file that is a link (to a dotfiles repo) stays one: the
+    file it names is replaced. Comments in the file are not kept."""
+    import fcntl
+
     import yaml
 
     validate_key(key)
@@ -223,18 +227,27 @@ def set_user_value(key: str, raw_value: str) -> Path:
     check = {"provider": _check_provider, "ssh.user": _check_ssh_user}.get(key)
     if check is not None:  # before writing: a bad value in the file stops every command
         check(Settings(values={key: value}, sources={key: f"tpuctl config set {key}"}))
-    path = user_config_path()
-    data = _read_yaml_nested(path)
-    node = data
-    *parents, leaf = key.split(".")
-    for part in parents:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[leaf] = value
-    write_private(path, yaml.safe_dump(data, sort_keys=True))
-    return path
+    path = user_config_path().resolve()
+    private_dir(path.parent)
+    # One writer at a time: two `config set` at once must not each drop the other's key.
+    with open(path.with_name(f".{path.name}.lock"), "a", opener=private_opener) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = _read_yaml_nested(path)
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[leaf] = value
+        write_private(path, yaml.safe_dump(data, sort_keys=True))
+    return path, value
+
+
+def env_override(key: str) -> str | None:
+    """The environment variable that sets `key` in this shell, if one does."""
+    return next((var for var, k in ENV_KEYS.items() if k == key and os.environ.get(var)), None)
 
 
 def _from_env() -> dict[str, Any]:

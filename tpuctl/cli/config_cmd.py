@@ -27,7 +27,11 @@ def show(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> 
     lines = [("KEY", "VALUE", "SOURCE")]
     for key, value, source in sorted([*rows, *unset]):
         shown = (
-            "-" if value is None else ", ".join(value) if isinstance(value, list) else str(value)
+            "-"
+            if value is None
+            else ", ".join(map(str, value))
+            if isinstance(value, list)
+            else str(value)
         )
         lines.append((key, shown, source))
     key_width = max(len(k) for k, _, _ in lines)
@@ -43,5 +47,7 @@ def set_value(
     value: str = typer.Argument(..., help="Value; lists (zones) are comma-separated."),
 ) -> None:
     """Write KEY=VALUE into the user config file ($XDG_CONFIG_HOME/tpuctl/config.yaml)."""
-    path = config.set_user_value(key, value)
-    console.print(f"{key} = {config.load().get(key)!r} written to {path}")
+    path, written = config.set_user_value(key, value)
+    console.print(f"{key} = {written!r} written to {path}", markup=False)
+    if var := config.env_override(key):
+        console.print(f"note: {var} is set in this shell and overrides it here", markup=False)
