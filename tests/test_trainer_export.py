@@ -105,6 +105,52 @@ def test_exported_checkpoint_loads_in_transformers_with_matching_logits(hf_model
     np.testing.assert_allclose(theirs, ours, atol=2e-4, rtol=2e-4)
 
 
+def test_export_over_an_earlier_one_replaces_it_and_keeps_the_tokenizer_it_reads(
+    hf_model_dir, tmp_path
+):
+    """A run fine-tuned from an export, exported back into it: the tokenizer there is read
+    before anything is written (it used to be emptied), and no weight file of the earlier
+    export stays behind for transformers to load instead of the new shards."""
+    import jax
+
+    from trainer.export import export
+
+    model_cfg, params = _import(hf_model_dir)
+    out = tmp_path / "exported"
+    save_run(str(tmp_path / "first"), model_cfg, params)
+    export(str(tmp_path / "first"), str(out))
+    (out / "notes.md").write_text("mine")
+    shifted = jax.tree.map(lambda p: p + 1, params)
+    save_run(str(tmp_path / "second"), model_cfg, shifted, tokenizer=str(out / "tokenizer.model"))
+    export(str(tmp_path / "second"), str(out), max_shard_bytes=64 * 1024)
+    files = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" not in files and "model.safetensors.index.json" in files, files
+    assert not [name for name in files if name.startswith(".export-")]
+    assert (out / "tokenizer.model").read_bytes() == TOKENIZER.read_bytes()
+    assert (out / "notes.md").read_text() == "mine"
+    exported = _hf_tensors(out)
+    np.testing.assert_array_equal(exported["model.norm.weight"], shifted["norm"]["weight"])
+
+
+def test_the_tokenizer_goes_under_transformers_name_and_its_ids_into_the_config(
+    hf_model_dir, tmp_path
+):
+    import sentencepiece
+
+    from trainer.export import export
+
+    model_cfg, params = _import(hf_model_dir)
+    renamed = tmp_path / "my-spm.model"
+    renamed.write_bytes(TOKENIZER.read_bytes())
+    save_run(str(tmp_path / "run"), model_cfg, params, tokenizer=str(renamed))
+    export(str(tmp_path / "run"), str(tmp_path / "out"))
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == TOKENIZER.read_bytes()
+    assert not (tmp_path / "out" / "my-spm.model").exists()
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(TOKENIZER))
+    assert (config["bos_token_id"], config["eos_token_id"]) == (sp.bos_id(), sp.eos_id())
+
+
 def test_export_to_gcs(hf_model_dir, tmp_path, gcs):
     from trainer.export import export
 
@@ -121,9 +167,15 @@ def test_export_to_gcs(hf_model_dir, tmp_path, gcs):
 def test_bad_step_and_missing_run_are_one_line_errors(hf_model_dir, tmp_path):
     model_cfg, params = _import(hf_model_dir)
     save_run(str(tmp_path / "run"), model_cfg, params)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    tiny = str(REPO / "recipes" / "tiny.yaml")  # another model: it used to drop layers or crash
     for args, expected in [
         ([str(tmp_path / "run"), str(tmp_path / "o"), "--step", "99"], "--step 99"),
         ([str(tmp_path / "nope"), str(tmp_path / "o")], "no committed checkpoint"),
+        ([str(tmp_path / "run"), str(tmp_path / "o"), "--recipe", tiny], "does not match"),
+        ([str(tmp_path / "run"), str(a_file)], f"cannot write {a_file}"),
+        ([str(tmp_path / "run"), str(a_file / "sub")], f"cannot write {a_file / 'sub'}"),
     ]:
         result = subprocess.run(
             [sys.executable, "-m", "trainer.export", *args],
@@ -135,6 +187,13 @@ def test_bad_step_and_missing_run_are_one_line_errors(hf_model_dir, tmp_path):
         assert result.returncode == 2
         assert result.stderr.startswith("error: ") and expected in result.stderr
         assert result.stderr.count("\n") == 1, result.stderr
+    for size in ("nan", "inf", "0", "-1"):
+        args = [str(tmp_path / "run"), str(tmp_path / "o"), "--max-shard-gb", size]
+        result = subprocess.run(
+            [sys.executable, "-m", "trainer.export", *args], capture_output=True, text=True
+        )
+        assert result.returncode == 2 and "--max-shard-gb" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(

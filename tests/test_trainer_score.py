@@ -103,6 +103,8 @@ def test_bad_input_is_one_line_and_exit_2(reward_run, tmp_path):
     bad.write_text(
         json.dumps(RECORDS[0]) + "\n" + json.dumps({"chosen": " a", "rejected": " b"}) + "\n"
     )
+    long = tmp_path / "long.jsonl"  # each side too long; the pair used to be cut to fit
+    long.write_text(json.dumps({"prompt": "def f(): " * 200, "chosen": " a", "rejected": " b"}))
     lm_run = tmp_path / "lm"
     save_run(str(lm_run), CFG, params_from_hf(hf_state(hf_model(CFG, seed=0)), CFG))
     cases = [
@@ -111,9 +113,27 @@ def test_bad_input_is_one_line_and_exit_2(reward_run, tmp_path):
         ((tmp_path, good), f"error: {tmp_path}: neither a run directory"),
         ((lm_run, good), f"error: {lm_run} is a language model, not a reward model"),
         ((reward_run / "run", good, "--step", "99"), "error: --step 99: no committed checkpoint"),
+        ((reward_run / "run", long), f"error: {long}:1: chosen: "),
+        ((reward_run / "run", good, "--out", tmp_path), f"error: --out {tmp_path}: "),
     ]
     for args, message in cases:
         result = score(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.startswith(message), result.stderr
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_a_tie_and_an_empty_response_are_scored_not_refused(reward_run, tmp_path):
+    """Preference sets hold ties (UltraFeedback does); training skips them, scoring does not."""
+    data = tmp_path / "ties.jsonl"
+    records = [
+        {"prompt": "Say hi.", "chosen": " hi", "rejected": " hi"},
+        {"prompt": "Say hi.", "chosen": " hi", "rejected": ""},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = score(reward_run / "export", data)
+    assert result.returncode == 0, result.stderr
+    tie, empty = [json.loads(line) for line in result.stdout.splitlines()]
+    assert tie["chosen"] == tie["rejected"]
+    theirs = transformers_scores(reward_run / "export", records[1])
+    assert empty == pytest.approx(theirs, abs=1e-4)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 import tempfile
 
@@ -19,11 +21,24 @@ import numpy as np
 
 from trainer import io
 from trainer.config import ModelConfig, RecipeError, TrainerError
-from trainer.tokenizer import tokenizer_files
+from trainer.tokenizer import (
+    CONFIG_FILES,
+    SENTENCEPIECE_MODEL,
+    TOKENIZER_JSON,
+    load_tokenizer,
+    tokenizer_files,
+)
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# Every file an export may write: what a previous export left in OUT_DIR and this one did
+# not write is removed.
+EXPORT_FILE = re.compile(
+    r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json"
+    rf"|{re.escape(TOKENIZER_JSON)}|{re.escape(SENTENCEPIECE_MODEL)}"
+    + "".join(f"|{re.escape(name)}" for name in CONFIG_FILES)
+)
 
 
 def shard_tensors(
@@ -51,7 +66,9 @@ def write_hf_dir(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> list[str]:
     """Write config.json, safetensors shards (+ index when more than one) and the files of the
-    tokenizer at `tokenizer_path` into a local directory; returns the file names written."""
+    tokenizer at `tokenizer_path` into a local directory; returns the file names written. The
+    tokenizer's model file is written under the name transformers looks for
+    (tokenizer.json or tokenizer.model), whatever it was called."""
     from safetensors.numpy import save_file
 
     os.makedirs(out_dir, exist_ok=True)
@@ -75,12 +92,27 @@ def write_hf_dir(
         written.append(INDEX_FILE)
     _write_json(os.path.join(out_dir, "config.json"), hf_config)
     written.append("config.json")
-    for source in tokenizer_files(tokenizer_path) if tokenizer_path else []:
+    files = tokenizer_files(tokenizer_path) if tokenizer_path else []
+    for i, source in enumerate(files):
         name = source.rsplit("/", 1)[-1]
+        if i == 0:  # the model file: a tokenizer.json by another name is still one
+            name = SENTENCEPIECE_MODEL if name.endswith(".model") else TOKENIZER_JSON
         with open(os.path.join(out_dir, name), "wb") as f:
             f.write(io.read_bytes(source))
         written.append(name)
     return written
+
+
+def replace_export(staging: str, out_dir: str, written: list[str]) -> None:
+    """Move the export staged in `staging` into `out_dir` (local or gs://), then remove what
+    a previous export left there and this one did not write: transformers would load a stale
+    model.safetensors before the new shards' index, or an old tokenizer.json before a new
+    tokenizer.model. Other files in `out_dir` are left alone."""
+    for name in written:
+        io.publish(os.path.join(staging, name), io.join(out_dir, name))
+    for name in io.listdir(out_dir):
+        if name not in written and EXPORT_FILE.fullmatch(name):
+            io.remove(io.join(out_dir, name))
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -105,15 +137,54 @@ def export(
     checkpoints = io.join(run_dir, "checkpoints")
     step, params = load_params(checkpoints, step)
     model_cfg, tokenizer_path = _model_and_tokenizer(checkpoints, recipe)
+    _check_fits(params, model_cfg, "--recipe" if recipe else "the run's recorded model")
     tensors = params_to_hf(params, model_cfg)
     hf_config = hf_config_from_model(model_cfg, score_head="score" in params)
-    if not io.is_gcs(out_dir):
-        write_hf_dir(out_dir, tensors, hf_config, tokenizer_path, max_shard_bytes)
-        return step
-    with tempfile.TemporaryDirectory(prefix="trainer-export-") as staging:
-        write_hf_dir(staging, tensors, hf_config, tokenizer_path, max_shard_bytes)
-        io.copy_tree(staging, out_dir)
+    if tokenizer_path:
+        hf_config |= _special_token_ids(tokenizer_path)
+    # Staged first: OUT_DIR may hold the tokenizer being exported (a run fine-tuned from an
+    # earlier export), which writing in place would empty before reading it.
+    # A local export is staged inside OUT_DIR, so that its files move in without a copy.
+    io.makedirs(out_dir)
+    near = None if io.is_gcs(out_dir) else out_dir
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=near) as staging:
+        written = write_hf_dir(staging, tensors, hf_config, tokenizer_path, max_shard_bytes)
+        replace_export(staging, out_dir, written)
     return step
+
+
+def _check_fits(params: dict, model_cfg: ModelConfig, source: str) -> None:
+    """Refuse a model config whose parameters are not the checkpoint's (a recipe for another
+    size would write a model that does not load, or silently drop layers)."""
+    import jax
+
+    from trainer.model import init_params
+
+    head = "score" if "score" in params else "lm"
+    expected = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0), head=head))
+    want = {
+        jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)
+    }
+    got = {
+        jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)
+    }
+    for name in sorted(want.keys() | got.keys()):
+        if want.get(name) != got.get(name):
+            raise RecipeError(
+                f"{source}: its model does not match the checkpoint's parameters: {name} is "
+                f"{got.get(name, 'missing')} in the checkpoint and {want.get(name, 'missing')} "
+                "for the model; pass the recipe the run trained with"
+            )
+
+
+def _special_token_ids(tokenizer_path: str) -> dict[str, int]:
+    """config.json's bos/eos/pad token ids from the tokenizer: transformers' generate()
+    stops at the config's eos_token_id, whose default is not this tokenizer's."""
+    from trainer.config import TokenizerConfig
+
+    tokenizer = load_tokenizer(TokenizerConfig(path=tokenizer_path))
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    return {key: value for key, value in ids.items() if value is not None}
 
 
 def _model_and_tokenizer(checkpoints: str, recipe: str | None) -> tuple[ModelConfig, str | None]:
@@ -136,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "--recipe", help="take the model config from this recipe (runs that did not record it)"
     )
     parser.add_argument(
-        "--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1024**3, help="per file"
+        "--max-shard-gb", type=_positive_gb, default=DEFAULT_SHARD_BYTES / 1024**3, help="per file"
     )
     args = parser.parse_args(argv)
     from absl import logging as absl_logging  # orbax's progress chatter is not for this CLI
@@ -149,8 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainerError, RecipeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # OUT_DIR is a file, or not writable
+        print(f"error: cannot write {args.out_dir}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"exported step {step} of {args.run_dir} to {args.out_dir}")
     return 0
+
+
+def _positive_gb(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value * 1024**3 >= 1):
+        raise argparse.ArgumentTypeError(f"{text}: give a size in GB above 0, e.g. 2 or 0.5")
+    return value
 
 
 if __name__ == "__main__":

@@ -54,6 +54,20 @@ def tokenize_pair(
 ) -> tuple[Sequence, Sequence]:
     """The (chosen, rejected) sequences of one record, fitted into `budget` tokens together
     (train.seq_len) by the length rule; raises Skipped or RecipeError."""
+    (pc, rc, fc), (pr, rr, fr) = render_pair(record, tok, cfg)
+    if not any(fc) or not any(fr):
+        raise Skipped("empty")
+    if pc + rc == pr + rr:
+        raise Skipped("identical")
+    if max(len(rc), len(rr)) > budget:
+        raise Skipped("too_long")
+    (pc, rc, fc), (pr, rr, fr) = _fit((pc, rc, fc), (pr, rr, fr), budget)
+    return _sequence(pc, rc, fc), _sequence(pr, rr, fr)
+
+
+def render_pair(record: object, tok: Tokenizer, cfg: DataConfig) -> list[tuple]:
+    """The record's chosen and rejected sides, whole, as (prompt ids, response ids, response
+    loss flags) each; raises RecipeError for a record that is not a pair."""
     if not isinstance(record, dict):
         raise RecipeError(f"data.format preference: a record is a JSON object, not {record!r:.40}")
     for name in ("chosen", "rejected"):
@@ -80,15 +94,7 @@ def tokenize_pair(
             "data.format preference: 'chosen' and 'rejected' must both be strings or both be "
             "lists of chat messages"
         )
-    (pc, rc, fc), (pr, rr, fr) = pair
-    if not any(fc) or not any(fr):
-        raise Skipped("empty")
-    if pc + rc == pr + rr:
-        raise Skipped("identical")
-    if max(len(rc), len(rr)) > budget:
-        raise Skipped("too_long")
-    (pc, rc, fc), (pr, rr, fr) = _fit((pc, rc, fc), (pr, rr, fr), budget)
-    return _sequence(pc, rc, fc), _sequence(pr, rr, fr)
+    return pair
 
 
 def margin(record: dict) -> float:

@@ -60,11 +60,9 @@ def load_reward_model(source: str, step: int | None = None) -> tuple[ModelConfig
 def sequences(record: object, tok, cfg: DataConfig, max_len: int) -> dict[str, list[int]]:
     """The token ids to score for one record, by output field: chosen/rejected or score."""
     if isinstance(record, dict) and "chosen" in record and "rejected" in record:
-        try:
-            chosen, rejected = preference.tokenize_pair(record, tok, cfg, 2 * max_len)
-        except preference.Skipped as skip:
-            raise RecipeError(f"this pair cannot be scored: {skip}") from None
-        named = {"chosen": chosen[0], "rejected": rejected[0]}
+        # Whole, not fitted to a training budget; a tie or an empty response scores as it is.
+        (pc, rc, _), (pr, rr, _) = preference.render_pair(record, tok, cfg)
+        named = {"chosen": pc + rc, "rejected": pr + rr}
     else:
         if isinstance(record, dict) and "messages" in record:
             kind = "chat"
@@ -168,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = "".join(line + "\n" for line in lines)
     if args.out:
-        io.write_text(args.out, text)
+        try:
+            io.write_text(args.out, text)
+        except OSError as e:  # a directory, or under a file
+            print(f"error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+            return 2
         print(f"scored {len(lines)} examples into {args.out}")
     else:
         sys.stdout.write(text)
