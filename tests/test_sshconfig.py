@@ -104,3 +104,27 @@ print(SshConfig([("ssh_config", stock)]).options("10.0.0.2"), "paramiko" in sys.
         apply(Host("w00", "10.0.0.2"), config="Host *\n  SendEnv LANG\n  User=carol\n").user
         == "carol"
     )
+
+
+@pytest.mark.parametrize(
+    ("config", "proxy_jump", "message"),
+    [
+        ("", "bastion:99999999999999999999", r"Port '99999999999999999999' for ssh.proxy_jump"),
+        ("", "bastion:0", r"Port '0' for ssh.proxy_jump"),
+        ("Host 10.0.*\n    Port 2²\n", None, r"Port '2²' for 10.0.0.2 is not a port number"),
+        ("Host 10.0.*\n    Port 70000\n", None, r"Port '70000' for 10.0.0.2"),
+    ],
+)
+def test_a_port_that_is_no_port_number_is_one_line(config, proxy_jump, message):
+    """They crashed the connection with OverflowError or ValueError."""
+    with pytest.raises(TpuctlError, match=message):
+        apply(Host("w00", "10.0.0.2"), config=config, proxy_jump=proxy_jump)
+
+
+def test_a_host_name_that_is_no_address_is_unreachable_not_a_crash():
+    """IDNA refuses an empty label (tpu..example.com): the host cannot be connected to."""
+    from tpuctl.fanout.base import StopSignal
+    from tpuctl.fanout.ssh import SshContext, connect
+
+    with pytest.raises(ConnectionError, match=r"tpu\.\.example\.com:22 is not an address"):
+        connect(Host("w00", "tpu..example.com"), SshContext(1.0), StopSignal())

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 SYSTEM_CONFIG = Path("/etc/ssh/ssh_config")
 DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")  # what ssh offers with no IdentityFile
 MAX_HOPS = 8
-_HOP = re.compile(r"^(?:(?P<user>[^@:\s]+)@)?(?P<host>[^@:\s]+)(?::(?P<port>\d+))?$")
+_HOP = re.compile(r"^(?:(?P<user>[^@:\s]+)@)?(?P<host>[^@:\s]+)(?::(?P<port>[0-9]+))?$")
 # The options `apply` reads, and the line syntax paramiko parses (anything else is an error).
 _USED = re.compile(r"^\s*(hostname|user|port|identityfile|proxyjump|proxycommand)\b", re.I | re.M)
 _LINE = re.compile(r"\s*(#.*)?$|\s*\w+(\s*=\s*|\s+)\S")
@@ -142,7 +142,7 @@ class _Jumps:
             label=f"jump host {name}",
             address=options.get("hostname", name),
             user=match["user"] or options.get("user") or local_user(),
-            port=int(match["port"]) if match["port"] else _port(options.get("port"), 22, name),
+            port=_port(match["port"] or options.get("port"), 22, f"{where} {spec!r}"),
             identity_files=offered + ((self.key,) if self.key else ()),
             known_hosts=self.known_hosts,
         )
@@ -159,8 +159,10 @@ def _matters(text: str) -> bool:
 def _port(value: str | None, default: int, name: str) -> int:
     if value is None:
         return default
-    if not value.isdigit():
-        raise TpuctlError(f"ssh_config: Port {value!r} for {name} is not a number; fix the entry")
+    if not re.fullmatch(r"[0-9]{1,5}", value) or not 0 < int(value) < 65536:
+        raise TpuctlError(
+            f"ssh_config: Port {value!r} for {name} is not a port number (1-65535); fix the entry"
+        )
     return int(value)
 
 

@@ -368,6 +368,10 @@ def connect(host: Host, ctx: SshContext, stop: StopSignal) -> paramiko.Transport
                 return _connect_once(host, ctx, jump)
         except (paramiko.AuthenticationException, HostKeyChanged) as err:
             raise ConnectionError(f"{UNREACHABLE}: {err}") from err
+        except (ValueError, OverflowError) as err:  # a name IDNA refuses (a..b), a bad port
+            raise ConnectionError(
+                f"{UNREACHABLE}: {host.address}:{host.port} is not an address to connect to ({err})"
+            ) from err
         except TimeoutError as err:
             # A silent host has already cost a full connect timeout: do not wait again.
             raise ConnectionError(
