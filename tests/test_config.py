@@ -199,6 +199,20 @@ def test_config_set_from_many_processes_at_once_keeps_every_key(clean_env):
     assert [settings.get(key) for key in keys] == [f"zone-{i}" for i in range(len(keys))]
 
 
+def test_config_set_refuses_a_reuse_that_is_no_duration_and_a_type_that_is_empty(
+    clean_env, run_tpuctl
+):
+    """Both used to be written; ssh.reuse then failed the first command that fanned out."""
+    for args, message in [
+        (("ssh.reuse", "foo"), "error: ssh.reuse 'foo' is not a duration"),
+        (("accelerators..zone", "x"), "error: unknown config key 'accelerators..zone'"),
+    ]:
+        result = run_tpuctl("config", "set", *args)
+        assert result.code == 2 and result.err.startswith(message), result.err
+    assert not config.user_config_path().exists()
+    assert run_tpuctl("config", "set", "ssh.reuse", "off").code == 0
+
+
 def test_config_show_prints_lists_of_numbers(clean_env, run_tpuctl):
     (clean_env / "project" / "tpuctl.yaml").write_text("worker: {uv_args: [--index-url, 1]}\n")
     shown = run_tpuctl("config", "show")

@@ -208,7 +208,12 @@ def validate_key(key: str) -> None:
     if key in KNOWN_KEYS:
         return
     parts = key.split(".")
-    if len(parts) == 3 and parts[0] == "accelerators" and parts[2] in ACCELERATOR_FIELDS:
+    if (
+        len(parts) == 3
+        and parts[0] == "accelerators"
+        and parts[1]
+        and parts[2] in ACCELERATOR_FIELDS
+    ):
         return
     known = ", ".join([*KNOWN_KEYS, *(f"accelerators.TYPE.{f}" for f in ACCELERATOR_FIELDS)])
     raise TpuctlError(f"unknown config key {key!r}; known keys: {known}")
@@ -227,6 +232,8 @@ def set_user_value(key: str, raw_value: str) -> tuple[Path, Any]:
     check = {"provider": _check_provider, "ssh.user": _check_ssh_user}.get(key)
     if check is not None:  # before writing: a bad value in the file stops every command
         check(Settings(values={key: value}, sources={key: f"tpuctl config set {key}"}))
+    if key == "ssh.reuse":  # else the first command that fans out would refuse it
+        reuse_idle_seconds(value)
     path = user_config_path().resolve()
     private_dir(path.parent)
     # One writer at a time: two `config set` at once must not each drop the other's key.
@@ -300,6 +307,16 @@ def _check_ssh_user(settings: Settings) -> None:
         f"ssh.user {str(user)!r} (from {settings.source('ssh.user')}) is not a user name: "
         "use letters, digits, '_', '.' and '-', not first '-'; fix it or pass --ssh-user NAME"
     )
+
+
+def reuse_idle_seconds(value: Any) -> float | None:
+    """An `ssh.reuse` value as the seconds a connection holder waits idle; None when off."""
+    text = str(value).strip().lower()
+    if text in ("0", "no", "off", "false", "none"):
+        return None
+    from tpuctl.durations import parse_duration
+
+    return parse_duration(text, "ssh.reuse")
 
 
 def _check_provider(settings: Settings) -> None:

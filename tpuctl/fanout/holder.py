@@ -119,15 +119,10 @@ def socket_path(settings: Settings, node_name: str) -> Path:
 
 def reuse_seconds(settings: Settings) -> float | None:
     """`ssh.reuse` (TPUCTL_SSH_REUSE): how long a holder waits idle; None when off."""
-    value = settings.get("ssh.reuse")
-    if value is None:
-        return DEFAULT_IDLE_S
-    text = str(value).strip().lower()
-    if text in ("0", "no", "off", "false", "none"):
-        return None
-    from tpuctl.durations import parse_duration
+    from tpuctl.config import reuse_idle_seconds
 
-    return parse_duration(text, "ssh.reuse")
+    value = settings.get("ssh.reuse")
+    return DEFAULT_IDLE_S if value is None else reuse_idle_seconds(value)
 
 
 # --- client side ----------------------------------------------------------------------
