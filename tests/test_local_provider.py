@@ -95,6 +95,22 @@ def test_down_of_the_last_pod_stops_no_process_that_a_stale_emulator_record_name
         bystander.wait()
 
 
+def test_a_pod_whose_record_cannot_be_read_is_listed_and_can_be_taken_down(provider):
+    """It used to crash list, top, status, up and down, and hide every other pod."""
+    provider.create(spec("good"), lambda _m: None)
+    broken = provider.create(spec("broken"), lambda _m: None)
+    record = Path(broken.workers[0].workdir).parents[1] / "node.json"
+    record.write_text(record.read_text()[:50])
+    listed = {node.name: node for node in provider.list()}
+    assert listed["good"].state == "READY"
+    assert listed["broken"].state == "UNKNOWN" and "cannot be read" in listed["broken"].health
+    assert [w.workdir for w in listed["broken"].workers] == [w.workdir for w in broken.workers]
+    with pytest.raises(TpuctlError, match="already exists"):
+        provider.create(spec("broken"), lambda _m: None)
+    assert provider.delete("broken", lambda _m: None) is True
+    assert [node.name for node in provider.list()] == ["good"]
+
+
 @pytest.mark.parametrize(
     ("accelerator_type", "expected"),
     [("v3-8", (1, 8)), ("v3-32", (4, 8)), ("v4-32", (4, 4)), ("v5litepod-16", (4, 4))],

@@ -60,11 +60,34 @@ class LocalProvider:
         return cls()
 
     def get(self, name: str) -> Node | None:
-        """The pod called `name`, or None."""
+        """The pod called `name`, or None. A pod whose record cannot be read (a full disk,
+        an edit) is still listed, as state UNKNOWN, so that `down NAME` can remove it."""
         record = self.pods_dir / name / RECORD_FILE
         if not record.is_file():
             return None
-        return _node_from_record(json.loads(record.read_text()))
+        try:
+            return _node_from_record(json.loads(record.read_text()))
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            return self._unreadable(name, e)
+
+    def _unreadable(self, name: str, error: Exception) -> Node:
+        """A pod known only by its directory: its workers are the directories it holds."""
+        workdirs = sorted((self.pods_dir / name / "workers").glob("w[0-9][0-9]*"))
+        workers = [
+            Worker(index=int(w.name[1:]), internal_ip="127.0.0.1", workdir=str(w))
+            for w in workdirs
+            if w.name[1:].isdecimal()
+        ]
+        return Node(
+            name=name,
+            zone=LOCAL_ZONE,
+            accelerator_type="unknown",
+            state="UNKNOWN",
+            health=f"its record {RECORD_FILE} cannot be read ({type(error).__name__}); "
+            f"`tpuctl down {name}` removes it",
+            workers=tuple(workers),
+            provider="local",
+        )
 
     def list(self) -> list[Node]:
         """Every local pod, by name."""
