@@ -186,6 +186,48 @@ def test_a_crashing_worker_shows_in_ps_and_logs(cli, idle_pod, tmp_path):
     assert live_processes("tpuctl/runs/crash/recipe.yaml") == []
 
 
+FAKE_DOCKER = """
+import os, sys
+# docker run as tpuctl calls it: only the variables named by -e reach the container.
+args = sys.argv[1:]
+if args[0] == "pull":
+    sys.exit(0)
+args, names = args[1:], []
+while args[0].startswith("-"):
+    option = args.pop(0)
+    if option in ("-e", "-v"):
+        value = args.pop(0)
+        names += [value] if option == "-e" else []
+image, command = args[0], args[1:]
+base = {n: os.environ[n] for n in ("PATH", "HOME", "PYTHONPATH")}
+os.execvpe(command[0], command, base | {n: os.environ[n] for n in names if n in os.environ})
+"""
+
+
+def test_a_container_image_gets_every_variable_the_job_gets(tmp_path):
+    """worker.image: TPUCTL_PROCESS_ID, set per worker, never reached the container, so
+    every run on a CPU pod stopped at once."""
+    cli = LocalCli(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(f"#!{sys.executable}\n{FAKE_DOCKER}")
+    (bin_dir / "docker").chmod(0o755)
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')  # the image's
+    (bin_dir / "python3").chmod(0o755)
+    cli.env["PATH"] = f"{bin_dir}:{cli.env['PATH']}"
+    cli.env["PYTHONPATH"] = str(REPO)
+    (tmp_path / "tpuctl.yaml").write_text("worker:\n  image: example/trainer:1\n")
+    cli.ok("up", "v4-8", "--local", "--name", "boxed")
+    try:
+        out = cli.ok(
+            "run", TINY, "--name", "boxed", "--follow", "--run-id", "boxed",
+            "--", *FAST, "train.steps=2", f"run_dir={tmp_path / 'run'}", timeout=SLOW_S,
+        )  # fmt: skip
+        assert "run boxed finished: step 2" in out
+    finally:
+        cli("down", "boxed", "--yes")
+
+
 def _cwd(pid: str) -> str:
     try:
         return os.readlink(f"/proc/{pid}/cwd")

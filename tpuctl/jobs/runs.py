@@ -84,7 +84,9 @@ def start_run(
     worker_env = prepare_workers(settings, node, hosts, progress, cpu)
     env = {**secrets, **storage_env, **(_cpu_pod_env(node) if cpu else {}), **request.env}
     launch_hosts = _with_process_ids(hosts) if cpu else hosts
-    command = [*worker_env.launcher(env), "-m", "trainer", uri]
+    # A container gets what the job gets: the run's variables and each worker's own.
+    names = {*env, *(name for host in launch_hosts for name in host.env)}
+    command = [*worker_env.launcher(names), "-m", "trainer", uri]
     spec = jobs.JobSpec(run_id=run_id, command=command, env=env, force=request.force)
     jobs.launch(launch_hosts, spec, current=worker_jobs)
     run_dir = _absolute(recipe.run_dir)
