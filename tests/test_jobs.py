@@ -180,6 +180,24 @@ def test_a_kill_for_one_run_leaves_another_run_running(hosts):
     assert [r.run_id for r in jobs.kill(hosts, grace=10, only="theirs")] == ["theirs"] * 3
 
 
+def test_a_process_that_got_an_ended_jobs_pid_is_neither_the_run_nor_killed(hosts):
+    """Pids are reused: long after a job ended, its recorded group id can be another
+    program's, which kill used to SIGTERM and ps showed as the run."""
+    jobs.launch(hosts[:1], spec(STEPS="1"))
+    wait_for(lambda: states(hosts[:1]) == ["exited"])
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        run_dir = Path(hosts[0].workdir) / ".tpuctl" / "jobs" / "r1"
+        (run_dir / "pid").write_text(f"{bystander.pid}\n")  # as if the pid came round again
+        assert states(hosts[:1]) == ["exited"]
+        assert [r.run_id for r in jobs.kill(hosts[:1], grace=1)] == [None]
+        assert bystander.poll() is None, "kill stopped a process that is not the job"
+        jobs.launch(hosts[:1], spec("r2", STEPS="1"))  # not refused as busy
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 def test_kill_escalates_to_sigkill_after_the_grace_period(hosts):
     jobs.launch(hosts[:1], spec(STEPS="1000", IGNORE_TERM="1"))
     wait_for(lambda: collect_logs(hosts[:1]))

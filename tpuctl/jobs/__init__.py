@@ -53,6 +53,18 @@ group_alive() {
   [ -n "${1:-}" ] && ps -eo pgid=,stat= |
     awk -v g="$1" '$1 == g && $2 !~ /^Z/ {found = 1} END {exit !found}'
 }
+# The run's process group id, while that group is still the run's job. Pids are reused:
+# long after the job ended its group id can be a new process's, whose group is not ours.
+# The job's wrapper leads its group, named by its arguments (tpuctl-job RUN_DIR ...); a
+# group whose leader is gone (or a zombie) still holds only the job's own processes,
+# since Linux gives no new process a pid in use as a group id.
+job_group() {
+  local pid args
+  pid=$(run_pid "$1") && group_alive "$pid" || return 1
+  args=$(tr '\0' '\n' < "/proc/$pid/cmdline" 2>/dev/null)
+  if [ -n "$args" ] && ! printf '%s\n' "$args" | grep -qxF "$jobs_dir/$1"; then return 1; fi
+  echo "$pid"
+}
 # Processes holding the TPU devices or libtpu's lockfile (worker_scripts' tpu_holders).
 accelerator_holders() { tpu_holders | cut -d' ' -f1 | sort -un; }
 process_alive() { ps -o stat= -p "$1" 2>/dev/null | grep -qv '^Z'; }
@@ -78,7 +90,7 @@ stop_after_grace() {
 stop_run() {
   local run_dir="$jobs_dir/$1" signal
   : > "$run_dir/stopping"
-  signal=$(stop_after_grace group "$(run_pid "$1")" "$grace")
+  signal=$(stop_after_grace group "$(job_group "$1")" "$grace")
   if [ ! -f "$run_dir/exit_status" ]; then
     echo "tpuctl: job stopped by tpuctl ($signal)" >>"$run_dir/log"
     echo 137 > "$run_dir/exit_status"
@@ -115,7 +127,7 @@ echo "$status" > "$run_dir/exit_status.tmp" && mv "$run_dir/exit_status.tmp" "$r
 _LAUNCH = r"""
 mkdir -p "$jobs_dir"
 current=$(current_run)
-if [ -n "$current" ] && group_alive "$(run_pid "$current")"; then
+if [ -n "$current" ] && job_group "$current" >/dev/null; then
   [ "$force" = 1 ] || { echo "busy $current"; exit 75; }
   echo "stopped $current $(stop_run "$current")"
 fi
@@ -147,7 +159,7 @@ echo "holders=$(accelerator_holders | tr '\n' ' ')"
 if [ -z "$run_id" ] || [ ! -d "$jobs_dir/$run_id" ]; then echo state=absent; exit 0; fi
 run_dir="$jobs_dir/$run_id"
 echo "run_id=$run_id"
-if group_alive "$(run_pid "$run_id")"; then echo state=running
+if job_group "$run_id" >/dev/null; then echo state=running
 else
   echo state=exited
   [ -f "$run_dir/exit_status" ] && echo "exit_code=$(cat "$run_dir/exit_status")" &&
@@ -170,8 +182,8 @@ only_errors() {
   if [ "${TPUCTL_LOG_ONLY_ERRORS:-0}" = 1 ]; then grep --line-buffered -E "$error_line"; else cat; fi
 }
 show() { quiet | only_errors; }
-pid=$(run_pid "$run_id")
-if [ "$follow" = 1 ] && group_alive "$pid"; then
+pid=$(job_group "$run_id")
+if [ "$follow" = 1 ] && [ -n "$pid" ]; then
   # tail ends once this watcher (our own child, so it is reaped) sees the job gone.
   ( while group_alive "$pid"; do sleep 0.5; done ) &
   tail -n "$lines" -F --pid=$! "$log" 2>/dev/null | show
@@ -184,12 +196,12 @@ exit 0
 _KILL = r"""
 current=$(current_run)
 pid=""
-[ -n "$current" ] && pid=$(run_pid "$current")
-if [ -n "$only" ] && [ "$current" != "$only" ] && group_alive "$pid"; then
+[ -n "$current" ] && pid=$(job_group "$current")
+if [ -n "$only" ] && [ "$current" != "$only" ] && [ -n "$pid" ]; then
   echo "other $current"  # someone else's run: left running, its lockfiles too
   exit 0
 fi
-if group_alive "$pid"; then
+if [ -n "$pid" ]; then
   echo "killed $current $(stop_run "$current")"
 else
   echo "idle ${current:--}"
