@@ -7,11 +7,11 @@ import os
 import selectors
 import shutil
 import signal
-import stat
 import subprocess
 import time
 from pathlib import Path
 
+from tpuctl.fanout import tree
 from tpuctl.fanout.base import (
     Host,
     HostResult,
@@ -158,26 +158,14 @@ def resolve(host: Host, path: str) -> Path:
 
 
 def get_tree(source: Path, target: Path, skipped: list[str]) -> int:
-    """`get` from a local worker as over SSH (`ssh.get_tree`): symlinks inside the tree,
-    FIFOs, devices and sockets are skipped and listed in `skipped`, and nothing is written
-    where it would resolve outside `target`'s parent (LOCAL_DIR/wNN); returns the number of
+    """`get` from a local worker as over SSH (`tpuctl.fanout.tree`); returns the number of
     files copied. `source` itself may be a link: the user named it."""
-    return _get_entry(source, target, source.stat(), os.path.realpath(target.parent), skipped)
 
+    def entries(directory: str) -> list[tuple[str, int]]:
+        return [(e.name, e.stat(follow_symlinks=False).st_mode) for e in os.scandir(directory)]
 
-def _get_entry(source: Path, target: Path, attrs, root: str, skipped: list[str]) -> int:
-    if os.path.commonpath([os.path.realpath(target), root]) != root:
-        raise OSError(f"refusing to write {target}: it resolves outside {root}")
-    if stat.S_ISDIR(attrs.st_mode):
-        target.mkdir(parents=True, exist_ok=True)
-        children = sorted(source.iterdir())
-        return sum(_get_entry(c, target / c.name, c.lstat(), root, skipped) for c in children)
-    if not stat.S_ISREG(attrs.st_mode):
-        skipped.append(str(source))
-        return 0
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(source, target)
-    return 1
+    reader = tree.Reader(entries, lambda path, local: shutil.copy2(path, local), os.path.join)
+    return tree.get_tree(reader, str(source), source.stat().st_mode, target, skipped)
 
 
 def copy_tree(source: Path, target: Path) -> int:

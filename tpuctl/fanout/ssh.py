@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from tpuctl.fanout import paramiko_loader
+from tpuctl.fanout import paramiko_loader, tree
 from tpuctl.fanout.base import (
     AUTH_FAILED,
     PID_MARKER,
@@ -607,56 +607,21 @@ def put_tree(sftp: paramiko.SFTPClient, local: Path, remote: str) -> int:
     return copied
 
 
-class UnsafeRemoteName(OSError):
-    """A worker's listing named something that would land outside the local target."""
-
-
 def get_tree(
     sftp: paramiko.SFTPClient, remote: str, local: Path, skipped: list[str] | None = None
 ) -> int:
-    """Copy a remote file or directory tree to `local`; returns the number of files copied.
+    """Copy a remote file or directory tree to `local` as `tpuctl.fanout.tree` walks it
+    (the worker's names untrusted, links and special files skipped and appended to
+    `skipped`); returns the number of files copied. `remote` itself may be a link: the user
+    named it."""
 
-    The names a worker lists are untrusted (a compromised worker can say anything): a name
-    with `/`, `.` or `..` is refused (UnsafeRemoteName), every target must resolve inside
-    `local`'s parent (LOCAL_DIR/wNN), and symlinks inside the tree are not followed but
-    skipped and appended to `skipped`, as are FIFOs, devices and sockets. `remote` itself
-    may be a link: the user named it."""
-    root = os.path.realpath(local.parent)
-    found = [] if skipped is None else skipped
-    return _get_entry(sftp, remote, local, sftp.stat(remote), root, found)
+    def entries(directory: str) -> list[tuple[str, int]]:
+        # listdir_attr's attributes are the entries' own (lstat): links show as links.
+        return [(e.filename, e.st_mode or 0) for e in sftp.listdir_attr(directory)]
 
-
-def _get_entry(
-    sftp: paramiko.SFTPClient,
-    remote: str,
-    local: Path,
-    attrs: paramiko.SFTPAttributes,
-    root: str,
-    skipped: list[str],
-) -> int:
-    resolved = os.path.realpath(local)
-    if os.path.commonpath([resolved, root]) != root:
-        raise UnsafeRemoteName(f"refusing to write {local}: it resolves outside {root}")
-    mode = attrs.st_mode or 0
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a link is not followed, and a
-        skipped.append(remote)  # FIFO or a device (/dev/zero) would never end
-        return 0
-    if stat.S_ISREG(mode):
-        local.parent.mkdir(parents=True, exist_ok=True)
-        sftp.get(remote, str(local))
-        return 1
-    local.mkdir(parents=True, exist_ok=True)
-    copied = 0
-    # listdir_attr's attributes are the entries' own (lstat): links show as links.
-    for entry in sorted(sftp.listdir_attr(remote), key=lambda e: e.filename):
-        name = entry.filename
-        if name in ("", ".", "..") or "/" in name or "\0" in name:
-            raise UnsafeRemoteName(
-                f"refusing the name {name!r} that the worker listed in {remote}: "
-                "entries of a directory cannot contain '/' or be '.' or '..'"
-            )
-        copied += _get_entry(sftp, posixpath.join(remote, name), local / name, entry, root, skipped)
-    return copied
+    reader = tree.Reader(entries, lambda path, target: sftp.get(path, str(target)), posixpath.join)
+    mode = sftp.stat(remote).st_mode or 0
+    return tree.get_tree(reader, remote, mode, local, [] if skipped is None else skipped)
 
 
 def _sftp_makedirs(sftp: paramiko.SFTPClient, remote: str) -> None:
