@@ -1,5 +1,7 @@
 """Default node names (USER-TYPE) and the TPU API's node-id rules."""
 
+import re
+
 import pytest
 
 from tpuctl.errors import TpuctlError
@@ -29,7 +31,19 @@ def test_run_ids_that_are_one_safe_path_segment_pass(run_id):
     assert validate_run_id(run_id) == run_id
 
 
-@pytest.mark.parametrize("run_id", ["../../x", "a/b", ".hidden", "", "a b", "run;rm", "nl\n"])
+@pytest.mark.parametrize(
+    "run_id", ["../../x", "a/b", ".hidden", "", "a b", "run;rm", "nl\n", "a" * 129]
+)
 def test_other_run_ids_are_refused_naming_the_flag_and_the_rule(run_id):
-    with pytest.raises(TpuctlError, match=r"^--run-id .* is not a run id: use letters, digits"):
+    with pytest.raises(TpuctlError, match=r"^--run-id .* is not a run id: use at most 128 letters"):
         validate_run_id(run_id)
+
+
+@pytest.mark.parametrize("stem", [".tiny", "--x", "..", "a" * 300, "llama 3.1/8b"])
+def test_every_run_id_run_makes_is_one_the_other_commands_take(stem):
+    """`run .tiny.yaml` used to name its run `.tiny-...`, which logs and ps then refused."""
+    from tpuctl.jobs import new_run_id
+
+    run_id = new_run_id(stem)
+    assert validate_run_id(run_id) == run_id
+    assert re.search(r"-[0-9]{8}-[0-9]{6}\Z", run_id) and run_id[0] not in ".-"

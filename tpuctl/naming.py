@@ -12,7 +12,8 @@ NODE_ID_RE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?\Z")  # \Z: `$` lets a "\n" 
 MAX_NODE_ID = 63
 # Run ids name directories (state files, the run's folder in GCS, each worker's job
 # records): one path segment, no hidden files, nothing a shell or a URI has to quote.
-RUN_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\Z")
+MAX_RUN_ID = 128  # a file name on every worker, and part of GCS object names
+RUN_ID_RE = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9_.-]{{0,{MAX_RUN_ID - 1}}}\Z")
 
 
 def default_node_name(user: str, accelerator_type: str) -> str:
@@ -42,7 +43,7 @@ def validate_run_id(run_id: str, flag: str = "--run-id") -> str:
     raise a clear error (`../../x` would write outside the state directory)."""
     if not RUN_ID_RE.match(run_id):
         raise TpuctlError(
-            f"{flag} {run_id!r} is not a run id: use letters, digits, '_', '-' and '.', "
-            "not starting with '.' (e.g. llama-3.1-8b-sft)"
+            f"{flag} {run_id!r:.{MAX_RUN_ID + 20}} is not a run id: use at most {MAX_RUN_ID} "
+            "letters, digits, '_', '-' and '.', not starting with '.' (e.g. llama-3.1-8b-sft)"
         )
     return run_id

@@ -458,5 +458,8 @@ def new_run_id(stem: str) -> str:
     """A run id from a recipe name and the current time: tiny-20261123-141502."""
     import time
 
-    clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-") or "run"
-    return f"{clean}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from tpuctl.naming import MAX_RUN_ID, validate_run_id
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).lstrip(".-")[: MAX_RUN_ID - len(stamp) - 1]
+    return validate_run_id(f"{clean.rstrip('-') or 'run'}-{stamp}", "recipe name")
