@@ -199,13 +199,12 @@ def test_config_set_from_many_processes_at_once_keeps_every_key(clean_env):
     assert [settings.get(key) for key in keys] == [f"zone-{i}" for i in range(len(keys))]
 
 
-def test_config_set_refuses_a_reuse_that_is_no_duration_and_a_type_that_is_empty(
-    clean_env, run_tpuctl
-):
+def test_config_set_refuses_a_reuse_a_bucket_and_a_type_that_cannot_work(clean_env, run_tpuctl):
     """Both used to be written; ssh.reuse then failed the first command that fanned out."""
     for args, message in [
         (("ssh.reuse", "foo"), "error: ssh.reuse 'foo' is not a duration"),
         (("accelerators..zone", "x"), "error: unknown config key 'accelerators..zone'"),
+        (("bucket", "Bad Bucket!"), "error: bucket 'Bad Bucket!' is not a bucket name"),
     ]:
         result = run_tpuctl("config", "set", *args)
         assert result.code == 2 and result.err.startswith(message), result.err

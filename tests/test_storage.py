@@ -7,7 +7,7 @@ from tpuctl.errors import TpuctlError
 
 
 def test_recipe_uri_layout():
-    assert storage.recipe_uri("gs://b/", "r1") == "gs://b/tpuctl/runs/r1/recipe.yaml"
+    assert storage.recipe_uri("gs://lab-b/", "r1") == "gs://lab-b/tpuctl/runs/r1/recipe.yaml"
 
 
 def test_upload_then_read_back_creating_the_bucket_on_the_emulator(gcs):
@@ -18,7 +18,15 @@ def test_upload_then_read_back_creating_the_bucket_on_the_emulator(gcs):
     assert sorted(b.name for b in gcs.client().list_buckets()) == ["fresh-bucket", "test-bucket"]
 
 
-@pytest.mark.parametrize("bad", ["", "gs://", "a/b"])
+@pytest.mark.parametrize(
+    "bad", ["", "gs://", "a/b", "Bad Bucket!", "ab", "a" * 64, "a..b", "-lab", "lab-", "é-lab"]
+)
 def test_bad_bucket_setting_is_a_one_line_error(bad):
+    """GCS's naming rules, here: google-cloud-storage's ValueError was a traceback."""
     with pytest.raises(TpuctlError, match="tpuctl config set bucket"):
         storage.bucket_name(bad)
+
+
+@pytest.mark.parametrize("good", ["lab-ckpts", "gs://lab_ckpts/", "a" * 63, "runs.lab.example.com"])
+def test_bucket_names_gcs_takes_pass(good):
+    assert storage.bucket_name(good) == good.removeprefix("gs://").strip("/")

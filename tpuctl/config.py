@@ -234,6 +234,10 @@ def set_user_value(key: str, raw_value: str) -> tuple[Path, Any]:
         check(Settings(values={key: value}, sources={key: f"tpuctl config set {key}"}))
     if key == "ssh.reuse":  # else the first command that fans out would refuse it
         reuse_idle_seconds(value)
+    if key == "bucket":
+        from tpuctl.storage import bucket_name
+
+        bucket_name(str(value))
     path = user_config_path().resolve()
     private_dir(path.parent)
     # One writer at a time: two `config set` at once must not each drop the other's key.

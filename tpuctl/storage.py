@@ -8,6 +8,7 @@ bucket must already exist. google.cloud.storage is imported only when a call nee
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,25 @@ def split_uri(uri: str) -> tuple[str, str]:
 def bucket_name(value: str) -> str:
     """The bucket setting accepts `NAME` or `gs://NAME`; returns NAME."""
     name = value.removeprefix("gs://").strip("/")
-    if not name or "/" in name:
+    if not _is_bucket_name(name):
         raise TpuctlError(
-            f"bucket {value!r} is not a bucket name; set it with `tpuctl config set bucket NAME`"
+            f"bucket {value!r:.80} is not a bucket name (3-222 lowercase letters, digits, '-', "
+            "'_' and '.', starting and ending with a letter or digit); set it with "
+            "`tpuctl config set bucket NAME`"
         )
     return name
+
+
+def _is_bucket_name(name: str) -> bool:
+    """GCS's naming rules: 3-63 characters, or up to 222 in dot-separated parts of at most
+    63; lowercase letters, digits, '-' and '_'; a letter or digit first and last."""
+    parts = name.split(".")
+    return (
+        3 <= len(name) <= (222 if len(parts) > 1 else 63)
+        and all(re.fullmatch(r"[a-z0-9_-]{1,63}", part) for part in parts)
+        and name[0].isalnum()
+        and name[-1].isalnum()
+    )
 
 
 def recipe_uri(bucket: str, run_id: str) -> str:
@@ -86,6 +101,9 @@ def upload_text(uri: str, text: str) -> None:
         bucket.blob(path).upload_from_string(text, content_type="text/yaml")
     except exceptions.Forbidden as err:
         raise TpuctlError(f"no permission to write {uri}: {err.message}", exit_code=1) from None
+    except (exceptions.GoogleAPIError, exceptions.RetryError) as err:  # unreachable, 5xx
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TpuctlError(f"could not write {uri}: {reason}", exit_code=1) from None
 
 
 # Reads that a poll repeats anyway (babysit's metrics and DONE) retry for seconds, not
