@@ -1,10 +1,11 @@
 """Durations as users type them, and the clock that TPUCTL_TIME_SCALE speeds up."""
 
+import re
 import time
 
 import pytest
 
-from tpuctl.durations import Clock, format_duration, parse_duration, time_scale
+from tpuctl.durations import Clock, check_seconds, format_duration, parse_duration, time_scale
 from tpuctl.errors import TpuctlError
 
 
@@ -48,3 +49,11 @@ def test_time_scale_from_env(monkeypatch):
     monkeypatch.setenv("TPUCTL_TIME_SCALE", "fast")
     with pytest.raises(TpuctlError, match="TPUCTL_TIME_SCALE='fast' must be a number"):
         time_scale()
+
+
+def test_the_example_a_bad_number_of_seconds_suggests_works_for_every_flag():
+    """--grace takes a number, --interval a duration: the hint said 90s, which --grace refused."""
+    with pytest.raises(TpuctlError) as refused:
+        check_seconds(-5, "--grace")
+    example = re.search(r"\(e\.g\. (.+)\)", str(refused.value))[1]
+    assert float(example) == parse_duration(example, "--interval") == 90

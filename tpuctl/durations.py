@@ -39,7 +39,7 @@ def check_seconds(seconds: float, flag: str, allow_zero: bool = False) -> float:
     if math.isfinite(seconds) and (seconds > 0 or (allow_zero and seconds == 0)):
         return seconds
     least = "0 or more" if allow_zero else "more than 0"
-    raise TpuctlError(f"{flag} {seconds:g}: give a finite number of seconds, {least} (e.g. 90s)")
+    raise TpuctlError(f"{flag} {seconds:g}: give a finite number of seconds, {least} (e.g. 90)")
 
 
 def format_duration(seconds: float) -> str:
