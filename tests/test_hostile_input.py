@@ -383,12 +383,22 @@ def test_get_does_not_write_through_a_local_symlink(hostile_worker, pod_key, tmp
 # -- 4. env names and values -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["é", "A-B", "1X"])
-def test_exec_refuses_env_names_a_shell_would_echo_with_their_value(name, tmp_path):
+@pytest.mark.parametrize("arg", ["é=env-secret-5", "A-B=env-secret-5", "1X=env-secret-5",
+                                 "TOKEN:env-secret-5", "TOKEN env-secret-5"])  # fmt: skip
+def test_exec_refuses_env_names_a_shell_would_echo_with_their_value(arg, tmp_path):
     cli = LocalCli(tmp_path)
-    result = cli("exec", "--env", f"{name}=env-secret-5", "--json", "--", "true")
+    result = cli("exec", "--env", arg, "--json", "--", "true")
     one_line_error(result, "--env")
     assert "env-secret-5" not in result.stdout + result.stderr
+
+
+def test_a_secret_given_as_the_whole_env_section_is_not_echoed():
+    """`-- env=TOKEN`: a value where the recipe's env mapping goes."""
+    from trainer.config import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match="expected a mapping of NAME: value") as refused:
+        load_recipe(str(TINY), ["env=env-secret-7"])
+    assert "env-secret-7" not in str(refused.value)
 
 
 def test_an_env_value_that_is_not_utf8_is_a_one_line_error(tmp_path):

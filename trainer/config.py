@@ -409,7 +409,10 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(items)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise RecipeError(f"{key}: expected a mapping of NAME: value, got {value!r}")
+            # Not the value itself: it may be a secret typed in the wrong place (env=TOKEN).
+            raise RecipeError(
+                f"{key}: expected a mapping of NAME: value, got a {type(value).__name__}"
+            )
         # A null value is a name only (tpuctl's stored recipes): the value comes from the
         # environment the process was started with.
         return {str(k): None if v is None else str(v) for k, v in value.items()}

@@ -1,6 +1,7 @@
 """Flag parsing shared by several commands."""
 
 import os
+import re
 from collections.abc import Callable
 
 from tpuctl.errors import TpuctlError
@@ -14,9 +15,11 @@ def parse_env_flags(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         name, has_value, value = pair.partition("=")
         if not ENV_NAME.match(name):
+            # Only up to the first character no name has: NAME:VALUE must not echo VALUE.
+            shown = re.match(r"[A-Za-z0-9_]*", name)[0]
             raise TpuctlError(
-                f"--env {name!r}: a name is letters, digits and _ (not first a digit); "
-                "use --env NAME=VALUE or --env NAME"
+                f"--env {shown + '...' if shown != name else name!r}: a name is letters, "
+                "digits and _ (not first a digit); use --env NAME=VALUE or --env NAME"
             )
         if not has_value:
             if name not in os.environ:
