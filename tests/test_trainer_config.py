@@ -37,6 +37,19 @@ def recipe_text(extra: str = "") -> str:
     )
 
 
+def test_env_values_reach_the_job_as_written(tmp_path):
+    """YAML read PIN: 0755 as 493, yes as True and 1:30 as 90, in the file and in env.X=
+    overrides alike; an environment variable is the text."""
+    env = "env:\n  PIN: 0755\n  yes: on\n  T: 1:30\n  Q: '0123'\n  F: 0.9\n  NAME:\n"
+    recipe = load_recipe(write(tmp_path, recipe_text(env)), ["env.A=0x1F", "env.B=no", "env.C="])
+    assert recipe.env == {
+        **{"PIN": "0755", "yes": "on", "T": "1:30", "Q": "0123", "F": "0.9", "NAME": None},
+        **{"A": "0x1F", "B": "no", "C": ""},
+    }
+    with pytest.raises(RecipeError, match=r"env\.L: a value is text, not a list"):
+        load_recipe(write(tmp_path, recipe_text("env: {L: [1, 2]}\n")))
+
+
 def test_tiny_recipe_loads_with_preset_dims_and_relative_paths(tiny_recipe, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # paths resolve against the recipe's folder when not in cwd
     recipe = load_recipe(str(tiny_recipe))

@@ -318,7 +318,26 @@ def _parse_yaml(text: bytes, source: str) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping of keys, not {type(raw).__name__}")
+    if isinstance(raw.get("env"), dict):
+        raw["env"] = _env_as_written(text)
     return raw
+
+
+NULL_TAG = "tag:yaml.org,2002:null"
+
+
+def _env_as_written(text: bytes) -> dict[str, str | None]:
+    """The `env:` block as the recipe's text spells it. YAML would read `PIN: 0755` as the
+    octal number 493, `yes` as True and `1:30` as 90, names included; an environment
+    variable's name and value are text. A null value (a name only) stays None."""
+    document = yaml.compose(text.decode("utf-8"), Loader=yaml.SafeLoader)
+    env = next(value for key, value in document.value if key.value == "env")
+    written: dict[str, str | None] = {}
+    for key, value in env.value:
+        if not isinstance(value, yaml.ScalarNode):
+            raise RecipeError(f"env.{key.value}: a value is text, not a list or a mapping")
+        written[str(key.value)] = None if value.tag == NULL_TAG else value.value
+    return written
 
 
 def _default_run_id(source: str) -> str:
@@ -335,6 +354,8 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
         value = text
+    if key.startswith("env.") and key.count(".") == 1:
+        value = text  # a variable's value is its text, not YAML's reading of it (0755, yes)
     node, section = raw, Recipe
     parts = key.split(".")
     for part in parts[:-1]:
