@@ -159,6 +159,25 @@ def test_ctrl_c_stops_following_only_second_run_refused_secrets_hidden_kill_ends
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_finished_run_launched_again_with_more_steps_loses_its_done_record_first(
+    cli, idle_pod, tmp_path
+):
+    """Before the trainer started, the old DONE said the new launch had finished: a
+    babysitter polling then took it for the end of the run."""
+    run_dir = tmp_path / "run"
+    launch = ["run", TINY, "--name", "pod", "--all-workers"]
+    overrides = ["--", *FAST, f"run_dir={run_dir}"]
+    cli.ok(*launch, "--follow", *overrides, "train.steps=2", timeout=SLOW_S)
+    assert json.loads((run_dir / "DONE").read_text())["step"] == 2
+    again = cli(*launch, *overrides, "train.steps=4")
+    assert again.returncode == 0, again.stderr
+    assert not (run_dir / "DONE").exists()  # at once, not once the trainer is up
+    assert f"{run_dir} finished at step 2 before; going on to step 4" in again.stderr
+    cli.ok("logs", "pod", "--tail", timeout=SLOW_S)
+    assert json.loads((run_dir / "DONE").read_text())["step"] == 4
+
+
 def test_a_crashing_worker_shows_in_ps_and_logs(cli, idle_pod, tmp_path):
     cli.ok(
         "run", TINY, "--name", "pod", "--all-workers", "--run-id", "crash",

@@ -248,3 +248,15 @@ def test_a_killed_dpo_run_resumes_to_the_uninterrupted_run(kind, tmp_path):
         expected = {step: values[0] for step, values in _losses(reference, key).items()}
         for step, values in _losses(resumed, key).items():
             assert values == [expected[step]] * len(values), f"{key} step {step} ({kills})"
+
+
+def test_a_finished_run_that_goes_on_has_no_done_record_until_it_ends_again(tmp_path):
+    """Its DONE from before stayed while it trained: a babysitter took the continuation,
+    preempted, for finished, and never relaunched it."""
+    run_dir = tmp_path / "run"
+    TrainerPod(str(run_dir), 1, tmp_path, ("train.steps=4",)).finish()
+    assert json.loads((run_dir / "DONE").read_text())["step"] == 4
+    going_on = TrainerPod(str(run_dir), 1, tmp_path, ("train.steps=12",))
+    assert going_on.stop_at(7, signal.SIGTERM) >= 7
+    assert "trainer: going on from step 4 to 12" in going_on.output()
+    assert not (run_dir / "DONE").exists()

@@ -7,6 +7,7 @@ bucket must already exist. google.cloud.storage is imported only when a call nee
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -128,6 +129,15 @@ def read_text(uri: str, polling: bool = False) -> str | None:
         return _client().bucket(bucket_id).blob(path).download_as_text(retry=_retry(polling))
     except exceptions.NotFound:
         return None
+
+
+def delete(uri: str) -> None:
+    """Delete a gs:// object; one that is not there is no error."""
+    from google.api_core import exceptions
+
+    bucket_id, path = split_uri(uri)
+    with contextlib.suppress(exceptions.NotFound):
+        _client().bucket(bucket_id).blob(path).delete()
 
 
 def read_from(uri: str, start: int) -> tuple[int, bytes] | None:

@@ -427,6 +427,10 @@ def train(recipe: Recipe) -> int:
             if not io.exists(_done_path(recipe)):  # stopped between its last save and DONE
                 _write_done(recipe, step, {}, started)
         return 0
+    if is_main and io.exists(_done_path(recipe)):  # a finished run that goes on (more steps)
+        io.remove(_done_path(recipe))  # until it ends again, it has not finished
+        print(f"trainer: going on from step {step} to {run.total_steps}: the run's DONE "
+              "record is removed until it finishes", flush=True)  # fmt: skip
     log = (
         metrics.MetricsLog(
             recipe.run_dir, recipe.logging.wandb_project, recipe.logging.tensorboard, recipe.run_id

@@ -80,6 +80,7 @@ def start_run(
         jobs.refuse_if_busy(worker_jobs)
     uri = storage.recipe_uri(_bucket(settings, node), run_id)
     storage.upload_text(uri, resolved_recipe_yaml(recipe))
+    _clear_stale_done(_absolute(recipe.run_dir), recipe.train.steps, progress)
     cpu = _is_cpu_pod(settings, node, worker_jobs)
     worker_env = prepare_workers(settings, node, hosts, progress, cpu)
     env = {**secrets, **storage_env, **(_cpu_pod_env(node) if cpu else {}), **request.env}
@@ -252,6 +253,26 @@ def _with_process_ids(hosts: list[Host]) -> list[Host]:
         dataclasses.replace(host, env={**host.env, "TPUCTL_PROCESS_ID": str(index)})
         for index, host in enumerate(hosts)
     ]
+
+
+def _clear_stale_done(run_dir: str, steps: int | None, progress: Callable[[str], None]) -> None:
+    """A DONE record short of the recipe's steps is from a finished run now going on (its
+    train.steps raised): removed before the launch, so that no one watching the run (a
+    babysitter, `run --follow`) takes it for this launch's end before the trainer starts.
+    The trainer removes it too, where tpuctl cannot see the run directory."""
+    try:
+        done = run_summary(run_dir, polling=True)
+    except Exception:  # unreadable from here (GCS trouble, half written): the trainer sees to it
+        return
+    step = done.get("step") if isinstance(done, dict) else None
+    if steps is None or not isinstance(step, int) or step >= steps:
+        return
+    path = f"{run_dir.rstrip('/')}/DONE"
+    if "://" in path:
+        storage.delete(path)
+    else:
+        Path(path).unlink(missing_ok=True)
+    progress(f"{run_dir} finished at step {step} before; going on to step {steps}")
 
 
 def run_summary(run_dir: str, polling: bool = False) -> dict[str, Any] | None:
