@@ -257,6 +257,26 @@ def test_single_process_sync_save_local_restores_on_smaller_mesh(local_dir):
     assert restored == {**restored, "step": 6, "equal": True, "shard_shape": [8, 8]}
 
 
+def test_a_save_timeout_past_a_c_int_is_no_limit_not_a_failed_save(local_dir):
+    """checkpoint.save_timeout_s=1e300 passed validation, then every save failed (exit 74)."""
+    cfg = {"every_steps": 1, "keep": 2, "async_save": True, "save_timeout_s": 1e300}
+    (saved,) = _run("save", local_dir, devices=2, steps=3, cfg=cfg)
+    assert saved["latest"] == 3
+
+
+def test_a_cut_model_record_or_a_file_named_checkpoints_is_one_line(tmp_path):
+    """Both were tracebacks: a JSONDecodeError, a FileExistsError."""
+    from trainer.checkpoint import Checkpointer, CheckpointError, read_model_info
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "model.json").write_text('{"model": {"dim')
+    with pytest.raises(CheckpointError, match=r"model\.json is not the model record"):
+        read_model_info(str(tmp_path / "checkpoints"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(CheckpointError, match=r"cannot use .*a-file for checkpoints"):
+        Checkpointer(str(tmp_path / "a-file"), CheckpointConfig())
+
+
 # -- SIGTERM -------------------------------------------------------------------------------
 
 

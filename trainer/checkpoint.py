@@ -77,7 +77,13 @@ class Checkpointer:
         checkpoints they are recorded only once `restore` has accepted them: a recipe that
         cannot resume the run must not rewrite what the run's checkpoints are."""
         directory = io.absolute(directory)
-        io.makedirs(directory)
+        try:
+            io.makedirs(directory)
+        except OSError as e:  # a file of that name, or no permission
+            raise CheckpointError(
+                f"cannot use {directory} for checkpoints ({e.strerror or e}): move what is "
+                "there away, or pick another run_dir"
+            ) from None
         self._info: dict | None = None
         if model is not None:
             # absolute: export runs from anywhere, not only where the trainer was started
@@ -124,7 +130,10 @@ class Checkpointer:
         return ocp.CheckpointManagerOptions(
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=cfg.async_save,
-            async_options=ocp.AsyncOptions(timeout_secs=max(1, int(cfg.save_timeout_s))),
+            # orbax takes a C int of seconds: 2**31 - 1 (68 years) is "no limit" already
+            async_options=ocp.AsyncOptions(
+                timeout_secs=max(1, min(int(cfg.save_timeout_s), 2**31 - 1))
+            ),
             # Leftovers of saves cut short (uncommitted, unusable) would collide with new saves.
             cleanup_tmp_directories=True,
             create=True,
@@ -355,7 +364,18 @@ def read_model_info(directory: str) -> tuple[ModelConfig, str | None]:
 def _recorded_info(directory: str) -> dict | None:
     """What a Checkpointer recorded beside the checkpoints in `directory`, None if nothing."""
     path = io.join(directory, MODEL_INFO_FILE)
-    return json.loads(io.read_text(path)) if io.exists(path) else None
+    if not io.exists(path):
+        return None
+    try:
+        info = json.loads(io.read_text(path))
+    except ValueError:
+        info = None
+    if not isinstance(info, dict) or not isinstance(info.get("model"), dict):
+        raise CheckpointError(
+            f"{path} is not the model record the trainer writes (cut short, or edited): "
+            "restore it from a copy, or delete it and pass the recipe the run trained with"
+        )
+    return info
 
 
 def load_params(directory: str, step: int | None = None) -> tuple[int, Any]:
