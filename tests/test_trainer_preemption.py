@@ -5,6 +5,7 @@ started it. The SIGTERM cases run in a child process: the flag lasts for a proce
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -163,3 +164,23 @@ def _stopped_while_starting(args: list[str], ready: Callable[[], object], **env:
             os.killpg(trainer.pid, signal.SIGKILL)
     assert trainer.returncode == EXIT_PREEMPTED, stderr
     return stderr
+
+
+def test_a_sigterm_during_the_last_step_finishes_the_run(tmp_path):
+    """The stop saves the last step: the run is complete. It used to exit 75 without DONE,
+    and the relaunch wrote a DONE without the final metrics."""
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"run_dir={run_dir}",
+        "train.steps=1",
+        "eval.every_steps=0",
+        "logging.every_steps=1",
+    ]
+    child = _child(
+        "from trainer.config import load_recipe\nfrom trainer.train import train\n"
+        "preemption.watch()\nos.kill(os.getpid(), signal.SIGTERM)  # during the only step\n"
+        f"sys.exit(train(load_recipe({str(ROOT / 'recipes' / 'tiny.yaml')!r}, {overrides!r})))\n"
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    done = json.loads((run_dir / "DONE").read_text())
+    assert done["step"] == 1 and "loss" in done["final"], done

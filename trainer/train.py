@@ -439,11 +439,12 @@ def train(recipe: Recipe) -> int:
         else None
     )
     step, last, preempted = train_loop(run, feed, step, checkpointer, log, peak)
-    if preempted:
+    if preempted and step < run.total_steps:
         checkpointer.close()
         print(f"trainer: stopped on SIGTERM at step {step}, checkpoint committed", flush=True)
         return EXIT_PREEMPTED
-    checkpointer.save(run.state)  # the final state, whatever the save interval
+    if not preempted:  # a stop at the last step has saved it already: the run is done
+        checkpointer.save(run.state)  # the final state, whatever the save interval
     checkpointer.close()
     if is_main:
         _write_done(recipe, step, last, started)
