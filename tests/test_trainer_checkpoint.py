@@ -257,6 +257,16 @@ def test_single_process_sync_save_local_restores_on_smaller_mesh(local_dir):
     assert restored == {**restored, "step": 6, "equal": True, "shard_shape": [8, 8]}
 
 
+def test_milestones_stay_when_a_resumed_recipe_drops_milestone_every(local_dir):
+    """They are kept forever; a resume under a recipe without milestone_every deleted them."""
+    first = {"every_steps": 2, "keep": 2, "async_save": False, "milestone_every": 5}
+    _run("save", local_dir, devices=2, steps=12, cfg=first)
+    assert _committed_steps(local_dir, first) == [5, 10, 12]
+    then = {"every_steps": 2, "keep": 2, "async_save": False}
+    _run("save", local_dir, devices=2, steps=16, cfg=then)
+    assert _committed_steps(local_dir, then) == [5, 10, 14, 16]
+
+
 def test_a_save_timeout_past_a_c_int_is_no_limit_not_a_failed_save(local_dir):
     """checkpoint.save_timeout_s=1e300 passed validation, then every save failed (exit 74)."""
     cfg = {"every_steps": 1, "keep": 2, "async_save": True, "save_timeout_s": 1e300}

@@ -49,6 +49,9 @@ _WATCHDOG_POLL_S = 0.2
 # tensorstore appends its status payloads ([http_response_body='...']) to error messages.
 _STATUS_PAYLOAD = re.compile(r"( \[\w+='.*)$")
 MODEL_INFO_FILE = "model.json"  # beside the step directories: what export needs to know
+# Beside them too: the milestone steps saved so far, kept whatever a later recipe's
+# milestone_every says (a resume under another setting must not delete them).
+MILESTONES_FILE = "milestones.json"
 
 
 class CheckpointError(TrainerError):
@@ -92,7 +95,10 @@ class Checkpointer:
             self._info = info | ({"objective": objective} if objective else {})
         self.directory = directory
         self.cfg = cfg
-        self._manager = ocp.CheckpointManager(directory, options=self._options(cfg))
+        self._milestones = _recorded_milestones(directory)
+        self._manager = ocp.CheckpointManager(
+            directory, options=self._options(cfg, self._milestones)
+        )
         self._last_save_time = time.monotonic()
         self._previous_sigterm_handler = preemption.watch()
         self._save_started: float | None = None  # set while a save may still be uncommitted
@@ -109,6 +115,15 @@ class Checkpointer:
             text = json.dumps(self._info, indent=1) + "\n"
             io.write_text(io.join(self.directory, MODEL_INFO_FILE), text)
 
+    def _record_milestone(self, step: int) -> None:
+        every = self.cfg.milestone_every
+        if not every or step % every or step in self._milestones:
+            return
+        self._milestones.append(step)
+        if jax.process_index() == 0:
+            text = json.dumps({"steps": sorted(self._milestones)}) + "\n"
+            io.write_text(io.join(self.directory, MILESTONES_FILE), text)
+
     def _check_objective(self, step: int) -> None:
         """Refuse to resume a run trained under another objective: its step count and optimizer
         state would carry on under a different loss, and its checkpoints be replaced."""
@@ -123,10 +138,12 @@ class Checkpointer:
             )
 
     @staticmethod
-    def _options(cfg: CheckpointConfig) -> ocp.CheckpointManagerOptions:
+    def _options(cfg: CheckpointConfig, milestones: list[int]) -> ocp.CheckpointManagerOptions:
         policies = [checkpoint_managers.LatestN(cfg.keep if cfg.keep > 0 else None)]
         if cfg.milestone_every:
             policies.append(checkpoint_managers.EveryNSteps(cfg.milestone_every))
+        if milestones:  # saved under an earlier recipe's milestone_every
+            policies.append(checkpoint_managers.CustomSteps(milestones))
         return ocp.CheckpointManagerOptions(
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=cfg.async_save,
@@ -211,6 +228,7 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return
         self._start_watchdog()
+        self._record_milestone(step)
         self.wait_until_committed()  # orbax would wait too; a failure is the previous step's
         self._in_blocking_save = True
         self._save_started, self._saving_step = time.monotonic(), step
@@ -359,6 +377,17 @@ def read_model_info(directory: str) -> tuple[ModelConfig, str | None]:
             "model config; pass --recipe RECIPE"
         )
     return ModelConfig(**info["model"]), info.get("tokenizer")
+
+
+def _recorded_milestones(directory: str) -> list[int]:
+    """The milestone steps recorded in `directory` (none when the record is missing or
+    unreadable: the recipe's milestone_every still keeps its own)."""
+    path = io.join(directory, MILESTONES_FILE)
+    try:
+        steps = json.loads(io.read_text(path))["steps"] if io.exists(path) else []
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [s for s in steps if isinstance(s, int)] if isinstance(steps, list) else []
 
 
 def _recorded_info(directory: str) -> dict | None:
