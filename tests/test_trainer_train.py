@@ -162,3 +162,15 @@ def test_a_logged_step_time_includes_the_step_itself_not_only_its_dispatch(tiny_
         state, _ = jax.block_until_ready(step(state, batch))  # the state is donated
         timings.append(time.perf_counter() - started)
     assert logged > 0.5 * float(np.median(timings)), (logged, timings)
+
+
+def test_eval_reads_an_unweighted_eval_set_once_and_says_so(tiny_recipe, tmp_path, capsys):
+    """eval.batches past the eval set's rows used to read them again, counting them twice."""
+    recipe = load_recipe(str(tiny_recipe), [f"run_dir={tmp_path}", "eval.batches=1000"])
+    eval_set = train.prepare_data(recipe, "eval", shuffle=False)
+    batches = train.eval_batches(recipe, eval_set)
+    assert batches == eval_set.epoch_rows() // recipe.train.batch_size < 1000
+    rows = np.concatenate([eval_set.batch_rows(i) for i in range(batches)]).tolist()
+    assert len(set(rows)) == len(rows)
+    train._announce_eval_size(recipe, eval_set)
+    assert f"eval reads {batches} batches, not eval.batches=1000" in capsys.readouterr().out

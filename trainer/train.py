@@ -323,11 +323,19 @@ def prepare_data(
     return Mixture(readers, entries, batch_size, seed, shuffle=shuffle)
 
 
+def eval_batches(recipe: Recipe, eval_set: Mixture) -> int:
+    """`eval.batches`, but at most one pass over an unweighted eval set: more batches would
+    read its rows again and count them twice (a weighted mixture repeats rows by design)."""
+    if eval_set.weighted:
+        return recipe.eval.batches
+    return max(1, min(recipe.eval.batches, eval_set.epoch_rows() // recipe.train.batch_size))
+
+
 def evaluate(run: Run, eval_set: Mixture, ref_logps=None) -> dict[str, float]:
-    """Held-out loss over `eval.batches` batches: with perplexity for lm, with TRL's
+    """Held-out loss over `eval_batches` batches: with perplexity for lm, with TRL's
     eval_rewards/* and eval_logps/* for dpo (`ref_logps`: the split's precomputed ones)."""
     loss_sum, totals = 0.0, {}
-    for i in range(run.recipe.eval.batches):
+    for i in range(eval_batches(run.recipe, eval_set)):
         batch = global_batch(
             eval_set, i, run.recipe.train.grad_accum, run.batch_sharding, ref_logps
         )
@@ -414,6 +422,8 @@ def train(recipe: Recipe) -> int:
     eval_set = (
         prepare_data(recipe, "eval", shuffle=False, progress=progress) if recipe.data.eval else None
     )
+    if is_main and eval_set is not None:
+        _announce_eval_size(recipe, eval_set)
     run = setup(recipe, train_set, hf_params)
     feed = Feed(train_set, eval_set, reference_logps(run, train_set, eval_set))
     checkpointer = open_checkpointer(run)
@@ -576,6 +586,18 @@ def _end_stalled(timeout_s: float) -> Callable[[str, float], None]:
         )
 
     return end
+
+
+def _announce_eval_size(recipe: Recipe, eval_set: Mixture) -> None:
+    """Say when eval reads fewer batches than eval.batches (or rows twice), and why."""
+    rows, batch = eval_set.epoch_rows(), recipe.train.batch_size
+    batches = eval_batches(recipe, eval_set)
+    if rows < batch and not eval_set.weighted:
+        print(f"trainer: data.eval has {rows} rows, fewer than one batch of {batch}: eval "
+              "counts some of them twice", flush=True)  # fmt: skip
+    elif batches < recipe.eval.batches:
+        print(f"trainer: eval reads {batches} batches, not eval.batches={recipe.eval.batches}: "
+              f"data.eval has {rows} rows, one pass", flush=True)  # fmt: skip
 
 
 def _process() -> str:
