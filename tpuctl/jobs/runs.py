@@ -80,7 +80,8 @@ def start_run(
         jobs.refuse_if_busy(worker_jobs)
     uri = storage.recipe_uri(_bucket(settings, node), run_id)
     storage.upload_text(uri, resolved_recipe_yaml(recipe))
-    _clear_stale_done(_absolute(recipe.run_dir), recipe.train.steps, progress)
+    if "://" in recipe.run_dir or node.provider == "local":  # else it is on the workers' disks
+        _clear_stale_done(_absolute(recipe.run_dir), recipe.train.steps, progress)
     cpu = _is_cpu_pod(settings, node, worker_jobs)
     worker_env = prepare_workers(settings, node, hosts, progress, cpu)
     env = {**secrets, **storage_env, **(_cpu_pod_env(node) if cpu else {}), **request.env}
@@ -259,7 +260,8 @@ def _clear_stale_done(run_dir: str, steps: int | None, progress: Callable[[str],
     """A DONE record short of the recipe's steps is from a finished run now going on (its
     train.steps raised): removed before the launch, so that no one watching the run (a
     babysitter, `run --follow`) takes it for this launch's end before the trainer starts.
-    The trainer removes it too, where tpuctl cannot see the run directory."""
+    Only for a run directory this machine shares with the workers (gs://, a local pod's);
+    the trainer removes it too, where tpuctl cannot see it."""
     try:
         done = run_summary(run_dir, polling=True)
     except Exception:  # unreadable from here (GCS trouble, half written): the trainer sees to it
