@@ -128,3 +128,51 @@ def test_templates_that_break_prefixes_or_raise_are_recipe_errors(tmp_path):
         chat.tokenize_chat({"messages": [TURNS[1], TURNS[1]]}, tok, MISTRAL)
     with pytest.raises(RecipeError, match="not a valid Jinja template"):
         chat.tokenize_chat({"messages": TURNS}, tok, "{% for %}")
+
+
+# Llama 3.1's kind of branch on a tool call, Qwen3's on reasoning.
+TOOLS_AND_REASONING = (
+    "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' }}"
+    "{% if 'tool_calls' in m %}{{ 'TOOLS:' + m.tool_calls | tojson }}"
+    "{% else %}{% if m.reasoning_content is defined %}"
+    "{{ '<think>' + m.reasoning_content + '</think>' }}{% endif %}"
+    "{{ m['content'] | trim }}{% endif %}{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+
+
+def test_messages_reach_the_template_as_apply_chat_template_passes_them(tmp_path):
+    """Parquet gives every message every key of the column, None where it had none: the
+    template saw `tool_calls: None` and rendered a tool call instead of the reply. And
+    reasoning under `reasoning` or `thinking` reaches templates as reasoning_content."""
+    from transformers import AutoTokenizer
+
+    directory = train_tokenizer(tmp_path / "t", "bpe", "<|eot_id|>", TOOLS_AND_REASONING)
+    theirs = AutoTokenizer.from_pretrained(directory)
+    ours = load_tokenizer(TokenizerConfig(path=str(directory)))
+    template = chat.template_source(None, ours)
+    for messages in (
+        [{"role": "user", "content": "2+2?", "tool_calls": None},
+         {"role": "assistant", "content": "four", "tool_calls": None}],
+        [{"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "four", "reasoning": "two and two"}],
+    ):  # fmt: skip
+        assert chat.render(template, messages, ours.special_tokens) == (
+            theirs.apply_chat_template(messages, tokenize=False)
+        )
+        tokens, _ = chat.tokenize_chat({"messages": messages}, ours, template)
+        expected = theirs.apply_chat_template(messages, tokenize=True, return_dict=True)
+        assert tokens == list(expected["input_ids"])
+
+
+def test_the_tulu_fallback_takes_none_as_no_content_and_refuses_what_is_not_text(tmp_path):
+    tok = load_tokenizer(
+        TokenizerConfig(path=str(train_tokenizer(tmp_path / "t", "bpe", chat_template=None)))
+    )
+    empty = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]
+    tokens, flags = chat.tokenize_chat({"messages": empty}, tok, None)
+    assert "None" not in tok.decode([t for t, f in zip(tokens, flags, strict=True) if f])
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    with pytest.raises(RecipeError, match="a user message's content is a list, not text"):
+        chat.tokenize_chat({"messages": parts}, tok, None)

@@ -89,7 +89,7 @@ def render(template: str, messages: list[dict], special_tokens: dict[str, str],
     """The text of `messages` as transformers' apply_chat_template renders it."""
     try:
         return _compile(template).render(
-            messages=messages,
+            messages=[_as_transformers_passes_it(m) for m in messages],
             tools=None,
             documents=None,
             add_generation_prompt=add_generation_prompt,
@@ -97,6 +97,22 @@ def render(template: str, messages: list[dict], special_tokens: dict[str, str],
         )
     except Exception as e:  # jinja2's TemplateError, and what templates raise on bad input
         raise RecipeError(f"data.chat_template: rendering a conversation failed: {e}") from e
+
+
+# Names a message's reasoning comes under; templates read the first (transformers fills it
+# from the others, and `thinking` for gpt-oss templates).
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _as_transformers_passes_it(message: dict) -> dict:
+    """A message as apply_chat_template hands it to a template: keys whose value is None
+    dropped (Parquet and Arrow give every message every key of the column, None where it had
+    none: `tool_calls: None` would render as a tool call), reasoning under every name."""
+    message = {key: value for key, value in message.items() if value is not None}
+    reasoning = next((message[k] for k in REASONING_FIELDS if k in message), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
 
 
 def render_with_spans(
@@ -170,8 +186,14 @@ def _tokenize_tulu(
             raise RecipeError(
                 f"data.format chat: unknown role {role!r}; use system, user or assistant"
             )
+        content = message.get("content")
+        if not isinstance(content, str | None):
+            raise RecipeError(
+                f"data.format chat: a {role} message's content is a {type(content).__name__}, "
+                "not text; this format takes text only (name a data.chat_template for more)"
+            )
         header = tok.encode(TULU_HEADERS[role])
-        body = tok.encode(str(message.get("content", "")))
+        body = tok.encode(content or "")
         body += eos(tok) if role == "assistant" else tok.encode("\n")
         learn = int(role == "assistant" and (i == last or not last_turn_only))
         tokens += header + body
