@@ -176,3 +176,13 @@ def test_the_tulu_fallback_takes_none_as_no_content_and_refuses_what_is_not_text
     parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     with pytest.raises(RecipeError, match="a user message's content is a list, not text"):
         chat.tokenize_chat({"messages": parts}, tok, None)
+
+
+def test_a_template_file_that_is_not_text_is_one_line(tmp_path):
+    """It was a UnicodeDecodeError traceback."""
+    tok = load_tokenizer(
+        TokenizerConfig(path=str(train_tokenizer(tmp_path / "t", "bpe", chat_template=None)))
+    )
+    (tmp_path / "t.jinja").write_bytes(b"\xff\xfe{{ messages }}")
+    with pytest.raises(RecipeError, match=r"t\.jinja cannot be read as a Jinja template"):
+        chat.template_source(str(tmp_path / "t.jinja"), tok)

@@ -220,6 +220,7 @@ def test_explicit_dims_override_the_preset(tmp_path):
         ("", ["eval.batches=0"], "eval.batches must be at least 1, got 0"),
         ("", ["train.seed=-1"], "train.seed must be at least 0, got -1"),
         ("", ["checkpoint.save_timeout_s=0"], "checkpoint.save_timeout_s must be more than 0"),
+        ("", ["data.chat_template=/tmp"], "data.chat_template: /tmp is a directory"),
         ("", ["train.steps=null", "train.epochs=.nan"], "train.epochs: expected a finite number"),
         (
             "",

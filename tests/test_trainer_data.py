@@ -7,7 +7,7 @@ import pytest
 
 from tests.fixtures_trainer import REPO
 from trainer import data
-from trainer.config import DataConfig, TokenizerConfig
+from trainer.config import DataConfig, RecipeError, TokenizerConfig
 from trainer.tokenizer import Tokenizer, load_tokenizer
 
 TOKENIZER = TokenizerConfig(path=str(REPO / "recipes" / "data" / "tokenizer.model"))
@@ -46,6 +46,21 @@ def test_prompt_completion_and_alpaca_records(tok):
         tokens, flags = data.tokenize(record, tok, cfg)
         learned = [t for t, f in zip(tokens, flags, strict=True) if f]
         assert tok.decode(learned[:-1]).strip() == "6."
+
+
+def test_prompt_completion_fields_must_be_text_or_numbers(tok):
+    """str() of a list of messages, or of None, used to be learned as its Python repr."""
+    cfg = DataConfig(format="prompt_completion")
+    tokens, flags = data.tokenize({"prompt": "2 + 2 =", "completion": 4}, tok, cfg)
+    assert tok.decode([t for t, f in zip(tokens, flags, strict=True) if f][:-1]).strip() == "4"
+    for record, message in [
+        ({"prompt": [{"role": "user", "content": "hi"}], "completion": "x"},
+         "'prompt' is a list, not text \\(messages: use data.format chat\\)"),
+        ({"prompt": "hi", "completion": None}, "'completion' is a NoneType, not text"),
+        ({"instruction": "hi", "input": ["x"], "output": "y"}, "'input' is a list"),
+    ]:  # fmt: skip
+        with pytest.raises(RecipeError, match=message):
+            data.tokenize(record, tok, cfg)
 
 
 def test_text_packing_fills_rows_and_continues_documents():

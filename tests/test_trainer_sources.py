@@ -79,6 +79,21 @@ def test_unreadable_inputs_say_what_to_give(tmp_path):
     assert len(records_of(str(tmp_path / "dd" / "train"))) == 2
 
 
+def test_a_file_that_is_not_what_its_name_says_is_one_line_naming_it(tmp_path):
+    """They were tracebacks: UnicodeDecodeError, BadGzipFile, EOFError, ArrowInvalid."""
+    import gzip
+
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    (tmp_path / "fake.jsonl.gz").write_text('{"text": "not gzip"}\n')
+    whole = gzip.compress(b'{"text": "a"}\n' * 100)
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    for name, kind in [("latin1.jsonl", "jsonl"), ("fake.jsonl.gz", r"jsonl \(gz\)"),
+                       ("cut.jsonl.gz", r"jsonl \(gz\)"), ("empty.parquet", "parquet")]:  # fmt: skip
+        with pytest.raises(RecipeError, match=rf"data: .*{name} cannot be read as {kind}: "):
+            records_of(str(tmp_path / name))
+
+
 def test_hf_names_parse_into_name_config_and_split():
     assert sources.parse_hf("hf:allenai/c4/en:validation") == ("allenai/c4", "en", "validation")
     assert sources.parse_hf("hf:roneneldan/TinyStories") == (

@@ -55,7 +55,14 @@ def template_source(name: str | None, tok: Tokenizer) -> str | None:
 
 @lru_cache(maxsize=8)
 def _read_template(path: str) -> str:
-    return io.read_text(path)
+    try:
+        return io.read_text(path)
+    except (OSError, UnicodeDecodeError) as e:  # a directory, unreadable, not text
+        reason = getattr(e, "strerror", None) or type(e).__name__
+        raise RecipeError(
+            f"data.chat_template: {path} cannot be read as a Jinja template ({reason}); name "
+            "a template file, or tulu, llama3 or chatml"
+        ) from None
 
 
 def tokenize_chat(

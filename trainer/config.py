@@ -758,6 +758,11 @@ def _validate_files(recipe: Recipe) -> None:
     template = recipe.data.chat_template
     if template is not None and template not in CHAT_TEMPLATE_NAMES:
         checks.append(("data.chat_template", template))
+        if io.isdir(template):
+            raise RecipeError(
+                f"data.chat_template: {template} is a directory; name a Jinja template file, "
+                "or tulu, llama3 or chatml"
+            )
     for split in ("train", "eval"):
         for i, entry in enumerate(getattr(recipe.data, split)):
             checks += [(f"data.{split}[{i}]", p) for p in entry.path if not p.startswith("hf:")]

@@ -61,12 +61,26 @@ def _field(record: object, name: str) -> str:
 
 def _prompt_completion(record: object) -> tuple[str, str]:
     if isinstance(record, dict) and "prompt" in record and "completion" in record:
-        return str(record["prompt"]), str(record["completion"])
+        return _text(record, "prompt"), _text(record, "completion")
     if isinstance(record, dict) and "instruction" in record and "output" in record:
-        extra = f"\n\n{record['input']}" if record.get("input") else ""
-        return f"{record['instruction']}{extra}\n\n", str(record["output"])
+        extra = f"\n\n{_text(record, 'input')}" if record.get("input") else ""
+        return f"{_text(record, 'instruction')}{extra}\n\n", _text(record, "output")
     raise RecipeError(
         "data.format prompt_completion: records need prompt+completion or instruction(+input)+output"
+    )
+
+
+def _text(record: dict, field: str) -> str:
+    """A prompt_completion field, which must be text (or a number): str() of a list of
+    messages, or of None, would train on its Python repr."""
+    value = record[field]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):  # an answer: 4
+        return str(value)
+    hint = " (messages: use data.format chat)" if isinstance(value, list) else ""
+    raise RecipeError(
+        f"data.format prompt_completion: '{field}' is a {type(value).__name__}, not text{hint}"
     )
 
 

@@ -133,7 +133,30 @@ def read_records(unit: Unit) -> Iterator[object]:
 
 def read_located(unit: Unit) -> Iterator[tuple[str, object]]:
     """The records of a unit with where each one is, for error messages: `PATH:LINE` for JSON
-    lines, `PATH record N` (from 1) for the other kinds."""
+    lines, `PATH record N` (from 1) for the other kinds. A file that is not what its name
+    says (not UTF-8, a broken gzip, zstd or Parquet file) is a RecipeError naming it."""
+    try:
+        yield from _read_located(unit)
+    except Exception as e:
+        if isinstance(e, RecipeError) or not _unreadable(e):
+            raise
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RecipeError(
+            f"data: {unit.path} cannot be read as {unit.kind}"
+            f"{f' ({unit.compression})' if unit.compression else ''}: {reason}"
+        ) from None
+
+
+def _unreadable(error: Exception) -> bool:
+    """A file's content at fault, not the reading (a network error on gs:// is no bad input)."""
+    library = type(error).__module__.split(".")[0]
+    return isinstance(error, UnicodeDecodeError | EOFError | gzip.BadGzipFile) or library in (
+        "pyarrow",
+        "zstandard",
+    )
+
+
+def _read_located(unit: Unit) -> Iterator[tuple[str, object]]:
     with contextlib.ExitStack() as stack:
         raw = stack.enter_context(io.open_file(unit.path, "rb"))
         if unit.kind in ("parquet", "arrow"):
