@@ -48,6 +48,20 @@ def test_prompt_completion_and_alpaca_records(tok):
         assert tok.decode(learned[:-1]).strip() == "6."
 
 
+def test_prompt_completion_is_tokenised_whole_as_trl_does(tok):
+    """Apart, sentencepiece gave the completion a word start of its own: "Response:\n"
+    "▁four" where TRL, tokenising prompt + completion, learns "four"."""
+    import sentencepiece
+
+    record = {"prompt": "### Response:\n", "completion": "four"}
+    tokens, flags = data.tokenize(record, tok, DataConfig(format="prompt_completion"))
+    sp = sentencepiece.SentencePieceProcessor(model_file=TOKENIZER.path)  # TRL's tokenizer(text)
+    whole = sp.encode(record["prompt"] + record["completion"])
+    assert tokens == [sp.bos_id(), *whole, sp.eos_id()]
+    learned = [t for t, f in zip(tokens, flags, strict=True) if f]
+    assert tok.decode(learned[:-1]) == "four" and learned[-1] == tok.eos_id
+
+
 def test_prompt_completion_fields_must_be_text_or_numbers(tok):
     """str() of a list of messages, or of None, used to be learned as its Python repr."""
     cfg = DataConfig(format="prompt_completion")

@@ -34,7 +34,9 @@ import numpy as np
 from trainer import data, io, preference, sources
 from trainer.config import DataConfig, DatasetConfig, RecipeError
 
-CACHE_VERSION = 3  # 3: preference rows carry a margins column
+# 3: preference rows carry a margins column; 4: prompt_completion tokenised whole, chat
+# messages without their None-valued keys
+CACHE_VERSION = 4
 INDEX = "index.json"
 LEASE_S = 300.0  # a claim without progress for this long belongs to a builder that died
 REFRESH_S = 30.0  # how often a builder renews its claim

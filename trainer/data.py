@@ -32,12 +32,14 @@ def tokenize(record: object, tok: Tokenizer, cfg: DataConfig) -> tuple[list[int]
         tokens = bos(tok) + tok.encode(text) + eos(tok)
         return tokens, [1] * len(tokens)
     if cfg.format == "prompt_completion":
+        # Tokenised whole, as TRL's SFT does: apart, a sentencepiece-style tokenizer gives the
+        # completion a word start of its own ("Answer:" "▁four" for "Answer:four"). A token
+        # is learned when it reaches into the completion.
         prompt, completion = _prompt_completion(record)
-        prompt_ids, completion_ids = (
-            bos(tok) + tok.encode(prompt),
-            tok.encode(completion) + eos(tok),
-        )
-        return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
+        ids, offsets = tok.encode_with_offsets(prompt + completion)
+        learned = [int(end > len(prompt) or start >= len(prompt)) for start, end in offsets]
+        tokens = bos(tok) + ids + eos(tok)
+        return tokens, [0] * len(bos(tok)) + learned + [1] * len(eos(tok))
     return chat.tokenize_chat(record, tok, chat.template_source(cfg.chat_template, tok))
 
 
