@@ -186,3 +186,15 @@ def test_a_template_file_that_is_not_text_is_one_line(tmp_path):
     (tmp_path / "t.jinja").write_bytes(b"\xff\xfe{{ messages }}")
     with pytest.raises(RecipeError, match=r"t\.jinja cannot be read as a Jinja template"):
         chat.template_source(str(tmp_path / "t.jinja"), tok)
+
+
+def test_a_reply_starting_with_a_byte_fallback_character_is_learned_whole():
+    """sentencepiece gives the first byte pieces of 🙂 empty spans where it starts: only its
+    last byte used to be learned, so the model never learned to begin a reply with it."""
+    from tests.fixtures_trainer import REPO
+
+    tok = load_tokenizer(TokenizerConfig(path=str(REPO / "recipes" / "data" / "tokenizer.model")))
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "🙂 ok"}]
+    tokens, flags = chat.tokenize_chat({"messages": messages}, tok, chat.JINJA_TEMPLATES["chatml"])
+    learned = [t for t, f in zip(tokens, flags, strict=True) if f]
+    assert tok.decode(learned).startswith("🙂 ok")

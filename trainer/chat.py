@@ -86,7 +86,9 @@ def tokenize_messages(
     text, spans = render_with_spans(template, messages, tok.special_tokens)
     spans = spans[-1:] if last_turn_only else spans
     ids, offsets = tok.encode_with_offsets(text)
-    flags = [int(any(a < span_end and b > span_start for span_start, span_end in spans))
+    # A token is learned when it overlaps a turn; sentencepiece gives the byte pieces of one
+    # character (🙂 as <0xF0>...) empty spans where it starts: those count by where they are.
+    flags = [int(any(a < end and (b > start or a == b >= start) for start, end in spans))
              for a, b in offsets]  # fmt: skip
     return ids, flags
 
