@@ -246,6 +246,16 @@ def test_babysit_with_no_recipe_watches_the_nodes_latest_run_to_the_end(cli, tmp
     assert "restarts: 0 preemption(s), 0 failure(s), 1 launch(es)" in result.stdout
     assert "run mine already runs on every worker of pod: watching it" in result.stderr
     assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))
+    # The run goes on with more steps: a babysitter over the finished saved state watches
+    # it to its new end (it used to say finished at once, from the saved state).
+    more = cli(
+        "run", TINY, "--name", "pod", "--all-workers", "--run-id", "mine",
+        "--", *OVERRIDES, f"run_dir={run_dir}", f"train.steps={STEPS + 4}",
+    )  # fmt: skip
+    assert more.returncode == 0, more.stderr
+    again = cli("babysit", "--preemptible", "--name", "pod", "--poll", "0.3")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"run mine finished: step {STEPS + 4}" in again.stdout
 
 
 @pytest.mark.parametrize("where", ["local", "gs"])
@@ -586,6 +596,32 @@ def sitter_in_process(tmp_path, *extra: str, **options):
     user = config.local_user()  # who our_labels says made the node
     babysit = BabysitOptions("v4-16", "pod", TINY, run_id="obs", user=user, **options)
     return Babysitter(settings, babysit)
+
+
+def test_a_local_pods_gs_recipe_names_the_run_without_run_id(tmp_path, monkeypatch):
+    """The recipe was read from storage.googleapis.com, not the local pods' emulator: a
+    traceback after a minute of retries."""
+    from tpuctl import config, storage
+    from tpuctl.babysit import BabysitOptions, Babysitter
+    from tpuctl.gcs_emulator import emulator_env
+    from tpuctl.providers.local import gcs_emulator_url, stop_gcs_emulator
+
+    for name in ("STORAGE_EMULATOR_HOST", "TPUCTL_BUCKET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("TPUCTL_PROVIDER", "local")
+    uri = "gs://tpuctl-local/tpuctl/runs/stored/recipe.yaml"
+    try:
+        with monkeypatch.context() as patch:
+            for key, value in emulator_env(gcs_emulator_url()).items():
+                patch.setenv(key, value)
+            text = Path(TINY).read_text().replace("data/", f"{Path(TINY).parent}/data/")
+            storage.upload_text(uri, text.replace("run_dir: runs/tiny", "run_dir: /tmp/x"))
+        options = BabysitOptions("v4-16", "pod", uri, user=config.local_user())
+        assert Babysitter(config.load(), options).run_id.startswith("recipe-")
+    finally:
+        stop_gcs_emulator()
 
 
 def test_a_babysitter_whose_lease_was_taken_over_stops_acting_and_says_by_whom(

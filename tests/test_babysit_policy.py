@@ -47,6 +47,7 @@ def job(label="w00", state="running", exit_code=None, error=None) -> WorkerJob:
 
 
 RUNNING = (job("w00"), job("w01"))
+FINISHED = (job("w00", "exited", 0), job("w01", "exited", 0))
 
 
 def launched(**changes) -> BabysitState:
@@ -118,8 +119,36 @@ ROWS = [
         Wait,
         "waiting for the TPU API",
     ),
-    ("DONE", launched(), look(progress=Progress(done={"step": 50})), Finish, ""),
+    ("DONE", launched(), look(workers=FINISHED, progress=Progress(done={"step": 50})), Finish, ""),
+    (
+        "DONE while the job still runs is an earlier run's (it goes on with more steps)",
+        launched(),
+        look(progress=Progress(done={"step": 50})),
+        Wait,
+        "training",
+    ),
+    (
+        "DONE of a node whose workers are not looked at (PREEMPTED after it finished)",
+        launched(),
+        look(node=node("PREEMPTED"), workers=(), progress=Progress(done={"step": 50})),
+        Finish,
+        "",
+    ),
     ("training", launched(), look(), Wait, "training"),
+    (
+        "a recreated node's sshd not up yet: a pending launch waits rather than fail",
+        launched(pending_launch=True, events=[RECREATED_AFTER_40]),
+        look(workers=(job("w00", "unreachable", error="unreachable: timed out"), job("w01"))),
+        Wait,
+        "w00 unreachable; looking again",
+    ),
+    (
+        "a first launch with a worker unreachable waits too",
+        BabysitState(RUN, "pod", "v4-16"),
+        look(workers=(job("w00", "unreachable", error="unreachable: timed out"),)),
+        Wait,
+        "w00 unreachable; looking again",
+    ),
     # -- first launch, relaunch, adoption ----------------------------------------------
     ("no node yet", BabysitState(RUN, "pod", "v4-16"), look(node=None), ReplaceNode, None),
     (
@@ -290,9 +319,8 @@ def test_adopt_never_hands_over_a_colleagues_node():
     action = decide(launched(), look(node=bobs), adopting)
     assert isinstance(action, GiveUp) and "node pod is not yours" in action.reason
     done = Progress(done={"step": 100})
-    action = decide(
-        launched(), look(node=node(labels=ownership_labels("bob", RUN)), progress=done), adopting
-    )
+    bobs_ready = node(labels=ownership_labels("bob", RUN))
+    action = decide(launched(), look(node=bobs_ready, workers=FINISHED, progress=done), adopting)
     assert isinstance(action, Finish) and not action.delete_node
 
 
@@ -330,8 +358,10 @@ def test_a_failure_past_the_budget_stops_the_job_and_a_preemption_does_not():
 def test_done_deletes_the_node_only_when_asked_and_it_is_the_runs():
     options = dataclasses.replace(OPTIONS, delete_when_done=True)
     done = Progress(done={"step": 50})
-    ours = decide(launched(), look(progress=done), options)
-    theirs = decide(launched(), look(progress=done, node=node(labels={})), options)
+    ours = decide(launched(), look(workers=FINISHED, progress=done), options)
+    theirs = decide(
+        launched(), look(workers=FINISHED, progress=done, node=node(labels={})), options
+    )
     assert ours.delete_node and not theirs.delete_node
 
 
@@ -388,3 +418,15 @@ def test_a_token_cache_build_record_is_progress_without_a_step():
     assert (state.progress_at, state.step) == (NOW, 40)
     assert isinstance(decide(state, building, OPTIONS), Wait)
     assert isinstance(decide(stalled, look(), OPTIONS), Relaunch)  # without it: a hang
+
+
+def test_a_finished_saved_state_is_taken_up_unfinished_and_done_decides_again():
+    """A babysitter over a saved finished state exited at once, though the run had been
+    launched again with more steps and was training."""
+    saved = dataclasses.replace(launched(), finished=True, final_step=4, final_loss=6.1)
+    state = saved.carried_on()
+    assert not state.finished and (state.final_step, state.final_loss) == (None, None)
+    assert state.launches == saved.launches and state.events == saved.events
+    assert decide(state, look(), OPTIONS) == Wait("training")
+    finished = look(workers=FINISHED, progress=Progress(done={"step": 4}))
+    assert isinstance(decide(state, finished, OPTIONS), Finish)

@@ -336,9 +336,19 @@ class Babysitter:
         self._run_env = dict(options.env)
 
     def _new_run_id(self) -> str:
+        return jobs.new_run_id(self._load_recipe().run_id)
+
+    def _load_recipe(self) -> Any:
+        """The recipe babysit was given, read where it is (a local pod's gs:// recipe from
+        the local pods' GCS emulator)."""
         from tpuctl.jobs.runs import load_recipe
 
-        return jobs.new_run_id(load_recipe(self.options.recipe, self.options.overrides).run_id)
+        if self.settings.get("provider") == "local" and self.options.recipe.startswith("gs://"):
+            from tpuctl.gcs_emulator import emulator_env
+            from tpuctl.providers.local import gcs_emulator_url
+
+            os.environ.update(emulator_env(gcs_emulator_url()))
+        return load_recipe(self.options.recipe, self.options.overrides)
 
     @property
     def lease_ttl_s(self) -> float:
@@ -372,7 +382,7 @@ class Babysitter:
             with heartbeat or contextlib.nullcontext():
                 saved = load_state(self.run_id, self.remote_dir)
                 if saved is not None:
-                    self.state = saved
+                    self.state = saved.carried_on()
                     self.log(f"carrying on from saved state: {self._summary()}")
                 self._start_metrics()
                 while not self.cycle():
@@ -589,14 +599,7 @@ class Babysitter:
     def _adopt(self) -> None:
         """Watch the run instead of launching it: it already runs on every worker
         (`tpuctl run` first, `tpuctl babysit` after)."""
-        from tpuctl.jobs.runs import load_recipe
-
-        if self.settings.get("provider") == "local" and self.options.recipe.startswith("gs://"):
-            from tpuctl.gcs_emulator import emulator_env
-            from tpuctl.providers.local import gcs_emulator_url
-
-            os.environ.update(emulator_env(gcs_emulator_url()))
-        recipe = load_recipe(self.options.recipe, self.options.overrides)
+        recipe = self._load_recipe()
         self.state.recipe_uri = self.options.recipe if "://" in self.options.recipe else None
         self.state.run_dir = recipe.run_dir
         self.state.launches = 1

@@ -125,6 +125,12 @@ class BabysitState:
         known = {f.name for f in dataclasses.fields(cls)} - set(TIMERS)
         return cls(**{k: v for k, v in data.items() if k in known}, events=events)
 
+    def carried_on(self) -> BabysitState:
+        """This saved state as a new babysitter takes it up: not finished, whatever it says.
+        The run may have been launched again since (more steps); DONE, if it is there still,
+        says finished again on the first look."""
+        return dataclasses.replace(self, finished=False, final_step=None, final_loss=None)
+
     def record(self, event: Event) -> None:
         """Add `event` and count it against its budget."""
         self.events = [*self.events, event][-MAX_EVENTS:]
@@ -283,7 +289,11 @@ def run_may_replace(node: Node, run_id: str, options: BabysitOptions) -> bool:
 
 def decide(state: BabysitState, obs: Observation, options: BabysitOptions) -> Action:
     """The one thing to do about `obs`. Pure: reads nothing but its arguments."""
-    if obs.progress.done is not None:
+    # A DONE while the job still runs is an earlier run's (a finished run going on): the
+    # trainer removes it once it trains. Ending here would stop the job, and with
+    # --delete-when-done delete its node.
+    running = any(w.state == "running" for w in obs.workers)
+    if obs.progress.done is not None and not running:
         node = obs.node
         mine = node is not None and run_may_replace(node, state.run_id, options)
         return Finish(obs.progress.done, delete_node=options.delete_when_done and mine)
@@ -367,12 +377,12 @@ def _tend_job(state: BabysitState, obs: Observation, options: BabysitOptions) ->
         )
     if state.launches == 0 and workers and all(w.state == "running" for w in workers):
         return Adopt()
-    if state.launches == 0 or state.pending_launch:
+    unreachable = [w.label for w in workers if w.state == "unreachable"]
+    if not unreachable and (state.launches == 0 or state.pending_launch):
         # a run found half ended (a worker crashed before this babysitter) goes first too
         running = any(w.state == "running" for w in workers)
         return Launch(stop_first=state.launches > 0 or running)
-    unreachable = [w.label for w in workers if w.state == "unreachable"]
-    if unreachable:
+    if unreachable:  # a new VM's sshd not up yet, too: a launch now could only fail
         since = state.unreachable_since if state.unreachable_since is not None else obs.now
         note = None
         if obs.now - since > options.not_ready_grace_s:
