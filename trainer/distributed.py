@@ -45,6 +45,7 @@ _ACK_TIMEOUT_S = 30.0
 _watch: list[PodWatch] = []  # this process's PodWatch, once joined
 _stacks_shown = threading.Lock()  # held once this process has printed its stacks
 _met = threading.Event()  # set once every process reached the rendezvous
+_leaving = threading.Lock()  # held by the thread that ends this process in `_leave`
 
 
 def coordinator_env() -> tuple[str, int, int] | None:
@@ -314,6 +315,8 @@ def _leave(client, line: str, status: int, leaving: int | None = None) -> NoRetu
     acknowledgements (at most 30 s). `leaving` defaults to every process."""
     import jax
 
+    if not _leaving.acquire(blocking=False):  # PodWatch and the main thread, both: one line
+        threading.Event().wait()  # the other one is ending this process
     index, leaving = jax.process_index(), leaving or jax.process_count()
     _print_line(line)  # before the acknowledgement, after which process 0 may be gone
     with contextlib.suppress(Exception):
