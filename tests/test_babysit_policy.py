@@ -405,6 +405,25 @@ def test_timers_are_not_saved_a_babysitter_that_carries_on_starts_them_afresh():
     assert loaded.zone == "us-east1-d" and loaded.step == 40
 
 
+def test_a_state_from_another_version_loads_and_a_cut_one_is_one_line(tmp_path, monkeypatch):
+    """An event field this version does not know was a TypeError traceback, a state file
+    cut short a JSONDecodeError one."""
+    import json
+
+    from tpuctl.babysit import load_state, local_state_path
+    from tpuctl.errors import TpuctlError
+
+    data = json.loads(launched(events=[CRASHED_AT_40]).to_json())
+    data["events"][0]["added_later"] = 1
+    assert BabysitState.from_json(json.dumps(data)).events == [CRASHED_AT_40]
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    path = local_state_path(RUN)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(data)[:40])
+    with pytest.raises(TpuctlError, match=r"babysit state .* cannot be read \(JSONDecodeError\)"):
+        load_state(RUN)
+
+
 def test_clean_stop_exit_is_the_trainers():
     from trainer.preemption import EXIT_PREEMPTED
 

@@ -179,13 +179,24 @@ def load_state(run_id: str, remote_dir: str | None = None) -> BabysitState | Non
     found = []
     path = local_state_path(run_id)
     if path.is_file():
-        found.append(BabysitState.from_json(path.read_text()))
+        found.append(_parsed_state(path.read_text(), str(path)))
     if remote_dir:
         with contextlib.suppress(TpuctlError):
             text = storage.read_text(f"{remote_dir}/{STATE_FILE}")
             if text:
-                found.append(BabysitState.from_json(text))
+                found.append(_parsed_state(text, f"{remote_dir}/{STATE_FILE}"))
     return max(found, key=lambda s: s.updated_at) if found else None
+
+
+def _parsed_state(text: str, where: str) -> BabysitState:
+    try:
+        return BabysitState.from_json(text)
+    except (ValueError, TypeError, AttributeError) as e:  # cut short, or edited
+        raise TpuctlError(
+            f"babysit state {where} cannot be read ({type(e).__name__}); move it away to "
+            "start afresh (the run itself resumes from its checkpoints)",
+            exit_code=1,
+        ) from None
 
 
 def lock_path(run_id: str) -> Path:

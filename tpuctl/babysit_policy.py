@@ -121,7 +121,10 @@ class BabysitState:
     @classmethod
     def from_json(cls, text: str) -> BabysitState:
         data = json.loads(text)
-        events = [Event(**e) for e in data.pop("events", [])]
+        fields = {f.name for f in dataclasses.fields(Event)}  # another version's: ignored
+        events = [
+            Event(**{k: v for k, v in e.items() if k in fields}) for e in data.pop("events", [])
+        ]
         known = {f.name for f in dataclasses.fields(cls)} - set(TIMERS)
         return cls(**{k: v for k, v in data.items() if k in known}, events=events)
 

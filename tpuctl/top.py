@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tpuctl.errors import TpuctlError
 from tpuctl.jobs import launches
 
 if TYPE_CHECKING:
@@ -119,7 +120,10 @@ def progress(launch: launches.Launch) -> RunProgress:
     eta = None
     if isinstance(step, int) and total is not None and isinstance(step_time, int | float):
         eta = max(0, total - step) * step_time
-    state = babysit.load_state(launch.run_id)
+    try:
+        state = babysit.load_state(launch.run_id)
+    except TpuctlError:  # a state file cut short: the row shows no restarts, not an error
+        state = None
     return RunProgress(
         run_id=launch.run_id,
         run_dir=launch.run_dir,
