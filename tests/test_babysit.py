@@ -624,6 +624,41 @@ def test_a_local_pods_gs_recipe_names_the_run_without_run_id(tmp_path, monkeypat
         stop_gcs_emulator()
 
 
+def test_a_run_taken_over_from_a_local_recipe_file_relaunches_from_its_stored_copy(
+    tmp_path, monkeypatch
+):
+    """The file may have been edited since `run` stored the run's copy: the first
+    relaunch reloaded the file (train.steps 8 instead of 60) and overwrote the copy."""
+    from tpuctl import config, storage
+    from tpuctl.babysit import BabysitOptions, Babysitter
+    from tpuctl.gcs_emulator import emulator_env
+    from tpuctl.providers.base import NodeSpec
+    from tpuctl.providers.local import LocalProvider, gcs_emulator_url, stop_gcs_emulator
+
+    for name in ("STORAGE_EMULATOR_HOST", "TPUCTL_BUCKET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("TPUCTL_PROVIDER", "local")
+    LocalProvider().create(NodeSpec("pod", "local", "v4-16", ""), lambda _m: None)
+    text = Path(TINY).read_text().replace("data/", f"{Path(TINY).parent}/data/")
+    stored = "gs://tpuctl-local/tpuctl/runs/H/recipe.yaml"
+    try:
+        with monkeypatch.context() as patch:
+            for key, value in emulator_env(gcs_emulator_url()).items():
+                patch.setenv(key, value)
+            storage.upload_text(stored, text.replace("run_dir: runs/tiny", "run_dir: /tmp/stored"))
+        edited = tmp_path / "r.yaml"
+        edited.write_text(text.replace("steps: 100", "steps: 8"))
+        options = BabysitOptions("v4-16", "pod", str(edited), run_id="H", user=config.local_user())
+        sitter = Babysitter(config.load(), options)
+        sitter._adopt()
+        assert (sitter.state.recipe_uri, sitter.state.run_dir) == (stored, "/tmp/stored")
+    finally:
+        LocalProvider().delete("pod", lambda _m: None)
+        stop_gcs_emulator()
+
+
 def test_a_babysitter_whose_lease_was_taken_over_stops_acting_and_says_by_whom(
     fake_tpu, gcs, tmp_path, monkeypatch
 ):

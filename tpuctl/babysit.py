@@ -349,16 +349,32 @@ class Babysitter:
     def _new_run_id(self) -> str:
         return jobs.new_run_id(self._load_recipe().run_id)
 
+    def _stored_recipe(self) -> str | None:
+        """The copy of the recipe `run` stored for this run, when it did."""
+        from tpuctl.jobs.runs import stored_recipe_uri
+
+        self._use_local_gcs()
+        try:
+            uri = stored_recipe_uri(self.settings, self._current_node(), self.run_id)
+            return uri if storage.read_text(uri, polling=True) is not None else None
+        except Exception:  # no bucket, the node gone, GCS unreadable: the file given it is
+            return None
+
+    def _use_local_gcs(self) -> None:
+        """Point this process at the local pods' GCS emulator, where their run files are."""
+        if self.settings.get("provider") == "local":
+            from tpuctl.gcs_emulator import emulator_env
+            from tpuctl.providers.local import gcs_emulator_url
+
+            os.environ.update(emulator_env(gcs_emulator_url()))
+
     def _load_recipe(self) -> Any:
         """The recipe babysit was given, read where it is (a local pod's gs:// recipe from
         the local pods' GCS emulator)."""
         from tpuctl.jobs.runs import load_recipe
 
-        if self.settings.get("provider") == "local" and self.options.recipe.startswith("gs://"):
-            from tpuctl.gcs_emulator import emulator_env
-            from tpuctl.providers.local import gcs_emulator_url
-
-            os.environ.update(emulator_env(gcs_emulator_url()))
+        if self.options.recipe.startswith("gs://"):
+            self._use_local_gcs()
         return load_recipe(self.options.recipe, self.options.overrides)
 
     @property
@@ -610,8 +626,14 @@ class Babysitter:
     def _adopt(self) -> None:
         """Watch the run instead of launching it: it already runs on every worker
         (`tpuctl run` first, `tpuctl babysit` after)."""
-        recipe = self._load_recipe()
-        self.state.recipe_uri = self.options.recipe if "://" in self.options.recipe else None
+        from tpuctl.jobs.runs import load_recipe
+
+        given = self.options.recipe if "://" in self.options.recipe else None
+        # A local file may have been edited since `run` stored the run's copy: relaunches
+        # read that copy, as they do after a launch of this babysitter's own.
+        stored = given or self._stored_recipe()
+        recipe = load_recipe(stored, []) if stored and not given else self._load_recipe()
+        self.state.recipe_uri = stored
         self.state.run_dir = recipe.run_dir
         self.state.launches = 1
         self.state.reset_timers(self.clock())

@@ -78,7 +78,7 @@ def start_run(
     worker_jobs = jobs.status(hosts)
     if not request.force:
         jobs.refuse_if_busy(worker_jobs)
-    uri = storage.recipe_uri(_bucket(settings, node), run_id)
+    uri = stored_recipe_uri(settings, node, run_id)
     storage.upload_text(uri, resolved_recipe_yaml(recipe))
     if "://" in recipe.run_dir or node.provider == "local":  # else it is on the workers' disks
         _clear_stale_done(_absolute(recipe.run_dir), recipe.train.steps, progress)
@@ -208,6 +208,11 @@ def _storage_env(node: Node) -> dict[str, str]:
 
         url = gcs_emulator_url()
     return emulator_env(url) if url else {}
+
+
+def stored_recipe_uri(settings: Settings, node: Node, run_id: str) -> str:
+    """Where `run` stores the run's resolved recipe, which every relaunch reads."""
+    return storage.recipe_uri(_bucket(settings, node), run_id)
 
 
 def _bucket(settings: Settings, node: Node) -> str:
