@@ -628,12 +628,13 @@ class Babysitter:
         (`tpuctl run` first, `tpuctl babysit` after)."""
         from tpuctl.jobs.runs import load_recipe
 
-        given = self.options.recipe if "://" in self.options.recipe else None
         # A local file may have been edited since `run` stored the run's copy: relaunches
         # read that copy, as they do after a launch of this babysitter's own.
-        stored = given or self._stored_recipe()
-        recipe = load_recipe(stored, []) if stored and not given else self._load_recipe()
-        self.state.recipe_uri = stored
+        stored = None if "://" in self.options.recipe else self._stored_recipe()
+        recipe = self._load_recipe() if stored is None else load_recipe(stored, [])
+        self.state.recipe_uri = stored or (
+            self.options.recipe if "://" in self.options.recipe else None
+        )
         self.state.run_dir = recipe.run_dir
         self.state.launches = 1
         self.state.reset_timers(self.clock())

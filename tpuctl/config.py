@@ -229,15 +229,14 @@ def set_user_value(key: str, raw_value: str) -> tuple[Path, Any]:
 
     validate_key(key)
     value = _coerce(key, raw_value, f"tpuctl config set {key}")
-    check = {"provider": _check_provider, "ssh.user": _check_ssh_user}.get(key)
-    if check is not None:  # before writing: a bad value in the file stops every command
+    checks = {
+        "provider": _check_provider,
+        "ssh.user": _check_ssh_user,
+        "ssh.reuse": lambda s: reuse_idle_seconds(s.values["ssh.reuse"]),
+        "bucket": _check_bucket,
+    }
+    if (check := checks.get(key)) is not None:  # before writing: a bad value in the file
         check(Settings(values={key: value}, sources={key: f"tpuctl config set {key}"}))
-    if key == "ssh.reuse":  # else the first command that fans out would refuse it
-        reuse_idle_seconds(value)
-    if key == "bucket":
-        from tpuctl.storage import bucket_name
-
-        bucket_name(str(value))
     path = user_config_path().resolve()
     private_dir(path.parent)
     # One writer at a time: two `config set` at once must not each drop the other's key.
@@ -311,6 +310,12 @@ def _check_ssh_user(settings: Settings) -> None:
         f"ssh.user {str(user)!r} (from {settings.source('ssh.user')}) is not a user name: "
         "use letters, digits, '_', '.' and '-', not first '-'; fix it or pass --ssh-user NAME"
     )
+
+
+def _check_bucket(settings: Settings) -> None:
+    from tpuctl.storage import bucket_name
+
+    bucket_name(str(settings.values["bucket"]))
 
 
 def reuse_idle_seconds(value: Any) -> float | None:
