@@ -105,11 +105,11 @@ def train_tokenizer(
     directory: Path,
     kind: str,
     eos_token: str = "<|eot_id|>",
-    chat_template: str | None = TOY_TEMPLATE,
+    chat_template: str | list[dict] | None = TOY_TEMPLATE,
 ) -> Path:
     """A small BPE (byte-level, as Llama 3 and Qwen) or Unigram (metaspace, as T5/Mistral-style
     sentencepiece conversions) tokenizer.json, plus a tokenizer_config.json declaring BOS/EOS, a
-    chat template (none when None) and one added token (<|tool|>) that tokenizer.json lacks."""
+    chat template (none when None; a list is named templates) and one added token (<|tool|>) that tokenizer.json lacks."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     corpus = MIXED * 20 + [

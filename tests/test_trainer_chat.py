@@ -119,6 +119,25 @@ def test_named_templates_and_the_tulu_fallback(tmp_path):
     )
 
 
+def test_named_templates_without_a_default_are_refused_as_transformers_refuses(tmp_path):
+    from transformers import AutoTokenizer
+
+    named = [{"name": "tool_use", "template": LLAMA3}, {"name": "rag", "template": MISTRAL}]
+    directory = train_tokenizer(tmp_path / "t", "bpe", chat_template=named)
+    tok = load_tokenizer(TokenizerConfig(path=str(directory)))
+    with pytest.raises(ValueError, match="no default"):
+        AutoTokenizer.from_pretrained(directory).apply_chat_template(TURNS, tokenize=False)
+    with pytest.raises(RecipeError, match="named tool_use, rag and none named default"):
+        chat.template_source(None, tok)
+    assert chat.template_source("llama3", tok) == chat.JINJA_TEMPLATES["llama3"]
+
+    with_default = [*named, {"name": "default", "template": QWEN25_CHATML}]
+    directory = train_tokenizer(tmp_path / "d", "bpe", chat_template=with_default)
+    assert chat.template_source(None, load_tokenizer(TokenizerConfig(path=str(directory)))) == (
+        QWEN25_CHATML
+    )
+
+
 def test_templates_that_break_prefixes_or_raise_are_recipe_errors(tmp_path):
     tok = load_tokenizer(TokenizerConfig(path=str(train_tokenizer(tmp_path / "t", "bpe"))))
     count_first = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"

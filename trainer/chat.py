@@ -47,6 +47,14 @@ Spans = list[tuple[int, int]]
 def template_source(name: str | None, tok: Tokenizer) -> str | None:
     """The Jinja source that `data.chat_template: name` selects for `tok`; None means tulu."""
     if name is None:
+        if tok.chat_template is None and tok.chat_template_names:
+            # transformers refuses to pick one too; tulu would train on text no one serves
+            names = ", ".join(tok.chat_template_names)
+            raise RecipeError(
+                f"data.chat_template: the tokenizer has chat templates named {names} and none "
+                "named default; set data.chat_template to a Jinja file holding the one to use, "
+                "or to tulu, llama3 or chatml"
+            )
         return tok.chat_template
     if name == "tulu":
         return None

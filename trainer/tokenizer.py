@@ -47,6 +47,7 @@ class Tokenizer(Protocol):
     cfg: TokenizerConfig
     special_tokens: dict[str, str]  # {"bos_token": "<s>", ...}: the variables templates see
     chat_template: str | None  # the tokenizer's own Jinja chat template, if it has one
+    chat_template_names: tuple[str, ...]  # its named templates, when it has several
 
     @property
     def vocab_size(self) -> int: ...
@@ -137,7 +138,7 @@ class SentencePieceTokenizer:
         self.special_tokens = {k: self.sp.id_to_piece(i) for k, i in pieces.items() if i >= 0}
         longest_first = sorted(self.special_tokens.values(), key=len, reverse=True)
         self._special_pattern = re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
-        self.chat_template = _chat_template(configs)
+        self.chat_template, self.chat_template_names = _chat_template(configs)
 
     @property
     def vocab_size(self) -> int:
@@ -194,7 +195,7 @@ class HFTokenizer:
         named = _named_special_tokens(config, json.loads(configs.get(SPECIAL_TOKENS_MAP, "{}")))
         self._add_missing_tokens(config, named)
         self.special_tokens = {name: _content(token) for name, token in named.items()}
-        self.chat_template = _chat_template(configs)
+        self.chat_template, self.chat_template_names = _chat_template(configs)
 
     def _add_missing_tokens(self, config: dict, named: dict[str, object]) -> None:
         """transformers adds config-declared tokens (added_tokens_decoder, in id order, then the
@@ -257,16 +258,16 @@ def _content(token: object) -> str:
     return token["content"] if isinstance(token, dict) else str(token)
 
 
-def _chat_template(configs: dict[str, str]) -> str | None:
-    """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or a list of
-    named templates of which transformers uses "default")."""
+def _chat_template(configs: dict[str, str]) -> tuple[str | None, tuple[str, ...]]:
+    """(template, names): chat_template.jinja, else tokenizer_config.json's chat_template, a
+    string or a list of named templates of which transformers uses "default"."""
     if CHAT_TEMPLATE_FILE in configs:
-        return configs[CHAT_TEMPLATE_FILE]
+        return configs[CHAT_TEMPLATE_FILE], ()
     template = json.loads(configs.get(TOKENIZER_CONFIG, "{}")).get("chat_template")
     if isinstance(template, list):
         named = {t["name"]: t["template"] for t in template}
-        return named.get("default")
-    return template
+        return named.get("default"), tuple(named)
+    return template, ()
 
 
 def _char_index_of_bytes(text: str) -> list[int]:
