@@ -659,6 +659,47 @@ def test_a_run_taken_over_from_a_local_recipe_file_relaunches_from_its_stored_co
         stop_gcs_emulator()
 
 
+def test_overrides_that_would_change_a_saved_runs_stored_recipe_are_refused(tmp_path, monkeypatch):
+    """They were ignored: a finished run given `train.steps=200` stayed finished at 100."""
+    from tpuctl import config
+    from tpuctl.babysit import BabysitOptions, BabysitState, Babysitter, local_state_path
+    from tpuctl.errors import TpuctlError
+    from tpuctl.providers.local import stop_gcs_emulator
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("TPUCTL_PROVIDER", "local")
+    stored = tmp_path / "stored.yaml"
+    stored.write_text(Path(TINY).read_text().replace("data/", f"{Path(TINY).parent}/data/"))
+    saved = BabysitState("H", "pod", "v4-16", started_at=0.0, recipe_uri=str(stored))
+    local_state_path("H").parent.mkdir(parents=True)
+    local_state_path("H").write_text(saved.to_json())
+
+    def sitter(*overrides: str) -> Babysitter:
+        options = BabysitOptions(
+            "v4-16",
+            "pod",
+            TINY,
+            list(overrides),
+            run_id="H",
+            user=config.local_user(),
+            max_restarts=0,  # without the refusal it gives up on the missing node, makes none
+        )
+        return Babysitter(config.load(), options)
+
+    try:
+        for _ in range(2):  # the second is refused alike, not as "already babysat": no lock
+            with pytest.raises(TpuctlError, match=r"stored recipe .*stored.yaml, which "
+                               r"train.steps=200 would change; to go on with them, run `tpuctl "
+                               r"run .*stored.yaml --name pod --run-id H -- train.steps=200` "
+                               r"first") as refused:  # fmt: skip
+                sitter("train.steps=200").run()
+            assert refused.value.exit_code == 2
+        sitter("train.steps=100")._refuse_overrides_it_would_drop(saved)  # as it was started
+    finally:
+        stop_gcs_emulator()
+
+
 def test_a_babysitter_whose_lease_was_taken_over_stops_acting_and_says_by_whom(
     fake_tpu, gcs, tmp_path, monkeypatch
 ):

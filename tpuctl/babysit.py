@@ -409,6 +409,7 @@ class Babysitter:
             with heartbeat or contextlib.nullcontext():
                 saved = load_state(self.run_id, self.remote_dir)
                 if saved is not None:
+                    self._refuse_overrides_it_would_drop(saved)
                     self.state = saved.carried_on()
                     self.log(f"carrying on from saved state: {self._summary()}")
                 self._start_metrics()
@@ -423,6 +424,25 @@ class Babysitter:
             if self.lease is not None:
                 self.lease.release()
             self.lock.release()
+
+    def _refuse_overrides_it_would_drop(self, saved: BabysitState) -> None:
+        """A saved run relaunches from its stored recipe: overrides that would change it
+        are refused rather than ignored (a finished run would stay finished)."""
+        from tpuctl.jobs.runs import load_recipe
+
+        uri, overrides = saved.recipe_uri, self.options.overrides
+        if not overrides or uri is None:
+            return
+        if uri.startswith("gs://"):
+            self._use_local_gcs()
+        if load_recipe(uri, overrides) == load_recipe(uri, []):
+            return  # the overrides it was first started with, stored already
+        raise TpuctlError(
+            f"run {self.run_id} carries on from its saved state, relaunching its stored recipe "
+            f"{uri}, which {' '.join(overrides)} would change; to go on with them, run "
+            f"`tpuctl run {uri} --name {self.options.node} --run-id {self.run_id} -- "
+            f"{' '.join(overrides)}` first, then babysit without them"
+        )
 
     def cycle(self) -> bool:
         """One observation and the action it calls for; True once the run is finished.
