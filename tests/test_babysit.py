@@ -772,7 +772,7 @@ def test_http_429_from_the_tpu_api_is_waited_out_not_fatal(fake_tpu, tmp_path):
 
     sitter = sitter_in_process(tmp_path)
     fake_tpu.fail_next(8, status=429)  # the quota of reads exhausted for a while
-    for _ in range(2):  # each look retries nothing: 429 is the API's "not now"
+    for _ in range(2):  # each look retries its read 4 times, then reports the 429
         observation = sitter.observe()
         assert observation.api_error is not None and "429" in observation.api_error
         assert isinstance(decide(sitter.state, observation, sitter.options), Wait)

@@ -6,12 +6,14 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.polling import wait_for
 from tpuctl.providers.base import NodeSpec
 from tpuctl.providers.local import LocalProvider
 
@@ -285,6 +287,68 @@ def test_a_queued_resource_given_up_on_is_forgotten_where_it_was(run_tpuctl, fak
     assert result.code == 1
     assert fake_tpu.queued_resource_state("y") is None
     assert registry.locations("y") == []
+
+
+def _when_queued_waits(fake, name: str, action) -> threading.Thread:
+    """Run `action` in a thread once the queued resource `name` waits for resources."""
+
+    def act() -> None:
+        wait_for(lambda: fake.queued_resource_state(name) == "WAITING_FOR_RESOURCES")
+        action()
+
+    thread = threading.Thread(target=act, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_429_while_up_waits_on_a_queued_resource_is_waited_out(run_tpuctl, fake_tpu):
+    """Before: one rate-limited poll deleted the user's queued resource, with a traceback."""
+    fake_tpu.set_queued_wait(2)
+    injected = _when_queued_waits(fake_tpu, "q", lambda: fake_tpu.fail_next(1, status=429))
+    result = run_tpuctl("up", "v4-32", "--name", "q")
+    injected.join()
+    assert result.code == 0, result.err
+    assert fake_tpu._faults.http_failures == 0  # the 429 was answered, and waited out
+    assert fake_tpu.queued_resource_state("q") == "ACTIVE"
+    assert fake_tpu.node_state("q") == "READY"
+
+
+def test_a_queued_resource_deleted_while_up_waits_is_one_line(run_tpuctl, fake_tpu):
+    from tpuctl.providers import registry
+    from tpuctl.providers.cloud_tpu import CloudTpuProvider
+
+    fake_tpu.set_queued_wait(60)
+    elsewhere = CloudTpuProvider("test-project", "us-central1-a")
+    path = elsewhere.queued_path("q")
+    deleted = _when_queued_waits(
+        fake_tpu, "q", lambda: elsewhere.delete_queued(path, lambda _m: None)
+    )
+    result = run_tpuctl("up", "v4-32", "--name", "q")
+    deleted.join()
+    assert result.code == 1
+    assert "Traceback" not in result.err
+    assert result.err.strip().splitlines()[-1] == (
+        "error: queued resource q in us-central1-a was deleted while `up` waited on it (by "
+        "`tpuctl down` or someone else); nothing is left to clean up"
+    )
+    assert registry.locations("q") == []
+
+
+def test_the_api_failing_while_up_waits_keeps_the_queued_resource(run_tpuctl, fake_tpu):
+    """The API failing says nothing about the queued resource: it is not deleted, and the
+    error says how to go on."""
+    fake_tpu.set_queued_wait(60)
+    failing = _when_queued_waits(fake_tpu, "q", lambda: fake_tpu.fail_next(4, status=500))
+    result = run_tpuctl("up", "v4-32", "--name", "q")
+    failing.join()
+    assert result.code == 1
+    last = result.err.strip().splitlines()[-1]
+    assert last.startswith("error: the TPU API keeps failing (500")
+    assert last.endswith(
+        "(queued resource q may remain in us-central1-a: `tpuctl up` again waits on it, "
+        "`tpuctl down q` deletes it)"
+    )
+    assert fake_tpu.queued_resource_state("q") == "WAITING_FOR_RESOURCES"
 
 
 def test_queued_resource_quota_error_is_one_line(run_tpuctl, fake_tpu):

@@ -165,3 +165,41 @@ def test_unreachable_endpoint_is_a_one_line_error(monkeypatch):
     provider = CloudTpuProvider("p", ZONE, clock=Clock(scale=0.001))
     with pytest.raises(TpuctlError, match=r"cannot reach the TPU API at http://127\.0\.0\.1:9;"):
         provider.list()
+
+
+def test_a_429_on_a_read_is_waited_out_like_a_500(provider, fake_tpu):
+    """Reads and polls over the API's rate limit are retried; only a create's 429 means
+    quota or capacity."""
+    fake_tpu.add_node("n", "v3-8", project="test-project", zone=ZONE)
+    fake_tpu.fail_next(2, status=429)
+    assert [n.name for n in provider.list()] == ["n"]
+    fake_tpu.fail_next(2, status=429)
+    assert provider.get("n").name == "n"
+    fake_tpu.fail_next(100, status=429)
+    with pytest.raises(TpuctlError, match=r"the TPU API keeps failing \(429"):
+        provider.get("n")
+
+
+def test_an_unexpected_404_or_409_is_a_one_line_error(provider, fake_tpu):
+    fake_tpu.fail_next(1, status=404)
+    with pytest.raises(TpuctlError, match=r"the TPU API failed: 404 injected server error"):
+        provider.list()
+    fake_tpu.fail_next(1, status=409)
+    with pytest.raises(TpuctlError, match=r"the TPU API failed: 409 injected server error"):
+        provider.list()
+
+
+def test_a_node_created_by_someone_between_look_and_create_is_one_line_naming_them(
+    provider, fake_tpu
+):
+    fake_tpu.add_node(
+        "n", "v3-32", project="test-project", zone=ZONE, labels={"tpuctl-user": "bob"}
+    )
+    with pytest.raises(TpuctlError) as error:
+        provider.create(spec(), Progress())
+    assert str(error.value) == (
+        "node n was created in us-central1-a by another request meanwhile (labels "
+        "tpuctl-user=bob): choose another --name, or run `tpuctl up` again to reuse it if it "
+        "is yours"
+    )
+    assert fake_tpu.node("n")["labels"] == {"tpuctl-user": "bob"}  # left alone

@@ -43,6 +43,14 @@ class Stockout(TpuctlError):
         self.reason = api_message.split(";")[0].strip()
 
 
+class QueuedResourceEnded(TpuctlError):
+    """A queued resource ended FAILED or SUSPENDED: `up` gives up on it and deletes it."""
+
+
+class QueuedResourceGone(TpuctlError):
+    """The queued resource `up` waited on was deleted (by `tpuctl down` or someone else)."""
+
+
 @dataclass(frozen=True)
 class Backoff:
     """Exponential backoff with jitter for stockout retries: initial * factor**k, capped."""
@@ -154,7 +162,11 @@ class CloudTpuProvider:
         from google.api_core import exceptions
 
         try:
-            queued = self._call(self.client.get_queued_resource, name=self.queued_path(name))
+            queued = self._call(
+                self.client.get_queued_resource,
+                name=self.queued_path(name),
+                handles=(exceptions.NotFound,),
+            )
         except exceptions.NotFound:
             return None
         return queued.state.state.name
@@ -166,7 +178,11 @@ class CloudTpuProvider:
         from google.api_core import exceptions
 
         try:
-            raw = self._call(self.client.get_node, name=self._node_path(name, zone))
+            raw = self._call(
+                self.client.get_node,
+                name=self._node_path(name, zone),
+                handles=(exceptions.NotFound,),
+            )
         except exceptions.NotFound:
             return None
         return node_from_api(raw)
@@ -206,9 +222,12 @@ class CloudTpuProvider:
                 parent=self._parent(spec.zone),
                 node_id=spec.name,
                 node=node,
+                handles=(exceptions.TooManyRequests, exceptions.Conflict),
             )
         except exceptions.TooManyRequests as error:
             self._raise_for(error, spec)
+        except exceptions.Conflict:
+            self._raise_taken_meanwhile(spec)
         registry.record(spec.name, self.location(spec.zone))
         progress(f"creating {spec.name} ({spec.accelerator_type}) in {spec.zone}")
         if not wait:
@@ -219,6 +238,19 @@ class CloudTpuProvider:
             registry.forget(spec.name, self.location(spec.zone))
             raise
         return self._wait_until_ready(spec.name, spec.zone, progress)
+
+    def _raise_taken_meanwhile(self, spec: NodeSpec) -> None:
+        """A node of this name appeared between `up`'s look and its create request."""
+        from tpuctl import ownership
+
+        existing = self.get(spec.name, spec.zone)
+        owner = ownership.describe_owner(existing.labels) if existing else "since deleted"
+        raise TpuctlError(
+            f"node {spec.name} was created in {spec.zone} by another request meanwhile "
+            f"({owner}): choose another --name, or run `tpuctl up` again to reuse it if it "
+            "is yours",
+            exit_code=1,
+        )
 
     def _wait_for_operation(self, operation: Any, spec: NodeSpec, progress: ProgressFn) -> None:
         """Poll the create operation, reporting the node's state as it changes."""
@@ -318,8 +350,8 @@ class CloudTpuProvider:
     ) -> Node | None:
         """Ask for the node through a queued resource named like the node; wait until READY.
 
-        A queued resource that ends FAILED or SUSPENDED, or that we give up on (interrupt,
-        error while waiting), is deleted: orphans keep holding quota.
+        A queued resource that ends FAILED or SUSPENDED, or that the user interrupts, is
+        deleted: orphans keep holding quota.
         """
         from google.api_core import exceptions
         from google.cloud import tpu_v2
@@ -356,6 +388,7 @@ class CloudTpuProvider:
                 parent=self._parent(spec.zone),
                 queued_resource_id=spec.name,
                 queued_resource=queued,
+                handles=(exceptions.Conflict, exceptions.TooManyRequests),
             )
             self._wait_for_operation(operation, spec, lambda _msg: None)
             progress(f"queued resource {spec.name} created in {spec.zone}")
@@ -367,22 +400,45 @@ class CloudTpuProvider:
         registry.record(spec.name, self.location(spec.zone))
         if not wait:
             return None
+        return self._await_queued(path, spec, progress)
+
+    def _await_queued(self, path: str, spec: NodeSpec, progress: ProgressFn) -> Node:
+        """Wait for the queued resource, then its node. Only a queued resource given up on
+        (it ended FAILED or SUSPENDED, or the user interrupted) is deleted: the API failing
+        meanwhile is no reason to delete what may still be granted."""
+        location = self.location(spec.zone)
         try:
             self._wait_for_queued(path, spec, progress)
             return self._wait_until_ready(spec.name, spec.zone, progress)
-        except BaseException:
+        except (KeyboardInterrupt, Stockout, QueuedResourceEnded):
             progress(f"giving up: deleting queued resource {spec.name} so it holds no quota")
             self.delete_queued(path, lambda _msg: None)
-            registry.forget(spec.name, self.location(spec.zone))
+            registry.forget(spec.name, location)
             raise
+        except QueuedResourceGone:
+            registry.forget(spec.name, location)
+            raise
+        except TpuctlError as error:
+            raise TpuctlError(
+                f"{error} (queued resource {spec.name} may remain in {spec.zone}: `tpuctl up` "
+                f"again waits on it, `tpuctl down {spec.name}` deletes it)",
+                exit_code=error.exit_code,
+            ) from None
 
     def _check_existing_queued(self, path: str, spec: NodeSpec) -> None:
         """A queued resource of the node's name exists already: `up` waits on it (and may
         delete it when it gives up) only when it asks for the same type for the same user,
         as an earlier `up --no-wait` of this node does. Anyone else's is left alone."""
+        from google.api_core import exceptions
+
         from tpuctl import ownership
 
-        existing = self._call(self.client.get_queued_resource, name=path)
+        try:
+            existing = self._call(
+                self.client.get_queued_resource, name=path, handles=(exceptions.NotFound,)
+            )
+        except exceptions.NotFound:  # the conflict was the node's: it exists without one
+            self._raise_taken_meanwhile(spec)
         specs = existing.tpu.node_spec
         node = specs[0].node if specs else None
         kind = node.accelerator_type if node is not None else "node of unknown type"
@@ -401,9 +457,20 @@ class CloudTpuProvider:
             )
 
     def _wait_for_queued(self, path: str, spec: NodeSpec, progress: ProgressFn) -> None:
+        from google.api_core import exceptions
+
         last_state = None
         for delay in _poll_delays():
-            queued = self._call(self.client.get_queued_resource, name=path)
+            try:
+                queued = self._call(
+                    self.client.get_queued_resource, name=path, handles=(exceptions.NotFound,)
+                )
+            except exceptions.NotFound:
+                raise QueuedResourceGone(
+                    f"queued resource {spec.name} in {spec.zone} was deleted while `up` waited "
+                    "on it (by `tpuctl down` or someone else); nothing is left to clean up",
+                    exit_code=1,
+                ) from None
             state = queued.state.state.name
             if state != last_state:
                 last_state = state
@@ -417,7 +484,7 @@ class CloudTpuProvider:
                     raise Stockout(
                         spec.zone, f"queued resource {spec.name} ended {state}: {reason}"
                     )
-                raise TpuctlError(
+                raise QueuedResourceEnded(
                     f"queued resource {spec.name} in {spec.zone} ended {state}: {reason}",
                     exit_code=1,
                 )
@@ -429,7 +496,9 @@ class CloudTpuProvider:
 
         try:
             operation = self._call(
-                self.client.delete_queued_resource, request={"name": path, "force": True}
+                self.client.delete_queued_resource,
+                request={"name": path, "force": True},
+                handles=(exceptions.NotFound,),
             )
         except exceptions.NotFound:
             return
@@ -446,7 +515,9 @@ class CloudTpuProvider:
         from google.api_core import exceptions
 
         try:
-            raw = self._call(self.client.get_node, name=self._node_path(name))
+            raw = self._call(
+                self.client.get_node, name=self._node_path(name), handles=(exceptions.NotFound,)
+            )
         except exceptions.NotFound:
             registry.forget(name, self.location())
             return False
@@ -455,7 +526,11 @@ class CloudTpuProvider:
             registry.forget(name, self.location())
             return True
         try:
-            operation = self._call(self.client.delete_node, name=self._node_path(name))
+            operation = self._call(
+                self.client.delete_node,
+                name=self._node_path(name),
+                handles=(exceptions.NotFound,),
+            )
         except exceptions.NotFound:
             registry.forget(name, self.location())
             return False
@@ -473,19 +548,33 @@ class CloudTpuProvider:
 
     # -- errors and retries of transient failures -----------------------------------------
 
-    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Call the API, retrying transient server errors (500, 503) a few times.
+    def _call(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        handles: tuple[type[Exception], ...] = (),
+        **kwargs: Any,
+    ) -> T:
+        """Call the API, retrying transient failures (500, 503, and 429: a read or poll
+        over the rate limit) a few times with backoff.
 
-        NotFound, Conflict and ResourceExhausted reach the caller, which knows what they
-        mean there; every other failure becomes a one-line TpuctlError.
+        The exceptions in `handles` reach the caller, which knows what they mean there (a
+        429 from a create is a quota or capacity answer); every other failure becomes a
+        one-line TpuctlError.
         """
         from google.api_core import exceptions
         from requests.exceptions import ConnectionError as RequestsConnectionError
 
-        transient = (exceptions.InternalServerError, exceptions.ServiceUnavailable)
+        transient = (
+            exceptions.InternalServerError,
+            exceptions.ServiceUnavailable,
+            exceptions.TooManyRequests,
+        )
         for attempt in range(_TRANSIENT_ATTEMPTS):
             try:
                 return fn(*args, **kwargs)
+            except handles:
+                raise
             except transient as error:
                 if attempt == _TRANSIENT_ATTEMPTS - 1:
                     raise TpuctlError(
@@ -494,8 +583,6 @@ class CloudTpuProvider:
                         exit_code=1,
                     ) from None
                 self.clock.sleep(2.0**attempt)
-            except (exceptions.NotFound, exceptions.Conflict, exceptions.TooManyRequests):
-                raise
             except exceptions.GoogleAPICallError as error:
                 self._raise_unexpected(error)
             except RequestsConnectionError:
