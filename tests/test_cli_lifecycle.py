@@ -278,6 +278,23 @@ def test_down_deletes_a_queued_resource_that_has_no_node_yet(run_tpuctl, fake_tp
     assert fake_tpu.queued_resource_state("q") is None
 
 
+def test_down_never_claims_a_queued_resource_deletion_that_failed(run_tpuctl, fake_tpu):
+    """Before: `deleted q` (exit 0) while the node was still READY."""
+    from tpuctl.providers import registry
+
+    assert run_tpuctl("up", "v4-32", "--name", "q").code == 0
+    fake_tpu.fail_queued_deletes(1)
+    result = run_tpuctl("down", "q", "--yes")
+    assert result.code == 1
+    assert "deleted q" not in result.out
+    assert result.err.strip().splitlines()[-1] == (
+        "error: deleting queued resource q failed: Queued resource "
+        "projects/test-project/locations/us-central1-a/queuedResources/q cannot be deleted now"
+    )
+    assert fake_tpu.node_state("q") == "READY"
+    assert registry.locations("q") != []  # still there, still found where it is
+
+
 def test_a_queued_resource_given_up_on_is_forgotten_where_it_was(run_tpuctl, fake_tpu):
     """Remembered after a stockout, the zone hid a node of that name made later elsewhere."""
     from tpuctl.providers import registry

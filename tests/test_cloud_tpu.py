@@ -203,3 +203,12 @@ def test_a_node_created_by_someone_between_look_and_create_is_one_line_naming_th
         "is yours"
     )
     assert fake_tpu.node("n")["labels"] == {"tpuctl-user": "bob"}  # left alone
+
+
+def test_delete_queued_says_whether_it_deleted_one(provider, fake_tpu):
+    """`down` claims a deletion only when the provider says it made one."""
+    fake_tpu.set_queued_wait(60)
+    provider.create_queued(spec("q", "v4-32"), Progress(), wait=False)
+    path = provider.queued_path("q")
+    assert provider.delete_queued(path, Progress()) is True
+    assert provider.delete_queued(path, Progress()) is False

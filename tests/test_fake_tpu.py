@@ -164,3 +164,17 @@ def test_worker_ips_callback_hands_out_addresses():
         "192.168.77.12",
         "192.168.77.13",
     ]
+
+
+def test_a_queued_resource_deletion_can_be_made_to_fail(client, fake_tpu):
+    fake_tpu.set_queued_wait(60)
+    fake_tpu.fail_queued_deletes(1)
+    spec = tpu_v2.QueuedResource.Tpu.NodeSpec(parent=PARENT, node_id="q", node=new_node("v4-32"))
+    queued = tpu_v2.QueuedResource(tpu=tpu_v2.QueuedResource.Tpu(node_spec=[spec]))
+    finish(
+        client.create_queued_resource(parent=PARENT, queued_resource_id="q", queued_resource=queued)
+    )
+    path = f"{PARENT}/queuedResources/q"
+    with pytest.raises(exceptions.FailedPrecondition, match="cannot be deleted now"):
+        finish(client.delete_queued_resource(request={"name": path, "force": True}))
+    assert fake_tpu.queued_resource_state("q") == "WAITING_FOR_RESOURCES"

@@ -247,13 +247,16 @@ def down(
     provider = provider_for(settings)  # pointed at the node's place by find_node
     with StatusLine(f"down {node.name}") as status:
         status.update(f"deleting {summary}")
-        provider.delete(node.name, status.update)
+        deleted = provider.delete(node.name, status.update)
     from tpuctl.fanout import holder
     from tpuctl.jobs import launches
 
     holder.tell_to_exit(holder.socket_path(settings, node.name))  # its workers are gone
     launches.forget(node.name)  # else `top` shows its last run on a new node of that name
-    console.print(f"deleted {node.name}")
+    if deleted:
+        console.print(f"deleted {node.name}")
+    else:  # deleted by someone else meanwhile: not our deletion to claim
+        err_console.print(f"node {node.name} was gone before `down` deleted it; nothing deleted")
 
 
 def _down_queued(settings: Settings, name: str, yes: bool) -> bool:
@@ -269,8 +272,11 @@ def _down_queued(settings: Settings, name: str, yes: bool) -> bool:
         typer.confirm(f"Delete {where}?", abort=True)
     with StatusLine(f"down {name}") as status:
         status.update(f"deleting {where}")
-        provider.delete_queued(provider.queued_path(name), status.update)
-    console.print(f"deleted queued resource {name}")
+        deleted = provider.delete_queued(provider.queued_path(name), status.update)
+    if deleted:
+        console.print(f"deleted queued resource {name}")
+    else:
+        err_console.print(f"queued resource {name} was gone before `down` deleted it")
     return True
 
 

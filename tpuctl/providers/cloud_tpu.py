@@ -490,10 +490,12 @@ class CloudTpuProvider:
                 )
             self.clock.sleep(delay)
 
-    def delete_queued(self, path: str, progress: ProgressFn) -> None:
-        """Delete a queued resource and its node (force), waiting until it is gone."""
+    def delete_queued(self, path: str, progress: ProgressFn) -> bool:
+        """Delete a queued resource and its node (force), waiting until it is gone; False
+        when there was none. A deletion the API refuses is a TpuctlError."""
         from google.api_core import exceptions
 
+        name = path.rsplit("/", 1)[-1]
         try:
             operation = self._call(
                 self.client.delete_queued_resource,
@@ -501,12 +503,18 @@ class CloudTpuProvider:
                 handles=(exceptions.NotFound,),
             )
         except exceptions.NotFound:
-            return
-        progress(f"deleting queued resource {path.rsplit('/', 1)[-1]}")
+            return False
+        progress(f"deleting queued resource {name}")
         for delay in _poll_delays():
             if self._call(operation.done):
-                return
+                break
             self.clock.sleep(delay)
+        error = operation.exception()
+        if error is not None:
+            raise TpuctlError(
+                f"deleting queued resource {name} failed: {api_message(error)}", exit_code=1
+            )
+        return True
 
     # -- delete ----------------------------------------------------------------------------
 
@@ -522,9 +530,9 @@ class CloudTpuProvider:
             registry.forget(name, self.location())
             return False
         if raw.queued_resource:
-            self.delete_queued(raw.queued_resource, progress)
+            deleted = self.delete_queued(raw.queued_resource, progress)
             registry.forget(name, self.location())
-            return True
+            return deleted
         try:
             operation = self._call(
                 self.client.delete_node,

@@ -40,6 +40,7 @@ METADATA_TYPE = "type.googleapis.com/google.cloud.tpu.v2.OperationMetadata"
 
 # google.rpc.Code values used in operation errors, and HTTP status -> canonical status name.
 CODE_RESOURCE_EXHAUSTED = 8
+CODE_FAILED_PRECONDITION = 9
 HTTP_STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
     403: "PERMISSION_DENIED",
@@ -97,6 +98,7 @@ class _Faults:
     http_failures: int = 0
     http_failure_status: int = 500
     queued_failures: int = 0
+    queued_delete_failures: int = 0
 
 
 @dataclass
@@ -206,6 +208,12 @@ class FakeTpuApi:
         """The next `n` queued resources end FAILED instead of ACTIVE."""
         with self._lock:
             self._faults.queued_failures = n
+
+    def fail_queued_deletes(self, n: int = 1) -> None:
+        """The next `n` queued resource deletions end with a failed operation (FAILED_PRECONDITION);
+        the queued resource and its node stay."""
+        with self._lock:
+            self._faults.queued_delete_failures = n
 
     def preempt(self, name: str) -> None:
         """The node becomes PREEMPTED (spot and preemptible nodes do this)."""
@@ -505,9 +513,14 @@ class FakeTpuApi:
         queued = self._get_queued(path)
         if queued.node_path in self.nodes and not force:
             raise ApiError(400, f"Queued resource {path} has a node; delete it or use force")
-        queued.body["state"] = {"state": "DELETING", "stateInitiator": "USER"}
         location = path.rsplit("/queuedResources/", 1)[0]
         op = self._new_operation(location, path, "delete")
+        if self._faults.queued_delete_failures > 0:
+            self._faults.queued_delete_failures -= 1
+            message = f"Queued resource {path} cannot be deleted now"
+            op.update(done=True, error={"code": CODE_FAILED_PRECONDITION, "message": message})
+            return op
+        queued.body["state"] = {"state": "DELETING", "stateInitiator": "USER"}
 
         def finish() -> None:
             self.nodes.pop(queued.node_path, None)
