@@ -177,11 +177,42 @@ def test_up_reuses_a_ready_node_of_the_same_type(run_tpuctl, fake_tpu):
 
 
 def test_up_refuses_a_node_of_another_type(run_tpuctl, fake_tpu):
+    fake_tpu.add_node("n", "v3-8", project="test-project", zone="us-central1-a", labels=mine())
+    result = run_tpuctl("up", "v3-32", "--name", "n")
+    assert result.code == 2
+    assert result.err.strip().splitlines()[-1] == (
+        "error: node n already exists in us-central1-a as v3-8, not v3-32; pick another "
+        "--name or delete it with `tpuctl down n`"
+    )
+    assert fake_tpu.node_state("n") == "READY"  # untouched
+
+
+@pytest.mark.parametrize("accelerator_type", ["v3-8", "v3-32"])
+def test_up_never_reuses_or_offers_to_delete_a_colleagues_node(
+    run_tpuctl, fake_tpu, accelerator_type
+):
+    """Before: a colleague's node of the same type was silently reused, and one of another
+    type came with `tpuctl down` as the fix."""
+    fake_tpu.add_node(
+        "n", accelerator_type, project="test-project", zone="us-central1-a",
+        labels={"tpuctl-user": "bob"},
+    )  # fmt: skip
+    result = run_tpuctl("up", "v3-8", "--name", "n")
+    assert result.code == 1
+    assert result.err.strip().splitlines()[-1] == (
+        "error: node n in us-central1-a is not yours (labels tpuctl-user=bob): choose another "
+        "--name"
+    )
+    assert fake_tpu.node_state("n") == "READY"
+
+
+def test_up_offers_no_deletion_of_an_unlabelled_node_of_another_type(run_tpuctl, fake_tpu):
     fake_tpu.add_node("n", "v3-8", project="test-project", zone="us-central1-a")
     result = run_tpuctl("up", "v3-32", "--name", "n")
     assert result.code == 2
-    assert "already exists in us-central1-a as v3-8, not v3-32" in result.err
-    assert fake_tpu.node_state("n") == "READY"  # untouched
+    assert result.err.strip().splitlines()[-1] == (
+        "error: node n already exists in us-central1-a as v3-8, not v3-32; pick another --name"
+    )
 
 
 def test_per_accelerator_defaults_and_fallback_zones(run_tpuctl, fake_tpu, monkeypatch):

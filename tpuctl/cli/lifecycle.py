@@ -174,11 +174,27 @@ def _refuse_a_twin(name: str, elsewhere: list[registry.Location]) -> None:
 
 
 def _reuse(provider: Any, existing: Node, spec: NodeSpec, status: StatusLine, wait: bool):
+    """Reuse (or wait for) the user's node of this name and type; refuse anyone else's."""
+    from tpuctl import ownership
+
+    user = config.local_user()
+    if ownership.someone_elses(existing.labels, user):
+        raise TpuctlError(
+            f"node {spec.name} in {existing.zone} is not yours "
+            f"({ownership.describe_owner(existing.labels)}): choose another --name",
+            exit_code=1,
+        )
     if existing.accelerator_type != spec.accelerator_type:
+        # Deleting is suggested only for a node labelled as the user's: an unlabelled one
+        # may be a colleague's, made without tpuctl.
+        fix = (
+            f"pick another --name or delete it with `tpuctl down {spec.name}`"
+            if ownership.created_by(existing.labels, user)
+            else "pick another --name"
+        )
         raise TpuctlError(
             f"node {spec.name} already exists in {existing.zone} as {existing.accelerator_type}, "
-            f"not {spec.accelerator_type}; pick another --name or delete it with "
-            f"`tpuctl down {spec.name}`"
+            f"not {spec.accelerator_type}; {fix}"
         )
     if existing.ready:
         status.update(f"{spec.name} already exists and is READY; reusing it")
