@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -397,6 +398,52 @@ def test_the_api_failing_while_up_waits_keeps_the_queued_resource(run_tpuctl, fa
         "`tpuctl down q` deletes it)"
     )
     assert fake_tpu.queued_resource_state("q") == "WAITING_FOR_RESOURCES"
+
+
+def _ctrl_c_while_polling_an_operation(fake) -> threading.Thread:
+    """Press Ctrl-C (SIGINT to this process: the in-process CLI) once `up` polls the
+    operation of its create request."""
+
+    def polling() -> bool:
+        return any(m == "GET" and "/operations/" in p for m, p in list(fake.requests))
+
+    def press() -> None:
+        wait_for(polling)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=press, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_ctrl_c_while_the_queued_resource_is_being_created_deletes_it(run_tpuctl, fake_tpu):
+    """Before: the queued resource was left behind, with no record of it."""
+    from tpuctl.providers import registry
+
+    fake_tpu.queued_create_delay = 60
+    fake_tpu.set_queued_wait(120)
+    pressed = _ctrl_c_while_polling_an_operation(fake_tpu)
+    result = run_tpuctl("up", "v4-32", "--name", "q")
+    pressed.join()
+    assert result.code == 130  # as after any Ctrl-C
+    assert "giving up: deleting queued resource q" in result.err
+    wait_for(lambda: fake_tpu.queued_resource_state("q") is None, what="the deletion")
+    assert registry.locations("q") == []
+
+
+def test_ctrl_c_during_a_direct_create_says_the_node_may_still_come(run_tpuctl, fake_tpu):
+    from tpuctl.providers import registry
+
+    fake_tpu.set_create_delay(60)
+    pressed = _ctrl_c_while_polling_an_operation(fake_tpu)
+    result = run_tpuctl("up", "v3-8", "--no-queued", "--name", "d")
+    pressed.join()
+    assert result.code == 130  # as after any Ctrl-C
+    assert (
+        "interrupted: d may still be being created in us-central1-a; `tpuctl down d` deletes it"
+        in result.err
+    )
+    assert registry.locations("d") != []  # `down d` finds it
 
 
 def test_queued_resource_quota_error_is_one_line(run_tpuctl, fake_tpu):

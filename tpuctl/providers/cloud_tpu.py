@@ -237,6 +237,12 @@ class CloudTpuProvider:
         except TpuctlError:  # a stockout or refusal: no node was made there
             registry.forget(spec.name, self.location(spec.zone))
             raise
+        except KeyboardInterrupt:  # the API goes on creating it: a billed node, soon
+            progress(
+                f"interrupted: {spec.name} may still be being created in {spec.zone}; "
+                f"`tpuctl down {spec.name}` deletes it"
+            )
+            raise
         return self._wait_until_ready(spec.name, spec.zone, progress)
 
     def _raise_taken_meanwhile(self, spec: NodeSpec) -> None:
@@ -390,24 +396,31 @@ class CloudTpuProvider:
                 queued_resource=queued,
                 handles=(exceptions.Conflict, exceptions.TooManyRequests),
             )
-            self._wait_for_operation(operation, spec, lambda _msg: None)
-            progress(f"queued resource {spec.name} created in {spec.zone}")
         except exceptions.Conflict:
             self._check_existing_queued(path, spec)
             progress(f"queued resource {spec.name} already exists in {spec.zone}; waiting on it")
+            operation = None
         except exceptions.TooManyRequests as error:
             self._raise_for(error, spec)
+        # Recorded, and in _await_queued's care, from the moment it exists: an interrupt
+        # while its create operation runs must not leave it behind unknown.
         registry.record(spec.name, self.location(spec.zone))
-        if not wait:
-            return None
-        return self._await_queued(path, spec, progress)
+        return self._await_queued(path, spec, operation, progress, wait)
 
-    def _await_queued(self, path: str, spec: NodeSpec, progress: ProgressFn) -> Node:
-        """Wait for the queued resource, then its node. Only a queued resource given up on
+    def _await_queued(
+        self, path: str, spec: NodeSpec, operation: Any, progress: ProgressFn, wait: bool
+    ) -> Node | None:
+        """Wait for the queued resource's create `operation` (None: it existed already), then,
+        when `wait`, for the queued resource and its node. Only a queued resource given up on
         (it ended FAILED or SUSPENDED, or the user interrupted) is deleted: the API failing
         meanwhile is no reason to delete what may still be granted."""
         location = self.location(spec.zone)
         try:
+            if operation is not None:
+                self._wait_for_operation(operation, spec, lambda _msg: None)
+                progress(f"queued resource {spec.name} created in {spec.zone}")
+            if not wait:
+                return None
             self._wait_for_queued(path, spec, progress)
             return self._wait_until_ready(spec.name, spec.zone, progress)
         except (KeyboardInterrupt, Stockout, QueuedResourceEnded):

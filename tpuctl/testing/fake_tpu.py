@@ -109,6 +109,7 @@ class FakeTpuApi:
     create_delay: float = 0.3
     delete_delay: float = 0.1
     queued_wait: float = 0.3
+    queued_create_delay: float = 0.0  # how long a queued resource's create operation runs
     host: str = "127.0.0.1"
     port: int = 0
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)  # full path -> Node JSON
@@ -461,7 +462,11 @@ class FakeTpuApi:
             queued.outcome = "FAILED"
         self._queued[path] = queued
         op = self._new_operation(location, path, "create")
-        op.update(done=True, response={"@type": QUEUED_RESOURCE_TYPE, **queued.body})
+        done = {"done": True, "response": {"@type": QUEUED_RESOURCE_TYPE, **queued.body}}
+        if self.queued_create_delay > 0:
+            self._schedule(self.queued_create_delay, lambda: op.update(done))
+        else:
+            op.update(done)
         self._schedule_queued(queued)
         return op
 
