@@ -302,12 +302,15 @@ def test_up_never_takes_over_a_colleagues_queued_resource_or_one_of_another_type
 
 
 def test_down_deletes_a_queued_resource_that_has_no_node_yet(run_tpuctl, fake_tpu):
+    from tpuctl.providers import registry
+
     fake_tpu.set_queued_wait(60)
     assert run_tpuctl("up", "v4-32", "--name", "q", "--no-wait").code == 0
     result = run_tpuctl("down", "q", "--yes")  # before: "does not exist; nothing deleted"
     assert result.code == 0, result.err
     assert "deleted queued resource q" in result.out
     assert fake_tpu.queued_resource_state("q") is None
+    assert registry.locations("q") == []  # before: remembered after its deletion
 
 
 def test_down_never_claims_a_queued_resource_deletion_that_failed(run_tpuctl, fake_tpu):

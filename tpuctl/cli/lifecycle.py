@@ -289,6 +289,7 @@ def _down_queued(settings: Settings, name: str, yes: bool) -> bool:
     with StatusLine(f"down {name}") as status:
         status.update(f"deleting {where}")
         deleted = provider.delete_queued(provider.queued_path(name), status.update)
+    registry.forget(name, provider.location())  # else later commands look for it there
     if deleted:
         console.print(f"deleted queued resource {name}")
     else:
