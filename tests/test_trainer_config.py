@@ -165,6 +165,9 @@ def test_explicit_dims_override_the_preset(tmp_path):
         ("", ["model.family=gemma"], "model.family: 'gemma' is not supported; use one of llama"),
         ("", ["model.rope_scaling=yarn"], "model.rope_scaling: 'yarn' is not supported for llama"),
         ("", ["model.family=qwen2", "model.rope_scaling=llama3"], "not supported for qwen2"),
+        # trained windowed, then exported without the window: other logits in transformers
+        ("", ["model.sliding_window=16"], "model.sliding_window: llama has no sliding window"),
+        ("", ["model.family=mistral", "model.sliding_window=0"], "sliding_window must be posi"),
         ("", ["data.chat_template=nope.jinja"], "data.chat_template: nope.jinja does not exist"),
         ("", ["objective=ppo"], "objective.name: 'ppo' is not supported; use one of lm, dpo"),
         ("", ["objective=dpo"], "dpo and reward train on preference pairs, so set both"),

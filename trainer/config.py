@@ -577,8 +577,17 @@ def _validate_model(model: ModelConfig) -> None:
             f"model.rope_scaling: {model.rope_scaling!r} is not supported for {model.family}; "
             f"use {' or '.join([*scalings, 'null'])}"
         )
-    if model.sliding_window is not None and model.sliding_window <= 0:
-        raise RecipeError(f"model.sliding_window must be positive, got {model.sliding_window}")
+    if model.sliding_window is not None:
+        if not FAMILIES[model.family].sliding_window:  # its export would attend to everything
+            windowed = ", ".join(f.name for f in FAMILIES.values() if f.sliding_window)
+            raise RecipeError(
+                f"model.sliding_window: {model.family} has no sliding window attention (only "
+                f"{windowed}); set it to null or change model.family"
+            )
+        if model.sliding_window <= 0:
+            raise RecipeError(
+                f"model.sliding_window must be positive, got {model.sliding_window}"
+            )
     for name in ("dtype", "param_dtype"):
         if getattr(model, name) not in ("float32", "bfloat16", "float16"):
             raise RecipeError(
