@@ -4,6 +4,7 @@ logits and its tokenizer."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from tests.fixtures_hf import SHAPES, hf_model, save_run, train_tokenizer
 from trainer import io
 from trainer.config import ModelConfig
+from trainer.models import FAMILIES
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER = REPO / "recipes" / "data" / "tokenizer.model"
@@ -240,7 +242,10 @@ def test_each_family_exports_in_its_own_format_with_its_tokenizer(shape, tmp_pat
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
 
 
-def test_a_reward_model_exports_as_sequence_classification_with_equal_scores(tmp_path):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_reward_model_exports_as_sequence_classification_with_equal_scores(tmp_path, family):
+    """Every family, on sequences ending in id 1: OLMo 2's config class defaults pad_token_id
+    to 1, and transformers scored the last token that was not it."""
     import jax
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -250,20 +255,23 @@ def test_a_reward_model_exports_as_sequence_classification_with_equal_scores(tmp
     from trainer.hf import params_from_hf
     from trainer.model import Decoder
 
-    original = hf_model(BASE, seed=0, score=True)
-    params = params_from_hf(hf_state(original), BASE)
+    cfg = dataclasses.replace(BASE, family=family)
+    original = hf_model(cfg, seed=0, score=True)
+    params = params_from_hf(hf_state(original), cfg)
     rng = np.random.default_rng(0)  # "trained" weights: not the ones transformers initialised
     params = jax.tree.map(lambda p: p + rng.normal(0, 0.02, p.shape).astype(p.dtype), params)
-    save_run(str(tmp_path / "run"), BASE, params)
+    save_run(str(tmp_path / "run"), cfg, params)
     export(str(tmp_path / "run"), str(tmp_path / "out"))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    causal = FAMILIES[family].architecture
+    assert config["architectures"] == [causal.replace("ForCausalLM", "ForSequenceClassification")]
     assert sorted(_hf_tensors(tmp_path / "out")) == sorted(hf_state(original))  # score, no lm_head
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     assert model.config.num_labels == 1
     for length in (5, 17):
-        tokens = rng.integers(0, BASE.vocab_size, size=(1, length))
-        ours = Decoder(BASE, "score").apply({"params": params}, jax.numpy.asarray(tokens))
+        tokens = rng.integers(2, BASE.vocab_size, size=(1, length))
+        tokens[0, -1] = 1
+        ours = Decoder(cfg, "score").apply({"params": params}, jax.numpy.asarray(tokens))
         with torch.no_grad():
             theirs = model(torch.tensor(tokens)).logits[0, 0].item()
         assert float(ours[0, -1]) == pytest.approx(theirs, abs=1e-4)  # the last token's score

@@ -183,6 +183,9 @@ def hf_config_from_model(model_cfg: ModelConfig, score_head: bool = False) -> di
         "tie_word_embeddings": model_cfg.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
+        # None, not the config class's default: OLMo 2's is 1, and a *ForSequenceClassification
+        # scores the last token that is not the pad id
+        "pad_token_id": None,
         "torch_dtype": "float32",
     }
     if model_cfg.family == "llama":
