@@ -85,12 +85,12 @@ def test_params_round_trip_through_hf_names():
         np.testing.assert_array_equal(a, b)
 
 
-def save_hf_model(directory):
+def save_hf_model(directory, **save_options):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config_from_model(CFG)))
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True, **save_options)
     return model
 
 
@@ -108,6 +108,33 @@ def test_load_hf_dir_gives_the_same_logits_as_transformers(tmp_path):
     np.testing.assert_allclose(
         Decoder(cfg).apply({"params": params}, jnp.asarray(tokens)), expected, atol=1e-4
     )
+
+
+def test_a_sharded_gs_checkpoint_loads_the_files_its_index_names_and_leaves_no_copy(
+    gcs, tmp_path, monkeypatch
+):
+    """Every start of a run left a whole copy of a gs:// checkpoint in /tmp, and loaded every
+    *.safetensors, also a Mistral repository's consolidated.safetensors (the weights again)."""
+    import tempfile
+
+    import torch
+
+    from trainer import io
+
+    model = save_hf_model(tmp_path / "hf", max_shard_size="100KB").eval()
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+    (tmp_path / "hf" / "consolidated.safetensors").write_bytes(b"other names, not loaded")
+    io.copy_tree(str(tmp_path / "hf"), "gs://test-bucket/hf")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    for source in (str(tmp_path / "hf"), "gs://test-bucket/hf"):
+        cfg, params = load_hf_dir(source, CFG)
+        tokens = np.arange(20)[None] % 512
+        with torch.no_grad():
+            expected = model(torch.tensor(tokens)).logits.numpy()
+        ours = Decoder(cfg).apply({"params": params}, jnp.asarray(tokens))
+        np.testing.assert_allclose(ours, expected, atol=1e-4)
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_missing_tensors_and_files_are_clear_errors(tmp_path):

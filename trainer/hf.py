@@ -8,9 +8,12 @@ The family is config.json's `model_type`. Pure numpy, so conversion needs no dev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from pathlib import Path
+import os
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -208,41 +211,68 @@ def hf_config_from_model(model_cfg: ModelConfig, score_head: bool = False) -> di
     return cfg
 
 
+WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded checkpoint's tensor -> file map
+
+
 def load_hf_dir(path: str, base: ModelConfig | None = None) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) from a directory with config.json and *.safetensors (local or gs://)."""
     from safetensors.numpy import load_file
 
-    local = _local_dir(path)
-    config_file = local / "config.json"
-    if not config_file.exists():
+    from trainer import io
+
+    config_file = io.join(path, "config.json")
+    if not io.exists(config_file):
         raise RecipeError(
             f"model.init_from: {path} has no config.json; point it at a Hugging Face model directory"
         )
-    model_cfg = model_config_from_hf(json.loads(config_file.read_text()), base)
-    files = sorted(local.glob("*.safetensors"))
+    model_cfg = model_config_from_hf(json.loads(io.read_text(config_file)), base)
+    files = _weight_files(path)
     if not files:
         raise RecipeError(f"model.init_from: {path} has no *.safetensors files")
     tensors: dict[str, np.ndarray] = {}
-    for file in files:
-        tensors.update(load_file(str(file)))
+    for name in files:
+        with _local_copy(io.join(path, name)) as local:
+            tensors.update(load_file(local))
     return model_cfg, params_from_hf(tensors, model_cfg)
 
 
-def _local_dir(path: str) -> Path:
-    """A local directory holding the model files: `path` itself, or a staged copy of gs:// files."""
+def _weight_files(path: str) -> list[str]:
+    """The safetensors files transformers loads from `path`: those its index names, else
+    model.safetensors, else every one (a Mistral repository's consolidated.safetensors holds
+    the same weights again, under other names)."""
+    from trainer import io
+
+    names = io.listdir(path)
+    if WEIGHTS_INDEX in names:
+        try:
+            weight_map = json.loads(io.read_text(io.join(path, WEIGHTS_INDEX)))["weight_map"]
+            return sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise RecipeError(
+                f"model.init_from: {path}/{WEIGHTS_INDEX} has no readable weight_map; "
+                "replace it with the model repository's"
+            ) from None
+    if "model.safetensors" in names:
+        return ["model.safetensors"]
+    return sorted(name for name in names if name.endswith(".safetensors"))
+
+
+@contextlib.contextmanager
+def _local_copy(path: str) -> Iterator[str]:
+    """`path` itself, or a copy of a gs:// file that is removed once read (a checkpoint's
+    shards are gigabytes, and every start of a run loads them)."""
     if "://" not in path:
-        return Path(path)
+        yield path
+        return
     import shutil
-    import tempfile
 
     from trainer import io
 
-    staging = Path(tempfile.mkdtemp(prefix="init_from_"))
-    for name in io.listdir(path):
-        if name == "config.json" or name.endswith(".safetensors"):
-            with io.open_file(io.join(path, name), "rb") as src, open(staging / name, "wb") as dst:
-                shutil.copyfileobj(src, dst, length=64 << 20)
-    return staging
+    with tempfile.TemporaryDirectory(prefix="init_from_") as staging:
+        local = os.path.join(staging, path.rsplit("/", 1)[-1])
+        with io.open_file(path, "rb") as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=64 << 20)
+        yield local
 
 
 def _numpy_dtype(name: str):
