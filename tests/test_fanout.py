@@ -179,6 +179,36 @@ def test_put_and_get_copy_files_per_worker(ssh_pod, hosts, tmp_path):
     assert missing[0].exit_code == 1 and "does-not-exist" in missing[0].stderr
 
 
+def test_get_keeps_file_modes_as_the_tar_path_does(hosts, tmp_path):
+    made = run(
+        hosts[:1],
+        "mkdir -p /tmp/gm && cd /tmp/gm && echo s > secret && chmod 600 secret"
+        " && echo x > run.sh && chmod 755 run.sh && echo p > plain && chmod 664 plain",
+    )
+    assert made[0].ok, made[0].stderr
+    [fetched] = get(hosts[:1], "/tmp/gm", tmp_path / "back")
+    assert fetched.ok, fetched.stderr
+    modes = {f.name: oct(f.stat().st_mode & 0o7777) for f in (tmp_path / "back/w00/gm").iterdir()}
+    assert modes == {"secret": "0o600", "run.sh": "0o755", "plain": "0o644"}
+
+
+def test_put_keeps_a_private_file_private_while_it_copies(ssh_pod, hosts, tmp_path):
+    secret = tmp_path / "secret"
+    with open(secret, "wb") as out:
+        out.truncate(64 << 20)  # big enough that the copy is seen under way
+    secret.chmod(0o600)
+    copied = ssh_pod.path(0, "/tmp/secret")
+    copied.unlink(missing_ok=True)
+    results: list = []
+    copying = threading.Thread(target=lambda: results.extend(put(hosts[:1], secret, "/tmp/secret")))
+    copying.start()
+    first_seen = wait_for(lambda: copied.exists() and copied.stat().st_mode, what="the copy")
+    copying.join()
+    assert results[0].ok, results[0].stderr
+    assert oct(first_seen & 0o777) == oct(0o600)
+    assert oct(copied.stat().st_mode & 0o777) == oct(0o600)
+
+
 def test_commands_start_everywhere_even_with_few_handshake_slots(ssh_pod32, pod_key, tmp_path):
     # The hosts share this machine's /var/tmp: a barrier none passes until all 32 started.
     hosts = pod_hosts(ssh_pod32, pod_key, str(tmp_path / "known_hosts"))

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from tpuctl.fanout import tree
 from tpuctl.fanout.base import (
@@ -164,7 +165,11 @@ def get_tree(source: Path, target: Path, skipped: list[str]) -> int:
     def entries(directory: str) -> list[tuple[str, int]]:
         return [(e.name, e.stat(follow_symlinks=False).st_mode) for e in os.scandir(directory)]
 
-    reader = tree.Reader(entries, lambda path, local: shutil.copy2(path, local), os.path.join)
+    def copy(path: str, out: BinaryIO) -> None:
+        with open(path, "rb") as source_file:
+            shutil.copyfileobj(source_file, out)
+
+    reader = tree.Reader(entries, copy, os.path.join)
     return tree.get_tree(reader, str(source), source.stat().st_mode, target, skipped)
 
 

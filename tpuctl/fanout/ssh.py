@@ -14,6 +14,7 @@ import os
 import posixpath
 import select
 import shlex
+import shutil
 import socket
 import stat
 import sys
@@ -597,8 +598,11 @@ class _MarkedStdout:
 def put_tree(sftp: paramiko.SFTPClient, local: Path, remote: str) -> int:
     """Copy a file or directory tree to `remote`; returns the number of files copied."""
     if local.is_file():
-        sftp.put(str(local), remote)
-        sftp.chmod(remote, stat.S_IMODE(local.stat().st_mode))
+        with open(local, "rb") as source, _open_private(sftp, remote) as target:
+            target.set_pipelined(True)
+            shutil.copyfileobj(source, target, SFTP_CHUNK)
+            target.flush()
+            target.chmod(stat.S_IMODE(os.fstat(source.fileno()).st_mode))
         return 1
     _sftp_makedirs(sftp, remote)
     copied = 0
@@ -619,9 +623,30 @@ def get_tree(
         # listdir_attr's attributes are the entries' own (lstat): links show as links.
         return [(e.filename, e.st_mode or 0) for e in sftp.listdir_attr(directory)]
 
-    reader = tree.Reader(entries, lambda path, target: sftp.get(path, str(target)), posixpath.join)
+    reader = tree.Reader(entries, lambda path, out: sftp.getfo(path, out), posixpath.join)
     mode = sftp.stat(remote).st_mode or 0
     return tree.get_tree(reader, remote, mode, local, [] if skipped is None else skipped)
+
+
+# paramiko's own put() writes 32 KiB per request, the most an SFTP server must accept.
+SFTP_CHUNK = 32768
+
+
+def _open_private(sftp: paramiko.SFTPClient, remote: str) -> paramiko.SFTPFile:
+    """`remote` opened for writing, created 0600 (one that existed is made 0600 before
+    anything is written): a file copied to a shared directory is readable by nobody else
+    until its own mode is set. paramiko's open() sends no mode, so sftp-server would create
+    the file 0666 less its umask; this is that open() with the mode."""
+    sftp_proto = paramiko.sftp
+    attributes = paramiko.SFTPAttributes()
+    attributes.st_mode = 0o600
+    flags = sftp_proto.SFTP_FLAG_WRITE | sftp_proto.SFTP_FLAG_CREATE | sftp_proto.SFTP_FLAG_TRUNC
+    kind, message = sftp._request(sftp_proto.CMD_OPEN, remote, flags, attributes)
+    if kind != sftp_proto.CMD_HANDLE:
+        raise paramiko.SFTPError("Expected handle")
+    handle = paramiko.SFTPFile(sftp, message.get_binary(), "wb")
+    handle.chmod(0o600)
+    return handle
 
 
 def _sftp_makedirs(sftp: paramiko.SFTPClient, remote: str) -> None:

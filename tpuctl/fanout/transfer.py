@@ -16,7 +16,7 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
-from tpuctl.fanout import ssh
+from tpuctl.fanout import ssh, tree
 from tpuctl.fanout.base import Host, StopSignal
 
 paramiko = ssh.paramiko
@@ -201,13 +201,10 @@ def _as_data(member: tarfile.TarInfo) -> tarfile.TarInfo:
     if not (member.isfile() or member.isdir()):
         raise RefusedMember(f"{member.name!r} is a special file")
     safe = copy.copy(member)
-    safe.mode = member.mode & 0o755
     if member.isfile():
-        safe.mode |= 0o600
-        if not safe.mode & 0o100:
-            safe.mode &= ~0o011
+        safe.mode = tree.file_mode(member.mode)
     else:  # the filter leaves a directory's mode to the umask; the owner must write into it
-        safe.mode |= 0o700
+        safe.mode = member.mode & 0o755 | 0o700
     safe.uid, safe.gid, safe.uname, safe.gname = os.getuid(), os.getgid(), "", ""
     return safe
 
