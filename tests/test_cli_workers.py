@@ -232,6 +232,18 @@ def test_put_and_get_on_all_workers(pod_node, tmp_path):
     assert not (tmp_path / "back" / "w00").exists()
 
 
+def test_put_of_a_pipe_is_a_one_line_error(pod_node, tmp_path):
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    put = tpuctl("put", str(pipe), "/tmp/from-a-pipe")
+    assert put.returncode == 2
+    assert put.stderr.strip().splitlines() == [
+        f"error: LOCAL {pipe} is neither a file nor a directory (a pipe or a device): "
+        "write it to a file and put that"
+    ]
+    assert not pod_node.path(0, "/tmp/from-a-pipe").exists()
+
+
 def test_clear_locks_removes_lock_files_on_every_worker(pod_node):
     for index in (0, 2, 3):
         pod_node.path(index, "/tmp/libtpu_lockfile").write_text("")

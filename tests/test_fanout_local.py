@@ -115,6 +115,20 @@ def test_put_and_get_use_the_worker_directories(tmp_path):
     assert (tmp_path / "fetched" / "w01" / "out.txt").read_text() == "worker-1\n"
 
 
+def test_put_to_a_local_worker_copies_as_over_ssh(tmp_path):
+    hosts = local_hosts(tmp_path, 1)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a").write_text("A")
+    (source / "link").symlink_to(source / "a")
+    [tree] = put(hosts, source, "tree")
+    assert tree.stdout == f"1 file -> tree (skipped symlinks and special files: {source / 'link'})"
+    assert [p.name for p in (Path(hosts[0].workdir) / "tree").iterdir()] == ["a"]
+    (Path(hosts[0].workdir) / "into").mkdir()
+    assert put(hosts, source / "a", "into")[0].ok
+    assert (Path(hosts[0].workdir) / "into" / "a").read_text() == "A"
+
+
 def test_reporter_prefixes_lines_and_summarises_failures(tmp_path):
     hosts = local_hosts(tmp_path)
     out, err = io.StringIO(), io.StringIO()

@@ -64,6 +64,48 @@ def test_put_and_get_fall_back_to_tar(no_sftp_pod, hosts, tmp_path):
     assert (tmp_path / "back" / "w01" / "configs" / "nested" / "b.yaml").read_text() == "b: 2\n"
 
 
+@pytest.fixture(params=["sftp", "tar"])
+def either_pod(request, no_sftp_pod):
+    """The shared pod (SFTP) or the one without SFTP (tar): put must do the same on both."""
+    return request.getfixturevalue("ssh_pod") if request.param == "sftp" else no_sftp_pod
+
+
+@pytest.fixture
+def either_hosts(either_pod, pod_key, tmp_path):
+    return pod_hosts(either_pod, pod_key, str(tmp_path / "known_hosts"))
+
+
+def test_put_skips_links_and_special_files_as_get_does_on_both_paths(
+    either_pod, either_hosts, tmp_path
+):
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    (source / "a").write_text("a\n")
+    (source / "sub" / "b").write_text("b\n")
+    (source / "dangling").symlink_to("/nonexistent")
+    (source / "link").symlink_to(source / "a")
+    os.mkfifo(source / "pipe")
+    run(either_hosts[:1], "rm -rf /tmp/p")
+    [result] = put(either_hosts[:1], source, "/tmp/p")
+    skipped = ", ".join(str(source / name) for name in ("dangling", "link", "pipe"))
+    assert result.stdout == f"2 files -> /tmp/p (skipped symlinks and special files: {skipped})"
+    copied = either_pod.path(0, "/tmp/p")
+    assert sorted(str(p.relative_to(copied)) for p in copied.rglob("*")) == ["a", "sub", "sub/b"]
+
+
+def test_a_file_put_onto_a_directory_goes_into_it_and_parents_are_made_on_both_paths(
+    either_pod, either_hosts, tmp_path
+):
+    source = tmp_path / "f"
+    source.write_text("data\n")
+    run(either_hosts[:1], "rm -rf /tmp/ed /tmp/new /tmp/deep; mkdir /tmp/ed")
+    for remote in ("/tmp/ed", "/tmp/new/", "/tmp/deep/er/g"):
+        [result] = put(either_hosts[:1], source, remote)
+        assert result.ok, (remote, result.stderr)
+    for where in ("/tmp/ed/f", "/tmp/new/f", "/tmp/deep/er/g"):
+        assert either_pod.path(0, where).read_text() == "data\n", where
+
+
 def test_a_missing_remote_path_is_one_line(hosts, tmp_path):
     missing = get(hosts[:1], "/tmp/does-not-exist", tmp_path / "fetched")[0]
     assert missing.exit_code == 1

@@ -341,8 +341,10 @@ def put(
     """Copy a local file or directory to the same path on every worker."""
     from tpuctl import fanout
 
-    if not local.exists():
-        raise TpuctlError(f"LOCAL {local} does not exist")
+    try:
+        fanout.put_source(local)
+    except (FileNotFoundError, ValueError) as err:
+        raise TpuctlError(f"LOCAL {err}") from None
     target = _target(_settings(zone, project, ssh_user, internal_ip), name, worker, all_workers)
     results = _fan_out(target, fanout.put, local_path=local, remote_path=remote)
     _report_transfers(results, json_out)

@@ -120,12 +120,25 @@ def put(
     on_result: ResultFn | None = None,
 ) -> list[HostResult]:
     """Copy a local file or directory to `remote_path` on every host."""
-    hosts, source = list(hosts), Path(local_path)
-    if not source.exists():
-        raise FileNotFoundError(f"{source} does not exist")
+    hosts, source = list(hosts), put_source(local_path)
     request = {"op": "put", "local": str(source.absolute()), "remote": remote_path}
     one = lambda host, over: put_one(host, source, remote_path, over)  # noqa: E731
     return _copy(hosts, one, request, max_parallel, connect_timeout, on_result)
+
+
+def put_source(local_path: str | Path) -> Path:
+    """`put`'s source, checked: FileNotFoundError when it does not exist, ValueError when it
+    is neither a file nor a directory (a pipe such as `<(cmd)`, a device): every worker
+    needs the same bytes, and a pipe can be read once."""
+    source = Path(local_path)
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist")
+    if not (source.is_file() or source.is_dir()):
+        raise ValueError(
+            f"{source} is neither a file nor a directory (a pipe or a device): "
+            "write it to a file and put that"
+        )
+    return source
 
 
 def get(
@@ -148,16 +161,18 @@ def put_one(host: Host, source: Path, remote_path: str, over: Over | None) -> Ho
     """One host's part of `put`: its result, never an exception for its trouble. `over`
     gives SSH hosts their connection (None: no SSH host in the fan-out)."""
 
+    links: list[str] = []
+
     def copy() -> int:
         if host.transport == "local":
             from tpuctl.fanout import local
 
-            return local.copy_tree(source, local.resolve(host, remote_path))
+            return local.put_tree(source, host, remote_path, links)
         from tpuctl.fanout import transfer
 
-        return transfer.put_to_host(host, over, source, remote_path)
+        return transfer.put_to_host(host, over, source, remote_path, links)
 
-    return _transfer(host, copy, remote_path, f"-> {remote_path}")
+    return _transfer(host, copy, remote_path, f"-> {remote_path}", links)
 
 
 def get_one(
@@ -179,10 +194,7 @@ def get_one(
 
         return transfer.get_from_host(host, over, remote_path, cwd / target, skipped=links)
 
-    result = _transfer(host, copy, remote_path, f"-> {target}")
-    if links and result.ok:
-        result.stdout += f" (skipped symlinks and special files: {', '.join(links)})"
-    return result
+    return _transfer(host, copy, remote_path, f"-> {target}", links)
 
 
 def _copy(
@@ -215,7 +227,11 @@ def _copy(
     return via_holder(hosts, request, None, on_result, stop, connect_timeout, cold)
 
 
-def _transfer(host: Host, copy: Callable[[], int], remote_path: str, where: str) -> HostResult:
+def _transfer(
+    host: Host, copy: Callable[[], int], remote_path: str, where: str, skipped: list[str]
+) -> HostResult:
+    """Run one host's copy; its result says how many files went where, and which symlinks
+    and special files it skipped."""
     started = time.monotonic()
     try:
         count = copy()
@@ -226,7 +242,10 @@ def _transfer(host: Host, copy: Callable[[], int], remote_path: str, where: str)
         message = f"{reason}: {err.filename or remote_path}"
         return HostResult(host, 1, "", message, None, time.monotonic() - started)
     files = "file" if count == 1 else "files"
-    return HostResult(host, 0, f"{count} {files} {where}", "", None, time.monotonic() - started)
+    said = f"{count} {files} {where}"
+    if skipped:
+        said += f" (skipped symlinks and special files: {', '.join(skipped)})"
+    return HostResult(host, 0, said, "", None, time.monotonic() - started)
 
 
 @contextlib.contextmanager

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import selectors
-import shutil
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import BinaryIO
 
 from tpuctl.fanout import tree
 from tpuctl.fanout.base import (
@@ -161,23 +160,12 @@ def resolve(host: Host, path: str) -> Path:
 def get_tree(source: Path, target: Path, skipped: list[str]) -> int:
     """`get` from a local worker as over SSH (`tpuctl.fanout.tree`); returns the number of
     files copied. `source` itself may be a link: the user named it."""
-
-    def entries(directory: str) -> list[tuple[str, int]]:
-        return [(e.name, e.stat(follow_symlinks=False).st_mode) for e in os.scandir(directory)]
-
-    def copy(path: str, out: BinaryIO) -> None:
-        with open(path, "rb") as source_file:
-            shutil.copyfileobj(source_file, out)
-
-    reader = tree.Reader(entries, copy, os.path.join)
-    return tree.get_tree(reader, str(source), source.stat().st_mode, target, skipped)
+    return tree.get_tree(tree.LOCAL, str(source), source.stat().st_mode, target, skipped)
 
 
-def copy_tree(source: Path, target: Path) -> int:
-    """Copy a file or directory tree (`put` to a local worker); returns the files copied."""
-    if source.is_dir():
-        shutil.copytree(source, target, dirs_exist_ok=True)
-        return sum(1 for path in source.rglob("*") if path.is_file())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(source, target)
-    return 1
+def put_tree(source: Path, host: Host, remote: str, skipped: list[str]) -> int:
+    """`put` to a local worker as over SSH (`tpuctl.fanout.tree`); returns the files copied."""
+    where = str(resolve(host, remote)) + ("/" if remote.endswith("/") else "")
+    target = tree.put_target(source, where, os.path.isdir)
+    writer = tree.local_writer(tree.LOCAL, stat.S_IMODE, None)
+    return tree.put_tree(source, writer, target, skipped)

@@ -10,6 +10,7 @@ Everything here is imported lazily by `tpuctl.fanout`.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import select
@@ -595,20 +596,22 @@ class _MarkedStdout:
 # --- file transfer ---------------------------------------------------------------
 
 
-def put_tree(sftp: paramiko.SFTPClient, local: Path, remote: str) -> int:
-    """Copy a file or directory tree to `remote`; returns the number of files copied."""
-    if local.is_file():
-        with open(local, "rb") as source, _open_private(sftp, remote) as target:
-            target.set_pipelined(True)
-            shutil.copyfileobj(source, target, SFTP_CHUNK)
-            target.flush()
-            target.chmod(stat.S_IMODE(os.fstat(source.fileno()).st_mode))
-        return 1
-    _sftp_makedirs(sftp, remote)
-    copied = 0
-    for child in sorted(local.iterdir()):
-        copied += put_tree(sftp, child, posixpath.join(remote, child.name))
-    return copied
+def put_tree(sftp: paramiko.SFTPClient, local: Path, remote: str, skipped: list[str]) -> int:
+    """Copy a local file or directory to `remote` as `tpuctl.fanout.tree` walks it (into
+    `remote` if that is a directory, parents made, links and special files skipped and
+    appended to `skipped`); returns the number of files copied."""
+    target = tree.put_target(local, remote, lambda path: _sftp_is_dir(sftp, path))
+    _sftp_makedirs(sftp, posixpath.dirname(target))
+
+    def file(source: str, mode: int, target: str) -> None:
+        with open(source, "rb") as data, _open_private(sftp, target) as copy:
+            copy.set_pipelined(True)
+            shutil.copyfileobj(data, copy, SFTP_CHUNK)
+            copy.flush()
+            copy.chmod(stat.S_IMODE(os.fstat(data.fileno()).st_mode))
+
+    writer = tree.Writer(lambda path, mode: _sftp_mkdir(sftp, path, mode), file, posixpath.join)
+    return tree.put_tree(local, writer, target, skipped)
 
 
 def get_tree(
@@ -649,9 +652,25 @@ def _open_private(sftp: paramiko.SFTPClient, remote: str) -> paramiko.SFTPFile:
     return handle
 
 
-def _sftp_makedirs(sftp: paramiko.SFTPClient, remote: str) -> None:
+def _sftp_is_dir(sftp: paramiko.SFTPClient, path: str) -> bool:
     try:
-        sftp.mkdir(remote)
+        return stat.S_ISDIR(sftp.stat(path).st_mode or 0)
+    except FileNotFoundError:
+        return False
+
+
+def _sftp_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
+    """`mkdir -p path`, as the tar path's."""
+    if path in ("", ".", "/") or _sftp_is_dir(sftp, path):
+        return
+    _sftp_makedirs(sftp, posixpath.dirname(path.rstrip("/")))
+    _sftp_mkdir(sftp, path, 0o777)
+
+
+def _sftp_mkdir(sftp: paramiko.SFTPClient, path: str, mode: int) -> None:
+    """A directory at `path` (of `mode`, less sftp-server's umask), or the one there."""
+    try:
+        sftp.mkdir(path, stat.S_IMODE(mode))
     except OSError:
-        if not stat.S_ISDIR(sftp.stat(remote).st_mode or 0):
-            raise
+        if not _sftp_is_dir(sftp, path):
+            raise FileExistsError(errno.EEXIST, "File exists, and is no directory", path) from None

@@ -12,7 +12,9 @@ import copy
 import os
 import posixpath
 import shlex
+import stat
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,15 +48,17 @@ def over_new_connection(ctx: ssh.SshContext, stop: StopSignal) -> Over:
     return over
 
 
-def put_to_host(host: Host, over: Over, local: Path, remote: str) -> int:
-    """Copy a local file or directory to `remote` on `host`; returns the files copied."""
+def put_to_host(host: Host, over: Over, local: Path, remote: str, skipped: list[str]) -> int:
+    """Copy a local file or directory to `remote` on `host` (into it if it is a directory);
+    returns the files copied. Symlinks and special files inside the tree are not copied:
+    they are skipped and listed in `skipped`."""
     return over(
         host,
         lambda transport: _copy(
             transport,
             host,
-            lambda sftp: ssh.put_tree(sftp, local, remote),
-            lambda: _put_tar(transport, local, remote),
+            lambda sftp: ssh.put_tree(sftp, local, remote, skipped),
+            lambda: _put_tar(transport, local, remote, skipped),
         ),
     )
 
@@ -127,22 +131,43 @@ def _finish(channel: paramiko.Channel, remote: str) -> None:
         raise OSError(None, first.rsplit(": ", 1)[-1], remote)
 
 
-def _put_tar(transport: paramiko.Transport, local: Path, remote: str) -> int:
-    parent, name = _split(remote)
+def _put_tar(transport: paramiko.Transport, local: Path, remote: str, skipped: list[str]) -> int:
+    target = tree.put_target(local, remote, lambda path: _is_dir(transport, path))
+    parent, name = _split(target)
     quoted = shlex.quote(parent)
-    channel = _exec(transport, f"mkdir -p {quoted} && tar -x --no-same-owner -f - -C {quoted}")
-    files = 0
-
-    def count(member: tarfile.TarInfo) -> tarfile.TarInfo:
-        nonlocal files
-        files += member.isfile()
-        return member
-
+    # -p and --no-overwrite-dir: modes exactly as sent, and directories already there left
+    # as they are, as over SFTP (GNU tar would reset them to the sent ones).
+    channel = _exec(
+        transport,
+        f"mkdir -p {quoted} && tar -x -p --no-same-owner --no-overwrite-dir -f - -C {quoted}",
+    )
     with channel.makefile("wb") as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
-        tar.add(local, arcname=name, filter=count)
+        files = tree.put_tree(local, _tar_writer(tar), name, skipped)
     channel.shutdown_write()
-    _finish(channel, remote)
+    _finish(channel, target)
     return files
+
+
+def _tar_writer(tar: tarfile.TarFile) -> tree.Writer:
+    """A walk's directories and files as members of `tar`."""
+
+    def directory(target: str, mode: int) -> None:
+        member = tarfile.TarInfo(target)
+        member.type, member.mode, member.mtime = tarfile.DIRTYPE, stat.S_IMODE(mode), time.time()
+        tar.addfile(member)
+
+    def file(source: str, mode: int, target: str) -> None:
+        with open(source, "rb") as data:
+            tar.addfile(tar.gettarinfo(arcname=target, fileobj=data), data)
+
+    return tree.Writer(directory, file, posixpath.join)
+
+
+def _is_dir(transport: paramiko.Transport, path: str) -> bool:
+    channel = _exec(transport, f"test -d {shlex.quote(path)}")
+    is_dir = channel.recv_exit_status() == 0
+    channel.close()
+    return is_dir
 
 
 def _get_tar(transport: paramiko.Transport, remote: str, local: Path, skipped: list[str]) -> int:
