@@ -298,6 +298,13 @@ def test_check_names_workers_where_jax_fails(pod_node):
     assert "w00" in result.stdout  # the table
 
 
+def test_check_is_not_healthy_without_device_information(pod_node):
+    result = tpuctl("check", "--python", "/bin/true", "--worker", "0")
+    assert result.returncode == 1
+    assert "unhealthy" in result.stderr
+    assert "w00: no device count: the interpreter printed none" in result.stderr
+
+
 def test_usage_errors_are_one_line(pod_node):
     no_command = tpuctl("exec")
     assert no_command.returncode == 2 and "put it after --" in no_command.stderr
@@ -327,6 +334,16 @@ def test_check_verdict_flags_disagreeing_device_counts_and_busy_tpus(tmp_path):
         "w02: TPU held by pid 4242 (python3) on /dev/accel0",
         "workers disagree on the device count: 8 devices on w01; 32 devices on w00",
     ]
+
+
+def test_check_verdict_flags_a_probe_that_failed_whatever_it_printed():
+    from tpuctl.fanout import Host, HostResult
+    from tpuctl.worker_scripts import health_verdict, parse_health
+
+    printed = "devices 8 8\ndisk_free_kb 99999999\n"
+    failed = HostResult(Host("w00", "h"), 137, printed, "line 1\nKilled\n", None, 0.1)
+    problems = health_verdict([failed], {"w00": parse_health(failed.stdout)})
+    assert problems == ["w00: the check exited with status 137: Killed"]
 
 
 def test_unreachable_workers_of_a_preempted_node_say_so(pod_node, fake_tpu):

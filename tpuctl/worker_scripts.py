@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tpuctl.fanout.base import HostResult
 
 # Devices the TPU runtime opens: /dev/accel* on v2-v4, VFIO on v5e and later.
 TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/*")
@@ -174,14 +178,21 @@ LOW_DISK_GB = 5.0
 
 
 def health_verdict(results, health: dict[str, WorkerHealth]) -> list[str]:
-    """One line per problem found by `check`; an empty list means the pod is healthy."""
-    problems = [f"{r.host.label}: {r.error}" for r in results if r.error is not None]
+    """One line per problem found by `check`; an empty list means the pod is healthy. A
+    worker is healthy only on evidence: its probe finished with status 0 and printed the
+    device counts (or named who holds the TPU)."""
+    problems = [f"{r.host.label}: {_probe_failure(r)}" for r in results if _probe_failure(r)]
     counts: dict[int, list[str]] = {}
     for label, row in health.items():
         if row.holders:
             problems.append(f"{label}: TPU held by {'; '.join(row.holders)}")
         elif row.jax_error:
             problems.append(f"{label}: jax failed: {row.jax_error}")
+        elif row.devices is None:
+            problems.append(
+                f"{label}: no device count: the interpreter printed none "
+                "(is it a Python with jax? --python names another)"
+            )
         if row.devices is not None:
             counts.setdefault(row.devices, []).append(label)
         if row.disk_free_gb is not None and row.disk_free_gb < LOW_DISK_GB:
@@ -192,3 +203,14 @@ def health_verdict(results, health: dict[str, WorkerHealth]) -> list[str]:
         )
         problems.append(f"workers disagree on the device count: {views}")
     return problems
+
+
+def _probe_failure(result: HostResult) -> str | None:
+    """Why one worker's probe gave no answer to trust (unreachable, or a nonzero exit),
+    or None."""
+    if result.error is not None:
+        return result.error
+    if result.exit_code == 0:
+        return None
+    last = result.stderr.strip().splitlines()[-1:] or ["no error output"]
+    return f"the check exited with status {result.exit_code}: {last[0]}"
