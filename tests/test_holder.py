@@ -298,6 +298,26 @@ def test_a_held_connection_to_a_silent_host_costs_one_connect_timeout_then_is_dr
 
 
 @pod
+def test_a_held_connection_the_worker_forgot_is_replaced_before_the_command_runs(
+    ssh_pod, held, tmp_path
+):
+    """A worker that dropped the held connection silently (a reboot) answers the next
+    session request with a reset: nothing ran yet, so the holder connects afresh."""
+    hosts, attachment = held
+    _warm_up(hosts, attachment)
+    source = tmp_path / "f"
+    source.write_text("x\n")
+    for index, attempt in (
+        (1, lambda: run(hosts, "echo up")),
+        (2, lambda: put(hosts, source, "f")),
+    ):
+        ssh_pod.forget_connections(index)
+        results = attempt()
+        assert [r.error for r in results] == [None] * 4, index
+    assert [r.ok for r in run(hosts, "true")] == [True] * 4
+
+
+@pod
 def test_a_host_refusing_more_sessions_on_the_held_connection_gets_a_connection_of_its_own(
     ssh_pod, held
 ):

@@ -37,9 +37,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tpuctl.fanout.base import Host, HostResult, LineFn, ResultFn, StopSignal
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -593,42 +595,67 @@ class _Holder:
             host, started = hosts[index], time.monotonic()
             if stop.is_set():
                 return HostResult(host, None, "", "", stop.reason, 0.0)
-            try:
-                transport = held(host)
-            except ConnectionError as err:
-                return HostResult(host, None, "", "", str(err), time.monotonic() - started)
-            try:
-                result = ssh.run_on_transport(
+
+            def attempt(transport: Any) -> HostResult:
+                return ssh.run_on_transport(
                     transport, host, command, envs[index], ctx, stop,
                     request["timeout"], on_line, started,
                 )  # fmt: skip
-            except ssh.SessionRefused:  # as many commands as sshd allows already use it
+
+            def own() -> HostResult:  # as many commands as sshd allows already use it
                 return ssh.run_on_host(
                     host, command, envs[index], ctx, stop, request["timeout"], on_line
                 )
-            if not transport.is_active():
-                self.pool.drop(host)
-            return result
+
+            try:
+                return self._over_held(host, held, attempt, own)
+            except ConnectionError as err:
+                return HostResult(host, None, "", "", str(err), time.monotonic() - started)
 
         return one
+
+    def _over_held(
+        self,
+        host: Host,
+        held: Callable[[Host], Any],
+        attempt: Callable[[Any], T],
+        own: Callable[[], T],
+    ) -> T:
+        """`attempt` over the host's held connection; `own()` where sshd has no session to
+        spare on it. A held connection the host had dropped unseen (a reboot) fails before
+        any session opens, so nothing ran: `attempt` runs once more over a fresh one."""
+        from tpuctl.fanout import ssh
+
+        try:
+            return self._over(host, held(host), attempt, own)
+        except ssh.ConnectionDead:
+            return self._over(host, held(host), attempt, own)
+
+    def _over(
+        self, host: Host, transport: Any, attempt: Callable[[Any], T], own: Callable[[], T]
+    ) -> T:
+        """`attempt` over `transport`, `own()` where it has no session to spare; a dead
+        connection is dropped, for the next request to replace."""
+        from tpuctl.fanout import ssh
+
+        try:
+            return attempt(transport)
+        except ssh.SessionRefused:
+            return own()
+        finally:
+            if not transport.is_active():
+                self.pool.drop(host)
 
     def _copy_one(self, job: _Job) -> Callable[[int], HostResult]:
         """One host's part of a "put" or "get" request: the same copy as the cold path's,
         over the held connection (or one of its own where that has no session to spare)."""
-        from tpuctl.fanout import get_one, put_one, ssh, transfer
+        from tpuctl.fanout import get_one, put_one, transfer
 
         request, hosts, held, stop = job.request, job.hosts, job.held, job.stop
         fresh = transfer.over_new_connection(job.ctx, stop)
 
         def over(host: Host, copy: transfer.Copy) -> int:
-            transport = held(host)
-            try:
-                return copy(transport)
-            except ssh.SessionRefused:
-                return fresh(host, copy)
-            finally:
-                if not transport.is_active():
-                    self.pool.drop(host)
+            return self._over_held(host, held, copy, lambda: fresh(host, copy))
 
         def one(index: int) -> HostResult:
             host = hosts[index]

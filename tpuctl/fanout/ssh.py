@@ -386,6 +386,11 @@ def connect(host: Host, ctx: SshContext, stop: StopSignal) -> paramiko.Transport
     raise ConnectionError(f"{UNREACHABLE}: {host.address}:{host.port}: {reason}")
 
 
+class ConnectionDead(ConnectionError):
+    """The connection died before a session opened on it (the host dropped it unseen, a
+    reboot, and reset it at this request): nothing ran, so another connection may try."""
+
+
 class SessionRefused(Exception):
     """The connection is up, but sshd opens no further session on it (its MaxSessions,
     10 by default, counts the sessions of one connection)."""
@@ -416,6 +421,8 @@ def run_on_host(
     except SessionRefused as refused:
         error = refused.reason(host)
         return HostResult(host, None, "", "", error, time.monotonic() - started)
+    except ConnectionDead as dead:
+        return HostResult(host, None, "", "", str(dead), time.monotonic() - started)
     finally:
         transport.close()
 
@@ -432,7 +439,8 @@ def run_on_transport(
     started: float,
 ) -> HostResult:
     """Run `command` over an open connection (left open); never raises for remote trouble,
-    except SessionRefused when sshd opens no further session on this connection. `ctx`
+    except SessionRefused when sshd opens no further session on this connection, and
+    ConnectionDead when it died before one opened (nothing ran). `ctx`
     connects anew to stop the command if this connection has no session to spare then."""
     try:
         channel = _open_session(transport, host, ctx.connect_timeout)
@@ -456,6 +464,8 @@ def run_on_transport(
         channel.close()
     except Silent as silent:
         return HostResult(host, None, "", "", str(silent), time.monotonic() - started)
+    except ConnectionDead:
+        raise
     except (*TRANSIENT_ERRORS, OSError) as lost:
         # The host went away mid-command (preempted, rebooted): a result, not a crash.
         error = f"connection lost: {lost or type(lost).__name__}"
@@ -470,12 +480,14 @@ class Silent(Exception):
 def _open_session(transport: paramiko.Transport, host: Host, timeout: float) -> paramiko.Channel:
     """A new session channel; SessionRefused (not a lost connection) when sshd refuses it.
     A host that does not answer within `timeout` (the connect timeout) is Silent, and its
-    connection closed: a held one is never waited on again."""
+    connection closed: a held one is never waited on again. ConnectionDead where the
+    connection died instead."""
     try:
         return transport.open_session(timeout=timeout)
     except paramiko.ChannelException as refused:
         raise SessionRefused(refused) from refused
-    except paramiko.SSHException as silent:
+    except (paramiko.SSHException, EOFError, OSError) as silent:
+        dead_before_session(transport, silent)
         if "Timeout" not in str(silent):  # paramiko's only sign of a channel not opened in time
             raise
         transport.close()
@@ -483,6 +495,12 @@ def _open_session(transport: paramiko.Transport, host: Host, timeout: float) -> 
             f"{UNREACHABLE}: no answer from {host.address}:{host.port} within {timeout:g} s "
             "(opening a session)"
         ) from silent
+
+
+def dead_before_session(transport: paramiko.Transport, err: BaseException) -> None:
+    """Raise ConnectionDead for `err`, met opening a session, where the connection is gone."""
+    if not transport.is_active():
+        raise ConnectionDead(f"connection lost: {err or type(err).__name__}") from err
 
 
 def _pump(

@@ -91,19 +91,21 @@ def _copy(
     by_tar: Callable[[], int],
 ) -> int:
     """SFTP where the host offers it, else tar. ssh.SessionRefused when sshd opens no
-    further session on this connection (a held one may have none to spare)."""
+    further session on this connection (a held one may have none to spare), and
+    ssh.ConnectionDead when the connection died before one opened."""
     try:
         try:
             sftp = paramiko.SFTPClient.from_transport(transport)
         except paramiko.ChannelException as refused:  # not even a session: no subsystem asked
             raise ssh.SessionRefused(refused) from refused
-        except _NO_SFTP:
+        except (*_NO_SFTP, OSError) as err:
+            ssh.dead_before_session(transport, err)  # a reset here: the connection is gone
+            if isinstance(err, OSError):
+                raise
             sftp = None
         if sftp is not None:
             with sftp:
                 return by_sftp(sftp)
-        if not transport.is_active():
-            raise ConnectionError(f"connection lost: {host.address}:{host.port}")
         return by_tar()
     except (paramiko.SSHException, EOFError) as err:
         raise ConnectionError(f"connection lost: {err or type(err).__name__}") from err

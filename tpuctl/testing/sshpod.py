@@ -170,6 +170,28 @@ class SshPod:
         namespace = self._hosts[index].namespace
         _sh("ip", "-n", str(namespace), "route", verb, "blackhole", f"{self.gateway}/32")
 
+    def forget_connections(self, index: int) -> None:
+        """The host forgets every connection to its sshd without telling the other end (a
+        reboot, a reset NAT): its sockets are destroyed while its replies to this machine are
+        dropped, so a client learns only from the reset its next packet gets."""
+        self.hide_host(index)
+        try:
+            namespace = str(self._hosts[index].namespace)
+            _sh(
+                "ip",
+                "netns",
+                "exec",
+                namespace,
+                "ss",
+                "-K",
+                "state",
+                "established",
+                "sport",
+                "= :22",
+            )
+        finally:
+            self.hide_host(index, hidden=False)
+
     def log(self, index: int) -> str:
         """What a host's sshd has logged (one line per login: "Accepted publickey ...")."""
         return (self._hosts[index].directory / "sshd.log").read_text(errors="replace")
