@@ -231,6 +231,24 @@ def test_summary_counts_documents_tokens_rows_and_padding(tmp_path):
     assert index["tokens"] + index["padding"] == index["rows"] * 33
 
 
+def test_examples_cut_to_a_row_are_counted_and_a_cache_with_no_target_left_is_refused(tmp_path):
+    """A chat set whose replies all fell past train.seq_len trained steps of loss 0, silently."""
+    chat = str(tmp_path / "chat.jsonl")
+    turns = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    Path(chat).write_text("\n".join(json.dumps({"messages": m}) for m in [turns, short, turns]))
+    reader = build(str(tmp_path / "some"), [chat], seq_len=64, format="chat")
+    caches = plan(str(tmp_path / "some"), [chat], 64, format="chat")
+    line = cache.summary(caches, [cache.finalize(caches[0])])
+    assert line.endswith(f"; cut to a row's length: 2 of {caches[0].name} (first: {chat}:1)")
+    assert reader.rows == 3 and cache.finalize(caches[0])["targets"] > 0  # "hello" at least
+    Path(chat).write_text(json.dumps({"messages": turns}))
+    with pytest.raises(RecipeError, match=rf"data.train\[0\]: no example of .* keeps a training "
+                       rf"target within 65 tokens \(1 of 1 cut to that length, first: {chat}:1\);"
+                       " raise train.seq_len or shorten the examples"):  # fmt: skip
+        build(str(tmp_path / "none"), [chat], seq_len=64, format="chat")
+
+
 MEMORY_MB = 4
 SLACK_MB = 8  # Python's and Arrow's allocators; one-off costs are paid before the baseline
 LIMIT_MB = MEMORY_MB + SLACK_MB

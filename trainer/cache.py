@@ -4,7 +4,7 @@ Layout of one dataset's cache, `{cache_dir}/{key}/` (the key hashes the inputs' 
 sizes, the tokenizer and every packing setting, so any run with the same inputs reuses it):
 
     shard-00000.rows   packed rows of input unit 0 (trainer.data's row layout)
-    shard-00000.json   its commit record: documents, rows, tokens, padding, source
+    shard-00000.json   its commit record: documents, rows, tokens, padding, targets, source
     shard-00000.claim  while a build runs: which run builds it and when it last made progress
     index.json         written once every shard is committed: the shards and their counts
 
@@ -218,14 +218,17 @@ def build_shard(cache: DatasetCache, shard: int, settings: Settings, memory_mb: 
     fd, tmp_path = tempfile.mkstemp(
         dir=None if io.is_gcs(rows_path) else cache.directory, prefix=".tmp-shard-"
     )
-    counts = {"documents": 0, "rows": 0, "tokens": 0, "padding": 0}
+    counts = {"documents": 0, "rows": 0, "tokens": 0, "padding": 0, "targets": 0}
     skipped: dict[str, list] = {}  # reason: [count, where the first one is]
+    cut: list = [0, None]  # examples longer than a row, truncated: [count, where the first is]
     renewed = time.time()
     try:
         with os.fdopen(fd, "wb") as out:
             for where, record in sources.read_located(unit):
                 try:
                     sequences = data.sequences(record, tok, cfg, row_len)
+                    if not packer.split_documents and len(sequences[0][0]) > row_len:
+                        cut = [cut[0] + 1, cut[1] or where]
                     margin = preference.margin(record) if cfg.format == "preference" else 0.0
                     packer.add_together(sequences, margin)
                 except preference.Skipped as skip:
@@ -250,6 +253,8 @@ def build_shard(cache: DatasetCache, shard: int, settings: Settings, memory_mb: 
         record["margins"] = True  # the rows' layout (data.row_bytes)
     if skipped:
         record["skipped"] = skipped
+    if cut[0]:
+        record["truncated"] = cut
     io.write_text(shard_path(cache, shard, "json"), json.dumps(record, sort_keys=True))
     _release(cache, shard)
     return {**record, "bytes": unit.size}
@@ -261,6 +266,7 @@ def _write_rows(out, packed: data.Packed, counts: dict[str, int]) -> None:
     counts["rows"] += len(packed.tokens)
     counts["tokens"] += real
     counts["padding"] += packed.segments.size - real
+    counts["targets"] += int(np.count_nonzero(packed.flags[:, 1:]))  # row[0] is never a label
 
 
 def _release(cache: DatasetCache, shard: int) -> None:
@@ -290,6 +296,11 @@ def finalize(cache: DatasetCache) -> dict | None:
             skipped.setdefault(reason, [0, where])[0] += count
     if skipped:
         index["skipped"] = skipped
+    if all("targets" in s for s in shards):  # shards of an earlier build do not count them
+        index["targets"] = sum(s["targets"] for s in shards)
+    cuts = [s["truncated"] for s in shards if "truncated" in s]
+    if cuts:
+        index["truncated"] = [sum(count for count, _ in cuts), cuts[0][1]]
     io.write_text(index_path, json.dumps(index, sort_keys=True))
     return index
 
@@ -348,10 +359,13 @@ def summary(caches: Iterable[DatasetCache], indexes: Iterable[dict]) -> str:
         for _, i in pairs
         for reason, (count, where) in sorted(i.get("skipped", {}).items())
     ]
+    cuts = [(c.name, *i["truncated"]) for c, i in pairs if "truncated" in i]
+    truncated = [f"{count} of {name} (first: {where})" for name, count, where in cuts]
     return (
         f"data: {totals['documents']} documents, {totals['tokens'] / 1e6:.2f}M tokens, "
         f"{totals['rows']} rows, padding {padding:.1%}; tokens per dataset: {per_dataset}"
         + (f"; skipped {', '.join(skips)}" if skips else "")
+        + (f"; cut to a row's length: {', '.join(truncated)}" if truncated else "")
     )
 
 
@@ -405,6 +419,13 @@ def open_all(caches: list[DatasetCache], row_len: int, where: str) -> list[Shard
         if not index["rows"]:
             raise RecipeError(
                 f"{where}[{i}]: {cache.name} holds no examples; check data.format and the files"
+            )
+        if index.get("targets") == 0:  # every reply cut off: steps of loss 0 that learn nothing
+            count, first = index.get("truncated", [0, None])
+            raise RecipeError(
+                f"{where}[{i}]: no example of {cache.name} keeps a training target within "
+                f"{row_len} tokens ({count} of {index['documents']} cut to that length, first: "
+                f"{first}); raise train.seq_len or shorten the examples"
             )
         readers.append(ShardedReader.open(cache, index, row_len))
     return readers

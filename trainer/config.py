@@ -585,9 +585,7 @@ def _validate_model(model: ModelConfig) -> None:
                 f"{windowed}); set it to null or change model.family"
             )
         if model.sliding_window <= 0:
-            raise RecipeError(
-                f"model.sliding_window must be positive, got {model.sliding_window}"
-            )
+            raise RecipeError(f"model.sliding_window must be positive, got {model.sliding_window}")
     for name in ("dtype", "param_dtype"):
         if getattr(model, name) not in ("float32", "bfloat16", "float16"):
             raise RecipeError(
