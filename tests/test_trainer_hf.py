@@ -74,6 +74,26 @@ def test_hub_style_rope_config_and_unsupported_types():
         model_config_from_hf({**hf_config_from_model(CFG), "model_type": "gemma2"})
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"hidden_act": "gelu"}, "config.json's hidden_act 'gelu' is not supported for llama"),
+        ({"mlp_bias": True}, "config.json's mlp_bias True is not supported for llama"),
+        ({"head_dim": 32}, r"head_dim 32 is not hidden_size / num_attention_heads \(64 / 4\)"),
+        ({"vocab_size": None}, "config.json has no vocab_size; use the model's own"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+         "llama3 rope scaling has no low_freq_factor, high_freq_factor, original_max_position"),
+    ],
+)  # fmt: skip
+def test_a_config_the_trainer_cannot_represent_is_one_line_naming_the_field(changes, message):
+    """The refusals named no field or value, and a config short of a key was a KeyError."""
+    cfg = {**hf_config_from_model(CFG), **changes}
+    cfg = {key: value for key, value in cfg.items() if value is not None}
+    with pytest.raises(RecipeError, match=message):
+        model_config_from_hf(cfg)
+    assert model_config_from_hf({**hf_config_from_model(CFG), "hidden_act": "swish"})  # = silu
+
+
 def test_params_round_trip_through_hf_names():
     params = jax.device_get(init_params(CFG, jax.random.key(0)))
     hf = params_to_hf(params, CFG)

@@ -111,21 +111,26 @@ def model_config_from_hf(cfg: dict[str, Any], base: ModelConfig | None = None) -
             f"model.init_from: model_type {family!r} is not supported; "
             f"the trainer implements {', '.join(FAMILIES)} (python -m trainer.models)"
         )
-    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+    unsupported = {
+        "hidden_act": cfg.get("hidden_act", "silu") not in ("silu", "swish"),  # one activation
+        "attention_bias": bool(cfg.get("attention_bias")),
+        "mlp_bias": bool(cfg.get("mlp_bias")),
+        "use_sliding_window": bool(cfg.get("use_sliding_window")),  # Qwen2's
+    }
+    if refused := [key for key, bad in unsupported.items() if bad]:
+        key = refused[0]
         raise RecipeError(
-            f"model.init_from: this {family} config has a non-silu MLP or extra biases, which "
-            "the trainer does not implement"
+            f"model.init_from: config.json's {key} {cfg[key]!r} is not supported for {family}: "
+            "the trainer implements the checkpoints `python -m trainer.models` lists"
         )
-    if cfg.get("use_sliding_window"):
-        raise RecipeError("model.init_from: Qwen2 use_sliding_window is not supported")
     dims = dict(
         family=family,
-        vocab_size=cfg["vocab_size"],
-        dim=cfg["hidden_size"],
-        n_layers=cfg["num_hidden_layers"],
-        n_heads=cfg["num_attention_heads"],
+        vocab_size=_required(cfg, "vocab_size"),
+        dim=_required(cfg, "hidden_size"),
+        n_layers=_required(cfg, "num_hidden_layers"),
+        n_heads=_required(cfg, "num_attention_heads"),
         n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        mlp_dim=cfg["intermediate_size"],
+        mlp_dim=_required(cfg, "intermediate_size"),
         max_seq_len=cfg.get("max_position_embeddings", 4096),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -135,9 +140,16 @@ def model_config_from_hf(cfg: dict[str, Any], base: ModelConfig | None = None) -
     head_dim = cfg.get("head_dim")
     if head_dim and head_dim != dims["dim"] // dims["n_heads"]:
         raise RecipeError(
-            "model.init_from: head_dim other than hidden_size/num_heads is not supported"
+            f"model.init_from: config.json's head_dim {head_dim} is not hidden_size / "
+            f"num_attention_heads ({dims['dim']} / {dims['n_heads']}), which the trainer needs"
         )
     return dataclasses.replace(base or ModelConfig(), preset=None, **dims)
+
+
+def _required(cfg: dict[str, Any], key: str) -> Any:
+    if key not in cfg:
+        raise RecipeError(f"model.init_from: config.json has no {key}; use the model's own")
+    return cfg[key]
 
 
 def _rope_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -152,6 +164,12 @@ def _rope_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
         raise RecipeError(
             f"model.init_from: rotary scaling {kind!r} is not supported; "
             "the trainer implements Llama 3's 'llama3' scaling"
+        )
+    fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    if missing := [name for name in fields if name not in rope]:
+        raise RecipeError(
+            f"model.init_from: config.json's llama3 rope scaling has no {', '.join(missing)}; "
+            "use the model's own config.json"
         )
     return out | dict(
         rope_scaling="llama3",
