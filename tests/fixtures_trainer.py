@@ -104,24 +104,30 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, s
 
 
 COMPILE_CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+_COMPILE_CACHE = pytest.StashKey[str]()  # the suite's cache directory, for its removal
 
 
-@pytest.fixture(scope="session", autouse=True)
-def shared_compile_cache():
+def pytest_configure(config: pytest.Config) -> None:
     """One jax compile cache for every trainer process the suite starts: the suite's hundreds
     of starts compile a handful of distinct programs, and each start after the first loads
-    them. Processes started here, and a local pod's workers, inherit it from this
-    environment; an SSH test pod's hosts get it through `--env` (`compile_cache_env_args`),
-    and see it because it is in /var/tmp, not in their private /tmp. As a user's own
-    JAX_COMPILATION_CACHE_DIR does, it takes the place of the run directory's cache;
-    tests/test_trainer_compile_cache.py removes it to test that one, and tests/test_readme.py
-    because a reader's shell has no such setting."""
+    them. Made once, by the process that starts the run: pytest-xdist's workers inherit it
+    from its environment, as processes started by tests and a local pod's workers do; an SSH
+    test pod's hosts get it through `--env` (`compile_cache_env_args`), and see it because it
+    is in /var/tmp, not in their private /tmp. As a user's own JAX_COMPILATION_CACHE_DIR
+    does, it takes the place of the run directory's cache; tests/test_trainer_compile_cache.py
+    removes it to test that one, and tests/test_readme.py because a reader's shell has no
+    such setting."""
+    if hasattr(config, "workerinput"):  # an xdist worker: its controller made the cache
+        return
     path = tempfile.mkdtemp(prefix="tpuctl-jax-cache-", dir="/var/tmp")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(COMPILE_CACHE_ENV[0], path)
-        patch.setenv(COMPILE_CACHE_ENV[1], "0")  # small programs too
-        yield
-    shutil.rmtree(path, ignore_errors=True)
+    config.stash[_COMPILE_CACHE] = path
+    os.environ[COMPILE_CACHE_ENV[0]] = path
+    os.environ[COMPILE_CACHE_ENV[1]] = "0"  # small programs too
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if path := config.stash.get(_COMPILE_CACHE, None):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def compile_cache_env_args() -> list[str]:

@@ -11,6 +11,7 @@ kept under /var/tmp (pod hosts see it; their /tmp and /root are private), keyed 
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import json
@@ -34,12 +35,15 @@ SKIPPED_PARTS = frozenset({"test", "site-packages", "__pycache__", "idlelib", "t
 def _cached_dir(name: str, key: str, make) -> Path:
     """CACHE/name-key, made once by make(partial_dir, final_dir) and renamed into place."""
     final = CACHE / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    if not final.is_dir():
-        partial = final.with_suffix(".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        make(partial, final)
-        partial.rename(final)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(final.with_suffix(".lock"), "w") as lock:  # pytest-xdist's workers take turns
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not final.is_dir():
+            partial = final.with_suffix(".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            make(partial, final)
+            partial.rename(final)
     return final
 
 
