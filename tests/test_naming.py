@@ -14,10 +14,13 @@ def test_default_name_is_user_dash_type():
     assert default_node_name("9lives", "v4-8") == "u9lives-v4-8"
 
 
-def test_long_user_names_are_cut_to_63_characters():
+def test_long_user_names_are_cut_to_63_characters_keeping_the_type():
+    """The type was cut off instead: `up v4-32` then named the user's v4-8 node."""
     name = default_node_name("a" * 80, "v5litepod-256")
-    assert len(name) <= 63
+    assert len(name) == 63 and name.endswith("a-v5litepod-256")
     assert validate_node_name(name) == name
+    assert default_node_name("a" * 70, "v4-8") != default_node_name("a" * 70, "v4-32")
+    assert default_node_name("a" * 58 + "-" * 9, "v4-8") == "a" * 58 + "-v4-8"
 
 
 @pytest.mark.parametrize("name", ["Alice-v3-8", "1node", "node-", "my_node", "a" * 64, "", "pod\n"])

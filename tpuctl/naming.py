@@ -21,7 +21,9 @@ def default_node_name(user: str, accelerator_type: str) -> str:
     safe_user = re.sub(r"[^a-z0-9-]+", "-", user.lower()).strip("-")
     if not safe_user or not safe_user[0].isalpha():
         safe_user = f"u{safe_user}".rstrip("-") or "tpuctl"
-    return validate_node_name(f"{safe_user}-{accelerator_type.lower()}"[:MAX_NODE_ID].rstrip("-"))
+    suffix = f"-{accelerator_type.lower()}"  # kept whole: a cut type names another node
+    safe_user = safe_user[: MAX_NODE_ID - len(suffix)].rstrip("-")
+    return validate_node_name(f"{safe_user}{suffix}")
 
 
 def validate_node_name(name: str) -> str:
