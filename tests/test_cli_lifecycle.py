@@ -616,6 +616,19 @@ def test_list_json_shape(run_tpuctl, fake_tpu):
     assert [n["name"] for n in every] == ["c", "a", "b"]  # by zone, then name
 
 
+def test_list_all_zones_needs_no_zone_setting(run_tpuctl, fake_tpu, monkeypatch):
+    """It failed with "zone '-' is not a Cloud zone name" where zones are set per type."""
+    fake_tpu.add_node("c", "v3-8", project="test-project", zone="europe-west4-a")
+    monkeypatch.delenv("TPUCTL_ZONE")
+    result = run_tpuctl("list", "--all-zones", "--json")
+    assert result.code == 0, result.err
+    assert [n["name"] for n in json.loads(result.out)["nodes"]] == ["c"]
+    no_zone = run_tpuctl("list")
+    assert (no_zone.code, no_zone.err.strip()) == (2, "error: no zone: pass --zone, set "
+                                                   "TPUCTL_ZONE or run `tpuctl config set zone "
+                                                   "ZONE`")  # fmt: skip
+
+
 def test_list_table(run_tpuctl, fake_tpu):
     fake_tpu.add_node("alpha", "v3-32", project="test-project", zone="us-central1-a")
     result = run_tpuctl("list")

@@ -333,8 +333,6 @@ def list_nodes(
 ) -> None:
     """List nodes: name, type, zone, state, health, spot, age, workers."""
     settings = config.load({"zone": zone, "project": project})
-    if all_zones and not settings.get("zone"):
-        settings.values["zone"] = "-"  # the API's wildcard location; list() needs no zone then
     nodes = list_all(settings, all_zones=all_zones)
     if json_out:
         print_json({"nodes": [node_json(n) for n in nodes]})

@@ -161,7 +161,10 @@ def list_all(settings: Settings, all_zones: bool = False) -> list[Node]:
     local = LocalProvider().list() if chosen != "cloud" else []
     if chosen == "local" or (chosen is None and local and not settings.get("project")):
         return local
-    cloud = provider_for(Settings({**settings.values, "provider": "cloud"}, settings.sources))
+    if all_zones and settings.get("project") and not settings.get("zone"):
+        cloud = CloudTpuProvider(str(settings.get("project")), None)  # lists every zone
+    else:
+        cloud = provider_for(Settings({**settings.values, "provider": "cloud"}, settings.sources))
     assert isinstance(cloud, CloudTpuProvider)
     return [*cloud.list(all_zones=all_zones), *local]
 

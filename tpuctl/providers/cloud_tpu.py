@@ -67,6 +67,7 @@ class Backoff:
 
 # What the API's resource paths can hold: a value with a '/' or a space would name another
 # resource or fail inside the client with a traceback.
+_NO_ZONE = "no zone: pass --zone, set TPUCTL_ZONE or run `tpuctl config set zone ZONE`"
 _ZONE_RE = re.compile(r"[a-z][a-z0-9-]*[a-z0-9]\Z")
 _PROJECT_RE = re.compile(r"[a-z0-9][a-z0-9.:-]*\Z")
 
@@ -86,9 +87,10 @@ class CloudTpuProvider:
     name = "cloud"
     capabilities = Capabilities(zones=True, queued_resources=True)
 
-    def __init__(self, project: str, zone: str, clock: Clock | None = None):
+    def __init__(self, project: str, zone: str | None, clock: Clock | None = None):
+        """`zone` None: a provider that lists every zone of the project and nothing else."""
         self.project = _checked("project", project, _PROJECT_RE, "my-project")
-        self.zone = _checked("zone", zone, _ZONE_RE, "us-central1-a")
+        self.zone = _checked("zone", zone, _ZONE_RE, "us-central1-a") if zone else None
         self.clock = clock or Clock()
 
     def at(self, zone: str, project: str | None = None) -> CloudTpuProvider:
@@ -109,9 +111,7 @@ class CloudTpuProvider:
                 "`tpuctl config set project PROJECT`"
             )
         if not zone:
-            raise TpuctlError(
-                "no zone: pass --zone, set TPUCTL_ZONE or run `tpuctl config set zone ZONE`"
-            )
+            raise TpuctlError(_NO_ZONE)
         return cls(project, zone)
 
     @cached_property
@@ -151,6 +151,8 @@ class CloudTpuProvider:
     # -- paths -----------------------------------------------------------------------------
 
     def _parent(self, zone: str | None = None) -> str:
+        if not (zone or self.zone):  # a provider made only to list every zone
+            raise TpuctlError(_NO_ZONE)
         return f"projects/{self.project}/locations/{zone or self.zone}"
 
     def _node_path(self, name: str, zone: str | None = None) -> str:
