@@ -403,29 +403,33 @@ def test_the_api_failing_while_up_waits_keeps_the_queued_resource(run_tpuctl, fa
     assert fake_tpu.queued_resource_state("q") == "WAITING_FOR_RESOURCES"
 
 
-def _ctrl_c_while_polling_an_operation(fake) -> threading.Thread:
-    """Press Ctrl-C (SIGINT to this process: the in-process CLI) once `up` polls the
-    operation of its create request."""
+def _ctrl_c_while_polling_an_operation(fake, signum: int = signal.SIGINT) -> threading.Thread:
+    """Press Ctrl-C (SIGINT to this process: the in-process CLI), or send `signum`, once
+    `up` polls the operation of its create request."""
 
     def polling() -> bool:
         return any(m == "GET" and "/operations/" in p for m, p in list(fake.requests))
 
     def press() -> None:
         wait_for(polling)
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signum)
 
     thread = threading.Thread(target=press, daemon=True)
     thread.start()
     return thread
 
 
-def test_ctrl_c_while_the_queued_resource_is_being_created_deletes_it(run_tpuctl, fake_tpu):
-    """Before: the queued resource was left behind, with no record of it."""
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name
+)
+def test_ctrl_c_while_the_queued_resource_is_being_created_deletes_it(run_tpuctl, fake_tpu, signum):
+    """Before: the queued resource was left behind, with no record of it; and SIGTERM (a
+    cancelled CI job) or SIGHUP (a closed terminal) ended `up` without deleting it."""
     from tpuctl.providers import registry
 
     fake_tpu.queued_create_delay = 60
     fake_tpu.set_queued_wait(120)
-    pressed = _ctrl_c_while_polling_an_operation(fake_tpu)
+    pressed = _ctrl_c_while_polling_an_operation(fake_tpu, signum)
     result = run_tpuctl("up", "v4-32", "--name", "q")
     pressed.join()
     assert result.code == 130  # as after any Ctrl-C

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -116,7 +119,8 @@ def up(
         retry_for=parse_duration(retry_for, "--retry-for", allow_zero=True),
         valid_for=parse_duration(valid_for, "--valid-for") if valid_for else None,
     )
-    node = _bring_up(settings, plan, wait=not no_wait)
+    with _stopped_like_ctrl_c_by_term_and_hangup():
+        node = _bring_up(settings, plan, wait=not no_wait)
     if node is None:
         message = f"creation of {plan.spec.name} requested; follow it with `tpuctl status {plan.spec.name}`"
         if json_out:
@@ -128,6 +132,19 @@ def up(
         print_json(node_json(node))
     else:
         _print_node(node)
+
+
+@contextlib.contextmanager
+def _stopped_like_ctrl_c_by_term_and_hangup() -> Iterator[None]:
+    """SIGTERM (a cancelled CI job, `timeout`) and SIGHUP (a closed terminal) stop `up` as
+    Ctrl-C does: a queued resource it made is deleted, not left behind holding quota."""
+    signums = (signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, signal.default_int_handler) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _bring_up(settings: Settings, plan: NodePlan, wait: bool) -> Node | None:
