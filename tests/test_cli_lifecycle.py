@@ -305,7 +305,14 @@ def test_down_deletes_a_queued_resource_that_has_no_node_yet(run_tpuctl, fake_tp
     from tpuctl.providers import registry
 
     fake_tpu.set_queued_wait(60)
-    assert run_tpuctl("up", "v4-32", "--name", "q", "--no-wait").code == 0
+    requested = run_tpuctl("up", "v4-32", "--name", "q", "--no-wait")
+    assert "follow it with `tpuctl status q`" in requested.out
+    followed = run_tpuctl("status", "q")  # before: "no node named 'q'", exit 1
+    assert followed.code == 0, followed.err
+    assert "queued resource q: WAITING_FOR_RESOURCES, no node yet, in zone" in followed.out
+    assert json.loads(run_tpuctl("status", "q", "--json").out)["queued_resource"] == (
+        "WAITING_FOR_RESOURCES"
+    )
     result = run_tpuctl("down", "q", "--yes")  # before: "does not exist; nothing deleted"
     assert result.code == 0, result.err
     assert "deleted queued resource q" in result.out

@@ -296,10 +296,10 @@ def _down_queued(settings: Settings, name: str, yes: bool) -> bool:
     """Delete the queued resource of a node not made yet (`up --no-wait`, or an `up` that
     stopped waiting): it holds quota, and becomes a billed node once granted. False when
     there is none."""
-    provider = provider_for(settings)
-    state = provider.queued_state(name) if provider.capabilities.queued_resources else None
-    if state is None:
+    queued = _queued_only(settings, name)
+    if queued is None:
         return False
+    provider, state = queued
     where = f"queued resource {name} ({state}, no node yet) in {describe_location(settings)}"
     if not yes:
         typer.confirm(f"Delete {where}?", abort=True)
@@ -312,6 +312,19 @@ def _down_queued(settings: Settings, name: str, yes: bool) -> bool:
     else:
         err_console.print(f"queued resource {name} was gone before `down` deleted it")
     return True
+
+
+def _queued_only(settings: Settings, name: str) -> tuple[Any, str] | None:
+    """(provider, state) of the queued resource of a node `name` not made yet (`up --no-wait`,
+    or an `up` that stopped waiting); None when there is none, or nowhere to look."""
+    try:
+        provider = provider_for(settings)
+    except TpuctlError:  # no cloud project or zone: no queued resource to look for
+        return None
+    if not provider.capabilities.queued_resources:
+        return None
+    state = provider.queued_state(name)
+    return (provider, state) if state else None
 
 
 def _own_node(settings: Settings) -> Node:
@@ -393,7 +406,19 @@ def status(
 ) -> None:
     """Show one node: state, health, scheduling, age and every worker's IPs."""
     settings = config.load({"zone": zone, "project": project})
-    node = resolve_node(settings, name)
+    chosen = name or settings.get("node")
+    node = find_node(settings, chosen) if chosen else None
+    if chosen and node is None and (queued := _queued_only(settings, chosen)):
+        where = describe_location(settings)
+        if json_out:
+            print_json({"name": chosen, "queued_resource": queued[1], "node": None})
+        else:
+            console.print(
+                f"queued resource {chosen}: {queued[1]}, no node yet, in {where} "
+                f"(`tpuctl up TYPE --name {chosen}` waits on it, `tpuctl down {chosen}` deletes it)"
+            )
+        return
+    node = node or resolve_node(settings, name)
     if json_out:
         print_json(node_json(node))
     else:
