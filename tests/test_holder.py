@@ -9,7 +9,9 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -93,9 +95,9 @@ def logins(pod) -> int:
 
 
 def _warm_up(hosts, attachment) -> list:
-    """A cold run, then its holder holding a connection to every host. It answers once it
-    has tried each host, and a run through it connects any it could not reach in time (on
-    a loaded machine; counting exactly two logins per host waited forever then)."""
+    """A cold run, then its holder holding a connection to every host: a run through it
+    waits for the holder's connections still under way, and connects any it could not make
+    in time (on a loaded machine; counting exactly two logins per host waited forever then)."""
     results = run(hosts, COMMAND)
     wait_for(lambda: _answers(attachment), what="the holder's answer")
     assert all(r.ok for r in run(hosts, "true"))
@@ -295,6 +297,41 @@ def test_a_held_connection_to_a_silent_host_costs_one_connect_timeout_then_is_dr
             assert [r.ok for r in results] == [True, True, False, True]
     finally:
         ssh_pod.silence_host(2, silent=False)
+
+
+@pod
+def test_a_starting_holder_serves_at_once_while_it_still_connects_to_a_silent_worker(ssh_pod, held):
+    """A starting holder answered nobody until it had tried every worker: one silent worker
+    made every command for a connect timeout wait 5 s for an answer, then run cold."""
+    hosts, attachment = held
+    ssh_pod.silence_host(3)
+    try:
+        before = logins(ssh_pod)
+        process = holder.spawn(attachment, 600.0)
+        wait_for(lambda: _connecting(process.pid, ssh_pod.hosts[3]), what="a connect to w03")
+        assert _answers(attachment)
+        assert all(r.ok for r in run(hosts[:3], "true"))
+        assert logins(ssh_pod) == before + 3  # the holder's own connections, waited for
+        [silent] = run(hosts[3:], "true", connect_timeout=1.5)
+        assert silent.error == f"unreachable: no answer from {ssh_pod.hosts[3]}:22 within 1.5 s"
+        assert _connecting(process.pid, ssh_pod.hosts[3])  # all of it before w03 answered
+        holder.tell_to_exit(attachment.socket)
+        assert process.wait(timeout=60) == 0  # not held up by its connect to w03
+    finally:
+        ssh_pod.silence_host(3, silent=False)
+
+
+def _connecting(pid: int, address: str) -> bool:
+    """Whether process `pid` is connecting to `address`:22, still unanswered (SYN_SENT)."""
+    sockets = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            sockets.add(os.readlink(fd).removeprefix("socket:[").removesuffix("]"))
+    # /proc/net/tcp: the address as one native-endian 32-bit word, then the port, in hex.
+    [word] = struct.unpack("=I", socket.inet_aton(address))
+    remote = f"{word:08X}:0016"
+    rows = [line.split() for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]]
+    return any(r[2] == remote and r[3] == "02" and r[9] in sockets for r in rows)
 
 
 @pod

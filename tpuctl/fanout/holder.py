@@ -2,11 +2,12 @@
 keeps the SSH connections to a node's workers open, and later `tpuctl` commands run over
 them instead of paying a key exchange per worker.
 
-The first command to a node runs cold and then starts the holder (`spawn`), which connects
-to the workers on its own and listens on a unix socket, 0600 in a 0700 directory
-(`state_dir()/holders/`), for requests: run a command, put or get files (the holder is the
-same user, so it reads and writes the requester's files); it exits after `ssh.reuse` of
-idleness.
+The first command to a node runs cold and then starts the holder (`spawn`), which listens
+on a unix socket, 0600 in a 0700 directory (`state_dir()/holders/`), for requests: run a
+command, put or get files (the holder is the same user, so it reads and writes the
+requester's files); it exits after `ssh.reuse` of idleness. It connects to the workers in
+the background, serving requests from the start: a silent worker delays only its own
+results.
 The holder is keyed on the node's identity (name, creation time, worker addresses and
 login): a recreated node, moved workers or other keys mean another identity, which the
 old holder refuses (and is told to exit). Each request re-reads the known_hosts files and
@@ -35,11 +36,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tpuctl.fanout.base import Host, HostResult, LineFn, ResultFn, StopSignal
+from tpuctl.fanout.base import UNREACHABLE, Host, HostResult, LineFn, ResultFn, StopSignal
 
 T = TypeVar("T")
 
@@ -329,22 +332,59 @@ class _Pool:
         self._through: dict[str, str] = {}  # a held worker's route -> its jump host's
         self._jumps: dict[str, Any] = {}
         self._retired: list[Any] = []  # jump connections replaced while others used them
+        self._first: dict[str, Future] = {}  # the first connections, while under way
         self._lock = threading.Lock()
 
     def connect_all(self, hosts: list[Host]) -> None:
-        from tpuctl.fanout import _fan_out
+        """Start connecting to every host, in the background: requests are served
+        meanwhile, and one for a host still being connected waits for that first
+        connection (`_await_first`) rather than making a second."""
+        routes = {_route_id(h): h for h in hosts}
+        with self._lock:
+            self._first.update((route, Future()) for route in routes)
+        threading.Thread(target=self._connect_first, args=(routes,), daemon=True).start()
 
-        ctx = self.context()
-        stop = StopSignal()
-
-        def one(index: int) -> HostResult:
-            with contextlib.suppress(ConnectionError):
-                self._connect(hosts[index], ctx, stop)
-            return HostResult(hosts[index], 0, "", "", None, 0.0)
-
-        _fan_out(hosts, one, len(hosts), False, stop, None)
+    def _connect_first(self, routes: dict[str, Host]) -> None:
+        """The first connection to each host, all at once; then hold the jump hosts'.
+        Daemon threads, not a pool: a holder told to exit does not wait for a silent host."""
+        ctx, stop = self.context(), StopSignal()
+        threads = [
+            threading.Thread(target=self._first_one, args=(r, h, ctx, stop), daemon=True)
+            for r, h in routes.items()
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         self.keep_jumps(ctx)
         ctx.close()
+
+    def _first_one(self, route: str, host: Host, ctx, stop: StopSignal) -> None:
+        """One host's first connection, held; its outcome told to the requests waiting."""
+        with self._lock:
+            first = self._first[route]
+        try:
+            first.set_result(self._connect(host, ctx, stop))
+        except ConnectionError as err:
+            first.set_exception(err)
+        finally:
+            with self._lock:
+                del self._first[route]
+
+    def _await_first(self, host: Host, timeout: float) -> None:
+        """Wait for the holder's first connection to `host` if it is under way, at most
+        `timeout` (the request's connect timeout). Its failure is the request's: a silent
+        host costs the request one connect timeout, not two."""
+        with self._lock:
+            first = self._first.get(_route_id(host))
+        if first is None:
+            return
+        try:
+            first.result(timeout)
+        except FutureTimeout:
+            raise ConnectionError(
+                f"{UNREACHABLE}: no answer from {host.address}:{host.port} within {timeout:g} s"
+            ) from None
 
     def lend_jumps(self, ctx, hosts: list[Host], known: Mapping[str | None, Any]) -> None:
         """Before a request: lend `ctx` the held connections to the jump hosts `hosts` go
@@ -386,6 +426,7 @@ class _Pool:
     def transport(self, host: Host, ctx, known, stop: StopSignal):
         """A live connection to `host` whose key is recorded now, else a fresh one.
         Raises ConnectionError as `ssh.connect` does."""
+        self._await_first(host, ctx.connect_timeout)
         key = _route_id(host)
         with self._lock:
             held = self._held.get(key)
