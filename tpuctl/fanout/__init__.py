@@ -31,6 +31,7 @@ from tpuctl.fanout.base import (
     LineFn,
     ResultFn,
     StopSignal,
+    each_line,
     ensure_descriptors,
     merged_env,
 )
@@ -81,6 +82,7 @@ def run(
     hosts = list(hosts)
     envs = [merged_env(host, env) for host in hosts]
     stop = stop or StopSignal()
+    on_lines = each_line(on_line)
 
     def run_one(index: int, ctx) -> HostResult:
         host = hosts[index]
@@ -89,10 +91,10 @@ def run(
         if host.transport == "local":
             from tpuctl.fanout import local
 
-            return local.run_on_host(host, command, envs[index], stop, timeout, on_line)
+            return local.run_on_host(host, command, envs[index], stop, timeout, on_lines)
         from tpuctl.fanout import ssh
 
-        return ssh.run_on_host(host, command, envs[index], ctx, stop, timeout, on_line)
+        return ssh.run_on_host(host, command, envs[index], ctx, stop, timeout, on_lines)
 
     def cold() -> list[HostResult]:
         with _ssh_context(hosts, connect_timeout, max_parallel) as ctx:

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 # (host, "stdout" | "stderr", line without its newline)
 LineFn = Callable[["Host", str, str], None]
+# (host, "stdout" | "stderr", the lines one read brought, without their newlines): what the
+# transports hand out, so that the holder sends a read's lines as one message
+LinesFn = Callable[["Host", str, list[str]], None]
 ResultFn = Callable[["HostResult"], None]
 
 # The wrapper prints this before anything else, so the caller learns the process group
@@ -137,26 +140,40 @@ def kill_group_script(pgid: int) -> str:
     )
 
 
-class LineSplitter:
-    """Turns a byte stream into complete lines for `on_line`, keeping the whole text too."""
+def each_line(on_line: LineFn | None) -> LinesFn | None:
+    """A `LinesFn` that calls `on_line` for every line."""
+    if on_line is None:
+        return None
 
-    def __init__(self, host: Host, stream: str, on_line: LineFn | None) -> None:
-        self.host, self.stream, self.on_line = host, stream, on_line
+    def on_lines(host: Host, stream: str, lines: list[str]) -> None:
+        for line in lines:
+            on_line(host, stream, line)
+
+    return on_lines
+
+
+class LineSplitter:
+    """Turns a byte stream into complete lines for `on_lines`, those of each `feed` at
+    once, keeping the whole text too."""
+
+    def __init__(self, host: Host, stream: str, on_lines: LinesFn | None) -> None:
+        self.host, self.stream, self.on_lines = host, stream, on_lines
         self._pending = b""
         self._chunks: list[bytes] = []
 
     def feed(self, data: bytes) -> None:
         self._chunks.append(data)
-        if self.on_line is None:
+        if self.on_lines is None:
             return
-        self._pending += data
-        *lines, self._pending = self._pending.split(b"\n")
-        for line in lines:
-            self.on_line(self.host, self.stream, line.decode(errors="replace"))
+        # A newline is never part of a multi-byte character: decoding the complete lines
+        # at once replaces what is not UTF-8 exactly as decoding them one by one would.
+        complete, newline, self._pending = (self._pending + data).rpartition(b"\n")
+        if newline:
+            self.on_lines(self.host, self.stream, complete.decode(errors="replace").split("\n"))
 
     def close(self) -> str:
-        if self.on_line is not None and self._pending:
-            self.on_line(self.host, self.stream, self._pending.decode(errors="replace"))
+        if self.on_lines is not None and self._pending:
+            self.on_lines(self.host, self.stream, [self._pending.decode(errors="replace")])
             self._pending = b""
         return b"".join(self._chunks).decode(errors="replace")
 

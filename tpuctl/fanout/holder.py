@@ -53,9 +53,10 @@ if TYPE_CHECKING:
 DEFAULT_IDLE_S = 300.0
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux, 104 on macOS
 ANSWER_TIMEOUT_S = 5.0  # for the holder's first answer; commands themselves may run long
-# The requests a holder understands. Part of the identity it serves, so that a holder left
-# running by an older tpuctl (one without put and get) is replaced, not sent what it ignores.
-PROTOCOL = 2
+# The requests a holder understands and the answers it gives. Part of the identity it
+# serves, so that a holder left running by an older tpuctl (one without put and get, or
+# sending a message per line) is replaced, not sent what it ignores or misunderstood.
+PROTOCOL = 3
 
 
 @dataclass(frozen=True)
@@ -228,9 +229,9 @@ def _converse(
             message = None
         if message is None:
             break
-        if "line" in message:
-            index, stream, text = message["line"]
-            if on_line is not None:
+        if "lines" in message and on_line is not None:
+            index, stream, texts = message["lines"]
+            for text in texts:
                 on_line(hosts[index], stream, text)
         elif "result" in message:
             fields = message["result"]
@@ -611,41 +612,45 @@ class _Holder:
             one = self._copy_one(job)
             workers = int(request["max_parallel"])
 
-        def on_result(result: HostResult) -> None:
+        def answered(index: int) -> HostResult:
+            """One host's part, its result sent with its index (never looked up)."""
+            result = one(index)
             fields = dataclasses.asdict(result)
             fields.pop("host")
-            send({"result": {"index": hosts.index(result.host), **fields}})
+            send({"result": {"index": index, **fields}})
+            return result
 
-        _fan_out(hosts, one, workers, bool(request["fail_fast"]), stop, on_result)
+        _fan_out(hosts, answered, workers, bool(request["fail_fast"]), stop, None)
         self.pool.keep_jumps(ctx)
         ctx.close()
 
     def _run_one(
         self, job: _Job, send: Callable[[dict[str, Any]], None]
     ) -> Callable[[int], HostResult]:
-        """One host's part of a "run" request, its lines sent as they come."""
+        """One host's part of a "run" request, the lines of each read sent as they come,
+        in one message."""
         from tpuctl.fanout import ssh
 
         request, hosts, held, ctx, stop = job.request, job.hosts, job.held, job.ctx, job.stop
         command, envs = request["command"], request["envs"]
-
-        def on_line(host: Host, stream: str, text: str) -> None:
-            send({"line": [hosts.index(host), stream, text]})
 
         def one(index: int) -> HostResult:
             host, started = hosts[index], time.monotonic()
             if stop.is_set():
                 return HostResult(host, None, "", "", stop.reason, 0.0)
 
+            def on_lines(_host: Host, stream: str, lines: list[str]) -> None:
+                send({"lines": [index, stream, lines]})
+
             def attempt(transport: Any) -> HostResult:
                 return ssh.run_on_transport(
                     transport, host, command, envs[index], ctx, stop,
-                    request["timeout"], on_line, started,
+                    request["timeout"], on_lines, started,
                 )  # fmt: skip
 
             def own() -> HostResult:  # as many commands as sshd allows already use it
                 return ssh.run_on_host(
-                    host, command, envs[index], ctx, stop, request["timeout"], on_line
+                    host, command, envs[index], ctx, stop, request["timeout"], on_lines
                 )
 
             try:

@@ -15,7 +15,7 @@ from tpuctl.fanout import tree
 from tpuctl.fanout.base import (
     Host,
     HostResult,
-    LineFn,
+    LinesFn,
     LineSplitter,
     StopSignal,
     env_script,
@@ -38,7 +38,7 @@ def run_on_host(
     env: dict[str, str],
     stop: StopSignal,
     timeout: float | None,
-    on_line: LineFn | None,
+    on_lines: LinesFn | None,
 ) -> HostResult:
     """Run `command` under `bash` in the host's workdir, each worker with its own TMPDIR."""
     started = time.monotonic()
@@ -56,8 +56,8 @@ def run_on_host(
     assert process.stdin is not None
     process.stdin.write(env_script(env))
     process.stdin.close()
-    out = LineSplitter(host, "stdout", on_line)
-    err = LineSplitter(host, "stderr", on_line)
+    out = LineSplitter(host, "stdout", on_lines)
+    err = LineSplitter(host, "stderr", on_lines)
     deadline = None if timeout is None else started + timeout
     error = _pump(process, out, err, stop, deadline, timeout)
     if error is not None:

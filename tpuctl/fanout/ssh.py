@@ -30,7 +30,7 @@ from tpuctl.fanout.base import (
     UNREACHABLE,
     Host,
     HostResult,
-    LineFn,
+    LinesFn,
     LineSplitter,
     StopSignal,
     env_script,
@@ -407,7 +407,7 @@ def run_on_host(
     ctx: SshContext,
     stop: StopSignal,
     timeout: float | None,
-    on_line: LineFn | None,
+    on_lines: LinesFn | None,
 ) -> HostResult:
     """Run `command` on one host over a connection of its own and stream its lines; never
     raises for remote trouble."""
@@ -417,7 +417,9 @@ def run_on_host(
     except ConnectionError as err:
         return HostResult(host, None, "", "", str(err), time.monotonic() - started)
     try:
-        return run_on_transport(transport, host, command, env, ctx, stop, timeout, on_line, started)
+        return run_on_transport(
+            transport, host, command, env, ctx, stop, timeout, on_lines, started
+        )
     except SessionRefused as refused:
         error = refused.reason(host)
         return HostResult(host, None, "", "", error, time.monotonic() - started)
@@ -435,7 +437,7 @@ def run_on_transport(
     ctx: SshContext,
     stop: StopSignal,
     timeout: float | None,
-    on_line: LineFn | None,
+    on_lines: LinesFn | None,
     started: float,
 ) -> HostResult:
     """Run `command` over an open connection (left open); never raises for remote trouble,
@@ -448,8 +450,8 @@ def run_on_transport(
         channel.exec_command(f"exec bash -c {shlex.quote(wrapped_command(command))}")
         channel.sendall(env_script(env))
         channel.shutdown_write()
-        out = _MarkedStdout(LineSplitter(host, "stdout", on_line))
-        err = LineSplitter(host, "stderr", on_line)
+        out = _MarkedStdout(LineSplitter(host, "stdout", on_lines))
+        err = LineSplitter(host, "stderr", on_lines)
         deadline = None if timeout is None else started + timeout
         error = _pump(channel, out, err, stop, deadline, timeout)
         if error is not None:
