@@ -67,6 +67,26 @@ def test_a_holder_of_another_protocol_serves_another_identity(monkeypatch):
     assert holder.node_identity(node, hosts) != current
 
 
+def test_messages_arrive_whole_however_the_stream_is_cut():
+    # The receiver keeps an offset into what it has read and joins a message's chunks once:
+    # messages several to a read, one across many reads and a timeout, then the end.
+    sender, receiver = socket.socketpair()
+    lines = holder._Lines(receiver)
+    big = {"result": {"stdout": "x" * 150_000}}  # over 2 reads, within the socket buffer
+    stream = b"".join(json.dumps(m).encode() + b"\n" for m in ({"a": 1}, {"b": 2}, big))
+    sender.sendall(stream[:5])
+    with pytest.raises(TimeoutError):
+        lines.receive(timeout=0)
+    sender.sendall(stream[5:-10])
+    assert [lines.receive(), lines.receive()] == [{"a": 1}, {"b": 2}]
+    with pytest.raises(TimeoutError):
+        lines.receive(timeout=0)
+    sender.sendall(stream[-10:])
+    sender.close()
+    assert lines.receive() == big and lines.receive() is None
+    receiver.close()
+
+
 pod = pytest.mark.pod
 
 

@@ -293,22 +293,38 @@ class _Lines:
 
     def __init__(self, conn: socket.socket) -> None:
         self.conn = conn
-        self._buffer = b""
+        self._buffer = b""  # received: whole messages from `_start` on, then part of one
+        self._start = 0
+        self._partial: list[bytes] = []  # received after `_buffer`, no newline among them
 
     def send(self, message: Mapping[str, Any]) -> None:
         self.conn.sendall(json.dumps(message).encode() + b"\n")
 
     def receive(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The next message, None at the end; TimeoutError if `timeout` passes first."""
-        while b"\n" not in self._buffer:
+        end = self._buffer.find(b"\n", self._start)
+        while end < 0:
             if timeout is not None and not select.select([self.conn], [], [], timeout)[0]:
                 raise TimeoutError
             chunk = self.conn.recv(65536)
             if not chunk:
                 return None
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
+            end = self._take(chunk)
+        message = json.loads(self._buffer[self._start : end])
+        self._start = end + 1  # an offset, not a copy of the rest per message
+        return message
+
+    def _take(self, chunk: bytes) -> int:
+        """Keep `chunk`; where the first newline now is in `_buffer`, -1 while none came.
+        A message's chunks are joined once its newline arrives: a large one (a result
+        carrying all of a host's output) is copied once, not once per chunk."""
+        newline = chunk.find(b"\n")
+        if newline < 0:
+            self._partial.append(chunk)
+            return -1
+        head = b"".join([self._buffer[self._start :], *self._partial])
+        self._buffer, self._start, self._partial = head + chunk, 0, []
+        return len(head) + newline
 
     def close(self) -> None:
         self.conn.close()
