@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from tpuctl import config
+from tpuctl import catalog, config
 from tpuctl.errors import TpuctlError
 
 
@@ -91,7 +91,6 @@ def test_per_accelerator_defaults_under_an_alias_of_the_type_apply_too(clean_env
                 "v5e-16": {"zone": "europe-west4-a", "zones": ["us-east5-b"]},
                 "V5LITEPOD-16": {"project": "p2"},
                 "v5litepod-16": {"zone": "us-west4-a"},
-                "not-a-type": {"zone": "x"},
             }
         },
     )
@@ -162,7 +161,9 @@ def test_config_set_then_show_with_sources(clean_env, run_tpuctl, monkeypatch):
 def test_config_set_unknown_key_is_a_one_line_error(clean_env, run_tpuctl):
     result = run_tpuctl("config", "set", "zonee", "x")
     assert result.code == 2
-    assert result.err.startswith("error: unknown config key 'zonee'; known keys: project, zone")
+    assert result.err.startswith(
+        "error: unknown config key 'zonee' (did you mean 'zone'?); known keys: project, zone"
+    )
     assert "Traceback" not in result.err
 
 
@@ -189,7 +190,7 @@ def test_config_set_writes_through_a_link_and_says_what_it_wrote(
 
 
 def test_config_set_from_many_processes_at_once_keeps_every_key(clean_env):
-    keys = [f"accelerators.v3-{8 * i}.zone" for i in range(1, 9)]
+    keys = [f"accelerators.{kind.name}.zone" for kind in catalog.all_types()[:8]]
     setters = [
         subprocess.Popen([sys.executable, "-m", "tpuctl", "config", "set", key, f"zone-{i}"])
         for i, key in enumerate(keys)
@@ -205,11 +206,62 @@ def test_config_set_refuses_a_reuse_a_bucket_and_a_type_that_cannot_work(clean_e
         (("ssh.reuse", "foo"), "error: ssh.reuse 'foo' is not a duration"),
         (("accelerators..zone", "x"), "error: unknown config key 'accelerators..zone'"),
         (("bucket", "Bad Bucket!"), "error: bucket 'Bad Bucket!' is not a bucket name"),
+        (
+            ("accelerators.v9-8.zone", "x"),
+            "error: accelerators.v9-8.zone: unknown TPU generation 'v9' in 'v9-8'",
+        ),
+        (
+            ("worker.platform", "gpu"),  # `run` refused it only after uploading the recipe
+            "error: worker.platform 'gpu' (from tpuctl config set worker.platform) must be "
+            "one of auto, cpu, tpu",
+        ),
     ]:
         result = run_tpuctl("config", "set", *args)
         assert result.code == 2 and result.err.startswith(message), result.err
     assert not config.user_config_path().exists()
     assert run_tpuctl("config", "set", "ssh.reuse", "off").code == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "nearest"),
+    [
+        ("provder: local\n", "provder", "provider"),
+        ("ssh:\n  usr: bob\n", "ssh.usr", "ssh.user"),
+        ("zoen: europe-west4-a\n", "zoen", "zone"),
+        ("accelerators: {v3-8: {zoen: x}}\n", "accelerators.v3-8.zoen", "accelerators.v3-8.zone"),
+    ],
+)
+def test_a_misspelt_key_in_either_config_file_is_a_one_line_error(
+    clean_env, run_tpuctl, text, key, nearest
+):
+    """They were ignored without a word: `config show` showed the defaults, not the typo."""
+    user_file = config.user_config_path()
+    user_file.parent.mkdir(parents=True)
+    for path, shown in [(clean_env / "project" / "tpuctl.yaml", "./tpuctl.yaml"), (user_file, str(user_file))]:  # fmt: skip
+        path.write_text(text)
+        result = run_tpuctl("config", "show")
+        assert result.code == 2, result.out
+        assert result.err.startswith(
+            f"error: {shown}: unknown config key {key!r} (did you mean {nearest!r}?); known keys: "
+        ), result.err
+        assert result.err.count("\n") == 1
+        path.unlink()
+
+
+def test_a_section_with_every_line_commented_out_is_no_unknown_key(clean_env):
+    (clean_env / "project" / "tpuctl.yaml").write_text("worker:\n#  python: python3\nssh:\n")
+    assert config.load().get("worker") is None
+
+
+def test_an_accelerator_type_that_does_not_exist_in_a_file_is_a_one_line_error(clean_env):
+    """`up v3-256` would never have used a zone set for `v3-265`."""
+    write_user_file(clean_env, {"accelerators": {"v3-265": {"zone": "us-east1-d"}}})
+    with pytest.raises(TpuctlError) as info:
+        config.load()
+    assert str(info.value) == (
+        f"{config.user_config_path()}: accelerators.v3-265.zone: 'v3-265' is not a v3 slice "
+        "size; nearest valid: v3-128 or v3-256"
+    )
 
 
 def test_config_show_prints_lists_of_numbers(clean_env, run_tpuctl):

@@ -7,6 +7,7 @@ same keys as nested mappings.
 
 from __future__ import annotations
 
+import difflib
 import getpass
 import os
 import re
@@ -60,8 +61,11 @@ KNOWN_KEYS: dict[str, str] = {
     "worker.uv_args": "extra `uv pip install` arguments for the venv (default: worker.pip_args)",
     "worker.platform": "auto, cpu or tpu: whether tpuctl sets up jax.distributed on CPU",
 }
+WORKER_PLATFORMS = ("auto", "cpu", "tpu")
 ACCELERATOR_FIELDS = ("zone", "zones", "project", "runtime_version")
 _NAME_KEYS = frozenset({"project", "zone", "node", "bucket"})  # strings, never numbers
+# Mappings of keys: `worker:` with every line under it commented out sets nothing.
+_SECTIONS = frozenset({"accelerators", *(key.split(".")[0] for key in KNOWN_KEYS if "." in key)})
 BOOL_KEYS = frozenset({"ssh.internal_ip"})
 LIST_FIELDS = frozenset({"zones"})
 
@@ -176,6 +180,8 @@ def load(flags: dict[str, object] | None = None) -> Settings:
     for layer, describe in layers:  # lowest precedence first; later layers win
         for key, value in layer.items():
             settings.values[key] = _coerce(key, value, describe(key))
+            # Files may hold any key: a misspelt one would otherwise be ignored without a word.
+            validate_key(key, describe(key))
             settings.sources[key] = describe(key)
     _check_provider(settings)
     _check_ssh_user(settings)
@@ -193,20 +199,18 @@ def accelerator_settings(settings: Settings, accelerator_type: str) -> dict[str,
     for name, found in every.items() if isinstance(every, dict) else []:
         if name == accelerator_type or not isinstance(found, dict):
             continue
-        try:
-            same = catalog.parse(str(name)).name == accelerator_type
-        except TpuctlError:  # not a type name (a hand-written file may hold anything)
-            continue
-        if same:
+        if catalog.parse(str(name)).name == accelerator_type:  # `load` checked every name
             merged.update(found)
     own = every.get(accelerator_type) if isinstance(every, dict) else None
     return {**merged, **own} if isinstance(own, dict) else merged
 
 
-def validate_key(key: str) -> None:
-    """Raise a TpuctlError unless `key` is one tpuctl understands."""
+def validate_key(key: str, where: str = "") -> None:
+    """Raise a TpuctlError unless `key` is one tpuctl understands: a known key, or a field
+    of `accelerators.TYPE` for a TYPE in the catalogue. `where` (a file) starts the message."""
     if key in KNOWN_KEYS:
         return
+    prefix = f"{where}: " if where else ""
     parts = key.split(".")
     if (
         len(parts) == 3
@@ -214,9 +218,26 @@ def validate_key(key: str) -> None:
         and parts[1]
         and parts[2] in ACCELERATOR_FIELDS
     ):
+        from tpuctl import catalog
+
+        try:
+            catalog.parse(parts[1])  # as `up` does: a misspelt type would never apply
+        except TpuctlError as err:
+            raise TpuctlError(f"{prefix}{key}: {err}") from None
         return
+    near = _nearest_key(key)
+    guess = f" (did you mean {near!r}?)" if near else ""
     known = ", ".join([*KNOWN_KEYS, *(f"accelerators.TYPE.{f}" for f in ACCELERATOR_FIELDS)])
-    raise TpuctlError(f"unknown config key {key!r}; known keys: {known}")
+    raise TpuctlError(f"{prefix}unknown config key {key!r}{guess}; known keys: {known}")
+
+
+def _nearest_key(key: str) -> str | None:
+    """The known key that `key` most likely misspells (`accelerators.v3-8.zoen`: its zone)."""
+    parts = key.split(".")
+    type_name = parts[1] if len(parts) == 3 and parts[0] == "accelerators" else "TYPE"
+    known = [*KNOWN_KEYS, *(f"accelerators.{type_name}.{f}" for f in ACCELERATOR_FIELDS)]
+    close = difflib.get_close_matches(key, known, n=1)
+    return close[0] if close else None
 
 
 def set_user_value(key: str, raw_value: str) -> tuple[Path, Any]:
@@ -234,6 +255,7 @@ def set_user_value(key: str, raw_value: str) -> tuple[Path, Any]:
         "ssh.user": _check_ssh_user,
         "ssh.reuse": lambda s: reuse_idle_seconds(s.values["ssh.reuse"]),
         "bucket": _check_bucket,
+        "worker.platform": worker_platform,
     }
     if (check := checks.get(key)) is not None:  # before writing: a bad value in the file
         check(Settings(values={key: value}, sources={key: f"tpuctl config set {key}"}))
@@ -328,6 +350,19 @@ def reuse_idle_seconds(value: Any) -> float | None:
     return parse_duration(text, "ssh.reuse")
 
 
+def worker_platform(settings: Settings) -> str:
+    """The `worker.platform` setting: auto (the default), cpu or tpu. `config set` and
+    `run` both check it here; a TpuctlError names where any other value came from."""
+    platform = settings.get("worker.platform", "auto")
+    if platform not in WORKER_PLATFORMS:
+        raise TpuctlError(
+            f"worker.platform {platform!r} (from {settings.source('worker.platform')}) must be "
+            f"one of {', '.join(WORKER_PLATFORMS)}; fix it with "
+            "`tpuctl config set worker.platform auto`"
+        )
+    return str(platform)
+
+
 def _check_provider(settings: Settings) -> None:
     provider = settings.values.get("provider")
     if provider not in PROVIDERS:
@@ -368,7 +403,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         dotted = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(_flatten(value, dotted + "."))
-        else:
+        elif value is not None or dotted not in _SECTIONS:
             flat[dotted] = value
     return flat
 

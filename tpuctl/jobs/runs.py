@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tpuctl import jobs, storage, workerenv
+from tpuctl.config import worker_platform
 from tpuctl.errors import TpuctlError
 from tpuctl.fanout import Host
 from tpuctl.jobs import launches
@@ -230,9 +231,7 @@ def _bucket(settings: Settings, node: Node) -> str:
 def _is_cpu_pod(settings: Settings, node: Node, worker_jobs: list[jobs.WorkerJob]) -> bool:
     """`worker.platform` (cpu | tpu), else: local pods are CPU, other nodes are CPU when
     no worker has TPU devices (the SSH test pod)."""
-    platform = settings.get("worker.platform", "auto")
-    if platform not in ("auto", "cpu", "tpu"):
-        raise TpuctlError(f"worker.platform {platform!r} must be auto, cpu or tpu")
+    platform = worker_platform(settings)
     if platform != "auto":
         return platform == "cpu"
     return node.provider == "local" or not any(job.accelerator for job in worker_jobs)
