@@ -521,6 +521,83 @@ def test_down_without_name_deletes_your_only_local_pod_without_provider_or_proje
     assert json.loads(run_tpuctl("list", "--json").out) == {"nodes": []}
 
 
+SET_PROJECT = (
+    "to look for Cloud TPU nodes too, set a project: pass --project, set TPUCTL_PROJECT or "
+    "run `tpuctl config set project PROJECT`"
+)
+
+
+@pytest.fixture
+def no_project(fake_tpu, monkeypatch):
+    """A user of local pods alone: no project, zone or provider set."""
+    monkeypatch.delenv("TPUCTL_ZONE")
+    monkeypatch.delenv("TPUCTL_PROJECT")
+    yield
+    assert fake_tpu.requests == []  # nothing asked the cloud
+
+
+def test_without_a_project_commands_without_a_name_use_the_only_local_pod(run_tpuctl, no_project):
+    """They failed with "no Google Cloud project" while `down` picked the pod."""
+    assert run_tpuctl("up", "v3-8", "--local", "--name", "mine").code == 0
+    status = run_tpuctl("status", "--json")
+    assert status.code == 0, status.err
+    assert json.loads(status.out)["name"] == "mine"
+    for args in (["ps"], ["exec", "--", "true"]):
+        result = run_tpuctl(*args)
+        assert result.code == 0, result.err
+    assert run_tpuctl("down", "--yes").code == 0
+
+
+def test_without_a_project_an_unknown_name_lists_the_local_pods_and_the_closest(
+    run_tpuctl, no_project
+):
+    """It said only that no project was set, and to pass --project."""
+    assert run_tpuctl("up", "v3-8", "--local", "--name", "mine").code == 0
+    missing = (
+        "no node named 'mien' in the local pods; did you mean 'mine'? (local pods: mine); "
+        + SET_PROJECT
+    )
+    for args in (["status", "mien"], ["ps", "mien"], ["exec", "mien", "--", "true"]):
+        result = run_tpuctl(*args)
+        assert (result.code, result.err.strip()) == (1, f"error: {missing}"), args
+    down = run_tpuctl("down", "mien", "--yes")  # a node that does not exist is no error
+    assert (down.code, down.err.strip()) == (
+        0,
+        "node mien does not exist in the local pods; nothing deleted; did you mean 'mine'? "
+        f"(local pods: mine); {SET_PROJECT}",
+    )
+    assert run_tpuctl("up", "v3-8", "--local", "--name", "other").code == 0
+    result = run_tpuctl("status", "xyz")
+    assert result.err.strip() == (
+        f"error: no node named 'xyz' in the local pods; the local pods are mine, other; {SET_PROJECT}"
+    )
+    result = run_tpuctl("down", "--yes")
+    assert (result.code, result.err.strip()) == (
+        2,
+        "error: 2 node(s) in the local pods and several are yours: mine (yours), other (yours); "
+        "name the one to delete: `tpuctl down NAME`",
+    )
+    assert (
+        run_tpuctl("down", "mine", "--yes").code == run_tpuctl("down", "other", "--yes").code == 0
+    )
+
+
+def test_without_a_project_or_local_pods_list_is_empty_and_says_how_to_get_nodes(
+    run_tpuctl, no_project
+):
+    """As the README says: without a cloud project, `list` shows the local pods alone."""
+    result = run_tpuctl("list", "--json")
+    assert (result.code, json.loads(result.out)) == (0, {"nodes": []})
+    result = run_tpuctl("list")
+    assert (result.code, result.err.strip()) == (0, f"no nodes in the local pods; {SET_PROJECT}")
+    result = run_tpuctl("status")
+    assert (result.code, result.err.strip()) == (
+        1,
+        "error: no nodes in the local pods; create one with `tpuctl up TYPE --local`; "
+        + SET_PROJECT,
+    )
+
+
 # -- down -------------------------------------------------------------------------------
 
 
@@ -743,8 +820,14 @@ def test_a_name_that_is_both_a_local_pod_and_a_cloud_node_is_refused(run_tpuctl,
 
 
 def test_missing_project_is_a_one_line_error(run_tpuctl, fake_tpu, monkeypatch):
+    """Where the user asks for the cloud: every zone, a zone, or `provider: cloud`."""
     monkeypatch.delenv("TPUCTL_PROJECT")
-    result = run_tpuctl("list")
+    for args in (["list", "--all-zones"], ["list", "--zone", "us-central1-a"]):
+        result = run_tpuctl(*args)
+        assert result.code == 2
+        assert result.err.startswith("error: no Google Cloud project: pass --project")
+    monkeypatch.setenv("TPUCTL_PROVIDER", "cloud")
+    result = run_tpuctl("status")
     assert result.code == 2
     assert result.err.startswith("error: no Google Cloud project: pass --project")
 

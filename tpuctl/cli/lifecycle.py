@@ -17,10 +17,12 @@ from tpuctl.durations import format_duration, parse_duration
 from tpuctl.errors import TpuctlError
 from tpuctl.planning import NodePlan, create_planned, plan_node
 from tpuctl.providers import (
+    cloud_hint,
     describe_location,
     find_node,
     list_all,
     missing_hint,
+    only_node,
     provider_for,
     registry,
     resolve_node,
@@ -336,10 +338,13 @@ def _own_node(settings: Settings) -> Node:
     nodes = list_all(settings)
     user = config.local_user()
     mine = [n for n in nodes if ownership.created_by(n.labels, user)]
-    if len(mine) == 1:
-        return find_node(settings, mine[0].name) or mine[0]
+    if (node := only_node(settings, mine)) is not None:
+        return node
     if not nodes:
-        raise TpuctlError(f"no nodes in {describe_location(settings)}; nothing to delete", 1)
+        raise TpuctlError(
+            f"no nodes in {describe_location(settings)}; nothing to delete" + cloud_hint(settings),
+            1,
+        )
     candidates = ", ".join(
         f"{n.name} ({'yours' if n in mine else ownership.describe_owner(n.labels)})"
         for n in sorted(nodes, key=lambda n: n.name)
@@ -368,9 +373,8 @@ def list_nodes(
         print_json({"nodes": [node_json(n) for n in nodes]})
         return
     if not nodes:
-        err_console.print(
-            f"no nodes in {describe_location(settings) if not all_zones else 'any zone'}"
-        )
+        where = describe_location(settings) if not all_zones else "any zone"
+        err_console.print(f"no nodes in {where}" + cloud_hint(settings))
         return
     from rich.table import Table
 

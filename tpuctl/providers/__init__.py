@@ -6,6 +6,7 @@ workers' addresses, and the fan-out layer takes it from there.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import TYPE_CHECKING
 
@@ -38,15 +39,15 @@ def provider_for(settings: Settings) -> Provider:
     return cls.from_settings(settings)
 
 
+SET_PROJECT = "pass --project, set TPUCTL_PROJECT or run `tpuctl config set project PROJECT`"
+
+
 def describe_location(settings: Settings) -> str:
     """Where the current provider looks for nodes, for messages ("zone Z of project P")."""
     if settings.get("provider") == "local":
         return "the local pod provider"
-    if not _cloud_configured(settings):
-        return (
-            "the local pods, and no Google Cloud project is set to look in (pass --project, "
-            "set TPUCTL_PROJECT or run `tpuctl config set project PROJECT`)"
-        )
+    if _no_project(settings):
+        return "the local pods"
     return f"zone {settings.get('zone')} of project {settings.get('project')}"
 
 
@@ -55,22 +56,48 @@ def _cloud_configured(settings: Settings) -> bool:
     return bool(settings.get("project")) or _explicit(settings, "provider", "any")
 
 
+def _no_project(settings: Settings) -> bool:
+    """Whether only the local pods are looked at for want of a project (rather than because
+    `provider: local` says so)."""
+    return settings.get("provider") != "local" and not _cloud_configured(settings)
+
+
+def cloud_hint(settings: Settings) -> str:
+    """How to look for Cloud TPU nodes too, when only the local pods were looked at for want
+    of a project: a second clause for messages that name the local pods; else ""."""
+    return (
+        f"; to look for Cloud TPU nodes too, set a project: {SET_PROJECT}"
+        if _no_project(settings)
+        else ""
+    )
+
+
 def missing_hint(settings: Settings, name: str) -> str:
-    """ "; it is in zone Z: pass --zone Z" and the like for a node `find_node` did not find."""
-    if settings.get("provider") == "cloud" and not _cloud_configured(settings):
-        return ""
-    return "; " + elsewhere_hint(provider_for(settings), name)
+    """ "; did you mean 'mine'? (local pods: mine)", "; it is in zone Z: pass --zone Z" and
+    the like for a node `find_node` did not find where `describe_location` says."""
+    if settings.get("provider") == "local" or _no_project(settings):
+        return "; " + _local_pods_hint(name) + cloud_hint(settings)
+    from tpuctl.providers.cloud_tpu import CloudTpuProvider
 
-
-def elsewhere_hint(provider: Provider, name: str) -> str:
-    """How to reach a node that is not where we looked: its zone, if the provider can find it."""
-    locate = getattr(provider, "locate", None)
-    if locate is None:
-        return "`tpuctl list` shows the nodes there are"
-    found = locate(name)
+    cloud = provider_for(settings)
+    assert isinstance(cloud, CloudTpuProvider)
+    found = cloud.locate(name)
     if found is not None:
-        return f"it is in zone {found.zone}: pass --zone {found.zone}"
-    return "it is in no zone of the project (`tpuctl list --all-zones`)"
+        return f"; it is in zone {found.zone}: pass --zone {found.zone}"
+    return "; it is in no zone of the project (`tpuctl list --all-zones`)"
+
+
+def _local_pods_hint(name: str) -> str:
+    """The local pods, the one `name` most likely misspells first; or how to make one."""
+    from tpuctl.providers.local import LocalProvider
+
+    names = [pod.name for pod in LocalProvider().list()]
+    if not names:
+        return "there are no local pods (`tpuctl up TYPE --local` makes one)"
+    close = difflib.get_close_matches(name, names, n=1)
+    if not close:
+        return f"the local pods are {', '.join(names)}"
+    return f"did you mean {close[0]!r}? (local pods: {', '.join(names)})"
 
 
 def _explicit(settings: Settings, key: str, kind: str = "") -> bool:
@@ -152,14 +179,16 @@ def find_node(settings: Settings, name: str) -> Node | None:
 def list_all(settings: Settings, all_zones: bool = False) -> list[Node]:
     """Cloud nodes in the configured zone (or `all_zones`), sorted by zone and name, then
     the local pods: both unless the `provider` setting names one. Without a cloud
-    project, local pods alone (the missing-project error when there are none either)."""
+    project, the local pods alone, if any; unless --zone or `all_zones` asks for the
+    cloud (the missing-project error)."""
     from tpuctl.config import Settings
     from tpuctl.providers.cloud_tpu import CloudTpuProvider
     from tpuctl.providers.local import LocalProvider
 
     chosen = settings.get("provider") if _explicit(settings, "provider", "any") else None
     local = LocalProvider().list() if chosen != "cloud" else []
-    if chosen == "local" or (chosen is None and local and not settings.get("project")):
+    cloud_asked = settings.get("project") or all_zones or _explicit(settings, "zone")
+    if chosen == "local" or (chosen is None and not cloud_asked):
         return local
     if all_zones and settings.get("project") and not settings.get("zone"):
         cloud = CloudTpuProvider(str(settings.get("project")), None)  # lists every zone
@@ -185,12 +214,24 @@ def _describe(node: Node) -> str:
     return f"a cloud node in zone {node.zone} of project {node.project}"
 
 
+def only_node(settings: Settings, nodes: list[Node]) -> Node | None:
+    """The node a command given no name acts on: the one node of `nodes` (those `list_all`
+    shows, or `down`'s own among them), with `settings` pointed at it; None unless one."""
+    if len(nodes) != 1:
+        return None
+    _point_at(settings, _location_of(nodes[0]), f"where {nodes[0].name} lives")
+    return nodes[0]
+
+
 def resolve_node(settings: Settings, name: str | None) -> Node:
-    """The node a command acts on: `name`, else the `node` setting, else the only node.
+    """The node a command acts on: `name`, else the `node` setting, else the only node
+    that `list` shows (the zone's and the local pods; the local pods alone without a
+    project).
 
     A named node is found wherever it lives (`find_node`), and `settings` then point at
-    it. Raises a TpuctlError naming the node and location when it does not exist, or
-    listing the candidates when there is more than one and none was named.
+    it. Raises a TpuctlError naming the node and location when it does not exist (exit
+    1: a lookup that found nothing, as `status` of a node deleted meanwhile), or listing
+    the candidates when there is more than one and none was named (exit 2).
     """
     chosen = name or settings.get("node")
     if chosen:
@@ -202,13 +243,14 @@ def resolve_node(settings: Settings, name: str | None) -> Node:
                 exit_code=1,
             )
         return node
-    provider = provider_for(settings)
-    nodes = provider.list()
-    if len(nodes) == 1:
-        return nodes[0]
+    nodes = list_all(settings)
+    if (node := only_node(settings, nodes)) is not None:
+        return node
     if not nodes:
+        local = " --local" if _no_project(settings) else ""  # else `up` asks for one
         raise TpuctlError(
-            f"no nodes in {describe_location(settings)}; create one with `tpuctl up TYPE`",
+            f"no nodes in {describe_location(settings)}; create one with `tpuctl up TYPE{local}`"
+            + cloud_hint(settings),
             exit_code=1,
         )
     names = ", ".join(sorted(n.name for n in nodes))

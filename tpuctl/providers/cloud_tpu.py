@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from tpuctl.durations import Clock, format_duration
 from tpuctl.errors import TpuctlError
-from tpuctl.providers import registry
+from tpuctl.providers import SET_PROJECT, registry
 from tpuctl.providers.base import Capabilities, Node, NodeSpec, ProgressFn, Worker
 
 if TYPE_CHECKING:
@@ -106,10 +106,7 @@ class CloudTpuProvider:
         """Build from resolved settings; project and zone are required."""
         project, zone = settings.get("project"), settings.get("zone")
         if not project:
-            raise TpuctlError(
-                "no Google Cloud project: pass --project, set TPUCTL_PROJECT or run "
-                "`tpuctl config set project PROJECT`"
-            )
+            raise TpuctlError(f"no Google Cloud project: {SET_PROJECT}")
         if not zone:
             raise TpuctlError(_NO_ZONE)
         return cls(project, zone)
