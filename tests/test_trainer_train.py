@@ -108,6 +108,23 @@ def test_a_pod_started_on_only_some_workers_fails_with_a_message(tiny_recipe, tm
     assert not os.path.exists(tmp_path / "DONE")
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.batch_size=6", "not divisible by the data-parallel size"),
+        ("mesh.data=3", "8 devices are not divisible by 3"),
+    ],
+)
+def test_a_pod_the_recipe_does_not_fit_stops_before_the_token_cache_is_built(
+    tiny_recipe, tmp_path, override, message
+):
+    """The README says so; both were found only after tokenising every dataset."""
+    args = [str(tiny_recipe), f"run_dir={tmp_path / 'run'}", override]
+    ((code, output),) = wait_all(launch_trainer(args, 1, 8, tmp_path), timeout=300)
+    assert code == 2 and message in output, output
+    assert "Traceback" not in output and not (tmp_path / "run" / "data_cache").exists()
+
+
 def test_cache_build_progress_is_printed_and_reaches_metrics_once_a_minute(tmp_path, capsys):
     times = iter([0.0, 30.0, 61.0, 90.0, 122.0])  # the build starts at 0
     report = train.cache_progress(str(tmp_path), clock=lambda: next(times))

@@ -197,11 +197,17 @@ class Run:
     frozen: tuple = ()  # dpo: (the reference weights,), sharded like the parameters
 
 
+def check_fits_devices(recipe: Recipe) -> None:
+    """The attention path, mesh and batch against this process's devices: one-line recipe
+    errors, before a run spends anything on weights or its token cache."""
+    attention_path(recipe.model, backend_platform(), recipe.train.seq_len)
+    check_batch_divisible(recipe.train, mesh_shape(recipe.mesh, jax.device_count()))
+
+
 def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = None) -> Run:
     """Mesh, sharded initial state (fresh or from `init_params_from`) and compiled-on-demand steps."""
-    attention_path(recipe.model, backend_platform(), recipe.train.seq_len)  # before tracing
+    check_fits_devices(recipe)  # before tracing; model.init_from may have changed the model
     mesh = sharding.make_mesh(recipe.mesh)
-    check_batch_divisible(recipe.train, mesh_shape(recipe.mesh, jax.device_count()))
     total_steps = recipe.train.steps or math.ceil(recipe.train.epochs * train_set.steps_per_epoch())
     optimizer, schedule = make_optimizer(recipe.optimizer, total_steps)
     head = "score" if recipe.objective.name == "reward" else "lm"
@@ -415,6 +421,7 @@ def train(recipe: Recipe) -> int:
     (0, or EXIT_PREEMPTED when SIGTERM stopped it after a committed save)."""
     started = time.time()
     is_main = jax.process_index() == 0
+    check_fits_devices(recipe)
     recipe, hf_params = load_initial_params(recipe)
     check_tokenizer(recipe)
     progress = cache_progress(recipe.run_dir) if is_main else None
