@@ -104,3 +104,30 @@ def test_a_diverged_runs_nan_loss_is_null_in_top_json_and_a_new_node_shows_no_ol
         assert [(n["name"], n["run"]) for n in again] == [("mine", None)]
     finally:
         run_tpuctl("down", "mine", "--yes")
+
+
+def test_top_and_profile_read_a_local_pods_gs_run_from_the_local_pods_emulator(
+    tmp_path, monkeypatch
+):
+    """Both ended in a DefaultCredentialsError traceback: they read storage.googleapis.com."""
+    from tpuctl import storage
+    from tpuctl.jobs import launches
+    from tpuctl.providers.local import gcs_emulator_url
+
+    cli = LocalCli(tmp_path)
+    monkeypatch.setenv("XDG_STATE_HOME", cli.env["XDG_STATE_HOME"])  # the CLI's pods, here
+    cli.ok("up", "v4-8", "--local", "--name", "mine")
+    try:
+        run_dir = "gs://tpuctl-local/runs/g"
+        with storage.emulated(gcs_emulator_url()):
+            storage.upload_text(f"{run_dir}/metrics.jsonl", '{"step": 5, "loss": 3.0}\n')
+        launches.record(launches.Launch("mine", "g", run_dir, 10, 0.0))
+        assert snapshot(cli)["mine"]["run"]["step"] == 5
+        fetched = cli("profile", "mine")
+        assert (fetched.returncode, fetched.stderr.strip()) == (
+            1,
+            f"error: no trace in {run_dir}/profile: set train.profile_steps=[START,END] in "
+            "the recipe and let the run pass step END",
+        )
+    finally:
+        cli.ok("down", "mine", "--yes")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,12 @@ from tpuctl.errors import TpuctlError
 RUNS_PREFIX = "tpuctl/runs"
 
 
+EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+
+
 def emulator_url() -> str | None:
     """The GCS emulator this process talks to, if any."""
-    return os.environ.get("STORAGE_EMULATOR_HOST") or None
+    return os.environ.get(EMULATOR_ENV) or None
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -60,7 +64,26 @@ def recipe_uri(bucket: str, run_id: str) -> str:
     return f"gs://{bucket_name(bucket)}/{RUNS_PREFIX}/{run_id}/recipe.yaml"
 
 
+@contextlib.contextmanager
+def emulated(url: str | None) -> Iterator[None]:
+    """While inside, this process's gs:// calls go to the emulator at `url` (None: no change),
+    e.g. a local pod's run files, which its workers wrote there."""
+    if url is None:
+        yield
+        return
+    previous = os.environ.get(EMULATOR_ENV)
+    os.environ[EMULATOR_ENV] = url
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(EMULATOR_ENV, None)
+        else:
+            os.environ[EMULATOR_ENV] = previous
+
+
 def _client() -> Any:
+    from google.auth.exceptions import DefaultCredentialsError
     from google.cloud import storage
 
     url = emulator_url()
@@ -73,7 +96,14 @@ def _client() -> Any:
             credentials=AnonymousCredentials(),
             client_options=ClientOptions(api_endpoint=url),
         )
-    return storage.Client()
+    try:
+        return storage.Client()
+    except DefaultCredentialsError:
+        raise TpuctlError(
+            "no Google Cloud credentials for gs:// files: run `gcloud auth application-default "
+            f"login` (a GCS emulator's files: set {EMULATOR_ENV})",
+            exit_code=1,
+        ) from None
 
 
 def blob(uri: str) -> Any:
@@ -161,17 +191,22 @@ def read_from(uri: str, start: int) -> tuple[int, bytes] | None:
 
 
 def read_tail(uri: str, max_bytes: int) -> bytes | None:
-    """The last `max_bytes` of a gs:// object (a ranged read), or None when it does not exist."""
+    """The last `max_bytes` of a gs:// object (a ranged read, retried as a poll's read is), or
+    None when it does not exist."""
     from google.api_core import exceptions
 
     bucket_id, path = split_uri(uri)
     try:
-        blob = _client().bucket(bucket_id).get_blob(path)
+        blob = _client().bucket(bucket_id).get_blob(path, retry=_retry(polling=True))
         if blob is None:
             return None
-        return blob.download_as_bytes(start=max(0, (blob.size or 0) - max_bytes))
+        start = max(0, (blob.size or 0) - max_bytes)
+        return blob.download_as_bytes(start=start, retry=_retry(polling=True))
     except exceptions.NotFound:
         return None
+    except (exceptions.GoogleAPIError, exceptions.RetryError) as err:  # unreachable, 5xx
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TpuctlError(f"could not read {uri}: {reason}", exit_code=1) from None
 
 
 def download_prefix(uri: str, destination: Path) -> list[Path]:

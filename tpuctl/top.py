@@ -101,7 +101,10 @@ def _read_tail(path: str, max_bytes: int) -> bytes | None:
     if path.startswith("gs://"):
         from tpuctl import storage
 
-        return storage.read_tail(path, max_bytes)
+        try:
+            return storage.read_tail(path, max_bytes)
+        except TpuctlError:  # no credentials, say: the row shows no metrics, top goes on
+            return None
     try:
         with Path(path).open("rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
@@ -144,10 +147,18 @@ def collect(
     run_of: Callable[[str], launches.Launch | None] = launches.latest,
 ) -> list[TopRow]:
     """One snapshot: every node, with the progress of the latest run launched on it."""
+    from tpuctl import storage
+    from tpuctl.jobs.runs import emulator_for
+
     rows = []
     for node in nodes(settings):
         launch = run_of(node.name)
-        rows.append(TopRow(node, progress(launch) if launch else None))
+        if launch is None:
+            rows.append(TopRow(node, None))
+            continue
+        gcs = launch.run_dir.startswith("gs://")  # a local pod's: in the local pods' emulator
+        with storage.emulated(emulator_for(node.provider) if gcs else None):
+            rows.append(TopRow(node, progress(launch)))
     return rows
 
 

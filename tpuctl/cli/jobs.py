@@ -270,11 +270,13 @@ def profile(
 ) -> None:
     """Fetch the jax.profiler trace a run wrote for `train.profile_steps` ({run_dir}/profile,
     TensorBoard / XProf format) and say how to open it."""
-    from tpuctl.jobs.runs import fetch_profile, find_run_dir
+    from tpuctl import storage
+    from tpuctl.jobs.runs import fetch_profile, find_run
 
-    run_dir = find_run_dir(run)
+    run_dir, emulator = find_run(run)
     destination = to or Path(f"{run_dir.rstrip('/').rsplit('/', 1)[-1]}-profile")
-    traces = fetch_profile(run_dir, destination)
+    with storage.emulated(emulator):
+        traces = fetch_profile(run_dir, destination)
     print(f"{len(traces)} trace(s) of {run_dir} in {destination}: {traces[-1]}")
     print(
         f"open it: tensorboard --logdir {destination} (the Profile tab), or xprof --logdir {destination}"

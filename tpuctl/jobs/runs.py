@@ -199,16 +199,22 @@ def _absolute(path: str) -> str:
 
 
 def _storage_env(node: Node) -> dict[str, str]:
-    """GCS settings every process of the run shares: a configured emulator, or the local
-    pods' own emulator (started on demand) so gs:// paths work on a local pod."""
+    """GCS settings every process of the run shares (see `emulator_for`)."""
     from tpuctl.gcs_emulator import emulator_env
 
+    url = emulator_for(node.provider)
+    return emulator_env(url) if url else {}
+
+
+def emulator_for(provider: str) -> str | None:
+    """Where the gs:// files of a `provider` node's runs live: a configured emulator, else
+    for a local pod the local pods' own (started on demand); None: Google Cloud Storage."""
     url = storage.emulator_url()
-    if url is None and node.provider == "local":
+    if url is None and provider == "local":
         from tpuctl.providers.local import gcs_emulator_url
 
         url = gcs_emulator_url()
-    return emulator_env(url) if url else {}
+    return url
 
 
 def stored_recipe_uri(settings: Settings, node: Node, run_id: str) -> str:
@@ -293,18 +299,22 @@ def run_summary(run_dir: str, polling: bool = False) -> dict[str, Any] | None:
     return json.loads(text) if text else None
 
 
-def find_run_dir(run: str) -> str:
-    """The run directory `run` names: itself (a gs:// URI or a local directory), or the run
-    directory of the latest run tpuctl launched from this machine on the node named `run`."""
+def find_run(run: str) -> tuple[str, str | None]:
+    """(run directory, the GCS emulator its gs:// files are in, if any) of `run`: itself (a
+    gs:// URI or a local directory), or the latest run tpuctl launched from this machine on
+    the node named `run` (a local pod's in the local pods' emulator)."""
     if "://" in run or Path(run).is_dir():
-        return run
+        return run, storage.emulator_url()
     launch = launches.latest(run)
     if launch is None:
         raise TpuctlError(
             f"RUN {run!r} is neither a run directory nor a node with a run launched from this "
             "machine; give the run directory (local or gs://)"
         )
-    return launch.run_dir
+    from tpuctl.providers.local import LocalProvider
+
+    provider = "local" if LocalProvider().get(run) is not None else "cloud"
+    return launch.run_dir, emulator_for(provider) if "://" in launch.run_dir else None
 
 
 def fetch_profile(run_dir: str, destination: Path) -> list[Path]:
