@@ -46,6 +46,8 @@ def run_tiny(run_dir: str, steps: int, *overrides: str) -> subprocess.CompletedP
 def test_a_resumed_gs_run_loads_its_train_step_from_the_run_directory(gcs):
     first = run_tiny("gs://test-bucket/run", 2)
     assert TRAIN_STEP_HIT not in first.stderr
+    # tensorstore looked for gcloud credentials the emulator needs none of, and logged an error
+    assert "Could not find the credentials" not in first.stdout + first.stderr
     names = [b.name for b in gcs.client().list_blobs("test-bucket", prefix="run/compile_cache/")]
     assert any(name.startswith("run/compile_cache/jit_train_step-") for name in names), names
     resumed = run_tiny("gs://test-bucket/run", 3)

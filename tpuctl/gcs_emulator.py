@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 _START_TIMEOUT_S = 20.0
+EMULATOR_TOKEN_ENV, EMULATOR_TOKEN = "GOOGLE_AUTH_TOKEN_FOR_TESTING", "anonymous-emulator"
 
 
 def emulator_env(url: str) -> dict[str, str]:
@@ -38,6 +39,9 @@ def emulator_env(url: str) -> dict[str, str]:
         # gcsfs would otherwise probe the gRPC storage-control API for each bucket (the
         # emulator has none), costing a 60 s timeout per bucket.
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        # tensorstore's fixed token: without one it looks for gcloud credentials and logs an
+        # E-line error, which the emulator needs none of.
+        EMULATOR_TOKEN_ENV: EMULATOR_TOKEN,
     }
 
 

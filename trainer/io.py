@@ -37,6 +37,8 @@ def configure_gcs_emulator() -> None:
     if not url.startswith(("http://", "https://")):
         url = f"http://{url}"
     os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
+    # A fixed token: tensorstore would look for gcloud credentials and log an error line.
+    os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "anonymous-emulator")
     # The emulator has no gRPC storage-control API; gcsfs would wait 60 s per bucket for it.
     # Only read when gcsfs is first imported, hence set here before any gs:// access.
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
