@@ -79,7 +79,7 @@ def test_a_loop_hung_on_one_process_ends_every_process_with_its_stack(tmp_path):
     run_dir.mkdir()
     os.mkfifo(run_dir / "metrics.jsonl")
     args = [
-        str(TINY_RECIPE), f"run_dir={run_dir}", "train.steps=50", "train.stall_timeout_s=3",
+        str(TINY_RECIPE), f"run_dir={run_dir}", "train.steps=50", "train.stall_timeout_s=10",
         "logging.every_steps=1", "eval.every_steps=0",
     ]  # fmt: skip
     results = wait_all(launch_trainer(args, 2, 2, tmp_path), timeout=300)
@@ -90,6 +90,6 @@ def test_a_loop_hung_on_one_process_ends_every_process_with_its_stack(tmp_path):
     assert "in process_allgather" in waiting, waiting[-3000:]  # the next collective
     for output in (hung, waiting):
         assert output.count("; the stack of every thread follows") == 1, output[-3000:]
-        assert "no progress for 3 s since the start of the loop (train.stall_timeout_s=3; " \
+        assert "no progress for 10 s since the start of the loop (train.stall_timeout_s=10; " \
             "raise it if an iteration can take that long)" in output  # fmt: skip
         assert "error: training stalled on process " in output

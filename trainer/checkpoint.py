@@ -147,9 +147,12 @@ class Checkpointer:
         return ocp.CheckpointManagerOptions(
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=cfg.async_save,
-            # orbax takes a C int of seconds: 2**31 - 1 (68 years) is "no limit" already
+            # The save watchdog ends a save that outlives save_timeout_s, in a line naming the
+            # setting; orbax's own timeout only backs it up (under load it fired first, with
+            # "ChainedFuture completed 0/3 futures"). orbax takes a C int of seconds: 2**31 - 1
+            # (68 years) is "no limit" already.
             async_options=ocp.AsyncOptions(
-                timeout_secs=max(1, min(int(cfg.save_timeout_s), 2**31 - 1))
+                timeout_secs=min(2 * max(1, int(cfg.save_timeout_s)) + 30, 2**31 - 1)
             ),
             # Leftovers of saves cut short (uncommitted, unusable) would collide with new saves.
             cleanup_tmp_directories=True,
