@@ -5,6 +5,10 @@ and its fault switch fails exactly the chosen writes."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+
 import pytest
 
 from tpuctl.gcs_emulator import GcsEmulator
@@ -83,3 +87,18 @@ def test_a_counted_fault_fails_only_the_first_matching_writes():
             bucket.blob("run/step-5/data").upload_from_string("lost")
         bucket.blob("run/step-5/data").upload_from_string("kept")  # the retry gets through
         assert bucket.blob("run/step-5/data").download_as_bytes() == b"kept"
+
+
+def test_a_port_in_use_is_one_line_and_exit_2_not_a_hang():
+    """The README's `python -m tpuctl.gcs_emulator --port 9023 &` run twice: the second
+    printed a thread's traceback, then waited for good, deaf to SIGTERM."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "tpuctl.gcs_emulator", "--port", str(port)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"error: cannot listen on 127.0.0.1:{port} (Address already in use); pass another --port\n",
+    )

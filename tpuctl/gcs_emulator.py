@@ -411,7 +411,22 @@ def main(argv: list[str] | None = None) -> None:
         help="only the first N writes that --fail-writes matches fail (default: all)",
     )
     args = parser.parse_args(argv)
+    if problem := _cannot_listen(args.host, args.port):
+        # the emulator's server thread would die on it, and this process wait for good
+        parser.exit(2, f"error: cannot listen on {args.host}:{args.port} ({problem}); pass "
+                       "another --port\n")  # fmt: skip
     serve(args.port, args.data_dir, args.bucket, args.host, args.fail_writes, args.fail_times)
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why a server could not listen on host:port (in use, say), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server does
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
 
 
 if __name__ == "__main__":
