@@ -176,8 +176,8 @@ def test_bad_step_and_missing_run_are_one_line_errors(hf_model_dir, tmp_path):
         ([str(tmp_path / "run"), str(tmp_path / "o"), "--step", "99"], "--step 99"),
         ([str(tmp_path / "nope"), str(tmp_path / "o")], "no committed checkpoint"),
         ([str(tmp_path / "run"), str(tmp_path / "o"), "--recipe", tiny], "does not match"),
-        ([str(tmp_path / "run"), str(a_file)], f"cannot write {a_file}"),
-        ([str(tmp_path / "run"), str(a_file / "sub")], f"cannot write {a_file / 'sub'}"),
+        ([str(tmp_path / "run"), str(a_file)], f"cannot export {a_file}: "),
+        ([str(tmp_path / "run"), str(a_file / "sub")], f"cannot export {a_file / 'sub'}: "),
     ]:
         result = subprocess.run(
             [sys.executable, "-m", "trainer.export", *args],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     from absl import logging as absl_logging  # orbax's progress chatter is not for this CLI
 
     absl_logging.set_verbosity(absl_logging.ERROR)
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)  # its retries' tracebacks: one line
     try:
         step = export(
             args.run_dir, args.out_dir, args.step, args.recipe, int(args.max_shard_gb * 1024**3)
@@ -220,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainerError, RecipeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # OUT_DIR is a file, or not writable
-        print(f"error: cannot write {args.out_dir}: {e.strerror or e}", file=sys.stderr)
+    except OSError as e:  # OUT_DIR a file or not writable, RUN_DIR's bucket unreachable
+        where = e.filename or f"{args.run_dir} to {args.out_dir}"
+        print(f"error: cannot export {where}: {e.strerror or e}", file=sys.stderr)
         return 2
     print(f"exported step {step} of {args.run_dir} to {args.out_dir}")
     return 0
