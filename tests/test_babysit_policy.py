@@ -355,6 +355,12 @@ def test_a_failure_past_the_budget_stops_the_job_and_a_preemption_does_not():
     assert not preempted.stop_job and preempted.event.kind == "preemption"
 
 
+def test_a_job_that_failed_before_its_first_step_is_reported_so_not_at_step_none():
+    options = dataclasses.replace(OPTIONS, max_failures=0)
+    failed = decide(launched(step=None), look(workers=(job("w00", "exited", 2),)), options)
+    assert failed.reason == "1 job failures (--max-failures 0), at steps none yet"
+
+
 def test_done_deletes_the_node_only_when_asked_and_it_is_the_runs():
     options = dataclasses.replace(OPTIONS, delete_when_done=True)
     done = Progress(done={"step": 50})

@@ -796,7 +796,8 @@ class Babysitter:
 
     def _record(self, event: Event) -> None:
         self.state.record(event)
-        self.log(f"{event.kind} at step {event.step}: {event.cause}")
+        where = "before its first step" if event.step is None else f"at step {event.step}"
+        self.log(f"{event.kind} {where}: {event.cause}")
 
     def _start_metrics(self) -> None:
         if self.state.run_dir and self.metrics is None:

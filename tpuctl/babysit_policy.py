@@ -443,11 +443,16 @@ def _over_budget(state: BabysitState, options: BabysitOptions, kind: str) -> str
         steps = [e.step for e in state.events if e.kind in ("failure", "hang")] + [state.step]
         return (
             f"{failures} job failures (--max-failures {options.max_failures}), at steps "
-            f"{', '.join(map(str, steps))}"
+            f"{', '.join(_step(step) for step in steps)}"
         )
     if options.max_restarts is not None and restarts > options.max_restarts:
         return f"{restarts} restarts (--max-restarts {options.max_restarts})"
     return None
+
+
+def _step(step: int | None) -> str:
+    """A step for a message: a job that failed before its first step has none."""
+    return "none yet" if step is None else str(step)
 
 
 def _access_refused(worker: jobs.WorkerJob) -> bool:
