@@ -53,6 +53,8 @@ def test_defaults_and_their_source(clean_env):
     assert settings.get("provider") == "cloud"
     assert settings.source("provider") == "default"
     assert settings.get("ssh.internal_ip") is False
+    # `config show` listed it unset, though connections were held 5 minutes
+    assert (settings.get("ssh.reuse"), settings.source("ssh.reuse")) == ("5m", "default")
     assert settings.get("zone") is None
     assert settings.get("zone", "fallback") == "fallback"
 

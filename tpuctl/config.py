@@ -121,11 +121,15 @@ def user_config_path() -> Path:
     return config_dir() / "config.yaml"
 
 
+DEFAULT_SSH_REUSE = "5m"  # how long a node's connection holder waits idle (tpuctl.fanout.holder)
+
+
 def _defaults() -> dict[str, Any]:
     return {
         "provider": "cloud",
         "ssh.user": local_user(),
         "ssh.internal_ip": False,
+        "ssh.reuse": DEFAULT_SSH_REUSE,
     }
 
 

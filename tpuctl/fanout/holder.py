@@ -50,7 +50,6 @@ if TYPE_CHECKING:
     from tpuctl.config import Settings
     from tpuctl.providers.base import Node
 
-DEFAULT_IDLE_S = 300.0
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux, 104 on macOS
 ANSWER_TIMEOUT_S = 5.0  # for the holder's first answer; commands themselves may run long
 # The requests a holder understands and the answers it gives. Part of the identity it
@@ -125,10 +124,9 @@ def socket_path(settings: Settings, node_name: str) -> Path:
 
 def reuse_seconds(settings: Settings) -> float | None:
     """`ssh.reuse` (TPUCTL_SSH_REUSE): how long a holder waits idle; None when off."""
-    from tpuctl.config import reuse_idle_seconds
+    from tpuctl.config import DEFAULT_SSH_REUSE, reuse_idle_seconds
 
-    value = settings.get("ssh.reuse")
-    return DEFAULT_IDLE_S if value is None else reuse_idle_seconds(value)
+    return reuse_idle_seconds(settings.get("ssh.reuse", DEFAULT_SSH_REUSE))
 
 
 # --- client side ----------------------------------------------------------------------
