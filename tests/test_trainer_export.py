@@ -78,6 +78,27 @@ def test_hf_import_then_export_gives_identical_tensors(hf_model_dir, tmp_path):
     assert (out / "tokenizer.model").read_bytes() == TOKENIZER.read_bytes()
 
 
+def test_a_bare_sentencepiece_model_exports_with_a_config_that_adds_bos_as_training_did(
+    hf_model_dir, tmp_path
+):
+    """transformers read the exported tokenizer.model alone as a tokenizer adding no BOS,
+    though every training example began with one."""
+    from transformers import AutoTokenizer
+
+    from trainer.config import TokenizerConfig
+    from trainer.export import export
+    from trainer.tokenizer import load_tokenizer
+
+    model_cfg, params = _import(hf_model_dir)
+    save_run(str(tmp_path / "run"), model_cfg, params)  # the recipe's tokenizer.model
+    export(str(tmp_path / "run"), str(tmp_path / "out"))
+    ours = load_tokenizer(TokenizerConfig(path=str(TOKENIZER)))
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "out")
+    for text in ("hello world", "The quick brown fox jumps."):
+        assert theirs(text).input_ids == [ours.bos_id, *ours.encode(text)]
+    assert (theirs.bos_token, theirs.eos_token) == ("<s>", "</s>")
+
+
 def test_exported_checkpoint_loads_in_transformers_with_matching_logits(hf_model_dir, tmp_path):
     import jax
     import torch
@@ -161,7 +182,7 @@ def test_export_to_gcs(hf_model_dir, tmp_path, gcs):
     save_run(run_dir, model_cfg, params, step=3)
     export(run_dir, "gs://test-bucket/models/llama")
     files = io.listdir("gs://test-bucket/models/llama")
-    assert files == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert files == ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
     config = json.loads(io.read_text("gs://test-bucket/models/llama/config.json"))
     assert config["num_key_value_heads"] == 2 and config["model_type"] == "llama"
 

@@ -25,6 +25,7 @@ from trainer.config import ModelConfig, RecipeError, TrainerError
 from trainer.tokenizer import (
     CONFIG_FILES,
     SENTENCEPIECE_MODEL,
+    TOKENIZER_CONFIG,
     TOKENIZER_JSON,
     load_tokenizer,
     tokenizer_files,
@@ -101,7 +102,24 @@ def write_hf_dir(
         with open(os.path.join(out_dir, name), "wb") as f:
             f.write(io.read_bytes(source))
         written.append(name)
+    if SENTENCEPIECE_MODEL in written and TOKENIZER_CONFIG not in written:
+        _write_json(os.path.join(out_dir, TOKENIZER_CONFIG), _sentencepiece_config(tokenizer_path))
+        written.append(TOKENIZER_CONFIG)
     return written
+
+
+def _sentencepiece_config(tokenizer_path: str) -> dict:
+    """A tokenizer_config.json for a bare tokenizer.model: transformers reads one alone as a
+    tokenizer that adds no BOS, though the trainer put one before every example."""
+    from trainer.config import TokenizerConfig
+
+    tokenizer = load_tokenizer(TokenizerConfig(path=tokenizer_path))
+    return {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": tokenizer.bos_id is not None,
+        "add_eos_token": False,  # generation ends at EOS; the prompt does not
+        **tokenizer.special_tokens,
+    }
 
 
 def replace_export(staging: str, out_dir: str, written: list[str]) -> None:
