@@ -347,6 +347,22 @@ def test_precomputed_reference_logps_train_as_the_frozen_copy_and_never_drift(tm
     )
     with pytest.raises(TrainerError, match="holds reference log-probs of other starting weights"):
         reference.prepare(other, dataset, "train")
+    # Other data with as many rows (chosen and rejected swapped): read back before, silently.
+    pairs = [
+        json.loads(line) for line in Path(recipe.data.train[0].path[0]).read_text().splitlines()
+    ]
+    swapped = tmp_path / "swapped.jsonl"
+    swapped.write_text("".join(json.dumps(p | {"chosen": p["rejected"], "rejected": p["chosen"]})
+                               + "\n" for p in pairs))  # fmt: skip
+    moved = load_recipe(str(TINY_DPO), [*overrides, f"data.train=[{swapped}]"])
+    other_data = train.prepare_data(moved, "train", shuffle=True)
+    assert other_data.reader.rows == dataset.reader.rows
+    with pytest.raises(TrainerError, match="holds reference log-probs of other starting weights"):
+        reference.prepare(dataclasses.replace(run, recipe=moved), other_data, "train")
+    record = Path(f"{stored}.json")  # as runs recorded it before it named the cache key
+    old = json.loads(record.read_text())
+    record.write_text(json.dumps(old | {"shards": [s.split("/")[-1] for s in old["shards"]]}))
+    np.testing.assert_array_equal(reference.prepare(run, dataset, "train"), ref_logps)
 
 
 @pytest.mark.slow

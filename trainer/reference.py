@@ -30,14 +30,21 @@ from trainer.mixture import Mixture
 
 
 def identity(recipe: Recipe, dataset: Mixture) -> dict[str, Any]:
-    """What a split's reference log-probabilities depend on."""
+    """What a split's reference log-probabilities depend on: the starting weights, and the
+    cache shards by their cache key (inputs, tokenizer, template, seq_len) and name."""
     start = {"init_from": recipe.model.init_from} if recipe.model.init_from else {}
     return start | {
         "seed": recipe.train.seed,
         "model": dataclasses.asdict(recipe.model),
-        "shards": [os.path.basename(p) for p in dataset.reader.paths],
+        "shards": ["/".join(p.rsplit("/", 2)[-2:]) for p in dataset.reader.paths],
         "rows": dataset.reader.rows,
     }
+
+
+def _before_cache_keys(wanted: dict[str, Any]) -> dict[str, Any]:
+    """`wanted` as runs recorded it before the cache key was part of it (shard names only):
+    their resumes go on as before rather than stop."""
+    return wanted | {"shards": [os.path.basename(p) for p in wanted["shards"]]}
 
 
 def prepare(run: Any, dataset: Mixture, split: str) -> np.ndarray:
@@ -58,7 +65,7 @@ def prepare(run: Any, dataset: Mixture, split: str) -> np.ndarray:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"reference logps {split}")
         return values
-    if json.loads(io.read_text(path + ".json")) != wanted:
+    if json.loads(io.read_text(path + ".json")) not in (wanted, _before_cache_keys(wanted)):
         raise TrainerError(
             f"{path} holds reference log-probs of other starting weights or data than this "
             "run's; resume with the recipe it was made with, or move it away to recompute"
