@@ -49,6 +49,25 @@ def test_string_pairs_share_the_prompt_and_learn_only_the_responses(tok):
     assert learned(tok, rejected).startswith("three, two.")
 
 
+def test_string_pairs_are_tokenised_whole_as_trls_dpo_does(tok, tmp_path):
+    """Apart from the prompt, sentencepiece gave each response a word start of its own
+    ("▁four" after "Response:\n", where TRL learns "four"), and a response ending in the EOS
+    text got a second EOS."""
+    import sentencepiece
+
+    record = {"prompt": "### Response:\n", "chosen": "four", "rejected": "five"}
+    sides = tokenize_pair(record, tok, CFG, ROW)
+    sp = sentencepiece.SentencePieceProcessor(model_file=TOKENIZER.path)  # TRL's tokenizer(text)
+    for (tokens, flags), text in zip(sides, ("four", "five"), strict=True):
+        assert tokens == [sp.bos_id(), *sp.encode(record["prompt"] + text), sp.eos_id()]
+        assert learned(tok, (tokens[:-1], flags[:-1])) == text
+    directory = train_tokenizer(tmp_path / "t", "bpe", "<|im_end|>", chat_template=None)
+    ended = load_tokenizer(TokenizerConfig(path=str(directory)))
+    record = {"prompt": "Q:", "chosen": " yes<|im_end|>", "rejected": " no"}
+    for tokens, _ in tokenize_pair(record, ended, CFG, ROW):
+        assert tokens.count(ended.eos_id) == 1 and tokens[-1] == ended.eos_id
+
+
 @pytest.mark.parametrize("template", [None, "chatml"])
 def test_conversations_render_as_chat_data_and_learn_only_the_final_turn(template, tmp_path):
     directory = train_tokenizer(tmp_path / "t", "bpe", "<|im_end|>", chat_template=None)

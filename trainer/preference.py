@@ -83,9 +83,7 @@ def render_pair(record: object, tok: Tokenizer, cfg: DataConfig) -> list[tuple]:
             raise RecipeError(
                 "data.format preference: string 'chosen'/'rejected' need a string 'prompt'"
             )
-        prompt_ids = bos(tok) + tok.encode(prompt)
-        responses = [tok.encode(response) + eos(tok) for response in (chosen, rejected)]
-        pair = [(prompt_ids, ids, [1] * len(ids)) for ids in responses]
+        pair = _string_pair(prompt, (chosen, rejected), tok)
     elif isinstance(chosen, list) and isinstance(rejected, list):
         template = chat.template_source(cfg.chat_template, tok)
         pair = [_conversation(c, tok, template) for c in _conversations(record)]
@@ -95,6 +93,27 @@ def render_pair(record: object, tok: Tokenizer, cfg: DataConfig) -> list[tuple]:
             "lists of chat messages"
         )
     return pair
+
+
+def _string_pair(prompt: str, responses: tuple[str, str], tok: Tokenizer) -> list[tuple]:
+    """Both sides as TRL's DPO tokenises them: prompt + response whole, the response starting
+    where those ids and the prompt's own first differ on either side (apart, a
+    sentencepiece-style tokenizer gives a response starting with a space a lone word start),
+    EOS appended unless the response's ids end with it already."""
+    prompt_ids = tok.encode(prompt)
+    wholes = [tok.encode(prompt + response) for response in responses]
+    shared = min(_common_prefix(prompt_ids, whole) for whole in wholes)
+    pair = []
+    for whole in wholes:
+        ids = whole[shared:]
+        ids += eos(tok) if ids[-1:] != eos(tok) else []
+        pair.append((bos(tok) + prompt_ids[:shared], ids, [1] * len(ids)))
+    return pair
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    pairs = zip(a, b, strict=False)  # the shorter one's length at most
+    return next((i for i, (x, y) in enumerate(pairs) if x != y), min(len(a), len(b)))
 
 
 def margin(record: dict) -> float:
