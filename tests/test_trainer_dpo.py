@@ -359,10 +359,6 @@ def test_precomputed_reference_logps_train_as_the_frozen_copy_and_never_drift(tm
     assert other_data.reader.rows == dataset.reader.rows
     with pytest.raises(TrainerError, match="holds reference log-probs of other starting weights"):
         reference.prepare(dataclasses.replace(run, recipe=moved), other_data, "train")
-    record = Path(f"{stored}.json")  # as runs recorded it before it named the cache key
-    old = json.loads(record.read_text())
-    record.write_text(json.dumps(old | {"shards": [s.split("/")[-1] for s in old["shards"]]}))
-    np.testing.assert_array_equal(reference.prepare(run, dataset, "train"), ref_logps)
 
 
 @pytest.mark.slow

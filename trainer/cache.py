@@ -37,6 +37,9 @@ from trainer.config import DataConfig, DatasetConfig, RecipeError
 # 3: preference rows carry a margins column; 4: prompt_completion tokenised whole, chat
 # messages without their None-valued keys
 CACHE_VERSION = 4
+# A format's own version, in its caches' keys only (the others' caches stay valid):
+# preference 1: string pairs tokenised with their prompt as one text
+FORMAT_VERSIONS = {"preference": 1}
 INDEX = "index.json"
 LEASE_S = 300.0  # a claim without progress for this long belongs to a builder that died
 REFRESH_S = 30.0  # how often a builder renews its claim
@@ -78,6 +81,7 @@ def plan(
         units = [u for spec in entry.path for u in sources.expand(spec, f"{where}[{i}]")]
         h = hashlib.sha256()
         settings = (CACHE_VERSION, tokenizer_key, cfg.format, cfg.text_field, row_len)
+        settings += (FORMAT_VERSIONS[cfg.format],) if cfg.format in FORMAT_VERSIONS else ()
         h.update(repr(settings).encode())
         for unit in units:
             h.update(unit.key.encode() + b"\n")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import io as pyio
 import json
-import os
 from typing import Any
 
 import jax
@@ -41,12 +40,6 @@ def identity(recipe: Recipe, dataset: Mixture) -> dict[str, Any]:
     }
 
 
-def _before_cache_keys(wanted: dict[str, Any]) -> dict[str, Any]:
-    """`wanted` as runs recorded it before the cache key was part of it (shard names only):
-    their resumes go on as before rather than stop."""
-    return wanted | {"shards": [os.path.basename(p) for p in wanted["shards"]]}
-
-
 def prepare(run: Any, dataset: Mixture, split: str) -> np.ndarray:
     """The split's [rows, 2, pairs] reference log-probabilities: read back, or computed from
     `run.state.params` (the starting weights: call before restoring a checkpoint) and saved."""
@@ -65,7 +58,7 @@ def prepare(run: Any, dataset: Mixture, split: str) -> np.ndarray:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"reference logps {split}")
         return values
-    if json.loads(io.read_text(path + ".json")) not in (wanted, _before_cache_keys(wanted)):
+    if json.loads(io.read_text(path + ".json")) != wanted:
         raise TrainerError(
             f"{path} holds reference log-probs of other starting weights or data than this "
             "run's; resume with the recipe it was made with, or move it away to recompute"
