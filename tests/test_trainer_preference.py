@@ -142,6 +142,11 @@ def test_unusable_pairs_are_skipped_with_their_reason(tok):
             "'chosen' and 'rejected' have different prompts",
         ),
         ({"chosen": [CHOSEN], "rejected": [REJECTED]}, "need 'prompt' as a list of messages"),
+        # chosen was learned after its own first message, rejected after the prompt alone
+        (
+            {"prompt": PROMPT, "chosen": [REJECTED, CHOSEN], "rejected": [REJECTED]},
+            "with 'prompt' messages, 'chosen' and 'rejected' are one assistant message each",
+        ),
         ({"chosen": PROMPT, "rejected": [*PROMPT, REJECTED]}, "must end with an assistant"),
         (
             {"prompt": PROMPT[:1], "chosen": [*PROMPT, CHOSEN], "rejected": [*PROMPT, REJECTED]},

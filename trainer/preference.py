@@ -147,6 +147,12 @@ def _conversations(record: dict) -> tuple[list[dict], list[dict]]:
                 "data.format preference: assistant-only 'chosen'/'rejected' need 'prompt' as a "
                 "list of messages (or give whole conversations in 'chosen'/'rejected')"
             )
+        if len(chosen) != 1 or len(rejected) != 1:  # else the pair would not share its prompt
+            raise RecipeError(
+                "data.format preference: with 'prompt' messages, 'chosen' and 'rejected' are one "
+                "assistant message each (the response); give whole conversations in "
+                "'chosen'/'rejected' instead"
+            )
         return prompt + chosen, prompt + rejected
     if chosen[:-1] != rejected[:-1]:
         raise RecipeError(
