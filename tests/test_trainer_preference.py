@@ -187,6 +187,11 @@ def test_the_cache_packs_whole_pairs_and_reports_skips_with_where_the_first_is(t
         f"; skipped 1 with chosen == rejected (first: {path}:6), "
         f"1 with a response longer than train.seq_len (first: {path}:10)"
     )
+    # Every record skipped: the error blamed data.format and hid why.
+    same = write_jsonl(tmp_path / "same.jsonl", [{**p, "rejected": p["chosen"]} for p in good])
+    with pytest.raises(RecipeError, match=rf"data.train\[0\]: every record of {same} was "
+                       rf"skipped: 30 with chosen == rejected \(first: {same}:1\)$"):  # fmt: skip
+        build(str(tmp_path / "cache"), [str(same)], seq_len=64, format="preference")
 
 
 def test_margins_go_with_their_pairs_through_the_cache_into_the_batch(tmp_path):

@@ -352,17 +352,22 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def _skips(index: dict) -> str:
+    """The records a cache's build skipped, by reason: "5 with chosen == rejected (first:
+    pairs.jsonl:3), ..."; "" when none was."""
+    return ", ".join(
+        f"{count} with {preference.SKIP_REASONS[reason]} (first: {where})"
+        for reason, (count, where) in sorted(index.get("skipped", {}).items())
+    )
+
+
 def summary(caches: Iterable[DatasetCache], indexes: Iterable[dict]) -> str:
     """One line: documents, tokens, rows and padding over all caches, and tokens per dataset."""
     pairs = list(zip(caches, indexes, strict=True))
     totals = {k: sum(i[k] for _, i in pairs) for k in ("documents", "tokens", "rows", "padding")}
     padding = totals["padding"] / max(totals["tokens"] + totals["padding"], 1)
     per_dataset = ", ".join(f"{c.name} {i['tokens'] / 1e6:.2f}M" for c, i in pairs)
-    skips = [
-        f"{count} with {preference.SKIP_REASONS[reason]} (first: {where})"
-        for _, i in pairs
-        for reason, (count, where) in sorted(i.get("skipped", {}).items())
-    ]
+    skips = [_skips(i) for _, i in pairs if i.get("skipped")]
     cuts = [(c.name, *i["truncated"]) for c, i in pairs if "truncated" in i]
     truncated = [f"{count} of {name} (first: {where})" for name, count, where in cuts]
     return (
@@ -420,6 +425,8 @@ def open_all(caches: list[DatasetCache], row_len: int, where: str) -> list[Shard
         index = finalize(cache)
         if index is None:
             raise RecipeError(f"{where}[{i}]: the cache at {cache.directory} is not complete")
+        if not index["rows"] and (skips := _skips(index)):
+            raise RecipeError(f"{where}[{i}]: every record of {cache.name} was skipped: {skips}")
         if not index["rows"]:
             raise RecipeError(
                 f"{where}[{i}]: {cache.name} holds no examples; check data.format and the files"
