@@ -94,6 +94,24 @@ def test_a_file_that_is_not_what_its_name_says_is_one_line_naming_it(tmp_path):
             records_of(str(tmp_path / name))
 
 
+def test_an_hf_dataset_is_keyed_by_its_version_and_a_sliced_split_is_refused(tmp_path, monkeypatch):
+    """`train[:10]` trained on the whole split (the cache reads whole Arrow files), and a
+    dataset revised to files of the same size reused the old version's token cache."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    records = documents(100)
+    (tmp_path / "hub").mkdir()
+    write_jsonl(tmp_path / "hub" / "train.jsonl", records)
+    spec = f"hf:{tmp_path / 'hub'}"
+    with pytest.raises(RecipeError, match=r"split slices \(train\[:10\]\) are not supported"):
+        sources.expand(f"{spec}:train[:10]", "data.train[0]")
+    (first,) = sources.expand(spec, "x")
+    scrambled = [{"text": r["text"][::-1]} for r in records]  # same bytes, other text
+    write_jsonl(tmp_path / "hub" / "train.jsonl", scrambled)
+    (revised,) = sources.expand(spec, "x")
+    assert revised.size == first.size and revised.key != first.key
+
+
 def test_hf_names_parse_into_name_config_and_split():
     assert sources.parse_hf("hf:allenai/c4/en:validation") == ("allenai/c4", "en", "validation")
     assert sources.parse_hf("hf:roneneldan/TinyStories") == (

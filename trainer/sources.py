@@ -107,6 +107,11 @@ def _hf_units(spec: str, where: str) -> list[Unit]:
     import datasets
 
     name, config, split = parse_hf(spec)
+    if "[" in split:  # datasets narrows the view of whole Arrow files, which the cache reads
+        raise RecipeError(
+            f"{where}: {spec}: split slices ({split}) are not supported; name the whole split "
+            "and give the entry a size or fraction"
+        )
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # the library raises many kinds: missing, offline, bad split...
@@ -118,8 +123,11 @@ def _hf_units(spec: str, where: str) -> list[Unit]:
     files = [f["filename"] for f in dataset.cache_files]
     if not files:
         raise RecipeError(f"{where}: {spec} loaded into memory only; it has no Arrow files")
+    # The fingerprint datasets gives this version: a dataset revised to files of the same
+    # names and sizes must not reuse the old version's token cache.
+    version = f"{spec}@{dataset._fingerprint}"
     return [
-        Unit(f, "arrow", os.path.getsize(f), key_path=f"{spec}/{os.path.basename(f)}")
+        Unit(f, "arrow", os.path.getsize(f), key_path=f"{version}/{os.path.basename(f)}")
         for f in files
     ]
 
