@@ -74,6 +74,16 @@ def test_glob_with_sizes_and_ranged_reads(root):
     assert io.read_ranges(paths, [7, 1, 2], 3) == [b"789", b"bcd", b"234"]
 
 
+def test_a_double_star_glob_matches_at_every_depth_locally_as_on_gcs(root):
+    """Locally `**` matched one directory level only; gs:// matched every depth."""
+    for parts in (("top.txt",), ("x", "mid.txt"), ("x", "y", "deep.txt")):
+        io.write_text(io.join(root, "rg", *parts), "t")
+    assert io.glob(io.join(root, "rg", "**", "*.txt")) == [
+        io.join(root, "rg", *parts)
+        for parts in (("top.txt",), ("x", "mid.txt"), ("x", "y", "deep.txt"))
+    ]
+
+
 def test_publish_moves_a_finished_local_file_into_place(root, tmp_path):
     finished = tmp_path / "shard.tmp"
     finished.write_bytes(b"rows")

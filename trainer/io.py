@@ -118,7 +118,8 @@ def glob_sizes(pattern: str) -> dict[str, int]:
     """{path: size in bytes} of the files matching a glob pattern, sorted by path; on gs://
     from one listing (no request per object)."""
     if not is_gcs(pattern):
-        paths = sorted(p for p in globbing.glob(pattern) if os.path.isfile(p))
+        # `**` at every depth, as gcsfs matches it on gs://
+        paths = sorted(p for p in globbing.glob(pattern, recursive=True) if os.path.isfile(p))
         return {p: os.path.getsize(p) for p in paths}
     found = _gcs().glob(pattern, detail=True)
     files = {
