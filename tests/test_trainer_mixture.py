@@ -39,7 +39,8 @@ def test_batches_are_a_pure_function_of_seed_and_step_and_cover_each_epoch():
     first_epoch = a.rows_at(np.arange(203))
     assert sorted(first_epoch.tolist()) == list(range(203))  # every row once per epoch
     assert not (a.rows_at(np.arange(203, 406)) == first_epoch).all()  # a new order next epoch
-    assert a.steps_per_epoch() == 203 / 8
+    hundred = mixture.Mixture(readers(400), entries({}), 4, seed=3)
+    assert (hundred.steps_for(1.1), hundred.steps_for(0.5), a.steps_for(1)) == (110, 50, 26)
 
 
 def test_unshuffled_eval_takes_every_row_once_per_pass_from_both_datasets():
@@ -73,7 +74,7 @@ def test_weights_give_each_dataset_its_share_of_rows():
     assert (np.abs(share - expected) < tolerance).all(), share
     small = rows[dataset == 2] - m.offsets[2]  # upsampled: every row of it, many times
     assert set(small.tolist()) == set(range(40))
-    assert m.steps_per_epoch() == 5340 / 100
+    assert m.steps_for(1) == 54  # 5340 rows an epoch, by 100
 
 
 def test_fraction_and_size_take_a_fresh_subset_each_epoch_that_a_resume_repeats():

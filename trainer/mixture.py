@@ -19,6 +19,9 @@ Each dataset is read as an endless *stream*: its rows in a fresh shuffled order 
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 
 from trainer.cache import ShardedReader
@@ -91,8 +94,10 @@ class Mixture:
     def epoch_rows(self) -> int:
         return int(self.sizes.sum() if self.weighted else self.per_epoch.sum())
 
-    def steps_per_epoch(self) -> float:
-        return self.epoch_rows() / self.batch_size
+    def steps_for(self, epochs: float) -> int:
+        """Optimizer steps that `epochs` passes take, the last one partly new rows; `epochs`
+        as the recipe wrote it: 1.1 epochs of 100 steps is 110, not 1.1 * 100 rounded up."""
+        return math.ceil(Fraction(repr(epochs)) * self.epoch_rows() / self.batch_size)
 
     def batch_rows(self, step: int) -> np.ndarray:
         """Global row ids (into `self.reader`) of global batch `step`."""

@@ -208,7 +208,7 @@ def setup(recipe: Recipe, train_set: Mixture | None, init_params_from: Any = Non
     """Mesh, sharded initial state (fresh or from `init_params_from`) and compiled-on-demand steps."""
     check_fits_devices(recipe)  # before tracing; model.init_from may have changed the model
     mesh = sharding.make_mesh(recipe.mesh)
-    total_steps = recipe.train.steps or math.ceil(recipe.train.epochs * train_set.steps_per_epoch())
+    total_steps = recipe.train.steps or train_set.steps_for(recipe.train.epochs)
     optimizer, schedule = make_optimizer(recipe.optimizer, total_steps)
     head = "score" if recipe.objective.name == "reward" else "lm"
     model = Decoder(recipe.model, head, mesh)
