@@ -51,6 +51,15 @@ def test_unshuffled_eval_takes_every_row_once_per_pass_from_both_datasets():
     assert m.rows_at(np.arange(15)).tolist() == rows  # the same rows at every eval
 
 
+def test_an_eval_subset_is_a_random_one_and_the_same_at_every_eval():
+    """Unshuffled, `fraction: 0.1` read the first tenth of the rows: one file of a glob."""
+    m = mixture.Mixture(readers(1000), entries({"fraction": 0.1}), 10, seed=0, shuffle=False)
+    subset = m.rows_at(np.arange(100))
+    assert len(set(subset.tolist())) == 100 and subset.max() > 500  # not rows 0-99
+    again = mixture.Mixture(readers(1000), entries({"fraction": 0.1}), 10, seed=0, shuffle=False)
+    assert (again.rows_at(np.arange(100)) == subset).all()
+
+
 def test_eval_mixture_weights_hold_in_its_first_batches():
     """Unshuffled, the weighted block once listed dataset 0's 65536 x w0 slots first: every
     eval batch came from the first entry and the others' weights did nothing."""

@@ -13,8 +13,10 @@ Each dataset is read as an endless *stream*: its rows in a fresh shuffled order 
 - With weights, the batch stream is cut into blocks of BLOCK rows; each dataset fills its
   share of every block (largest-remainder rounding of BLOCK x weight), at shuffled slots.
   An "epoch" (for train.epochs) is then the total rows of all datasets.
-- Unshuffled (eval), the datasets still take their slots in the seeded order, so every
-  eval batch holds each dataset by its share; only the streams' passes are not reshuffled.
+- Unshuffled (eval), the datasets still take their slots in the seeded order, so eval
+  batches mix the datasets by their shares (exactly over a block, by chance in one batch),
+  and each stream has one seeded order for every pass: the same rows at every eval, and a
+  `fraction`, `size` or `eval.batches` subset is a random one, not a file's first rows.
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ class Mixture:
         rows = offsets.copy()
         for p in np.unique(passes):
             here = passes == p
-            rows[here] = self._shuffled(offsets[here], n, ("stream", dataset, int(p)))
+            order = int(p) if self.shuffle else 0  # eval: one order for every pass
+            rows[here] = self._permuted(offsets[here], n, ("stream", dataset, order))
         return rows
 
     def epoch_subset(self, dataset: int, epoch: int) -> np.ndarray:
@@ -138,9 +141,6 @@ class Mixture:
 
     def _permuted(self, positions: np.ndarray, n: int, name: tuple) -> np.ndarray:
         return permute(positions, n, (self.seed, *[_int(part) for part in name]))
-
-    def _shuffled(self, positions: np.ndarray, n: int, name: tuple) -> np.ndarray:
-        return self._permuted(positions, n, name) if self.shuffle else positions
 
 
 def _epoch_rows(entry: DatasetConfig, rows: int) -> int:
