@@ -249,6 +249,19 @@ def test_examples_cut_to_a_row_are_counted_and_a_cache_with_no_target_left_is_re
         build(str(tmp_path / "none"), [chat], seq_len=64, format="chat")
 
 
+def test_shards_past_99999_are_told_apart(tmp_path):
+    """shard-100000.json was read as shard 10000: a corpus of over 100k files never finished."""
+    for shard in (3, 10000, 100000, 123456):
+        (tmp_path / f"shard-{shard:05d}.json").write_text("{}")
+    (tmp_path / "shard-00003.rows").write_text("")
+    assert cache._committed(cache.DatasetCache("x", str(tmp_path), ())) == {
+        3,
+        10000,
+        100000,
+        123456,
+    }
+
+
 MEMORY_MB = 4
 SLACK_MB = 8  # Python's and Arrow's allocators; one-off costs are paid before the baseline
 LIMIT_MB = MEMORY_MB + SLACK_MB

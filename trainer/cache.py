@@ -148,7 +148,8 @@ def _committed(cache: DatasetCache) -> set[int]:
     if not io.exists(cache.directory):
         return set()
     names = io.listdir(cache.directory)
-    return {int(n[6:11]) for n in names if n.startswith("shard-") and n.endswith(".json")}
+    # shard-00000.json: five digits at least, more past 99999 files
+    return {int(n[6:-5]) for n in names if n.startswith("shard-") and n.endswith(".json")}
 
 
 def _run(
