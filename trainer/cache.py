@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -166,19 +167,23 @@ def _run(
     running: dict[Future, tuple[DatasetCache, int]] = {}
     waiting = list(todo)
     try:
+        listed_at, committed = -math.inf, {}
         while waiting or running:
             deferred = []
-            by_directory = {c.directory: c for c, _ in waiting}  # one listing per cache
-            committed = {d: _committed(c) for d, c in by_directory.items()}  # by others meanwhile
+            if time.monotonic() - listed_at >= WAIT_POLL_S:  # what others committed meanwhile:
+                by_directory = {c.directory: c for c, _ in waiting}  # one listing per cache, not
+                committed = {d: _committed(c) for d, c in by_directory.items()}  # per shard done
+                listed_at = time.monotonic()
             for cache, k in waiting:
-                if k in committed[cache.directory]:
+                if k in committed.get(cache.directory, ()):
                     progress.done(cache, k, None)
                 elif len(running) >= workers or not _claim(cache, k, settings.owner, clock):
                     deferred.append((cache, k))
                 elif pool is None:
                     progress.done(cache, k, build_shard(cache, k, settings, memory_mb))
                 else:
-                    running[pool.submit(build_shard, cache, k, settings, memory_mb)] = (cache, k)
+                    job = (_one_shard(cache, k), k, cache.units[k], settings, memory_mb)
+                    running[pool.submit(_build, *job)] = (cache, k)
             waiting = deferred
             if running:
                 finished, _ = wait(running, timeout=WAIT_POLL_S, return_when=FIRST_COMPLETED)
@@ -212,10 +217,22 @@ _TOKENIZERS: dict[str, Any] = {}  # one per worker process and tokenizer
 def build_shard(cache: DatasetCache, shard: int, settings: Settings, memory_mb: int) -> dict:
     """Tokenise and pack input unit `shard` into its shard, buffering at most `memory_mb` of
     rows; commit it (rows moved into place, then the .json) and return its counts."""
+    return _build(_one_shard(cache, shard), shard, cache.units[shard], settings, memory_mb)
+
+
+def _one_shard(cache: DatasetCache, shard: int) -> DatasetCache:
+    """`cache` for the build of one shard, without its other units: what goes to a pool
+    worker (all of them, for every shard, made sending work quadratic in the files)."""
+    return DatasetCache(cache.name, cache.directory, ())
+
+
+def _build(
+    cache: DatasetCache, shard: int, unit: sources.Unit, settings: Settings, memory_mb: int
+) -> dict:
     if settings.tokenizer_key not in _TOKENIZERS:
         _TOKENIZERS[settings.tokenizer_key] = settings.tokenizer()
     tok = _TOKENIZERS[settings.tokenizer_key]
-    unit, cfg, row_len = cache.units[shard], settings.data, settings.row_len
+    cfg, row_len = settings.data, settings.row_len
     packer = data.packer(cfg, row_len)
     flush_rows = max(1, memory_mb * 2**20 // (2 * data.row_bytes(row_len, margins=True)))
     rows_path = shard_path(cache, shard, "rows")
