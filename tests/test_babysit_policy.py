@@ -355,6 +355,17 @@ def test_a_failure_past_the_budget_stops_the_job_and_a_preemption_does_not():
     assert not preempted.stop_job and preempted.event.kind == "preemption"
 
 
+def test_a_failure_is_the_crashed_workers_not_the_one_the_pod_ended_after_it():
+    """w01 was killed; w00 then ended with the trainer's peer-lost status (69). The event
+    named w00, with w00's log tail, whenever both had ended by the next look."""
+    ended = (job("w00", "exited", 69), job("w01", "exited", 137))
+    action = decide(launched(), look(workers=ended), OPTIONS)
+    assert (action.event.worker, action.event.exit_code) == ("w01", 137)
+    assert "w00 exited (exit 69), w01 exited (exit 137)" in action.event.cause
+    alone = decide(launched(), look(workers=(job("w00", "exited", 69), job("w01"))), OPTIONS)
+    assert alone.event.worker == "w00"  # the only one that ended so far
+
+
 def test_a_job_that_failed_before_its_first_step_is_reported_so_not_at_step_none():
     options = dataclasses.replace(OPTIONS, max_failures=0)
     failed = decide(launched(step=None), look(workers=(job("w00", "exited", 2),)), options)

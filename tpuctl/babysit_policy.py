@@ -28,6 +28,9 @@ LOST_STATES = frozenset({"PREEMPTED", "TERMINATED", "STOPPED", "HIDDEN"})
 # The trainer's exit status after SIGTERM once its checkpoint has committed (a maintenance
 # event, a preemption notice): a clean stop to relaunch, not a failure (trainer.checkpoint).
 CLEAN_STOP_EXIT = 75
+# The trainer's exit status when another process of the pod failed first (trainer.distributed):
+# a consequence, so the failure is that other worker's.
+PEER_LOST_EXIT = 69
 MAX_EVENTS = 100  # events kept in the state file; counts are kept separately
 # What an SSH login refused looks like in a worker's error (tpuctl.fanout.ssh).
 _ACCESS_REFUSED = (AUTH_FAILED, "host key of")
@@ -412,7 +415,7 @@ def _relaunch(
     for worker in ended:
         code = "no exit status" if worker.exit_code is None else f"exit {worker.exit_code}"
         parts.append(f"{worker.label} {worker.state} ({code})")
-    first = ended[0]
+    first = _culprit(ended)
     if all(w.exit_code == CLEAN_STOP_EXIT for w in ended):
         cause = "job stopped after saving (SIGTERM): " + ", ".join(parts)
         event = Event("stop", cause, obs.now, state.step, worker=first.label, exit_code=75)
@@ -423,6 +426,14 @@ def _relaunch(
         "failure", cause, obs.now, state.step, worker=first.label, exit_code=first.exit_code
     )
     return _failure(state, options, event)
+
+
+def _culprit(ended: list[jobs.WorkerJob]) -> jobs.WorkerJob:
+    """The worker a failure is recorded for (its log tail kept): the first that failed of its
+    own accord, not one that ended because another process of the pod had failed."""
+    failed = [w for w in ended if w.exit_code != 0]
+    own = [w for w in failed if w.exit_code != PEER_LOST_EXIT]
+    return (own or failed or ended)[0]
 
 
 def _failure(state: BabysitState, options: BabysitOptions, event: Event) -> Action:
