@@ -361,12 +361,12 @@ class Babysitter:
             return None
 
     def _use_local_gcs(self) -> None:
-        """Point this process at the local pods' GCS emulator, where their run files are."""
-        if self.settings.get("provider") == "local":
-            from tpuctl.gcs_emulator import emulator_env
-            from tpuctl.providers.local import gcs_emulator_url
+        """Point this process where `run` puts a local pod's run files (`emulator_for`)."""
+        from tpuctl.gcs_emulator import emulator_env
+        from tpuctl.jobs.runs import emulator_for
 
-            os.environ.update(emulator_env(gcs_emulator_url()))
+        if self.settings.get("provider") == "local" and (url := emulator_for("local")):
+            os.environ.update(emulator_env(url))
 
     def _load_recipe(self) -> Any:
         """The recipe babysit was given, read where it is (a local pod's gs:// recipe from
