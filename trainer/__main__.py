@@ -1,6 +1,7 @@
 """`python -m trainer RECIPE [key=value ...]`: validate the recipe, join the pod, train.
 
-Recipe problems and multi-host start-up failures print one `error: ...` line and exit 2.
+Recipe problems print one `error: ...` line and exit 2 (EXIT_BAD_INPUT); a pod whose processes
+did not all join exits 69 (EXIT_PEER_LOST), with the line naming the missing ones.
 A process that fails before it joined the pod ends the processes waiting for it at once, and
 after joining, any failure ends every process within about a minute (trainer.distributed).
 """
@@ -12,6 +13,7 @@ import sys
 
 from trainer import distributed, preemption
 from trainer.config import RecipeError, TrainerError, load_recipe
+from trainer.exit_status import EXIT_BAD_INPUT
 
 USAGE = """usage: python -m trainer RECIPE [key=value ...]
 
@@ -23,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
-        return 0 if args else 2
+        return 0 if args else EXIT_BAD_INPUT
     # First: a SIGTERM while reading the recipe or importing jax ends the start-up as one
     # while joining or compiling does (exit 75, resumable), not the process by the signal.
     preemption.watch()
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             distributed.crash(e)
     except (RecipeError, TrainerError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -30,12 +30,11 @@ from typing import NoReturn
 
 from trainer import preemption, rendezvous
 from trainer.config import MESH_AXES, MeshConfig, RecipeError, TrainerError
+from trainer.exit_status import EXIT_BAD_INPUT, EXIT_PEER_LOST
 
 DEFAULT_TIMEOUT_S = 900
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 DEFAULT_HEARTBEAT_TIMEOUT_S = 20
-# A process that finds another one gone exits with this status (sysexits' EX_UNAVAILABLE).
-EXIT_PEER_LOST = 69
 _WATCH_POLL_S = 0.5
 _FAILURE_KEY = "tpuctl/fatal"  # in jax's coordination key-value store
 _ACK_DIR = "tpuctl/fatal_ack/"
@@ -142,15 +141,16 @@ def failed_before_joining(error: Exception) -> int:
     """Print `error: ...` for an error that ended this process before it joined the pod,
     tell the pod's other processes, which wait to join, to end with it too
     (`rendezvous.tell_failure`, where TPUCTL_COORDINATOR says they meet), and return the exit
-    status: 2 for a recipe or start-up error, 1 for any other exception, and another
-    process's status when it failed first."""
+    status: EXIT_BAD_INPUT for a recipe or start-up error, 1 for any other exception,
+    another process's status when it failed first, and EXIT_PEER_LOST when the pod's other
+    processes did not all come."""
     preemption.wait_if_stopping(_ACK_TIMEOUT_S)  # an error a SIGTERM's stop caused is that stop
     if isinstance(error, rendezvous.JoinFailed):
         _print_line(f"error: {error}")
         return error.status
     expected = isinstance(error, RecipeError | TrainerError | ImportError)
     message = str(error) if expected else f"crashed: {type(error).__name__}: {first_line(error)}"
-    status = 2 if expected else 1
+    status = EXIT_BAD_INPUT if expected else 1
     if not expected:
         traceback.print_exception(error)
     _print_line(f"error: {message}")

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from trainer.config import TrainerError
+from trainer.exit_status import EXIT_PEER_LOST
 
 # How long a process that failed before joining goes on telling the others: long enough for
 # processes of the same launch that are still loading to arrive.
@@ -49,9 +50,11 @@ class Failure:
 
 
 class JoinFailed(TrainerError):
-    """The pod did not come together, and every process that got here knows: no one to tell."""
+    """The pod did not come together, and every process that got here knows: no one to tell.
+    Not bad input: the missing process died or hung while starting, and a launch again may
+    well succeed (`tpuctl babysit` relaunches it)."""
 
-    status = 2
+    status = EXIT_PEER_LOST
 
 
 class PodStartFailed(JoinFailed):

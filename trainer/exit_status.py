@@ -1,0 +1,12 @@
+"""The exit statuses of `python -m trainer` that tpuctl tells apart.
+
+`tpuctl babysit` imports them, so this module imports nothing: the CLI reads it without the
+trainer's dependencies (`pip install tpuctl` brings neither jax nor fsspec).
+"""
+
+# Bad input: a recipe, its files or the environment, in one `error:` line (trainer.__main__);
+# launched again, the same recipe fails the same way.
+EXIT_BAD_INPUT = 2
+# Another process of the pod died, or never joined it (sysexits' EX_UNAVAILABLE): the failure
+# is that process's, and a relaunch may well succeed.
+EXIT_PEER_LOST = 69
