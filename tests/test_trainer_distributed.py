@@ -10,6 +10,7 @@ import sys
 from tests.fixtures_trainer import REPO, TINY_RECIPE, launch_processes, launch_trainer, wait_all
 from trainer.config import MeshConfig
 from trainer.distributed import CPU_DEVICES_FLAG, cpu_devices_flags
+from trainer.exit_status import EXIT_BAD_INPUT
 
 
 def test_a_plain_machine_gets_the_devices_the_mesh_names():
@@ -98,6 +99,23 @@ def test_an_error_while_a_sigterm_stops_the_start_up_is_that_stop_not_a_crash():
     )
     assert (child.returncode, child.stdout) == (75, "stopped on SIGTERM\n"), child.stderr[-3000:]
     assert "Traceback" not in child.stderr
+
+
+def test_a_recipe_error_after_joining_ends_every_process_with_its_line_and_exit_2(tmp_path):
+    """A data.format the recipe check cannot judge (it reads no records) is rejected when the
+    joined processes tokenize. Process 0 returned 2, which took jax's coordination service
+    down with it: every process, process 0 too, exited 69 (peer lost) instead, the one with
+    the line after a heartbeat timeout."""
+    args = [str(TINY_RECIPE), f"run_dir={tmp_path}", "data.format=prompt_completion"]
+    results = wait_all(launch_trainer(args, 2, 1, tmp_path), timeout=120)
+    assert [code for code, _ in results] == [EXIT_BAD_INPUT] * 2, results
+    for _code, output in results:
+        last = output.strip().splitlines()[-1]
+        assert last.startswith("error: ") and last.endswith(
+            "record 1: data.format prompt_completion: records need prompt+completion or "
+            "instruction(+input)+output"
+        ), output[-2000:]
+        assert "Traceback" not in output
 
 
 def test_a_process_that_fails_before_joining_ends_the_pod_at_once(tmp_path):

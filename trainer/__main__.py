@@ -3,7 +3,8 @@
 Recipe problems print one `error: ...` line and exit 2 (EXIT_BAD_INPUT); a pod whose processes
 did not all join exits 69 (EXIT_PEER_LOST), with the line naming the missing ones.
 A process that fails before it joined the pod ends the processes waiting for it at once, and
-after joining, any failure ends every process within about a minute (trainer.distributed).
+after joining, a recipe problem ends every process at once with its line and exit 2, any
+other failure within about a minute (trainer.distributed).
 """
 
 from __future__ import annotations
@@ -55,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             distributed.crash(e)
     except (RecipeError, TrainerError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return distributed.failed_after_joining(e)
 
 
 if __name__ == "__main__":
