@@ -346,6 +346,33 @@ def test_no_step_progress_is_a_failure_and_the_failure_budget_stops_babysitting(
     assert "running" not in ps.stdout  # the hung job was stopped before relaunching / giving up
 
 
+def test_a_recipe_the_trainer_rejects_stops_babysitting_at_once_with_its_line(cli, tmp_path):
+    """Exit 2 is bad input: it was relaunched up to --max-failures times, each time failing
+    the same way. A data.format that tpuctl's check lets through (it reads no records) and
+    the trainer rejects on the first record it tokenizes."""
+    from tpuctl.providers.local import LocalProvider
+
+    bad = ("data.format=prompt_completion",)
+    result = cli(*babysit_args("pod", "bad-input", tmp_path / "run", overrides=bad))
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = result.stderr.splitlines()[-1:]
+    assert re.fullmatch(
+        r"error: stopped babysitting run bad-input: the trainer on w0[01] rejected the run's "
+        r"input \(exit 2\), which no relaunch can fix: \S+tiny_train.txt record 1: data.format "
+        r"prompt_completion: records need prompt\+completion or instruction\(\+input\)\+output; "
+        r"fix the recipe, then babysit it again \(nothing was recreated or relaunched; see \S+\)",
+        line,
+    ), result.stderr
+    assert "Traceback" not in result.stderr
+    state = cli.state("bad-input")
+    assert (state["launches"], state["failures"], state["preemptions"]) == (1, 1, 0)
+    (event,) = state["events"]
+    assert event["exit_code"] == 2 and event["relaunched_s"] is None
+    assert any("prompt+completion" in line for line in event["log_tail"]), event["log_tail"]
+    assert LocalProvider(cli.pods_dir().parent).get("pod").state == "READY"  # not recreated
+    assert "running" not in cli("ps", "pod").stdout  # the job stopped everywhere
+
+
 # -- the SSH test pod through the fake Cloud TPU API ---------------------------------------
 
 

@@ -27,6 +27,7 @@ from tpuctl.babysit_policy import (
 from tpuctl.jobs import WorkerJob
 from tpuctl.ownership import ownership_labels
 from tpuctl.providers.base import Node
+from trainer.exit_status import EXIT_BAD_INPUT, EXIT_PEER_LOST
 
 NOW = 10_000.0
 RUN = "llama-3.1-8b-20261123"
@@ -274,6 +275,32 @@ ROWS = [
         Relaunch,
         "job stopped after saving (SIGTERM)",
     ),
+    (
+        "9: exit 2, a recipe the trainer rejects, stops at once: no relaunch can fix it",
+        launched(failures=0),
+        look(workers=(job("w00", "exited", EXIT_BAD_INPUT), job("w01"))),
+        GiveUp,
+        "the trainer on w00 rejected the run's input (exit 2), which no relaunch can fix",
+    ),
+    (
+        "9: ... named for the worker that exited 2, not one that ended because it had",
+        launched(),
+        look(
+            workers=(
+                job("w00", "exited", EXIT_PEER_LOST),
+                job("w01", "exited", EXIT_BAD_INPUT),
+            )
+        ),
+        GiveUp,
+        "the trainer on w01 rejected",
+    ),
+    (
+        "9: a pod that did not all join (exit 69, the missing one hung) is relaunched",
+        launched(),
+        look(workers=(job("w00", "exited", EXIT_PEER_LOST), job("w01"))),
+        Relaunch,
+        "job ended without DONE: w00 exited (exit 69)",
+    ),
     # -- budgets -----------------------------------------------------------------------
     (
         "the preemption budget spent: report",
@@ -368,7 +395,7 @@ def test_a_failure_is_the_crashed_workers_not_the_one_the_pod_ended_after_it():
 
 def test_a_job_that_failed_before_its_first_step_is_reported_so_not_at_step_none():
     options = dataclasses.replace(OPTIONS, max_failures=0)
-    failed = decide(launched(step=None), look(workers=(job("w00", "exited", 2),)), options)
+    failed = decide(launched(step=None), look(workers=(job("w00", "exited", 1),)), options)
     assert failed.reason == "1 job failures (--max-failures 0), at steps none yet"
 
 
@@ -439,6 +466,20 @@ def test_a_state_from_another_version_loads_and_a_cut_one_is_one_line(tmp_path, 
     path.write_text(json.dumps(data)[:40])
     with pytest.raises(TpuctlError, match=r"babysit state .* cannot be read \(JSONDecodeError\)"):
         load_state(RUN)
+
+
+def test_bad_input_stops_the_job_and_records_the_failure_for_its_worker():
+    """The job is stopped (its other workers must not hold the TPU), and the failure is
+    recorded for the worker whose line the report quotes."""
+    crashed = look(workers=(job("w00", "exited", EXIT_BAD_INPUT), job("w01")))
+    action = decide(launched(), crashed, OPTIONS)
+    assert isinstance(action, GiveUp) and action.bad_input and action.stop_job
+    assert not action.budget
+    assert (action.event.kind, action.event.worker, action.event.exit_code) == (
+        "failure",
+        "w00",
+        EXIT_BAD_INPUT,
+    )
 
 
 def test_clean_stop_exit_is_the_trainers():

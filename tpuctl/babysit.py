@@ -667,8 +667,7 @@ class Babysitter:
     def _relaunch(self, event: Event) -> None:
         node = self._current_node()
         hosts = self._hosts(node)
-        if event.worker is not None:
-            event.log_tail = self._log_tail([h for h in hosts if h.label == event.worker])
+        self._keep_log_tail(event, hosts)
         self._record(event)
         self.state.pending_launch = True
         self._save()
@@ -726,12 +725,25 @@ class Babysitter:
 
     def _give_up(self, action: GiveUp) -> None:
         event = action.event
+        hosts: list[Host] = []
+        if event is not None and (event.worker is not None or action.stop_job):
+            with contextlib.suppress(TpuctlError):  # the report goes out all the same
+                hosts = self._hosts(self._current_node())
+                self._keep_log_tail(event, hosts)
         if event is not None:
             self._record(event)
         self._save()
-        if action.stop_job:
+        if action.stop_job and hosts:
             with contextlib.suppress(TpuctlError):
-                self._stop_job(self._hosts(self._current_node()))
+                self._stop_job(hosts)
+        if action.bad_input:
+            said = _error_line(event.log_tail if event else [])
+            raise StopBabysitting(
+                f"stopped babysitting run {self.run_id}: {action.reason}"
+                f"{f': {said}' if said else ''}; fix the recipe, then babysit it again (nothing "
+                f"was recreated or relaunched; see {log_path(self.run_id)})",
+                exit_code=2,
+            )
         if not action.budget:
             raise StopBabysitting(f"stopped babysitting run {self.run_id}: {action.reason}", 1)
         last = f"; last: {event.cause}" if event and event.kind != "preemption" else ""
@@ -754,6 +766,12 @@ class Babysitter:
                     f"yourself (`tpuctl kill {self.options.node}`) and babysit again",
                     1,
                 )
+
+    def _keep_log_tail(self, event: Event, hosts: list[Host]) -> None:
+        """Keep the last lines of the log of the worker `event` is recorded for."""
+        worker = [h for h in hosts if h.label == event.worker]
+        if worker:
+            event.log_tail = self._log_tail(worker)
 
     def _log_tail(self, hosts: list[Host]) -> list[str]:
         lines: list[str] = []
@@ -820,6 +838,15 @@ class Babysitter:
             f"{state.launches} launch(es), {state.preemptions} preemption(s), "
             f"{state.failures} failure(s)"
         )
+
+
+def _error_line(log_tail: list[str]) -> str | None:
+    """The trainer's own one-line account of a failure (`error: ...`, its last), without
+    the prefix the CLI's own message has already."""
+    for line in reversed(log_tail):
+        if line.startswith("error: "):
+            return line.removeprefix("error: ")
+    return None
 
 
 class LogFile:

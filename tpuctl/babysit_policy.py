@@ -22,15 +22,13 @@ from typing import Any
 from tpuctl import jobs, ownership
 from tpuctl.fanout.base import AUTH_FAILED
 from tpuctl.providers.base import Node
+from trainer.exit_status import EXIT_BAD_INPUT, EXIT_PEER_LOST
 
 # Node states that mean the node is gone for good: replace it at once.
 LOST_STATES = frozenset({"PREEMPTED", "TERMINATED", "STOPPED", "HIDDEN"})
 # The trainer's exit status after SIGTERM once its checkpoint has committed (a maintenance
 # event, a preemption notice): a clean stop to relaunch, not a failure (trainer.checkpoint).
 CLEAN_STOP_EXIT = 75
-# The trainer's exit status when another process of the pod failed first (trainer.distributed):
-# a consequence, so the failure is that other worker's.
-PEER_LOST_EXIT = 69
 MAX_EVENTS = 100  # events kept in the state file; counts are kept separately
 # What an SSH login refused looks like in a worker's error (tpuctl.fanout.ssh).
 _ACCESS_REFUSED = (AUTH_FAILED, "host key of")
@@ -225,13 +223,14 @@ class Finish:
 
 @dataclass(frozen=True)
 class GiveUp:
-    """Stop babysitting with a report (exit 1); nothing is deleted. `event` is recorded
-    first; `stop_job` stops the job so that it does not hold the TPU."""
+    """Stop babysitting with a report (exit 1, or 2 for `bad_input`); nothing is deleted.
+    `event` is recorded first; `stop_job` stops the job so that it does not hold the TPU."""
 
     reason: str
     event: Event | None = None
     stop_job: bool = False
     budget: bool = False  # a budget ran out (the report says where the log is)
+    bad_input: bool = False  # the trainer rejected the run's input: the report quotes its line
 
 
 Action = Wait | ReplaceNode | Launch | Adopt | Relaunch | Finish | GiveUp
@@ -425,6 +424,12 @@ def _relaunch(
     event = Event(
         "failure", cause, obs.now, state.step, worker=first.label, exit_code=first.exit_code
     )
+    if first.exit_code == EXIT_BAD_INPUT:  # the same recipe fails the same way every launch
+        reason = (
+            f"the trainer on {first.label} rejected the run's input (exit {EXIT_BAD_INPUT}), "
+            "which no relaunch can fix"
+        )
+        return GiveUp(reason, event=event, stop_job=True, bad_input=True)
     return _failure(state, options, event)
 
 
@@ -432,7 +437,8 @@ def _culprit(ended: list[jobs.WorkerJob]) -> jobs.WorkerJob:
     """The worker a failure is recorded for (its log tail kept): the first that failed of its
     own accord, not one that ended because another process of the pod had failed."""
     failed = [w for w in ended if w.exit_code != 0]
-    own = [w for w in failed if w.exit_code != PEER_LOST_EXIT]
+    # EXIT_PEER_LOST: another process of the pod failed first, so the failure is that one's
+    own = [w for w in failed if w.exit_code != EXIT_PEER_LOST]
     return (own or failed or ended)[0]
 
 
