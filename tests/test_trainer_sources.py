@@ -3,6 +3,8 @@ save_to_disk directories and hf: datasets, local and on a GCS emulator, with glo
 
 from __future__ import annotations
 
+import gzip
+
 import pytest
 
 from tests.fixtures_data import documents, save_to_disk, write_jsonl, write_parquet
@@ -18,6 +20,18 @@ def test_text_files_split_on_blank_lines(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("first doc\nsame doc\n\n\nsecond doc\n")
     assert records_of(str(path)) == ["first doc\nsame doc", "second doc"]
+
+
+def test_a_byte_order_mark_is_not_read_as_text(tmp_path):
+    """A .txt saved with a BOM trained on its bytes as the first tokens of the first document,
+    and a .jsonl with one was refused as not JSON (datasets' json loader reads it)."""
+    bom = "\ufeff".encode()
+    (tmp_path / "t.txt").write_bytes(bom + b"first doc\n\nsecond doc\n")
+    (tmp_path / "t.txt.gz").write_bytes(gzip.compress(bom + b"first doc\n"))
+    (tmp_path / "t.jsonl").write_bytes(bom + b'{"text": "first doc"}\n')
+    assert records_of(str(tmp_path / "t.txt")) == ["first doc", "second doc"]
+    assert records_of(str(tmp_path / "t.txt.gz")) == ["first doc"]
+    assert records_of(str(tmp_path / "t.jsonl")) == [{"text": "first doc"}]
 
 
 def test_malformed_jsonl_names_the_file_and_line(tmp_path):

@@ -172,7 +172,8 @@ def _read_located(unit: Unit) -> Iterator[tuple[str, object]]:
             for number, record in enumerate(rows, 1):
                 yield f"{unit.path} record {number}", record
             return
-        text = stack.enter_context(pyio.TextIOWrapper(_decompressed(raw, unit), "utf-8"))
+        # utf-8-sig: a byte order mark (Notepad writes one) is no text to train on
+        text = stack.enter_context(pyio.TextIOWrapper(_decompressed(raw, unit), "utf-8-sig"))
         if unit.kind == "jsonl":
             for number, record in _jsonl_records(text, unit.path):
                 yield f"{unit.path}:{number}", record
