@@ -77,6 +77,24 @@ def test_an_existing_cache_opens_without_reading_the_inputs(tmp_path):
     assert (again.read(np.arange(3)).tokens == reader.read(np.arange(3)).tokens).all()
 
 
+def test_a_file_named_twice_in_one_entry_is_read_once(tmp_path):
+    """The same path twice, or two globs matching one file, silently doubled its rows."""
+    first, second = corpus(tmp_path, files=2, docs=20)
+    spellings = [
+        first,
+        second,
+        first,
+        str(tmp_path / "corpus" / "*.jsonl.gz"),
+        f"{tmp_path}/corpus/./0.jsonl.gz",
+    ]
+    (twice,) = plan(str(tmp_path / "cache"), spellings)
+    assert [u.path for u in twice.units] == [first, second]
+    assert (
+        build(str(tmp_path / "cache"), spellings).rows
+        == build(str(tmp_path / "once"), [first, second]).rows
+    )
+
+
 def test_parquet_and_save_to_disk_give_the_same_rows_as_jsonl(tmp_path):
     records = documents(400)
     jsonl = build(str(tmp_path / "a"), [str(write_jsonl(tmp_path / "c.jsonl", records))])

@@ -79,7 +79,7 @@ def plan(
     """The cache of each entry, from a listing of its inputs (no input is read)."""
     caches = []
     for i, entry in enumerate(entries):
-        units = [u for spec in entry.path for u in sources.expand(spec, f"{where}[{i}]")]
+        units = sources.expand_all(entry.path, f"{where}[{i}]")
         h = hashlib.sha256()
         settings = (CACHE_VERSION, tokenizer_key, cfg.format, cfg.text_field, row_len)
         settings += (FORMAT_VERSIONS[cfg.format],) if cfg.format in FORMAT_VERSIONS else ()

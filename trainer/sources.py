@@ -58,6 +58,18 @@ def expand(spec: str, where: str) -> list[Unit]:
     return [_file_unit(spec, io.size(spec), where)]
 
 
+def expand_all(specs: list[str], where: str) -> list[Unit]:
+    """The units of a data entry's specs, each file once: overlapping globs, or one path
+    listed twice, name the file once, not twice its rows (an entry's weight upweights it)."""
+    units, seen = [], set()
+    for unit in (u for spec in specs for u in expand(spec, where)):
+        same = unit.path if io.is_gcs(unit.path) else os.path.realpath(unit.path)
+        if same not in seen:
+            seen.add(same)
+            units.append(unit)
+    return units
+
+
 def _file_unit(path: str, size: int, where: str) -> Unit:
     stem, ext = os.path.splitext(path)
     compression = COMPRESSIONS.get(ext)
