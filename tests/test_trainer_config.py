@@ -159,6 +159,11 @@ def test_explicit_dims_override_the_preset(tmp_path):
         ),
         ("", ["data.train=[{path: a, fraction: 0.5, size: 3}]"], "set fraction or size, not both"),
         ("", ["data.train=[{path: a, weight: -1}]"], "data.train[0].weight must be positive"),
+        (  # below 1/131072 of the total: no row of any block, silently
+            "",
+            ["data.eval=[{path: a, weight: 1}, {path: b, weight: 0.000007}, {path: c, weight: 1}]"],
+            "data.eval[1].weight: 7e-06 of the weights' total 2.00001 rounds to 0 of the 65536 ",
+        ),
         ("", ["data.train=[{paths: a}]"], "unknown key data.train[0].paths: remove it"),
         ("", ["data.train=[/nope/*.jsonl.gz]"], "data.train[0]: no file matches /nope/*.jsonl.gz"),
         ("", ["data.cache_memory_mb=0"], "data.cache_memory_mb must be positive"),

@@ -84,6 +84,9 @@ def test_weights_give_each_dataset_its_share_of_rows():
     small = rows[dataset == 2] - m.offsets[2]  # upsampled: every row of it, many times
     assert set(small.tolist()) == set(range(40))
     assert m.steps_for(1) == 54  # 5340 rows an epoch, by 100
+    # The smallest weight a recipe may give (config refuses less) gets its row of every block.
+    tiny = mixture.Mixture(readers(100, 10), entries({"weight": 65535}, {"weight": 1}), 64, 0)
+    assert tiny.per_block.tolist() == [65535, 1]
 
 
 def test_fraction_and_size_take_a_fresh_subset_each_epoch_that_a_resume_repeats():

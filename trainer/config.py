@@ -34,6 +34,7 @@ class TrainerError(RuntimeError):
 
 
 MESH_AXES = ("data", "fsdp", "tensor")
+MIXTURE_BLOCK = 1 << 16  # rows per weighted block (trainer.mixture): the weights' resolution
 
 
 @dataclass(frozen=True)
@@ -737,6 +738,8 @@ def _validate_data(data: DataConfig) -> None:
             raise RecipeError(f"data.{split}: give every entry a weight, or none of them")
         for i, entry in enumerate(entries):
             _validate_entry(entry, f"data.{split}[{i}]")
+        if all(weighted) and entries:
+            _validate_weights([e.weight for e in entries], f"data.{split}")
     for name in ("cache_memory_mb", "cache_workers"):
         if getattr(data, name) < (1 if name == "cache_memory_mb" else 0):
             raise RecipeError(f"data.{name} must be positive, got {getattr(data, name)}")
@@ -753,6 +756,30 @@ def _validate_entry(entry: DatasetConfig, key: str) -> None:
         value = getattr(entry, name)
         if value is not None and value <= 0:
             raise RecipeError(f"{key}.{name} must be positive, got {value}")
+
+
+def _validate_weights(weights: list[float], key: str) -> None:
+    """A weight too small for one row of a block would never be read, silently."""
+    total = sum(weights)
+    for i, count in enumerate(weighted_counts(weights)):
+        if not count:
+            raise RecipeError(
+                f"{key}[{i}].weight: {weights[i]:g} of the weights' total {total:g} rounds to 0 "
+                f"of the {MIXTURE_BLOCK} rows a block of batches draws by weight, so this dataset "
+                f"would never be read; give it at least 1/{MIXTURE_BLOCK} of the total, or remove "
+                "the entry"
+            )
+
+
+def weighted_counts(weights: list[float], block: int = MIXTURE_BLOCK) -> list[int]:
+    """Rows per block for each dataset: `block` split by weight, largest remainders first."""
+    total = sum(weights)
+    exact = [w / total * block for w in weights]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])  # stable
+    for i in by_remainder[: block - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 def _validate_files(recipe: Recipe) -> None:

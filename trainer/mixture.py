@@ -27,9 +27,9 @@ from fractions import Fraction
 import numpy as np
 
 from trainer.cache import ShardedReader
-from trainer.config import DatasetConfig
+from trainer.config import MIXTURE_BLOCK as BLOCK
+from trainer.config import DatasetConfig, weighted_counts
 
-BLOCK = 1 << 16  # rows per weighted block: the resolution of the weights
 ROUNDS = 4
 MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -59,15 +59,6 @@ def _mix(v: np.ndarray) -> np.ndarray:
     return (v ^ (v >> np.uint64(31))) & MASK64
 
 
-def weighted_counts(weights: list[float], block: int = BLOCK) -> np.ndarray:
-    """Rows per block for each dataset: `block` split by weight, largest remainders first."""
-    exact = np.array(weights, np.float64) / sum(weights) * block
-    counts = np.floor(exact).astype(np.int64)
-    extra = block - int(counts.sum())
-    counts[np.argsort(-(exact - counts), kind="stable")[:extra]] += 1
-    return counts
-
-
 class Mixture:
     """Global batch `i` of `batch_size` rows over one or more datasets' caches."""
 
@@ -85,7 +76,7 @@ class Mixture:
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
         self.weighted = entries[0].weight is not None
         if self.weighted:
-            self.per_block = weighted_counts([e.weight for e in entries])
+            self.per_block = np.array(weighted_counts([e.weight for e in entries]), np.int64)
         else:
             self.per_epoch = np.array(
                 [_epoch_rows(e, int(n)) for e, n in zip(entries, self.sizes, strict=True)]
