@@ -193,6 +193,35 @@ def test_a_build_killed_half_way_resumes_to_the_same_cache(tmp_path):
     assert cache_files(root) == cache_files(tmp_path / "reference")
 
 
+def test_a_killed_builders_temporary_shard_is_removed_and_a_live_ones_kept(tmp_path):
+    """A SIGKILL mid-shard left its .tmp-shard-* file (as large as the shard) in the cache for
+    good; the next build removes it, but not the one a live (here: stopped) builder writes."""
+    big = write_jsonl(tmp_path / "big.jsonl", documents(8000))
+    inputs = [str(big), str(write_jsonl(tmp_path / "small.jsonl", documents(20)))]
+    root = tmp_path / "cache"
+    caches = plan(str(root), inputs)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BUILD_SCRIPT, str(root), *inputs],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        (temp,) = wait_for(lambda: list(root.rglob(".tmp-shard-*")), what="a temporary shard")
+        proc.send_signal(signal.SIGSTOP)
+        stat = Path(f"/proc/{proc.pid}/stat")
+        wait_for(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "T", what="a stop")
+        assert temp.exists() and not list(root.rglob("shard-*.json")), "built too fast"
+        # Another process of the run builds its share meanwhile: the live temp stays.
+        cache.build(caches, settings(DataConfig(), 33), 1, 2, write_index=False)
+        assert temp.exists() and list(root.rglob("shard-00001.json"))
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    cache.build(caches, settings(DataConfig(), 33))  # the same run, restarted
+    assert not list(root.rglob(".tmp-*")) and cache.finalize(caches[0])["documents"] == 8020
+
+
 def test_a_shard_claimed_by_another_live_run_is_waited_for_not_built_twice(tmp_path, monkeypatch):
     monkeypatch.setattr(cache, "WAIT_POLL_S", 0.05)
     inputs = corpus(tmp_path, files=2, docs=50)

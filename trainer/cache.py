@@ -10,14 +10,17 @@ sizes, the tokenizer and every packing setting, so any run with the same inputs 
 
 A shard's rows are written to a temporary file and moved into place whole before its .json is
 written, so a shard with a .json is complete, and a build stopped half way resumes from the
-committed shards. A shard's bytes depend only on its unit, so any split of the work over
-processes and cores gives the same cache. Peak memory is bounded by `memory_mb` (rows
-buffered before they are written) plus one record batch per worker, whatever the corpus size.
+committed shards. A builder holds a lock on its temporary file until the file is moved, so
+the next build removes those of builders that were killed, and no live builder's. A shard's
+bytes depend only on its unit, so any split of the work over processes and cores gives the
+same cache. Peak memory is bounded by `memory_mb` (rows buffered before they are written)
+plus one record batch per worker, whatever the corpus size.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -112,6 +115,8 @@ def build(
     committed, with `workers` tokenising processes (1: in this process), then (`write_index`)
     write the index of each cache whose shards are all committed. Shards another live run has
     claimed are waited for, not built twice."""
+    for c in caches:
+        _remove_dead_temps(c)
     pending = [c for c in caches if not io.exists(io.join(c.directory, INDEX))]
     jobs = [(c, k) for c in pending for k in range(len(c.units))][process_index::process_count]
     committed = {c.directory: _committed(c) for c in pending}
@@ -237,9 +242,7 @@ def _build(
     flush_rows = max(1, memory_mb * 2**20 // (2 * data.row_bytes(row_len, margins=True)))
     rows_path = shard_path(cache, shard, "rows")
     io.makedirs(cache.directory)
-    fd, tmp_path = tempfile.mkstemp(
-        dir=None if io.is_gcs(rows_path) else cache.directory, prefix=".tmp-shard-"
-    )
+    fd, tmp_path = _locked_temp(cache)
     counts = {"documents": 0, "rows": 0, "tokens": 0, "padding": 0, "targets": 0}
     skipped: dict[str, list] = {}  # reason: [count, where the first one is]
     cut: list = [0, None]  # examples longer than a row, truncated: [count, where the first is]
@@ -265,7 +268,8 @@ def _build(
                     _claim(cache, shard, settings.owner, time.time)
                     renewed = time.time()
             _write_rows(out, packer.take(final=True), counts)
-        io.publish(tmp_path, rows_path)
+            out.flush()
+            io.publish(tmp_path, rows_path)  # while open: locked, so never taken for a dead one
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
@@ -280,6 +284,47 @@ def _build(
     io.write_text(shard_path(cache, shard, "json"), json.dumps(record, sort_keys=True))
     _release(cache, shard)
     return {**record, "bytes": unit.size}
+
+
+def _temp_place(cache: DatasetCache) -> tuple[str, str]:
+    """(directory, name prefix) of the cache's temporary shards: local ones beside the shards
+    (moved into place in one rename), gs:// ones in this host's temporary directory."""
+    directory = tempfile.gettempdir() if io.is_gcs(cache.directory) else cache.directory
+    return directory, f".tmp-shard-{os.path.basename(cache.directory.rstrip('/'))}-"
+
+
+def _locked_temp(cache: DatasetCache) -> tuple[int, str]:
+    """A new temporary shard file (fd, path), locked for as long as the fd is open: the lock,
+    released by the kernel however its builder ends, tells a live builder's file from a dead
+    one's (_remove_dead_temps)."""
+    directory, prefix = _temp_place(cache)
+    while True:
+        fd, path = tempfile.mkstemp(dir=directory, prefix=prefix)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.stat(path), os.fstat(fd)):
+                return fd, path
+        os.close(fd)  # removed as a dead builder's in the instant before the lock: again
+
+
+def _remove_dead_temps(cache: DatasetCache) -> None:
+    """Remove the cache's temporary shards that no live builder holds (a SIGKILL or the OOM
+    killer left them): they are never data, only space. A live builder's stay (flock)."""
+    directory, prefix = _temp_place(cache)
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix)]
+    except FileNotFoundError:  # nothing built here yet
+        return
+    for name in names:
+        path = os.path.join(directory, name)
+        # Gone meanwhile, another user's (in a shared /tmp) or locked by its live builder: kept.
+        # Writable: over NFS, flock is a write lock.
+        with (
+            contextlib.suppress(FileNotFoundError, PermissionError, BlockingIOError),
+            open(path, "r+b") as file,
+        ):
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.remove(path)
 
 
 def _write_rows(out, packed: data.Packed, counts: dict[str, int]) -> None:
