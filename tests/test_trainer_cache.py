@@ -286,8 +286,8 @@ def test_summary_counts_documents_tokens_rows_and_padding(tmp_path):
     caches = plan(str(tmp_path / "cache"), inputs)
     cache.build(caches, settings(DataConfig(), 33))
     index = cache.finalize(caches[0])
-    line = cache.summary(caches, [index])
-    assert line.startswith(f"data: 60 documents, {index['tokens'] / 1e6:.2f}M tokens, ")
+    line = cache.summary("data.train", caches, [index])
+    assert line.startswith(f"data.train: 60 documents, {index['tokens'] / 1e6:.2f}M tokens, ")
     assert f"{index['rows']} rows, padding " in line and "tokens per dataset: " in line
     assert index["tokens"] + index["padding"] == index["rows"] * 33
 
@@ -300,7 +300,7 @@ def test_examples_cut_to_a_row_are_counted_and_a_cache_with_no_target_left_is_re
     Path(chat).write_text("\n".join(json.dumps({"messages": m}) for m in [turns, short, turns]))
     reader = build(str(tmp_path / "some"), [chat], seq_len=64, format="chat")
     caches = plan(str(tmp_path / "some"), [chat], 64, format="chat")
-    line = cache.summary(caches, [cache.finalize(caches[0])])
+    line = cache.summary("data.train", caches, [cache.finalize(caches[0])])
     assert line.endswith(f"; cut to a row's length: 2 of {caches[0].name} (first: {chat}:1)")
     assert reader.rows == 3 and cache.finalize(caches[0])["targets"] > 0  # "hello" at least
     Path(chat).write_text(json.dumps({"messages": turns}))

@@ -181,8 +181,8 @@ def test_the_cache_packs_whole_pairs_and_reports_skips_with_where_the_first_is(t
     assert segments.max(axis=1).min() >= 2 and (segments.max(axis=1) % 2 == 0).all()
     assert int(sum(np.unique(s[s > 0]).size for s in segments)) == 2 * 29  # 29 pairs, none split
     (caches,) = [plan(str(tmp_path / "cache"), [str(path)], seq_len=64, format="preference")]
-    line = cache.summary(caches, [cache.finalize(caches[0])])
-    assert line.startswith("data: 29 documents")
+    line = cache.summary("data.train", caches, [cache.finalize(caches[0])])
+    assert line.startswith("data.train: 29 documents")
     assert line.endswith(
         f"; skipped 1 with chosen == rejected (first: {path}:6), "
         f"1 with a response longer than train.seq_len (first: {path}:10)"

@@ -125,6 +125,15 @@ def test_a_pod_the_recipe_does_not_fit_stops_before_the_token_cache_is_built(
     assert "Traceback" not in output and not (tmp_path / "run" / "data_cache").exists()
 
 
+def test_the_train_and_eval_data_summaries_say_which_split_they_are(tiny_recipe, tmp_path, capsys):
+    """Both began "data: N documents, ...": which numbers were the eval set's was a guess."""
+    recipe = load_recipe(str(tiny_recipe), [f"run_dir={tmp_path}"])
+    for split in ("train", "eval"):
+        train.prepare_data(recipe, split, shuffle=False)
+    summaries = [line for line in capsys.readouterr().out.splitlines() if " documents, " in line]
+    assert [line.split(": ")[0] for line in summaries] == ["data.train", "data.eval"]
+
+
 def test_cache_build_progress_is_printed_and_reaches_metrics_once_a_minute(tmp_path, capsys):
     times = iter([0.0, 30.0, 61.0, 90.0, 122.0])  # the build starts at 0
     report = train.cache_progress(str(tmp_path), clock=lambda: next(times))

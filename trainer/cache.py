@@ -424,8 +424,9 @@ def _skips(index: dict) -> str:
     )
 
 
-def summary(caches: Iterable[DatasetCache], indexes: Iterable[dict]) -> str:
-    """One line: documents, tokens, rows and padding over all caches, and tokens per dataset."""
+def summary(where: str, caches: Iterable[DatasetCache], indexes: Iterable[dict]) -> str:
+    """One line, headed by the split (`where`: data.train, data.eval), so the two tell apart:
+    documents, tokens, rows and padding over all caches, and tokens per dataset."""
     pairs = list(zip(caches, indexes, strict=True))
     totals = {k: sum(i[k] for _, i in pairs) for k in ("documents", "tokens", "rows", "padding")}
     padding = totals["padding"] / max(totals["tokens"] + totals["padding"], 1)
@@ -434,7 +435,7 @@ def summary(caches: Iterable[DatasetCache], indexes: Iterable[dict]) -> str:
     cuts = [(c.name, *i["truncated"]) for c, i in pairs if "truncated" in i]
     truncated = [f"{count} of {name} (first: {where})" for name, count, where in cuts]
     return (
-        f"data: {totals['documents']} documents, {totals['tokens'] / 1e6:.2f}M tokens, "
+        f"{where}: {totals['documents']} documents, {totals['tokens'] / 1e6:.2f}M tokens, "
         f"{totals['rows']} rows, padding {padding:.1%}; tokens per dataset: {per_dataset}"
         + (f"; skipped {', '.join(skips)}" if skips else "")
         + (f"; cut to a row's length: {', '.join(truncated)}" if truncated else "")

@@ -324,7 +324,7 @@ def prepare_data(
     )
     readers = cache.open_all(caches, row_len, where)
     if is_main:
-        print(cache.summary(caches, [cache.finalize(c) for c in caches]), flush=True)
+        print(cache.summary(where, caches, [cache.finalize(c) for c in caches]), flush=True)
     batch_size, seed = recipe.train.batch_size, recipe.train.seed
     return Mixture(readers, entries, batch_size, seed, shuffle=shuffle)
 
