@@ -470,6 +470,91 @@ def test_queued_resource_quota_error_is_one_line(run_tpuctl, fake_tpu):
     )
 
 
+LOGIN_FIX = "run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS)"
+
+
+@pytest.mark.parametrize("command", [("status", "n"), ("up", "v3-8", "--name", "n")])
+def test_credentials_the_api_refuses_are_one_line_naming_the_login(run_tpuctl, fake_tpu, command):
+    """A 401 printed google-auth's traceback ("Anonymous credentials cannot be refreshed"),
+    and a 403 only "the TPU API failed: 403"."""
+    fake_tpu.add_node("n", "v3-8", project="test-project", zone="us-central1-a")
+    fake_tpu.fail_next(1, status=401)
+    result = run_tpuctl(*command)
+    assert result.code == 1 and "Traceback" not in result.err, result.err
+    last = result.err.strip().splitlines()[-1]
+    assert last.startswith("error: your Google credentials were refused (") and last.endswith(
+        LOGIN_FIX
+    ), last
+    fake_tpu.fail_next(1, status=403)
+    result = run_tpuctl(*command)
+    assert result.code == 1 and "Traceback" not in result.err, result.err
+    assert result.err.strip().splitlines()[-1] == (
+        "error: permission denied in project test-project (403: injected server error): check "
+        "that the account of `gcloud auth application-default login` (or set "
+        "GOOGLE_APPLICATION_CREDENTIALS) may use the project's TPU API"
+    )
+
+
+@pytest.fixture
+def token_endpoint_refusing_the_grant():
+    """The URL of an OAuth token endpoint that refuses every grant, as Google's does for
+    expired or revoked credentials."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class TokenEndpoint(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = b'{"error": "invalid_grant", "error_description": "The token has expired."}'
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            """Quiet."""
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), TokenEndpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/token"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_credentials_refused_when_refreshed_are_one_line(
+    run_tpuctl, fake_tpu, monkeypatch, tmp_path, token_endpoint_refusing_the_grant
+):
+    """google-auth's error refreshing application default credentials (here workload
+    identity federation's token exchange, refused as for an expired token) came out as a
+    traceback."""
+    subject_token = tmp_path / "oidc-token"
+    subject_token.write_text("expired")
+    adc = tmp_path / "adc.json"
+    adc.write_text(
+        json.dumps(
+            {
+                "type": "external_account",
+                "audience": "//iam.googleapis.com/projects/1/locations/global/"
+                "workloadIdentityPools/ci/providers/github",
+                "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                "token_url": token_endpoint_refusing_the_grant,
+                "credential_source": {"file": str(subject_token)},
+            }
+        )
+    )
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(adc))
+    # https: the client uses the application default credentials, refreshed before any call.
+    monkeypatch.setenv("TPUCTL_TPU_API_ENDPOINT", fake_tpu.url.replace("http:", "https:"))
+    result = run_tpuctl("status", "n")
+    assert result.code == 1 and "Traceback" not in result.err, result.err
+    last = result.err.strip().splitlines()[-1]
+    assert last.startswith("error: your Google credentials were refused (")
+    assert "invalid_grant" in last and last.endswith(LOGIN_FIX), last
+    assert fake_tpu.requests == []  # refused before any call reached the API
+
+
 def test_valid_for_bounds_the_queue_wait(run_tpuctl, fake_tpu):
     fake_tpu.set_queued_wait(60)
     start = time.monotonic()

@@ -29,6 +29,7 @@ ENDPOINT_ENV = "TPUCTL_TPU_API_ENDPOINT"
 # errors share the code but not the wording, and retrying them cannot help.
 _CAPACITY_MARKERS = ("no more capacity", "stockout", "insufficient capacity", "out of capacity")
 _TRANSIENT_ATTEMPTS = 4
+_LOGIN = "`gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS)"
 _RESOURCE_EXHAUSTED = 8  # google.rpc.Code, in a queued resource's failed_data
 T = TypeVar("T")
 
@@ -114,32 +115,29 @@ class CloudTpuProvider:
     @cached_property
     def client(self) -> Any:
         """A google.cloud.tpu_v2.TpuClient for the configured endpoint."""
+        from google.auth import exceptions as auth_exceptions
         from google.cloud import tpu_v2
 
         endpoint = os.environ.get(ENDPOINT_ENV)
-        if not endpoint:
-            from google.auth.exceptions import DefaultCredentialsError
-
-            try:
+        try:
+            if not endpoint:
                 return tpu_v2.TpuClient()
-            except DefaultCredentialsError:
-                raise TpuctlError(
-                    "no Google credentials: run `gcloud auth application-default login` "
-                    "(or set GOOGLE_APPLICATION_CREDENTIALS)",
-                    exit_code=1,
-                ) from None
-        from google.api_core.client_options import ClientOptions
+            from google.api_core.client_options import ClientOptions
 
-        credentials = None
-        if endpoint.startswith("http://"):
-            from google.auth.credentials import AnonymousCredentials
+            credentials = None
+            if endpoint.startswith("http://"):
+                from google.auth.credentials import AnonymousCredentials
 
-            credentials = AnonymousCredentials()
-        return tpu_v2.TpuClient(
-            transport="rest",
-            credentials=credentials,
-            client_options=ClientOptions(api_endpoint=endpoint),
-        )
+                credentials = AnonymousCredentials()
+            return tpu_v2.TpuClient(
+                transport="rest",
+                credentials=credentials,
+                client_options=ClientOptions(api_endpoint=endpoint),
+            )
+        except auth_exceptions.DefaultCredentialsError:
+            raise TpuctlError(f"no Google credentials: run {_LOGIN}", exit_code=1) from None
+        except auth_exceptions.GoogleAuthError as error:  # some are refreshed to find a project
+            raise credentials_refused(error) from None
 
     def location(self, zone: str | None = None) -> registry.Location:
         """Where this provider's nodes (in `zone`, default its own) live, for the registry."""
@@ -583,6 +581,7 @@ class CloudTpuProvider:
         one-line TpuctlError.
         """
         from google.api_core import exceptions
+        from google.auth import exceptions as auth_exceptions
         from requests.exceptions import ConnectionError as RequestsConnectionError
 
         transient = (
@@ -605,6 +604,11 @@ class CloudTpuProvider:
                 self.clock.sleep(2.0**attempt)
             except exceptions.GoogleAPICallError as error:
                 self._raise_unexpected(error)
+            except auth_exceptions.GoogleAuthError as error:
+                # google-auth refreshes credentials before a request and again on a 401:
+                # expired or revoked ones, or anonymous ones (which cannot be refreshed),
+                # fail there, before the API says anything.
+                raise credentials_refused(error) from None
             except RequestsConnectionError:
                 endpoint = os.environ.get(ENDPOINT_ENV) or "tpu.googleapis.com"
                 raise TpuctlError(
@@ -618,10 +622,18 @@ class CloudTpuProvider:
         from google.api_core import exceptions
 
         message = api_message(error)
-        if isinstance(error, exceptions.PermissionDenied | exceptions.Unauthenticated):
+        # Unauthorized and Forbidden: the REST transport's 401 and 403 (gRPC's Unauthenticated
+        # and PermissionDenied are their subclasses).
+        if isinstance(error, exceptions.Unauthorized):
             raise TpuctlError(
-                f"permission denied in project {self.project}: {message} (check "
-                "`gcloud auth application-default login` and the project's TPU API access)",
+                f"the TPU API refused your Google credentials ({error.code}: {message}): "
+                f"run {_LOGIN}",
+                exit_code=1,
+            ) from None
+        if isinstance(error, exceptions.Forbidden):
+            raise TpuctlError(
+                f"permission denied in project {self.project} ({error.code}: {message}): check "
+                f"that the account of {_LOGIN} may use the project's TPU API",
                 exit_code=1,
             ) from None
         refused = (exceptions.BadRequest, exceptions.InvalidArgument, exceptions.FailedPrecondition)
@@ -640,6 +652,19 @@ class CloudTpuProvider:
         if isinstance(error, exceptions.GoogleAPICallError):
             self._raise_unexpected(error)
         raise error
+
+
+def credentials_refused(error: Exception) -> TpuctlError:
+    """The one-line error for google-auth failing to get a token for the credentials."""
+    from google.auth import exceptions as auth_exceptions
+
+    if isinstance(error, auth_exceptions.TransportError):  # the token service, unreachable
+        return TpuctlError(
+            f"cannot reach Google's token service to refresh your credentials ({error}); "
+            "check the network",
+            exit_code=1,
+        )
+    return TpuctlError(f"your Google credentials were refused ({error}): run {_LOGIN}", 1)
 
 
 def _lacks_capacity(code: int, message: str) -> bool:
