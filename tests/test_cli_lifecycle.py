@@ -564,6 +564,26 @@ def test_valid_for_bounds_the_queue_wait(run_tpuctl, fake_tpu):
     assert fake_tpu.queued_resource_state("q") is None
 
 
+@pytest.mark.parametrize(
+    ("flags", "why", "fix"),
+    [
+        (["v3-8"], "a v3-8 is created directly", "add --queued, or drop --valid-for"),
+        (["v4-32", "--no-queued"], "--no-queued creates it directly", "add --queued, or drop "
+         "--valid-for"),
+        (["v3-8", "--local"], "local pods are not queued", "drop --valid-for"),
+    ],
+)  # fmt: skip
+def test_valid_for_of_a_direct_create_is_refused(run_tpuctl, fake_tpu, flags, why, fix):
+    """It was silently ignored: the node was created and waited on without any bound."""
+    result = run_tpuctl("up", *flags, "--name", "d", "--valid-for", "1h")
+    assert (result.code, result.err.strip()) == (
+        2,
+        f"error: --valid-for bounds a queued resource's wait, and {why}: {fix}",
+    )
+    assert fake_tpu.requests == [] and fake_tpu.node_state("d") is None
+    assert run_tpuctl("up", "v3-8", "--queued", "--name", "q", "--valid-for", "1h").code == 0
+
+
 def test_no_queued_creates_the_node_directly(run_tpuctl, fake_tpu):
     result = run_tpuctl("up", "v4-32", "--no-queued", "--name", "d")
     assert result.code == 0, result.err

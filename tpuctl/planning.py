@@ -74,6 +74,8 @@ def plan_node(
     use_queued = accelerator.needs_queued(spot=scheduling == "spot") if queued is None else queued
     if settings.get("provider") == "local":
         use_queued = False  # local pods come at once, without queued resources
+    if valid_for is not None and not use_queued:
+        _refuse_valid_for(accelerator.name, settings.get("provider") == "local", queued)
     if use_queued and scheduling == "preemptible":
         raise TpuctlError(
             f"--preemptible does not work for {accelerator.name} through queued resources; "
@@ -104,6 +106,18 @@ def plan_node(
         retry_for=retry_for,
         valid_for=valid_for,
     )
+
+
+def _refuse_valid_for(accelerator_type: str, local: bool, queued: bool | None) -> None:
+    """--valid-for is the queued-resources API's `valid_until_duration`; a node created
+    directly has no such field, and would wait as if the flag were not there."""
+    if local:
+        why, fix = "local pods are not queued", "drop --valid-for"
+    else:
+        how = "--no-queued creates it" if queued is False else f"a {accelerator_type} is created"
+        why = f"{how} directly"
+        fix = "add --queued, or drop --valid-for"
+    raise TpuctlError(f"--valid-for bounds a queued resource's wait, and {why}: {fix}")
 
 
 def create_planned(
