@@ -875,6 +875,52 @@ def test_status_and_down_find_a_node_in_another_zone_of_the_project(run_tpuctl, 
     assert fake_tpu.node_state("far") is None
 
 
+def test_without_a_zone_a_name_tpuctl_did_not_create_is_looked_up_in_every_zone(
+    run_tpuctl, fake_tpu, monkeypatch
+):
+    """It failed with "no zone: pass --zone ..." though the README promises every zone."""
+    monkeypatch.delenv("TPUCTL_ZONE")
+    fake_tpu.add_node("far", "v3-8", project="test-project", zone="europe-west4-a")
+    result = run_tpuctl("status", "far", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["zone"] == "europe-west4-a"
+    missing = run_tpuctl("status", "ghost")
+    assert (missing.code, missing.err.strip()) == (
+        1, "error: no node named 'ghost' in any zone of project test-project",
+    )  # fmt: skip
+    missing = run_tpuctl("down", "ghost", "--yes")
+    assert (missing.code, missing.err.strip()) == (
+        0, "node ghost does not exist in any zone of project test-project; nothing deleted",
+    )  # fmt: skip
+    # Without a name `down` still picks only among the zone's nodes: there is no zone.
+    assert run_tpuctl("down", "--yes").err.startswith("error: no zone: pass --zone")
+    result = run_tpuctl("down", "far", "--yes")
+    assert result.code == 0, result.err
+    assert "deleted far" in result.out and fake_tpu.node_state("far") is None
+
+
+@pytest.mark.parametrize("zone_set", [True, False])
+def test_a_name_in_several_zones_is_refused_until_zone_says_which(
+    run_tpuctl, fake_tpu, monkeypatch, zone_set
+):
+    """One of them was picked (the first zone by name): `down --yes` deleted it."""
+    if not zone_set:
+        monkeypatch.delenv("TPUCTL_ZONE")
+    for zone in ("us-east1-d", "europe-west4-a"):
+        fake_tpu.add_node("twin", "v3-8", project="test-project", zone=zone)
+    for command in (("status", "twin"), ("down", "twin", "--yes")):
+        result = run_tpuctl(*command)
+        assert (result.code, result.err.strip()) == (
+            2,
+            "error: zones europe-west4-a, us-east1-d of project test-project each have a node "
+            "named 'twin': say which with --zone",
+        )
+    assert fake_tpu.node_state("twin") == "READY"
+    result = run_tpuctl("down", "twin", "--zone", "us-east1-d", "--yes")
+    assert result.code == 0, result.err
+    assert [n["name"].split("/")[3] for n in fake_tpu.nodes.values()] == ["europe-west4-a"]
+
+
 def test_a_node_up_made_in_a_fallback_zone_is_looked_up_there_directly(run_tpuctl, fake_tpu):
     run_tpuctl("config", "set", "accelerators.v3-8.zones", "europe-west4-a")
     fake_tpu.inject_stockouts(1, zone="us-central1-a")

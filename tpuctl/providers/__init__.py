@@ -17,6 +17,7 @@ from tpuctl.providers.registry import Location
 if TYPE_CHECKING:
     from tpuctl.config import Settings
     from tpuctl.providers.base import Node, Provider
+    from tpuctl.providers.cloud_tpu import CloudTpuProvider
 
 # provider name -> (module, class). Imported lazily so the CLI starts fast. Each class
 # has a `from_settings(settings)` classmethod that builds it from resolved settings.
@@ -48,6 +49,8 @@ def describe_location(settings: Settings) -> str:
         return "the local pod provider"
     if _no_project(settings):
         return "the local pods"
+    if not settings.get("zone"):  # a name is then looked up in every zone (`find_node`)
+        return f"any zone of project {settings.get('project')}"
     return f"zone {settings.get('zone')} of project {settings.get('project')}"
 
 
@@ -77,14 +80,23 @@ def missing_hint(settings: Settings, name: str) -> str:
     the like for a node `find_node` did not find where `describe_location` says."""
     if settings.get("provider") == "local" or _no_project(settings):
         return "; " + _local_pods_hint(name) + cloud_hint(settings)
+    if not settings.get("zone"):  # every zone was looked at already
+        return ""
+    found = [node.zone for node in _any_zone(settings).locate(name)]
+    if len(found) == 1:
+        return f"; it is in zone {found[0]}: pass --zone {found[0]}"
+    if found:
+        return f"; zones {', '.join(found)} have one: pass --zone with one of them"
+    return "; it is in no zone of the project (`tpuctl list --all-zones`)"
+
+
+def _any_zone(settings: Settings) -> CloudTpuProvider:
+    """The cloud provider of the configured project, to look in every zone of it."""
     from tpuctl.providers.cloud_tpu import CloudTpuProvider
 
-    cloud = provider_for(settings)
-    assert isinstance(cloud, CloudTpuProvider)
-    found = cloud.locate(name)
-    if found is not None:
-        return f"; it is in zone {found.zone}: pass --zone {found.zone}"
-    return "; it is in no zone of the project (`tpuctl list --all-zones`)"
+    if not settings.get("project"):
+        provider_for(settings)  # the missing-project error
+    return CloudTpuProvider(str(settings.get("project")), None)
 
 
 def _local_pods_hint(name: str) -> str:
@@ -158,11 +170,7 @@ def find_node(settings: Settings, name: str) -> Node | None:
         found += [cloud] if cloud else []
     unknown_to_us = not found and not clouds
     if unknown_to_us and settings.get("provider") == "cloud" and _cloud_configured(settings):
-        provider = provider_for(settings)
-        cloud = provider.get(name)
-        if cloud is None and not (_explicit(settings, "zone") or _explicit(settings, "project")):
-            cloud = provider.locate(name)
-        found += [cloud] if cloud else []
+        found += _look_up_in_the_cloud(settings, name)
     if len(found) > 1:
         places = " and ".join(_describe(node) for node in found)
         raise TpuctlError(
@@ -174,6 +182,24 @@ def find_node(settings: Settings, name: str) -> Node | None:
     node = found[0]
     _point_at(settings, _location_of(node), f"where {name} lives")
     return node
+
+
+def _look_up_in_the_cloud(settings: Settings, name: str) -> list[Node]:
+    """A name tpuctl did not create: the configured zone, then, unless --zone or --project
+    said where, every zone of the project (the only place to look when no zone is set). A
+    name in several zones is an error naming them: `down` must not pick one."""
+    if settings.get("zone"):
+        node = provider_for(settings).get(name)
+        if node is not None or _explicit(settings, "zone") or _explicit(settings, "project"):
+            return [node] if node else []
+    everywhere = _any_zone(settings).locate(name)
+    if len(everywhere) > 1:
+        zones = ", ".join(node.zone for node in everywhere)
+        raise TpuctlError(
+            f"zones {zones} of project {settings.get('project')} each have a node named "
+            f"{name!r}: say which with --zone"
+        )
+    return everywhere
 
 
 def list_all(settings: Settings, all_zones: bool = False) -> list[Node]:
@@ -191,7 +217,7 @@ def list_all(settings: Settings, all_zones: bool = False) -> list[Node]:
     if chosen == "local" or (chosen is None and not cloud_asked):
         return local
     if all_zones and settings.get("project") and not settings.get("zone"):
-        cloud = CloudTpuProvider(str(settings.get("project")), None)  # lists every zone
+        cloud = _any_zone(settings)
     else:
         cloud = provider_for(Settings({**settings.values, "provider": "cloud"}, settings.sources))
     assert isinstance(cloud, CloudTpuProvider)

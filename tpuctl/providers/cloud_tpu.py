@@ -190,9 +190,9 @@ class CloudTpuProvider:
         pages = self._call(self.client.list_nodes, parent=parent)
         return sorted((node_from_api(n) for n in pages), key=lambda n: (n.zone, n.name))
 
-    def locate(self, name: str) -> Node | None:
-        """The node called `name` in any zone of the project (for "did you mean" hints)."""
-        return next((node for node in self.list(all_zones=True) if node.name == name), None)
+    def locate(self, name: str) -> list[Node]:
+        """The nodes called `name` in every zone of the project (one list call), by zone."""
+        return [node for node in self.list(all_zones=True) if node.name == name]
 
     # -- create ----------------------------------------------------------------------------
 
