@@ -591,6 +591,102 @@ def test_no_queued_creates_the_node_directly(run_tpuctl, fake_tpu):
     assert fake_tpu.queued_resource_state("d") is None
 
 
+GAVE_UP = "error: gave up waiting after {} (--timeout): node {} {}; nothing was deleted: run "
+LONGER = "`tpuctl up` again to wait longer (or pass a longer --timeout)"
+
+
+@pytest.mark.parametrize("yours", [True, False])
+def test_up_stops_waiting_on_a_node_stuck_repairing(run_tpuctl, fake_tpu, yours):
+    """It waited forever; after --timeout it says so and leaves the node alone, suggesting
+    `down` only for a node labelled as the user's."""
+    labels = mine() if yours else {}
+    fake_tpu.add_node("n", "v3-8", project="test-project", zone="us-central1-a",
+                      state="REPAIRING", labels=labels)  # fmt: skip
+    result = run_tpuctl("up", "v3-8", "--name", "n", "--timeout", "2m")
+    assert result.code == 1, result.err
+    delete = ", or delete it with `tpuctl down n`" if yours else ""
+    assert result.err.strip().splitlines()[-1] == (
+        GAVE_UP.format("2m00s", "n", "is REPAIRING in us-central1-a") + LONGER + delete
+    )
+    assert fake_tpu.node_state("n") == "REPAIRING"
+
+
+def test_up_stops_waiting_on_a_create_operation_that_never_ends(run_tpuctl, fake_tpu):
+    """The node is left to come (and `down` finds it); by default after an hour."""
+    from tpuctl.providers import registry
+
+    fake_tpu.set_create_delay(10**9)
+    result = run_tpuctl("up", "v3-8", "--name", "c", "--timeout", "2m")
+    assert result.code == 1, result.err
+    assert result.err.strip().splitlines()[-1] == (
+        GAVE_UP.format("2m00s", "c", "is CREATING in us-central1-a")
+        + LONGER
+        + ", or delete it with `tpuctl down c`"
+    )
+    assert fake_tpu.node_state("c") == "CREATING"
+    assert registry.locations("c") != []  # `down c` finds it
+    assert re.search(r"--timeout\s.*\[default: 1h\]", run_tpuctl("up", "--help").out, re.S)
+
+
+def test_up_bounds_a_queued_resource_from_when_it_leaves_the_queue(run_tpuctl, fake_tpu):
+    """Its time WAITING_FOR_RESOURCES (500 s at this time scale, past --timeout) is
+    --valid-for's to bound; stuck PROVISIONING past --timeout, it is kept, not deleted."""
+    fake_tpu.set_queued_wait(0.5)
+    fake_tpu.set_create_delay(10**9)
+    result = run_tpuctl("up", "v4-32", "--name", "q", "--timeout", "2m")
+    assert result.code == 1, result.err
+    assert "queued resource q: PROVISIONING" in result.err
+    assert result.err.strip().splitlines()[-1] == (
+        GAVE_UP.format("2m00s", "q", "is not there yet (queued resource PROVISIONING) in "
+                       "us-central1-a") + LONGER
+        + ", or delete it with `tpuctl down q` (and its queued resource)"
+    )  # fmt: skip
+    assert fake_tpu.queued_resource_state("q") == "PROVISIONING"
+
+
+def _delete_request(fake, name: str) -> None:
+    """A deletion someone else asked the API for (an earlier `down` that was interrupted)."""
+    fake.handle("DELETE", f"/v2/projects/test-project/locations/us-central1-a/nodes/{name}", {}, {})
+
+
+def test_up_of_a_node_being_deleted_waits_until_it_is_gone_then_creates_it(run_tpuctl, fake_tpu):
+    """It said to delete the node that was being deleted, and ran `tpuctl up` again."""
+    fake_tpu.add_node("d", "v3-32", project="test-project", zone="us-central1-a", labels=mine())
+    fake_tpu.delete_delay = 0.3
+    _delete_request(fake_tpu, "d")
+    assert fake_tpu.node_state("d") == "DELETING"
+    result = run_tpuctl("up", "v3-8", "--name", "d", "--json")  # another type: it is going
+    assert result.code == 0, result.err
+    assert "d is being deleted in us-central1-a; waiting until it is gone" in result.err
+    node = json.loads(result.out)
+    assert (node["state"], node["accelerator_type"]) == ("READY", "v3-8")
+    assert creates(fake_tpu) == 1
+
+
+def test_up_of_a_node_being_deleted_for_too_long_creates_nothing(run_tpuctl, fake_tpu):
+    fake_tpu.add_node("d", "v3-8", project="test-project", zone="us-central1-a",
+                      state="DELETING", labels=mine())  # fmt: skip
+    result = run_tpuctl("up", "v3-8", "--name", "d", "--timeout", "2m")
+    assert (result.code, result.err.strip().splitlines()[-1]) == (
+        1,
+        "error: gave up waiting after 2m00s (--timeout): node d is still DELETING in "
+        "us-central1-a; nothing was created: run `tpuctl up` again once it is gone",
+    )
+    assert creates(fake_tpu) == 0
+
+
+def test_up_never_waits_to_take_the_name_of_a_colleagues_node_being_deleted(run_tpuctl, fake_tpu):
+    fake_tpu.add_node("d", "v3-8", project="test-project", zone="us-central1-a",
+                      state="DELETING", labels={"tpuctl-user": "bob"})  # fmt: skip
+    result = run_tpuctl("up", "v3-8", "--name", "d")
+    assert (result.code, result.err.strip().splitlines()[-1]) == (
+        1,
+        "error: node d in us-central1-a is not yours (labels tpuctl-user=bob): choose another "
+        "--name",
+    )
+    assert creates(fake_tpu) == 0
+
+
 def test_no_wait_returns_while_creating(run_tpuctl, fake_tpu):
     fake_tpu.set_create_delay(30)
     result = run_tpuctl("up", "v3-8", "--name", "n", "--no-wait", "--json")

@@ -11,7 +11,7 @@ from tpuctl.durations import Clock
 from tpuctl.errors import TpuctlError
 from tpuctl.providers import provider_for, resolve_node
 from tpuctl.providers.base import NodeSpec
-from tpuctl.providers.cloud_tpu import Backoff, CloudTpuProvider
+from tpuctl.providers.cloud_tpu import Backoff, CloudTpuProvider, WaitTimedOut
 
 ZONE = "us-central1-a"
 
@@ -134,6 +134,17 @@ def test_node_preempted_while_starting_is_reported(provider, fake_tpu):
     threading.Timer(0.05, fake_tpu.preempt, args=("n",)).start()
     with pytest.raises(TpuctlError, match="node n is PREEMPTED instead of READY"):
         provider.wait_until_ready("n", Progress())
+
+
+def test_waiting_for_ready_ends_at_the_timeout_on_the_providers_clock(fake_tpu):
+    """Counted on the injected clock (here one that never sleeps): two minutes of polling
+    in no time, ended within one poll interval of the bound; the node is left alone."""
+    provider = CloudTpuProvider("test-project", ZONE, clock=Clock(scale=0))
+    fake_tpu.add_node("n", "v3-8", project="test-project", zone=ZONE, state="REPAIRING")
+    with pytest.raises(WaitTimedOut, match=r"after 2m00s \(--timeout\): node n is REPAIRING"):
+        provider.wait_until_ready("n", Progress(), timeout=120)
+    assert 120 <= provider.clock.elapsed() < 131
+    assert fake_tpu.node_state("n") == "REPAIRING"
 
 
 def test_node_that_vanishes_while_starting_is_reported(provider, fake_tpu):

@@ -26,6 +26,7 @@ class NodePlan:
     queued: bool
     retry_for: float
     valid_for: float | None = None
+    timeout: float | None = None  # how long to wait for the node (not counting a queue)
 
     @property
     def zones(self) -> list[str]:
@@ -49,6 +50,7 @@ def plan_node(
     queued: bool | None = None,
     retry_for: float = 1800.0,
     valid_for: float | None = None,
+    timeout: float | None = None,
 ) -> NodePlan:
     """The node to create. Per-accelerator zone and project (`accelerators.TYPE.zone`)
     beat the general ones, and are written into `settings` so that the provider built
@@ -105,6 +107,7 @@ def plan_node(
         queued=use_queued,
         retry_for=retry_for,
         valid_for=valid_for,
+        timeout=timeout,
     )
 
 
@@ -125,7 +128,7 @@ def create_planned(
 ) -> Node | None:
     """Create the planned node: where the provider has zones, stockouts are retried with
     backoff across the plan's zones for `plan.retry_for` (through a queued resource when
-    planned); elsewhere it is created at once."""
+    planned) and the node waited for at most `plan.timeout`; elsewhere it is created at once."""
     if not provider.capabilities.zones:
         return provider.create(plan.spec, progress)
     return provider.create_with_retries(  # type: ignore[attr-defined]
@@ -136,4 +139,5 @@ def create_planned(
         queued=plan.queued,
         valid_for=plan.valid_for,
         wait=wait,
+        timeout=plan.timeout,
     )

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from tpuctl.config import Settings
 
 DEFAULT_RETRY_FOR = "30m"
+# A slice is READY in minutes, a large one in under half an hour; much longer is a node
+# stuck (REPAIRING, an operation that never ends) that waiting will not fix.
+DEFAULT_UP_TIMEOUT = "1h"
 
 ZONE_OPTION = typer.Option(None, "--zone", "-z", help="Zone (default: config `zone`).")
 PROJECT_OPTION = typer.Option(None, "--project", "-p", help="Project (default: config `project`).")
@@ -92,6 +95,12 @@ def up(
     valid_for: str | None = typer.Option(
         None, "--valid-for", help="Queued resources: give up waiting after this long."
     ),
+    timeout: str = typer.Option(
+        DEFAULT_UP_TIMEOUT,
+        "--timeout",
+        help="Stop waiting for the node to be READY after this long (a queue's wait not "
+        "counted); nothing is deleted.",
+    ),
     no_wait: bool = typer.Option(False, "--no-wait", help="Return once creation is requested."),
     local: bool = typer.Option(
         False, "--local", help="A simulated pod on this machine (same as provider: local)."
@@ -120,6 +129,7 @@ def up(
         queued=queued,
         retry_for=parse_duration(retry_for, "--retry-for", allow_zero=True),
         valid_for=parse_duration(valid_for, "--valid-for") if valid_for else None,
+        timeout=parse_duration(timeout, "--timeout"),
     )
     with _stopped_like_ctrl_c_by_term_and_hangup():
         node = _bring_up(settings, plan, wait=not no_wait)
@@ -159,7 +169,7 @@ def _bring_up(settings: Settings, plan: NodePlan, wait: bool) -> Node | None:
         if not provider.capabilities.zones:
             existing = provider.get(spec.name)
             if existing is not None:
-                return _reuse(provider, existing, spec, status, wait)
+                return _reuse(provider, existing, plan, status, wait)
             clouds = [n for n in registry.locations(spec.name) if n.provider != "local"]
             _refuse_a_twin(spec.name, clouds)
             return create_planned(provider, plan, status.update)
@@ -168,8 +178,10 @@ def _bring_up(settings: Settings, plan: NodePlan, wait: bool) -> Node | None:
         # A node made earlier may sit in a fallback zone: reuse it rather than make a twin.
         for zone in plan.zones:
             existing = provider.get(spec.name, zone)
+            if existing is not None and existing.state == "DELETING":
+                existing = _await_deletion(provider, existing, plan, status)
             if existing is not None:
-                return _reuse(provider, existing, spec, status, wait)
+                return _reuse(provider, existing, plan, status, wait)
         how = "through a queued resource" if plan.queued else "directly"
         status.update(
             f"creating {spec.name} ({spec.accelerator_type}, {spec.scheduling}) {how}; "
@@ -192,17 +204,35 @@ def _refuse_a_twin(name: str, elsewhere: list[registry.Location]) -> None:
         )
 
 
-def _reuse(provider: Any, existing: Node, spec: NodeSpec, status: StatusLine, wait: bool):
-    """Reuse (or wait for) the user's node of this name and type; refuse anyone else's."""
+def _await_deletion(provider: Any, existing: Node, plan: NodePlan, status: StatusLine):
+    """A node of the name is being deleted (`down` interrupted, say): wait until it is gone
+    and then create the new one; None once gone. Someone else's is refused as ever: the
+    name may be about to be theirs again."""
+    _refuse_someone_elses(existing, plan.spec)
+    status.update(f"{existing.name} is being deleted in {existing.zone}; waiting until it is gone")
+    return provider.wait_while_deleting(
+        existing.name, status.update, existing.zone, timeout=plan.timeout
+    )
+
+
+def _refuse_someone_elses(existing: Node, spec: NodeSpec) -> None:
     from tpuctl import ownership
 
-    user = config.local_user()
-    if ownership.someone_elses(existing.labels, user):
+    if ownership.someone_elses(existing.labels, config.local_user()):
         raise TpuctlError(
             f"node {spec.name} in {existing.zone} is not yours "
             f"({ownership.describe_owner(existing.labels)}): choose another --name",
             exit_code=1,
         )
+
+
+def _reuse(provider: Any, existing: Node, plan: NodePlan, status: StatusLine, wait: bool):
+    """Reuse (or wait for) the user's node of this name and type; refuse anyone else's."""
+    from tpuctl import ownership
+
+    spec = plan.spec
+    user = config.local_user()
+    _refuse_someone_elses(existing, spec)
     if existing.accelerator_type != spec.accelerator_type:
         # Deleting is suggested only for a node labelled as the user's: an unlabelled one
         # may be a colleague's, made without tpuctl.
@@ -222,7 +252,9 @@ def _reuse(provider: Any, existing: Node, spec: NodeSpec, status: StatusLine, wa
         if not wait:  # on its way: `up --no-wait` says its creation was requested
             return None
         status.update(f"{spec.name} already exists and is {existing.state}; waiting for READY")
-        return provider.wait_until_ready(spec.name, status.update, zone=existing.zone)
+        return provider.wait_until_ready(
+            spec.name, status.update, zone=existing.zone, timeout=plan.timeout
+        )
     raise TpuctlError(
         f"node {spec.name} exists but is {existing.state}; delete it with "
         f"`tpuctl down {spec.name}` and run `tpuctl up` again",

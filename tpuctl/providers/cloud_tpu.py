@@ -31,6 +31,8 @@ _CAPACITY_MARKERS = ("no more capacity", "stockout", "insufficient capacity", "o
 _TRANSIENT_ATTEMPTS = 4
 _LOGIN = "`gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS)"
 _RESOURCE_EXHAUSTED = 8  # google.rpc.Code, in a queued resource's failed_data
+# A queued resource waiting its turn: its wait is bounded by --valid-for, not --timeout.
+_QUEUE_STATES = ("CREATING", "ACCEPTED", "WAITING_FOR_RESOURCES")
 T = TypeVar("T")
 
 
@@ -50,6 +52,47 @@ class QueuedResourceEnded(TpuctlError):
 
 class QueuedResourceGone(TpuctlError):
     """The queued resource `up` waited on was deleted (by `tpuctl down` or someone else)."""
+
+
+class WaitTimedOut(TpuctlError):
+    """`up` stopped waiting for a node after its --timeout; nothing was deleted."""
+
+
+class Deadline:
+    """How long `up` waits for a node (None: no bound), counted on the provider's clock."""
+
+    def __init__(self, clock: Clock, seconds: float | None):
+        self.clock = clock
+        self.seconds = seconds
+        self.restart()
+
+    def restart(self) -> None:
+        """Count from now: time spent in a queue is --valid-for's to bound, not this one's."""
+        self.started = self.clock.elapsed()
+
+    def expired(self) -> bool:
+        """Whether the bound has passed."""
+        return self.seconds is not None and self.clock.elapsed() - self.started >= self.seconds
+
+    def timed_out(self, situation: str, fix: str) -> WaitTimedOut:
+        """`up`'s one line once the bound has passed: where things stand, what to do."""
+        waited = format_duration(float(self.seconds or 0))
+        return WaitTimedOut(
+            f"gave up waiting after {waited} (--timeout): {situation}; {fix}", exit_code=1
+        )
+
+    def not_ready(self, name: str, now: str, labels: dict[str, str]) -> WaitTimedOut:
+        """The error for node `name` not READY in time (`now`: "is CREATING in Z"): nothing
+        was deleted, and deleting is suggested only for a node labelled as the user's."""
+        from tpuctl import ownership
+        from tpuctl.config import local_user
+
+        fix = (
+            "nothing was deleted: run `tpuctl up` again to wait longer (or pass a longer --timeout)"
+        )
+        if ownership.created_by(labels, local_user()):
+            fix += f", or delete it with `tpuctl down {name}`"
+        return self.timed_out(f"node {name} {now}", fix)
 
 
 @dataclass(frozen=True)
@@ -196,11 +239,15 @@ class CloudTpuProvider:
 
     # -- create ----------------------------------------------------------------------------
 
-    def create(self, spec: NodeSpec, progress: ProgressFn, wait: bool = True) -> Node | None:
-        """Create a node in `spec.zone` and wait until it is READY (one attempt, no retries).
+    def create(
+        self, spec: NodeSpec, progress: ProgressFn, wait: bool = True, timeout: float | None = None
+    ) -> Node | None:
+        """Create a node in `spec.zone` and wait until it is READY (one attempt, no retries),
+        for at most `timeout` seconds after the API accepted the request.
 
         Raises Stockout when the zone has no capacity, TpuctlError for errors that retrying
-        cannot fix (quota, invalid arguments, permissions). Returns None when not waiting.
+        cannot fix (quota, invalid arguments, permissions), WaitTimedOut (the node is left
+        as it is) after `timeout`. Returns None when not waiting.
         """
         from google.api_core import exceptions
         from google.cloud import tpu_v2
@@ -229,8 +276,11 @@ class CloudTpuProvider:
         progress(f"creating {spec.name} ({spec.accelerator_type}) in {spec.zone}")
         if not wait:
             return None
+        deadline = Deadline(self.clock, timeout)
         try:
-            self._wait_for_operation(operation, spec, progress)
+            self._wait_for_operation(operation, spec, progress, deadline)
+        except WaitTimedOut:  # still being created: a node, soon, and still recorded
+            raise
         except TpuctlError:  # a stockout or refusal: no node was made there
             registry.forget(spec.name, self.location(spec.zone))
             raise
@@ -240,7 +290,7 @@ class CloudTpuProvider:
                 f"`tpuctl down {spec.name}` deletes it"
             )
             raise
-        return self._wait_until_ready(spec.name, spec.zone, progress)
+        return self._wait_until_ready(spec.name, spec.zone, progress, deadline)
 
     def _raise_taken_meanwhile(self, spec: NodeSpec) -> None:
         """A node of this name appeared between `up`'s look and its create request."""
@@ -255,8 +305,11 @@ class CloudTpuProvider:
             exit_code=1,
         )
 
-    def _wait_for_operation(self, operation: Any, spec: NodeSpec, progress: ProgressFn) -> None:
-        """Poll the create operation, reporting the node's state as it changes."""
+    def _wait_for_operation(
+        self, operation: Any, spec: NodeSpec, progress: ProgressFn, deadline: Deadline
+    ) -> None:
+        """Poll the create operation, reporting the node's state as it changes, until it is
+        done or `deadline` passes."""
         last_state = None
         for delay in _poll_delays():
             if self._call(operation.done):
@@ -265,12 +318,17 @@ class CloudTpuProvider:
             if node is not None and node.state != last_state:
                 last_state = node.state
                 progress(f"{spec.name}: {node.state}")
+            if deadline.expired():
+                now = f"is {node.state}" if node else "is not there yet (its creation unfinished)"
+                raise deadline.not_ready(spec.name, f"{now} in {spec.zone}", spec.labels)
             self.clock.sleep(delay)
         error = operation.exception()
         if error is not None:
             self._raise_for(error, spec)
 
-    def _wait_until_ready(self, name: str, zone: str, progress: ProgressFn) -> Node:
+    def _wait_until_ready(
+        self, name: str, zone: str, progress: ProgressFn, deadline: Deadline
+    ) -> Node:
         last_state = None
         for delay in _poll_delays():
             node = self.get(name, zone)
@@ -287,12 +345,41 @@ class CloudTpuProvider:
                     f"`tpuctl down {name}` and try again",
                     exit_code=1,
                 )
+            if deadline.expired():  # e.g. REPAIRING for hours: the service's to finish
+                raise deadline.not_ready(name, f"is {node.state} in {zone}", node.labels)
             self.clock.sleep(delay)
         raise AssertionError("unreachable: _poll_delays is endless")
 
-    def wait_until_ready(self, name: str, progress: ProgressFn, zone: str | None = None) -> Node:
-        """Wait for an existing node (e.g. one still CREATING) to become READY."""
-        return self._wait_until_ready(name, zone or self.zone, progress)
+    def wait_until_ready(
+        self,
+        name: str,
+        progress: ProgressFn,
+        zone: str | None = None,
+        timeout: float | None = None,
+    ) -> Node:
+        """Wait for an existing node (e.g. one still CREATING) to become READY, for at most
+        `timeout` seconds (WaitTimedOut; the node is left as it is)."""
+        return self._wait_until_ready(
+            name, zone or self.zone, progress, Deadline(self.clock, timeout)
+        )
+
+    def wait_while_deleting(
+        self, name: str, progress: ProgressFn, zone: str, timeout: float | None = None
+    ) -> Node | None:
+        """Wait, for at most `timeout` seconds, until node `name`, being deleted, is gone
+        (None), or shows another state (that node: someone made it again)."""
+        deadline = Deadline(self.clock, timeout)
+        for delay in _poll_delays():
+            node = self.get(name, zone)
+            if node is None or node.state != "DELETING":
+                return node
+            if deadline.expired():
+                raise deadline.timed_out(
+                    f"node {name} is still DELETING in {zone}",
+                    "nothing was created: run `tpuctl up` again once it is gone",
+                )
+            self.clock.sleep(delay)
+        raise AssertionError("unreachable: _poll_delays is endless")
 
     def create_with_retries(
         self,
@@ -305,9 +392,11 @@ class CloudTpuProvider:
         queued: bool = False,
         valid_for: float | None = None,
         wait: bool = True,
+        timeout: float | None = None,
     ) -> Node | None:
         """Create the node, walking `spec.zone` then `fallback_zones` and backing off between
-        rounds while every zone is out of capacity, for at most `retry_for` seconds."""
+        rounds while every zone is out of capacity, for at most `retry_for` seconds; then wait
+        for it at most `timeout` seconds (the time in a queue not counted)."""
         zones = [spec.zone, *(z for z in fallback_zones if z != spec.zone)]
         attempts = 0
         started = self.clock.elapsed()  # the budget is this call's, not the provider's age
@@ -317,8 +406,10 @@ class CloudTpuProvider:
                 zoned = replace(spec, zone=zone)
                 try:
                     if queued:
-                        return self.create_queued(zoned, progress, valid_for=valid_for, wait=wait)
-                    return self.create(zoned, progress, wait=wait)
+                        return self.create_queued(
+                            zoned, progress, valid_for=valid_for, wait=wait, timeout=timeout
+                        )
+                    return self.create(zoned, progress, wait=wait, timeout=timeout)
                 except Stockout as stockout:
                     progress(f"stockout in {zone} (attempt {attempts}): {stockout.reason}")
             used = self.clock.elapsed() - started
@@ -350,11 +441,13 @@ class CloudTpuProvider:
         *,
         valid_for: float | None = None,
         wait: bool = True,
+        timeout: float | None = None,
     ) -> Node | None:
-        """Ask for the node through a queued resource named like the node; wait until READY.
+        """Ask for the node through a queued resource named like the node; wait until READY,
+        for at most `timeout` seconds besides the time in the queue (--valid-for's).
 
         A queued resource that ends FAILED or SUSPENDED, or that the user interrupts, is
-        deleted: orphans keep holding quota.
+        deleted: orphans keep holding quota. One waited on past `timeout` is kept.
         """
         from google.api_core import exceptions
         from google.cloud import tpu_v2
@@ -402,24 +495,33 @@ class CloudTpuProvider:
         # Recorded, and in _await_queued's care, from the moment it exists: an interrupt
         # while its create operation runs must not leave it behind unknown.
         registry.record(spec.name, self.location(spec.zone))
-        return self._await_queued(path, spec, operation, progress, wait)
+        return self._await_queued(
+            path, spec, operation, progress, wait, Deadline(self.clock, timeout)
+        )
 
     def _await_queued(
-        self, path: str, spec: NodeSpec, operation: Any, progress: ProgressFn, wait: bool
+        self,
+        path: str,
+        spec: NodeSpec,
+        operation: Any,
+        progress: ProgressFn,
+        wait: bool,
+        deadline: Deadline,
     ) -> Node | None:
         """Wait for the queued resource's create `operation` (None: it existed already), then,
         when `wait`, for the queued resource and its node. Only a queued resource given up on
         (it ended FAILED or SUSPENDED, or the user interrupted) is deleted: the API failing
-        meanwhile is no reason to delete what may still be granted."""
+        meanwhile, or taking longer than `deadline`, is no reason to delete what may still be
+        granted."""
         location = self.location(spec.zone)
         try:
             if operation is not None:
-                self._wait_for_operation(operation, spec, lambda _msg: None)
+                self._wait_for_operation(operation, spec, lambda _msg: None, deadline)
                 progress(f"queued resource {spec.name} created in {spec.zone}")
             if not wait:
                 return None
-            self._wait_for_queued(path, spec, progress)
-            return self._wait_until_ready(spec.name, spec.zone, progress)
+            self._wait_for_queued(path, spec, progress, deadline)
+            return self._wait_until_ready(spec.name, spec.zone, progress, deadline)
         except (KeyboardInterrupt, Stockout, QueuedResourceEnded):
             progress(f"giving up: deleting queued resource {spec.name} so it holds no quota")
             self.delete_queued(path, lambda _msg: None)
@@ -428,6 +530,11 @@ class CloudTpuProvider:
         except QueuedResourceGone:
             registry.forget(spec.name, location)
             raise
+        except WaitTimedOut as error:
+            raise WaitTimedOut(
+                f"{error} (and its queued resource)",
+                exit_code=1,
+            ) from None
         except TpuctlError as error:
             raise TpuctlError(
                 f"{error} (queued resource {spec.name} may remain in {spec.zone}: `tpuctl up` "
@@ -466,7 +573,11 @@ class CloudTpuProvider:
                 exit_code=1,
             )
 
-    def _wait_for_queued(self, path: str, spec: NodeSpec, progress: ProgressFn) -> None:
+    def _wait_for_queued(
+        self, path: str, spec: NodeSpec, progress: ProgressFn, deadline: Deadline
+    ) -> None:
+        """Wait until the queued resource is ACTIVE; `deadline` counts from when it left the
+        queue (its wait there is --valid-for's)."""
         from google.api_core import exceptions
 
         last_state = None
@@ -497,6 +608,14 @@ class CloudTpuProvider:
                 raise QueuedResourceEnded(
                     f"queued resource {spec.name} in {spec.zone} ended {state}: {reason}",
                     exit_code=1,
+                )
+            if state in _QUEUE_STATES:
+                deadline.restart()
+            elif deadline.expired():  # e.g. PROVISIONING for hours
+                raise deadline.not_ready(
+                    spec.name,
+                    f"is not there yet (queued resource {state}) in {spec.zone}",
+                    spec.labels,
                 )
             self.clock.sleep(delay)
 
