@@ -46,12 +46,15 @@ def launch_trainer(
     devices_per_process: int,
     cwd: Path,
     args_of: Mapping[int, list[str]] | None = None,
+    meet_at: str = "TPUCTL_COORDINATOR",
     **extra_env: str,
 ) -> list[subprocess.Popen]:
     """Start `python -m trainer ARGS` as `processes` jax.distributed processes (or one plain
     one); process i gets `args_of[i]` after ARGS too."""
     command = [sys.executable, "-m", "trainer", *args]
-    return launch_processes(command, processes, devices_per_process, cwd, args_of, **extra_env)
+    return launch_processes(
+        command, processes, devices_per_process, cwd, args_of, meet_at, **extra_env
+    )
 
 
 def launch_processes(
@@ -60,18 +63,20 @@ def launch_processes(
     devices_per_process: int,
     cwd: Path,
     args_of: Mapping[int, list[str]] | None = None,
+    meet_at: str = "TPUCTL_COORDINATOR",
     **extra_env: str,
 ) -> list[subprocess.Popen]:
     """Start `command` as `processes` jax.distributed processes joined as tpuctl joins them
     (TPUCTL_COORDINATOR and friends), or as one plain process; process i gets `args_of[i]`
-    after `command`'s arguments."""
+    after `command`'s arguments. `meet_at` TPUCTL_RENDEZVOUS names the meeting point as
+    tpuctl does on a TPU pod, where jax finds the coordinator itself."""
     port = free_port()
     procs = []
     for index in range(processes):
         env = trainer_env(devices_per_process, **extra_env)
         if processes > 1:
             env |= {
-                "TPUCTL_COORDINATOR": f"127.0.0.1:{port}",
+                meet_at: f"127.0.0.1:{port}",
                 "TPUCTL_NUM_PROCESSES": str(processes),
                 "TPUCTL_PROCESS_ID": str(index),
             }

@@ -7,6 +7,7 @@ newer on the PATH, no venv, no tpuctl, and (like a minimal image) no SFTP."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -22,6 +23,8 @@ from tests.fixtures_pod import pod_hosts
 from tests.fixtures_trainer import compile_cache_env_args
 from tpuctl.fanout import run
 from tpuctl.gcs_emulator import GcsEmulator, emulator_env
+from tpuctl.jobs.runs import pod_env
+from tpuctl.providers.base import Node, Worker
 
 pytestmark = pytest.mark.pod
 
@@ -167,6 +170,20 @@ def test_recipe_errors_are_refused_before_anything_reaches_the_hosts(pod):
     assert result.stderr.startswith("error: recipe") and "model.presett" in result.stderr
     assert "Traceback" not in result.stderr
     assert ok("ps", "pod") == before and "running" not in before
+
+
+def test_a_tpu_pods_processes_meet_at_worker_0_before_jax_joins_them():
+    """So that one failing before it joins ends the others at once (the trainer's side:
+    tests/test_trainer_distributed.py); jax finds the coordinator itself, and a single
+    host has no one to meet."""
+    workers = tuple(Worker(i, f"10.0.0.{i + 2}") for i in range(4))
+    pod = Node("p", "z", "v4-32", "READY", workers=workers)
+    assert pod_env(pod, cpu=False) == {
+        "TPUCTL_RENDEZVOUS": "10.0.0.2",
+        "TPUCTL_NUM_PROCESSES": "4",
+    }
+    assert pod_env(dataclasses.replace(pod, workers=workers[:1]), cpu=False) == {}
+    assert pod_env(pod, cpu=True)["TPUCTL_COORDINATOR"] == "10.0.0.2:8476"
 
 
 @pytest.mark.slow

@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.fixtures_trainer import REPO, TINY_RECIPE, launch_processes, launch_trainer, wait_all
 from trainer.config import MeshConfig
-from trainer.distributed import CPU_DEVICES_FLAG, cpu_devices_flags
+from trainer.distributed import CPU_DEVICES_FLAG, cpu_devices_flags, meeting_env
 from trainer.exit_status import EXIT_BAD_INPUT
 
 
@@ -118,11 +120,21 @@ def test_a_recipe_error_after_joining_ends_every_process_with_its_line_and_exit_
         assert "Traceback" not in output
 
 
-def test_a_process_that_fails_before_joining_ends_the_pod_at_once(tmp_path):
+# A TPU pod: jax finds its coordinator itself, tpuctl names only where the processes meet.
+TPU_POD = {"meet_at": "TPUCTL_RENDEZVOUS", "TPU_WORKER_HOSTNAMES": "w0,w1,w2"}
+
+
+@pytest.mark.parametrize("pod", [{}, TPU_POD], ids=["cpu-pod", "tpu-pod"])
+def test_a_process_that_fails_before_joining_ends_the_pod_at_once(tmp_path, pod):
     """Not after TPUCTL_INIT_TIMEOUT (900 s): the processes waiting to join end with the
     failed one's line and exit status."""
     procs = launch_trainer(
-        [str(TINY_RECIPE), f"run_dir={tmp_path}"], 3, 1, tmp_path, args_of={2: ["train.steps=0"]}
+        [str(TINY_RECIPE), f"run_dir={tmp_path}"],
+        3,
+        1,
+        tmp_path,
+        args_of={2: ["train.steps=0"]},
+        **pod,
     )
     results = wait_all(procs, timeout=120)
     assert [code for code, _ in results] == [2, 2, 2], results
@@ -133,3 +145,17 @@ def test_a_process_that_fails_before_joining_ends_the_pod_at_once(tmp_path):
         assert f"error: process 2 failed before joining the pod: {line}" in output
         assert "Traceback" not in output
     assert not (tmp_path / "DONE").exists()
+
+
+def test_on_a_tpu_pod_the_processes_meet_on_jaxs_coordinator_port(monkeypatch):
+    """The one port the pod's network surely lets through: jax's, read from the jax the
+    worker has (so a jax that moves it or renames it fails here first)."""
+    from jax._src.clusters import cloud_tpu_cluster
+
+    monkeypatch.setenv("TPUCTL_RENDEZVOUS", "10.0.0.2")
+    monkeypatch.setenv("TPUCTL_NUM_PROCESSES", "4")
+    monkeypatch.setenv("TPUCTL_PROCESS_ID", "3")
+    monkeypatch.delenv("JAX_COORDINATOR_PORT", raising=False)
+    assert meeting_env() == (f"10.0.0.2:{int(cloud_tpu_cluster.coordinator_port)}", 4, 3)
+    monkeypatch.setenv("JAX_COORDINATOR_PORT", "9000")  # jax's own override, honoured alike
+    assert meeting_env() == ("10.0.0.2:9000", 4, 3)

@@ -1,9 +1,12 @@
 """Join the other processes of a multi-host run with jax.distributed.
 
 tpuctl sets TPUCTL_COORDINATOR (host:port), TPUCTL_NUM_PROCESSES and TPUCTL_PROCESS_ID on CPU
-test pods and local pods; on a TPU VM, jax detects the pod itself. Either way a worker waits at
+test pods and local pods; on a TPU VM, jax detects the pod itself, and tpuctl sets
+TPUCTL_RENDEZVOUS (worker 0's address) in place of TPUCTL_COORDINATOR, so that the processes
+meet first (`trainer.rendezvous`) on jax's own coordinator port. Either way a worker waits at
 most TPUCTL_INIT_TIMEOUT seconds (default 900, long enough for cold restarts after a
-preemption) for the others, then fails with a message saying the run was not started everywhere.
+preemption) for the others, then fails with a message saying the run was not started
+everywhere, and one that fails before joining ends the others at once.
 
 Once joined, a pod fails as one: a watcher thread in every process ends it within seconds
 when another process has stopped sending heartbeats for TPUCTL_HEARTBEAT_TIMEOUT seconds
@@ -48,8 +51,37 @@ _leaving = threading.Lock()  # held by the thread that ends this process in `_le
 
 
 def coordinator_env() -> tuple[str, int, int] | None:
-    """(address, num_processes, process_id) from TPUCTL_* variables, None if unset."""
-    address = os.environ.get("TPUCTL_COORDINATOR")
+    """(address, num_processes, process_id) from TPUCTL_COORDINATOR and friends, None if unset:
+    where jax.distributed joins the processes (and where they meet first)."""
+    return _pod_env("TPUCTL_COORDINATOR")
+
+
+def meeting_env() -> tuple[str, int, int] | None:
+    """(address, num_processes, process_id) where the processes meet before joining
+    (`rendezvous.join`), None if they do not: TPUCTL_COORDINATOR, or on a TPU VM, where jax
+    finds its coordinator itself, TPUCTL_RENDEZVOUS: worker 0's host, on jax's coordinator
+    port unless it names another."""
+    explicit = coordinator_env()
+    if explicit:
+        return explicit
+    meeting = _pod_env("TPUCTL_RENDEZVOUS")
+    if meeting is None or ":" in meeting[0]:
+        return meeting
+    host, count, index = meeting
+    return f"{host}:{tpu_coordinator_port()}", count, index
+
+
+def tpu_coordinator_port() -> int:
+    """The port jax's coordinator takes on a Cloud TPU pod's worker 0 (JAX_COORDINATOR_PORT,
+    else jax's default, 8482 now): the one port the pod's network surely lets through
+    between its workers, since jax needs it too."""
+    from jax._src.clusters import cloud_tpu_cluster
+
+    return int(os.environ.get("JAX_COORDINATOR_PORT") or cloud_tpu_cluster.coordinator_port)
+
+
+def _pod_env(variable: str) -> tuple[str, int, int] | None:
+    address = os.environ.get(variable)
     if not address:
         return None
     try:
@@ -57,7 +89,7 @@ def coordinator_env() -> tuple[str, int, int] | None:
         index = int(os.environ["TPUCTL_PROCESS_ID"])
     except (KeyError, ValueError) as e:
         raise RecipeError(
-            "TPUCTL_COORDINATOR is set, so TPUCTL_NUM_PROCESSES and TPUCTL_PROCESS_ID must be integers too"
+            f"{variable} is set, so TPUCTL_NUM_PROCESSES and TPUCTL_PROCESS_ID must be integers too"
         ) from e
     if not 0 <= index < count:
         raise RecipeError(f"TPUCTL_PROCESS_ID={index} must be in [0, TPUCTL_NUM_PROCESSES={count})")
@@ -119,12 +151,14 @@ def initialize() -> None:
         "shutdown_timeout_seconds": heartbeat * 2,
     }
     explicit = coordinator_env()
-    if explicit:
-        address, count, index = explicit
+    meeting = meeting_env()
+    if meeting:
         # jax aborts the whole process (no exception) when a peer never registers, so first
         # make sure every worker is there, with an error that says what happened.
-        rendezvous.join(address, count, index, timeout)
+        rendezvous.join(*meeting, timeout)
         _met.set()
+    if explicit:
+        address, count, index = explicit
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(address, count, index, **limits)
     elif on_tpu_vm():
@@ -140,7 +174,7 @@ def initialize() -> None:
 def failed_before_joining(error: Exception) -> int:
     """Print `error: ...` for an error that ended this process before it joined the pod,
     tell the pod's other processes, which wait to join, to end with it too
-    (`rendezvous.tell_failure`, where TPUCTL_COORDINATOR says they meet), and return the exit
+    (`rendezvous.tell_failure`, where `meeting_env` says they meet), and return the exit
     status: EXIT_BAD_INPUT for a recipe or start-up error, 1 for any other exception,
     another process's status when it failed first, and EXIT_PEER_LOST when the pod's other
     processes did not all come."""
@@ -155,8 +189,8 @@ def failed_before_joining(error: Exception) -> int:
         traceback.print_exception(error)
     _print_line(f"error: {message}")
     with contextlib.suppress(RecipeError):  # no pod to tell when its variables are wrong
-        if (explicit := coordinator_env()) and not _met.is_set():
-            address, count, index = explicit
+        if (meeting := meeting_env()) and not _met.is_set():
+            address, count, index = meeting
             rendezvous.tell_failure(address, count, rendezvous.Failure(index, message, status))
     return status
 

@@ -85,8 +85,8 @@ def start_run(
         _clear_stale_done(_absolute(recipe.run_dir), recipe.train.steps, progress)
     cpu = _is_cpu_pod(settings, node, worker_jobs)
     worker_env = prepare_workers(settings, node, hosts, progress, cpu)
-    env = {**secrets, **storage_env, **(_cpu_pod_env(node) if cpu else {}), **request.env}
-    launch_hosts = _with_process_ids(hosts) if cpu else hosts
+    env = {**secrets, **storage_env, **pod_env(node, cpu), **request.env}
+    launch_hosts = _with_process_ids(hosts) if "TPUCTL_NUM_PROCESSES" in env else hosts
     # A container gets what the job gets: the run's variables and each worker's own.
     names = {*env, *(name for host in launch_hosts for name in host.env)}
     command = [*worker_env.launcher(names), "-m", "trainer", uri]
@@ -243,6 +243,12 @@ def _is_cpu_pod(settings: Settings, node: Node, worker_jobs: list[jobs.WorkerJob
     return node.provider == "local" or not any(job.accelerator for job in worker_jobs)
 
 
+def pod_env(node: Node, cpu: bool) -> dict[str, str]:
+    """The variables that make the run's processes one pod (with each worker's
+    TPUCTL_PROCESS_ID), none for a single TPU host."""
+    return _cpu_pod_env(node) if cpu else _tpu_pod_env(node)
+
+
 def _cpu_pod_env(node: Node) -> dict[str, str]:
     """On CPU pods jax cannot discover the pod: name the coordinator and the pod's size,
     and give each process the type's devices per host as virtual CPU devices."""
@@ -255,6 +261,18 @@ def _cpu_pod_env(node: Node) -> dict[str, str]:
         "TPUCTL_NUM_PROCESSES": str(len(node.workers)),
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_PLATFORMS": "cpu",
+    }
+
+
+def _tpu_pod_env(node: Node) -> dict[str, str]:
+    """On a TPU pod jax finds the pod itself; the processes meet at worker 0 first
+    (`trainer.rendezvous`, on jax's coordinator port), so that one failing before it joins
+    ends the others at once instead of after TPUCTL_INIT_TIMEOUT."""
+    if len(node.workers) < 2:
+        return {}
+    return {
+        "TPUCTL_RENDEZVOUS": node.workers[0].internal_ip,
+        "TPUCTL_NUM_PROCESSES": str(len(node.workers)),
     }
 
 
