@@ -23,3 +23,11 @@ def pytest_configure(config) -> None:
     would inherit that: the tests of Ctrl-C need it delivered, as in a user's shell."""
     if hasattr(config, "workerinput"):
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Files with slow tests first: the two test processes take whole files in collection
+    order (scripts/test turns off xdist's reordering by test count), so a file of a few long
+    tests started last (test_readme.py) no longer ends the run alone."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
