@@ -103,7 +103,7 @@ def our_metrics(params, reference, batch, cfg: ObjectiveConfig) -> dict[str, flo
 def test_loss_and_metrics_over_packed_pairs_equal_trl(case, tokenizer_dir):
     cfg, loss_type = CASES[case]
     tok = load_tokenizer(TokenizerConfig(path=str(tokenizer_dir)))
-    pairs = [tokenize_pair(r, tok, DataConfig(format="preference"), 65) for r in RECORDS]
+    pairs = [tokenize_pair(r, tok, DataConfig(format="preference"), 65)[0] for r in RECORDS]
     packed = _pack_pairs(pairs, 65)
     assert len(packed.tokens) < len(pairs)  # several pairs share a row
     policy, reference = hf_model(CFG, seed=0), hf_model(CFG, seed=1)
@@ -165,7 +165,7 @@ def trl_simpo_metrics(pairs, policy, cfg: ObjectiveConfig, tokenizer_dir) -> dic
 def test_simpo_over_packed_pairs_equals_trl_and_needs_no_reference(smoothing, tokenizer_dir):
     cfg = ObjectiveConfig(name="dpo", loss="simpo", beta=2.0, gamma=0.3, label_smoothing=smoothing)
     tok = load_tokenizer(TokenizerConfig(path=str(tokenizer_dir)))
-    pairs = [tokenize_pair(r, tok, DataConfig(format="preference"), 65) for r in RECORDS]
+    pairs = [tokenize_pair(r, tok, DataConfig(format="preference"), 65)[0] for r in RECORDS]
     packed = _pack_pairs(pairs, 65)
     assert len(packed.tokens) < len(pairs)  # several pairs share a row
     policy = hf_model(CFG, seed=0)

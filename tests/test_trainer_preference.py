@@ -41,7 +41,7 @@ def learned(tok: Tokenizer, sequence: tuple[list[int], list[int]]) -> str:
 
 def test_string_pairs_share_the_prompt_and_learn_only_the_responses(tok):
     record = {"prompt": "Count up from two:", "chosen": " two, three.", "rejected": " three, two."}
-    chosen, rejected = tokenize_pair(record, tok, CFG, ROW)
+    (chosen, rejected), _ = tokenize_pair(record, tok, CFG, ROW)
     prompt = [tok.sp.bos_id(), *tok.encode("Count up from two:")]
     assert chosen[0] == prompt + tok.encode(" two, three.") + [tok.sp.eos_id()]
     assert chosen[1] == [0] * len(prompt) + [1] * (len(chosen[0]) - len(prompt))
@@ -56,7 +56,7 @@ def test_string_pairs_are_tokenised_whole_as_trls_dpo_does(tok, tmp_path):
     import sentencepiece
 
     record = {"prompt": "### Response:\n", "chosen": "four", "rejected": "five"}
-    sides = tokenize_pair(record, tok, CFG, ROW)
+    sides, _ = tokenize_pair(record, tok, CFG, ROW)
     sp = sentencepiece.SentencePieceProcessor(model_file=TOKENIZER.path)  # TRL's tokenizer(text)
     for (tokens, flags), text in zip(sides, ("four", "five"), strict=True):
         assert tokens == [sp.bos_id(), *sp.encode(record["prompt"] + text), sp.eos_id()]
@@ -64,7 +64,7 @@ def test_string_pairs_are_tokenised_whole_as_trls_dpo_does(tok, tmp_path):
     directory = train_tokenizer(tmp_path / "t", "bpe", "<|im_end|>", chat_template=None)
     ended = load_tokenizer(TokenizerConfig(path=str(directory)))
     record = {"prompt": "Q:", "chosen": " yes<|im_end|>", "rejected": " no"}
-    for tokens, _ in tokenize_pair(record, ended, CFG, ROW):
+    for tokens, _ in tokenize_pair(record, ended, CFG, ROW)[0]:
         assert tokens.count(ended.eos_id) == 1 and tokens[-1] == ended.eos_id
 
 
@@ -74,7 +74,7 @@ def test_conversations_render_as_chat_data_and_learn_only_the_final_turn(templat
     tok = load_tokenizer(TokenizerConfig(path=str(directory)))
     cfg = DataConfig(format="preference", chat_template=template)
     whole = {"chosen": [*PROMPT, CHOSEN], "rejected": [*PROMPT, REJECTED]}
-    chosen, rejected = tokenize_pair(whole, tok, cfg, ROW)
+    (chosen, rejected), _ = tokenize_pair(whole, tok, cfg, ROW)
     as_chat, _ = data.tokenize({"messages": [*PROMPT, CHOSEN]}, tok, DataConfig(format="chat"))
     if template is None:
         assert chosen[0] == as_chat  # tulu, exactly what data.format chat renders
@@ -85,16 +85,17 @@ def test_conversations_render_as_chat_data_and_learn_only_the_final_turn(templat
     assert learned(tok, rejected) == REJECTED["content"] + end
     # TRL's explicit-prompt form and UltraFeedback's (string prompt beside whole conversations)
     explicit = {"prompt": PROMPT, "chosen": [CHOSEN], "rejected": [REJECTED]}
-    assert tokenize_pair(explicit, tok, cfg, ROW) == (chosen, rejected)
+    assert tokenize_pair(explicit, tok, cfg, ROW) == ((chosen, rejected), False)
     labelled = {**whole, "prompt": PROMPT[-1]["content"]}
-    assert tokenize_pair(labelled, tok, cfg, ROW) == (chosen, rejected)
+    assert tokenize_pair(labelled, tok, cfg, ROW) == ((chosen, rejected), False)
 
 
 def test_too_long_pairs_lose_prompt_from_the_start_then_response_from_the_end(tok):
     prompt = " ".join(f"word{i}" for i in range(60))
     record = {"prompt": prompt, "chosen": " one, two, three.", "rejected": " three, one."}
-    full_c, full_r = tokenize_pair(record, tok, CFG, 10_000)
-    chosen, rejected = tokenize_pair(record, tok, CFG, 96)
+    (full_c, full_r), whole_cut = tokenize_pair(record, tok, CFG, 10_000)
+    (chosen, rejected), cut = tokenize_pair(record, tok, CFG, 96)
+    assert cut and not whole_cut  # the cache counts the pairs the rule cut
     assert len(chosen[0]) + len(rejected[0]) <= 96
     response_c = full_c[0][full_c[1].index(1) :]
     assert chosen[0][-len(response_c) :] == response_c  # responses whole
@@ -107,12 +108,12 @@ def test_too_long_pairs_lose_prompt_from_the_start_then_response_from_the_end(to
 
     long_response = " " + " ".join(["seven"] * 60)
     record = {"prompt": prompt, "chosen": long_response, "rejected": " one."}
-    chosen, rejected = tokenize_pair(record, tok, CFG, 96)
-    assert len(chosen[0]) + len(rejected[0]) == 96
+    (chosen, rejected), cut = tokenize_pair(record, tok, CFG, 96)
+    assert cut and len(chosen[0]) + len(rejected[0]) == 96
     assert chosen[1].count(0) == 96 // 4 and learned(tok, rejected) == learned(
-        tok, tokenize_pair(record, tok, CFG, 10_000)[1]
+        tok, tokenize_pair(record, tok, CFG, 10_000)[0][1]
     )  # the short response whole, the long one cut at its end
-    full = tokenize_pair(record, tok, CFG, 10_000)[0]
+    full = tokenize_pair(record, tok, CFG, 10_000)[0][0]
     assert chosen[0][96 // 4 :] == full[0][full[1].index(1) :][: len(chosen[0]) - 96 // 4]
 
 
@@ -170,10 +171,12 @@ def pairs(count: int) -> list[dict]:
     ]
 
 
-def test_the_cache_packs_whole_pairs_and_reports_skips_with_where_the_first_is(tmp_path):
+def test_the_cache_packs_whole_pairs_and_reports_skips_and_cuts_with_where_the_first_is(tmp_path):
     good = pairs(30)
     records = [*good[:5], {**good[5], "rejected": good[5]["chosen"]}, *good[6:]]
     records.insert(9, {"prompt": "x", "chosen": " " + "nine " * 80, "rejected": " one."})
+    long_prompt = " ".join(f"word{i}" for i in range(40))
+    records[19:21] = [{**r, "prompt": long_prompt} for r in records[19:21]]
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
     reader = build(str(tmp_path / "cache"), [str(path)], seq_len=64, format="preference")
     rows = reader.read(np.arange(reader.rows))
@@ -186,6 +189,7 @@ def test_the_cache_packs_whole_pairs_and_reports_skips_with_where_the_first_is(t
     assert line.endswith(
         f"; skipped 1 with chosen == rejected (first: {path}:6), "
         f"1 with a response longer than train.seq_len (first: {path}:10)"
+        f"; cut to a row's length: 2 of {path} (first: {path}:20)"
     )
     # Every record skipped: the error blamed data.format and hid why.
     same = write_jsonl(tmp_path / "same.jsonl", [{**p, "rejected": p["chosen"]} for p in good])

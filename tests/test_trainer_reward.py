@@ -44,7 +44,7 @@ def test_loss_and_metrics_over_packed_pairs_equal_trl_reward_trainer(tokenizer_d
     records = (
         [r | {"margin": m} for r, m in zip(RECORDS, margins, strict=True)] if margins else RECORDS
     )
-    pairs = [tokenize_pair(r, tok, DataConfig(format="preference"), 64) for r in records]
+    pairs = [tokenize_pair(r, tok, DataConfig(format="preference"), 64)[0] for r in records]
     packer = data.packer(DataConfig(format="preference"), 65)
     for record, pair in zip(records, pairs, strict=True):
         packer.add_together(list(pair), margin(record))

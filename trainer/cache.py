@@ -245,14 +245,14 @@ def _build(
     fd, tmp_path = _locked_temp(cache)
     counts = {"documents": 0, "rows": 0, "tokens": 0, "padding": 0, "targets": 0}
     skipped: dict[str, list] = {}  # reason: [count, where the first one is]
-    cut: list = [0, None]  # examples longer than a row, truncated: [count, where the first is]
+    cut: list = [0, None]  # examples or pairs cut to fit a row: [count, where the first is]
     renewed = time.time()
     try:
         with os.fdopen(fd, "wb") as out:
             for where, record in sources.read_located(unit):
                 try:
-                    sequences = data.sequences(record, tok, cfg, row_len)
-                    if not packer.split_documents and len(sequences[0][0]) > row_len:
+                    sequences, was_cut = data.sequences(record, tok, cfg, row_len)
+                    if was_cut:
                         cut = [cut[0] + 1, cut[1] or where]
                     margin = preference.margin(record) if cfg.format == "preference" else 0.0
                     packer.add_together(sequences, margin)

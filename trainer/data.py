@@ -45,12 +45,21 @@ def tokenize(record: object, tok: Tokenizer, cfg: DataConfig) -> tuple[list[int]
 
 def sequences(
     record: object, tok: Tokenizer, cfg: DataConfig, row_len: int
-) -> list[tuple[list[int], list[int]]]:
+) -> tuple[list[tuple[list[int], list[int]]], bool]:
     """The (tokens, flags) sequences of one record that go into one row together: one example,
-    or a preference pair's chosen and rejected (trainer.preference; it may raise Skipped)."""
+    or a preference pair's chosen and rejected (trainer.preference; it may raise Skipped); and
+    whether the record is cut to fit (an example longer than a row, which the packer cuts; a
+    pair the length rule cut). Text is chunked, never cut."""
     if cfg.format == "preference":
-        return list(preference.tokenize_pair(record, tok, cfg, row_len - 1))
-    return [tokenize(record, tok, cfg)]
+        pair, cut = preference.tokenize_pair(record, tok, cfg, row_len - 1)
+        return list(pair), cut
+    example = tokenize(record, tok, cfg)
+    return [example], not _chunked(cfg) and len(example[0]) > row_len
+
+
+def _chunked(cfg: DataConfig) -> bool:
+    """Whether examples are concatenated and chunked into rows (text) rather than kept whole."""
+    return cfg.format == "text"
 
 
 def _field(record: object, name: str) -> str:
@@ -201,7 +210,7 @@ def packer(cfg: DataConfig, row_len: int) -> Packer:
     so every sequence's last token is a model input (the reward model scores it there)."""
     if cfg.format == "preference":
         return Packer(row_len, split_documents=False, fill=row_len - 1, margins=True)
-    return Packer(row_len, split_documents=cfg.format == "text")
+    return Packer(row_len, split_documents=_chunked(cfg))
 
 
 def pack(

@@ -17,9 +17,10 @@ Length rule: a pair goes whole into one packed row, its two sequences side by si
 `seq_len` tokens (each with its own copy of the prompt, as two segments). A pair that does not
 fit first loses prompt tokens from the start (the end, next to the response, is kept), each
 prompt keeping at least a quarter of seq_len; then the longer response loses
-tokens from its end until both fit. A response longer than `seq_len` on its own, an empty
-response and a pair whose two sequences are identical are skipped and counted (the cache
-summary reports them); a record that is not a pair is an error naming it and the fix.
+tokens from its end until both fit; the pairs it cut are counted (the cache summary reports
+them). A response longer than `seq_len` on its own, an empty response and a pair whose two
+sequences are identical are skipped and counted (the cache summary reports them); a record
+that is not a pair is an error naming it and the fix.
 
 An optional number `margin` (TRL's RewardTrainer convention: how much better chosen is) goes
 with the pair into its packed row; the reward model's loss subtracts it (trainer.reward).
@@ -51,18 +52,20 @@ class Skipped(Exception):
 
 def tokenize_pair(
     record: object, tok: Tokenizer, cfg: DataConfig, budget: int
-) -> tuple[Sequence, Sequence]:
+) -> tuple[tuple[Sequence, Sequence], bool]:
     """The (chosen, rejected) sequences of one record, fitted into `budget` tokens together
-    (train.seq_len) by the length rule; raises Skipped or RecipeError."""
-    (pc, rc, fc), (pr, rr, fr) = render_pair(record, tok, cfg)
+    (train.seq_len) by the length rule, and whether that rule cut them; raises Skipped or
+    RecipeError."""
+    whole = render_pair(record, tok, cfg)
+    (pc, rc, fc), (pr, rr, fr) = whole
     if not any(fc) or not any(fr):
         raise Skipped("empty")
     if pc + rc == pr + rr:
         raise Skipped("identical")
     if max(len(rc), len(rr)) > budget:
         raise Skipped("too_long")
-    (pc, rc, fc), (pr, rr, fr) = _fit((pc, rc, fc), (pr, rr, fr), budget)
-    return _sequence(pc, rc, fc), _sequence(pr, rr, fr)
+    chosen, rejected = _fit(*whole, budget)
+    return (_sequence(*chosen), _sequence(*rejected)), [chosen, rejected] != whole
 
 
 def render_pair(record: object, tok: Tokenizer, cfg: DataConfig) -> list[tuple]:
