@@ -126,10 +126,18 @@ def test_unusable_pairs_are_skipped_with_their_reason(tok):
     with pytest.raises(Skipped) as skip:
         tokenize_pair(long, tok, CFG, 65)
     assert skip.value.reason == "too_long"
+    # An empty response, whether or not EOS is added: with it the pair trained on EOS alone.
     bare = load_tokenizer(TokenizerConfig(path=TOKENIZER.path, add_eos=False))
-    with pytest.raises(Skipped) as skip:
-        tokenize_pair({"prompt": "Count:", "chosen": "", "rejected": " one."}, bare, CFG, ROW)
-    assert skip.value.reason == "empty"
+    empty_chat = {"prompt": PROMPT, "chosen": [CHOSEN], "rejected": [{**REJECTED, "content": ""}]}
+    for record, with_tok in [
+        ({"prompt": "Count:", "chosen": "", "rejected": " one."}, bare),
+        ({"prompt": "Count:", "chosen": "", "rejected": " one."}, tok),
+        ({"prompt": "Count:", "chosen": " one.", "rejected": ""}, tok),
+        (empty_chat, tok),
+    ]:
+        with pytest.raises(Skipped) as skip:
+            tokenize_pair(record, with_tok, CFG, ROW)
+        assert skip.value.reason == "empty", record
 
 
 @pytest.mark.parametrize(
@@ -175,8 +183,9 @@ def test_the_cache_packs_whole_pairs_and_reports_skips_and_cuts_with_where_the_f
     good = pairs(30)
     records = [*good[:5], {**good[5], "rejected": good[5]["chosen"]}, *good[6:]]
     records.insert(9, {"prompt": "x", "chosen": " " + "nine " * 80, "rejected": " one."})
+    records.insert(12, {**good[12], "chosen": ""})
     long_prompt = " ".join(f"word{i}" for i in range(40))
-    records[19:21] = [{**r, "prompt": long_prompt} for r in records[19:21]]
+    records[20:22] = [{**r, "prompt": long_prompt} for r in records[20:22]]
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
     reader = build(str(tmp_path / "cache"), [str(path)], seq_len=64, format="preference")
     rows = reader.read(np.arange(reader.rows))
@@ -187,9 +196,10 @@ def test_the_cache_packs_whole_pairs_and_reports_skips_and_cuts_with_where_the_f
     line = cache.summary("data.train", caches, [cache.finalize(caches[0])])
     assert line.startswith("data.train: 29 documents")
     assert line.endswith(
-        f"; skipped 1 with chosen == rejected (first: {path}:6), "
+        f"; skipped 1 with an empty response (first: {path}:13), "
+        f"1 with chosen == rejected (first: {path}:6), "
         f"1 with a response longer than train.seq_len (first: {path}:10)"
-        f"; cut to a row's length: 2 of {path} (first: {path}:20)"
+        f"; cut to a row's length: 2 of {path} (first: {path}:21)"
     )
     # Every record skipped: the error blamed data.format and hid why.
     same = write_jsonl(tmp_path / "same.jsonl", [{**p, "rejected": p["chosen"]} for p in good])

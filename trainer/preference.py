@@ -18,9 +18,10 @@ Length rule: a pair goes whole into one packed row, its two sequences side by si
 fit first loses prompt tokens from the start (the end, next to the response, is kept), each
 prompt keeping at least a quarter of seq_len; then the longer response loses
 tokens from its end until both fit; the pairs it cut are counted (the cache summary reports
-them). A response longer than `seq_len` on its own, an empty response and a pair whose two
-sequences are identical are skipped and counted (the cache summary reports them); a record
-that is not a pair is an error naming it and the fix.
+them). A response longer than `seq_len` on its own, an empty response ("", or a final message
+without content: with EOS added it would train on EOS alone) and a pair whose two sequences
+are identical are skipped and counted (the cache summary reports them); a record that is not
+a pair is an error naming it and the fix.
 
 An optional number `margin` (TRL's RewardTrainer convention: how much better chosen is) goes
 with the pair into its packed row; the reward model's loss subtracts it (trainer.reward).
@@ -58,7 +59,8 @@ def tokenize_pair(
     RecipeError."""
     whole = render_pair(record, tok, cfg)
     (pc, rc, fc), (pr, rr, fr) = whole
-    if not any(fc) or not any(fr):
+    said = [_says_something(record[name]) for name in ("chosen", "rejected")]
+    if not all(said) or not any(fc) or not any(fr):
         raise Skipped("empty")
     if pc + rc == pr + rr:
         raise Skipped("identical")
@@ -66,6 +68,15 @@ def tokenize_pair(
         raise Skipped("too_long")
     chosen, rejected = _fit(*whole, budget)
     return (_sequence(*chosen), _sequence(*rejected)), [chosen, rejected] != whole
+
+
+def _says_something(response: str | list[dict]) -> bool:
+    """Whether a response has content: not "", nor a final message with nothing but its role
+    (an empty content). Either trains on the EOS or end-of-turn token alone, which TRL does
+    (it appends EOS to ""); that teaches only to stop at once, so such a pair is skipped."""
+    if isinstance(response, str):
+        return response != ""
+    return any(value for key, value in response[-1].items() if key != "role")
 
 
 def render_pair(record: object, tok: Tokenizer, cfg: DataConfig) -> list[tuple]:
