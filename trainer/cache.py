@@ -42,8 +42,9 @@ from trainer.config import DataConfig, DatasetConfig, RecipeError
 # messages without their None-valued keys
 CACHE_VERSION = 4
 # A format's own version, in its caches' keys only (the others' caches stay valid):
-# preference 1: string pairs tokenised with their prompt as one text
-FORMAT_VERSIONS = {"preference": 1}
+# preference 1: string pairs tokenised with their prompt as one text; 2: a pair with an empty
+# response skipped whatever tokenizer.add_eos (an earlier cache holds it, training on EOS alone)
+FORMAT_VERSIONS = {"preference": 2}
 INDEX = "index.json"
 LEASE_S = 300.0  # a claim without progress for this long belongs to a builder that died
 REFRESH_S = 30.0  # how often a builder renews its claim
