@@ -13,9 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.fixtures_data import TOKENIZER
 from tests.fixtures_hf import hf_model, hf_state, save_run, train_tokenizer
 from tests.fixtures_preference import CFG, RECORDS
+from trainer import score as scoring
+from trainer.config import DataConfig, RecipeError
 from trainer.hf import params_from_hf
+from trainer.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = [
@@ -137,3 +141,13 @@ def test_a_tie_and_an_empty_response_are_scored_not_refused(reward_run, tmp_path
     assert tie["chosen"] == tie["rejected"]
     theirs = transformers_scores(reward_run / "export", records[1])
     assert empty == pytest.approx(theirs, abs=1e-4)
+
+
+@pytest.mark.parametrize("missing", ["chosen", "rejected"])
+def test_half_a_pair_is_refused_naming_the_missing_side(missing):
+    """It was read as a prompt_completion record (it has a prompt) and refused as one."""
+    record = {key: value for key, value in RECORDS[0].items() if key != missing}
+    message = (f"^data.format preference: the record has no '{missing}'; every record needs "
+               "'chosen' and 'rejected'")  # fmt: skip
+    with pytest.raises(RecipeError, match=message):
+        scoring.sequences(record, load_tokenizer(TOKENIZER), DataConfig(), CFG.max_seq_len)

@@ -6,7 +6,8 @@ directory `python -m trainer.export` wrote from one (config.json, safetensors, t
 local or gs://. DATA is any input the trainer reads (a jsonl file, Parquet, `hf:NAME`...).
 Examples are rendered as training renders them (trainer.data, trainer.preference): a record
 with `chosen` and `rejected` as `data.format: preference` reads it gets
-`{"chosen": S, "rejected": S}`; any other gets `{"score": S}`, rendered as chat if it has
+`{"chosen": S, "rejected": S}` (one with only one of them is an error naming the other); any
+other gets `{"score": S}`, rendered as chat if it has
 `messages`, as prompt + completion if it has `prompt` (or `instruction`), else as text. A score is the score head
 at the sequence's final token, as in training and in transformers'
 `*ForSequenceClassification`, computed in float32. BOS/EOS and the chat template are the defaults, or `--recipe`'s
@@ -59,8 +60,9 @@ def load_reward_model(source: str, step: int | None = None) -> tuple[ModelConfig
 
 def sequences(record: object, tok, cfg: DataConfig, max_len: int) -> dict[str, list[int]]:
     """The token ids to score for one record, by output field: chosen/rejected or score."""
-    if isinstance(record, dict) and "chosen" in record and "rejected" in record:
+    if isinstance(record, dict) and ("chosen" in record or "rejected" in record):
         # Whole, not fitted to a training budget; a tie or an empty response scores as it is.
+        # Half a pair is refused naming the missing side, not read as another format.
         (pc, rc, _), (pr, rr, _) = preference.render_pair(record, tok, cfg)
         named = {"chosen": pc + rc, "rejected": pr + rr}
     else:
