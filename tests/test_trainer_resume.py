@@ -89,14 +89,18 @@ class TrainerPod:
     def running(self) -> bool:
         return all(p.poll() is None for p in self.procs)
 
-    def stop_at(self, step: int, sig: int) -> int:
-        """Send `sig` to every process once step `step` is done (as a preemption or `tpuctl kill`
-        does); returns the step the run stopped at."""
+    def wait_for_step(self, step: int) -> None:
+        """Return once step `step` is done; the run must still be running then."""
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while self.running() and self.last_step() < step:
             assert time.monotonic() < deadline, f"no step {step} yet:\n{self.output()[-3000:]}"
             time.sleep(0.02)
         assert self.running(), f"the run ended before step {step}:\n{self.output()[-3000:]}"
+
+    def stop_at(self, step: int, sig: int) -> int:
+        """Send `sig` to every process once step `step` is done (as a preemption or `tpuctl kill`
+        does); returns the step the run stopped at."""
+        self.wait_for_step(step)
         for proc in self.procs:
             proc.send_signal(sig)
         codes = self.wait()
@@ -260,3 +264,27 @@ def test_a_finished_run_that_goes_on_has_no_done_record_until_it_ends_again(tmp_
     assert going_on.stop_at(7, signal.SIGTERM) >= 7
     assert "trainer: going on from step 4 to 12" in going_on.output()
     assert not (run_dir / "DONE").exists()
+
+
+def test_a_second_trainer_on_a_run_dir_in_use_stops_and_leaves_the_first_alone(tmp_path):
+    """Both trained side by side, each saving its steps over the other's checkpoints and
+    deleting the other's saves in progress, and both exited 0."""
+    reference, run_dir = str(tmp_path / "reference"), tmp_path / "run"
+    TrainerPod(reference, 1, tmp_path).finish()
+    first = TrainerPod(str(run_dir), 1, tmp_path)
+    first.wait_for_step(5)
+    first.procs[0].send_signal(signal.SIGSTOP)  # alive, holding the run dir, writing nothing
+    try:
+        files = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+        second = TrainerPod(str(run_dir), 1, tmp_path, ("optimizer.lr=1e-2",))
+        assert second.wait() == [2]
+        pid = first.procs[0].pid
+        assert f"error: run_dir {run_dir} is in use by another trainer (pid {pid} on " in (
+            second.output()
+        ), second.output()[-3000:]
+        assert PROGRESS.search(second.output()) is None
+        assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == files
+    finally:
+        first.procs[0].send_signal(signal.SIGCONT)
+    first.finish()
+    _check_resumed_run_matches(reference, str(run_dir), [])

@@ -12,6 +12,7 @@ Nothing forces a host sync per step: metrics are fetched only on logging steps.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -39,6 +40,7 @@ from trainer import (
     preemption,
     reference,
     reward,
+    run_lock,
     sharding,
 )
 from trainer.checkpoint import Checkpointer, CheckpointError
@@ -418,7 +420,18 @@ class Feed:
 
 def train(recipe: Recipe) -> int:
     """Run the recipe to completion, resuming from its newest checkpoint; returns the exit status
-    (0, or EXIT_PREEMPTED when SIGTERM stopped it after a committed save)."""
+    (0, or EXIT_PREEMPTED when SIGTERM stopped it after a committed save). Process 0 holds the
+    run directory throughout (trainer.run_lock): a second trainer on it ends every process
+    of its own pod with one line and status 2, before it writes anything there."""
+    held = run_lock.hold(recipe.run_dir) if jax.process_index() == 0 else contextlib.nullcontext()
+    try:
+        with held:
+            return _train(recipe)
+    except run_lock.RunDirInUse as e:
+        distributed.fail_everywhere(str(e), 2)
+
+
+def _train(recipe: Recipe) -> int:
     started = time.time()
     is_main = jax.process_index() == 0
     check_fits_devices(recipe)
