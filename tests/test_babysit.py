@@ -984,3 +984,27 @@ def test_after_a_stockout_the_node_in_the_fallback_zone_is_the_only_one_and_runs
     assert cli.state(run_id)["zone"] == "us-east1-d"
     assert fake_tpu.node("pod")["labels"] == our_labels(run_id)  # tpuctl-run: llama-3-1-fallback
     assert "stockout in us-central1-a (attempt 1): queued resource pod ended FAILED" in out
+
+
+def test_a_run_the_user_stops_with_tpuctl_kill_is_not_started_again(cli, tmp_path):
+    """The babysitter took the kill's clean exit (75, checkpoint saved) for a maintenance
+    event and launched the run again behind the user's back; babysitting it again later
+    carries it on from that checkpoint."""
+    run_dir = tmp_path / "run"
+    proc = cli.start(*babysit_args("pod", "stopped", run_dir))
+    wait_for(step_reached(run_dir, 4), "step 4", proc)
+    killed = cli("kill", "pod")
+    assert killed.returncode == 0, killed.stderr
+    assert proc.wait(timeout=RUN_TIMEOUT_S) == 1
+    out = output(proc)
+    assert (
+        "error: stopped babysitting run stopped: its job was stopped with `tpuctl kill`" in out
+    ), out
+    state = cli.state("stopped")
+    assert (state["launches"], state["clean_stops"], state["failures"]) == (1, 0, 0), state
+    ps = cli.ok("ps", "pod")
+    assert "running" not in ps, ps
+    again = cli(*babysit_args("pod", "stopped", run_dir))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"run stopped finished: step {STEPS}" in again.stdout
+    assert "trainer: resuming from checkpoint step" in cli.ok("logs", "pod")

@@ -507,3 +507,17 @@ def test_a_finished_saved_state_is_taken_up_unfinished_and_done_decides_again():
     assert decide(state, look(), OPTIONS) == Wait("training")
     finished = look(workers=FINISHED, progress=Progress(done={"step": 4}))
     assert isinstance(decide(state, finished, OPTIONS), Finish)
+
+
+def test_a_job_the_user_stopped_with_tpuctl_kill_ends_babysitting_and_a_new_one_carries_on():
+    """The kill's exit 75 was a clean stop, relaunched behind the user's back."""
+    killed = tuple(
+        dataclasses.replace(j, state="exited", exit_code=CLEAN_STOP_EXIT, stopped_by_tpuctl=True)
+        for j in RUNNING
+    )
+    watching, _ = note(launched(), look(), "alice")
+    action = decide(watching, look(workers=killed), OPTIONS)
+    assert isinstance(action, GiveUp) and not action.stop_job and action.event is None
+    assert action.reason.startswith("its job was stopped with `tpuctl kill` (on w00, w01)")
+    carried_on = BabysitState.from_json(watching.to_json()).carried_on()
+    assert isinstance(decide(carried_on, look(workers=killed), OPTIONS), Relaunch)

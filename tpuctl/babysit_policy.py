@@ -79,6 +79,8 @@ class Event:
 # carries on starts them afresh), and reset whenever the node is replaced or the job
 # relaunched.
 TIMERS = ("not_ready_since", "unreachable_since", "progress_at")
+# Not saved either: what only this babysitter has seen.
+UNSAVED = (*TIMERS, "saw_job_running")
 
 
 @dataclass
@@ -108,6 +110,8 @@ class BabysitState:
     not_ready_since: float | None = None
     unreachable_since: float | None = None
     progress_at: float | None = None  # last launch or new step
+    # This babysitter saw the run's job running: if tpuctl stops it now, the user did.
+    saw_job_running: bool = False
 
     @property
     def restarts(self) -> int:
@@ -115,8 +119,8 @@ class BabysitState:
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
-        for timer in TIMERS:
-            data.pop(timer)
+        for name in UNSAVED:
+            data.pop(name)
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -126,7 +130,7 @@ class BabysitState:
         events = [
             Event(**{k: v for k, v in e.items() if k in fields}) for e in data.pop("events", [])
         ]
-        known = {f.name for f in dataclasses.fields(cls)} - set(TIMERS)
+        known = {f.name for f in dataclasses.fields(cls)} - set(UNSAVED)
         return cls(**{k: v for k, v in data.items() if k in known}, events=events)
 
     def carried_on(self) -> BabysitState:
@@ -260,6 +264,8 @@ def note(state: BabysitState, obs: Observation, user: str) -> tuple[BabysitState
             state.not_ready_since = None
         elif state.not_ready_since is None:
             state.not_ready_since = obs.now
+    if any(w.state == "running" for w in obs.workers):
+        state.saw_job_running = True
     if any(w.state == "unreachable" for w in obs.workers):
         state.unreachable_since = state.unreachable_since or obs.now
     elif obs.workers:
@@ -399,6 +405,14 @@ def _tend_job(state: BabysitState, obs: Observation, options: BabysitOptions) ->
         return Wait(f"{', '.join(unreachable)} unreachable; looking again", note)
     stalled = obs.now - (state.progress_at if state.progress_at is not None else obs.now)
     ended = [w for w in workers if w.state != "running"]
+    stopped = [w.label for w in ended if w.stopped_by_tpuctl]
+    if stopped and state.saw_job_running:  # the babysitter's own stops relaunch at once
+        return GiveUp(
+            f"its job was stopped with `tpuctl kill` (on {', '.join(stopped)}), not by a "
+            "preemption: babysit does not start it again. The node and the checkpoints are "
+            f"left as they are; babysit again (--run-id {state.run_id}) to carry the run on "
+            "from its newest checkpoint"
+        )
     if ended and (len(ended) == len(workers) or any(w.exit_code != 0 for w in ended)):
         return _relaunch(state, obs, options, ended)
     if stalled > options.hang_timeout_s:  # worker 0 stuck in its final save counts too

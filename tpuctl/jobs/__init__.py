@@ -164,6 +164,7 @@ else
   echo state=exited
   [ -f "$run_dir/exit_status" ] && echo "exit_code=$(cat "$run_dir/exit_status")" &&
     echo "ended=$(stat -c %Y "$run_dir/exit_status")"
+  [ -f "$run_dir/stopping" ] && echo stopped_by_tpuctl=1
 fi
 echo "started=$(cat "$run_dir/started" 2>/dev/null)"
 echo "now=$(date +%s)"
@@ -236,6 +237,7 @@ class WorkerJob:
     accelerator: bool = False
     holders: tuple[str, ...] = ()  # pids holding the TPU devices or lockfile
     error: str | None = None
+    stopped_by_tpuctl: bool = False  # ended by `kill`, `run --force` or a babysitter's stop
 
 
 @dataclass(frozen=True)
@@ -309,6 +311,7 @@ def _parse_status(result: HostResult) -> WorkerJob:
         last_line=fields.get("last", ""),
         accelerator=fields.get("accelerator") == "tpu",
         holders=tuple(fields.get("holders", "").split()),
+        stopped_by_tpuctl=fields.get("stopped_by_tpuctl") == "1",
     )
 
 
