@@ -143,6 +143,36 @@ def test_a_relaunch_from_the_stored_recipe_takes_the_values_of_the_first_launch(
     assert len(warnings) == 1  # nothing carried a value this time
 
 
+def test_a_babysitter_carrying_on_takes_env_overrides_as_values_and_never_echoes_them(
+    tmp_path, monkeypatch
+):
+    """Started again as it first was (`-- env.TOKEN=...`), a babysitter refused to carry on,
+    since the stored recipe keeps names only, and its refusal printed the value."""
+    from tpuctl import config
+    from tpuctl.babysit import BabysitOptions, BabysitState, Babysitter
+    from tpuctl.errors import TpuctlError
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("TPUCTL_PROVIDER", "local")
+    secret = "babysit-secret-64"
+    first = [f"env.TOKEN={secret}", "train.steps=5"]
+    stored = tmp_path / "stored.yaml"
+    stored.write_text(resolved_recipe_yaml(load_recipe(str(recipe_with(tmp_path, "")), first)))
+    saved = BabysitState("E", "pod", "v4-8", started_at=0.0, recipe_uri=str(stored))
+
+    def sitter(*overrides: str) -> Babysitter:
+        options = BabysitOptions("v4-8", "pod", str(TINY), list(overrides), run_id="E")
+        return Babysitter(config.load(), options)
+
+    again = sitter(*first)
+    again._refuse_overrides_it_would_drop(saved)  # the same command line carries on
+    assert again._run_env == {"TOKEN": secret}  # and its relaunches get the value
+    with pytest.raises(TpuctlError) as refused:
+        sitter(f"env.TOKEN={secret}", "train.steps=7")._refuse_overrides_it_would_drop(saved)
+    assert secret not in str(refused.value) and "env.TOKEN=... train.steps=7" in str(refused.value)
+
+
 # -- 2. host keys: pinned per address, whatever key type a host offers -------------------
 
 SSH_PROJECT, SSH_ZONE = "test-project", "us-central1-a"

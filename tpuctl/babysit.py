@@ -298,6 +298,12 @@ def stop_on_signals(stopping: threading.Event, signums=(signal.SIGINT, signal.SI
             signal.signal(signum, handler)
 
 
+def _shown(override: str) -> str:
+    """`override` as a message may show it: an `env.NAME=` value may be a secret."""
+    key, sep, _ = override.partition("=")
+    return f"{key}=..." if sep and key.startswith("env.") else override
+
+
 class Babysitter:
     """The loop: `run()` returns the final state once the run's DONE marker exists."""
 
@@ -427,7 +433,9 @@ class Babysitter:
 
     def _refuse_overrides_it_would_drop(self, saved: BabysitState) -> None:
         """A saved run relaunches from its stored recipe: overrides that would change it
-        are refused rather than ignored (a finished run would stay finished)."""
+        are refused rather than ignored (a finished run would stay finished). The stored
+        recipe keeps env names only, so `env.NAME=VALUE` overrides change nothing there:
+        their values go to the relaunches, as `--env` values do (which win)."""
         from tpuctl.jobs.runs import load_recipe
 
         uri, overrides = saved.recipe_uri, self.options.overrides
@@ -435,13 +443,17 @@ class Babysitter:
             return
         if uri.startswith("gs://"):
             self._use_local_gcs()
-        if load_recipe(uri, overrides) == load_recipe(uri, []):
+        given = load_recipe(uri, overrides)
+        if dataclasses.replace(given, env=dict.fromkeys(given.env)) == load_recipe(uri, []):
+            values = {name: value for name, value in given.env.items() if value is not None}
+            self._run_env = {**values, **self._run_env}
             return  # the overrides it was first started with, stored already
+        shown = " ".join(map(_shown, overrides))
         raise TpuctlError(
             f"run {self.run_id} carries on from its saved state, relaunching its stored recipe "
-            f"{uri}, which {' '.join(overrides)} would change; to go on with them, run "
+            f"{uri}, which {shown} would change; to go on with them, run "
             f"`tpuctl run {uri} --name {self.options.node} --run-id {self.run_id} -- "
-            f"{' '.join(overrides)}` first, then babysit without them"
+            f"{shown}` first, then babysit without them"
         )
 
     def cycle(self) -> bool:
