@@ -432,6 +432,20 @@ def test_a_secret_given_as_the_whole_env_section_is_not_echoed():
     assert "env-secret-7" not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "shown"),
+    [("env.TOKEN:env-secret-8", "'env.TOKEN...'"), ("env.TOKEN env-secret-8", "'env.TOKEN...'"),
+     ("=env-secret-8", "'...'"), ("train.steps", "'train.steps'")],
+)  # fmt: skip
+def test_an_override_without_its_equals_sign_is_not_echoed_past_its_key(override, shown):
+    """`-- env.TOKEN:VALUE` (a colon for the `=`) printed VALUE in the refusal."""
+    from trainer.config import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match="write overrides as key=value") as refused:
+        load_recipe(str(TINY), [override])
+    assert str(refused.value).startswith(f"override {shown}: ")
+
+
 def test_an_env_value_that_is_not_utf8_is_a_one_line_error(tmp_path):
     """It was a UnicodeEncodeError traceback (through the holder: 'connection lost')."""
     cli = LocalCli(tmp_path)

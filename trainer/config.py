@@ -13,6 +13,7 @@ import dataclasses
 import glob
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -348,9 +349,10 @@ def _default_run_id(source: str) -> str:
 def _apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
-        raise RecipeError(
-            f"override {override!r}: write overrides as key=value, e.g. train.steps=200"
-        )
+        # Only up to the first character no key has: `env.TOKEN:VALUE` must not echo VALUE.
+        shown = re.match(r"[A-Za-z0-9_.]*", override)[0]
+        shown = override if shown == override else f"{shown}..."
+        raise RecipeError(f"override {shown!r}: write overrides as key=value, e.g. train.steps=200")
     try:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
