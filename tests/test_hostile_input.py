@@ -414,6 +414,25 @@ def test_get_does_not_write_through_a_local_symlink(hostile_worker, pod_key, tmp
 # -- 4. env names and values -------------------------------------------------------------
 
 
+def test_babysit_takes_no_path_for_a_run_id_from_a_worker(local_pod, tmp_path):
+    """`babysit --name NODE` adopts worker 0's latest run id: a worker naming it
+    `../../x` had the babysitter write its lock and log as x.lock and x.log."""
+    jobs_dir = next((local_pod.root / "state").rglob("pods/lp/workers/w00"))
+    (jobs_dir / ".tpuctl" / "jobs").mkdir(parents=True, exist_ok=True)
+    target = tmp_path / "outside"
+    target.mkdir()  # the worker shows a run only where its directory exists
+    hostile = "../" * 40 + str(target).lstrip("/")
+    (jobs_dir / ".tpuctl" / "jobs" / "current").write_text(hostile + "\n")
+    try:
+        result = local_pod("babysit", "--name", "lp", "--poll", "1", timeout=60)
+    finally:
+        (jobs_dir / ".tpuctl" / "jobs" / "current").unlink()
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "w00 of lp names its latest run" in lines[0], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside"]
+
+
 @pytest.mark.parametrize("arg", ["é=env-secret-5", "A-B=env-secret-5", "1X=env-secret-5",
                                  "TOKEN:env-secret-5", "TOKEN env-secret-5"])  # fmt: skip
 def test_exec_refuses_env_names_a_shell_would_echo_with_their_value(arg, tmp_path):

@@ -53,6 +53,7 @@ from tpuctl.babysit_policy import (
 )
 from tpuctl.config import private_dir, private_opener, write_private
 from tpuctl.errors import TpuctlError
+from tpuctl.naming import RUN_ID_RE
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -906,6 +907,13 @@ def last_run(
                 exit_code=1,
             )
         run_id = worker.run_id
+        # The worker's answer names files here and in GCS: a path is no run of ours.
+        if run_id is not None and not RUN_ID_RE.match(run_id):
+            raise TpuctlError(
+                f"{worker.label} of {node.name} names its latest run {run_id!r:.80}, which is "
+                "no run id tpuctl makes; name the run to babysit with --run-id RUN",
+                exit_code=1,
+            )
     if run_id is None:
         raise TpuctlError(
             f"no run on {node.name} yet: give the recipe, "
