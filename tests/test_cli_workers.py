@@ -77,6 +77,26 @@ def test_a_failing_worker_makes_exec_fail_and_is_summarised_with_its_last_lines(
     assert result.stderr.count("[w02] boom") == 2  # streamed, then repeated in the summary
 
 
+def test_exec_says_when_the_summary_shows_the_end_of_a_longer_output(pod_node):
+    """exec keeps only the tail of each worker's streamed output: where the summary's last
+    lines reach back to where that tail begins, it says so; --json still has every byte."""
+    command = "head -c 100000 /dev/zero | tr '\\0' x >&2; printf '\\nboom\\n' >&2; exit 3"
+    result = tpuctl("exec", "--worker", "0", "--", command)
+    assert result.returncode == 1
+    streamed, summary = result.stderr.split("--- last lines of w00 ---\n")
+    lines = [line for line in streamed.splitlines() if line.startswith("[w00] ")]
+    pieces = [line.removeprefix("[w00] ") for line in lines]  # progress lines aside
+    assert "".join(pieces[:-1]) == "x" * 100_000 and pieces[-1] == "boom"  # all of it shown
+    assert summary.splitlines() == [
+        "[w00] " + "x" * (65536 - len("\nboom\n")),
+        "[w00] boom",
+        "(w00's stderr kept here is its last 64.0 KiB; the 33.7 KiB before were streamed "
+        "above, not kept, so the first line shown may be cut)",
+    ]
+    [row] = json.loads(tpuctl("exec", "--json", "--worker", "0", "--", command).stdout)
+    assert row["stderr"] == "x" * 100_000 + "\nboom\n"
+
+
 def test_an_unreachable_worker_ends_exec_in_bounded_time_and_is_named(pod_node):
     pod_node.stop_host(1)
     started = time.monotonic()

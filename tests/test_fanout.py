@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 from polling import wait_for
+from streaming import CHATTY, CHATTY_STDOUT_BYTES, LINES, Counter, peak_traced
 
 from tests.fixtures_pod import pod_hosts
-from tpuctl.fanout import StopSignal, get, put, run
+from tpuctl.fanout import STREAMED_TAIL_BYTES, StopSignal, get, put, run
 from tpuctl.sshconfig import SshConfig
 
 pytestmark = pytest.mark.pod
@@ -338,3 +339,18 @@ Host {target.address}
     routed = ssh_config.apply(target, default_user="root", proxy_jump=None, jump_known_hosts="")
     [result] = run([routed], "hostname -I")
     assert result.stdout.split() == [target.address]
+
+
+def test_a_streamed_command_keeps_only_the_tail_of_its_output(hosts):
+    """Every byte of a host's output stayed in memory even while `on_line` streamed it."""
+    counter = Counter()
+    [result], peak = peak_traced(
+        lambda: run(hosts[:1], CHATTY, on_line=counter, keep_tail=STREAMED_TAIL_BYTES)
+    )
+    assert result.ok, result.stderr
+    assert counter.lines == {"stdout": LINES + 1, "stderr": 1}
+    assert counter.chars["stdout"] == CHATTY_STDOUT_BYTES and counter.last["stdout"] == "last"
+    assert len(result.stdout) == STREAMED_TAIL_BYTES and result.stdout.endswith("0\nlast\n")
+    assert result.stdout_dropped == CHATTY_STDOUT_BYTES - STREAMED_TAIL_BYTES
+    assert (result.stderr, result.stderr_dropped) == ("err\n", 0)
+    assert peak < 16 * 2**20  # paramiko's window (2 MiB) and ours; all of it: over 128 MiB

@@ -9,8 +9,9 @@ import threading
 from pathlib import Path
 
 from polling import wait_for
+from streaming import CHATTY, CHATTY_STDOUT_BYTES, LINES, Counter, peak_traced
 
-from tpuctl.fanout import Host, Interrupted, StopSignal, get, put, run
+from tpuctl.fanout import STREAMED_TAIL_BYTES, Host, Interrupted, StopSignal, get, put, run
 from tpuctl.fanout.report import Reporter
 
 
@@ -174,3 +175,38 @@ def test_512_workers(tmp_path):
     results = run(hosts, "basename $PWD", on_line=lambda h, _s, line: lines.append((h.label, line)))
     assert all(r.ok for r in results)
     assert sorted(lines) == sorted((f"w{i:02d}", f"worker-{i}") for i in range(512))
+
+
+def test_a_streamed_command_keeps_only_the_tail_of_its_output(tmp_path):
+    """Every byte of every host's output stayed in memory even while `on_line` streamed it:
+    `tpuctl exec -- tail -f LOG` grew tpuctl without bound."""
+    [host] = local_hosts(tmp_path, 1)
+    counter = Counter()
+    [result], peak = peak_traced(
+        lambda: run([host], CHATTY, on_line=counter, keep_tail=STREAMED_TAIL_BYTES)
+    )
+    assert result.ok, result.stderr
+    assert counter.lines == {"stdout": LINES + 1, "stderr": 1}
+    assert counter.chars["stdout"] == CHATTY_STDOUT_BYTES and counter.last["stdout"] == "last"
+    assert len(result.stdout) == STREAMED_TAIL_BYTES and result.stdout.endswith("0\nlast\n")
+    assert result.stdout_dropped == CHATTY_STDOUT_BYTES - STREAMED_TAIL_BYTES
+    assert (result.stderr, result.stderr_dropped) == ("err\n", 0)
+    assert peak < 4 * 2**20  # all of it kept: over 128 MiB (64 MiB read, then decoded)
+
+
+def test_a_line_longer_than_the_tail_is_streamed_in_pieces_of_whole_characters(tmp_path):
+    # One line of 300,000 two-byte characters and no newline: it reaches on_line in pieces
+    # rather than growing in memory, and no piece splits a character.
+    [host] = local_hosts(tmp_path, 1)
+    pieces: list[str] = []
+    command = "yes é | head -n 300000 | tr -d '\\n'"
+    [result] = run([host], command, on_line=lambda _h, _s, t: pieces.append(t), keep_tail=2**16)
+    assert "".join(pieces) == "é" * 300_000 and len(pieces) > 2
+    assert result.stdout == "é" * 2**15 and result.stdout_dropped == 600_000 - 2**16
+
+
+def test_without_keep_tail_a_streamed_command_keeps_all_of_its_output(tmp_path):
+    [host] = local_hosts(tmp_path, 1)
+    [result] = run([host], "seq 100000", on_line=lambda *_: None)
+    assert result.stdout == "".join(f"{n}\n" for n in range(1, 100001))
+    assert result.stdout_dropped == 0

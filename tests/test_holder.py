@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pytest
 from polling import wait_for
+from streaming import CHATTY, CHATTY_STDOUT_BYTES, LINES, Counter, peak_traced
 
 from tests.fixtures_pod import pod_hosts
 from tpuctl import config
-from tpuctl.fanout import StopSignal, get, holder, put, run
+from tpuctl.fanout import STREAMED_TAIL_BYTES, StopSignal, get, holder, put, run
 from tpuctl.fanout.base import merged_env
 
 COMMAND = 'echo "out $(hostname -I)"; echo err >&2; exit $(( $(hostname -I | cut -d. -f4) % 3 ))'
@@ -366,7 +367,7 @@ def test_the_holder_sends_the_lines_of_each_read_in_one_message(ssh_pod, held):
     command = r"seq 1000; printf 'a\xe2\x82\nb\xffc\nlast'"  # not UTF-8, no final newline
     conn.send({
         "op": "run", "command": command, "envs": [merged_env(hosts[0], None)],
-        "timeout": None, "fail_fast": False, "max_parallel": 64,
+        "timeout": None, "keep_tail": None, "fail_fast": False, "max_parallel": 64,
         "hosts": [asdict(hosts[0])], "connect_timeout": 10.0,
     })  # fmt: skip
     messages = list(iter(conn.receive, None))  # until the holder hangs up, the request done
@@ -535,3 +536,34 @@ def test_exec_ps_put_and_get_reuse_one_holder_from_the_cli_and_down_ends_it(
     finally:
         holder.tell_to_exit(sock)
         wait_for(lambda: not sock.exists(), what="the holder to exit")
+
+
+@pod
+def test_a_streamed_command_through_the_holder_leaves_it_no_bigger(ssh_pod, held):
+    """The holder kept every byte of a command's output until the command ended, then sent
+    it all in the result, though the client streamed the lines: a `logs --tail` through
+    it grew the holder, which outlives the command, without bound."""
+    hosts, attachment = held
+    process = holder.spawn(attachment, 10.0)
+    wait_for(lambda: _answers(attachment), what="the holder's answer")
+    assert run(hosts[:1], "true")[0].ok  # its connection made, paramiko's buffers in use
+    before = _peak_rss(process.pid)
+    counter = Counter()
+    [result], peak = peak_traced(
+        lambda: run(hosts[:1], CHATTY, on_line=counter, keep_tail=STREAMED_TAIL_BYTES)
+    )
+    assert result.ok, result.stderr
+    assert counter.lines == {"stdout": LINES + 1, "stderr": 1}
+    assert counter.chars["stdout"] == CHATTY_STDOUT_BYTES and counter.last["stdout"] == "last"
+    assert len(result.stdout) == STREAMED_TAIL_BYTES and result.stdout.endswith("0\nlast\n")
+    assert result.stdout_dropped == CHATTY_STDOUT_BYTES - STREAMED_TAIL_BYTES
+    assert peak < 4 * 2**20  # here: the lines' messages, one read's at a time
+    assert _peak_rss(process.pid) - before < 16 * 2**20  # all of it kept: over 128 MiB
+
+
+def _peak_rss(pid: int) -> int:
+    """The most memory process `pid` has held at once (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")

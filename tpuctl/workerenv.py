@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tpuctl.errors import TpuctlError
-from tpuctl.fanout import Host, HostResult, put, run
+from tpuctl.fanout import STREAMED_TAIL_BYTES, Host, HostResult, put, run
 from tpuctl.jobs import job_hosts
 
 if TYPE_CHECKING:
@@ -207,7 +207,13 @@ def prepare(
         if stream == "stdout" and line.startswith(STEP_PREFIX):
             progress(f"{host.label}: {line.removeprefix(STEP_PREFIX)}")
 
-    results = run(stale, script + _PREPARE, timeout=PREPARE_TIMEOUT_S, on_line=on_line)
+    results = run(
+        stale,
+        script + _PREPARE,
+        timeout=PREPARE_TIMEOUT_S,
+        on_line=on_line,
+        keep_tail=STREAMED_TAIL_BYTES,  # pip's chatter: only the last line is read
+    )
     return _check(results, "preparing the worker environment")
 
 

@@ -181,7 +181,7 @@ def exec_(
     project: str | None = PROJECT_OPTION,
 ) -> None:
     """Run COMMAND (after `--`) on every worker at once: `tpuctl exec -- hostname`."""
-    from tpuctl.fanout import Interrupted, run
+    from tpuctl.fanout import STREAMED_TAIL_BYTES, Interrupted, run
     from tpuctl.fanout.report import Reporter
 
     command = " ".join(ctx.meta["after_dashdash"])
@@ -201,6 +201,9 @@ def exec_(
                 fail_fast=fail_fast,
                 connect_timeout=connect_timeout,
                 on_line=reporter.on_line,
+                # The lines are streamed: the summary's last lines are all that is read
+                # afterwards, but --json prints every byte.
+                keep_tail=None if json_out else STREAMED_TAIL_BYTES,
                 on_result=reporter.on_result,
             )
     except Interrupted as interrupted:

@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tpuctl.fanout.base import (
+    STREAMED_TAIL_BYTES,
     UNREACHABLE,
     Host,
     HostResult,
     LineFn,
+    Output,
     ResultFn,
     StopSignal,
     each_line,
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from tpuctl.fanout.transfer import Over
 
 __all__ = [
+    "STREAMED_TAIL_BYTES",
     "UNREACHABLE",
     "Host",
     "HostResult",
@@ -66,6 +69,7 @@ def run(
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
     on_line: LineFn | None = None,
+    keep_tail: int | None = None,
     fail_fast: bool = False,
     max_parallel: int = 64,
     connect_timeout: float = 10.0,
@@ -75,14 +79,20 @@ def run(
     """Run `command` under `bash -c` on every host in parallel; results in `hosts` order.
 
     `on_line(host, stream, line)` sees each output line as it arrives; `on_result` each
-    host's result as it finishes. `timeout` bounds each command's wall time, after which
-    its process group is stopped. `fail_fast` stops everyone once one host fails.
-    `max_parallel` bounds simultaneous connection handshakes, never running commands.
+    host's result as it finishes. `keep_tail` bytes: each result holds only the last that
+    many of its host's stdout and of its stderr (`stdout_dropped`/`stderr_dropped` say how
+    many came before), and a line longer than that reaches `on_line` in pieces, so memory
+    stays bounded however much a host writes (`tail -f`); for callers that stream the
+    lines and read no more than the last ones afterwards (`STREAMED_TAIL_BYTES` holds the
+    summaries' last lines). None, the default, keeps every byte: for callers that parse
+    stdout. `timeout` bounds each command's wall time, after which its process group is
+    stopped. `fail_fast` stops everyone once one host fails. `max_parallel` bounds
+    simultaneous connection handshakes, never running commands.
     """
     hosts = list(hosts)
     envs = [merged_env(host, env) for host in hosts]
     stop = stop or StopSignal()
-    on_lines = each_line(on_line)
+    output = Output(each_line(on_line), keep_tail)
 
     def run_one(index: int, ctx) -> HostResult:
         host = hosts[index]
@@ -91,10 +101,10 @@ def run(
         if host.transport == "local":
             from tpuctl.fanout import local
 
-            return local.run_on_host(host, command, envs[index], stop, timeout, on_lines)
+            return local.run_on_host(host, command, envs[index], stop, timeout, output)
         from tpuctl.fanout import ssh
 
-        return ssh.run_on_host(host, command, envs[index], ctx, stop, timeout, on_lines)
+        return ssh.run_on_host(host, command, envs[index], ctx, stop, timeout, output)
 
     def cold() -> list[HostResult]:
         with _ssh_context(hosts, connect_timeout, max_parallel) as ctx:
@@ -107,7 +117,7 @@ def run(
 
     request = {
         "op": "run", "command": command, "envs": envs, "timeout": timeout,
-        "fail_fast": fail_fast, "max_parallel": max_parallel,
+        "keep_tail": keep_tail, "fail_fast": fail_fast, "max_parallel": max_parallel,
     }  # fmt: skip
     return via_holder(hosts, request, on_line, on_result, stop, connect_timeout, cold)
 

@@ -3,6 +3,7 @@ command and its environment are handed to a worker without exposing secrets."""
 
 from __future__ import annotations
 
+import codecs
 import re
 import resource
 import shlex
@@ -21,6 +22,10 @@ ResultFn = Callable[["HostResult"], None]
 # it must signal to stop the command (sshd makes every session its own group).
 PID_MARKER = "__tpuctl_pgid__"
 FDS_PER_HOST = 4
+# What a caller that streams the lines keeps of each host's stdout and of its stderr
+# (`run`'s `keep_tail`): room for the summaries' last lines, long ones included, while
+# `tail -f` or a chatty command on 32 workers costs no more memory the longer it runs.
+STREAMED_TAIL_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,10 @@ class HostResult:
     stderr: str
     error: str | None
     duration: float
+    # How many bytes at the start of stdout / stderr the result does not hold: the caller
+    # streamed the lines and kept only a tail (`run`'s `keep_tail`).
+    stdout_dropped: int = 0
+    stderr_dropped: int = 0
 
     @property
     def ok(self) -> bool:
@@ -152,30 +161,79 @@ def each_line(on_line: LineFn | None) -> LinesFn | None:
     return on_lines
 
 
+@dataclass(frozen=True)
+class Output:
+    """What becomes of one command's output: `on_lines` sees every line as it arrives, and
+    the result holds the last `keep` bytes of each stream (None: all of them)."""
+
+    on_lines: LinesFn | None = None
+    keep: int | None = None
+
+    def splitter(self, host: Host, stream: str) -> LineSplitter:
+        """Where one stream ("stdout" or "stderr") of `host` is fed."""
+        return LineSplitter(host, stream, self.on_lines, self.keep)
+
+
 class LineSplitter:
     """Turns a byte stream into complete lines for `on_lines`, those of each `feed` at
-    once, keeping the whole text too."""
+    once, and keeps the whole text, or only its last `keep` bytes. With `keep`, a line
+    longer than that reaches `on_lines` in pieces, so that nothing grows without bound."""
 
-    def __init__(self, host: Host, stream: str, on_lines: LinesFn | None) -> None:
-        self.host, self.stream, self.on_lines = host, stream, on_lines
-        self._pending = b""
-        self._chunks: list[bytes] = []
+    def __init__(
+        self, host: Host, stream: str, on_lines: LinesFn | None, keep: int | None = None
+    ) -> None:
+        self.host, self.stream, self.on_lines, self.keep = host, stream, on_lines, keep
+        self._partial: list[bytes] = []  # the line under way: no newline among them
+        self._partial_size = 0
+        # A character a piece of a long line cut waits here for its other bytes.
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._kept = bytearray()
+        self.dropped = 0  # bytes at the start that were not kept
 
     def feed(self, data: bytes) -> None:
-        self._chunks.append(data)
+        self._kept += data
+        # Trimmed once it holds twice the tail: each byte is moved at most once more.
+        if self.keep is not None and len(self._kept) > 2 * self.keep:
+            self._drop(len(self._kept) - self.keep)
         if self.on_lines is None:
             return
-        # A newline is never part of a multi-byte character: decoding the complete lines
-        # at once replaces what is not UTF-8 exactly as decoding them one by one would.
-        complete, newline, self._pending = (self._pending + data).rpartition(b"\n")
+        head, newline, rest = data.rpartition(b"\n")
         if newline:
-            self.on_lines(self.host, self.stream, complete.decode(errors="replace").split("\n"))
+            # A newline is never part of a multi-byte character: decoding the complete lines
+            # at once replaces what is not UTF-8 exactly as decoding them one by one would.
+            complete = b"".join([*self._partial, head])
+            self._partial, self._partial_size = [], 0
+            self._send(self._decoder.decode(complete, final=True).split("\n"))
+        if rest:
+            self._partial.append(rest)
+            self._partial_size += len(rest)
+            if self.keep is not None and self._partial_size > self.keep:
+                piece = b"".join(self._partial)
+                self._partial, self._partial_size = [], 0
+                self._send([self._decoder.decode(piece)])
+
+    def _send(self, lines: list[str]) -> None:
+        assert self.on_lines is not None
+        self.on_lines(self.host, self.stream, lines)
+
+    def _drop(self, count: int) -> None:
+        del self._kept[:count]
+        self.dropped += count
 
     def close(self) -> str:
-        if self.on_lines is not None and self._pending:
-            self.on_lines(self.host, self.stream, [self._pending.decode(errors="replace")])
-            self._pending = b""
-        return b"".join(self._chunks).decode(errors="replace")
+        """Send the last line if it had no newline; the text kept."""
+        if self.on_lines is not None and (self._partial or self._decoder.getstate()[0]):
+            self._send([self._decoder.decode(b"".join(self._partial), final=True)])
+            self._partial, self._partial_size = [], 0
+        if self.keep is not None and len(self._kept) > self.keep:
+            self._drop(len(self._kept) - self.keep)
+        if self.dropped:  # the cut may have split a character: its other bytes go too
+            self._drop(min(3, len(self._kept) - len(self._kept.lstrip(_CONTINUATION))))
+        return self._kept.decode(errors="replace")
+
+
+# The bytes 0x80-0xbf: the second to fourth of a UTF-8 character, never its first.
+_CONTINUATION = bytes(range(0x80, 0xC0))
 
 
 def ensure_descriptors(hosts: int) -> None:

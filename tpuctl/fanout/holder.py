@@ -42,7 +42,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tpuctl.fanout.base import UNREACHABLE, Host, HostResult, LineFn, ResultFn, StopSignal
+from tpuctl.fanout.base import (
+    UNREACHABLE,
+    Host,
+    HostResult,
+    LineFn,
+    Output,
+    ResultFn,
+    StopSignal,
+)
 
 T = TypeVar("T")
 
@@ -54,8 +62,9 @@ MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux, 104 on macOS
 ANSWER_TIMEOUT_S = 5.0  # for the holder's first answer; commands themselves may run long
 # The requests a holder understands and the answers it gives. Part of the identity it
 # serves, so that a holder left running by an older tpuctl (one without put and get, or
-# sending a message per line) is replaced, not sent what it ignores or misunderstood.
-PROTOCOL = 3
+# sending a message per line, or keeping all of a streamed command's output) is replaced,
+# not sent what it ignores or misunderstood.
+PROTOCOL = 4
 
 
 @dataclass(frozen=True)
@@ -642,7 +651,8 @@ class _Holder:
         self, job: _Job, send: Callable[[dict[str, Any]], None]
     ) -> Callable[[int], HostResult]:
         """One host's part of a "run" request, the lines of each read sent as they come,
-        in one message."""
+        in one message; the result holds what the request's "keep_tail" says (the holder
+        outlives the command: a `tail -f` through it must not grow it)."""
         from tpuctl.fanout import ssh
 
         request, hosts, held, ctx, stop = job.request, job.hosts, job.held, job.ctx, job.stop
@@ -656,15 +666,17 @@ class _Holder:
             def on_lines(_host: Host, stream: str, lines: list[str]) -> None:
                 send({"lines": [index, stream, lines]})
 
+            output = Output(on_lines, request["keep_tail"])
+
             def attempt(transport: Any) -> HostResult:
                 return ssh.run_on_transport(
                     transport, host, command, envs[index], ctx, stop,
-                    request["timeout"], on_lines, started,
+                    request["timeout"], output, started,
                 )  # fmt: skip
 
             def own() -> HostResult:  # as many commands as sshd allows already use it
                 return ssh.run_on_host(
-                    host, command, envs[index], ctx, stop, request["timeout"], on_lines
+                    host, command, envs[index], ctx, stop, request["timeout"], output
                 )
 
             try:

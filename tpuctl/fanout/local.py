@@ -15,8 +15,8 @@ from tpuctl.fanout import tree
 from tpuctl.fanout.base import (
     Host,
     HostResult,
-    LinesFn,
     LineSplitter,
+    Output,
     StopSignal,
     env_script,
     wrapped_command,
@@ -38,7 +38,7 @@ def run_on_host(
     env: dict[str, str],
     stop: StopSignal,
     timeout: float | None,
-    on_lines: LinesFn | None,
+    output: Output,
 ) -> HostResult:
     """Run `command` under `bash` in the host's workdir, each worker with its own TMPDIR."""
     started = time.monotonic()
@@ -56,8 +56,7 @@ def run_on_host(
     assert process.stdin is not None
     process.stdin.write(env_script(env))
     process.stdin.close()
-    out = LineSplitter(host, "stdout", on_lines)
-    err = LineSplitter(host, "stderr", on_lines)
+    out, err = output.splitter(host, "stdout"), output.splitter(host, "stderr")
     deadline = None if timeout is None else started + timeout
     error = _pump(process, out, err, stop, deadline, timeout)
     if error is not None:
@@ -72,6 +71,8 @@ def run_on_host(
         err.close(),
         error,
         time.monotonic() - started,
+        out.dropped,
+        err.dropped,
     )
 
 

@@ -156,10 +156,42 @@ def summary_lines(results: Sequence[HostResult], interrupted: bool, paint) -> li
         if tail:
             lines.append(f"--- last lines of {result.host.label} ---")
             lines.extend(f"[{result.host.label}] {line}" for line in tail)
+            if note := cut_note(result):
+                lines.append(paint(note, "dim"))
     return lines
+
+
+def _shown(result: HostResult) -> tuple[str, str, int]:
+    """The stream the summary shows of a failing worker: stderr if it wrote any, else
+    stdout; (its name, its text, how many bytes before that text were not kept)."""
+    if result.stderr.strip():
+        return "stderr", result.stderr, result.stderr_dropped
+    return "stdout", result.stdout, result.stdout_dropped
 
 
 def last_lines(result: HostResult, count: int = TAIL_LINES) -> list[str]:
     """The failing worker's last lines: stderr's if it wrote any, else stdout's."""
-    text = result.stderr if result.stderr.strip() else result.stdout
+    _, text, _ = _shown(result)
     return text.rstrip("\n").splitlines()[-count:] if text.strip() else []
+
+
+def cut_note(result: HostResult, count: int = TAIL_LINES) -> str | None:
+    """What to say under `last_lines` when they begin where the kept output does, so that
+    the first of them, or lines before it, were cut off (the fan-out kept only a tail of a
+    streamed command's output); None when they are whole."""
+    stream, text, dropped = _shown(result)
+    if not dropped or len(text.rstrip("\n").splitlines()) > count:
+        return None
+    return (
+        f"({result.host.label}'s {stream} kept here is its last {_size(len(text.encode()))}; "
+        f"the {_size(dropped)} before were streamed above, not kept, so the first line shown "
+        "may be cut)"
+    )
+
+
+def _size(count: int) -> str:
+    if count < 1024:
+        return f"{count} bytes"
+    if count < 1024 * 1024:
+        return f"{count / 1024:.1f} KiB"
+    return f"{count / (1024 * 1024):.1f} MiB"

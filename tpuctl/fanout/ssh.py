@@ -30,8 +30,8 @@ from tpuctl.fanout.base import (
     UNREACHABLE,
     Host,
     HostResult,
-    LinesFn,
     LineSplitter,
+    Output,
     StopSignal,
     env_script,
     kill_group_script,
@@ -407,7 +407,7 @@ def run_on_host(
     ctx: SshContext,
     stop: StopSignal,
     timeout: float | None,
-    on_lines: LinesFn | None,
+    output: Output,
 ) -> HostResult:
     """Run `command` on one host over a connection of its own and stream its lines; never
     raises for remote trouble."""
@@ -417,9 +417,7 @@ def run_on_host(
     except ConnectionError as err:
         return HostResult(host, None, "", "", str(err), time.monotonic() - started)
     try:
-        return run_on_transport(
-            transport, host, command, env, ctx, stop, timeout, on_lines, started
-        )
+        return run_on_transport(transport, host, command, env, ctx, stop, timeout, output, started)
     except SessionRefused as refused:
         error = refused.reason(host)
         return HostResult(host, None, "", "", error, time.monotonic() - started)
@@ -437,7 +435,7 @@ def run_on_transport(
     ctx: SshContext,
     stop: StopSignal,
     timeout: float | None,
-    on_lines: LinesFn | None,
+    output: Output,
     started: float,
 ) -> HostResult:
     """Run `command` over an open connection (left open); never raises for remote trouble,
@@ -450,8 +448,8 @@ def run_on_transport(
         channel.exec_command(f"exec bash -c {shlex.quote(wrapped_command(command))}")
         channel.sendall(env_script(env))
         channel.shutdown_write()
-        out = _MarkedStdout(LineSplitter(host, "stdout", on_lines))
-        err = LineSplitter(host, "stderr", on_lines)
+        out = _MarkedStdout(output.splitter(host, "stdout"))
+        err = output.splitter(host, "stderr")
         deadline = None if timeout is None else started + timeout
         error = _pump(channel, out, err, stop, deadline, timeout)
         if error is not None:
@@ -472,7 +470,11 @@ def run_on_transport(
         # The host went away mid-command (preempted, rebooted): a result, not a crash.
         error = f"connection lost: {lost or type(lost).__name__}"
         return HostResult(host, None, "", "", error, time.monotonic() - started)
-    return HostResult(host, exit_code, out.close(), err.close(), error, time.monotonic() - started)
+    stdout, stderr = out.close(), err.close()
+    return HostResult(
+        host, exit_code, stdout, stderr, error, time.monotonic() - started,
+        out.splitter.dropped, err.dropped,
+    )  # fmt: skip
 
 
 class Silent(Exception):

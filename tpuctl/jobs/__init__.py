@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from tpuctl.errors import TpuctlError
-from tpuctl.fanout import Host, HostResult, run
+from tpuctl.fanout import STREAMED_TAIL_BYTES, Host, HostResult, run
 from tpuctl.worker_scripts import holders_function
 
 BUSY_EXIT = 75  # a job (or another process) holds the worker
@@ -403,7 +403,8 @@ def logs(
     (`all_lines`: everything from every host), runtime chatter (NOISE_LINE) left out
     unless `raw`.
     `follow` keeps streaming until the job has exited on every worker; `lines` is how
-    many lines of history to start from (None: all).
+    many lines of history to start from (None: all). The log goes to `on_line` alone: the
+    results hold only the last `STREAMED_TAIL_BYTES` of each stream, however long it follows.
     """
     # Per-host switch, so one fan-out serves both kinds of worker.
     hosts = [
@@ -421,7 +422,7 @@ def logs(
         noise_line=NOISE_LINE,
         raw=raw,
     )
-    return run(hosts, script, on_line=on_line)
+    return run(hosts, script, on_line=on_line, keep_tail=STREAMED_TAIL_BYTES)
 
 
 def kill(
