@@ -210,3 +210,20 @@ def test_without_keep_tail_a_streamed_command_keeps_all_of_its_output(tmp_path):
     [result] = run([host], "seq 100000", on_line=lambda *_: None)
     assert result.stdout == "".join(f"{n}\n" for n in range(1, 100001))
     assert result.stdout_dropped == 0
+
+
+def test_get_and_put_keep_modification_times_as_over_ssh(tmp_path):
+    """A local pod's get and put gave every file the time of the copy, where tar over SSH
+    keeps each file's own."""
+    [host] = local_hosts(tmp_path, 1)
+    tree = Path(host.workdir) / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "f").write_text("f\n")
+    os.utime(tree / "sub" / "f", (1_000_000_000, 1_000_000_000))
+    assert get([host], "tree", tmp_path / "back")[0].ok
+    assert (tmp_path / "back/w00/tree/sub/f").stat().st_mtime == 1_000_000_000
+    source = tmp_path / "g"
+    source.write_text("g\n")
+    os.utime(source, (1_200_000_000, 1_200_000_000))
+    assert put([host], source, "g")[0].ok
+    assert (Path(host.workdir) / "g").stat().st_mtime == 1_200_000_000

@@ -106,6 +106,20 @@ def test_a_file_put_onto_a_directory_goes_into_it_and_parents_are_made_on_both_p
         assert either_pod.path(0, where).read_text() == "data\n", where
 
 
+def test_put_and_get_keep_modification_times_on_both_paths(either_pod, either_hosts, tmp_path):
+    # tar kept each file's modification time; SFTP gave it the time of the copy.
+    source = tmp_path / "t"
+    source.mkdir()
+    (source / "f").write_text("f\n")
+    os.utime(source / "f", (1_200_000_000, 1_200_000_000))
+    run(either_hosts[:1], "rm -rf /tmp/mt")
+    assert put(either_hosts[:1], source, "/tmp/mt")[0].ok
+    assert either_pod.path(0, "/tmp/mt/f").stat().st_mtime == 1_200_000_000
+    assert run(either_hosts[:1], "touch -d @1000000000 /tmp/mt/f")[0].ok
+    assert get(either_hosts[:1], "/tmp/mt", tmp_path / "back")[0].ok
+    assert (tmp_path / "back/w00/mt/f").stat().st_mtime == 1_000_000_000
+
+
 def test_a_missing_remote_path_is_one_line(hosts, tmp_path):
     missing = get(hosts[:1], "/tmp/does-not-exist", tmp_path / "fetched")[0]
     assert missing.exit_code == 1

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from tpuctl.fanout import paramiko_loader, tree
 from tpuctl.fanout.base import (
@@ -630,7 +631,7 @@ def put_tree(sftp: paramiko.SFTPClient, local: Path, remote: str, skipped: list[
             copy.set_pipelined(True)
             shutil.copyfileobj(data, copy, SFTP_CHUNK)
             copy.flush()
-            copy.chmod(stat.S_IMODE(os.fstat(data.fileno()).st_mode))
+            _set_mode_and_mtime(copy, os.fstat(data.fileno()))
 
     writer = tree.Writer(lambda path, mode: _sftp_mkdir(sftp, path, mode), file, posixpath.join)
     return tree.put_tree(local, writer, target, skipped)
@@ -648,7 +649,15 @@ def get_tree(
         # listdir_attr's attributes are the entries' own (lstat): links show as links.
         return [(e.filename, e.st_mode or 0) for e in sftp.listdir_attr(directory)]
 
-    reader = tree.Reader(entries, lambda path, out: sftp.getfo(path, out), posixpath.join)
+    def copy(path: str, out: BinaryIO) -> float | None:
+        # sftp.getfo's requests, with the attributes it fetches kept: its time for ours.
+        with sftp.open(path, "rb") as source:
+            attributes = sftp.stat(path)
+            source.prefetch(attributes.st_size)
+            shutil.copyfileobj(source, out, SFTP_CHUNK)
+        return attributes.st_mtime
+
+    reader = tree.Reader(entries, copy, posixpath.join)
     mode = sftp.stat(remote).st_mode or 0
     return tree.get_tree(reader, remote, mode, local, [] if skipped is None else skipped)
 
@@ -672,6 +681,15 @@ def _open_private(sftp: paramiko.SFTPClient, remote: str) -> paramiko.SFTPFile:
     handle = paramiko.SFTPFile(sftp, message.get_binary(), "wb")
     handle.chmod(0o600)
     return handle
+
+
+def _set_mode_and_mtime(copy: paramiko.SFTPFile, source: os.stat_result) -> None:
+    """Give the remote file `source`'s mode and modification time (access time the same,
+    as tar sets them) in one request: chmod and utime would wait for two answers."""
+    attributes = paramiko.SFTPAttributes()
+    attributes.st_mode = stat.S_IMODE(source.st_mode)
+    attributes.st_atime = attributes.st_mtime = int(source.st_mtime)
+    copy.sftp._request(paramiko.sftp.CMD_FSETSTAT, copy.handle, attributes)  # as chmod()
 
 
 def _sftp_is_dir(sftp: paramiko.SFTPClient, path: str) -> bool:

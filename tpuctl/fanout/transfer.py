@@ -2,7 +2,7 @@
 streamed over an exec channel (minimal images and hardened hosts turn SFTP off).
 
 Both ways copy the same: a file to exactly `remote`, a directory merged into `remote`,
-file modes kept. Remote trouble comes back as OSError (the worker's one-line reason) or
+file modes and modification times kept. Remote trouble comes back as OSError (the worker's one-line reason) or
 ConnectionError, never as a paramiko exception.
 """
 

@@ -12,7 +12,8 @@ pod's directory): nothing a worker lists is trusted.
   same others, so SFTP and tar give the same tree.
 - Files get the modes tarfile's "data" filter gives (`file_mode`), whichever way they came,
   and are private (0600) until they are whole: a worker's secret is never readable by
-  others here, not even while it is being copied.
+  others here, not even while it is being copied. They keep their modification times, as
+  tar keeps them.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ class UnsafeName(OSError):
 @dataclass(frozen=True)
 class Reader:
     """How to read one worker's tree: a directory's entries as (name, own mode: a link's is
-    the link's), one file's content written to an open local file, and how its paths join."""
+    the link's), one file's content written to an open local file (returning the file's
+    modification time, None where unknown), and how its paths join."""
 
     entries: Callable[[str], Iterable[tuple[str, int]]]
-    copy: Callable[[str, BinaryIO], None]
+    copy: Callable[[str, BinaryIO], float | None]
     join: Callable[[str, str], str]
 
 
@@ -49,15 +51,18 @@ def file_mode(mode: int) -> int:
     return safe if safe & 0o100 else safe & ~0o011
 
 
-def _write_private(local: Path, mode: int, fill: Callable[[BinaryIO], None]) -> None:
+def _write_private(local: Path, mode: int, fill: Callable[[BinaryIO], float | None]) -> None:
     """Write `local` through `fill` while only its owner can read it (created 0600; one
-    that existed is made 0600 first), then give it `file_mode(mode)`."""
+    that existed is made 0600 first), then give it `file_mode(mode)` and the modification
+    time `fill` returns (access time the same, as tar sets them)."""
     descriptor = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "wb") as out:
         os.fchmod(descriptor, 0o600)
-        fill(out)
+        mtime = fill(out)
         out.flush()
         os.fchmod(descriptor, file_mode(mode))
+        if mtime is not None:
+            os.utime(descriptor, (mtime, mtime))
 
 
 @dataclass(frozen=True)
@@ -74,9 +79,10 @@ def _local_entries(directory: str) -> list[tuple[str, int]]:
     return [(e.name, e.stat(follow_symlinks=False).st_mode) for e in os.scandir(directory)]
 
 
-def _local_copy(path: str, out: BinaryIO) -> None:
+def _local_copy(path: str, out: BinaryIO) -> float:
     with open(path, "rb") as source:
         shutil.copyfileobj(source, out)
+        return os.fstat(source.fileno()).st_mtime
 
 
 # This machine's own files (`put`'s source, a local pod worker's tree).
