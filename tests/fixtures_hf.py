@@ -157,15 +157,18 @@ def _added(content: str) -> dict:
             "single_word": False, "special": True}  # fmt: skip
 
 
-def save_family_dir(directory: Path, cfg: ModelConfig, template: str | None) -> Path:
+def save_family_dir(
+    directory: Path, cfg: ModelConfig, template: str | None, eos_token: str = "<|eot_id|>"
+) -> Path:
     """A Hugging Face model directory as the Hub has them: a random model of `cfg`'s family
     (vocab 512, for the test tokenizer) and a tokenizer.json whose config carries the built-in
-    chat template named `template` (none when None)."""
+    chat template named `template` (none when None) and `eos_token`."""
     from trainer import chat
 
     cfg = dataclasses.replace(cfg, vocab_size=512, max_seq_len=128)
     hf_model(cfg).save_pretrained(directory, safe_serialization=True)
-    train_tokenizer(directory, "bpe", chat_template=chat.JINJA_TEMPLATES.get(template or ""))
+    template_source = chat.JINJA_TEMPLATES.get(template or "")
+    train_tokenizer(directory, "bpe", eos_token=eos_token, chat_template=template_source)
     return directory
 
 
@@ -193,9 +196,15 @@ def assert_export_matches(run_dir: Path, out: Path, source: Path) -> None:
 
 
 def save_run(
-    run_dir: str, model_cfg: ModelConfig, params, step: int = 7, tokenizer: str = SENTENCEPIECE
+    run_dir: str,
+    model_cfg: ModelConfig,
+    params,
+    step: int = 7,
+    tokenizer: str = SENTENCEPIECE,
+    generation: dict | None = None,
 ) -> None:
-    """Write params in a train state checkpoint, as the trainer does, from this process."""
+    """Write params in a train state checkpoint, as the trainer does, from this process
+    (`generation`: what trainer.generation.record would record)."""
     import flax
     import jax
     import jax.numpy as jnp
@@ -220,6 +229,7 @@ def save_run(
         CheckpointConfig(every_steps=1, async_save=False),
         model=model_cfg,
         tokenizer_path=tokenizer,
+        generation=generation,
     )
     checkpointer.save(state)
     checkpointer.close()

@@ -217,3 +217,26 @@ def test_a_reply_starting_with_a_byte_fallback_character_is_learned_whole():
     tokens, flags = chat.tokenize_chat({"messages": messages}, tok, chat.JINJA_TEMPLATES["chatml"])
     learned = [t for t, f in zip(tokens, flags, strict=True) if f]
     assert tok.decode(learned).startswith("🙂 ok")
+
+
+def test_the_end_of_turn_token_is_the_special_token_that_ends_an_assistant_turn(tmp_path):
+    """What the export adds to a chat model's stop tokens (trainer.generation): here the
+    tokenizer's EOS is <|end_of_text|>, as a Llama 3 base model's."""
+    from tests.fixtures_hf import OLMO2_TEMPLATE, SENTENCEPIECE
+
+    directory = train_tokenizer(tmp_path / "t", "bpe", "<|end_of_text|>", None)
+    tok = load_tokenizer(TokenizerConfig(path=str(directory)))
+    plain_text_ends = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+    needs_system = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('no') }}{% endif %}"
+    for template, expected in [
+        (LLAMA3, "<|eot_id|>"),
+        (QWEN25_CHATML, "<|im_end|>"),
+        (MISTRAL, "<|end_of_text|>"),  # its EOS
+        (None, "<|end_of_text|>"),  # tulu: replies end with EOS
+        (plain_text_ends, None),  # no stop token: generation must not stop at "\n\n"
+        (needs_system, None),  # says nothing about its ends
+    ]:
+        found = chat.end_of_turn_id(template, tok)
+        assert found == (expected and tok.special_ids[expected]), template
+    sentencepiece = load_tokenizer(TokenizerConfig(path=SENTENCEPIECE))
+    assert chat.end_of_turn_id(OLMO2_TEMPLATE, sentencepiece) == sentencepiece.eos_id

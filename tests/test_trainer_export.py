@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fixtures_hf import SHAPES, hf_model, save_run, train_tokenizer
+from tests.fixtures_hf import (
+    SHAPES,
+    TINY_SFT,
+    hf_model,
+    save_family_dir,
+    save_run,
+    train_tokenizer,
+)
+from tests.fixtures_trainer import launch_trainer, wait_all
 from trainer import io
 from trainer.config import ModelConfig
 from trainer.models import FAMILIES
@@ -172,6 +180,26 @@ def test_the_tokenizer_goes_under_transformers_name_and_its_ids_into_the_config(
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     sp = sentencepiece.SentencePieceProcessor(model_file=str(TOKENIZER))
     assert (config["bos_token_id"], config["eos_token_id"]) == (sp.bos_id(), sp.eos_id())
+    # a run that recorded no generation settings: the generation config transformers writes
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation == {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def test_the_source_generation_config_is_carried_over_as_it_was(hf_model_dir, tmp_path):
+    """A Llama 3 Instruct's: its list of stop ids has the tokenizer's EOS already, and
+    config.json's single id stays single."""
+    from transformers import GenerationConfig
+
+    from trainer.export import export
+
+    model_cfg, params = _import(hf_model_dir)
+    source = {"bos_token_id": 1, "eos_token_id": [3, 2], "temperature": 0.6, "top_p": 0.9}
+    generation = {"config": source, "eos_token_id": 2, "end_of_turn_id": 2}
+    save_run(str(tmp_path / "run"), model_cfg, params, generation=generation)
+    export(str(tmp_path / "run"), str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == source
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == 2
+    assert GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == [3, 2]
 
 
 def test_export_to_gcs(hf_model_dir, tmp_path, gcs):
@@ -182,7 +210,13 @@ def test_export_to_gcs(hf_model_dir, tmp_path, gcs):
     save_run(run_dir, model_cfg, params, step=3)
     export(run_dir, "gs://test-bucket/models/llama")
     files = io.listdir("gs://test-bucket/models/llama")
-    assert files == ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
+    assert files == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     config = json.loads(io.read_text("gs://test-bucket/models/llama/config.json"))
     assert config["num_key_value_heads"] == 2 and config["model_type"] == "llama"
 
@@ -289,6 +323,7 @@ def test_a_reward_model_exports_as_sequence_classification_with_equal_scores(tmp
     assert sorted(_hf_tensors(tmp_path / "out")) == sorted(hf_state(original))  # score, no lm_head
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     assert model.config.num_labels == 1
+    assert not (tmp_path / "out" / "generation_config.json").exists()  # it cannot generate
     for length in (5, 17):
         tokens = rng.integers(2, BASE.vocab_size, size=(1, length))
         tokens[0, -1] = 1
@@ -296,3 +331,47 @@ def test_a_reward_model_exports_as_sequence_classification_with_equal_scores(tmp
         with torch.no_grad():
             theirs = model(torch.tensor(tokens)).logits[0, 0].item()
         assert float(ours[0, -1]) == pytest.approx(theirs, abs=1e-4)  # the last token's score
+
+
+def test_a_chat_fine_tune_of_a_llama3_base_exports_its_stop_tokens_and_generation_config(
+    tmp_path,
+):
+    """A Llama 3 base (EOS <|end_of_text|>) fine-tuned on chat under the Llama 3 template,
+    whose replies end with <|eot_id|>: the export used to drop generation_config.json and
+    carry only the tokenizer's EOS, so transformers' generate ran on past <|eot_id|>."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from trainer.export import export
+
+    source = save_family_dir(
+        tmp_path / "hf", SHAPES["llama3-gqa-rope-scaling-odd-vocab"], "llama3", "<|end_of_text|>"
+    )
+    vocab = json.loads((source / "tokenizer.json").read_text())["added_tokens"]
+    ids = {token["content"]: token["id"] for token in vocab}
+    end_of_text, eot = ids["<|end_of_text|>"], ids["<|eot_id|>"]
+    stops = [end_of_text, ids["<|im_end|>"]]  # a list, as Llama 3.1's (<|eom_id|> too)
+    sampling = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    generation = {"bos_token_id": ids["<|begin_of_text|>"], "eos_token_id": stops, **sampling}
+    (source / "generation_config.json").write_text(json.dumps(generation))
+    config = json.loads((source / "config.json").read_text())
+    config["eos_token_id"] = end_of_text
+    (source / "config.json").write_text(json.dumps(config))
+    run = tmp_path / "run"
+    args = [TINY_SFT, f"run_dir={run}", f"model.init_from={source}", "train.steps=1"]
+    ((code, output),) = wait_all(launch_trainer(args, 1, 1, tmp_path), timeout=300)
+    assert code == 0, output
+    out = tmp_path / "out"
+    export(str(run), str(out))
+
+    exported = GenerationConfig.from_pretrained(out)
+    assert exported.eos_token_id == [*stops, eot]
+    assert {key: getattr(exported, key) for key in sampling} == sampling
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == [end_of_text, eot]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    prompt = torch.tensor([[ids["<|begin_of_text|>"], 40, 41, 42]])
+    with torch.no_grad():  # the random model made to answer <|eot_id|>: generation ends there
+        generated = model.generate(
+            prompt, max_new_tokens=8, do_sample=False, sequence_bias={(eot,): 100.0}
+        )
+    assert generated[0, prompt.shape[1] :].tolist() == [eot]

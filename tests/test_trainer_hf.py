@@ -157,6 +157,26 @@ def test_a_sharded_gs_checkpoint_loads_the_files_its_index_names_and_leaves_no_c
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+def test_the_generation_settings_of_a_gs_checkpoint_are_read_as_a_local_ones(gcs, tmp_path):
+    """What the trainer records for the export (trainer.generation): the export never reads
+    model.init_from, which may be gone by then."""
+    from trainer import io
+    from trainer.hf import generation_source
+
+    save_hf_model(tmp_path / "hf")
+    (tmp_path / "hf" / "generation_config.json").write_text('{"eos_token_id": [2, 7]}')
+    io.copy_tree(str(tmp_path / "hf"), "gs://test-bucket/hf")
+    eos = json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"]
+    expected = {"config": {"eos_token_id": [2, 7]}, "eos_token_id": eos}
+    assert generation_source(str(tmp_path / "hf")) == expected
+    assert generation_source("gs://test-bucket/hf") == expected
+    (tmp_path / "hf" / "generation_config.json").write_text("[2, 7")
+    with pytest.raises(RecipeError, match=r"generation_config\.json is not a JSON object"):
+        generation_source(str(tmp_path / "hf"))
+    (tmp_path / "hf" / "generation_config.json").unlink()
+    assert generation_source(str(tmp_path / "hf")) == {"eos_token_id": eos}
+
+
 def test_missing_tensors_and_files_are_clear_errors(tmp_path):
     with pytest.raises(RecipeError, match=r"has no config\.json"):
         load_hf_dir(str(tmp_path))

@@ -152,6 +152,27 @@ def render_with_spans(
     return text, spans
 
 
+# A conversation whose rendering shows how a template ends an assistant turn.
+PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+
+def end_of_turn_id(template: str | None, tok: Tokenizer) -> int | None:
+    """The id of the special token that ends an assistant turn under Jinja `template` (None:
+    tulu, whose turns end with EOS): Llama 3's <|eot_id|>, ChatML's <|im_end|>. None when a
+    turn ends with ordinary text, at which generation must not stop, or when the template
+    will not render a plain user/assistant exchange (it then says nothing about its ends)."""
+    if template is None:
+        return tok.eos_id
+    try:
+        text, spans = render_with_spans(template, PROBE, tok.special_tokens)
+    except RecipeError:
+        return None
+    turn = text[slice(*spans[-1])]
+    specials = tok.special_ids
+    ends = [token for token in specials if turn.endswith(token)]
+    return specials[max(ends, key=len)] if ends else None
+
+
 @lru_cache(maxsize=8)
 def _compile(template: str):
     """The template in the environment transformers renders chat templates in."""

@@ -73,12 +73,14 @@ class Checkpointer:
         model: ModelConfig | None = None,
         tokenizer_path: str | None = None,
         objective: str | None = None,
+        generation: dict | None = None,
     ):
-        """`model`, `tokenizer_path` and `objective`, when given, are recorded beside the
-        checkpoints so that `python -m trainer.export` can rebuild a Hugging Face directory from
-        the run alone, and a resume under another objective is refused. Beside committed
-        checkpoints they are recorded only once `restore` has accepted them: a recipe that
-        cannot resume the run must not rewrite what the run's checkpoints are."""
+        """`model`, `tokenizer_path`, `objective` and `generation` (trainer.generation.record),
+        when given, are recorded beside the checkpoints so that `python -m trainer.export` can
+        rebuild a Hugging Face directory from the run alone, and a resume under another
+        objective is refused. Beside committed checkpoints they are recorded only once
+        `restore` has accepted them: a recipe that cannot resume the run must not rewrite what
+        the run's checkpoints are."""
         directory = io.absolute(directory)
         try:
             io.makedirs(directory)
@@ -92,7 +94,8 @@ class Checkpointer:
             # absolute: export runs from anywhere, not only where the trainer was started
             tokenizer = io.absolute(tokenizer_path) if tokenizer_path else None
             info = {"model": dataclasses.asdict(model), "tokenizer": tokenizer}
-            self._info = info | ({"objective": objective} if objective else {})
+            info |= {"objective": objective} if objective else {}
+            self._info = info | ({"generation": generation} if generation else {})
         self.directory = directory
         self.cfg = cfg
         self._milestones = _recorded_milestones(directory)
@@ -380,6 +383,13 @@ def read_model_info(directory: str) -> tuple[ModelConfig, str | None]:
             "model config; pass --recipe RECIPE"
         )
     return ModelConfig(**info["model"]), info.get("tokenizer")
+
+
+def read_generation_info(directory: str) -> dict:
+    """The generation settings a Checkpointer recorded in `directory` (trainer.generation);
+    empty for a run that recorded none."""
+    generation = (_recorded_info(directory) or {}).get("generation")
+    return generation if isinstance(generation, dict) else {}
 
 
 def _recorded_milestones(directory: str) -> list[int]:

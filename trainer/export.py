@@ -1,5 +1,6 @@
 """`python -m trainer.export RUN_DIR OUT_DIR [--step N]`: a checkpoint as a Hugging Face
-directory of its family (config.json with its model_type and architectures, safetensors shards
+directory of its family (config.json with its model_type and architectures,
+generation_config.json with the run's stop tokens (trainer.generation), safetensors shards
 with its tensor names, the tokenizer's files) that `AutoModelForCausalLM.from_pretrained` loads;
 a reward model's (a `score` head) as its *ForSequenceClassification with one label.
 
@@ -20,8 +21,9 @@ import tempfile
 
 import numpy as np
 
-from trainer import io
+from trainer import generation, io
 from trainer.config import ModelConfig, RecipeError, TrainerError
+from trainer.hf import GENERATION_CONFIG
 from trainer.tokenizer import (
     CONFIG_FILES,
     SENTENCEPIECE_MODEL,
@@ -38,6 +40,7 @@ INDEX_FILE = "model.safetensors.index.json"
 # not write is removed.
 EXPORT_FILE = re.compile(
     r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json"
+    rf"|{re.escape(GENERATION_CONFIG)}"
     rf"|{re.escape(TOKENIZER_JSON)}|{re.escape(SENTENCEPIECE_MODEL)}"
     + "".join(f"|{re.escape(name)}" for name in CONFIG_FILES)
 )
@@ -66,9 +69,11 @@ def write_hf_dir(
     hf_config: dict,
     tokenizer_path: str | None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    generation_config: dict | None = None,
 ) -> list[str]:
-    """Write config.json, safetensors shards (+ index when more than one) and the files of the
-    tokenizer at `tokenizer_path` into a local directory; returns the file names written. The
+    """Write config.json, generation_config.json (when given), safetensors shards (+ index
+    when more than one) and the files of the tokenizer at `tokenizer_path` into a local
+    directory; returns the file names written. The
     tokenizer's model file is written under the name transformers looks for
     (tokenizer.json or tokenizer.model), whatever it was called."""
     from safetensors.numpy import save_file
@@ -94,6 +99,9 @@ def write_hf_dir(
         written.append(INDEX_FILE)
     _write_json(os.path.join(out_dir, "config.json"), hf_config)
     written.append("config.json")
+    if generation_config is not None:
+        _write_json(os.path.join(out_dir, GENERATION_CONFIG), generation_config)
+        written.append(GENERATION_CONFIG)
     files = tokenizer_files(tokenizer_path) if tokenizer_path else []
     for i, source in enumerate(files):
         name = source.rsplit("/", 1)[-1]
@@ -155,19 +163,25 @@ def export(
 
     checkpoints = io.join(run_dir, "checkpoints")
     step, params = load_params(checkpoints, step)
-    model_cfg, tokenizer_path = _model_and_tokenizer(checkpoints, recipe)
+    model_cfg, tokenizer_path, recorded = _run_description(checkpoints, recipe)
     _check_fits(params, model_cfg, "--recipe" if recipe else "the run's recorded model")
     tensors = params_to_hf(params, model_cfg)
-    hf_config = hf_config_from_model(model_cfg, score_head="score" in params)
-    if tokenizer_path:
-        hf_config |= _special_token_ids(tokenizer_path)
+    score_head = "score" in params
+    hf_config, generation_config = generation.export_configs(
+        hf_config_from_model(model_cfg, score_head=score_head),
+        _special_token_ids(tokenizer_path) if tokenizer_path else {},
+        recorded,
+        can_generate=not score_head,
+    )
     # Staged first: OUT_DIR may hold the tokenizer being exported (a run fine-tuned from an
     # earlier export), which writing in place would empty before reading it.
     # A local export is staged inside OUT_DIR, so that its files move in without a copy.
     io.makedirs(out_dir)
     near = None if io.is_gcs(out_dir) else out_dir
     with tempfile.TemporaryDirectory(prefix=".export-", dir=near) as staging:
-        written = write_hf_dir(staging, tensors, hf_config, tokenizer_path, max_shard_bytes)
+        written = write_hf_dir(
+            staging, tensors, hf_config, tokenizer_path, max_shard_bytes, generation_config
+        )
         replace_export(staging, out_dir, written)
     return step
 
@@ -197,8 +211,8 @@ def _check_fits(params: dict, model_cfg: ModelConfig, source: str) -> None:
 
 
 def _special_token_ids(tokenizer_path: str) -> dict[str, int]:
-    """config.json's bos/eos/pad token ids from the tokenizer: transformers' generate()
-    stops at the config's eos_token_id, whose default is not this tokenizer's."""
+    """The tokenizer's bos/eos token ids, for config.json: the config class's defaults are
+    not this tokenizer's, and generate() stops at its EOS."""
     from trainer.config import TokenizerConfig
 
     tokenizer = load_tokenizer(TokenizerConfig(path=tokenizer_path))
@@ -206,15 +220,17 @@ def _special_token_ids(tokenizer_path: str) -> dict[str, int]:
     return {key: value for key, value in ids.items() if value is not None}
 
 
-def _model_and_tokenizer(checkpoints: str, recipe: str | None) -> tuple[ModelConfig, str | None]:
-    from trainer.checkpoint import read_model_info
+def _run_description(checkpoints: str, recipe: str | None) -> tuple[ModelConfig, str | None, dict]:
+    """The model config, tokenizer path and generation settings (trainer.generation) the run
+    recorded, or those of `recipe`."""
+    from trainer.checkpoint import read_generation_info, read_model_info
 
     if recipe is None:
-        return read_model_info(checkpoints)
+        return *read_model_info(checkpoints), read_generation_info(checkpoints)
     from trainer.config import load_recipe
 
     loaded = load_recipe(recipe)
-    return loaded.model, loaded.tokenizer.path or None
+    return loaded.model, loaded.tokenizer.path or None, generation.record(loaded)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -254,6 +254,35 @@ def load_hf_dir(path: str, base: ModelConfig | None = None) -> tuple[ModelConfig
     return model_cfg, params_from_hf(tensors, model_cfg)
 
 
+GENERATION_CONFIG = "generation_config.json"  # what transformers' generate() starts from
+
+
+def generation_source(path: str) -> dict[str, Any]:
+    """What the HF model directory `path` says about generation: its generation_config.json
+    under "config" and config.json's eos_token_id (an id or a list), each where it has one."""
+    from trainer import io
+
+    found: dict[str, Any] = {}
+    for name in ("config.json", GENERATION_CONFIG):
+        file = io.join(path, name)
+        if not io.exists(file):
+            continue
+        try:
+            config = json.loads(io.read_text(file))
+        except ValueError:
+            config = None
+        if not isinstance(config, dict):
+            raise RecipeError(
+                f"model.init_from: {file} is not a JSON object; replace it with the model "
+                "repository's"
+            )
+        if name == GENERATION_CONFIG:
+            found["config"] = config
+        elif config.get("eos_token_id") is not None:
+            found["eos_token_id"] = config["eos_token_id"]
+    return found
+
+
 def _weight_files(path: str) -> list[str]:
     """The safetensors files transformers loads from `path`: those its index names, else
     model.safetensors, else every one (a Mistral repository's consolidated.safetensors holds

@@ -58,6 +58,9 @@ class Tokenizer(Protocol):
     @property
     def eos_id(self) -> int | None: ...
 
+    @property
+    def special_ids(self) -> dict[str, int]: ...
+
     def encode(self, text: str) -> list[int]: ...
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], Offsets]: ...
@@ -152,6 +155,12 @@ class SentencePieceTokenizer:
     def eos_id(self) -> int | None:
         return self.sp.eos_id() if self.sp.eos_id() >= 0 else None
 
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """Each special piece's text -> its id (the only pieces a rendered chat turns into
+        ids whole)."""
+        return {piece: self.sp.piece_to_id(piece) for piece in self.special_tokens.values()}
+
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
@@ -233,6 +242,15 @@ class HFTokenizer:
     def _id(self, name: str) -> int | None:
         token = self.special_tokens.get(name)
         return self.tk.token_to_id(token) if token is not None else None
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """Each special token's text -> its id: the added tokens marked special, and the named
+        ones (which transformers treats as special wherever they are in the vocabulary)."""
+        added = self.tk.get_added_tokens_decoder()
+        ids = {token.content: i for i, token in added.items() if token.special}
+        named = {text: self.tk.token_to_id(text) for text in self.special_tokens.values()}
+        return ids | {text: i for text, i in named.items() if i is not None}
 
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids

@@ -35,6 +35,7 @@ from trainer import (
     data,
     distributed,
     dpo,
+    generation,
     io,
     metrics,
     preemption,
@@ -437,6 +438,7 @@ def _train(recipe: Recipe) -> int:
     check_fits_devices(recipe)
     recipe, hf_params = load_initial_params(recipe)
     check_tokenizer(recipe)
+    generation_info = generation.record(recipe)  # its errors before the token cache's build
     progress = cache_progress(recipe.run_dir) if is_main else None
     train_set = prepare_data(recipe, "train", shuffle=True, progress=progress)
     eval_set = (
@@ -446,7 +448,7 @@ def _train(recipe: Recipe) -> int:
         _announce_eval_size(recipe, eval_set)
     run = setup(recipe, train_set, hf_params)
     feed = Feed(train_set, eval_set, reference_logps(run, train_set, eval_set))
-    checkpointer = open_checkpointer(run)
+    checkpointer = open_checkpointer(run, generation_info)
     peak = announce(run)
     step = int(jax.device_get(run.state.step))
     if step >= run.total_steps:  # the same on every process: all stop here together
@@ -496,8 +498,9 @@ def reference_logps(run: Run, train_set: Mixture, eval_set: Mixture | None) -> d
     }
 
 
-def open_checkpointer(run: Run) -> Checkpointer:
-    """The run's Checkpointer, with `run.state` restored from its newest checkpoint if any."""
+def open_checkpointer(run: Run, generation_info: dict) -> Checkpointer:
+    """The run's Checkpointer, with `run.state` restored from its newest checkpoint if any;
+    `generation_info` (trainer.generation.record) is recorded with the model for export."""
     recipe = run.recipe
     checkpointer = Checkpointer(
         io.join(recipe.run_dir, "checkpoints"),
@@ -505,6 +508,7 @@ def open_checkpointer(run: Run) -> Checkpointer:
         model=recipe.model,  # recorded for `python -m trainer.export`
         tokenizer_path=recipe.tokenizer.path,
         objective=recipe.objective.name,
+        generation=generation_info,
     )
     try:
         restored = checkpointer.restore(jax.tree_util.tree_map(_abstract, run.state))

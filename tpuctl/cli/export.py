@@ -32,9 +32,9 @@ def export(
     ),
 ) -> None:
     """Export a checkpoint (parameters only, read on this machine's CPU, whatever mesh saved
-    them) in its family's Hugging Face format: config.json, safetensors shards and the
-    tokenizer's files, which `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`
-    loads."""
+    them) in its family's Hugging Face format: config.json, generation_config.json,
+    safetensors shards and the tokenizer's files, which
+    `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads."""
     try:
         from trainer import export as trainer_export
     except ImportError:
