@@ -371,7 +371,7 @@ def _reap(workers, pending, times) -> None:
 
 
 def test_failed_save_on_one_process_ends_every_process_with_one_line(monkeypatch):
-    from trainer.checkpoint import EXIT_SAVE_FAILED
+    from trainer.exit_status import EXIT_CHECKPOINT_IO
 
     directory = "gs://test-bucket/failing/checkpoints"
     cfg = {"every_steps": 1, "keep": 10, "async_save": True}
@@ -383,7 +383,7 @@ def test_failed_save_on_one_process_ends_every_process_with_one_line(monkeypatch
         workers = _spawn("save", directory, processes=PROCESSES, steps=12, cfg=cfg)
         exits = _exit_times(workers)
         assert max(exits) - min(exits) < 60
-        assert [w.process.returncode for w in workers] == [EXIT_SAVE_FAILED] * PROCESSES
+        assert [w.process.returncode for w in workers] == [EXIT_CHECKPOINT_IO] * PROCESSES
         for worker in workers:
             err = worker.stderr()
             lines = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -425,7 +425,7 @@ def test_killed_process_ends_the_others_naming_it(tmp_path):
 
 
 def test_hung_gcs_save_times_out_and_leaves_last_committed_checkpoint(gcs, tmp_path):
-    from trainer.checkpoint import EXIT_SAVE_FAILED
+    from trainer.exit_status import EXIT_CHECKPOINT_IO
 
     directory = "gs://test-bucket/hang/checkpoints"
     cfg = {"every_steps": 1, "keep": 3, "async_save": True, "save_timeout_s": 3}
@@ -435,7 +435,7 @@ def test_hung_gcs_save_times_out_and_leaves_last_committed_checkpoint(gcs, tmp_p
     try:
         worker.process.stdin.write("go\n")
         worker.process.stdin.flush()
-        assert worker.finish(expect_rc=EXIT_SAVE_FAILED) is None  # it never got to the end
+        assert worker.finish(expect_rc=EXIT_CHECKPOINT_IO) is None  # it never got to the end
     finally:
         os.kill(gcs.pid, signal.SIGCONT)
     err = worker.stderr()
@@ -611,3 +611,46 @@ def test_corrupted_checkpoint_is_a_clear_error_not_a_fresh_start(damage, local_d
 
 if __name__ == "__main__":
     sys.exit(_worker(sys.argv[1], sys.argv[2], json.loads(sys.argv[3])))
+
+
+def _tensorstore_error(spec: dict) -> ValueError:
+    import tensorstore as ts
+
+    try:
+        ts.open(spec, open=True).result()
+    except ValueError as e:
+        return e
+    raise AssertionError("tensorstore opened it")
+
+
+def _chained(error: BaseException) -> RuntimeError:
+    try:
+        raise RuntimeError("restore of the train state failed") from error
+    except RuntimeError as e:
+        return e
+
+
+def test_a_checkpoint_storage_failed_to_read_is_relaunched_one_of_another_model_is_not(tmp_path):
+    """The exit status a failed restore gives: EXIT_CHECKPOINT_IO for storage trouble that may
+    pass, which `tpuctl babysit` relaunches; EXIT_BAD_INPUT, which stops it, only for what
+    fails alike on every launch."""
+    from trainer.checkpoint import restore_failure_status
+    from trainer.exit_status import EXIT_BAD_INPUT, EXIT_CHECKPOINT_IO
+
+    with socket.socket() as closed:  # a port nothing listens on: connection refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    except OSError as e:
+        refused = e
+    missing = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "gone")}}
+    cases = [
+        (refused, EXIT_CHECKPOINT_IO),
+        (_chained(refused), EXIT_CHECKPOINT_IO),
+        (ValueError("UNAVAILABLE: error reading gs://b/run/checkpoints/4: 503"), EXIT_CHECKPOINT_IO),
+        (ValueError("DEADLINE_EXCEEDED: while reading shard"), EXIT_CHECKPOINT_IO),
+        (_tensorstore_error(missing), EXIT_BAD_INPUT),  # a step missing its files
+        (ValueError("Requested shape: (8, 512) is not compatible with the stored shape: (8, 256)"), EXIT_BAD_INPUT),
+    ]  # fmt: skip
+    assert [restore_failure_status(error) for error, _ in cases] == [s for _, s in cases]

@@ -10,7 +10,7 @@
   tiny all-gather each step when there are several processes.
 - Fail-stop: a save that fails (in any process, in the background or in the call) or has not
   committed within `save_timeout_s` ends every process of the run within seconds with
-  `EXIT_SAVE_FAILED` and one line `error: checkpoint save of step N failed on process P:
+  `EXIT_CHECKPOINT_IO` and one line `error: checkpoint save of step N failed on process P:
   CAUSE`, instead of training on without checkpoints or stalling in the next save. orbax
   only logs a failed background save; a log handler turns that record into the failure.
 - Preemption: once the run trains, the first SIGTERM (`trainer.preemption`) makes the next
@@ -40,10 +40,7 @@ from orbax.checkpoint import checkpoint_managers
 from trainer import io, preemption
 from trainer.config import CheckpointConfig, ModelConfig, TrainerError
 from trainer.distributed import fail_everywhere, first_line
-
-# A distinct exit status, so tpuctl can tell "a checkpoint save failed or hung" from a crash
-# (and from `EXIT_PREEMPTED`, "stopped on SIGTERM"). sysexits' EX_IOERR.
-EXIT_SAVE_FAILED = 74
+from trainer.exit_status import EXIT_BAD_INPUT, EXIT_CHECKPOINT_IO
 
 _WATCHDOG_POLL_S = 0.2
 # tensorstore appends its status payloads ([http_response_body='...']) to error messages.
@@ -55,7 +52,13 @@ MILESTONES_FILE = "milestones.json"
 
 
 class CheckpointError(TrainerError):
-    """A checkpoint is missing or cannot be used; the message says which one and what to do."""
+    """A checkpoint is missing or cannot be used; the message says which one and what to do.
+    `status`: EXIT_BAD_INPUT when another launch would fail alike (a checkpoint of another
+    model), EXIT_CHECKPOINT_IO when storage failed to read it (a relaunch may well succeed)."""
+
+    def __init__(self, message: str, status: int = EXIT_BAD_INPUT):
+        super().__init__(message)
+        self.status = status
 
 
 class Checkpointer:
@@ -184,7 +187,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} cannot be loaded ({first_line(e)}); "
                 "run with the model config it was saved with, or move that step directory "
-                "away to resume from an earlier one (it was not treated as 'no checkpoint')"
+                "away to resume from an earlier one (it was not treated as 'no checkpoint')",
+                restore_failure_status(e),
             ) from e
         self._last_save_time = time.monotonic()
         self._record_info()
@@ -266,7 +270,7 @@ class Checkpointer:
         fail_everywhere(
             f"checkpoint save of step {self._saving_step} failed on process "
             f"{jax.process_index()}: {cause}",
-            EXIT_SAVE_FAILED,
+            EXIT_CHECKPOINT_IO,
         )
 
     def close(self) -> None:
@@ -372,6 +376,29 @@ def _host_step(state: Any) -> int:
 
 
 # -- parameters-only reads (export, serving) --------------------------------------------------
+
+
+# Storage trouble that may pass, as tensorstore (status names) and HTTP clients word it.
+_TRANSIENT = re.compile(
+    r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|ABORTED|Service Unavailable|"
+    r"Too Many Requests|timed out)\b",
+    re.IGNORECASE,
+)
+
+
+def restore_failure_status(error: BaseException) -> int:
+    """The exit status of a run whose checkpoint failed to load with `error`:
+    EXIT_CHECKPOINT_IO when the error, or one it came from, is an OS or network error or
+    storage trouble that may pass (so `tpuctl babysit` relaunches), else EXIT_BAD_INPUT (a
+    checkpoint of another model fails alike on every launch)."""
+    chain: BaseException | None = error
+    for _ in range(16):  # a chain that loops back on itself ends here
+        if chain is None:
+            break
+        if isinstance(chain, OSError) or _TRANSIENT.search(str(chain)):
+            return EXIT_CHECKPOINT_IO
+        chain = chain.__cause__ or chain.__context__
+    return EXIT_BAD_INPUT
 
 
 def read_model_info(directory: str) -> tuple[ModelConfig, str | None]:
