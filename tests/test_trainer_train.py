@@ -168,6 +168,30 @@ def test_bf16_compute_with_fp32_master_weights_and_optimizer_state_is_the_defaul
     assert np.isfinite(float(stats["loss"]))
 
 
+def test_bf16_master_weights_keep_bf16_optimizer_state_from_step_to_step(tiny_recipe, tmp_path):
+    """model.param_dtype bfloat16: optax follows the updates' dtype, which the fp32 loss
+    denominator made fp32, so the first step returned fp32 moments and the second stopped
+    with a TypeError (arguments of other types than the step was compiled for)."""
+    recipe = load_recipe(
+        str(tiny_recipe),
+        [f"run_dir={tmp_path}", "train.grad_accum=1", "model.param_dtype=bfloat16"],
+    )
+    dataset = train.prepare_data(recipe, "train", shuffle=True)
+    run = train.setup(recipe, dataset)
+    state = run.state
+    for step in range(2):
+        state, stats = run.train_step(
+            state, train.global_batch(dataset, step, 1, run.batch_sharding)
+        )
+    floats = {
+        x.dtype
+        for x in jax.tree_util.tree_leaves((state.params, state.opt_state))
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    }
+    assert floats == {jnp.dtype("bfloat16")}
+    assert np.isfinite(float(stats["loss"]))
+
+
 @pytest.mark.slow  # a whole tiny run
 def test_a_logged_step_time_includes_the_step_itself_not_only_its_dispatch(tiny_recipe, tmp_path):
     """jax dispatches a step and returns at once: the loop's step time must end when the

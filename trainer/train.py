@@ -123,6 +123,12 @@ def make_train_step(
         denominator = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        # optax's moments follow the gradients' dtype, fp32 after the division above: kept in
+        # the state's own (bf16 under model.param_dtype bfloat16), the step's outputs stay the
+        # types it was compiled for.
+        opt_state = jax.tree_util.tree_map(
+            lambda new, old: new.astype(old.dtype), opt_state, state.opt_state
+        )
         params = optax.apply_updates(state.params, updates)
         stats = {
             "loss": loss_sum / denominator,
