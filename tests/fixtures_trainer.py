@@ -7,6 +7,7 @@ data=2 x fsdp=4 mesh that the 4-process tests spread over four processes.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -143,6 +144,43 @@ def compile_cache_env_args() -> list[str]:
 @pytest.fixture
 def tiny_recipe() -> Path:
     return TINY_RECIPE
+
+
+class SmallDisk:
+    """A filesystem of its own (tmpfs of `size`) mounted at `path`, to fill up or make
+    read-only: what a run directory on a full or read-only disk sees, errno and all."""
+
+    def __init__(self, path: Path, size: str):
+        self.path = path
+        path.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True
+        )
+
+    def fill(self) -> None:
+        """Write a file until the filesystem has no byte left."""
+        fd = os.open(self.path / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"\0" * 65536)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+        finally:
+            os.close(fd)
+
+    def make_read_only(self) -> None:
+        subprocess.run(["mount", "-o", "remount,ro", str(self.path)], check=True)
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", str(self.path)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> SmallDisk:
+    """A 16 MiB tmpfs (mounting needs root, as the suite runs), unmounted after the test."""
+    disk = SmallDisk(tmp_path / "disk", "16m")
+    yield disk
+    disk.unmount()
 
 
 def assert_all_exited_0(results: list[tuple[int, str]]) -> None:

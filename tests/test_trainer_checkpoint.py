@@ -523,6 +523,35 @@ def test_a_recipe_that_cannot_resume_a_run_leaves_its_model_record_alone(local_d
         assert int(checkpointer.restore(_abstract(width=4)).step) == 1
 
 
+def test_a_resume_on_a_full_disk_writes_no_unchanged_model_record_and_fails_one_line(
+    small_disk,
+):
+    """Every resume rewrote model.json, and on a full disk failed with an OSError traceback,
+    exit 1: now an unchanged record is left as it is, and a record that must change but
+    cannot be written is one line with EXIT_CHECKPOINT_IO, the record left intact."""
+    from trainer.checkpoint import MODEL_INFO_FILE, Checkpointer, CheckpointError
+    from trainer.config import ModelConfig
+    from trainer.exit_status import EXIT_CHECKPOINT_IO
+
+    directory = str(small_disk.path / "checkpoints")
+    with _recorded(directory, width=4) as checkpointer:
+        checkpointer.save(_state(1, width=4))
+    record = Path(directory, MODEL_INFO_FILE).read_text()
+    small_disk.fill()
+    with _recorded(directory, width=4) as checkpointer:
+        assert int(checkpointer.restore(_abstract(width=4)).step) == 1
+    cfg = CheckpointConfig(every_steps=1, async_save=False)
+    moved = Checkpointer(directory, cfg, model=ModelConfig(dim=4), tokenizer_path="/new/t.model")
+    with moved as checkpointer, pytest.raises(CheckpointError) as failed:
+        checkpointer.restore(_abstract(width=4))
+    assert failed.value.status == EXIT_CHECKPOINT_IO
+    assert str(failed.value) == (
+        f"cannot write {directory}/{MODEL_INFO_FILE} ([Errno 28] No space left on device): "
+        "free space there or make it writable, then start the run again"
+    )
+    assert Path(directory, MODEL_INFO_FILE).read_text() == record
+
+
 def test_a_run_is_not_resumed_under_another_objective(local_dir):
     from trainer.checkpoint import CheckpointError
 

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from trainer import io
+from trainer.exit_status import EXIT_CHECKPOINT_IO
 from trainer.preemption import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parent.parent
@@ -264,6 +265,33 @@ def test_a_finished_run_that_goes_on_has_no_done_record_until_it_ends_again(tmp_
     assert going_on.stop_at(7, signal.SIGTERM) >= 7
     assert "trainer: going on from step 4 to 12" in going_on.output()
     assert not (run_dir / "DONE").exists()
+
+
+def test_a_resume_that_cannot_write_its_run_dir_ends_in_one_line_with_its_status(
+    small_disk, tmp_path
+):
+    """On a full disk, the resume crashed rewriting checkpoints/model.json (a traceback,
+    exit 1); on a read-only one, opening trainer.lock did."""
+    run_dir = small_disk.path / "run"
+    cache = f"data.cache_dir={tmp_path / 'cache'}"  # the disk holds the run's own files only
+    TrainerPod(str(run_dir), 1, tmp_path, ("train.steps=2", cache)).finish()
+    record = (run_dir / "checkpoints" / "model.json").read_text()
+    small_disk.fill()
+    # model.dtype changes what model.json records, so the resume must write it
+    full = TrainerPod(str(run_dir), 1, tmp_path, ("train.steps=4", cache, "model.dtype=bfloat16"))
+    assert full.wait() == [EXIT_CHECKPOINT_IO], full.output()[-3000:]
+    assert f"error: cannot write {run_dir}/checkpoints/model.json ([Errno 28] No space " in (
+        full.output()
+    )
+    assert "Traceback" not in full.output()
+    assert (run_dir / "checkpoints" / "model.json").read_text() == record
+    small_disk.make_read_only()
+    read_only = TrainerPod(str(run_dir), 1, tmp_path, ("train.steps=4", cache))
+    assert read_only.wait() == [2]
+    assert read_only.output().splitlines()[-1] == (
+        f"error: run_dir {run_dir} cannot be written (Read-only file system): make it "
+        "writable, or set another run_dir"
+    )
 
 
 def test_a_second_trainer_on_a_run_dir_in_use_stops_and_leaves_the_first_alone(tmp_path):

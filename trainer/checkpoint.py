@@ -117,9 +117,23 @@ class Checkpointer:
             self._record_info()
 
     def _record_info(self) -> None:
-        if self._info is not None and jax.process_index() == 0:
-            text = json.dumps(self._info, indent=1) + "\n"
-            io.write_text(io.join(self.directory, MODEL_INFO_FILE), text)
+        """Write the model record (process 0), unless it already says the same: every resume
+        records it again, and one on a full disk or read-only storage must not fail on
+        rewriting what is there. A write that fails is EXIT_CHECKPOINT_IO, as a failed save."""
+        if self._info is None or jax.process_index() != 0:
+            return
+        text = json.dumps(self._info, indent=1) + "\n"
+        path = io.join(self.directory, MODEL_INFO_FILE)
+        if _read_or_none(path) == text:
+            return
+        try:
+            io.write_text(path, text)
+        except Exception as e:  # storage trouble of any kind: the path is ours, the text too
+            raise CheckpointError(
+                f"cannot write {path} ({first_line(e)}): free space there or make it writable, "
+                "then start the run again",
+                EXIT_CHECKPOINT_IO,
+            ) from e
 
     def _record_milestone(self, step: int) -> None:
         every = self.cfg.milestone_every
@@ -428,6 +442,14 @@ def _recorded_milestones(directory: str) -> list[int]:
     except (OSError, ValueError, KeyError, TypeError):
         return []
     return [s for s in steps if isinstance(s, int)] if isinstance(steps, list) else []
+
+
+def _read_or_none(path: str) -> str | None:
+    """The text of `path`; None when it is missing or cannot be read (then it gets written)."""
+    try:
+        return io.read_text(path) if io.exists(path) else None
+    except Exception:  # unreadable for whatever reason: writing it again is the remedy
+        return None
 
 
 def _recorded_info(directory: str) -> dict | None:

@@ -24,20 +24,31 @@ from trainer import io
 LOCK_FILE = "trainer.lock"
 
 
-class RunDirInUse(Exception):
+class RunDirUnusable(Exception):
+    """The run directory cannot be held; the message says why and what to do."""
+
+
+class RunDirInUse(RunDirUnusable):
     """Another live trainer holds the run directory; the message names it."""
 
 
 @contextlib.contextmanager
 def hold(run_dir: str) -> Iterator[None]:
     """Hold `run_dir` for this trainer until the block ends; RunDirInUse when another
-    trainer holds it. A no-op for gs:// run directories."""
+    trainer holds it, RunDirUnusable when it cannot be written. A no-op for gs:// run
+    directories."""
     if io.is_gcs(run_dir):
         yield
         return
     path = os.path.join(os.path.abspath(run_dir), LOCK_FILE)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # read-only, no permission, a file in the way: nothing to train into
+        raise RunDirUnusable(
+            f"run_dir {os.path.dirname(path)} cannot be written ({e.strerror or e}): make it "
+            "writable, or set another run_dir"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -44,12 +44,11 @@ from trainer import (
     run_lock,
     sharding,
 )
-from trainer.checkpoint import Checkpointer, CheckpointError
+from trainer.checkpoint import Checkpointer
 from trainer.config import (
     ObjectiveConfig,
     Recipe,
     RecipeError,
-    TrainerError,
     check_batch_divisible,
     mesh_shape,
 )
@@ -428,13 +427,14 @@ class Feed:
 def train(recipe: Recipe) -> int:
     """Run the recipe to completion, resuming from its newest checkpoint; returns the exit status
     (0, or EXIT_PREEMPTED when SIGTERM stopped it after a committed save). Process 0 holds the
-    run directory throughout (trainer.run_lock): a second trainer on it ends every process
-    of its own pod with one line and status 2, before it writes anything there."""
+    run directory throughout (trainer.run_lock): a second trainer on it, or one that cannot
+    write it (read-only), ends every process of its own pod with one line and status 2,
+    before it writes anything there."""
     held = run_lock.hold(recipe.run_dir) if jax.process_index() == 0 else contextlib.nullcontext()
     try:
         with held:
             return _train(recipe)
-    except run_lock.RunDirInUse as e:
+    except run_lock.RunDirUnusable as e:
         distributed.fail_everywhere(str(e), 2)
 
 
@@ -516,10 +516,7 @@ def open_checkpointer(run: Run, generation_info: dict) -> Checkpointer:
         objective=recipe.objective.name,
         generation=generation_info,
     )
-    try:
-        restored = checkpointer.restore(jax.tree_util.tree_map(_abstract, run.state))
-    except CheckpointError as e:
-        raise TrainerError(str(e)) from e
+    restored = checkpointer.restore(jax.tree_util.tree_map(_abstract, run.state))
     if restored is not None:
         run.state = restored
     return checkpointer
