@@ -26,6 +26,7 @@ from tpuctl.gcs_emulator import GcsEmulator, emulator_env
 from trainer import io
 from trainer.config import CheckpointConfig
 
+REPO = Path(__file__).resolve().parent.parent
 PROCESSES = 4
 DEVICES_PER_PROCESS = 2
 WORKER_TIMEOUT_S = 120
@@ -569,6 +570,83 @@ def test_a_run_is_not_resumed_under_another_objective(local_dir):
         assert int(checkpointer.restore(_abstract(width=4)).step) == 3
     with _recorded(local_dir, width=4, objective=None) as checkpointer:  # recorded by no one
         assert int(checkpointer.restore(_abstract(width=4)).step) == 3
+
+
+def _started(directory: str, *overrides: str, init_from: str | None = None, dim: int = 4):
+    """A Checkpointer as the trainer opens it for recipes/tiny.yaml with `overrides` (the
+    model `dim` wide, to fit the small test state)."""
+    from trainer.checkpoint import Checkpointer, resume_settings
+    from trainer.config import load_recipe
+
+    recipe = load_recipe(str(REPO / "recipes" / "tiny.yaml"), [f"run_dir={directory}", *overrides])
+    model = dataclasses.replace(recipe.model, dim=dim, init_from=init_from)
+    cfg = CheckpointConfig(every_steps=1, async_save=False)
+    return Checkpointer(directory, cfg, model=model, settings=resume_settings(recipe))
+
+
+def test_a_resume_under_another_optimizer_or_init_from_is_refused_naming_both(
+    local_dir, tmp_path, monkeypatch
+):
+    """optimizer.name: it was refused as "run with the model config it was saved with";
+    model.init_from: a changed one was taken, and did nothing (the weights come from the
+    checkpoint) but change a DPO run's reference."""
+    from trainer.checkpoint import CheckpointError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").mkdir()
+    with _started(local_dir, init_from="base") as checkpointer:
+        checkpointer.save(_state(3, width=4))
+    lion = _started(local_dir, "optimizer.name=lion", init_from="base")
+    with lion as checkpointer, pytest.raises(CheckpointError) as refused:
+        checkpointer.restore(_abstract(width=4))
+    assert str(refused.value) == (
+        f"{local_dir} holds checkpoints of an optimizer.name 'adamw' run (newest step 3) and "
+        "this recipe's optimizer.name is 'lion', whose optimizer state is another: set "
+        "optimizer.name=adamw to resume it, or a new run_dir (to start from that run's "
+        "weights, export them with `python -m trainer.export` and set model.init_from to the "
+        "export)"
+    )
+    other = _started(local_dir, init_from="/models/other")
+    with other as checkpointer, pytest.raises(CheckpointError) as refused:
+        checkpointer.restore(_abstract(width=4))
+    assert str(refused.value) == (
+        f"{local_dir} holds checkpoints of a run started from model.init_from "
+        f"{tmp_path}/base (newest step 3) and this recipe's model.init_from is /models/other: "
+        f"a resume takes its weights from its checkpoint; set model.init_from={tmp_path}/base "
+        "to resume it, or set a new run_dir to start from /models/other"
+    )
+    fresh = pytest.raises(CheckpointError, match=r"is none: .* to start from fresh weights$")
+    with _started(local_dir) as checkpointer, fresh:
+        checkpointer.restore(_abstract(width=4))
+    with _started(local_dir, init_from=str(tmp_path / "base")) as checkpointer:  # the same dir
+        assert int(checkpointer.restore(_abstract(width=4)).step) == 3
+
+
+def test_a_resume_names_the_settings_it_changed_and_a_failed_one_those_it_needs(local_dir, capsys):
+    """Changes a resume takes (batch, lr, data) were taken silently; a checkpoint that does
+    not load names the model config fields (or optimizer settings) that differ."""
+    from trainer.checkpoint import CheckpointError
+
+    with _started(local_dir) as checkpointer:
+        checkpointer.save(_state(3, width=4))
+    changed = ("train.batch_size=32", "optimizer.lr=1e-3", "data.train=[data/tiny_eval.txt]")
+    with _started(local_dir, *changed) as checkpointer:
+        assert int(checkpointer.restore(_abstract(width=4)).step) == 3
+    eval_file = REPO / "recipes" / "data" / "tiny_eval.txt"
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "trainer: settings changed since the run last started, from step 3 on it trains with "
+        "the new ones: train.batch_size 16 -> 32, optimizer.lr 0.003 -> 0.001, data.train "
+        f'[{{"path": ["{eval_file.parent}/tiny_train.txt"]}}] -> [{{"path": ["{eval_file}"]}}]'
+    )
+    with _started(local_dir, *changed) as checkpointer:  # compared with the last start's
+        checkpointer.restore(_abstract(width=4))
+    assert "settings changed" not in capsys.readouterr().out
+    with _started(local_dir, dim=8) as checkpointer, pytest.raises(CheckpointError) as failed:
+        checkpointer.restore(_abstract(width=8))
+    assert (
+        "v1 API.); this recipe has model.dim 8 (the run's: 4): run with the run's settings, "
+        in (str(failed.value))
+    )
 
 
 def test_keep_last_k_plus_milestones(local_dir):

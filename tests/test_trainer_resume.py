@@ -267,6 +267,30 @@ def test_a_finished_run_that_goes_on_has_no_done_record_until_it_ends_again(tmp_
     assert not (run_dir / "DONE").exists()
 
 
+def test_a_resume_says_which_settings_it_changed_and_refuses_another_optimizer(tmp_path):
+    """Another optimizer.name was refused as "run with the model config it was saved with";
+    a batch size or learning rate changed on resume was taken without a word."""
+    run_dir = tmp_path / "run"
+    TrainerPod(str(run_dir), 1, tmp_path, ("train.steps=2",)).finish()
+    lion = TrainerPod(str(run_dir), 1, tmp_path, ("train.steps=4", "optimizer.name=lion"))
+    assert lion.wait() == [2]
+    assert (
+        lion.output()
+        .splitlines()[-1]
+        .startswith(
+            f"error: {run_dir}/checkpoints holds checkpoints of an optimizer.name 'adamw' run "
+            "(newest step 2) and this recipe's optimizer.name is 'lion', whose optimizer state is "
+            "another: set optimizer.name=adamw to resume it, or a new run_dir "
+        )
+    ), lion.output()[-3000:]
+    changed = ("train.steps=4", "train.batch_size=16", "optimizer.lr=1e-3")
+    output = TrainerPod(str(run_dir), 1, tmp_path, changed).finish()
+    assert (
+        "trainer: settings changed since the run last started, from step 2 on it trains with "
+        "the new ones: train.steps 2 -> 4, train.batch_size 8 -> 16, optimizer.lr 0.003 -> 0.001\n"
+    ) in output
+
+
 def test_a_resume_that_cannot_write_its_run_dir_ends_in_one_line_with_its_status(
     small_disk, tmp_path
 ):

@@ -38,7 +38,14 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from trainer import io, preemption
-from trainer.config import CheckpointConfig, ModelConfig, TrainerError
+from trainer.config import (
+    CHAT_TEMPLATE_NAMES,
+    CheckpointConfig,
+    ModelConfig,
+    OptimizerConfig,
+    Recipe,
+    TrainerError,
+)
 from trainer.distributed import fail_everywhere, first_line
 from trainer.exit_status import EXIT_BAD_INPUT, EXIT_CHECKPOINT_IO
 
@@ -49,6 +56,24 @@ MODEL_INFO_FILE = "model.json"  # beside the step directories: what export needs
 # Beside them too: the milestone steps saved so far, kept whatever a later recipe's
 # milestone_every says (a resume under another setting must not delete them).
 MILESTONES_FILE = "milestones.json"
+# The recipe settings besides the model's that a resume may change (it prints which did), as
+# model.json records them; the others (mesh, eval, logging, checkpoint, data caching) change
+# nothing a run computes. objective.name and optimizer.name are refused instead: the step
+# count and optimizer state would carry on under another loss, or not load.
+RESUME_SETTINGS = {
+    "train": ("steps", "epochs", "batch_size", "seq_len", "grad_accum", "seed"),
+    "optimizer": tuple(f.name for f in dataclasses.fields(OptimizerConfig)),
+    "objective": ("name", "beta", "loss", "label_smoothing", "gamma", "reference"),
+    "data": ("train", "eval", "format", "text_field", "chat_template"),
+    "tokenizer": ("path", "add_bos", "add_eos"),
+}
+# What the train state's arrays and tree depend on: the model config, and the optimizer
+# settings that add or drop parts of its state (optimizer.name is refused before).
+_STATE_SETTINGS = ("model.", "optimizer.clip_norm", "optimizer.weight_decay")
+_EXPORT_HINT = (
+    "(to start from that run's weights, export them with `python -m trainer.export` and set "
+    "model.init_from to the export)"
+)
 
 
 class CheckpointError(TrainerError):
@@ -77,13 +102,14 @@ class Checkpointer:
         tokenizer_path: str | None = None,
         objective: str | None = None,
         generation: dict | None = None,
+        settings: dict[str, Any] | None = None,
     ):
-        """`model`, `tokenizer_path`, `objective` and `generation` (trainer.generation.record),
-        when given, are recorded beside the checkpoints so that `python -m trainer.export` can
-        rebuild a Hugging Face directory from the run alone, and a resume under another
-        objective is refused. Beside committed checkpoints they are recorded only once
-        `restore` has accepted them: a recipe that cannot resume the run must not rewrite what
-        the run's checkpoints are."""
+        """`model`, `tokenizer_path`, `objective`, `generation` (trainer.generation.record) and
+        `settings` (`resume_settings`), when given, are recorded beside the checkpoints so that
+        `python -m trainer.export` can rebuild a Hugging Face directory from the run alone, and
+        a resume is checked against them (`restore`). Beside committed checkpoints they are
+        recorded only once `restore` has accepted them: a recipe that cannot resume the run
+        must not rewrite what the run's checkpoints are."""
         directory = io.absolute(directory)
         try:
             io.makedirs(directory)
@@ -96,9 +122,12 @@ class Checkpointer:
         if model is not None:
             # absolute: export runs from anywhere, not only where the trainer was started
             tokenizer = io.absolute(tokenizer_path) if tokenizer_path else None
-            info = {"model": dataclasses.asdict(model), "tokenizer": tokenizer}
+            init_from = _absolute(model.init_from) if model.init_from else None
+            model_record = dataclasses.asdict(dataclasses.replace(model, init_from=init_from))
+            info = {"model": model_record, "tokenizer": tokenizer}
             info |= {"objective": objective} if objective else {}
-            self._info = info | ({"generation": generation} if generation else {})
+            info |= {"generation": generation} if generation else {}
+            self._info = info | ({"settings": settings} if settings else {})
         self.directory = directory
         self.cfg = cfg
         self._milestones = _recorded_milestones(directory)
@@ -144,18 +173,42 @@ class Checkpointer:
             text = json.dumps({"steps": sorted(self._milestones)}) + "\n"
             io.write_text(io.join(self.directory, MILESTONES_FILE), text)
 
-    def _check_objective(self, step: int) -> None:
-        """Refuse to resume a run trained under another objective: its step count and optimizer
-        state would carry on under a different loss, and its checkpoints be replaced."""
-        ours = (self._info or {}).get("objective")
-        theirs = (_recorded_info(self.directory) or {}).get("objective")
-        if ours and theirs and ours != theirs:
+    def _check_resumable(self, recorded: dict, step: int) -> None:
+        """Refuse to resume a run (`recorded`: its model.json) under another objective (its
+        step count and optimizer state would carry on under a different loss), another
+        optimizer.name (its optimizer state does not load into another optimizer's) or another
+        model.init_from (a resume takes its weights from the checkpoint, and so the change
+        would do nothing but change a DPO run's reference); the line names both settings."""
+        ours, theirs = self._info or {}, recorded
+        where = f"{self.directory} holds checkpoints of"
+        if ours.get("objective") and theirs.get("objective") not in (None, ours["objective"]):
             raise CheckpointError(
-                f"{self.directory} holds checkpoints of an objective '{theirs}' run (newest step "
-                f"{step}) and this recipe's objective is '{ours}': set a new run_dir (to start "
-                "from that run's weights, export them with `python -m trainer.export` and set "
-                "model.init_from to the export)"
+                f"{where} an objective '{theirs['objective']}' run (newest step {step}) and this "
+                f"recipe's objective is '{ours['objective']}': set a new run_dir {_EXPORT_HINT}"
             )
+        name = ours.get("settings", {}).get("optimizer.name")
+        saved = theirs.get("settings", {}).get("optimizer.name")
+        if name and saved not in (None, name):
+            raise CheckpointError(
+                f"{where} an optimizer.name '{saved}' run (newest step {step}) and this recipe's "
+                f"optimizer.name is '{name}', whose optimizer state is another: set "
+                f"optimizer.name={saved} to resume it, or a new run_dir {_EXPORT_HINT}"
+            )
+        if ours and theirs:
+            self._check_init_from(theirs["model"].get("init_from"), step)
+
+    def _check_init_from(self, saved: str | None, step: int) -> None:
+        ours = self._info["model"]["init_from"]
+        if (_absolute(saved) if saved else None) == ours:
+            return
+        back = f"set model.init_from={saved}" if saved else "drop model.init_from"
+        start = f"from {ours}" if ours else "from fresh weights"
+        raise CheckpointError(
+            f"{self.directory} holds checkpoints of a run started from model.init_from "
+            f"{saved or 'none (fresh weights)'} (newest step {step}) and this recipe's "
+            f"model.init_from is {ours or 'none'}: a resume takes its weights from its "
+            f"checkpoint; {back} to resume it, or set a new run_dir to start {start}"
+        )
 
     @staticmethod
     def _options(cfg: CheckpointConfig, milestones: list[int]) -> ocp.CheckpointManagerOptions:
@@ -194,21 +247,49 @@ class Checkpointer:
         step = self.latest_step
         if step is None:
             return None
-        self._check_objective(step)
+        recorded = _recorded_info(self.directory) or {}
+        self._check_resumable(recorded, step)
         try:
             state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except Exception as e:
-            raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} cannot be loaded ({first_line(e)}); "
-                "run with the model config it was saved with, or move that step directory "
-                "away to resume from an earlier one (it was not treated as 'no checkpoint')",
-                restore_failure_status(e),
-            ) from e
+            status = restore_failure_status(e)
+            raise CheckpointError(self._unloadable(step, e, status, recorded), status) from e
         self._last_save_time = time.monotonic()
         self._record_info()
         if jax.process_index() == 0:
             print(f"trainer: resuming from checkpoint step {step} in {self.directory}", flush=True)
+            if changes := self._changes(recorded):
+                changed = ", ".join(f"{key} {theirs} -> {ours}" for key, theirs, ours in changes)
+                print(f"trainer: settings changed since the run last started, from step {step} "
+                      f"on it trains with the new ones: {changed}", flush=True)  # fmt: skip
         return state
+
+    def _unloadable(self, step: int, error: Exception, status: int, recorded: dict) -> str:
+        """The line for checkpoint `step` failing to load with `error`: what to do about it,
+        naming the settings the saved arrays depend on in which this recipe differs from the
+        run's record."""
+        changes = [c for c in self._changes(recorded) if c[0].startswith(_STATE_SETTINGS)]
+        if status != EXIT_BAD_INPUT:
+            advice = "storage failed to read it: start the run again to retry"
+        elif changes:
+            differ = ", ".join(
+                f"{key} {ours} (the run's: {theirs})" for key, theirs, ours in changes
+            )
+            advice = f"this recipe has {differ}: run with the run's settings"
+        else:
+            advice = "run with the model config and optimizer settings it was saved with"
+        return (
+            f"checkpoint step {step} in {self.directory} cannot be loaded ({first_line(error)}); "
+            f"{advice}, or move that step directory away to resume from an earlier one (it "
+            "was not treated as 'no checkpoint')"
+        )
+
+    def _changes(self, recorded: dict) -> list[tuple[str, str, str]]:
+        """(key, the run's value, this recipe's) of each model config field and resume
+        setting that differs from the run's record (model.init_from is refused instead)."""
+        ours, theirs = _settings_of(self._info or {}), _settings_of(recorded)
+        keys = [k for k in ours if k in theirs and k != "model.init_from"]
+        return [(k, _shown(theirs[k]), _shown(ours[k])) for k in keys if ours[k] != theirs[k]]
 
     # -- save --------------------------------------------------------------------------------
 
@@ -442,6 +523,42 @@ def _recorded_milestones(directory: str) -> list[int]:
     except (OSError, ValueError, KeyError, TypeError):
         return []
     return [s for s in steps if isinstance(s, int)] if isinstance(steps, list) else []
+
+
+def resume_settings(recipe: Recipe) -> dict[str, Any]:
+    """`recipe`'s RESUME_SETTINGS by dotted key, as JSON holds them, with local paths absolute
+    (tpuctl launches a run with absolute ones: by hand and by tpuctl are the same run)."""
+    settings: dict[str, Any] = {}
+    for section, keys in RESUME_SETTINGS.items():
+        values = dataclasses.asdict(getattr(recipe, section))
+        settings |= {f"{section}.{key}": values[key] for key in keys}
+    for split in ("data.train", "data.eval"):  # entries without their unset fields: shorter lines
+        settings[split] = [
+            {key: value for key, value in entry.items() if value is not None}
+            | {"path": [_absolute(path) for path in entry["path"]]}
+            for entry in settings[split]
+        ]
+    if settings["tokenizer.path"]:
+        settings["tokenizer.path"] = _absolute(settings["tokenizer.path"])
+    template = settings["data.chat_template"]
+    if template and template not in CHAT_TEMPLATE_NAMES:  # a FILE
+        settings["data.chat_template"] = _absolute(template)
+    return json.loads(json.dumps(settings))  # tuples as lists: as a record read back compares
+
+
+def _settings_of(info: dict) -> dict[str, Any]:
+    """A model record's model config (`model.KEY`) and resume settings, by dotted key."""
+    model = {f"model.{key}": value for key, value in info.get("model", {}).items()}
+    return model | info.get("settings", {})
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value, separators=(", ", ": "))
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute; URIs and `hf:NAME` datasets as they are."""
+    return path if ":" in path else os.path.abspath(path)
 
 
 def _read_or_none(path: str) -> str | None:

@@ -44,7 +44,7 @@ from trainer import (
     run_lock,
     sharding,
 )
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, resume_settings
 from trainer.config import (
     ObjectiveConfig,
     Recipe,
@@ -515,6 +515,7 @@ def open_checkpointer(run: Run, generation_info: dict) -> Checkpointer:
         tokenizer_path=recipe.tokenizer.path,
         objective=recipe.objective.name,
         generation=generation_info,
+        settings=resume_settings(recipe),  # what a resume is told it changed
     )
     restored = checkpointer.restore(jax.tree_util.tree_map(_abstract, run.state))
     if restored is not None:
