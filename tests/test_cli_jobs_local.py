@@ -178,6 +178,34 @@ def test_a_finished_run_launched_again_with_more_steps_loses_its_done_record_fir
     assert json.loads((run_dir / "DONE").read_text())["step"] == 4
 
 
+@pytest.mark.slow
+def test_a_finished_epochs_run_launched_again_never_shows_its_old_done_as_the_new_end(
+    cli, idle_pod, tmp_path
+):
+    """With train.epochs tpuctl cannot tell the launch's steps, and it left the old DONE as
+    it was: a launch that failed before its trainer removed it, or a babysitter polling
+    before then, took it for this launch's end. Now it is marked pending until the trainer
+    confirms the run finished (the record back as it was) or removes it to go on."""
+    from tpuctl.jobs.runs import run_summary
+
+    run_dir = tmp_path / "run"
+    launch = ["run", TINY, "--name", "pod", "--all-workers"]
+    overrides = ["--", *FAST, f"run_dir={run_dir}", "train.steps=null"]
+    cli.ok(*launch, "--follow", *overrides, "train.epochs=0.02", timeout=SLOW_S)
+    done = (run_dir / "DONE").read_text()
+    finished = json.loads(done)["step"]
+    again = cli(*launch, *overrides, "train.epochs=0.02")  # finished already: nothing to train
+    assert again.returncode == 0, again.stderr
+    assert f"{run_dir} finished at step {finished} before; its DONE record counts " in again.stderr
+    cli.ok("logs", "pod", "--tail", timeout=SLOW_S)
+    assert (run_dir / "DONE").read_text() == done  # confirmed by the trainer, as it was
+    longer = cli(*launch, *overrides, "train.epochs=0.04")
+    assert longer.returncode == 0, longer.stderr
+    assert run_summary(str(run_dir)) is None  # at once, whether the trainer is up or not
+    cli.ok("logs", "pod", "--tail", timeout=SLOW_S)
+    assert run_summary(str(run_dir))["step"] > finished
+
+
 def test_a_crashing_worker_shows_in_ps_and_logs(cli, idle_pod, tmp_path):
     cli.ok(
         "run", TINY, "--name", "pod", "--all-workers", "--run-id", "crash",

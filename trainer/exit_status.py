@@ -1,4 +1,5 @@
-"""The exit statuses of `python -m trainer` that tpuctl tells apart.
+"""The exit statuses of `python -m trainer` that tpuctl tells apart, and the mark tpuctl puts
+on a finished run's DONE record when it launches the run again.
 
 `tpuctl babysit` imports them, so this module imports nothing: the CLI reads it without the
 trainer's dependencies (`pip install tpuctl` brings neither jax nor fsspec).
@@ -13,3 +14,9 @@ EXIT_PEER_LOST = 69
 # A checkpoint could not be written or read (sysexits' EX_IOERR): storage trouble, or a save
 # that hung; a relaunch resumes from the newest checkpoint that committed.
 EXIT_CHECKPOINT_IO = 74
+
+# A key of the DONE record (`{run_dir}/DONE`) that `tpuctl run` adds, with the new launch's run
+# id as its value, when it launches a finished run again without knowing whether that launch
+# goes on (train.epochs: its steps come from the token cache): until the trainer has seen the
+# run finished and removed the key (or removed DONE to go on), the record is no launch's end.
+DONE_PENDING = "pending_launch"

@@ -52,6 +52,7 @@ from trainer.config import (
     check_batch_divisible,
     mesh_shape,
 )
+from trainer.exit_status import DONE_PENDING
 from trainer.mixture import Mixture
 from trainer.model import Decoder, attention_path, backend_platform, count_params, init_params
 from trainer.optim import make_optimizer
@@ -462,8 +463,7 @@ def _train(recipe: Recipe) -> int:
         if is_main:
             print(f"trainer: run already finished at step {step} in {recipe.run_dir}: nothing "
                   "to train (raise train.steps to go on)", flush=True)  # fmt: skip
-            if not io.exists(_done_path(recipe)):  # stopped between its last save and DONE
-                _write_done(recipe, step, {}, started)
+            _confirm_done(recipe, step, started)
         return 0
     if is_main and io.exists(_done_path(recipe)):  # a finished run that goes on (more steps)
         io.remove(_done_path(recipe))  # until it ends again, it has not finished
@@ -634,6 +634,23 @@ def _process() -> str:
 
 def _done_path(recipe: Recipe) -> str:
     return io.join(recipe.run_dir, "DONE")
+
+
+def _confirm_done(recipe: Recipe, step: int, started: float) -> None:
+    """A finished run started again keeps its DONE record: written if it stopped between its
+    last save and DONE, and without the mark of a launch pending (DONE_PENDING, which `tpuctl
+    run` adds when it cannot tell whether the launch goes on)."""
+    path = _done_path(recipe)
+    if not io.exists(path):
+        _write_done(recipe, step, {}, started)
+        return
+    try:
+        done = json.loads(io.read_text(path))
+    except ValueError:  # not the trainer's record (cut short, edited): left as it is
+        return
+    if isinstance(done, dict) and DONE_PENDING in done:
+        del done[DONE_PENDING]
+        io.write_text(path, json.dumps(done) + "\n")
 
 
 def _write_done(recipe: Recipe, step: int, last: dict[str, Any], started: float) -> None:

@@ -23,6 +23,7 @@ from tpuctl.config import worker_platform
 from tpuctl.errors import TpuctlError
 from tpuctl.fanout import Host
 from tpuctl.jobs import launches
+from trainer.exit_status import DONE_PENDING
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -82,7 +83,7 @@ def start_run(
     uri = stored_recipe_uri(settings, node, run_id)
     storage.upload_text(uri, resolved_recipe_yaml(recipe))
     if "://" in recipe.run_dir or node.provider == "local":  # else it is on the workers' disks
-        _clear_stale_done(_absolute(recipe.run_dir), recipe.train.steps, progress)
+        _clear_stale_done(_absolute(recipe.run_dir), recipe.train.steps, run_id, progress)
     cpu = _is_cpu_pod(settings, node, worker_jobs)
     worker_env = prepare_workers(settings, node, hosts, progress, cpu)
     env = {**secrets, **storage_env, **pod_env(node, cpu), **request.env}
@@ -284,20 +285,31 @@ def _with_process_ids(hosts: list[Host]) -> list[Host]:
     ]
 
 
-def _clear_stale_done(run_dir: str, steps: int | None, progress: Callable[[str], None]) -> None:
-    """A DONE record short of the recipe's steps is from a finished run now going on (its
-    train.steps raised): removed before the launch, so that no one watching the run (a
-    babysitter, `run --follow`) takes it for this launch's end before the trainer starts.
-    Only for a run directory this machine shares with the workers (gs://, a local pod's);
-    the trainer removes it too, where tpuctl cannot see it."""
+def _clear_stale_done(
+    run_dir: str, steps: int | None, run_id: str, progress: Callable[[str], None]
+) -> None:
+    """Before the launch, so that no one watching the run (a babysitter, `run --follow`) takes
+    a DONE record from before for this launch's end, even if the launch fails before its
+    trainer starts: one short of the recipe's steps (a finished run going on) is removed; with
+    train.epochs, whose steps tpuctl cannot tell, it is marked pending for this launch
+    (trainer.exit_status.DONE_PENDING), and the trainer removes the mark once it finds the
+    run finished, or DONE to go on. Only for a run directory this machine shares with the
+    workers (gs://, a local pod's); the trainer removes it too, where tpuctl cannot see it."""
     try:
         done = run_summary(run_dir, polling=True)
     except Exception:  # unreadable from here (GCS trouble, half written): the trainer sees to it
         return
     step = done.get("step") if isinstance(done, dict) else None
-    if steps is None or not isinstance(step, int) or step >= steps:
+    if not isinstance(step, int) or (steps is not None and step >= steps):
         return
     path = f"{run_dir.rstrip('/')}/DONE"
+    if steps is None:
+        _write_done(path, json.dumps(done | {DONE_PENDING: run_id}) + "\n")
+        progress(
+            f"{run_dir} finished at step {step} before; its DONE record counts again once "
+            "the trainer finds the run finished (with train.epochs tpuctl cannot tell)"
+        )
+        return
     if "://" in path:
         storage.delete(path)
     else:
@@ -305,16 +317,29 @@ def _clear_stale_done(run_dir: str, steps: int | None, progress: Callable[[str],
     progress(f"{run_dir} finished at step {step} before; going on to step {steps}")
 
 
+def _write_done(path: str, text: str) -> None:
+    """Replace the DONE record at `path` (gs:// or local) whole: readers see one or the other."""
+    if "://" in path:
+        storage.upload_text(path, text)
+        return
+    local = Path(path)
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(local)
+
+
 def run_summary(run_dir: str, polling: bool = False) -> dict[str, Any] | None:
-    """The trainer's DONE record ({step, final, wall_time_s}) of a finished run, or None
-    (`polling`: a gs:// read gives up after storage.POLL_RETRY_S)."""
+    """The trainer's DONE record ({step, final, wall_time_s}) of a finished run, or None,
+    also while a launch tpuctl marked it pending for has not confirmed it (`_clear_stale_done`;
+    `polling`: a gs:// read gives up after storage.POLL_RETRY_S)."""
     done = f"{run_dir.rstrip('/')}/DONE"
     if "://" in done:
         text = storage.read_text(done, polling)
     else:
         path = Path(done)
         text = path.read_text() if path.is_file() else None
-    return json.loads(text) if text else None
+    record = json.loads(text) if text else None
+    return None if isinstance(record, dict) and DONE_PENDING in record else record
 
 
 def find_run(run: str) -> tuple[str, str | None]:
