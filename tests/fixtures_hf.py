@@ -4,7 +4,9 @@
 sizes, tied and untied embeddings, Llama 3 rope scaling, a Mistral window shorter than the
 test sequences); `hf_model` builds the transformers model of a ModelConfig with every weight
 random (norms and biases too, so a swapped or dropped one shows in the logits).
-`train_tokenizer` trains a small tokenizer.json offline with the `tokenizers` library;
+`train_tokenizer` trains a small tokenizer.json offline with the `tokenizers` library, and
+`train_sentencepiece` a tokenizer.model with sentencepiece, laid out as Llama 2 and Mistral ship it
+by `sentencepiece_dir`;
 `save_family_dir` makes a whole HF model directory of both for `recipes/tiny-sft.yaml`, and
 `assert_export_matches` checks a finished run's export in transformers.
 """
@@ -149,6 +151,87 @@ def train_tokenizer(
     if chat_template is not None:
         config["chat_template"] = chat_template
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+SENTENCEPIECE_KINDS = {  # sentencepiece trainer options of each kind of model
+    # Llama 2's: no normalization, whitespace kept, digits split, a dummy prefix
+    "bpe": dict(model_type="bpe", normalization_rule_name="identity",
+                remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True),
+    # sentencepiece's defaults: NFKC, runs of spaces collapsed and stripped
+    "unigram": dict(model_type="unigram"),
+    "bpe-no-dummy-prefix": dict(model_type="bpe", normalization_rule_name="identity",
+                                remove_extra_whitespaces=False, add_dummy_prefix=False),
+}  # fmt: skip
+
+
+def train_sentencepiece(kind: str) -> bytes:
+    """A small sentencepiece tokenizer.model of `kind` (SENTENCEPIECE_KINDS), with byte fallback
+    and Llama's <unk>, <s>, </s> at ids 0, 1, 2."""
+    import io
+
+    import sentencepiece as spm
+
+    corpus = MIXED * 20 + [
+        f"line {i}: the quick brown fox jumps over {i} lazy dogs\n\n  indented\tx"
+        for i in range(300)
+    ]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=500, character_coverage=0.98,
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+        **SENTENCEPIECE_KINDS[kind],
+    )  # fmt: skip
+    return model.getvalue()
+
+
+# Where sentencepiece and transformers' LlamaTokenizer part: the "▁" before the text (none
+# before text starting with a space, none after a special token unless legacy), whitespace.
+SENTENCEPIECE_TEXTS = [
+    "", " ", "hello", " hello", "  hello", "hello world", "hello  world", "hello ", "trailing   ",
+    "a\nb", "a\n\nb", "\n\nx", "\n", "tab\there", "\tx", "Ünïcödé café 東京", "emoji 🙂🚀!",
+    "<s>hello", "<s> hello", "hi</s>", "hi</s>there", "a</s> b", "x <s>y", "<unk>z",
+    "<s>[INST] what is 1+1? [/INST] 2</s>", "<s>[INST] <<SYS>>\nbe brief\n<</SYS>>\n\nhi [/INST]",
+    *MIXED,
+]  # fmt: skip
+
+
+# How Hugging Face model directories ship a sentencepiece tokenizer: {layout: (model_type,
+# tokenizer_config.json's `legacy`, or no tokenizer_config.json when absent, with tokenizer.json)}.
+SENTENCEPIECE_LAYOUTS = {
+    "tokenizer.model alone": ("llama", "absent", False),
+    "llama legacy": ("llama", True, False),
+    "llama": ("llama", False, False),
+    "llama legacy tokenizer.json": ("llama", True, True),
+    "llama tokenizer.json": ("llama", False, True),  # as meta-llama/Llama-2-7b-hf
+    "mistral tokenizer.json": ("mistral", True, True),  # as mistralai/Mistral-7B-v0.1
+}
+
+
+def sentencepiece_dir(directory: Path, model: bytes, layout: str) -> Path:
+    """A model directory of `layout` (SENTENCEPIECE_LAYOUTS) holding the sentencepiece `model`:
+    config.json, tokenizer.model, tokenizer_config.json (LlamaTokenizer, as Llama 2's and
+    Mistral's) and tokenizer.json as transformers 4 converted theirs (a normalizer putting "▁"
+    before the text and for spaces, no pre-tokenizer)."""
+    model_type, legacy, with_json = SENTENCEPIECE_LAYOUTS[layout]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps({"model_type": model_type}))
+    (directory / "tokenizer.model").write_bytes(model)
+    if legacy == "absent":
+        return directory
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": legacy}  # fmt: skip
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    if with_json:
+        from transformers import AutoTokenizer
+
+        converted = json.loads(AutoTokenizer.from_pretrained(directory).backend_tokenizer.to_str())
+        converted["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        ]}  # fmt: skip
+        converted["pre_tokenizer"] = None
+        (directory / "tokenizer.json").write_text(json.dumps(converted))
     return directory
 
 

@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 
 from tests.fixtures_hf import (
+    SENTENCEPIECE_TEXTS,
     SHAPES,
     TINY_SFT,
     hf_model,
     save_family_dir,
     save_run,
+    sentencepiece_dir,
+    train_sentencepiece,
     train_tokenizer,
 )
 from tests.fixtures_trainer import launch_trainer, wait_all
@@ -105,6 +108,25 @@ def test_a_bare_sentencepiece_model_exports_with_a_config_that_adds_bos_as_train
     for text in ("hello world", "The quick brown fox jumps."):
         assert theirs(text).input_ids == [ours.bos_id, *ours.encode(text)]
     assert (theirs.bos_token, theirs.eos_token) == ("<s>", "</s>")
+
+
+def test_a_llama_2_tokenizer_exports_to_one_that_tokenizes_as_training_did(hf_model_dir, tmp_path):
+    """Llama 2's tokenizer files (LlamaTokenizer, legacy false, a tokenizer.json) load in
+    transformers from the export as the trainer read them from the source."""
+    from transformers import AutoTokenizer
+
+    from trainer.config import TokenizerConfig
+    from trainer.export import export
+    from trainer.tokenizer import load_tokenizer
+
+    source = sentencepiece_dir(tmp_path / "src", train_sentencepiece("bpe"), "llama tokenizer.json")
+    model_cfg, params = _import(hf_model_dir)
+    save_run(str(tmp_path / "run"), model_cfg, params, tokenizer=str(source))
+    export(str(tmp_path / "run"), str(tmp_path / "out"))
+    ours = load_tokenizer(TokenizerConfig(path=str(source)))
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "out")
+    for text in SENTENCEPIECE_TEXTS:
+        assert theirs(text).input_ids == [ours.bos_id, *ours.encode(text)], text
 
 
 def test_exported_checkpoint_loads_in_transformers_with_matching_logits(hf_model_dir, tmp_path):

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_hf import MIXED, train_tokenizer
+from tests.fixtures_hf import (
+    MIXED,
+    SENTENCEPIECE_KINDS,
+    SENTENCEPIECE_LAYOUTS,
+    SENTENCEPIECE_TEXTS,
+    sentencepiece_dir,
+    train_sentencepiece,
+    train_tokenizer,
+)
 from tests.fixtures_trainer import REPO
 from trainer import io
 from trainer.config import RecipeError, TokenizerConfig
@@ -37,6 +45,43 @@ def test_token_ids_equal_autotokenizer_on_a_mixed_corpus(tmp_path, kind):
         )
         assert ours.special_tokens == theirs.special_tokens_map
         assert ours.chat_template == theirs.chat_template
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_pairs(tmp_path_factory) -> dict[str, tuple]:
+    """{"KIND in LAYOUT": (ours, AutoTokenizer's)} for every sentencepiece kind and layout."""
+    from transformers import AutoTokenizer
+
+    pairs = {}
+    for kind in SENTENCEPIECE_KINDS:
+        model = train_sentencepiece(kind)
+        for layout in SENTENCEPIECE_LAYOUTS:
+            directory = sentencepiece_dir(tmp_path_factory.mktemp("spm"), model, layout)
+            ours = load_tokenizer(TokenizerConfig(path=str(directory)))
+            pairs[f"{kind} in {layout}"] = (ours, AutoTokenizer.from_pretrained(directory))
+    return pairs
+
+
+@pytest.mark.parametrize("text", SENTENCEPIECE_TEXTS)
+def test_sentencepiece_token_ids_equal_autotokenizer_in_every_layout(sentencepiece_pairs, text):
+    """Llama 2's directories load as transformers' LlamaTokenizer, which prefixes "▁" by its
+    `legacy` flag and ignores the normalizer of a tokenizer.json; others run as sentencepiece."""
+    differ = {
+        name: (ours.encode(text), theirs.convert_ids_to_tokens(theirs.encode(text)))
+        for name, (ours, theirs) in sentencepiece_pairs.items()
+        if ours.encode_with_offsets(text)[0] != theirs(text, add_special_tokens=False).input_ids
+    }
+    assert not differ, differ
+
+
+def test_sentencepiece_layouts_name_and_decode_as_autotokenizer(sentencepiece_pairs):
+    for name, (ours, theirs) in sentencepiece_pairs.items():
+        ids = ours.encode(MIXED[1] + " <s> x </s>")
+        assert (ours.bos_id, ours.eos_id) == (theirs.bos_token_id, theirs.eos_token_id), name
+        if theirs.add_bos_token:  # as tokenizer_config.json says; a bare tokenizer.model adds none
+            assert bos(ours) + ours.encode("hi") == theirs("hi").input_ids, name
+        assert ours.decode(ids) == theirs.decode(ids), name
+        assert ours.vocab_size == len(theirs), name
 
 
 def test_offsets_locate_each_token_in_the_text(tmp_path):

@@ -7,7 +7,12 @@ transformers itself uses), with its named special tokens (BOS, EOS, ...), extra 
 and chat template read from the `tokenizer_config.json` / `special_tokens_map.json` /
 `chat_template.jinja` beside it, as `transformers.AutoTokenizer` reads them: token ids equal
 `AutoTokenizer(text, add_special_tokens=False)`, special tokens written in the text included.
-BOS and EOS are added by the data pipeline, as the recipe's `add_bos`/`add_eos` say.
+A tokenizer AutoTokenizer loads as transformers' `LlamaTokenizer` (Llama 2's: its
+tokenizer_config.json names that class) is rebuilt as that class builds it, from the vocabulary
+and merges of its tokenizer.json or tokenizer.model: transformers ignores the normalizer a Llama 2
+tokenizer.json carries and prefixes words by the config's `legacy` flag. A sentencepiece model
+loaded as anything else is run by sentencepiece, which is what transformers' own conversion of
+it reproduces. BOS and EOS are added by the data pipeline, as the recipe's `add_bos`/`add_eos` say.
 """
 
 from __future__ import annotations
@@ -16,16 +21,20 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from trainer import io
 from trainer.config import RecipeError, TokenizerConfig
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as RustTokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a chat template
+MODEL_CONFIG = "config.json"
 CONFIG_FILES = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE_FILE)
 # transformers' SPECIAL_TOKENS_ATTRIBUTES: the names a chat template sees them under.
 SPECIAL_TOKEN_NAMES = (
@@ -37,6 +46,8 @@ SPECIAL_TOKEN_NAMES = (
     "cls_token",
     "mask_token",
 )
+# LlamaTokenizer's defaults, for a tokenizer_config.json that names none.
+LLAMA_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 Offsets = list[tuple[int, int]]
 
@@ -105,27 +116,132 @@ def tokenizer_files(path: str) -> list[str]:
 
 
 def fingerprint(path: str) -> bytes:
-    """A digest of every file of the tokenizer at `path` (for data cache keys)."""
+    """A digest of every file of the tokenizer at `path`, and of how transformers would load
+    it (for data cache keys)."""
     h = hashlib.sha256()
-    for file in tokenizer_files(path):
+    main, *extras = tokenizer_files(path)
+    files = {file: io.read_bytes(file) for file in (main, *extras)}
+    for file, data in files.items():
         h.update(file.rsplit("/", 1)[-1].encode())
-        h.update(io.read_bytes(file))
+        h.update(data)
+    configs = {f.rsplit("/", 1)[-1]: files[f].decode() for f in extras}
+    if _llama_options(main, files[main], configs) is not None:  # config.json decides it too
+        h.update(b"LlamaTokenizer")
     return h.digest()
 
 
 def load_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     """The tokenizer `cfg.path` names (see the module docstring)."""
+    from tokenizers import Tokenizer as RustTokenizer
+
     main, *extras = tokenizer_files(cfg.path)
     configs = {f.rsplit("/", 1)[-1]: io.read_text(f) for f in extras}
     try:
+        source = io.read_bytes(main)
+        llama = _llama_options(main, source, configs)
+        if llama is not None:
+            tk = _llama_tokenizer(main, source, llama)
+            return HFTokenizer(cfg, tk, configs, defaults=LLAMA_SPECIAL_TOKENS)
         if main.endswith(".model"):
-            return SentencePieceTokenizer(cfg, io.read_bytes(main), configs)
-        return HFTokenizer(cfg, io.read_text(main), configs)
+            return SentencePieceTokenizer(cfg, source, configs)
+        return HFTokenizer(cfg, RustTokenizer.from_str(source.decode()), configs)
     except RecipeError:
         raise
     except Exception as e:  # sentencepiece: RuntimeError; tokenizers: Exception; JSON: ValueError
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RecipeError(f"tokenizer.path: {main} cannot be loaded ({reason})") from e
+
+
+def _llama_options(main: str, source: bytes, configs: dict[str, str]) -> dict | None:
+    """{"prepend_scheme", "add_prefix_space"} of the LlamaTokenizer AutoTokenizer would load the
+    tokenizer at `main` as, else None. It does when tokenizer_config.json names that class,
+    unless config.json beside it is another family's (transformers loads Mistral's and OLMo's
+    tokenizers with its generic backend, Qwen's with its own class) or tokenizer.json is
+    byte-level (Llama 3 style, also loaded with the generic backend)."""
+    config = json.loads(configs.get(TOKENIZER_CONFIG, "{}"))
+    if str(config.get("tokenizer_class")).removesuffix("Fast") != "LlamaTokenizer":
+        return None
+    model_config = io.join(_parent(main), MODEL_CONFIG)
+    model_type = (
+        json.loads(io.read_text(model_config)).get("model_type")
+        if io.exists(model_config)
+        else None
+    )
+    if model_type not in (None, "llama"):
+        return None
+    if main.endswith(".json") and b'"ByteLevel"' in source:
+        return None
+    add_prefix_space = config.get("add_prefix_space") is not False
+    # transformers' _get_prepend_scheme: legacy puts "▁" before the text after every special
+    # token, non-legacy (LlamaTokenizer's default) only at the start of the text.
+    scheme = ("always" if config.get("legacy") else "first") if add_prefix_space else "never"
+    return {"prepend_scheme": scheme, "add_prefix_space": add_prefix_space}
+
+
+def _llama_tokenizer(main: str, source: bytes, options: dict) -> RustTokenizer:
+    """The tokenizer transformers' LlamaTokenizer builds: BPE over the vocabulary and merges
+    of tokenizer.json (its normalizer and pre-tokenizer are dropped) or tokenizer.model (merges
+    ranked by piece id), with byte fallback, no normalizer, and "▁" for spaces and as the prefix
+    `options` says."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RustTokenizer
+
+    if main.endswith(".model"):
+        vocab, added = _sentencepiece_pieces(source)
+        merges = _merges_by_id(vocab)
+    else:
+        spec = json.loads(source)
+        vocab = spec["model"]["vocab"]
+        if isinstance(vocab, list):  # a Unigram's [piece, score] list
+            vocab = {piece: i for i, (piece, _) in enumerate(vocab)}
+        merges = [
+            tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+            for m in spec["model"].get("merges", [])
+        ]
+        added = [
+            AddedToken(**{k: v for k, v in t.items() if k != "id"})
+            for t in spec.get("added_tokens", [])
+        ]
+    tk = RustTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme=options["prepend_scheme"], split=False
+    )
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if options["add_prefix_space"]:
+        steps.append(decoders.Strip(content=" ", left=1))
+    tk.decoder = decoders.Sequence(steps)
+    tk.add_tokens(added)
+    return tk
+
+
+def _sentencepiece_pieces(model: bytes) -> tuple[dict[str, int], list]:
+    """A sentencepiece model's {piece: id}, and its control (special) and user-defined pieces
+    as the added tokens transformers makes of them."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    control, user_defined = 3, 4  # ModelProto.SentencePiece.Type
+    added = [
+        AddedToken(p.piece, normalized=False, special=p.type == control)
+        for p in proto.pieces
+        if p.type in (control, user_defined)
+    ]
+    return {p.piece: i for i, p in enumerate(proto.pieces)}, added
+
+
+def _merges_by_id(vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """transformers' generate_merges: every split of a piece into two pieces, ranked by the id
+    of the piece they make, then by the lengths and the ids of the two."""
+    merges = []
+    for piece, rank in vocab.items():
+        splits = [(piece[:i], piece[i:]) for i in range(1, len(piece))]
+        found = [(left, right) for left, right in splits if left in vocab and right in vocab]
+        found.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        merges += [(left, right, rank) for left, right in found]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])))
+    return [(left, right) for left, right, _ in merges]
 
 
 class SentencePieceTokenizer:
@@ -193,14 +309,20 @@ class SentencePieceTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer.json, completed from its config files as transformers does."""
+    """A Hugging Face tokenizer (`tokenizers.Tokenizer`), completed from its config files as
+    transformers does; `defaults`: the named special tokens of the transformers class it is,
+    where tokenizer_config.json names none."""
 
-    def __init__(self, cfg: TokenizerConfig, tokenizer_json: str, configs: dict[str, str]):
-        from tokenizers import Tokenizer as RustTokenizer
-
+    def __init__(
+        self,
+        cfg: TokenizerConfig,
+        tk: RustTokenizer,
+        configs: dict[str, str],
+        defaults: dict[str, str] | None = None,
+    ):
         self.cfg = cfg
-        self.tk = RustTokenizer.from_str(tokenizer_json)
-        config = json.loads(configs.get(TOKENIZER_CONFIG, "{}"))
+        self.tk = tk
+        config = (defaults or {}) | json.loads(configs.get(TOKENIZER_CONFIG, "{}"))
         named = _named_special_tokens(config, json.loads(configs.get(SPECIAL_TOKENS_MAP, "{}")))
         self._add_missing_tokens(config, named)
         self.special_tokens = {name: _content(token) for name, token in named.items()}
