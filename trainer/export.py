@@ -118,14 +118,17 @@ def write_hf_dir(
 
 def _sentencepiece_config(tokenizer_path: str) -> dict:
     """A tokenizer_config.json for a bare tokenizer.model: transformers reads one alone as a
-    tokenizer that adds no BOS, though the trainer put one before every example."""
+    tokenizer that adds no BOS, though the trainer put one before every example. It names no
+    tokenizer class: as LlamaTokenizer, transformers would place "▁" otherwise than the
+    sentencepiece the trainer ran (none after a special token, none before a leading space);
+    without one, it converts the model to tokenise as sentencepiece does."""
     from trainer.config import TokenizerConfig
 
     tokenizer = load_tokenizer(TokenizerConfig(path=tokenizer_path))
     return {
-        "tokenizer_class": "LlamaTokenizer",
         "add_bos_token": tokenizer.bos_id is not None,
         "add_eos_token": False,  # generation ends at EOS; the prompt does not
+        "legacy": True,  # a dummy prefix after each special token, as sentencepiece
         **tokenizer.special_tokens,
     }
 
