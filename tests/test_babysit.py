@@ -360,7 +360,9 @@ def test_a_recipe_the_trainer_rejects_stops_babysitting_at_once_with_its_line(cl
         r"error: stopped babysitting run bad-input: the trainer on w0[01] rejected the run's "
         r"input \(exit 2\), which no relaunch can fix: \S+tiny_train.txt record 1: data.format "
         r"prompt_completion: records need prompt\+completion or instruction\(\+input\)\+output; "
-        r"fix the recipe, then babysit it again \(nothing was recreated or relaunched; see \S+\)",
+        r"fix the recipe, then `tpuctl run RECIPE --name pod --run-id bad-input --all-workers` "
+        r"\(it resumes from the run's checkpoints\) and babysit it again, which carries on what "
+        r"you ran \(nothing was recreated or relaunched; see \S+\)",
         line,
     ), result.stderr
     assert "Traceback" not in result.stderr

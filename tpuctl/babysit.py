@@ -753,7 +753,9 @@ class Babysitter:
             said = _error_line(event.log_tail if event else [])
             raise StopBabysitting(
                 f"stopped babysitting run {self.run_id}: {action.reason}"
-                f"{f': {said}' if said else ''}; fix the recipe, then babysit it again (nothing "
+                f"{f': {said}' if said else ''}; fix the recipe, then `tpuctl run RECIPE --name "
+                f"{self.options.node} --run-id {self.run_id} --all-workers` (it resumes from the "
+                "run's checkpoints) and babysit it again, which carries on what you ran (nothing "
                 f"was recreated or relaunched; see {log_path(self.run_id)})",
                 exit_code=2,
             )
