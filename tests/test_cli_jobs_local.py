@@ -233,6 +233,38 @@ def test_a_crashing_worker_shows_in_ps_and_logs(cli, idle_pod, tmp_path):
     assert live_processes("tpuctl/runs/crash/recipe.yaml") == []
 
 
+def test_ctrl_c_while_run_force_replaces_a_job_leaves_no_half_started_run(cli, idle_pod, tmp_path):
+    """Worker 1's old job stopped at once and the new run started there; Ctrl-C while worker
+    0's old job still took its time left that half of the new run waiting 15 minutes for
+    the rest of the pod to join, and said nothing."""
+    from tpuctl import jobs
+    from tpuctl.config import Settings
+    from tpuctl.hosts import hosts_for
+    from tpuctl.providers.local import LocalProvider
+
+    local = cli.root / "state" / "tpuctl" / "local"
+    hosts = hosts_for(Settings(), LocalProvider(local).get(idle_pod))
+    stubborn = 'case "$PWD" in */w00) trap "" TERM;; esac; exec sleep 600'  # w00's ignores TERM
+    jobs.launch(hosts, jobs.JobSpec("stubborn", ["bash", "-c", stubborn]))
+    replacing = subprocess.Popen(
+        [sys.executable, "-m", "tpuctl", "run", TINY, "--name", idle_pod, "--all-workers",
+         "--force", "--run-id", "half", "--", *FAST, f"run_dir={tmp_path / 'half'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli.env, cwd=cli.root,
+    )  # fmt: skip
+    w01_jobs = local / "pods" / idle_pod / "workers" / "w01" / ".tpuctl" / "jobs"
+    try:
+        wait_for(lambda: (w01_jobs / "half" / "pid").exists(), what="the new run on w01")
+        replacing.send_signal(signal.SIGINT)
+        _, err = replacing.communicate(timeout=120)
+    finally:
+        replacing.kill()
+    assert replacing.returncode == 130, err
+    assert "interrupted before run half started on every worker" in err
+    assert "Traceback" not in err
+    assert live_processes("tpuctl/runs/half/recipe.yaml") == []
+    assert [j.run_id for j in jobs.status(hosts) if j.state == "running"] == ["stubborn"]
+
+
 FAKE_DOCKER = """
 import os, sys
 # docker run as tpuctl calls it: only the variables named by -e reach the container.

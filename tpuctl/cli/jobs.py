@@ -116,6 +116,7 @@ def run(
 ) -> None:
     """Train RECIPE on the node: validate it here, store it in GCS, prepare the workers and
     start the trainer detached on each. Recipe overrides go after `--` (train.steps=20)."""
+    from tpuctl.fanout import Interrupted
     from tpuctl.jobs.runs import RunRequest, run_summary, start_run
     from tpuctl.naming import validate_run_id
 
@@ -129,9 +130,17 @@ def run(
             "add --all-workers"
         )
     request = RunRequest(recipe, list(ctx.args), parse_env_flags(env), run_id, force)
-    started = start_run(
-        settings, node, hosts, request, lambda m: err_console.print(m, markup=False)
-    )
+    try:
+        started = start_run(
+            settings, node, hosts, request, lambda m: err_console.print(m, markup=False)
+        )
+    except Interrupted:  # on the workers, before or while launching: nothing of it runs
+        named = f"run {run_id}" if run_id else "the run"
+        raise TpuctlError(
+            f"interrupted before {named} started on every worker; it runs on none of them "
+            "(`tpuctl ps` shows what does)",
+            130,
+        ) from None
     print(f"run {started.run_id} started on {len(hosts)} worker(s) of {node.name}")
     print(f"  recipe:      {started.recipe_uri}")
     home = "the worker's directory" if node.provider == "local" else "~"

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from tpuctl.errors import TpuctlError
-from tpuctl.fanout import STREAMED_TAIL_BYTES, Host, HostResult, run
+from tpuctl.fanout import STREAMED_TAIL_BYTES, Host, HostResult, Interrupted, run
 from tpuctl.worker_scripts import holders_function
 
 BUSY_EXIT = 75  # a job (or another process) holds the worker
@@ -329,7 +329,8 @@ def launch(
 
     `current` is the workers' status if the caller just took it (saves a round trip).
     Raises JobBusy naming the running run and the workers (unless `spec.force`), or a
-    TpuctlError naming the workers where the job did not start.
+    TpuctlError naming the workers where the job did not start; on Ctrl-C (Interrupted)
+    the job is stopped wherever it had started first.
     """
     hosts = job_hosts(hosts)
     if not spec.force:
@@ -343,7 +344,13 @@ def launch(
         job_wrapper=_JOB_WRAPPER,
         job_command=spec.command,
     )
-    results = run(hosts, script, env=spec.env, timeout=120)
+    try:
+        results = run(hosts, script, env=spec.env, timeout=120)
+    except Interrupted:
+        # Ctrl-C with the job started on some workers only (others still stopping the job
+        # --force replaces): those would wait for the rest of the pod to join, for minutes.
+        kill(hosts, grace=spec.grace, only=spec.run_id)
+        raise
     failed = [r for r in results if not r.ok]
     if not failed:
         return results
