@@ -163,6 +163,27 @@ def test_second_run_refused_secrets_hidden_crash_visible_and_kill_leaves_nothing
     assert ok("kill", "pod").count("nothing running") == 4
 
 
+@pytest.mark.slow
+def test_run_follow_reports_the_done_record_a_run_wrote_on_its_workers_disk(
+    pod, fake_tpu, tmp_path
+):
+    """A run directory on the worker's own disk (its /tmp is not this machine's): `run
+    --follow` read DONE at the same path here, so it reported a local run's old record as
+    this run's end, or said the run wrote none."""
+    ssh_pod, _hosts = pod
+    fake_tpu.add_node("one", "v3-8", project=PROJECT, zone=ZONE, worker_ips=ssh_pod.hosts[:1])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "DONE").write_text('{"step": 99, "final": {"loss": 9.5}}')  # a local run's
+    out = ok(
+        "run", TINY, "--name", "one", "--follow", "--run-id", "on-disk", *compile_cache_env_args(),
+        "--", *FAST, "train.steps=2", f"run_dir={run_dir}",
+    )  # fmt: skip
+    done = json.loads(ssh_pod.path(0, f"{run_dir}/DONE").read_text())
+    assert done["step"] == 2
+    assert f"run on-disk finished: step 2, final loss {done['final']['loss']:.4f}" in out
+
+
 def test_recipe_errors_are_refused_before_anything_reaches_the_hosts(pod):
     before = ok("ps", "pod")  # the shared pod's hosts may remember earlier runs
     result = tpuctl("run", TINY, "--name", "pod", "--all-workers", "--", "model.presett=tiny")

@@ -117,7 +117,7 @@ def run(
     """Train RECIPE on the node: validate it here, store it in GCS, prepare the workers and
     start the trainer detached on each. Recipe overrides go after `--` (train.steps=20)."""
     from tpuctl.fanout import Interrupted
-    from tpuctl.jobs.runs import RunRequest, run_summary, start_run
+    from tpuctl.jobs.runs import RunRequest, final_summary, start_run
     from tpuctl.naming import validate_run_id
 
     if run_id is not None:
@@ -150,7 +150,8 @@ def run(
     if not follow:
         return
     _follow(hosts, started.run_id, None, all_lines=False)
-    _report_end(hosts, started.run_id, run_summary(started.run_dir), started.run_dir)
+    summary = final_summary(started.run_dir, node, hosts)
+    _report_end(hosts, started.run_id, summary, started.run_dir)
 
 
 def _report_end(hosts: list[Host], run_id: str, summary: dict | None, run_dir: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -82,7 +83,7 @@ def start_run(
         jobs.refuse_if_busy(worker_jobs)
     uri = stored_recipe_uri(settings, node, run_id)
     storage.upload_text(uri, resolved_recipe_yaml(recipe))
-    if "://" in recipe.run_dir or node.provider == "local":  # else it is on the workers' disks
+    if run_dir_is_here(recipe.run_dir, node):
         _clear_stale_done(_absolute(recipe.run_dir), recipe.train.steps, run_id, progress)
     cpu = _is_cpu_pod(settings, node, worker_jobs)
     worker_env = prepare_workers(settings, node, hosts, progress, cpu)
@@ -328,6 +329,28 @@ def _write_done(path: str, text: str) -> None:
     tmp.replace(local)
 
 
+def run_dir_is_here(run_dir: str, node: Node) -> bool:
+    """Whether this machine sees the run directory the workers write: gs:// (the same
+    storage) or a local pod's (its workers are on this machine). Any other path is on each
+    worker's own disk, where this machine's file of that name is another one."""
+    return "://" in run_dir or node.provider == "local"
+
+
+def final_summary(run_dir: str, node: Node, hosts: list[Host]) -> dict[str, Any] | None:
+    """`run_summary` of a run that ended on `hosts` (every worker of `node`, in order), read
+    where process 0 wrote it: here, or on worker 0's own disk."""
+    if run_dir_is_here(run_dir, node):
+        return run_summary(run_dir)
+    from tpuctl.fanout import run
+
+    path = f"{run_dir.rstrip('/')}/DONE"
+    (result,) = run(hosts[:1], f"cat -- {shlex.quote(path)} 2>/dev/null || true", timeout=60)
+    if not result.ok:
+        reason = result.error or result.stderr.strip() or f"exit {result.exit_code}"
+        raise TpuctlError(f"could not read {path} on {result.host.label}: {reason}", 1)
+    return _done_record(result.stdout)
+
+
 def run_summary(run_dir: str, polling: bool = False) -> dict[str, Any] | None:
     """The trainer's DONE record ({step, final, wall_time_s}) of a finished run, or None,
     also while a launch tpuctl marked it pending for has not confirmed it (`_clear_stale_done`;
@@ -338,7 +361,12 @@ def run_summary(run_dir: str, polling: bool = False) -> dict[str, Any] | None:
     else:
         path = Path(done)
         text = path.read_text() if path.is_file() else None
-    record = json.loads(text) if text else None
+    return _done_record(text)
+
+
+def _done_record(text: str | None) -> dict[str, Any] | None:
+    """A DONE file's record; None for none, or one a launch marked pending."""
+    record = json.loads(text) if text and text.strip() else None
     return None if isinstance(record, dict) and DONE_PENDING in record else record
 
 
