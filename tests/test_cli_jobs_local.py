@@ -65,6 +65,15 @@ def live_processes(text: str) -> list[str]:
     return found
 
 
+def worker_hosts(cli, name: str):
+    """The pod's workers as tpuctl.jobs takes them, to start stand-in jobs on them directly."""
+    from tpuctl.config import Settings
+    from tpuctl.hosts import hosts_for
+    from tpuctl.providers.local import LocalProvider
+
+    return hosts_for(Settings(), LocalProvider(cli.root / "state" / "tpuctl" / "local").get(name))
+
+
 @pytest.mark.slow
 def test_run_follow_on_a_four_worker_pod_trains_and_reports_the_final_loss(cli, tmp_path):
     cli.ok("up", "v4-32", "--local", "--name", "big")  # 4 workers x 4 devices
@@ -233,17 +242,28 @@ def test_a_crashing_worker_shows_in_ps_and_logs(cli, idle_pod, tmp_path):
     assert live_processes("tpuctl/runs/crash/recipe.yaml") == []
 
 
+def test_run_force_says_which_run_it_stopped_on_which_workers(cli, idle_pod, tmp_path):
+    """It stopped the running job without a word: nothing said that run `old` had ended,
+    nor whether it had had to be SIGKILLed before it could save."""
+    from tpuctl import jobs
+
+    jobs.launch(worker_hosts(cli, idle_pod), jobs.JobSpec("old", ["sleep", "600"]))
+    replacing = cli(
+        "run", TINY, "--name", idle_pod, "--all-workers", "--force", "--run-id", "new",
+        "--", *FAST, f"run_dir={tmp_path / 'new'}",
+    )  # fmt: skip
+    assert replacing.returncode == 0, replacing.stderr
+    assert "--force: stopped run old on w00, w01 (SIGTERM)\n" in replacing.stderr
+    assert "run new started on 2 worker(s)" in replacing.stdout
+
+
 def test_ctrl_c_while_run_force_replaces_a_job_leaves_no_half_started_run(cli, idle_pod, tmp_path):
     """Worker 1's old job stopped at once and the new run started there; Ctrl-C while worker
     0's old job still took its time left that half of the new run waiting 15 minutes for
     the rest of the pod to join, and said nothing."""
     from tpuctl import jobs
-    from tpuctl.config import Settings
-    from tpuctl.hosts import hosts_for
-    from tpuctl.providers.local import LocalProvider
 
-    local = cli.root / "state" / "tpuctl" / "local"
-    hosts = hosts_for(Settings(), LocalProvider(local).get(idle_pod))
+    hosts = worker_hosts(cli, idle_pod)
     stubborn = 'case "$PWD" in */w00) trap "" TERM;; esac; exec sleep 600'  # w00's ignores TERM
     jobs.launch(hosts, jobs.JobSpec("stubborn", ["bash", "-c", stubborn]))
     replacing = subprocess.Popen(
@@ -251,7 +271,7 @@ def test_ctrl_c_while_run_force_replaces_a_job_leaves_no_half_started_run(cli, i
          "--force", "--run-id", "half", "--", *FAST, f"run_dir={tmp_path / 'half'}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli.env, cwd=cli.root,
     )  # fmt: skip
-    w01_jobs = local / "pods" / idle_pod / "workers" / "w01" / ".tpuctl" / "jobs"
+    w01_jobs = cli.root / "state/tpuctl/local/pods" / idle_pod / "workers/w01/.tpuctl/jobs"
     try:
         wait_for(lambda: (w01_jobs / "half" / "pid").exists(), what="the new run on w01")
         replacing.send_signal(signal.SIGINT)
@@ -347,13 +367,9 @@ def test_a_local_pod_is_found_by_name_by_every_command_without_the_provider_sett
 
 def test_logs_and_ps_leave_out_gloo_chatter_that_raw_keeps(cli, tmp_path):
     from tpuctl import jobs
-    from tpuctl.config import Settings
-    from tpuctl.hosts import hosts_for
-    from tpuctl.providers.local import LocalProvider
 
     cli.ok("up", "v4-16", "--local", "--name", "chatty")
     try:
-        node = LocalProvider(cli.root / "state" / "tpuctl" / "local").get("chatty")
         gloo = "[Gloo] Rank 1 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3"
         # Pieces of gloo's line interleaved between its threads and jax's warning about the
         # trainer's recoverability setting, as a 4-process pod's logs have them, and a blank
@@ -365,7 +381,7 @@ def test_logs_and_ps_leave_out_gloo_chatter_that_raw_keeps(cli, tmp_path):
                   " only block non-recoverable tasks."]  # fmt: skip
         chatter = "; ".join(f"echo '{line}'" for line in [gloo, *pieces])
         script = f"{chatter}; echo 'step 5  loss 3.1000'; {chatter}; echo"
-        hosts = hosts_for(Settings(), node)
+        hosts = worker_hosts(cli, "chatty")
         jobs.launch(hosts, jobs.JobSpec("gloo", ["bash", "-c", script]))
         wait_for(lambda: [j.state for j in jobs.status(hosts)] == ["exited"] * 2)
         shown = cli.ok("logs", "chatty", "--all-lines").splitlines()

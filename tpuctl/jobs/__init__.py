@@ -363,6 +363,28 @@ def launch(
     raise TpuctlError(f"the job did not start on {len(failed)} worker(s): {details}", 1)
 
 
+def replaced(results: list[HostResult]) -> list[str]:
+    """What a `force` launch stopped first, from its workers' reports: one line per run and
+    signal (`--force: stopped run R on w00, w01 (SIGTERM)`; SIGKILL: it did not stop in
+    time, so its newest steps may not be saved), one per other process holding the TPU."""
+    stopped: dict[tuple[str, str], list[str]] = {}
+    holders = []
+    for result in results:
+        for line in result.stdout.splitlines():
+            word, _, rest = line.partition(" ")
+            if word == "stopped":
+                run_id, _, signal = rest.partition(" ")
+                stopped.setdefault((run_id, signal), []).append(result.host.label)
+            elif word == "holder":  # PID COMM SIGNAL
+                holders.append(f"--force: killed {rest} holding the TPU on {result.host.label}")
+    runs = [
+        f"--force: stopped run {run_id} on {', '.join(labels)} ({signal})"
+        + ("" if signal == "SIGTERM" else ": it did not stop in time; its newest steps may be lost")
+        for (run_id, signal), labels in stopped.items()
+    ]
+    return runs + holders
+
+
 def refuse_if_busy(jobs: list[WorkerJob]) -> None:
     """Raise JobBusy if a job runs on any worker, a TpuctlError if one could not be checked."""
     unreachable = [j for j in jobs if j.state == "unreachable"]

@@ -93,7 +93,8 @@ def start_run(
     names = {*env, *(name for host in launch_hosts for name in host.env)}
     command = [*worker_env.launcher(names), "-m", "trainer", uri]
     spec = jobs.JobSpec(run_id=run_id, command=command, env=env, force=request.force)
-    jobs.launch(launch_hosts, spec, current=worker_jobs)
+    for line in jobs.replaced(jobs.launch(launch_hosts, spec, current=worker_jobs)):
+        progress(line)
     run_dir = _absolute(recipe.run_dir)
     launches.record(launches.Launch(node.name, run_id, run_dir, recipe.train.steps, time.time()))
     return StartedRun(run_id, uri, run_dir, f".tpuctl/jobs/{run_id}/log", hosts, secrets)
