@@ -327,6 +327,27 @@ def test_a_container_image_gets_every_variable_the_job_gets(tmp_path):
         cli("down", "boxed", "--yes")
 
 
+def test_run_follow_reports_a_stop_on_sigterm_as_a_stop_to_resume_not_a_failure(tmp_path):
+    """A `tpuctl kill` from another terminal, or a preemption, while following: every worker's
+    trainer saved and exited 75, and `run --follow` called the run failed."""
+    cli = LocalCli(tmp_path)
+    stopped = tmp_path / "stopped-trainer"  # the trainer's end after a SIGTERM, at once
+    stopped.write_text("#!/bin/sh\necho 'trainer: stopped on SIGTERM at step 7'\nexit 75\n")
+    stopped.chmod(0o755)
+    (tmp_path / "tpuctl.yaml").write_text(f"worker:\n  python: {stopped}\n")
+    cli.ok("up", "v4-16", "--local", "--name", "stopping")
+    try:
+        out = cli("run", TINY, "--name", "stopping", "--all-workers", "--follow", "--run-id", "s")
+    finally:
+        cli("down", "stopping", "--yes")
+    assert out.returncode == 1
+    assert out.stderr.endswith(
+        "error: run s stopped on SIGTERM (`tpuctl kill`, or a preemption) with its steps saved:"
+        " exit 75 on w00, w01; run it again with the same run_dir to resume\n"
+    ), out.stderr
+    assert "failed" not in out.stderr
+
+
 def _cwd(pid: str) -> str:
     try:
         return os.readlink(f"/proc/{pid}/cwd")

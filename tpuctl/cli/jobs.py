@@ -156,9 +156,17 @@ def run(
 
 def _report_end(hosts: list[Host], run_id: str, summary: dict | None, run_dir: str) -> None:
     from tpuctl import jobs
+    from tpuctl.babysit_policy import CLEAN_STOP_EXIT  # the trainer's, after a SIGTERM
 
     final = jobs.status(hosts, run_id)
     failed = [j for j in final if j.exit_code != 0]
+    if failed and all(j.exit_code == CLEAN_STOP_EXIT for j in failed):
+        labels = ", ".join(j.label for j in failed)
+        raise TpuctlError(
+            f"run {run_id} stopped on SIGTERM (`tpuctl kill`, or a preemption) with its steps "
+            f"saved: exit {CLEAN_STOP_EXIT} on {labels}; run it again with the same run_dir to resume",
+            1,
+        )
     if failed:
         details = ", ".join(f"{j.label} exit {j.exit_code}" for j in failed)
         raise TpuctlError(f"run {run_id} failed: {details}; see `tpuctl logs --all-lines`", 1)
