@@ -27,7 +27,7 @@ from tpuctl.babysit_policy import (
 from tpuctl.jobs import WorkerJob
 from tpuctl.ownership import ownership_labels
 from tpuctl.providers.base import Node
-from trainer.exit_status import EXIT_BAD_INPUT, EXIT_PEER_LOST
+from trainer.contract import EXIT_BAD_INPUT, EXIT_PEER_LOST
 
 NOW = 10_000.0
 RUN = "llama-3.1-8b-20261123"

@@ -372,7 +372,7 @@ def _reap(workers, pending, times) -> None:
 
 
 def test_failed_save_on_one_process_ends_every_process_with_one_line(monkeypatch):
-    from trainer.exit_status import EXIT_CHECKPOINT_IO
+    from trainer.contract import EXIT_CHECKPOINT_IO
 
     directory = "gs://test-bucket/failing/checkpoints"
     cfg = {"every_steps": 1, "keep": 10, "async_save": True}
@@ -426,7 +426,7 @@ def test_killed_process_ends_the_others_naming_it(tmp_path):
 
 
 def test_hung_gcs_save_times_out_and_leaves_last_committed_checkpoint(gcs, tmp_path):
-    from trainer.exit_status import EXIT_CHECKPOINT_IO
+    from trainer.contract import EXIT_CHECKPOINT_IO
 
     directory = "gs://test-bucket/hang/checkpoints"
     cfg = {"every_steps": 1, "keep": 3, "async_save": True, "save_timeout_s": 3}
@@ -532,7 +532,7 @@ def test_a_resume_on_a_full_disk_writes_no_unchanged_model_record_and_fails_one_
     cannot be written is one line with EXIT_CHECKPOINT_IO, the record left intact."""
     from trainer.checkpoint import MODEL_INFO_FILE, Checkpointer, CheckpointError
     from trainer.config import ModelConfig
-    from trainer.exit_status import EXIT_CHECKPOINT_IO
+    from trainer.contract import EXIT_CHECKPOINT_IO
 
     directory = str(small_disk.path / "checkpoints")
     with _recorded(directory, width=4) as checkpointer:
@@ -742,7 +742,7 @@ def test_a_checkpoint_storage_failed_to_read_is_relaunched_one_of_another_model_
     pass, which `tpuctl babysit` relaunches; EXIT_BAD_INPUT, which stops it, only for what
     fails alike on every launch."""
     from trainer.checkpoint import restore_failure_status
-    from trainer.exit_status import EXIT_BAD_INPUT, EXIT_CHECKPOINT_IO
+    from trainer.contract import EXIT_BAD_INPUT, EXIT_CHECKPOINT_IO
 
     with socket.socket() as closed:  # a port nothing listens on: connection refused
         closed.bind(("127.0.0.1", 0))

@@ -11,8 +11,8 @@ import pytest
 
 from tests.fixtures_trainer import REPO, TINY_RECIPE, launch_processes, launch_trainer, wait_all
 from trainer.config import MeshConfig
+from trainer.contract import EXIT_BAD_INPUT
 from trainer.distributed import CPU_DEVICES_FLAG, cpu_devices_flags, meeting_env
-from trainer.exit_status import EXIT_BAD_INPUT
 
 
 def test_a_plain_machine_gets_the_devices_the_mesh_names():

@@ -9,7 +9,7 @@ import pytest
 
 from tests.fixtures_trainer import free_port
 from trainer.config import TrainerError
-from trainer.exit_status import EXIT_BAD_INPUT, EXIT_PEER_LOST
+from trainer.contract import EXIT_BAD_INPUT, EXIT_PEER_LOST
 from trainer.rendezvous import Failure, PodStartFailed, join, tell_failure
 
 COUNT = 3

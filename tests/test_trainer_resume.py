@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from trainer import io
-from trainer.exit_status import EXIT_CHECKPOINT_IO
+from trainer.contract import EXIT_CHECKPOINT_IO
 from trainer.preemption import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parent.parent

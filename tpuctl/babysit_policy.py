@@ -22,7 +22,7 @@ from typing import Any
 from tpuctl import jobs, ownership
 from tpuctl.fanout.base import AUTH_FAILED
 from tpuctl.providers.base import Node
-from trainer.exit_status import EXIT_BAD_INPUT, EXIT_PEER_LOST
+from trainer.contract import EXIT_BAD_INPUT, EXIT_PEER_LOST
 
 # Node states that mean the node is gone for good: replace it at once.
 LOST_STATES = frozenset({"PREEMPTED", "TERMINATED", "STOPPED", "HIDDEN"})

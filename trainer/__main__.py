@@ -14,7 +14,7 @@ import sys
 
 from trainer import distributed, preemption
 from trainer.config import RecipeError, TrainerError, load_recipe
-from trainer.exit_status import EXIT_BAD_INPUT
+from trainer.contract import EXIT_BAD_INPUT
 
 USAGE = """usage: python -m trainer RECIPE [key=value ...]
 

@@ -46,8 +46,8 @@ from trainer.config import (
     Recipe,
     TrainerError,
 )
+from trainer.contract import EXIT_BAD_INPUT, EXIT_CHECKPOINT_IO
 from trainer.distributed import fail_everywhere, first_line
-from trainer.exit_status import EXIT_BAD_INPUT, EXIT_CHECKPOINT_IO
 
 _WATCHDOG_POLL_S = 0.2
 # tensorstore appends its status payloads ([http_response_body='...']) to error messages.

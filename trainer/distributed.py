@@ -33,7 +33,7 @@ from typing import NoReturn
 
 from trainer import preemption, rendezvous
 from trainer.config import MESH_AXES, MeshConfig, RecipeError, TrainerError
-from trainer.exit_status import EXIT_BAD_INPUT, EXIT_PEER_LOST
+from trainer.contract import EXIT_BAD_INPUT, EXIT_PEER_LOST
 
 DEFAULT_TIMEOUT_S = 900
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"

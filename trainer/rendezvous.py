@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from trainer.config import TrainerError
-from trainer.exit_status import EXIT_PEER_LOST
+from trainer.contract import EXIT_PEER_LOST
 
 # How long a process that failed before joining goes on telling the others: long enough for
 # processes of the same launch that are still loading to arrive.

@@ -52,7 +52,7 @@ from trainer.config import (
     check_batch_divisible,
     mesh_shape,
 )
-from trainer.exit_status import DONE_PENDING
+from trainer.contract import DONE_PENDING
 from trainer.mixture import Mixture
 from trainer.model import Decoder, attention_path, backend_platform, count_params, init_params
 from trainer.optim import make_optimizer

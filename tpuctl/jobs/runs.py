@@ -24,7 +24,7 @@ from tpuctl.config import worker_platform
 from tpuctl.errors import TpuctlError
 from tpuctl.fanout import Host
 from tpuctl.jobs import launches
-from trainer.exit_status import DONE_PENDING
+from trainer.contract import DONE_PENDING
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -294,7 +294,7 @@ def _clear_stale_done(
     a DONE record from before for this launch's end, even if the launch fails before its
     trainer starts: one short of the recipe's steps (a finished run going on) is removed; with
     train.epochs, whose steps tpuctl cannot tell, it is marked pending for this launch
-    (trainer.exit_status.DONE_PENDING), and the trainer removes the mark once it finds the
+    (trainer.contract.DONE_PENDING), and the trainer removes the mark once it finds the
     run finished, or DONE to go on. Only for a run directory this machine shares with the
     workers (gs://, a local pod's); the trainer removes it too, where tpuctl cannot see it."""
     try:

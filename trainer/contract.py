@@ -1,5 +1,6 @@
-"""The exit statuses of `python -m trainer` that tpuctl tells apart, and the mark tpuctl puts
-on a finished run's DONE record when it launches the run again.
+"""What the trainer and tpuctl agree on beyond the TPUCTL_* variables: the exit statuses of
+`python -m trainer` that tpuctl tells apart, and the mark tpuctl puts on a finished run's DONE
+record when it launches the run again.
 
 `tpuctl babysit` imports them, so this module imports nothing: the CLI reads it without the
 trainer's dependencies (`pip install tpuctl` brings neither jax nor fsspec).
