@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import tracemalloc
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -40,3 +40,14 @@ def peak_traced(action: Callable[[], T]) -> tuple[T, int]:
         return value, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def assert_streamed_with_its_tail_kept(result: Any, counter: Counter, tail_bytes: int) -> None:
+    """`result` (a HostResult of CHATTY run with `keep_tail=tail_bytes`) kept only the last
+    `tail_bytes` of stdout, and `counter` saw every line of it."""
+    assert result.ok, result.stderr
+    assert counter.lines == {"stdout": LINES + 1, "stderr": 1}
+    assert counter.chars["stdout"] == CHATTY_STDOUT_BYTES and counter.last["stdout"] == "last"
+    assert len(result.stdout) == tail_bytes and result.stdout.endswith("0\nlast\n")
+    assert result.stdout_dropped == CHATTY_STDOUT_BYTES - tail_bytes
+    assert (result.stderr, result.stderr_dropped) == ("err\n", 0)

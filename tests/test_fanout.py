@@ -15,7 +15,12 @@ from pathlib import Path
 
 import pytest
 from polling import wait_for
-from streaming import CHATTY, CHATTY_STDOUT_BYTES, LINES, Counter, peak_traced
+from streaming import (
+    CHATTY,
+    Counter,
+    assert_streamed_with_its_tail_kept,
+    peak_traced,
+)
 
 from tests.fixtures_pod import pod_hosts
 from tpuctl.fanout import STREAMED_TAIL_BYTES, StopSignal, get, put, run
@@ -347,10 +352,5 @@ def test_a_streamed_command_keeps_only_the_tail_of_its_output(hosts):
     [result], peak = peak_traced(
         lambda: run(hosts[:1], CHATTY, on_line=counter, keep_tail=STREAMED_TAIL_BYTES)
     )
-    assert result.ok, result.stderr
-    assert counter.lines == {"stdout": LINES + 1, "stderr": 1}
-    assert counter.chars["stdout"] == CHATTY_STDOUT_BYTES and counter.last["stdout"] == "last"
-    assert len(result.stdout) == STREAMED_TAIL_BYTES and result.stdout.endswith("0\nlast\n")
-    assert result.stdout_dropped == CHATTY_STDOUT_BYTES - STREAMED_TAIL_BYTES
-    assert (result.stderr, result.stderr_dropped) == ("err\n", 0)
+    assert_streamed_with_its_tail_kept(result, counter, STREAMED_TAIL_BYTES)
     assert peak < 16 * 2**20  # paramiko's window (2 MiB) and ours; all of it: over 128 MiB

@@ -9,7 +9,12 @@ import threading
 from pathlib import Path
 
 from polling import wait_for
-from streaming import CHATTY, CHATTY_STDOUT_BYTES, LINES, Counter, peak_traced
+from streaming import (
+    CHATTY,
+    Counter,
+    assert_streamed_with_its_tail_kept,
+    peak_traced,
+)
 
 from tpuctl.fanout import STREAMED_TAIL_BYTES, Host, Interrupted, StopSignal, get, put, run
 from tpuctl.fanout.report import Reporter
@@ -185,12 +190,7 @@ def test_a_streamed_command_keeps_only_the_tail_of_its_output(tmp_path):
     [result], peak = peak_traced(
         lambda: run([host], CHATTY, on_line=counter, keep_tail=STREAMED_TAIL_BYTES)
     )
-    assert result.ok, result.stderr
-    assert counter.lines == {"stdout": LINES + 1, "stderr": 1}
-    assert counter.chars["stdout"] == CHATTY_STDOUT_BYTES and counter.last["stdout"] == "last"
-    assert len(result.stdout) == STREAMED_TAIL_BYTES and result.stdout.endswith("0\nlast\n")
-    assert result.stdout_dropped == CHATTY_STDOUT_BYTES - STREAMED_TAIL_BYTES
-    assert (result.stderr, result.stderr_dropped) == ("err\n", 0)
+    assert_streamed_with_its_tail_kept(result, counter, STREAMED_TAIL_BYTES)
     assert peak < 4 * 2**20  # all of it kept: over 128 MiB (64 MiB read, then decoded)
 
 

@@ -22,7 +22,12 @@ from pathlib import Path
 
 import pytest
 from polling import wait_for
-from streaming import CHATTY, CHATTY_STDOUT_BYTES, LINES, Counter, peak_traced
+from streaming import (
+    CHATTY,
+    Counter,
+    assert_streamed_with_its_tail_kept,
+    peak_traced,
+)
 
 from tests.fixtures_pod import pod_hosts
 from tpuctl import config
@@ -552,11 +557,7 @@ def test_a_streamed_command_through_the_holder_leaves_it_no_bigger(ssh_pod, held
     [result], peak = peak_traced(
         lambda: run(hosts[:1], CHATTY, on_line=counter, keep_tail=STREAMED_TAIL_BYTES)
     )
-    assert result.ok, result.stderr
-    assert counter.lines == {"stdout": LINES + 1, "stderr": 1}
-    assert counter.chars["stdout"] == CHATTY_STDOUT_BYTES and counter.last["stdout"] == "last"
-    assert len(result.stdout) == STREAMED_TAIL_BYTES and result.stdout.endswith("0\nlast\n")
-    assert result.stdout_dropped == CHATTY_STDOUT_BYTES - STREAMED_TAIL_BYTES
+    assert_streamed_with_its_tail_kept(result, counter, STREAMED_TAIL_BYTES)
     assert peak < 4 * 2**20  # here: the lines' messages, one read's at a time
     assert _peak_rss(process.pid) - before < 16 * 2**20  # all of it kept: over 128 MiB
 
