@@ -16,6 +16,7 @@ import pytest
 from tests.fixtures_trainer import assert_all_exited_0, launch_trainer, wait_all
 from trainer import train
 from trainer.config import ModelConfig, load_recipe
+from trainer.contract import EXIT_PEER_LOST
 
 STEPS = 12
 SHORT = [
@@ -102,7 +103,7 @@ def test_a_pod_started_on_only_some_workers_fails_with_a_message(tiny_recipe, tm
     procs[1].kill()  # worker 1 never joins
     code, output = wait_all(procs[:1], timeout=120)[0]
     procs[1].wait()
-    assert code == 2, output
+    assert code == EXIT_PEER_LOST, output  # another process's failure: a relaunch may work
     assert "error: only 1 of 2 workers joined coordinator 127.0.0.1:" in output
     assert "start the run on every worker" in output and "Traceback" not in output
     assert not os.path.exists(tmp_path / "DONE")
