@@ -39,12 +39,13 @@ from orbax.checkpoint import checkpoint_managers
 
 from trainer import io, preemption
 from trainer.config import (
-    CHAT_TEMPLATE_NAMES,
     CheckpointConfig,
     ModelConfig,
     OptimizerConfig,
     Recipe,
     TrainerError,
+    absolute_path,
+    with_absolute_paths,
 )
 from trainer.contract import EXIT_BAD_INPUT, EXIT_CHECKPOINT_IO
 from trainer.distributed import fail_everywhere, first_line
@@ -122,7 +123,7 @@ class Checkpointer:
         if model is not None:
             # absolute: export runs from anywhere, not only where the trainer was started
             tokenizer = io.absolute(tokenizer_path) if tokenizer_path else None
-            init_from = _absolute(model.init_from) if model.init_from else None
+            init_from = absolute_path(model.init_from) if model.init_from else None
             model_record = dataclasses.asdict(dataclasses.replace(model, init_from=init_from))
             info = {"model": model_record, "tokenizer": tokenizer}
             info |= {"objective": objective} if objective else {}
@@ -199,7 +200,7 @@ class Checkpointer:
 
     def _check_init_from(self, saved: str | None, step: int) -> None:
         ours = self._info["model"]["init_from"]
-        if (_absolute(saved) if saved else None) == ours:
+        if (absolute_path(saved) if saved else None) == ours:
             return
         back = f"set model.init_from={saved}" if saved else "drop model.init_from"
         start = f"from {ours}" if ours else "from fresh weights"
@@ -528,21 +529,13 @@ def _recorded_milestones(directory: str) -> list[int]:
 def resume_settings(recipe: Recipe) -> dict[str, Any]:
     """`recipe`'s RESUME_SETTINGS by dotted key, as JSON holds them, with local paths absolute
     (tpuctl launches a run with absolute ones: by hand and by tpuctl are the same run)."""
+    recipe = with_absolute_paths(recipe)
     settings: dict[str, Any] = {}
     for section, keys in RESUME_SETTINGS.items():
         values = dataclasses.asdict(getattr(recipe, section))
         settings |= {f"{section}.{key}": values[key] for key in keys}
     for split in ("data.train", "data.eval"):  # entries without their unset fields: shorter lines
-        settings[split] = [
-            {key: value for key, value in entry.items() if value is not None}
-            | {"path": [_absolute(path) for path in entry["path"]]}
-            for entry in settings[split]
-        ]
-    if settings["tokenizer.path"]:
-        settings["tokenizer.path"] = _absolute(settings["tokenizer.path"])
-    template = settings["data.chat_template"]
-    if template and template not in CHAT_TEMPLATE_NAMES:  # a FILE
-        settings["data.chat_template"] = _absolute(template)
+        settings[split] = [{k: v for k, v in e.items() if v is not None} for e in settings[split]]
     return json.loads(json.dumps(settings))  # tuples as lists: as a record read back compares
 
 
@@ -554,11 +547,6 @@ def _settings_of(info: dict) -> dict[str, Any]:
 
 def _shown(value: Any) -> str:
     return json.dumps(value, separators=(", ", ": "))
-
-
-def _absolute(path: str) -> str:
-    """A local path made absolute; URIs and `hf:NAME` datasets as they are."""
-    return path if ":" in path else os.path.abspath(path)
 
 
 def _read_or_none(path: str) -> str | None:

@@ -281,6 +281,40 @@ class Recipe:
         return self.data.cache_dir or io.join(self.run_dir, "data_cache")
 
 
+def absolute_path(path: str) -> str:
+    """A local path made absolute; URIs and `hf:NAME` datasets as they are."""
+    return path if "://" in path or path.startswith("hf:") else os.path.abspath(path)
+
+
+def with_absolute_paths(recipe: Recipe) -> Recipe:
+    """`recipe` with every local path in it absolute: what tpuctl stores for the workers (they
+    do not start in the directory it ran from) and what a run's record compares on resume
+    (by hand and through tpuctl are the same run)."""
+
+    def entries(split: list[DatasetConfig]) -> list[DatasetConfig]:
+        return [dataclasses.replace(e, path=[absolute_path(p) for p in e.path]) for e in split]
+
+    def optional(path: str | None) -> str | None:
+        return absolute_path(path) if path else path
+
+    data, template = recipe.data, recipe.data.chat_template
+    if template and template not in CHAT_TEMPLATE_NAMES:  # a FILE, not a built-in's name
+        template = absolute_path(template)
+    return dataclasses.replace(
+        recipe,
+        run_dir=absolute_path(recipe.run_dir),
+        tokenizer=dataclasses.replace(recipe.tokenizer, path=optional(recipe.tokenizer.path)),
+        model=dataclasses.replace(recipe.model, init_from=optional(recipe.model.init_from)),
+        data=dataclasses.replace(
+            data,
+            train=entries(data.train),
+            eval=entries(data.eval),
+            chat_template=template,
+            cache_dir=optional(data.cache_dir),
+        ),
+    )
+
+
 def load_recipe(source: str, overrides: typing.Sequence[str] = ()) -> Recipe:
     """Read a recipe (local path or gs:// URI), apply `a.b=value` overrides and validate it."""
     raw = _parse_yaml(_read_recipe_text(source), source)

@@ -33,9 +33,6 @@ if TYPE_CHECKING:
 LOCAL_POD_BUCKET = "tpuctl-local"
 # jax.distributed's usual coordinator port, for CPU pods whose workers are separate hosts.
 COORDINATOR_PORT = 8476
-# Recipe keys that hold file paths: made absolute before the recipe leaves this machine.
-_PATH_KEYS = (("run_dir",), ("tokenizer", "path"), ("model", "init_from"), ("data", "cache_dir"))
-_DATASET_KEYS = (("data", "train"), ("data", "eval"))
 
 
 @dataclass(frozen=True)
@@ -71,6 +68,8 @@ def start_run(
     progress: Callable[[str], None],
 ) -> StartedRun:
     """Validate, store, prepare and launch; returns where everything is."""
+    from trainer.config import absolute_path
+
     storage_env = _storage_env(node)
     os.environ.update(storage_env)  # this process reads and writes the same GCS
     recipe = load_recipe(request.recipe, request.overrides)
@@ -84,7 +83,7 @@ def start_run(
     uri = stored_recipe_uri(settings, node, run_id)
     storage.upload_text(uri, resolved_recipe_yaml(recipe))
     if run_dir_is_here(recipe.run_dir, node):
-        _clear_stale_done(_absolute(recipe.run_dir), recipe.train.steps, run_id, progress)
+        _clear_stale_done(absolute_path(recipe.run_dir), recipe.train.steps, run_id, progress)
     cpu = _is_cpu_pod(settings, node, worker_jobs)
     worker_env = prepare_workers(settings, node, hosts, progress, cpu)
     env = {**secrets, **storage_env, **pod_env(node, cpu), **request.env}
@@ -95,7 +94,7 @@ def start_run(
     spec = jobs.JobSpec(run_id=run_id, command=command, env=env, force=request.force)
     for line in jobs.replaced(jobs.launch(launch_hosts, spec, current=worker_jobs)):
         progress(line)
-    run_dir = _absolute(recipe.run_dir)
+    run_dir = absolute_path(recipe.run_dir)
     launches.record(launches.Launch(node.name, run_id, run_dir, recipe.train.steps, time.time()))
     return StartedRun(run_id, uri, run_dir, f".tpuctl/jobs/{run_id}/log", hosts, secrets)
 
@@ -173,32 +172,11 @@ def resolved_recipe_yaml(recipe: Any) -> str:
     never into a file that everyone who can read the bucket can read."""
     import yaml
 
-    from trainer.config import CHAT_TEMPLATE_NAMES
+    from trainer.config import with_absolute_paths
 
-    data = dataclasses.asdict(recipe)
+    data = dataclasses.asdict(with_absolute_paths(recipe))
     data["env"] = dict.fromkeys(recipe.env)
-    for *parents, leaf in _PATH_KEYS:
-        section = _section(data, parents)
-        if section.get(leaf):
-            section[leaf] = _absolute(section[leaf])
-    for *parents, leaf in _DATASET_KEYS:  # entries {path: [...], weight, fraction, size, name}
-        for entry in _section(data, parents).get(leaf) or []:
-            entry["path"] = [_absolute(p) for p in entry["path"]]
-    template = data["data"].get("chat_template")
-    if template and template not in CHAT_TEMPLATE_NAMES:  # a FILE, not a built-in's name
-        data["data"]["chat_template"] = _absolute(template)
     return yaml.safe_dump(data, sort_keys=False)
-
-
-def _section(data: dict, parents: list[str]) -> dict:
-    for key in parents:
-        data = data[key]
-    return data
-
-
-def _absolute(path: str) -> str:
-    """A local path made absolute; URIs and `hf:NAME` datasets as they are."""
-    return path if "://" in path or path.startswith("hf:") else os.path.abspath(path)
 
 
 def _storage_env(node: Node) -> dict[str, str]:
