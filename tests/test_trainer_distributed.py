@@ -159,3 +159,30 @@ def test_on_a_tpu_pod_the_processes_meet_on_jaxs_coordinator_port(monkeypatch):
     assert meeting_env() == (f"10.0.0.2:{int(cloud_tpu_cluster.coordinator_port)}", 4, 3)
     monkeypatch.setenv("JAX_COORDINATOR_PORT", "9000")  # jax's own override, honoured alike
     assert meeting_env() == ("10.0.0.2:9000", 4, 3)
+
+
+def test_on_a_tpu_pod_a_worker_whose_jax_is_broken_fails_in_one_line(tmp_path):
+    """Telling the pod needs jax's coordinator port, read from jax: the broken jax raised
+    again in the handler of its own ImportError, a traceback instead of the `error:` line."""
+    broken = tmp_path / "broken"
+    (broken / "jax").mkdir(parents=True)
+    (broken / "jax" / "__init__.py").write_text("raise ImportError('libtpu is not installed')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU", "XLA_FLAGS"))}
+    env |= {
+        "PYTHONPATH": f"{broken}:{REPO}",
+        "TPUCTL_RENDEZVOUS": "127.0.0.1",
+        "TPUCTL_NUM_PROCESSES": "2",
+        "TPUCTL_PROCESS_ID": "1",
+        "TPU_WORKER_HOSTNAMES": "w0,w1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer", str(TINY_RECIPE), f"run_dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr[-3000:]
+    assert "error: libtpu is not installed" in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]

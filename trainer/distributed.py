@@ -188,7 +188,9 @@ def failed_before_joining(error: Exception) -> int:
     if not expected:
         traceback.print_exception(error)
     _print_line(f"error: {message}")
-    with contextlib.suppress(RecipeError):  # no pod to tell when its variables are wrong
+    # No pod to tell when its variables are wrong, or when the jax that names a TPU pod's
+    # port cannot be imported (its processes then wait out TPUCTL_INIT_TIMEOUT).
+    with contextlib.suppress(RecipeError, ImportError):
         if (meeting := meeting_env()) and not _met.is_set():
             address, count, index = meeting
             rendezvous.tell_failure(address, count, rendezvous.Failure(index, message, status))
