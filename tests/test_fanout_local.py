@@ -93,19 +93,23 @@ def test_timeout_kills_the_whole_process_group(tmp_path):
 
 def test_ctrl_c_stops_every_worker_and_reports_them(tmp_path):
     hosts = local_hosts(tmp_path, 2)
+    # Longer than wait_for's bound: the commands outlive the wait for them however slowly a
+    # loaded machine lists its processes (a load average near 300 in one suite run); the
+    # test ends at the Ctrl-C, not with them.
+    command = "sleep 360"
 
     def press_ctrl_c_once_both_run() -> None:
-        wait_for(lambda: len(processes_matching("sleep 36")) == 2)
+        wait_for(lambda: len(processes_matching(command)) == 2)
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=press_ctrl_c_once_both_run, daemon=True).start()
     try:
-        run(hosts, "sleep 36")
+        run(hosts, command)
     except Interrupted as interrupted:
         assert [r.error for r in interrupted.results] == ["interrupted", "interrupted"]
     else:
         raise AssertionError("run() returned although SIGINT arrived")
-    wait_for(lambda: processes_matching("sleep 36") == [])
+    wait_for(lambda: processes_matching(command) == [])
 
 
 def test_put_and_get_use_the_worker_directories(tmp_path):
