@@ -72,6 +72,49 @@ def test_process_0_leaves_a_normal_finish_after_a_slow_process_has_disconnected(
         assert code == 0 and last == "left", f"process {index} exited {code}:\n{output[-3000:]}"
 
 
+_FAIL_WHILE_PROCESS_0_LOOKS = """
+import time, jax
+from trainer import distributed
+
+joined_client = distributed._client
+
+class SlowLiveness:
+    # Process 0 on a loaded machine: process 1 fails and leaves while it reads who is live.
+    def __getattr__(self, name):
+        return getattr(joined_client(), name)
+
+    def get_live_nodes(self, nodes):
+        client = joined_client()
+        if jax.process_index() != 0:
+            return client.get_live_nodes(nodes)
+        client.key_value_set("test/process-0-reads-liveness", "1", allow_overwrite=True)
+        while len(live := client.get_live_nodes(nodes)) == len(nodes):
+            time.sleep(0.05)
+        return live
+
+distributed._client = lambda: SlowLiveness() if joined_client() is not None else None
+distributed.initialize()
+if jax.process_index() == 1:
+    joined_client().blocking_key_value_get("test/process-0-reads-liveness", 60_000)
+    distributed.fail_everywhere("stopped on SIGTERM while starting up", 75, prefix="trainer")
+time.sleep(120)
+"""
+
+
+def test_a_process_that_fails_and_leaves_while_another_looks_is_not_taken_for_dead(tmp_path):
+    """Process 1 sets its failure (here a SIGTERM's stop, 75) and leaves while process 0's
+    watch reads which processes are live: process 0 ends with process 1's line and status.
+    It read the failure before liveness, found neither, and ended with 69, "process 1
+    stopped (no heartbeat)": a preempted run taken for a lost peer (seen under load in CI)."""
+    command = [sys.executable, "-c", _FAIL_WHILE_PROCESS_0_LOOKS]
+    procs = launch_processes(command, 2, 1, tmp_path, TPUCTL_HEARTBEAT_TIMEOUT="3")
+    results = wait_all(procs, timeout=120)
+    assert [code for code, _ in results] == [75, 75], results
+    for _code, output in results:
+        last = output.strip().splitlines()[-1]
+        assert last == "trainer: stopped on SIGTERM while starting up", output[-2000:]
+
+
 _CRASH_WHILE_STOPPING = """
 import os, signal, time
 import jax._src.distributed  # what crash() reads: imported now, so it answers at once

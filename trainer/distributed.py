@@ -413,36 +413,46 @@ class PodWatch(threading.Thread):
 
     def run(self) -> None:
         client = _client()
-        everyone = list(range(self.count))
         while not self.stopped.wait(_WATCH_POLL_S):
-            try:
-                failure = client.key_value_try_get(_FAILURE_KEY)
-            except Exception:  # not set yet (NOT_FOUND), or the coordinator is gone
-                failure = None
-            if failure:
-                failure = json.loads(failure)
-                if failure.get("stacks"):
-                    show_stacks(f"process {self.index} of {self.count} as the run ends")
-                _leave(client, failure["line"], failure["status"])
-            try:
-                live = client.get_live_nodes(everyone)
-            except Exception as e:
-                if self.stopped.is_set():
-                    return
-                _exit(
-                    f"error: lost the coordinator (process 0 of {self.count}): {first_line(e)}; "
-                    f"stopping process {self.index} too",
-                    EXIT_PEER_LOST,
-                )
-            if (dead := sorted(set(everyone) - set(live))) and not self.stopped.is_set():
-                names = ", ".join(map(str, dead))
-                _leave(
-                    client,
-                    f"error: process {names} of {self.count} stopped (no heartbeat for "
-                    f"{self.heartbeat_timeout_s} s); stopping process {self.index} too",
-                    EXIT_PEER_LOST,
-                    leaving=self.count - len(dead),
-                )
+            if (ending := self.poll(client)) is not None:
+                line, status, leaving = ending
+                _leave(client, line, status, leaving=leaving)
+
+    def poll(self, client) -> tuple[str, int, int | None] | None:
+        """How this process must end now (`_leave`'s line, status and leaving count), or
+        None while the pod is whole. Liveness is read before the failure key: a process
+        that fails sets the key and then leaves, so one seen gone has set it by then, and
+        its own line and status win over "stopped (no heartbeat)" (read the other way
+        round, a process slowed between the two reads took a peer's SIGTERM for a death)."""
+        everyone = list(range(self.count))
+        try:
+            live = client.get_live_nodes(everyone)
+        except Exception as e:
+            if self.stopped.is_set():
+                return None
+            _exit(
+                f"error: lost the coordinator (process 0 of {self.count}): {first_line(e)}; "
+                f"stopping process {self.index} too",
+                EXIT_PEER_LOST,
+            )
+        try:
+            failure = client.key_value_try_get(_FAILURE_KEY)
+        except Exception:  # not set yet (NOT_FOUND), or the coordinator is gone
+            failure = None
+        if failure:
+            failure = json.loads(failure)
+            if failure.get("stacks"):
+                show_stacks(f"process {self.index} of {self.count} as the run ends")
+            return failure["line"], failure["status"], None
+        if (dead := sorted(set(everyone) - set(live))) and not self.stopped.is_set():
+            names = ", ".join(map(str, dead))
+            return (
+                f"error: process {names} of {self.count} stopped (no heartbeat for "
+                f"{self.heartbeat_timeout_s} s); stopping process {self.index} too",
+                EXIT_PEER_LOST,
+                self.count - len(dead),
+            )
+        return None
 
 
 def first_line(error: BaseException) -> str:
