@@ -285,6 +285,66 @@ def test_ctrl_c_while_run_force_replaces_a_job_leaves_no_half_started_run(cli, i
     assert [j.run_id for j in jobs.status(hosts) if j.state == "running"] == ["stubborn"]
 
 
+def test_a_run_id_of_another_nodes_run_or_run_dir_is_refused_before_anything_is_written(
+    cli, idle_pod, tmp_path, monkeypatch
+):
+    """Launched on another node, or with another run_dir, under a run's id, `run` stored
+    its recipe over the run's: the run's next relaunch (a babysitter's, after a preemption)
+    trained the other recipe, on the run's node, in the other run_dir."""
+    from tpuctl import storage
+    from tpuctl.config import local_user
+    from tpuctl.providers.local import running_gcs_emulator_url
+
+    stored_uri = "gs://tpuctl-local/tpuctl/runs/owned/recipe.yaml"
+    run_dir = tmp_path / "owned"
+    cli.ok(
+        "run", TINY, "--name", idle_pod, "--all-workers", "--run-id", "owned",
+        "--", *FAST, "train.steps=100000", f"run_dir={run_dir}",
+    )  # fmt: skip
+    monkeypatch.setenv("XDG_STATE_HOME", str(cli.root / "state"))
+    with storage.emulated(running_gcs_emulator_url()):
+        stored = storage.read_text(stored_uri)
+    assert f"run_dir: {run_dir}\n" in stored
+    cli.ok("up", "v3-8", "--local", "--name", "other")
+    try:
+        elsewhere = cli(
+            "run", TINY, "--name", "other", "--run-id", "owned",
+            "--", *FAST, f"run_dir={tmp_path / 'other'}",
+        )  # fmt: skip
+        assert elsewhere.returncode == 2, elsewhere.stderr
+        assert elsewhere.stderr == (
+            f"error: --run-id owned is node pod's run (launched by {local_user()}; "
+            f"{stored_uri}), not other's: give this run another --run-id, or relaunch that "
+            "run on its node with --name pod\n"
+        )
+        assert ps_rows(cli, "other")[0][2] == "absent"  # nothing launched there
+    finally:
+        cli("down", "other", "--yes")
+    # --force stops a running job; it does not make another run_dir this run's.
+    another_dir = cli(
+        "run", TINY, "--name", idle_pod, "--all-workers", "--force", "--run-id", "owned",
+        "--", *FAST, f"run_dir={tmp_path / 'another'}",
+    )  # fmt: skip
+    assert another_dir.returncode == 2, another_dir.stderr
+    assert another_dir.stderr == (
+        f"error: --run-id owned is the run in {run_dir} ({stored_uri}) and this recipe's "
+        f"run_dir is {tmp_path / 'another'}: give this run another --run-id, or set "
+        f"run_dir={run_dir} to go on with that run\n"
+    )
+    assert [row[:3] for row in ps_rows(cli, idle_pod)] == [
+        ["w00", "owned", "running"],
+        ["w01", "owned", "running"],
+    ]  # not stopped by that --force
+    with storage.emulated(running_gcs_emulator_url()):
+        assert storage.read_text(stored_uri) == stored
+    # The same run on its node (a babysitter's relaunch, a resume) goes on as before.
+    again = cli(
+        "run", stored_uri, "--name", idle_pod, "--all-workers", "--force", "--run-id", "owned"
+    )
+    assert again.returncode == 0, again.stderr
+    assert "--force: stopped run owned on w00, w01" in again.stderr
+
+
 FAKE_DOCKER = """
 import os, sys
 # docker run as tpuctl calls it: only the variables named by -e reach the container.

@@ -30,3 +30,14 @@ def test_bad_bucket_setting_is_a_one_line_error(bad):
 @pytest.mark.parametrize("good", ["lab-ckpts", "gs://lab_ckpts/", "a" * 63, "runs.lab.example.com"])
 def test_bucket_names_gcs_takes_pass(good):
     assert storage.bucket_name(good) == good.removeprefix("gs://").strip("/")
+
+
+def test_an_upload_only_if_absent_leaves_an_object_that_exists_alone(gcs):
+    """What a run's owner record is written with: of two launches, only one records itself."""
+    from google.api_core.exceptions import PreconditionFailed
+
+    uri = "gs://test-bucket/tpuctl/runs/r1/owner.json"
+    storage.upload_text(uri, "first\n", if_generation_match=0)
+    with pytest.raises(PreconditionFailed):
+        storage.upload_text(uri, "second\n", if_generation_match=0)
+    assert storage.read_text(uri) == "first\n"

@@ -112,15 +112,21 @@ def blob(uri: str) -> Any:
     return _client().bucket(bucket_id).blob(path)
 
 
-def upload_text(uri: str, text: str) -> None:
-    """Write `text` to a gs:// object, creating the bucket only on an emulator."""
+def upload_text(uri: str, text: str, if_generation_match: int | None = None) -> None:
+    """Write `text` to a gs:// object, creating the bucket only on an emulator.
+    `if_generation_match=0` writes only an object that does not exist yet: otherwise
+    google.api_core's PreconditionFailed, for the caller to look at the one that does."""
     from google.api_core import exceptions
 
     bucket_id, path = split_uri(uri)
     client = _client()
     bucket = client.bucket(bucket_id)
     try:
-        bucket.blob(path).upload_from_string(text, content_type="text/yaml")
+        bucket.blob(path).upload_from_string(
+            text, content_type="text/yaml", if_generation_match=if_generation_match
+        )
+    except exceptions.PreconditionFailed:
+        raise
     except exceptions.NotFound:
         if not emulator_url():
             raise TpuctlError(
@@ -129,7 +135,9 @@ def upload_text(uri: str, text: str) -> None:
                 exit_code=1,
             ) from None
         client.create_bucket(bucket_id)
-        bucket.blob(path).upload_from_string(text, content_type="text/yaml")
+        bucket.blob(path).upload_from_string(
+            text, content_type="text/yaml", if_generation_match=if_generation_match
+        )
     except exceptions.Forbidden as err:
         raise TpuctlError(f"no permission to write {uri}: {err.message}", exit_code=1) from None
     except (exceptions.GoogleAPIError, exceptions.RetryError) as err:  # unreachable, 5xx

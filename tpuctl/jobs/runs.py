@@ -1,7 +1,8 @@
 """`tpuctl run`: from a recipe on this machine to the trainer running on every worker.
 
 Steps, each failing with one line before anything is launched: validate the recipe with
-the trainer's own loader, check no job runs, store the resolved recipe in GCS
+the trainer's own loader, check no job runs and that the run id is not another run's
+(tpuctl.jobs.owner), store the resolved recipe in GCS
 (gs://BUCKET/tpuctl/runs/RUN_ID/recipe.yaml, so every worker and any later relaunch read
 the same copy), prepare the workers' environment, then launch detached on all workers.
 """
@@ -20,10 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tpuctl import jobs, storage, workerenv
-from tpuctl.config import worker_platform
+from tpuctl.config import local_user, worker_platform
 from tpuctl.errors import TpuctlError
 from tpuctl.fanout import Host
-from tpuctl.jobs import launches
+from tpuctl.jobs import launches, owner
 from trainer.contract import DONE_PENDING
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ def start_run(
     if not request.force:
         jobs.refuse_if_busy(worker_jobs)
     uri = stored_recipe_uri(settings, node, run_id)
+    owner.claim(uri, run_id, owner.RunOwner(node.name, local_user()), absolute_path(recipe.run_dir))
     storage.upload_text(uri, resolved_recipe_yaml(recipe))
     if run_dir_is_here(recipe.run_dir, node):
         _clear_stale_done(absolute_path(recipe.run_dir), recipe.train.steps, run_id, progress)
