@@ -225,3 +225,46 @@ def test_eval_reads_an_unweighted_eval_set_once_and_says_so(tiny_recipe, tmp_pat
     assert len(set(rows)) == len(rows)
     train._announce_eval_size(recipe, eval_set)
     assert f"eval reads {batches} batches, not eval.batches=1000" in capsys.readouterr().out
+
+
+# An lr so large that the second update makes the parameters NaN: step 2's gradient norm is
+# NaN (its loss, of step 1's finite parameters, is not yet).
+DIVERGING = ["optimizer.lr=1e30", "optimizer.warmup_steps=0", "optimizer.schedule=constant"]
+
+
+@pytest.mark.parametrize(
+    "processes, logging_every",
+    [
+        (1, 4),  # found by the check before a save: step 2 is no logging step
+        (2, 1),  # found where the step's metrics are logged, by every process
+    ],
+)
+def test_a_run_that_diverges_stops_at_once_and_saves_nothing_after_its_last_finite_step(
+    tiny_recipe, tmp_path, processes, logging_every
+):
+    """It trained on with NaN, saving NaN states every interval until `keep` had rotated
+    every finite checkpoint away, and exited 0."""
+    from trainer.checkpoint import load_params
+    from trainer.contract import EXIT_DIVERGED
+
+    run_dir = tmp_path / "run"
+    args = [str(tiny_recipe), f"run_dir={run_dir}", "train.steps=8", "train.batch_size=8",
+            "train.seq_len=64", "train.grad_accum=1", f"logging.every_steps={logging_every}",
+            "eval.every_steps=0", "checkpoint.every_steps=1", "checkpoint.keep=1",
+            *DIVERGING]  # fmt: skip
+    results = wait_all(launch_trainer(args, processes, 8 // processes, tmp_path), timeout=300)
+    line = (
+        "error: grad_norm is nan at step 2: the run diverged; its newest checkpoint, step 1, "
+        "is from before that, and nothing after it was saved: lower optimizer.lr (now 1e+30) "
+        "or raise optimizer.warmup_steps (now 0) and run it again to resume from there"
+    )
+    for code, output in results:
+        assert code == EXIT_DIVERGED, output
+        lines = output.splitlines()
+        assert lines[-1] == line and sum(x.startswith("error:") for x in lines) == 1, output
+        assert "Traceback" not in output and "step 3 " not in output
+    committed = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert committed == ["1"]
+    _, params = load_params(str(run_dir / "checkpoints"))
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(params))
+    assert not (run_dir / "DONE").exists()

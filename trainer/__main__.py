@@ -1,7 +1,9 @@
 """`python -m trainer RECIPE [key=value ...]`: validate the recipe, join the pod, train.
 
 Recipe problems print one `error: ...` line and exit 2 (EXIT_BAD_INPUT); a pod whose processes
-did not all join exits 69 (EXIT_PEER_LOST), with the line naming the missing ones.
+did not all join exits 69 (EXIT_PEER_LOST), with the line naming the missing ones; a run whose
+loss or gradient norm stops being finite exits 65 (EXIT_DIVERGED) with a line naming the step
+and the newest checkpoint, saved before it.
 A process that fails before it joined the pod ends the processes waiting for it at once, and
 after joining, a recipe problem ends every process at once with its line and exit 2, any
 other failure within about a minute (trainer.distributed).

@@ -294,14 +294,24 @@ class Checkpointer:
 
     # -- save --------------------------------------------------------------------------------
 
-    def maybe_save(self, state: Any, step: int | None = None) -> bool:
+    def maybe_save(
+        self,
+        state: Any,
+        step: int | None = None,
+        before_save: Callable[[], None] | None = None,
+    ) -> bool:
         """Save `state` if this step is due; True when the loop should stop (SIGTERM arrived on
         some process, and the state is now committed). Pass the loop's `step` (state.step)
-        to spare reading it from the devices, which would wait for the step to finish."""
+        to spare reading it from the devices, which would wait for the step to finish.
+        `before_save` runs (on every process) only when the state is about to be saved, and
+        may raise to keep it from being saved: the loop's check that the step was finite,
+        which may wait for the step then, since the save waits for it anyway."""
         step = _host_step(state) if step is None else step
         self._stop_if_failed()  # never train on past a save that failed
         stop, time_due = self._agreed_flags()
         if stop or time_due or self._due_by_step(step):
+            if before_save is not None:
+                before_save()
             self.save(state, step)
         if stop:
             self.wait_until_committed()

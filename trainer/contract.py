@@ -12,6 +12,9 @@ EXIT_BAD_INPUT = 2
 # Another process of the pod died, or never joined it (sysexits' EX_UNAVAILABLE): the failure
 # is that process's, and a relaunch may well succeed.
 EXIT_PEER_LOST = 69
+# The loss or gradient norm of a step was not finite (sysexits' EX_DATAERR): the run stopped
+# before saving that step's state, and a relaunch with the same settings diverges again.
+EXIT_DIVERGED = 65
 # A checkpoint could not be written or read (sysexits' EX_IOERR): storage trouble, or a save
 # that hung; a relaunch resumes from the newest checkpoint that committed.
 EXIT_CHECKPOINT_IO = 74

@@ -200,8 +200,8 @@ def failed_before_joining(error: Exception) -> int:
 def failed_after_joining(error: RecipeError | TrainerError | ImportError) -> int:
     """End the run on bad input found once the pod had joined (the data, the tokenizer, a
     checkpoint of another model): every process with this one's `error:` line and
-    EXIT_BAD_INPUT (or the error's own `status`: a checkpoint that storage failed to read), at
-    once. Returning would take jax's coordination service down with process 0, and every
+    EXIT_BAD_INPUT (or the error's own `status`: a checkpoint that storage failed to read, a
+    run that diverged), at once. Returning would take jax's coordination service down with process 0, and every
     process, process 0 too, would exit EXIT_PEER_LOST without the line. A single process
     prints the line and returns the status."""
     status = getattr(error, "status", EXIT_BAD_INPUT)

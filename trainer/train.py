@@ -7,7 +7,9 @@ the whole (accumulated, packed) batch. An objective is a function of (params, ap
 *frozen) -> (loss_sum, sums) where sums holds "count" and the sums of its metrics; `frozen` is
 what it reads but never trains (DPO's reference weights), passed to the jitted step sharded like
 the parameters: swap the objective without touching the loop.
-Nothing forces a host sync per step: metrics are fetched only on logging steps.
+Nothing forces a host sync per step: metrics are fetched only on logging steps, and before a
+save (which waits for the step anyway). There the step's loss and gradient norm must be
+finite: a run that diverged ends with EXIT_DIVERGED before any state of that step is saved.
 """
 
 from __future__ import annotations
@@ -49,10 +51,11 @@ from trainer.config import (
     ObjectiveConfig,
     Recipe,
     RecipeError,
+    TrainerError,
     check_batch_divisible,
     mesh_shape,
 )
-from trainer.contract import DONE_PENDING
+from trainer.contract import DONE_PENDING, EXIT_DIVERGED
 from trainer.mixture import Mixture
 from trainer.model import Decoder, attention_path, backend_platform, count_params, init_params
 from trainer.optim import make_optimizer
@@ -427,7 +430,8 @@ class Feed:
 
 def train(recipe: Recipe) -> int:
     """Run the recipe to completion, resuming from its newest checkpoint; returns the exit status
-    (0, or EXIT_PREEMPTED when SIGTERM stopped it after a committed save). Process 0 holds the
+    (0, or EXIT_PREEMPTED when SIGTERM stopped it after a committed save); raises Diverged
+    (EXIT_DIVERGED) at a step whose loss or gradient norm is not finite. Process 0 holds the
     run directory throughout (trainer.run_lock): a second trainer on it, or one that cannot
     write it (read-only), ends every process of its own pod with one line and status 2,
     before it writes anything there."""
@@ -550,7 +554,9 @@ def train_loop(
 ) -> tuple[int, dict[str, Any], bool]:
     """Train from `step` to the run's last step, logging, evaluating and saving as the
     recipe says: (the step it stopped at, that step's record, whether SIGTERM stopped it
-    after a committed save). The stall watchdog and the profile trace cover this loop."""
+    after a committed save). The stall watchdog and the profile trace cover this loop.
+    Raises Diverged, saving nothing more, at the first checked step (logged, or due to be
+    saved) whose loss or gradient norm is not finite."""
     recipe = run.recipe
     last: dict[str, Any] = {}
     batch = feed.batch(run, step)
@@ -578,6 +584,7 @@ def train_loop(
                     log.write(last)
                     print(metrics.progress_line(last), flush=True)
                 interval_start, interval_steps = time.perf_counter(), 0
+                stop_if_diverged(run, stats, step, checkpointer)
             if _evaluates_at(run, feed, step):
                 result = {"step": step, **evaluate(run, feed.eval, feed.references["eval"])}
                 last.update(result)
@@ -585,13 +592,51 @@ def train_loop(
                     log.write(result)
                     print(metrics.eval_line(result), flush=True)
                 interval_start = time.perf_counter()
-            if checkpointer.maybe_save(run.state, step):  # host step: no wait on the devices
+            # Host step: no wait on the devices, unless a save (which waits for the step
+            # anyway) is due; then first the step's loss must be finite.
+            finite = functools.partial(stop_if_diverged, run, stats, step, checkpointer)
+            if checkpointer.maybe_save(run.state, step, before_save=finite):
                 return step, last, True
             watchdog.progress(f"step {step}")
     finally:
         watchdog.stop()
     trace.at_step(step, run.state, done=True)
     return step, last, False
+
+
+class Diverged(TrainerError):
+    """A step's loss or gradient norm is not finite: the run stops before saving its state."""
+
+    status = EXIT_DIVERGED
+
+
+def stop_if_diverged(run: Run, stats: dict, step: int, checkpointer: Checkpointer) -> None:
+    """Raise Diverged when the loss or gradient norm of `step` (its `stats`, fetched from
+    the devices here unless they are already) is not finite, once the pending save of an
+    earlier step has committed and the checkpointer is closed: no state of this step or
+    after it is saved, so the run's newest checkpoint stays one a finite step made. The
+    stats are the same on every process, so every process raises at the same step."""
+    values = jax.device_get({name: stats[name] for name in ("loss", "grad_norm")})
+    bad = [(name, float(value)) for name, value in values.items() if not math.isfinite(value)]
+    if not bad:
+        return
+    name, value = bad[0]
+    checkpointer.wait_until_committed()
+    newest = checkpointer.latest_step
+    checkpointer.close()
+    optimizer = run.recipe.optimizer
+    advice = (
+        f"lower optimizer.lr (now {optimizer.lr:g}) or raise optimizer.warmup_steps (now "
+        f"{optimizer.warmup_steps})"
+    )
+    if newest is None:
+        raise Diverged(f"{name} is {value} at step {step}: the run diverged, and no checkpoint "
+                       f"was saved before it; {advice} and start it again")  # fmt: skip
+    raise Diverged(
+        f"{name} is {value} at step {step}: the run diverged; its newest checkpoint, step "
+        f"{newest}, is from before that, and nothing after it was saved: {advice} and run it "
+        "again to resume from there"
+    )
 
 
 def _evaluates_at(run: Run, feed: Feed, step: int) -> bool:
