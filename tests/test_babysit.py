@@ -375,6 +375,33 @@ def test_a_recipe_the_trainer_rejects_stops_babysitting_at_once_with_its_line(cl
     assert "running" not in cli("ps", "pod").stdout  # the job stopped everywhere
 
 
+def test_a_run_that_diverges_stops_babysitting_at_once_with_the_trainers_line(cli, tmp_path):
+    """Exit 65: the trainer stopped a run whose gradient norm was NaN, saving nothing after
+    its last finite step; it was relaunched from that checkpoint, to diverge again, up to
+    --max-failures times."""
+    run_dir = tmp_path / "run"
+    diverging = ("optimizer.lr=1e30", "optimizer.warmup_steps=0", "checkpoint.every_steps=1")
+    result = cli(*babysit_args("pod", "diverges", run_dir, overrides=diverging))
+    assert result.returncode == 1, result.stdout + result.stderr
+    (line,) = result.stderr.splitlines()[-1:]
+    assert re.fullmatch(
+        r"error: stopped babysitting run diverges: the trainer on w0[01] stopped the run, which "
+        r"diverged \(exit 65\), before saving a state that is not finite; relaunched with the "
+        r"same settings it diverges again: grad_norm is nan at step 2: the run diverged; its "
+        r"newest checkpoint, step 1, is from before that, .*; lower optimizer.lr in the recipe "
+        r"\(or raise optimizer.warmup_steps\), then `tpuctl run RECIPE --name pod --run-id "
+        r"diverges --all-workers` \(it resumes from the run's checkpoints\) and babysit it "
+        r"again, .*",
+        line,
+    ), result.stderr
+    assert "Traceback" not in result.stderr
+    state = cli.state("diverges")
+    assert (state["launches"], state["failures"]) == (1, 1)
+    assert state["events"][0]["exit_code"] == 65
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    assert "running" not in cli("ps", "pod").stdout
+
+
 # -- the SSH test pod through the fake Cloud TPU API ---------------------------------------
 
 

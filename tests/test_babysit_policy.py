@@ -27,7 +27,7 @@ from tpuctl.babysit_policy import (
 from tpuctl.jobs import WorkerJob
 from tpuctl.ownership import ownership_labels
 from tpuctl.providers.base import Node
-from trainer.contract import EXIT_BAD_INPUT, EXIT_PEER_LOST
+from trainer.contract import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PEER_LOST
 
 NOW = 10_000.0
 RUN = "llama-3.1-8b-20261123"
@@ -295,6 +295,15 @@ ROWS = [
         "the trainer on w01 rejected",
     ),
     (
+        "9: exit 65, a run the trainer stopped as it diverged, stops at once: relaunched, it "
+        "resumes from its newest checkpoint and diverges again",
+        launched(failures=0),
+        look(workers=(job("w00", "exited", EXIT_DIVERGED), job("w01", "exited", EXIT_DIVERGED))),
+        GiveUp,
+        "the trainer on w00 stopped the run, which diverged (exit 65), before saving a state "
+        "that is not finite; relaunched with the same settings it diverges again",
+    ),
+    (
         "9: a pod that did not all join (exit 69, the missing one hung) is relaunched",
         launched(),
         look(workers=(job("w00", "exited", EXIT_PEER_LOST), job("w01"))),
@@ -468,17 +477,20 @@ def test_a_state_from_another_version_loads_and_a_cut_one_is_one_line(tmp_path, 
         load_state(RUN)
 
 
-def test_bad_input_stops_the_job_and_records_the_failure_for_its_worker():
+@pytest.mark.parametrize(
+    "status, kind", [(EXIT_BAD_INPUT, "bad_input"), (EXIT_DIVERGED, "diverged")]
+)
+def test_bad_input_or_divergence_stops_the_job_and_records_the_failure_for_its_worker(status, kind):
     """The job is stopped (its other workers must not hold the TPU), and the failure is
     recorded for the worker whose line the report quotes."""
-    crashed = look(workers=(job("w00", "exited", EXIT_BAD_INPUT), job("w01")))
+    crashed = look(workers=(job("w00", "exited", status), job("w01")))
     action = decide(launched(), crashed, OPTIONS)
-    assert isinstance(action, GiveUp) and action.bad_input and action.stop_job
+    assert isinstance(action, GiveUp) and getattr(action, kind) and action.stop_job
     assert not action.budget
     assert (action.event.kind, action.event.worker, action.event.exit_code) == (
         "failure",
         "w00",
-        EXIT_BAD_INPUT,
+        status,
     )
 
 

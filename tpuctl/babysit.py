@@ -749,15 +749,20 @@ class Babysitter:
         if action.stop_job and hosts:
             with contextlib.suppress(TpuctlError):
                 self._stop_job(hosts)
-        if action.bad_input:
+        if action.bad_input or action.diverged:
             said = _error_line(event.log_tail if event else [])
+            fix = (
+                "fix the recipe"
+                if action.bad_input
+                else "lower optimizer.lr in the recipe (or raise optimizer.warmup_steps)"
+            )
             raise StopBabysitting(
                 f"stopped babysitting run {self.run_id}: {action.reason}"
-                f"{f': {said}' if said else ''}; fix the recipe, then `tpuctl run RECIPE --name "
+                f"{f': {said}' if said else ''}; {fix}, then `tpuctl run RECIPE --name "
                 f"{self.options.node} --run-id {self.run_id} --all-workers` (it resumes from the "
                 "run's checkpoints) and babysit it again, which carries on what you ran (nothing "
                 f"was recreated or relaunched; see {log_path(self.run_id)})",
-                exit_code=2,
+                exit_code=2 if action.bad_input else 1,
             )
         if not action.budget:
             raise StopBabysitting(f"stopped babysitting run {self.run_id}: {action.reason}", 1)

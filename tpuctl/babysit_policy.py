@@ -22,7 +22,7 @@ from typing import Any
 from tpuctl import jobs, ownership
 from tpuctl.fanout.base import AUTH_FAILED
 from tpuctl.providers.base import Node
-from trainer.contract import EXIT_BAD_INPUT, EXIT_PEER_LOST
+from trainer.contract import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PEER_LOST
 
 # Node states that mean the node is gone for good: replace it at once.
 LOST_STATES = frozenset({"PREEMPTED", "TERMINATED", "STOPPED", "HIDDEN"})
@@ -235,6 +235,7 @@ class GiveUp:
     stop_job: bool = False
     budget: bool = False  # a budget ran out (the report says where the log is)
     bad_input: bool = False  # the trainer rejected the run's input: the report quotes its line
+    diverged: bool = False  # the trainer stopped a run that diverged: the report quotes its line
 
 
 Action = Wait | ReplaceNode | Launch | Adopt | Relaunch | Finish | GiveUp
@@ -444,6 +445,13 @@ def _relaunch(
             "which no relaunch can fix"
         )
         return GiveUp(reason, event=event, stop_job=True, bad_input=True)
+    if first.exit_code == EXIT_DIVERGED:  # resumed with the same settings, it diverges again
+        reason = (
+            f"the trainer on {first.label} stopped the run, which diverged (exit "
+            f"{EXIT_DIVERGED}), before saving a state that is not finite; relaunched with the "
+            "same settings it diverges again"
+        )
+        return GiveUp(reason, event=event, stop_job=True, diverged=True)
     return _failure(state, options, event)
 
 
