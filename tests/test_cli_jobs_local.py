@@ -242,6 +242,25 @@ def test_a_crashing_worker_shows_in_ps_and_logs(cli, idle_pod, tmp_path):
     assert live_processes("tpuctl/runs/crash/recipe.yaml") == []
 
 
+def test_logs_of_a_run_no_worker_has_is_one_error_line_tailing_or_not(cli, idle_pod):
+    """Each worker printed "no tpuctl run ID on this worker" (32 lines on a v3-256) before
+    the error; `--tail` printed them and exited 0, as if it had followed a run to its end."""
+    from tpuctl import jobs
+
+    for tail in ([], ["--tail"]):
+        missing = cli("logs", idle_pod, "--run-id", "nosuch", *tail)
+        assert (missing.returncode, missing.stdout) == (1, ""), missing
+        assert missing.stderr == "error: no run nosuch on these workers\n"
+    # A run on worker 0 alone (w01 recreated since, say): its log, and one line for w01.
+    first = worker_hosts(cli, idle_pod)[:1]
+    jobs.launch(first, jobs.JobSpec("half", ["sh", "-c", "echo hello"]))
+    wait_for(lambda: jobs.status(first, "half")[0].state == "exited", timeout=60)
+    for tail in ([], ["--tail"]):
+        half = cli("logs", idle_pod, "--run-id", "half", *tail)
+        assert (half.returncode, half.stdout) == (0, "w00 | hello\n"), half
+        assert half.stderr == "no run half on w01\n"
+
+
 def test_run_force_says_which_run_it_stopped_on_which_workers(cli, idle_pod, tmp_path):
     """It stopped the running job without a word: nothing said that run `old` had ended,
     nor whether it had had to be SIGKILLed before it could save."""

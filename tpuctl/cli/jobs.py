@@ -19,7 +19,7 @@ from tpuctl.errors import TpuctlError
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
-    from tpuctl.fanout import Host
+    from tpuctl.fanout import Host, HostResult
     from tpuctl.providers.base import Node
 
 NODE_ARGUMENT = typer.Argument(None, help="Node name (default: config `node`, or the only node).")
@@ -70,7 +70,7 @@ def _follow(
     from tpuctl.fanout import Interrupted
 
     try:
-        jobs.logs(
+        results = jobs.logs(
             hosts,
             run_id=run_id,
             lines=lines,
@@ -85,6 +85,7 @@ def _follow(
             "`tpuctl kill` to stop it)"
         )
         raise typer.Exit(130) from None
+    _report_missing_logs(results, run_id)
 
 
 @app.command()
@@ -208,14 +209,21 @@ def logs(
     results = jobs.logs(
         hosts, run_id=run_id, lines=lines, all_lines=all_lines, raw=raw, on_line=_print_line
     )
-    failed = [r for r in results if not r.ok]
-    if (
-        failed
-        and all(r.exit_code == jobs.NO_RUN_EXIT for r in failed)
-        and len(failed) == len(results)
-    ):
-        raise TpuctlError(f"no run{f' {run_id}' if run_id else ''} on these workers", 1)
-    unreachable = [r for r in failed if r.exit_code != jobs.NO_RUN_EXIT]
+    _report_missing_logs(results, run_id)
+
+
+def _report_missing_logs(results: list[HostResult], run_id: str | None) -> None:
+    """One line for the workers that have no such run (an error when none has it), and an
+    error naming the workers whose log could not be read."""
+    from tpuctl import jobs
+
+    run = f"run{f' {run_id}' if run_id else ''}"
+    missing = [r.host.label for r in results if r.exit_code == jobs.NO_RUN_EXIT]
+    if results and len(missing) == len(results):
+        raise TpuctlError(f"no {run} on these workers", 1)
+    if missing:
+        err_console.print(f"no {run} on {', '.join(missing)}", markup=False)
+    unreachable = [r for r in results if not r.ok and r.exit_code != jobs.NO_RUN_EXIT]
     if unreachable:
         details = "; ".join(f"{r.host.label}: {r.error or r.stderr.strip()}" for r in unreachable)
         raise TpuctlError(f"could not read the log on {len(unreachable)} worker(s): {details}", 1)

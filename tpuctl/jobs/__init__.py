@@ -174,9 +174,8 @@ echo "last=$(tail -n "$status_tail" "$run_dir/log" 2>/dev/null | grep -avE "$noi
 
 _LOGS = r"""
 [ -n "$run_id" ] || run_id=$(current_run)
-if [ -z "$run_id" ] || [ ! -d "$jobs_dir/$run_id" ]; then
-  echo "no tpuctl run${run_id:+ $run_id} on this worker" >&2; exit 3
-fi
+# Silent: `tpuctl logs` says it once for the workers that answered so, not once per worker.
+[ -n "$run_id" ] && [ -d "$jobs_dir/$run_id" ] || exit 3
 log="$jobs_dir/$run_id/log"
 quiet() { if [ "$raw" = 1 ]; then cat; else grep --line-buffered -avE "$noise_line"; fi; }
 only_errors() {
