@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from tpuctl.babysit_policy import (
-    CLEAN_STOP_EXIT,
+    EXIT_PREEMPTED,
     Adopt,
     BabysitOptions,
     BabysitState,
@@ -271,7 +271,7 @@ ROWS = [
     (
         "8: exit 75 on a READY node is a clean stop to relaunch",
         launched(failures=3),
-        look(workers=(job("w00", "exited", CLEAN_STOP_EXIT), job("w01", "exited", 75))),
+        look(workers=(job("w00", "exited", EXIT_PREEMPTED), job("w01", "exited", 75))),
         Relaunch,
         "job stopped after saving (SIGTERM)",
     ),
@@ -495,9 +495,9 @@ def test_bad_input_or_divergence_stops_the_job_and_records_the_failure_for_its_w
 
 
 def test_clean_stop_exit_is_the_trainers():
-    from trainer.preemption import EXIT_PREEMPTED
+    from trainer.contract import EXIT_PREEMPTED
 
-    assert CLEAN_STOP_EXIT == EXIT_PREEMPTED
+    assert EXIT_PREEMPTED == EXIT_PREEMPTED
 
 
 def test_a_token_cache_build_record_is_progress_without_a_step():
@@ -524,7 +524,7 @@ def test_a_finished_saved_state_is_taken_up_unfinished_and_done_decides_again():
 def test_a_job_the_user_stopped_with_tpuctl_kill_ends_babysitting_and_a_new_one_carries_on():
     """The kill's exit 75 was a clean stop, relaunched behind the user's back."""
     killed = tuple(
-        dataclasses.replace(j, state="exited", exit_code=CLEAN_STOP_EXIT, stopped_by_tpuctl=True)
+        dataclasses.replace(j, state="exited", exit_code=EXIT_PREEMPTED, stopped_by_tpuctl=True)
         for j in RUNNING
     )
     watching, _ = note(launched(), look(), "alice")

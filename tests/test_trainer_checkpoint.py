@@ -62,7 +62,7 @@ def _work(mode: str, directory: str, options: dict) -> int:
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from trainer import preemption
+    from trainer import contract, preemption
     from trainer.checkpoint import Checkpointer
 
     @flax.struct.dataclass
@@ -118,7 +118,7 @@ def _work(mode: str, directory: str, options: dict) -> int:
             if checkpointer.maybe_save(make_state(step)):
                 checkpointer.close()
                 print(json.dumps({**report, "stopped_at": step}), flush=True)
-                return preemption.EXIT_PREEMPTED
+                return contract.EXIT_PREEMPTED
     elif mode == "hang":
         checkpointer.save(make_state(1))
         checkpointer.wait_until_committed()
@@ -315,7 +315,7 @@ def _wait_until_all_train(tmp_path) -> None:
 
 def test_sigterm_on_one_process_saves_current_step_on_all_and_exits_preempted(tmp_path):
     from trainer.checkpoint import Checkpointer
-    from trainer.preemption import EXIT_PREEMPTED
+    from trainer.contract import EXIT_PREEMPTED
 
     workers = _spawn_until_sigterm(tmp_path)
     _wait_until_all_train(tmp_path)
@@ -332,7 +332,7 @@ def test_sigterm_while_one_process_is_still_starting_up_stops_every_process_at_o
     """A SIGTERM after joining the pod and before training (loading weights, tokenizing,
     compiling) ends every process at once: there is nothing new to save. jax's preemption
     notifier used to swallow it, and the run trained on (this test then timed out)."""
-    from trainer.preemption import EXIT_PREEMPTED
+    from trainer.contract import EXIT_PREEMPTED
 
     workers = _spawn_until_sigterm(tmp_path, sigterm_before_checkpointer=2)
     assert _finish(workers, expect_rc=EXIT_PREEMPTED) == [None] * PROCESSES  # none trained

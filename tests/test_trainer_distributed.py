@@ -118,12 +118,12 @@ def test_a_process_that_fails_and_leaves_while_another_looks_is_not_taken_for_de
 _CRASH_WHILE_STOPPING = """
 import os, signal, time
 import jax._src.distributed  # what crash() reads: imported now, so it answers at once
-from trainer import distributed, preemption
+from trainer import contract, distributed, preemption
 
 def slow_stop():
     time.sleep(2)  # a stop that takes its time (process 0 waits for the others' acks)
     print("stopped on SIGTERM", flush=True)
-    os._exit(preemption.EXIT_PREEMPTED)
+    os._exit(contract.EXIT_PREEMPTED)
 
 preemption.watch()
 preemption.while_starting(slow_stop)

@@ -19,13 +19,13 @@ import pytest
 
 from tests.polling import wait_for
 from trainer import preemption
-from trainer.preemption import EXIT_PREEMPTED
+from trainer.contract import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _child(body: str) -> subprocess.CompletedProcess:
-    prelude = "import os, signal, sys, threading\nfrom trainer import preemption\n"
+    prelude = "import os, signal, sys, threading\nfrom trainer import contract, preemption\n"
     return subprocess.run(
         [sys.executable, "-c", prelude + body],
         cwd=ROOT,
@@ -50,7 +50,7 @@ print("not reached", flush=True)
 
 
 def test_a_sigterm_while_starting_calls_stop_and_one_after_started_does_not():
-    stop = "lambda: (print('stopped', flush=True), os._exit(preemption.EXIT_PREEMPTED))"
+    stop = "lambda: (print('stopped', flush=True), os._exit(contract.EXIT_PREEMPTED))"
     starting = _child(f"""
 preemption.watch()
 preemption.while_starting({stop})
@@ -73,7 +73,7 @@ def test_a_sigterm_before_while_starting_still_stops_the_start_up():
     child = _child("""
 preemption.watch()
 os.kill(os.getpid(), signal.SIGTERM)
-preemption.while_starting(lambda: os._exit(preemption.EXIT_PREEMPTED))
+preemption.while_starting(lambda: os._exit(contract.EXIT_PREEMPTED))
 threading.Event().wait(50)
 """)
     assert child.returncode == EXIT_PREEMPTED, child.stderr

@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 
 from trainer import io
-from trainer.contract import EXIT_CHECKPOINT_IO
-from trainer.preemption import EXIT_PREEMPTED
+from trainer.contract import EXIT_CHECKPOINT_IO, EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tiny.yaml"

@@ -10,7 +10,8 @@ import pytest
 from polling import wait_for
 
 from tests.fixtures_trainer import TINY_RECIPE, launch_trainer, wait_all
-from trainer.watchdog import EXIT_STALLED, Watchdog, stalled
+from trainer.contract import EXIT_STALLED
+from trainer.watchdog import Watchdog, stalled
 
 
 @pytest.mark.parametrize(

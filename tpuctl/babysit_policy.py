@@ -22,13 +22,10 @@ from typing import Any
 from tpuctl import jobs, ownership
 from tpuctl.fanout.base import AUTH_FAILED
 from tpuctl.providers.base import Node
-from trainer.contract import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PEER_LOST
+from trainer.contract import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PEER_LOST, EXIT_PREEMPTED
 
 # Node states that mean the node is gone for good: replace it at once.
 LOST_STATES = frozenset({"PREEMPTED", "TERMINATED", "STOPPED", "HIDDEN"})
-# The trainer's exit status after SIGTERM once its checkpoint has committed (a maintenance
-# event, a preemption notice): a clean stop to relaunch, not a failure (trainer.checkpoint).
-CLEAN_STOP_EXIT = 75
 MAX_EVENTS = 100  # events kept in the state file; counts are kept separately
 # What an SSH login refused looks like in a worker's error (tpuctl.fanout.ssh).
 _ACCESS_REFUSED = (AUTH_FAILED, "host key of")
@@ -430,7 +427,7 @@ def _relaunch(
         code = "no exit status" if worker.exit_code is None else f"exit {worker.exit_code}"
         parts.append(f"{worker.label} {worker.state} ({code})")
     first = _culprit(ended)
-    if all(w.exit_code == CLEAN_STOP_EXIT for w in ended):
+    if all(w.exit_code == EXIT_PREEMPTED for w in ended):
         cause = "job stopped after saving (SIGTERM): " + ", ".join(parts)
         event = Event("stop", cause, obs.now, state.step, worker=first.label, exit_code=75)
         over = _over_budget(state, options, "stop")

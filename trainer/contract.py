@@ -15,9 +15,16 @@ EXIT_PEER_LOST = 69
 # The loss or gradient norm of a step was not finite (sysexits' EX_DATAERR): the run stopped
 # before saving that step's state, and a relaunch with the same settings diverges again.
 EXIT_DIVERGED = 65
+# The training loop made no progress for train.stall_timeout_s (sysexits' EX_SOFTWARE): every
+# process showed its threads' stacks; a relaunch resumes from the newest checkpoint.
+EXIT_STALLED = 70
 # A checkpoint could not be written or read (sysexits' EX_IOERR): storage trouble, or a save
 # that hung; a relaunch resumes from the newest checkpoint that committed.
 EXIT_CHECKPOINT_IO = 74
+# Stopped on SIGTERM (a preemption notice, `tpuctl kill`) with nothing lost: its checkpoint
+# committed, or it had not trained yet (sysexits' EX_TEMPFAIL). A clean stop to resume, not a
+# failure.
+EXIT_PREEMPTED = 75
 
 # A key of the DONE record (`{run_dir}/DONE`) that `tpuctl run` adds, with the new launch's run
 # id as its value, when it launches a finished run again without knowing whether that launch

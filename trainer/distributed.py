@@ -33,7 +33,7 @@ from typing import NoReturn
 
 from trainer import preemption, rendezvous
 from trainer.config import MESH_AXES, MeshConfig, RecipeError, TrainerError
-from trainer.contract import EXIT_BAD_INPUT, EXIT_PEER_LOST
+from trainer.contract import EXIT_BAD_INPUT, EXIT_PEER_LOST, EXIT_PREEMPTED
 
 DEFAULT_TIMEOUT_S = 900
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
@@ -244,7 +244,7 @@ def stop_while_starting() -> NoReturn:
         where = f" (process {jax.process_index()} of {jax.process_count()})"
     fail_everywhere(
         f"stopped on SIGTERM while starting up{where}: before training, nothing new to save",
-        preemption.EXIT_PREEMPTED,
+        EXIT_PREEMPTED,
         prefix="trainer",
     )
 

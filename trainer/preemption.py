@@ -20,9 +20,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-# sysexits' EX_TEMPFAIL: "stopped on SIGTERM, resume me", told apart from a crash by tpuctl.
-EXIT_PREEMPTED = 75
-
 _received = threading.Event()
 _starting_lock = threading.Lock()
 _starting = False

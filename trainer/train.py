@@ -55,14 +55,13 @@ from trainer.config import (
     check_batch_divisible,
     mesh_shape,
 )
-from trainer.contract import DONE_PENDING, EXIT_DIVERGED
+from trainer.contract import DONE_PENDING, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_STALLED
 from trainer.mixture import Mixture
 from trainer.model import Decoder, attention_path, backend_platform, count_params, init_params
 from trainer.optim import make_optimizer
-from trainer.preemption import EXIT_PREEMPTED
 from trainer.tokenizer import load_tokenizer
 from trainer.tracing import StepTrace
-from trainer.watchdog import EXIT_STALLED, Watchdog
+from trainer.watchdog import Watchdog
 
 
 @flax.struct.dataclass

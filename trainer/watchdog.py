@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable
 
-EXIT_STALLED = 70  # sysexits' EX_SOFTWARE
 MAX_POLL_S = 5.0
 
 

@@ -157,15 +157,15 @@ def run(
 
 def _report_end(hosts: list[Host], run_id: str, summary: dict | None, run_dir: str) -> None:
     from tpuctl import jobs
-    from tpuctl.babysit_policy import CLEAN_STOP_EXIT  # the trainer's, after a SIGTERM
+    from trainer.contract import EXIT_PREEMPTED  # the trainer's, after a SIGTERM
 
     final = jobs.status(hosts, run_id)
     failed = [j for j in final if j.exit_code != 0]
-    if failed and all(j.exit_code == CLEAN_STOP_EXIT for j in failed):
+    if failed and all(j.exit_code == EXIT_PREEMPTED for j in failed):
         labels = ", ".join(j.label for j in failed)
         raise TpuctlError(
             f"run {run_id} stopped on SIGTERM (`tpuctl kill`, or a preemption) with its steps "
-            f"saved: exit {CLEAN_STOP_EXIT} on {labels}; run it again with the same run_dir to resume",
+            f"saved: exit {EXIT_PREEMPTED} on {labels}; run it again with the same run_dir to resume",
             1,
         )
     if failed:
