@@ -398,3 +398,52 @@ def test_a_chat_fine_tune_of_a_llama3_base_exports_its_stop_tokens_and_generatio
             prompt, max_new_tokens=8, do_sample=False, sequence_bias={(eot,): 100.0}
         )
     assert generated[0, prompt.shape[1] :].tolist() == [eot]
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "It is 4."},
+    {"role": "user", "content": "And 2 + 3?"},
+    {"role": "assistant", "content": "5"},
+]
+
+
+@pytest.mark.parametrize(
+    "own, chosen",
+    [(None, None), ("llama3", "chatml"), ("llama3", "tulu"), ("chatml", None)],
+    ids=["no-template-so-tulu", "another-named", "tulu-named", "its-own"],
+)
+def test_a_chat_run_exports_the_chat_template_it_trained_on(hf_model_dir, tmp_path, own, chosen):
+    """The export's apply_chat_template renders what the run trained on: a conversation as
+    its tokens, and the prompt before the last reply as the tokens before it. The export used
+    to carry the source tokenizer's template only: a base model's (none, so the run trained
+    tulu) failed to render, and one other than data.chat_template's rendered another format."""
+    from transformers import AutoTokenizer
+
+    from trainer import chat, generation
+    from trainer.config import load_recipe
+    from trainer.export import export
+    from trainer.tokenizer import load_tokenizer
+
+    template = chat.JINJA_TEMPLATES[own] if own else None
+    source = train_tokenizer(tmp_path / "tok", "bpe", chat_template=template)
+    overrides = [f"run_dir={tmp_path / 'run'}", f"tokenizer.path={source}"]
+    recipe = load_recipe(TINY_SFT, overrides + [f"data.chat_template={chosen}"] * bool(chosen))
+    model_cfg, params = _import(hf_model_dir)
+    recorded = generation.record(recipe)
+    save_run(str(tmp_path / "run"), model_cfg, params, tokenizer=str(source), generation=recorded)
+    export(str(tmp_path / "run"), str(tmp_path / "out"))
+
+    tok = load_tokenizer(recipe.tokenizer)
+    ids, flags = chat.tokenize_chat(
+        {"messages": CONVERSATION}, tok, chat.template_source(recipe.data.chat_template, tok)
+    )
+    reply_end = len(flags) - flags[::-1].index(1)
+    last_reply = reply_end - flags[:reply_end][::-1].index(0)  # the final reply's first token
+    served = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert served.apply_chat_template(CONVERSATION, tokenize=False) == tok.decode(ids)
+    prompt = served.apply_chat_template(
+        CONVERSATION[:-1], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == tok.decode(ids[:last_reply])

@@ -212,6 +212,22 @@ def _compile(template: str):
         raise RecipeError(f"data.chat_template: not a valid Jinja template ({e})") from e
 
 
+def tulu_template(tok: Tokenizer) -> str:
+    """A Jinja template that renders a conversation as the text `_tokenize_tulu` trains on
+    (BOS and EOS as the recipe adds them), with `<|assistant|>\\n` as its generation prompt: what
+    an export of a tulu run gives `apply_chat_template`."""
+    start = "{{ bos_token }}" if bos(tok) else ""
+    reply_end = "{{ eos_token }}" if eos(tok) else ""
+    return (
+        start + "{% for message in messages %}"
+        "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('unknown role ' + message['role'] + '; use system, user or assistant') }}"
+        "{% endif %}{{ '<|' + message['role'] + '|>\\n' }}{{ message['content'] or '' }}"
+        "{% if message['role'] == 'assistant' %}" + reply_end + "{% else %}{{ '\\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    )
+
+
 def _tokenize_tulu(
     messages: list[dict], tok: Tokenizer, last_turn_only: bool = False
 ) -> tuple[list[int], list[int]]:

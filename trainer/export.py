@@ -1,8 +1,9 @@
 """`python -m trainer.export RUN_DIR OUT_DIR [--step N]`: a checkpoint as a Hugging Face
 directory of its family (config.json with its model_type and architectures,
 generation_config.json with the run's stop tokens (trainer.generation), safetensors shards
-with its tensor names, the tokenizer's files) that `AutoModelForCausalLM.from_pretrained` loads;
-a reward model's (a `score` head) as its *ForSequenceClassification with one label.
+with its tensor names, the tokenizer's files with the chat template the run trained on) that
+`AutoModelForCausalLM.from_pretrained` loads; a reward model's (a `score` head) as its
+*ForSequenceClassification with one label.
 
 RUN_DIR and OUT_DIR may be local or gs://. Only the parameters are read, on this host's CPU,
 whatever mesh saved them. Errors print one `error: ...` line and exit 2.
@@ -25,6 +26,7 @@ from trainer import generation, io
 from trainer.config import ModelConfig, RecipeError, TrainerError
 from trainer.hf import GENERATION_CONFIG
 from trainer.tokenizer import (
+    CHAT_TEMPLATE_FILE,
     CONFIG_FILES,
     SENTENCEPIECE_MODEL,
     TOKENIZER_CONFIG,
@@ -70,11 +72,12 @@ def write_hf_dir(
     tokenizer_path: str | None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     generation_config: dict | None = None,
+    chat_template: str | None = None,
 ) -> list[str]:
     """Write config.json, generation_config.json (when given), safetensors shards (+ index
     when more than one) and the files of the tokenizer at `tokenizer_path` into a local
-    directory; returns the file names written. The
-    tokenizer's model file is written under the name transformers looks for
+    directory, with `chat_template` (when given) as the tokenizer's; returns the file names
+    written. The tokenizer's model file is written under the name transformers looks for
     (tokenizer.json or tokenizer.model), whatever it was called."""
     from safetensors.numpy import save_file
 
@@ -113,7 +116,24 @@ def write_hf_dir(
     if SENTENCEPIECE_MODEL in written and TOKENIZER_CONFIG not in written:
         _write_json(os.path.join(out_dir, TOKENIZER_CONFIG), _sentencepiece_config(tokenizer_path))
         written.append(TOKENIZER_CONFIG)
+    if chat_template is not None:
+        _write_chat_template(out_dir, chat_template, written)
     return written
+
+
+def _write_chat_template(out_dir: str, template: str, written: list[str]) -> None:
+    """Make `template` the exported tokenizer's chat template: chat_template.jinja (where
+    transformers 5 reads it first) and, in a tokenizer_config.json, its `chat_template` (where
+    transformers 4 reads it), so that no reader finds the template the source came with."""
+    with open(os.path.join(out_dir, CHAT_TEMPLATE_FILE), "w") as f:
+        f.write(template)
+    if CHAT_TEMPLATE_FILE not in written:
+        written.append(CHAT_TEMPLATE_FILE)
+    if TOKENIZER_CONFIG in written:
+        path = os.path.join(out_dir, TOKENIZER_CONFIG)
+        with open(path) as f:
+            config = json.load(f)
+        _write_json(path, config | {"chat_template": template})
 
 
 def _sentencepiece_config(tokenizer_path: str) -> dict:
@@ -183,7 +203,13 @@ def export(
     near = None if io.is_gcs(out_dir) else out_dir
     with tempfile.TemporaryDirectory(prefix=".export-", dir=near) as staging:
         written = write_hf_dir(
-            staging, tensors, hf_config, tokenizer_path, max_shard_bytes, generation_config
+            staging,
+            tensors,
+            hf_config,
+            tokenizer_path,
+            max_shard_bytes,
+            generation_config,
+            recorded.get("chat_template"),
         )
         replace_export(staging, out_dir, written)
     return step

@@ -4,7 +4,9 @@ transformers' `generate()` starts from a model directory's generation_config.jso
 at its `eos_token_id`, an id or a list of ids (Llama 3.1's stops at <|end_of_text|>,
 <|eom_id|> and <|eot_id|>). A model fine-tuned from a Hugging Face one keeps that one's
 generation settings, and a chat model must also stop where its template ends an assistant
-turn: Llama 3's <|eot_id|>, which a base model's EOS is not.
+turn: Llama 3's <|eot_id|>, which a base model's EOS is not. A chat model is served with
+the chat template it was trained on, which the tokenizer it started from may not carry
+(a base model's has none; `data.chat_template` may name another).
 
 The trainer records these at the start of a run (`record`), with the model, in the run's
 `checkpoints/model.json`, rather than where they came from: by export time model.init_from
@@ -24,8 +26,9 @@ StopIds = int | list[int]
 def record(recipe: Recipe) -> dict[str, Any]:
     """What the export needs of `recipe`'s generation settings: model.init_from's
     generation_config.json ("config") and config.json eos_token_id ("eos_token_id"), and
-    with chat data the id of the token that ends an assistant turn ("end_of_turn_id"); each
-    only where there is one."""
+    with chat data the id of the token that ends an assistant turn ("end_of_turn_id") and,
+    where it is not the tokenizer's own, the Jinja chat template the run rendered its
+    conversations with ("chat_template": tulu's as one); each only where there is one."""
     from trainer import chat
     from trainer.hf import generation_source
     from trainer.tokenizer import load_tokenizer
@@ -33,8 +36,12 @@ def record(recipe: Recipe) -> dict[str, Any]:
     found = generation_source(recipe.model.init_from) if recipe.model.init_from else {}
     if recipe.data.format == "chat":
         tok = load_tokenizer(recipe.tokenizer)
-        eot = chat.end_of_turn_id(chat.template_source(recipe.data.chat_template, tok), tok)
+        template = chat.template_source(recipe.data.chat_template, tok)
+        eot = chat.end_of_turn_id(template, tok)
         found |= {"end_of_turn_id": eot} if eot is not None else {}
+        trained = template if template is not None else chat.tulu_template(tok)
+        if trained != tok.chat_template:  # the export serves what the run trained on
+            found["chat_template"] = trained
     return found
 
 
