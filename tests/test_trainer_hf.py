@@ -225,3 +225,24 @@ def test_fine_tune_each_family_on_chat_data_then_export(family, tmp_path):
     losses = [r["loss"] for r in records if "loss" in r]  # step records only
     assert len(losses) == 8 and losses[-1] < losses[0], losses
     assert_export_matches(run, tmp_path / "out", source)
+
+
+def test_a_tokenizer_past_the_init_from_models_embeddings_is_one_line_naming_both(tmp_path):
+    """model.init_from's config.json sets vocab_size whatever the recipe says, and the trainer
+    does not resize embeddings: the error used to say to raise model.vocab_size, which changed
+    nothing."""
+    from tests.fixtures_hf import train_tokenizer
+
+    source = tmp_path / "hf"
+    hf_model(dataclasses.replace(SHAPES["llama-mha"], vocab_size=96)).save_pretrained(source)
+    tokenizer = train_tokenizer(tmp_path / "tok", "bpe")
+    args = [TINY_SFT, f"run_dir={tmp_path / 'run'}", f"model.init_from={source}",
+            f"tokenizer.path={tokenizer}", "model.vocab_size=1024"]  # fmt: skip
+    ((code, output),) = wait_all(launch_trainer(args, 1, 1, tmp_path), timeout=300)
+    assert code == 2, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in output, output
+    assert errors[0].startswith(f"error: tokenizer.path: {tokenizer} has 401 pieces, more than ")
+    assert (
+        f"the 96 embeddings of model.init_from {source}; use the model's own tokenizer" in errors[0]
+    )

@@ -379,11 +379,19 @@ def load_initial_params(recipe: Recipe) -> tuple[Recipe, Any]:
 
 
 def check_tokenizer(recipe: Recipe) -> None:
+    """Refuse a tokenizer with ids past the model's embeddings."""
     vocab = load_tokenizer(recipe.tokenizer).vocab_size
-    if vocab > recipe.model.vocab_size:
+    if vocab <= recipe.model.vocab_size:
+        return
+    if recipe.model.init_from:  # its config.json sets vocab_size, whatever the recipe says
         raise RecipeError(
-            f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's {vocab} pieces; raise it"
+            f"tokenizer.path: {recipe.tokenizer.path} has {vocab} pieces, more than the "
+            f"{recipe.model.vocab_size} embeddings of model.init_from {recipe.model.init_from}; "
+            "use the model's own tokenizer (the trainer does not resize a checkpoint's embeddings)"
         )
+    raise RecipeError(
+        f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's {vocab} pieces; raise it"
+    )
 
 
 CACHE_PROGRESS_RECORD_S = 60.0
