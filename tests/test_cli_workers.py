@@ -325,6 +325,18 @@ def test_check_is_not_healthy_without_device_information(pod_node):
     assert "w00: no device count: the interpreter printed none" in result.stderr
 
 
+def test_check_json_gives_an_unreachable_worker_every_field_as_null(pod_node):
+    """A worker that never answered had only worker, address and error: a script reading
+    `w["devices"]` off each row, as the README lists them, failed on it."""
+    pod_node.stop_host(3)
+    result = tpuctl("check", "--python", "/bin/true", "--json")
+    assert result.returncode == 1
+    workers = json.loads(result.stdout)["workers"]
+    assert [sorted(w) for w in workers[:3]] == [sorted(workers[3])] * 3
+    assert workers[3]["error"].startswith("unreachable")
+    assert workers[3]["devices"] is None and workers[3]["holders"] is None
+
+
 def test_usage_errors_are_one_line(pod_node):
     no_command = tpuctl("exec")
     assert no_command.returncode == 2 and "put it after --" in no_command.stderr

@@ -450,9 +450,9 @@ def check(
 ) -> None:
     """Health of every worker: its Python and jax versions, does JAX see the devices, do
     all workers agree, is the TPU held by another process, how much disk and memory are free."""
-    from dataclasses import asdict
+    from dataclasses import asdict, fields
 
-    from tpuctl.worker_scripts import check_script, health_verdict, parse_health
+    from tpuctl.worker_scripts import WorkerHealth, check_script, health_verdict, parse_health
 
     target = _target(_settings(zone, project, ssh_user, internal_ip), name, worker, all_workers)
     script = check_script(python) if python else _trainer_check_script(target)
@@ -462,9 +462,12 @@ def check(
     if json_out:
         from tpuctl.cli.output import print_json
 
+        # A worker that gave no answer (unreachable, timed out) has every field too, null
+        # (not an empty `holders`: nobody looked): a script reads the same keys off each row.
+        no_answer = dict.fromkeys(f.name for f in fields(WorkerHealth))
         rows = [
             {"worker": r.host.label, "address": r.host.address, "error": r.error}
-            | (asdict(health[r.host.label]) if r.host.label in health else {})
+            | (asdict(health[r.host.label]) if r.host.label in health else no_answer)
             for r in results
         ]
         print_json({"healthy": not problems, "problems": problems, "workers": rows})
