@@ -224,6 +224,31 @@ def test_config_set_refuses_a_reuse_a_bucket_and_a_type_that_cannot_work(clean_e
     assert run_tpuctl("config", "set", "ssh.reuse", "off").code == 0
 
 
+def test_config_set_refuses_a_zone_project_or_node_that_every_command_refuses(
+    clean_env, run_tpuctl
+):
+    """They were written, and then `up`, `list`, `status`, ... each failed on the file's
+    value until it was edited by hand."""
+    for args, message in [
+        (("zone", "us central1-a"), "error: zone 'us central1-a' is not a Cloud zone name"),
+        (("project", "My Project"), "error: project 'My Project' is not a Cloud project name"),
+        (("node", "My_Node"), "error: node name 'My_Node' is not a valid TPU node id"),
+        (
+            ("accelerators.v3-8.zones", "us-central1-a,europe west4"),
+            "error: zone 'europe west4' is not a Cloud zone name",
+        ),
+        (("accelerators.v3-8.project", "P!"), "error: project 'P!' is not a Cloud project name"),
+    ]:
+        result = run_tpuctl("config", "set", *args)
+        assert result.code == 2 and result.err.startswith(message), result.err
+    assert not config.user_config_path().exists()
+    assert (
+        run_tpuctl("config", "set", "accelerators.v3-8.zones", "us-east1-d,europe-west4-a").code
+        == 0
+    )
+    assert run_tpuctl("config", "set", "node", "").code == 0  # an empty value clears it
+
+
 @pytest.mark.parametrize(
     ("text", "key", "nearest"),
     [

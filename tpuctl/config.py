@@ -263,6 +263,7 @@ def set_user_value(key: str, raw_value: str) -> tuple[Path, Any]:
     }
     if (check := checks.get(key)) is not None:  # before writing: a bad value in the file
         check(Settings(values={key: value}, sources={key: f"tpuctl config set {key}"}))
+    _check_cloud_names(key, value)
     path = user_config_path().resolve()
     private_dir(path.parent)
     # One writer at a time: two `config set` at once must not each drop the other's key.
@@ -279,6 +280,22 @@ def set_user_value(key: str, raw_value: str) -> tuple[Path, Any]:
         node[leaf] = value
         write_private(path, yaml.safe_dump(data, sort_keys=True))
     return path, value
+
+
+def _check_cloud_names(key: str, value: Any) -> None:
+    """Refuse, before `config set` writes it, a zone, project or node name that every later
+    command would refuse (`zone 'us central1'`); an empty value clears the key."""
+    leaf = key.rsplit(".", 1)[-1]
+    if key == "node" and value:
+        from tpuctl.naming import validate_node_name
+
+        validate_node_name(value)
+    elif leaf in ("zone", "zones", "project"):
+        from tpuctl.providers.cloud_tpu import checked_name
+
+        what = "project" if leaf == "project" else "zone"
+        for name in filter(None, value if isinstance(value, list) else [value]):
+            checked_name(what, name, f"nothing written to {key}")
 
 
 def env_override(key: str) -> str | None:

@@ -112,16 +112,19 @@ class Backoff:
 # What the API's resource paths can hold: a value with a '/' or a space would name another
 # resource or fail inside the client with a traceback.
 _NO_ZONE = "no zone: pass --zone, set TPUCTL_ZONE or run `tpuctl config set zone ZONE`"
-_ZONE_RE = re.compile(r"[a-z][a-z0-9-]*[a-z0-9]\Z")
-_PROJECT_RE = re.compile(r"[a-z0-9][a-z0-9.:-]*\Z")
+_NAME_RULES = {  # what: (pattern, example)
+    "zone": (re.compile(r"[a-z][a-z0-9-]*[a-z0-9]\Z"), "us-central1-a"),
+    "project": (re.compile(r"[a-z0-9][a-z0-9.:-]*\Z"), "my-project"),
+}
 
 
-def _checked(what: str, value: str, pattern: re.Pattern[str], example: str) -> str:
+def checked_name(what: str, value: str, fix: str | None = None) -> str:
+    """`value` if it can be a Cloud `what` ("zone" or "project") name; else a TpuctlError
+    that ends with `fix` (default: where a command's value can come from)."""
+    pattern, example = _NAME_RULES[what]
     if not isinstance(value, str) or not pattern.match(value):
-        raise TpuctlError(
-            f"{what} {value!r} is not a Cloud {what} name (e.g. {example}); fix --{what}, "
-            f"TPUCTL_{what.upper()} or the {what} setting"
-        )
+        fix = fix or f"fix --{what}, TPUCTL_{what.upper()} or the {what} setting"
+        raise TpuctlError(f"{what} {value!r} is not a Cloud {what} name (e.g. {example}); {fix}")
     return value
 
 
@@ -133,8 +136,8 @@ class CloudTpuProvider:
 
     def __init__(self, project: str, zone: str | None, clock: Clock | None = None):
         """`zone` None: a provider that lists every zone of the project and nothing else."""
-        self.project = _checked("project", project, _PROJECT_RE, "my-project")
-        self.zone = _checked("zone", zone, _ZONE_RE, "us-central1-a") if zone else None
+        self.project = checked_name("project", project)
+        self.zone = checked_name("zone", zone) if zone else None
         self.clock = clock or Clock()
 
     def at(self, zone: str, project: str | None = None) -> CloudTpuProvider:
