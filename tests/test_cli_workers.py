@@ -169,6 +169,29 @@ def test_ctrl_c_stops_every_remote_command_then_prints_the_summary(pod_node):
     assert not any("sleep 1000" in p for i in range(4) for p in pod_node.processes(i))
 
 
+def test_exec_whose_reader_went_away_stops_the_workers_commands_and_says_why(pod_node):
+    """`tpuctl exec -- ... | head -1`: the write to the closed pipe passed for a lost
+    connection on every worker (`connection lost: [Errno 32] Broken pipe`), and the
+    commands ran on, unseen, after tpuctl had exited."""
+    loop = "echo first; while sleep 0.0517; do echo more; done"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tpuctl", "exec", "--", loop],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline().endswith(" first\n")
+        process.stdout.close()  # as `head -1` exits
+        stderr = process.stderr.read()
+        assert process.wait(timeout=30) == 1
+    finally:
+        process.kill()
+    assert "connection lost" not in stderr
+    assert "stopped because the output's reader went away" in stderr
+    assert not any("sleep 0.0517" in p for i in range(4) for p in pod_node.processes(i))
+
+
 def test_repeated_exec_uses_cached_addresses_without_the_api(pod_node, fake_tpu):
     assert tpuctl("exec", "pod", "--", "true").returncode == 0
     fake_tpu.stop()  # any API call would now fail

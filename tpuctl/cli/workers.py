@@ -181,7 +181,7 @@ def exec_(
     project: str | None = PROJECT_OPTION,
 ) -> None:
     """Run COMMAND (after `--`) on every worker at once: `tpuctl exec -- hostname`."""
-    from tpuctl.fanout import STREAMED_TAIL_BYTES, Interrupted, run
+    from tpuctl.fanout import STREAMED_TAIL_BYTES, Interrupted, StopSignal, run
     from tpuctl.fanout.report import Reporter
 
     command = " ".join(ctx.meta["after_dashdash"])
@@ -189,7 +189,10 @@ def exec_(
         raise TpuctlError("no command: put it after --, e.g. `tpuctl exec -- hostname`")
     variables = parse_env_flags(env)
     target = _target(_settings(zone, project, ssh_user, internal_ip), name, worker, all_workers)
-    reporter = Reporter(target.hosts, stream_lines=not json_out, progress_every=_progress_every())
+    stop = StopSignal()
+    reporter = Reporter(
+        target.hosts, stream_lines=not json_out, progress_every=_progress_every(), stop=stop
+    )
     try:
         with reporter:
             results = _fan_out(
@@ -205,6 +208,7 @@ def exec_(
                 # afterwards, but --json prints every byte.
                 keep_tail=None if json_out else STREAMED_TAIL_BYTES,
                 on_result=reporter.on_result,
+                stop=stop,
             )
     except Interrupted as interrupted:
         results, exit_code = interrupted.results, EXIT_INTERRUPTED

@@ -15,11 +15,12 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
-from tpuctl.fanout.base import Host, HostResult
+from tpuctl.fanout.base import Host, HostResult, StopSignal
 
 PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "bright_cyan", "bright_magenta")
 TAIL_LINES = 5
 WAITING_SHOWN = 8
+READER_GONE = "stopped because the output's reader went away (a `| head` that had enough)"
 
 
 class Reporter:
@@ -36,8 +37,12 @@ class Reporter:
         color: bool | None = None,
         out: TextIO | None = None,
         err: TextIO | None = None,
+        stop: StopSignal | None = None,
     ) -> None:
+        """`stop`: the fan-out's, set when a stream the lines go to is closed."""
         self.hosts = list(hosts)
+        self.stop = stop
+        self._gone: set[int] = set()  # ids of the streams whose reader went away
         self.stream_lines = stream_lines
         self.progress_every = progress_every
         self.out, self.err = out or sys.stdout, err or sys.stderr
@@ -71,9 +76,19 @@ class Reporter:
             return
         target = self.out if stream == "stdout" else self.err
         with self._lock:
+            if id(target) in self._gone:
+                return
             prefix = self._paint(f"[{host.label}]", self._styles.get(host.label), target)
-            target.write(f"{prefix} {line}\n")
-            target.flush()
+            try:
+                target.write(f"{prefix} {line}\n")
+                target.flush()
+            except BrokenPipeError:
+                # `tpuctl exec -- cat LOG | head`: nobody reads the rest, so the workers
+                # stop as after Ctrl-C, rather than run on unseen (or the write's error
+                # passing for a lost connection).
+                self._gone.add(id(target))
+                if self.stop is not None:
+                    self.stop.set(READER_GONE)
 
     def on_result(self, result: HostResult) -> None:
         with self._lock:
