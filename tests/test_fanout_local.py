@@ -157,6 +157,27 @@ def test_reporter_prefixes_lines_and_summarises_failures(tmp_path):
     assert "\x1b[" not in out.getvalue() + err.getvalue()  # not terminals: no colour codes
 
 
+def test_reporter_summarises_32_workers_failing_alike_in_a_few_lines(tmp_path):
+    """Each failing worker had its own `--- last lines` block and its own `(exit N)`:
+    32 workers failing alike were 98 lines, the same 3 repeated."""
+    hosts = local_hosts(tmp_path, 32)
+    reporter = Reporter(hosts, out=io.StringIO(), err=(err := io.StringIO()))
+    command = (
+        'case "$PWD" in *-[0-4]) echo flaky >&2; exit 2;; *-7) exit 0;; esac; '
+        "echo no TPU here >&2; exit 1"
+    )
+    reporter.summary(run(hosts, command, on_line=reporter.on_line))
+    summary = [line for line in err.getvalue().splitlines() if not line.startswith("[w")]
+    assert summary == [
+        "✗ 1/32 workers succeeded",
+        "failed: w00-w04 (exit 2), w05 w06 w08-w31 (exit 1)",
+        "--- last lines of w00-w04 (the same on all 5) ---",
+        "--- last lines of w05 w06 w08-w31 (the same on all 26) ---",
+    ]
+    assert err.getvalue().count("] no TPU here") == 26 + 1  # streamed, then once in the summary
+    assert "[w05 w06 w08-w31] no TPU here" in err.getvalue()
+
+
 def test_reporter_colours_terminal_output_and_names_waiting_workers(tmp_path):
     hosts = local_hosts(tmp_path, 2)
     out, err = io.StringIO(), io.StringIO()

@@ -153,7 +153,10 @@ def summary_lines(results: Sequence[HostResult], interrupted: bool, paint) -> li
     heading = "interrupted: " if interrupted else ""
     lines = [paint(f"✗ {heading}{len(ok)}/{total} workers succeeded", "bold red")]
     if failed:
-        codes = ", ".join(f"{r.host.label} (exit {r.exit_code})" for r in failed)
+        by_code: dict[int | None, list[str]] = {}
+        for result in failed:
+            by_code.setdefault(result.exit_code, []).append(result.host.label)
+        codes = ", ".join(f"{label_runs(labels)} (exit {code})" for code, labels in by_code.items())
         lines.append(paint(f"failed: {codes}", "red"))
     for result in unreachable:
         reason = result.error.split(": ", 1)[-1] if result.error else ""
@@ -165,15 +168,46 @@ def summary_lines(results: Sequence[HostResult], interrupted: bool, paint) -> li
         for result in stopped:
             by_reason.setdefault(str(result.error), []).append(result.host.label)
         for reason, labels in by_reason.items():
-            lines.append(paint(f"{reason}: {' '.join(labels)}", "yellow"))
-    for result in failed:
-        tail = last_lines(result)
-        if tail:
-            lines.append(f"--- last lines of {result.host.label} ---")
-            lines.extend(f"[{result.host.label}] {line}" for line in tail)
-            if note := cut_note(result):
-                lines.append(paint(note, "dim"))
+            lines.append(paint(f"{reason}: {label_runs(labels)}", "yellow"))
+    lines.extend(_last_lines_of(failed, paint))
     return lines
+
+
+def _last_lines_of(failed: list[HostResult], paint) -> list[str]:
+    """Each failing worker's last lines, shown once for all the workers that ended with the
+    same ones: 32 workers failing alike are one block, not 32 copies of it."""
+    groups: dict[tuple[str, ...], list[HostResult]] = {}
+    for result in failed:
+        if tail := last_lines(result):
+            # A cut tail stays its worker's own: its note gives that worker's sizes.
+            key = tuple(tail) if cut_note(result) is None else (result.host.label, *tail)
+            groups.setdefault(key, []).append(result)
+    lines = []
+    for group in groups.values():
+        label = label_runs([r.host.label for r in group])
+        same = f" (the same on all {len(group)})" if len(group) > 1 else ""
+        lines.append(f"--- last lines of {label}{same} ---")
+        lines.extend(f"[{label}] {line}" for line in last_lines(group[0]))
+        if note := cut_note(group[0]):
+            lines.append(paint(note, "dim"))
+    return lines
+
+
+def label_runs(labels: list[str]) -> str:
+    """Worker labels with each run of three or more consecutive workers as a range:
+    `w00-w31`, `w01 w03 w05-w09`."""
+    runs: list[list[tuple[str, int | None]]] = []
+    for label in labels:
+        number = int(label[1:]) if label[:1] == "w" and label[1:].isdigit() else None
+        previous = runs[-1][-1][1] if runs else None
+        if number is not None and previous is not None and number == previous + 1:
+            runs[-1].append((label, number))
+        else:
+            runs.append([(label, number)])
+    return " ".join(
+        f"{run[0][0]}-{run[-1][0]}" if len(run) >= 3 else " ".join(label for label, _ in run)
+        for run in runs
+    )
 
 
 def _shown(result: HostResult) -> tuple[str, str, int]:
