@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -84,15 +82,21 @@ def wait_for(condition, what: str, proc: subprocess.Popen | None = None, timeout
     raise AssertionError(f"{what}: not before the deadline\n{output(proc) if proc else ''}")
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
+def metrics(run_dir: Path | str) -> list[dict]:
+    """The run's metrics records: a local run directory's, or a gs:// one's (in the GCS
+    emulator STORAGE_EMULATOR_HOST names)."""
+    from tpuctl import storage
+
+    if isinstance(run_dir, str):
+        text = storage.read_text(f"{run_dir}/metrics.jsonl") or ""
+    else:
+        path = run_dir / "metrics.jsonl"
+        text = path.read_text() if path.is_file() else ""
     # A line still being written is skipped until it is complete.
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
 
 
-def step_reached(run_dir: Path, step: int, after_record: int = 0):
+def step_reached(run_dir: Path | str, step: int, after_record: int = 0):
     """A condition: a record past the first `after_record` ones logs step >= `step`."""
     return lambda: any(r.get("step", 0) >= step for r in metrics(run_dir)[after_record:])
 
@@ -169,10 +173,15 @@ def assert_same_training(reference: Path, resumed: Path) -> None:
 
 
 def babysit_args(
-    name: str, run_id: str, run_dir: Path, *extra: str, overrides: tuple[str, ...] = ()
+    name: str,
+    run_id: str,
+    run_dir: Path | str,
+    *extra: str,
+    overrides: tuple[str, ...] = (),
+    accelerator_type: str = "v4-16",
 ) -> list[str]:
     return [
-        "babysit", "v4-16", TINY, "--name", name, "--run-id", run_id, "--poll", "0.3",
+        "babysit", accelerator_type, TINY, "--name", name, "--run-id", run_id, "--poll", "0.3",
         "--grace", "5", *compile_cache_env_args(),
         *extra, "--", *OVERRIDES, f"run_dir={run_dir}", *overrides,
     ]  # fmt: skip
@@ -442,14 +451,6 @@ def cloud_cli(fake_tpu, ssh_pod2, pod_key, gcs_for_hosts, tmp_path):
         ssh_pod2.start_host(index)
 
 
-@pytest.fixture
-def shared_dir():
-    """A directory every host sees (their /tmp and /root are private)."""
-    path = Path(tempfile.mkdtemp(prefix="tpuctl-babysit-", dir="/var/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def take_hosts_away(pod) -> None:
     """What a preemption does to the VMs: every process on every host ends. The fake API
     gives the recreated node the same addresses, so the hosts come back."""
@@ -479,9 +480,15 @@ def api_requests(fake_tpu, method: str) -> int:
 
 @pytest.mark.pod
 def test_babysit_on_the_ssh_test_pod_through_vanish_stockouts_outage_preemption_and_crash(
-    cloud_cli, fake_tpu, ssh_pod2, reference, shared_dir, monkeypatch
+    cloud_cli, fake_tpu, ssh_pod2, reference, tmp_path, monkeypatch
 ):
-    cli, run_dir = cloud_cli, shared_dir / "run"
+    """The run directory is in GCS, as babysit requires of a Cloud TPU node's run: the
+    workers' own disks do not outlive a recreated node (it used to be a directory the test
+    pod's hosts share with this machine, as no real pod's do)."""
+    from tpuctl import storage
+
+    cli, run_dir = cloud_cli, "gs://test-bucket/runs/ssh"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", cli.env["STORAGE_EMULATOR_HOST"])
     log = cli.root / "state" / "tpuctl" / "babysit" / "ssh.log"
     proc = cli.start(*babysit_args("pod", "ssh", run_dir, "--spot"))
     wait_for(step_reached(run_dir, 3), "step 3", proc)  # babysit created pod and launched
@@ -519,14 +526,44 @@ def test_babysit_on_the_ssh_test_pod_through_vanish_stockouts_outage_preemption_
     assert api_requests(fake_tpu, "DELETE") == deletes + 1  # only the PREEMPTED node's
     assert fake_tpu.node("pod")["state"] == "READY"  # not deleted when done (no flag)
     # The state and the (released) lease are in GCS too, for a babysitter elsewhere.
-    from tpuctl import storage
-
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", cli.env["STORAGE_EMULATOR_HOST"])
     shared = json.loads(storage.read_text("gs://test-bucket/tpuctl/runs/ssh/babysit.json"))
     assert (shared["preemptions"], shared["failures"], shared["finished"]) == (2, 1, True)
     lease = json.loads(storage.read_text("gs://test-bucket/tpuctl/runs/ssh/babysit.lease"))
     assert lease["released"] and lease["holder"].startswith(f"pid {proc.pid} on ")
-    assert_same_training(reference, run_dir)
+    assert_same_training(reference, storage_copy(run_dir, tmp_path / "run"))
+
+
+@pytest.mark.pod
+def test_with_max_preemptions_0_a_run_dir_on_the_workers_disks_is_read_on_worker_0(
+    cloud_cli, ssh_pod2, tmp_path
+):
+    """A babysitter that never recreates the node (--max-preemptions 0) may watch a run
+    whose run_dir is on the workers' own disks: it reads metrics and DONE on worker 0, not
+    the file of that name on this machine (here another run's finished DONE, which it took
+    for this run's end before the run even started). One host (a v3-8): the checkpoints of
+    several processes need a directory they all see."""
+    cli, run_dir = cloud_cli, tmp_path / "run"  # /tmp: each test pod host has its own
+    run_dir.mkdir()
+    (run_dir / "DONE").write_text('{"step": 999, "final": {"loss": 9.0}, "wall_time_s": 1}\n')
+    args = babysit_args(
+        "pod", "disks", run_dir, "--max-preemptions", "0", overrides=("train.steps=6",),
+        accelerator_type="v3-8",
+    )  # fmt: skip
+    result = cli(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "run disks finished: step 6, final loss " in result.stdout
+    assert "restarts: 0 preemption(s), 0 failure(s), 1 launch(es)" in result.stdout
+    state = cli.state("disks")
+    assert (state["step"], state["final_step"]) == (6, 6)  # worker 0's metrics.jsonl
+    assert sorted(p.name for p in run_dir.iterdir()) == ["DONE"]  # nothing written here
+
+
+def storage_copy(run_dir: str, target: Path) -> Path:
+    """A gs:// run directory copied to `target`, to compare with a local one."""
+    from tpuctl import storage
+
+    storage.download_prefix(run_dir, target)
+    return target
 
 
 def download(client, bucket: str, prefix: str, target: Path) -> Path:
@@ -595,7 +632,7 @@ def test_a_colleagues_preempted_node_of_the_same_name_is_left_alone(fake_tpu, gc
     )  # fmt: skip
     cli = Cli(tmp_path)
     cloud_env(cli, gcs.url)
-    result = cli(*babysit_args("pod", "mine", tmp_path / "run"), timeout=120)
+    result = cli(*babysit_args("pod", "mine", "gs://test-bucket/runs/mine"), timeout=120)
     assert result.returncode == 1, result.stderr
     assert (
         "error: stopped babysitting run mine: node pod is not yours (labels tpuctl-user=bob, "
@@ -603,6 +640,28 @@ def test_a_colleagues_preempted_node_of_the_same_name_is_left_alone(fake_tpu, gc
     ) in result.stderr
     assert [verb for verb, _path in fake_tpu.requests] == ["GET"]  # looked, touched nothing
     assert fake_tpu.node_state("pod") == "PREEMPTED"
+
+
+def test_a_run_dir_on_the_workers_own_disks_is_refused_before_anything_is_done(
+    fake_tpu, gcs, tmp_path
+):
+    """A Cloud TPU node's run with a plain-path run_dir: babysit read a file of that name on
+    this machine (never the run's DONE), and a recreated node's empty disks made the run
+    start over from step 0. It is refused in one line, exit 2, before any TPU API call."""
+    cli = Cli(tmp_path)
+    cloud_env(cli, gcs.url)
+    result = cli(*babysit_args("pod", "disks", Path("/tmp/run")), timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(
+        "error: run_dir /tmp/run is on each worker's own disk: babysit cannot read the run's "
+        "progress or DONE from here, and a node it recreates after a preemption starts with "
+        "empty disks"
+    ), result.stderr
+    assert "`-- run_dir=gs://test-bucket/runs/disks`" in result.stderr
+    assert "--max-preemptions 0" in result.stderr
+    assert fake_tpu.requests == []
+    assert cli.state("disks") == {}
 
 
 @pytest.mark.slow
@@ -621,7 +680,7 @@ def test_of_two_babysitters_started_at_once_exactly_one_acts(fake_tpu, gcs, tmp_
             (tmp_path / f"{machine}-{repetition}").mkdir()
             cli = Cli(tmp_path / f"{machine}-{repetition}")
             cloud_env(cli, gcs.url)
-            node, run_dir = f"pod-{repetition}", tmp_path / run_id
+            node, run_dir = f"pod-{repetition}", f"gs://test-bucket/runs/{run_id}"
             sitters.append((cli, babysit_args(node, run_id, run_dir, "--not-ready-grace", "1h")))
         procs = [cli.start(*args) for cli, args in sitters]
         wait_for(lambda ps=procs: any(p.poll() is not None for p in ps), "one to refuse")
@@ -763,7 +822,7 @@ def test_a_babysitter_whose_lease_was_taken_over_stops_acting_and_says_by_whom(
     from tpuctl.lease import GcsLease
 
     monkeypatch.setenv("TPUCTL_BUCKET", "test-bucket")
-    sitter = sitter_in_process(tmp_path)
+    sitter = sitter_in_process(tmp_path, overrides=["run_dir=gs://test-bucket/r"])
     sitter.claim()
     # Another machine decided the lease had expired (its clock is an hour ahead).
     usurper = GcsLease(sitter.lease.uri, sitter.lease_ttl_s, now=lambda: time.time() + 3600)
@@ -790,7 +849,9 @@ def test_a_ctrl_c_in_a_finaliser_still_stops_the_babysitter_and_frees_its_lease(
         "pod", "v4-16", project="test-project", zone="us-central1-a", state="REPAIRING",
         labels=our_labels("obs"),
     )  # fmt: skip
-    sitter = sitter_in_process(tmp_path, poll_s=0.05, not_ready_grace_s=3600)
+    sitter = sitter_in_process(
+        tmp_path, poll_s=0.05, not_ready_grace_s=3600, overrides=["run_dir=gs://test-bucket/r"]
+    )
     updates = []
 
     def ctrl_c_swallowed_once(_state, _view) -> None:
@@ -896,23 +957,24 @@ def test_an_observation_is_timed_once_the_tpu_api_answered(fake_tpu, tmp_path):
     assert observation.now == len(fake_tpu.requests) > 0
 
 
-def test_a_run_that_finishes_while_it_is_observed_is_seen_finished(fake_tpu, tmp_path, monkeypatch):
+def test_a_run_that_finishes_while_it_is_observed_is_seen_finished(
+    fake_tpu, gcs, tmp_path, monkeypatch
+):
     """Worker 0 writes DONE, then every worker exits 0. Read before the jobs, DONE could be
     missed and the ended jobs then count as a failure (a finished run relaunched, or the
     babysitter exiting 1 once its failure budget was spent)."""
-    from tpuctl import jobs
+    from tpuctl import jobs, storage
     from tpuctl.babysit import MetricsTail
 
     fake_tpu.add_node(
         "pod", "v4-16", project="test-project", zone="us-east1-d", labels=our_labels("obs")
     )
     sitter = sitter_in_process(tmp_path, "accelerators.v4-16.zones", ["us-east1-d"])
-    sitter.state.run_dir = str(tmp_path / "run")
+    sitter.state.run_dir = "gs://test-bucket/runs/obs"
     sitter.metrics = MetricsTail(sitter.state.run_dir)
-    (tmp_path / "run").mkdir()
 
     def the_run_finishes_meanwhile(hosts, run_id):  # the trainer's order: DONE, then exit
-        (tmp_path / "run" / "DONE").write_text('{"step": 8, "final": {"loss": 1.5}}')
+        storage.upload_text("gs://test-bucket/runs/obs/DONE", '{"step": 8, "final": {"loss": 1.5}}')
         return [jobs.WorkerJob(h.label, "exited", run_id=run_id, exit_code=0) for h in hosts]
 
     monkeypatch.setattr(jobs, "status", the_run_finishes_meanwhile)
@@ -960,12 +1022,13 @@ def test_a_key_the_node_refuses_stops_babysitting_and_deletes_nothing(
         "pod", "v4-16", project="test-project", zone="us-central1-a",
         worker_ips=ssh_pod2.hosts[:2], labels=our_labels("elsewhere"),
     )  # fmt: skip
-    saved = BabysitState("elsewhere", "pod", "v4-16", launches=1, run_dir=str(tmp_path / "run"))
+    run_dir = "gs://test-bucket/runs/elsewhere"
+    saved = BabysitState("elsewhere", "pod", "v4-16", launches=1, run_dir=run_dir)
     env = {k: cli.env[k] for k in ("STORAGE_EMULATOR_HOST",)}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("STORAGE_EMULATOR_HOST", env["STORAGE_EMULATOR_HOST"])
         storage.upload_text("gs://test-bucket/tpuctl/runs/elsewhere/babysit.json", saved.to_json())
-    args = babysit_args("pod", "elsewhere", tmp_path / "run", "--not-ready-grace", "1s")
+    args = babysit_args("pod", "elsewhere", run_dir, "--not-ready-grace", "1s")
     result = cli(*args, timeout=180)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "carrying on from saved state: 1 launch(es)" in result.stderr
@@ -989,9 +1052,9 @@ def test_a_key_the_node_refuses_stops_babysitting_and_deletes_nothing(
 @pytest.mark.pod
 @pytest.mark.slow
 def test_after_a_stockout_the_node_in_the_fallback_zone_is_the_only_one_and_runs_once(
-    cloud_cli, fake_tpu, shared_dir
+    cloud_cli, fake_tpu
 ):
-    cli, run_dir = cloud_cli, shared_dir / "run"
+    cli, run_dir = cloud_cli, "gs://test-bucket/runs/fallback"
     config = cli.root / "config" / "tpuctl" / "config.yaml"
     config.write_text(config.read_text() + "accelerators:\n  v4-16:\n    zones: [us-east1-d]\n")
     fake_tpu.fail_queued(1)  # no capacity in us-central1-a: the queued resource ends FAILED

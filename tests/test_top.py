@@ -131,3 +131,35 @@ def test_top_and_profile_read_a_local_pods_gs_run_from_the_local_pods_emulator(
         )
     finally:
         cli.ok("down", "mine", "--yes")
+
+
+@pytest.mark.pod
+def test_top_reads_a_run_dir_on_the_workers_own_disks_on_worker_0(
+    run_tpuctl, fake_tpu, make_ssh_pod, pod_key, tmp_path, monkeypatch
+):
+    """A Cloud TPU node's run with a plain-path run_dir writes it on each worker's own disk:
+    top read this machine's file of that name (here another run's) instead of worker 0's."""
+    from tests.fixtures_pod import pod_hosts
+    from tpuctl.fanout import run
+    from tpuctl.jobs import launches
+
+    pod = make_ssh_pod(1)
+    fake_tpu.add_node("far", "v3-8", project="test-project", zone="us-central1-a",
+                      worker_ips=pod.hosts)  # fmt: skip
+    monkeypatch.setenv("TPUCTL_SSH_KEY", pod_key[0])
+    monkeypatch.setenv("TPUCTL_SSH_USER", "root")
+    run_dir = tmp_path / "run"  # /tmp: the test pod's host has its own
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 99, "loss": 9.0}\n')  # another run's
+    record = '{"step": 7, "loss": 2.5, "tokens_per_s": 10.0}'
+    write = f"mkdir -p {run_dir} && echo '{record}' > {run_dir}/metrics.jsonl"
+    (result,) = run(pod_hosts(pod, pod_key, str(tmp_path / "kh"))[:1], write)
+    assert result.ok, result
+    launches.record(launches.Launch("far", "r1", str(run_dir), 10, 0.0))
+    shown = run_tpuctl("top", "--once", "--json")
+    assert shown.code == 0, shown.err
+    (node,) = json.loads(shown.out)["nodes"]
+    run_ = node["run"]
+    assert (run_["run_id"], run_["step"], run_["loss"], run_["tokens_per_s"]) == (
+        "r1", 7, 2.5, 10.0,
+    )  # fmt: skip

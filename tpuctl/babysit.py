@@ -86,7 +86,8 @@ class View:
 
 
 class MetricsTail:
-    """The records appended to `{run_dir}/metrics.jsonl` since the last poll (local or gs://).
+    """The records appended to `{run_dir}/metrics.jsonl` since the last poll (local, gs://,
+    or on a worker's own disk).
 
     Only the newest record is kept, so memory stays bounded however long the run.
     """
@@ -98,9 +99,10 @@ class MetricsTail:
         self.last_loss: float | None = None
         self.cache_progress = False  # the last poll read a data-cache build record
 
-    def poll(self) -> list[dict[str, Any]]:
+    def poll(self, worker: Host | None = None) -> list[dict[str, Any]]:
+        """The new complete records; `worker`: read the file on that worker's own disk."""
         self.cache_progress = False
-        data = self._read_from(self.offset)
+        data = self._read_from(self.offset, worker)
         if data is None:
             return []
         end = data.rfind(b"\n") + 1  # a line still being written waits for the next poll
@@ -117,16 +119,23 @@ class MetricsTail:
             self.last_loss = records[-1].get("loss")
         return records
 
-    def _read_from(self, offset: int) -> bytes | None:
+    def _read_from(self, offset: int, worker: Host | None) -> bytes | None:
+        from tpuctl.jobs.runs import read_on_worker
+
         # gs:// through google-cloud-storage, a CLI dependency: the trainer's gcsfs may not
         # be installed where babysit runs (`pip install tpuctl` on a laptop).
-        found = storage.read_from(self.path, offset) if "://" in self.path else self._local(offset)
+        if worker is not None:
+            found = read_on_worker(worker, self.path, offset)
+        elif "://" in self.path:
+            found = storage.read_from(self.path, offset)
+        else:
+            found = self._local(offset)
         if found is None:
             return None
         size, data = found
         if size < offset:  # the file was recreated: start over
             self.offset = 0
-            return self._read_from(0)
+            return self._read_from(0, worker)
         return data
 
     def _local(self, offset: int) -> tuple[int, bytes] | None:
@@ -139,11 +148,12 @@ class MetricsTail:
             return None
 
 
-def read_done(run_dir: str) -> dict[str, Any] | None:
-    """The run's DONE record, or None while it is not finished."""
+def read_done(run_dir: str, worker: Host | None = None) -> dict[str, Any] | None:
+    """The run's DONE record, or None while it is not finished; `worker`: read on that
+    worker's own disk."""
     from tpuctl.jobs.runs import run_summary
 
-    return run_summary(run_dir, polling=True)
+    return run_summary(run_dir, polling=True, worker=worker)
 
 
 # -- state files and the lease ---------------------------------------------------------
@@ -392,10 +402,11 @@ class Babysitter:
 
     def claim(self) -> None:
         """Take the run's lock here and its lease in GCS, or raise a TpuctlError naming
-        the babysitter that holds them."""
+        the babysitter that holds them, or the run_dir it cannot babysit."""
         from tpuctl.lease import GcsLease
 
         if not self.lock.holding:
+            self.refuse_a_run_dir_it_would_lose()
             self.lock.acquire()
         if self.remote_dir and self.lease is None:
             lease = GcsLease(f"{self.remote_dir}/{LEASE_FILE}", self.lease_ttl_s)
@@ -431,6 +442,34 @@ class Babysitter:
             if self.lease is not None:
                 self.lease.release()
             self.lock.release()
+
+    def refuse_a_run_dir_it_would_lose(self) -> None:
+        """Before anything is done: refuse a run whose run_dir is on each worker's own disk
+        when babysitting it may mean recreating its node, which starts with empty disks."""
+        saved = load_state(self.run_id, self.remote_dir)
+        run_dir = saved.run_dir if saved and saved.run_dir else self._load_recipe().run_dir
+        self._check_run_dir(run_dir)
+
+    def _check_run_dir(self, run_dir: str) -> None:
+        from tpuctl.babysit_policy import never_recreates
+
+        if self._run_dir_is_here(run_dir) or never_recreates(self.options):
+            return
+        bucket = self.settings.get("bucket") or "BUCKET"
+        raise StopBabysitting(
+            f"run_dir {run_dir} is on each worker's own disk: babysit cannot read the run's "
+            "progress or DONE from here, and a node it recreates after a preemption starts "
+            "with empty disks, so the run would start over from step 0; give the run a gs:// "
+            f"run_dir (`-- run_dir=gs://{bucket}/runs/{self.run_id}`, or `run_dir:` in the "
+            "recipe), or pass --max-preemptions 0 to babysit it without ever recreating its "
+            "node",
+            exit_code=2,
+        )
+
+    def _run_dir_is_here(self, run_dir: str) -> bool:
+        from tpuctl.jobs.runs import run_dir_is_here
+
+        return run_dir_is_here(run_dir, str(self.settings.get("provider", "cloud")))
 
     def _refuse_overrides_it_would_drop(self, saved: BabysitState) -> None:
         """A saved run relaunches from its stored recipe: overrides that would change it
@@ -522,13 +561,15 @@ class Babysitter:
         the babysitter knew, never before it happened."""
         node, api_error = self._look_up_node()
         workers: tuple[jobs.WorkerJob, ...] = ()
+        hosts: list[Host] = []
         if node is not None and node.ready:
-            workers = tuple(jobs.status(self._hosts(node), self.run_id))
+            hosts = self._hosts(node)
+            workers = tuple(jobs.status(hosts, self.run_id))
             if any(w.state != "running" for w in workers):
                 # A preemption kills the jobs before the API says so: look at the node again
                 # before calling a job that ended on a READY node a failure.
                 node, api_error = self._look_up_node()
-        progress, storage_error = self._read_progress()
+        progress, storage_error = self._read_progress(hosts)
         return Observation(
             now=self.clock(),
             node=node,
@@ -538,13 +579,19 @@ class Babysitter:
             storage_error=storage_error,
         )
 
-    def _read_progress(self) -> tuple[Progress, str | None]:
-        """New metrics records and DONE; a GCS read error is a reason to look again."""
+    def _read_progress(self, hosts: list[Host]) -> tuple[Progress, str | None]:
+        """New metrics records and DONE (a run directory on the workers' own disks: worker
+        0's, as long as the node is READY); a read error is a reason to look again."""
+        run_dir, worker = self.state.run_dir, None
+        if run_dir and not self._run_dir_is_here(run_dir):
+            if not hosts:
+                return Progress(), None  # nothing to read it on until the node is READY
+            worker = hosts[0]
         try:
-            records = self.metrics.poll() if self.metrics is not None else []
-            done = read_done(self.state.run_dir) if self.state.run_dir else None
-        except Exception as err:  # GCS trouble (503, timeouts, a dropped connection)
-            return Progress(), f"cannot read {self.state.run_dir}: {type(err).__name__}: {err}"
+            records = self.metrics.poll(worker) if self.metrics is not None else []
+            done = read_done(run_dir, worker) if run_dir else None
+        except Exception as err:  # GCS or SSH trouble (503, timeouts, a dropped connection)
+            return Progress(), f"cannot read {run_dir}: {type(err).__name__}: {err}"
         building = self.metrics is not None and self.metrics.cache_progress
         if not records:
             return Progress(done=done, building_cache=building), None
@@ -665,6 +712,7 @@ class Babysitter:
         # read that copy, as they do after a launch of this babysitter's own.
         stored = None if "://" in self.options.recipe else self._stored_recipe()
         recipe = self._load_recipe() if stored is None else load_recipe(stored, [])
+        self._check_run_dir(recipe.run_dir)  # the stored copy's, which may not be the file's
         self.state.recipe_uri = stored or (
             self.options.recipe if "://" in self.options.recipe else None
         )

@@ -293,6 +293,14 @@ def run_may_replace(node: Node, run_id: str, options: BabysitOptions) -> bool:
     return options.adopt or ownership.created_for_run(node.labels, run_id, options.user)
 
 
+def never_recreates(options: BabysitOptions) -> bool:
+    """Whether babysitting stops rather than replace a node it has launched on
+    (`--max-preemptions 0`, `--max-restarts 0`): whatever the workers wrote to their own
+    disks is then there for every relaunch. It may still create a node that is missing
+    before the first launch."""
+    return options.max_preemptions == 0 or options.max_restarts == 0
+
+
 # -- deciding ---------------------------------------------------------------------------
 
 

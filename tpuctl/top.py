@@ -2,9 +2,9 @@
 the progress of the latest run tpuctl launched on it.
 
 One refresh costs one list call per (project, zone) and, per run, one small read: the
-tail of its `metrics.jsonl` (a ranged read on gs://). Which run is on which node comes
-from this machine's launch records (tpuctl.jobs.launches), restarts from the run's
-babysitter state, nothing from the workers themselves.
+tail of its `metrics.jsonl` (a ranged read on gs://; on worker 0, over SSH, for a run
+directory on the workers' own disks). Which run is on which node comes from this
+machine's launch records (tpuctl.jobs.launches), restarts from the run's babysitter state.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from tpuctl.jobs import launches
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
+    from tpuctl.fanout import Host
     from tpuctl.providers.base import Node
 
 # Enough for the newest few metrics records (each ~200 bytes), however long the run.
@@ -83,10 +84,11 @@ def list_nodes(settings: Settings) -> list[Node]:
     return [*cloud, *LocalProvider().list()]
 
 
-def last_metrics(run_dir: str) -> dict[str, Any] | None:
-    """The newest step record (one with a loss) of `{run_dir}/metrics.jsonl`, or None."""
+def last_metrics(run_dir: str, worker: Host | None = None) -> dict[str, Any] | None:
+    """The newest step record (one with a loss) of `{run_dir}/metrics.jsonl`, or None;
+    `worker`: the file on that worker's own disk."""
     path = f"{run_dir.rstrip('/')}/metrics.jsonl"
-    data = _read_tail(path, METRICS_TAIL_BYTES)
+    data = _read_tail(path, METRICS_TAIL_BYTES, worker)
     for line in reversed((data or b"").splitlines()):
         try:
             record = json.loads(line)
@@ -97,7 +99,15 @@ def last_metrics(run_dir: str) -> dict[str, Any] | None:
     return None
 
 
-def _read_tail(path: str, max_bytes: int) -> bytes | None:
+def _read_tail(path: str, max_bytes: int, worker: Host | None) -> bytes | None:
+    if worker is not None:
+        from tpuctl.jobs.runs import read_on_worker
+
+        try:
+            found = read_on_worker(worker, path, last=max_bytes)
+        except TpuctlError:  # the worker unreachable: the row shows no metrics, top goes on
+            return None
+        return found[1] if found else None
     if path.startswith("gs://"):
         from tpuctl import storage
 
@@ -113,11 +123,12 @@ def _read_tail(path: str, max_bytes: int) -> bytes | None:
         return None
 
 
-def progress(launch: launches.Launch) -> RunProgress:
-    """The run's progress from its metrics, restarts and babysitter from this machine."""
+def progress(launch: launches.Launch, record: dict[str, Any] | None) -> RunProgress:
+    """The run's progress from its newest metrics `record`, restarts and babysitter from
+    this machine."""
     from tpuctl import babysit
 
-    record = last_metrics(launch.run_dir) or {}
+    record = record or {}
     step, total = record.get("step"), launch.total_steps
     step_time = record.get("step_time_s")
     eta = None
@@ -158,8 +169,24 @@ def collect(
             continue
         gcs = launch.run_dir.startswith("gs://")  # a local pod's: in the local pods' emulator
         with storage.emulated(emulator_for(node.provider) if gcs else None):
-            rows.append(TopRow(node, progress(launch)))
+            rows.append(TopRow(node, progress(launch, _newest_record(settings, node, launch))))
     return rows
+
+
+def _newest_record(
+    settings: Settings, node: Node, launch: launches.Launch
+) -> dict[str, Any] | None:
+    """`last_metrics` of the run, read where its workers write it: a run directory on their
+    own disks (this machine's file of that name is another one) on worker 0, while the
+    node is READY."""
+    from tpuctl.hosts import hosts_for
+    from tpuctl.jobs.runs import run_dir_is_here
+
+    if run_dir_is_here(launch.run_dir, node.provider):
+        return last_metrics(launch.run_dir)
+    if not node.ready:
+        return None
+    return last_metrics(launch.run_dir, hosts_for(settings, node, [0])[0])
 
 
 def row_json(row: TopRow, now: datetime) -> dict[str, Any]:

@@ -159,7 +159,7 @@ def babysit_with_display(sitter: Babysitter, node_name: str, log_file: Path | No
     from tpuctl.babysit import LogFile
 
     display = Display()
-    sitter.claim()  # a second babysitter on the run stops here, before saying anything
+    sitter.claim()  # a second babysitter, or a run_dir it would lose, stops here: one line
     with LogFile(sitter.run_id, log_file) as write_log:
 
         def log(line: str) -> None:

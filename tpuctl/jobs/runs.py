@@ -84,7 +84,7 @@ def start_run(
     uri = stored_recipe_uri(settings, node, run_id)
     owner.claim(uri, run_id, owner.RunOwner(node.name, local_user()), absolute_path(recipe.run_dir))
     storage.upload_text(uri, resolved_recipe_yaml(recipe))
-    if run_dir_is_here(recipe.run_dir, node):
+    if run_dir_is_here(recipe.run_dir, node.provider):
         _clear_stale_done(absolute_path(recipe.run_dir), recipe.train.steps, run_id, progress)
     cpu = _is_cpu_pod(settings, node, worker_jobs)
     worker_env = prepare_workers(settings, node, hosts, progress, cpu)
@@ -310,34 +310,57 @@ def _write_done(path: str, text: str) -> None:
     tmp.replace(local)
 
 
-def run_dir_is_here(run_dir: str, node: Node) -> bool:
-    """Whether this machine sees the run directory the workers write: gs:// (the same
-    storage) or a local pod's (its workers are on this machine). Any other path is on each
-    worker's own disk, where this machine's file of that name is another one."""
-    return "://" in run_dir or node.provider == "local"
+def run_dir_is_here(run_dir: str, provider: str) -> bool:
+    """Whether this machine sees the run directory the workers of a `provider` node write:
+    gs:// (the same storage) or a plain path on a provider whose workers share this
+    machine's files (a local pod's). Any other path is on each worker's own disk, where
+    this machine's file of that name is another one."""
+    from tpuctl.providers import capabilities_of
+
+    return "://" in run_dir or capabilities_of(provider).shared_filesystem
 
 
 def final_summary(run_dir: str, node: Node, hosts: list[Host]) -> dict[str, Any] | None:
     """`run_summary` of a run that ended on `hosts` (every worker of `node`, in order), read
     where process 0 wrote it: here, or on worker 0's own disk."""
-    if run_dir_is_here(run_dir, node):
-        return run_summary(run_dir)
+    here = run_dir_is_here(run_dir, node.provider)
+    return run_summary(run_dir, worker=None if here else hosts[0])
+
+
+def read_on_worker(
+    host: Host, path: str, offset: int = 0, last: int | None = None
+) -> tuple[int, bytes] | None:
+    """(size, content) of the file at `path` on `host`'s own disk: from byte `offset` to its
+    end, or only its `last` bytes; None while there is no such file."""
     from tpuctl.fanout import run
 
-    path = f"{run_dir.rstrip('/')}/DONE"
-    (result,) = run(hosts[:1], f"cat -- {shlex.quote(path)} 2>/dev/null || true", timeout=60)
+    quoted = shlex.quote(path)
+    part = f"tail -c {last}" if last is not None else f"tail -c +{offset + 1}"
+    script = f"[ -f {quoted} ] || exit 0; wc -c < {quoted}; {part} -- {quoted}"
+    (result,) = run([host], script, timeout=60)
     if not result.ok:
         reason = result.error or result.stderr.strip() or f"exit {result.exit_code}"
         raise TpuctlError(f"could not read {path} on {result.host.label}: {reason}", 1)
-    return _done_record(result.stdout)
+    if not result.stdout:
+        return None
+    size, _, content = result.stdout.partition("\n")
+    # Lines the trainer wrote whole are UTF-8 and come back byte for byte; only a line
+    # still being written may end in a cut character, which the readers leave for later.
+    return int(size), content.encode()
 
 
-def run_summary(run_dir: str, polling: bool = False) -> dict[str, Any] | None:
+def run_summary(
+    run_dir: str, polling: bool = False, worker: Host | None = None
+) -> dict[str, Any] | None:
     """The trainer's DONE record ({step, final, wall_time_s}) of a finished run, or None,
     also while a launch tpuctl marked it pending for has not confirmed it (`_clear_stale_done`;
-    `polling`: a gs:// read gives up after storage.POLL_RETRY_S)."""
+    `polling`: a gs:// read gives up after storage.POLL_RETRY_S). With `worker`, the run
+    directory is the one on that worker's own disk."""
     done = f"{run_dir.rstrip('/')}/DONE"
-    if "://" in done:
+    if worker is not None:
+        found = read_on_worker(worker, done)
+        text = found[1].decode() if found else None
+    elif "://" in done:
         text = storage.read_text(done, polling)
     else:
         path = Path(done)

@@ -16,7 +16,7 @@ from tpuctl.providers.registry import Location
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
-    from tpuctl.providers.base import Node, Provider
+    from tpuctl.providers.base import Capabilities, Node, Provider
     from tpuctl.providers.cloud_tpu import CloudTpuProvider
 
 # provider name -> (module, class). Imported lazily so the CLI starts fast. Each class
@@ -38,6 +38,12 @@ def provider_for(settings: Settings) -> Provider:
     module_name, class_name = PROVIDER_CLASSES[name]
     cls = getattr(importlib.import_module(module_name), class_name)
     return cls.from_settings(settings)
+
+
+def capabilities_of(name: str) -> Capabilities:
+    """What the provider called `name` (a node's `provider`) can do."""
+    module_name, class_name = PROVIDER_CLASSES[name]
+    return getattr(importlib.import_module(module_name), class_name).capabilities
 
 
 SET_PROJECT = "pass --project, set TPUCTL_PROJECT or run `tpuctl config set project PROJECT`"

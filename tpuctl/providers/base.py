@@ -64,6 +64,10 @@ class Capabilities:
 
     zones: bool = False  # nodes live in zones: `at(zone, project)`, `get(name, zone)`, fallbacks
     queued_resources: bool = False  # `create_with_retries(queued=...)`, `delete_queued(path)`
+    # The workers' files are this machine's (a local pod): a plain path names the same file
+    # here and on every worker, and it outlives the node. Elsewhere each worker has its own
+    # disk, which a recreated node does not have any more.
+    shared_filesystem: bool = False
 
 
 # Providers report progress (state transitions, retries) through this callback so that

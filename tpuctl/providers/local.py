@@ -49,7 +49,8 @@ class LocalProvider:
     """Nodes that are directories under `root`; creating one is instant and it is READY at once."""
 
     LOCATION = LOCATION
-    capabilities = Capabilities()  # no zones, no queued resources
+    # No zones, no queued resources; the workers are directories of this machine.
+    capabilities = Capabilities(shared_filesystem=True)
 
     def __init__(self, root: Path | None = None):
         self.pods_dir = (root or local_root()) / "pods"
