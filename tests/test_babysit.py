@@ -815,6 +815,41 @@ def test_overrides_that_would_change_a_saved_runs_stored_recipe_are_refused(tmp_
         stop_gcs_emulator()
 
 
+def test_a_recipe_file_edited_since_the_run_started_is_named_with_what_no_relaunch_applies(
+    tmp_path, monkeypatch
+):
+    """Babysitting a saved run again with its recipe file edited since (train.steps 100 ->
+    200) relaunched the stored recipe without a word: the run then stopped at step 100."""
+    from tpuctl import config
+    from tpuctl.babysit import BabysitOptions, BabysitState, Babysitter
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("TPUCTL_PROVIDER", "local")
+    text = Path(TINY).read_text().replace("data/", f"{Path(TINY).parent}/data/")
+    stored, given = tmp_path / "stored.yaml", tmp_path / "recipe.yaml"
+    stored.write_text(text.replace("run_dir: runs/tiny", f"run_dir: {tmp_path / 'runs/tiny'}"))
+    saved = BabysitState("H", "pod", "v4-16", started_at=0.0, recipe_uri=str(stored))
+    monkeypatch.chdir(tmp_path)  # the file's relative run_dir is the stored absolute one
+    lines: list[str] = []
+
+    def note(recipe_text: str, *overrides: str) -> list[str]:
+        given.write_text(recipe_text)
+        options = BabysitOptions("v4-16", "pod", str(given), list(overrides), run_id="H")
+        lines.clear()
+        Babysitter(config.load(), options, log=lines.append)._note_edits_it_does_not_apply(saved)
+        return lines
+
+    assert note(text) == []  # the file as the run was started from it
+    assert note(text.replace("steps: 100", "steps: 50"), "train.steps=100") == []
+    (line,) = note(text.replace("steps: 100", "steps: 200"))
+    assert line == (
+        f"note: {given} differs from run H's stored recipe in train.steps 200 (the run's: "
+        f"100); babysit relaunches the stored one ({stored}). To train with {given} as it is "
+        f"now, run `tpuctl run {given} --name pod --run-id H` first, then babysit"
+    )
+
+
 def test_a_babysitter_whose_lease_was_taken_over_stops_acting_and_says_by_whom(
     fake_tpu, gcs, tmp_path, monkeypatch
 ):

@@ -428,6 +428,7 @@ class Babysitter:
                 saved = load_state(self.run_id, self.remote_dir)
                 if saved is not None:
                     self._refuse_overrides_it_would_drop(saved)
+                    self._note_edits_it_does_not_apply(saved)
                     self.state = saved.carried_on()
                     self.log(f"carrying on from saved state: {self._summary()}")
                 self._start_metrics()
@@ -494,6 +495,35 @@ class Babysitter:
             f"{uri}, which {shown} would change; to go on with them, run "
             f"`tpuctl run {uri} --name {self.options.node} --run-id {self.run_id} -- "
             f"{shown}` first, then babysit without them"
+        )
+
+    def _note_edits_it_does_not_apply(self, saved: BabysitState) -> None:
+        """A saved run relaunches from its stored recipe, not from the file babysit was given:
+        say so when that file (with the overrides given) now differs from it, an edit made
+        since the run started, say, which no relaunch would apply."""
+        from tpuctl.jobs.runs import load_recipe
+        from trainer.config import recipe_differences
+
+        uri, given = saved.recipe_uri, self.options.recipe
+        if uri is None or not given or "://" in given or not Path(given).is_file():
+            return
+        if uri.startswith("gs://"):
+            self._use_local_gcs()
+        try:
+            ours = load_recipe(given, self.options.overrides)
+        except TpuctlError:  # an edit that broke it: nothing relaunches it either
+            return
+        if not (changes := recipe_differences(ours, load_recipe(uri, []))):
+            return
+        shown = ", ".join(
+            f"{key} {ours!r} (the run's: {theirs!r})" for key, ours, theirs in changes[:3]
+        )
+        more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+        self.log(
+            f"note: {given} differs from run {self.run_id}'s stored recipe in {shown}{more}; "
+            f"babysit relaunches the stored one ({uri}). To train with {given} as it is now, "
+            f"run `tpuctl run {given} --name {self.options.node} --run-id {self.run_id}` "
+            "first, then babysit"
         )
 
     def cycle(self) -> bool:

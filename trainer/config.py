@@ -315,6 +315,26 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     )
 
 
+def recipe_differences(ours: Recipe, theirs: Recipe) -> list[tuple[str, Any, Any]]:
+    """(dotted key, ours, theirs) of each setting in which two recipes differ, their local
+    paths made absolute; `env` by its names alone (its values are never stored) and `run_id`
+    left out (tpuctl gives each launch its own)."""
+
+    def settings(recipe: Recipe) -> dict[str, Any]:
+        recipe = with_absolute_paths(recipe)
+        recipe = dataclasses.replace(recipe, run_id="", env=dict.fromkeys(sorted(recipe.env)))
+        flat = {}  # section.field: value (a section's fields are the same in both)
+        for name, value in dataclasses.asdict(recipe).items():
+            if isinstance(value, dict) and name != "env":
+                flat.update({f"{name}.{key}": inner for key, inner in value.items()})
+            else:
+                flat[name] = value
+        return flat
+
+    mine, other = settings(ours), settings(theirs)
+    return [(key, mine[key], other[key]) for key in mine if mine[key] != other[key]]
+
+
 def load_recipe(source: str, overrides: typing.Sequence[str] = ()) -> Recipe:
     """Read a recipe (local path or gs:// URI), apply `a.b=value` overrides and validate it."""
     raw = _parse_yaml(_read_recipe_text(source), source)
