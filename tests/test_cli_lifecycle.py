@@ -831,6 +831,28 @@ def test_a_label_the_api_refuses_is_a_one_line_error(run_tpuctl, fake_tpu):
     )
 
 
+@pytest.mark.parametrize(
+    ("key", "meaning"),
+    [
+        ("tpuctl-user", "who created the node (ownership: tpuctl deletes only nodes it "
+         "created for that user)"),
+        ("tpuctl-run", "the run a babysitter created the node for (ownership: a babysitter "
+         "replaces only nodes it created for its run)"),
+    ],
+)  # fmt: skip
+def test_a_label_tpuctl_sets_itself_is_refused_before_any_api_call(
+    run_tpuctl, fake_tpu, key, meaning
+):
+    """`--label tpuctl-user=bob` was silently replaced by the ownership label (exit 0)."""
+    result = run_tpuctl("up", "v3-8", "--name", "n", "--label", f"{key}=bob")
+    assert result.code == 2
+    assert result.err.strip() == (
+        f"error: --label '{key}=bob': {key} is tpuctl's own label, tpuctl sets it to "
+        f"{meaning}; use another key"
+    )
+    assert fake_tpu.requests == []
+
+
 def test_down_yes_deletes_and_waits(run_tpuctl, fake_tpu):
     fake_tpu.add_node("n", "v3-8", project="test-project", zone="us-central1-a", labels=mine())
     fake_tpu.delete_delay = 0.2

@@ -15,6 +15,13 @@ from collections.abc import Mapping
 
 USER_LABEL = "tpuctl-user"  # the local user who created the node
 RUN_LABEL = "tpuctl-run"  # the run a babysitter created the node for
+# Why a user may not set them (`up --label`): a forged one would make a node someone else's.
+RESERVED_LABELS = {
+    USER_LABEL: "tpuctl sets it to who created the node (ownership: tpuctl deletes only "
+    "nodes it created for that user)",
+    RUN_LABEL: "tpuctl sets it to the run a babysitter created the node for (ownership: a "
+    "babysitter replaces only nodes it created for its run)",
+}
 MAX_LABEL = 63
 _NOT_ALLOWED = re.compile(r"[^a-z0-9_-]")
 

@@ -274,11 +274,19 @@ def _scheduling(spot: bool, preemptible: bool, reserved: bool) -> str:
 
 
 def _parse_labels(pairs: list[str]) -> dict[str, str]:
+    """--label KEY=VALUE pairs as labels; a key tpuctl sets itself is refused, not overridden."""
+    from tpuctl.ownership import RESERVED_LABELS
+
     labels = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise TpuctlError(f"--label {pair!r} must be KEY=VALUE, e.g. --label team=nlp")
+        if key in RESERVED_LABELS:
+            raise TpuctlError(
+                f"--label {pair!r}: {key} is tpuctl's own label, {RESERVED_LABELS[key]}; "
+                "use another key"
+            )
         labels[key] = value
     return labels
 
