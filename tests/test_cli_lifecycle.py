@@ -821,14 +821,47 @@ def mine() -> dict[str, str]:
     return ownership_labels(local_user())
 
 
-def test_a_label_the_api_refuses_is_a_one_line_error(run_tpuctl, fake_tpu):
-    result = run_tpuctl("up", "v3-8", "--name", "n", "--label", "Team=NLP")
-    assert result.code == 2
-    assert (
-        result.err.strip()
-        .splitlines()[-1]
-        .startswith('error: the TPU API refused the request: Invalid value for field "labels"')
+KEY_RULE = (
+    "breaks GCP's label rules: a key is lowercase letters, digits, _ and -, starts with a "
+    "lowercase letter and has at most 63 characters"
+)
+VALUE_RULE = (
+    "breaks GCP's label rules: a value is lowercase letters, digits, _ and - (or nothing), at "
+    "most 63 characters"
+)
+
+
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [
+        ("Bad Key=x", f"--label 'Bad Key=x': key 'Bad Key' {KEY_RULE}"),
+        ("1team=x", f"--label '1team=x': key '1team' {KEY_RULE}"),
+        (f"{'k' * 64}=x", f"--label '{'k' * 64}=x': key '{'k' * 64}' {KEY_RULE}"),
+        ("team=NLP", f"--label 'team=NLP': value 'NLP' {VALUE_RULE}"),
+        (f"k={'v' * 64}", f"--label 'k={'v' * 64}': value '{'v' * 64}' {VALUE_RULE}"),
+    ],
+)
+def test_a_label_gcp_would_refuse_is_refused_before_any_api_call(
+    run_tpuctl, fake_tpu, label, message
+):
+    """The API refused it, in a message naming its field "labels", not the flag."""
+    result = run_tpuctl("up", "v3-8", "--name", "n", "--label", label)
+    assert (result.code, result.err.strip()) == (2, f"error: {message}")
+    assert fake_tpu.requests == []
+
+
+def test_up_takes_at_most_the_labels_gcp_allows_besides_its_own(run_tpuctl, fake_tpu):
+    labels = [arg for i in range(64) for arg in ("--label", f"k{i}=")]
+    result = run_tpuctl("up", "v3-8", "--name", "n", *labels)
+    assert (result.code, result.err.strip()) == (
+        2,
+        "error: --label: 64 labels, and GCP allows 64 on a node, one of them tpuctl's own "
+        "tpuctl-user: give at most 63",
     )
+    assert fake_tpu.requests == []
+    result = run_tpuctl("up", "v3-8", "--name", "n", *labels[4:], "--label", f"{'k' * 63}=")
+    assert result.code == 0, result.err
+    assert len(fake_tpu.node("n")["labels"]) == 64
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,9 @@ RESERVED_LABELS = {
     "babysitter replaces only nodes it created for its run)",
 }
 MAX_LABEL = 63
+MAX_LABELS = 64  # on one node, tpuctl's own included
+LABEL_KEY = re.compile(r"[a-z][a-z0-9_-]{0,62}\Z")
+LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}\Z")
 _NOT_ALLOWED = re.compile(r"[^a-z0-9_-]")
 
 

@@ -273,21 +273,44 @@ def _scheduling(spot: bool, preemptible: bool, reserved: bool) -> str:
     return chosen[0] if chosen else "on-demand"
 
 
+_KEY_RULE = (
+    "a key is lowercase letters, digits, _ and -, starts with a lowercase letter and has at "
+    "most 63 characters"
+)
+_VALUE_RULE = "a value is lowercase letters, digits, _ and - (or nothing), at most 63 characters"
+
+
 def _parse_labels(pairs: list[str]) -> dict[str, str]:
-    """--label KEY=VALUE pairs as labels; a key tpuctl sets itself is refused, not overridden."""
-    from tpuctl.ownership import RESERVED_LABELS
+    """--label KEY=VALUE pairs as labels, checked against GCP's label rules before any API
+    call (whose error names its own field, not the flag); a key tpuctl sets itself is
+    refused, not overridden."""
+    from tpuctl import ownership
 
     labels = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise TpuctlError(f"--label {pair!r} must be KEY=VALUE, e.g. --label team=nlp")
-        if key in RESERVED_LABELS:
+        if key in ownership.RESERVED_LABELS:
             raise TpuctlError(
-                f"--label {pair!r}: {key} is tpuctl's own label, {RESERVED_LABELS[key]}; "
-                "use another key"
+                f"--label {pair!r}: {key} is tpuctl's own label, "
+                f"{ownership.RESERVED_LABELS[key]}; use another key"
+            )
+        if not ownership.LABEL_KEY.match(key):
+            raise TpuctlError(
+                f"--label {pair!r}: key {key!r} breaks GCP's label rules: {_KEY_RULE}"
+            )
+        if not ownership.LABEL_VALUE.match(value):
+            raise TpuctlError(
+                f"--label {pair!r}: value {value!r} breaks GCP's label rules: {_VALUE_RULE}"
             )
         labels[key] = value
+    room = ownership.MAX_LABELS - 1  # `up` adds tpuctl-user
+    if len(labels) > room:
+        raise TpuctlError(
+            f"--label: {len(labels)} labels, and GCP allows {ownership.MAX_LABELS} on a node, "
+            f"one of them tpuctl's own {ownership.USER_LABEL}: give at most {room}"
+        )
     return labels
 
 

@@ -54,6 +54,7 @@ HTTP_STATUS_NAMES = {
 NODE_ID_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
+MAX_LABELS = 64
 
 WorkerIps = Callable[[str, int], list[str]]
 
@@ -324,6 +325,8 @@ class FakeTpuApi:
             ) from None
         if not body.get("runtimeVersion"):
             raise ApiError(400, 'Invalid value for field "runtimeVersion": ""')
+        if len(body.get("labels", {})) > MAX_LABELS:
+            raise ApiError(400, f'Invalid value for field "labels": more than {MAX_LABELS}')
         for key, value in body.get("labels", {}).items():  # GCP's label rules
             if not LABEL_KEY_RE.match(key) or not LABEL_VALUE_RE.match(value):
                 raise ApiError(400, f'Invalid value for field "labels": "{key}": "{value}"')
