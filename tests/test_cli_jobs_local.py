@@ -83,7 +83,7 @@ def test_run_follow_on_a_four_worker_pod_trains_and_reports_the_final_loss(cli, 
         "--", "train.steps=3", "train.batch_size=32", "train.grad_accum=1", "eval.every_steps=0",
         "logging.every_steps=1", f"run_dir={run_dir}",
     )  # fmt: skip
-    assert "run e2e started on 4 worker(s) of big" in out
+    assert "run e2e started on 4 workers of big" in out
     assert "gs://tpuctl-local/tpuctl/runs/e2e/recipe.yaml" in out
     assert "w00 | trainer:" in out
     assert "x 1 machine(s) of 4 process(es)" in out  # one jax.distributed job, one machine
@@ -273,7 +273,7 @@ def test_run_force_says_which_run_it_stopped_on_which_workers(cli, idle_pod, tmp
     )  # fmt: skip
     assert replacing.returncode == 0, replacing.stderr
     assert "--force: stopped run old on w00, w01 (SIGTERM)\n" in replacing.stderr
-    assert "run new started on 2 worker(s)" in replacing.stdout
+    assert "run new started on 2 workers" in replacing.stdout
 
 
 def test_ctrl_c_while_run_force_replaces_a_job_leaves_no_half_started_run(cli, idle_pod, tmp_path):

@@ -775,7 +775,7 @@ def test_without_a_project_an_unknown_name_lists_the_local_pods_and_the_closest(
     result = run_tpuctl("down", "--yes")
     assert (result.code, result.err.strip()) == (
         2,
-        "error: 2 node(s) in the local pods and several are yours: mine (yours), other (yours); "
+        "error: 2 nodes in the local pods and several are yours: mine (yours), other (yours); "
         "name the one to delete: `tpuctl down NAME`",
     )
     assert (
@@ -806,7 +806,7 @@ def test_down_asks_first_and_keeps_the_node_on_no(run_tpuctl, fake_tpu):
     fake_tpu.add_node("n", "v3-8", project="test-project", zone="us-central1-a")
     result = run_tpuctl("down", "n", stdin="n\n")
     assert result.code == 1
-    assert "Delete n (v3-8, 1 workers, READY)" in result.out
+    assert "Delete n (v3-8, 1 worker, READY)" in result.out
     assert fake_tpu.node_state("n") == "READY"
     result = run_tpuctl("down", "n", stdin="y\n")
     assert result.code == 0, result.err
@@ -907,7 +907,7 @@ def test_down_without_name_never_picks_a_colleagues_node(run_tpuctl, fake_tpu):
     result = run_tpuctl("down", "--yes")  # the only node in the zone, but bob's
     assert result.code == 2
     assert result.err.strip() == (
-        "error: 1 node(s) in zone us-central1-a of project test-project and none of them was "
+        "error: 1 node in zone us-central1-a of project test-project and none of them was "
         "created by you: bob-v3-8 (labels tpuctl-user=bob); name the one to delete: "
         "`tpuctl down NAME`"
     )

@@ -157,6 +157,18 @@ def test_reporter_prefixes_lines_and_summarises_failures(tmp_path):
     assert "\x1b[" not in out.getvalue() + err.getvalue()  # not terminals: no colour codes
 
 
+def test_reporter_counts_one_worker_as_one(tmp_path):
+    """It said "all 1 workers succeeded" and "0/1 workers succeeded"."""
+    hosts = local_hosts(tmp_path, 1)
+    for command, summary in (
+        ("true", "✓ 1 worker succeeded"),
+        ("exit 3", "✗ 0/1 worker succeeded"),
+    ):
+        reporter = Reporter(hosts, out=io.StringIO(), err=(err := io.StringIO()))
+        reporter.summary(run(hosts, command))
+        assert err.getvalue().splitlines()[0] == summary
+
+
 def test_reporter_summarises_32_workers_failing_alike_in_a_few_lines(tmp_path):
     """Each failing worker had its own `--- last lines` block and its own `(exit N)`:
     32 workers failing alike were 98 lines, the same 3 repeated."""

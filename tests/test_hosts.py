@@ -68,6 +68,12 @@ def test_parse_workers_errors_name_the_flag_and_the_fix(spec, message):
     assert message in str(err.value)
 
 
+def test_a_worker_past_a_one_worker_node_is_refused_without_a_range_of_one():
+    """It said "the node has workers 0-0"."""
+    with pytest.raises(TpuctlError, match=r"worker 1 does not exist; the node has only worker 0$"):
+        parse_workers("1", 1)
+
+
 def test_labels_line_up_at_every_pod_size():
     assert worker_label(3, 4) == "w03"
     assert worker_label(7, 512) == "w007"

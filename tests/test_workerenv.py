@@ -109,7 +109,7 @@ def test_a_failing_step_names_the_worker_and_the_step(hosts, offline, old_python
         workerenv.prepare(hosts[:1], nowhere, lambda _m: None)
     message = str(failure.value)
     assert message.startswith(
-        "preparing the worker environment failed on 1 worker(s): "
+        "preparing the worker environment failed on 1 worker: "
         "w00: installing Python >=3.11,<3.14 (uv): "
     )
     assert "\n" not in message

@@ -54,6 +54,7 @@ from tpuctl.babysit_policy import (
 from tpuctl.config import private_dir, private_opener, write_private
 from tpuctl.errors import TpuctlError
 from tpuctl.naming import RUN_ID_RE
+from tpuctl.wording import plural
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -779,7 +780,7 @@ class Babysitter:
         recipe = self.options.recipe if first else str(self.state.recipe_uri)
         overrides = self.options.overrides if first else []
         self.view.activity = f"launching run {self.run_id} on {node.name}"
-        self.log(f"launching run {self.run_id} on {len(hosts)} worker(s) of {node.name}")
+        self.log(f"launching run {self.run_id} on {plural(len(hosts), 'worker')} of {node.name}")
         request = RunRequest(recipe, overrides, self._run_env, self.run_id, force=False)
         started = start_run(self.settings, node, hosts, request, self._progress)
         self._run_env = dict(started.env)

@@ -51,7 +51,7 @@ def parse_workers(spec: str | None, count: int | None = None) -> list[int] | Non
         if count is not None and last >= count:  # before expanding: 0-40000 is not a list
             raise TpuctlError(
                 f"--worker {spec!r}: worker {max(first, count)} does not exist; "
-                f"the node has workers 0-{count - 1}"
+                f"the node has {f'workers 0-{count - 1}' if count > 1 else 'only worker 0'}"
             )
         chosen.update(dict.fromkeys(range(first, last + 1)))
     return list(chosen)

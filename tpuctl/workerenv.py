@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 from tpuctl.errors import TpuctlError
 from tpuctl.fanout import STREAMED_TAIL_BYTES, Host, HostResult, put, run
 from tpuctl.jobs import job_hosts
+from tpuctl.wording import plural
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -178,7 +179,7 @@ def prepare(
     if not stale:
         progress(f"worker environment unchanged ({env_hash[:12]}): skipped")
         return []
-    progress(f"preparing {len(stale)} worker(s) ({env_hash[:12]})")
+    progress(f"preparing {plural(len(stale), 'worker')} ({env_hash[:12]})")
     wheel = ""
     if env.builds_venv:
         built = cached_wheel(source_hash)
@@ -232,7 +233,9 @@ def _check(results: list[HostResult], what: str) -> list[HostResult]:
             f"{r.host.label}: {(r.error or r.stderr.strip() or f'exit {r.exit_code}').splitlines()[-1]}"
             for r in failed
         )
-        raise TpuctlError(f"{what} failed on {len(failed)} worker(s): {details}", exit_code=1)
+        raise TpuctlError(
+            f"{what} failed on {plural(len(failed), 'worker')}: {details}", exit_code=1
+        )
     return results
 
 

@@ -16,6 +16,7 @@ from tpuctl.cli.app import app
 from tpuctl.cli.options import parse_env_flags, seconds
 from tpuctl.cli.output import err_console, format_duration
 from tpuctl.errors import TpuctlError
+from tpuctl.wording import plural
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -97,7 +98,7 @@ def prepare(name: str | None = NODE_ARGUMENT) -> None:
 
     settings, node, hosts = _target(name, fresh=True)
     prepare_workers(settings, node, hosts, lambda m: err_console.print(m, markup=False))
-    print(f"{node.name}: {len(hosts)} worker(s) ready")
+    print(f"{node.name}: {plural(len(hosts), 'worker')} ready")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
@@ -142,7 +143,7 @@ def run(
             "(`tpuctl ps` shows what does)",
             130,
         ) from None
-    print(f"run {started.run_id} started on {len(hosts)} worker(s) of {node.name}")
+    print(f"run {started.run_id} started on {plural(len(hosts), 'worker')} of {node.name}")
     print(f"  recipe:      {started.recipe_uri}")
     home = "the worker's directory" if node.provider == "local" else "~"
     print(f"  logs:        {started.worker_log} in {home}, on each worker (`tpuctl logs --tail`)")
@@ -226,7 +227,9 @@ def _report_missing_logs(results: list[HostResult], run_id: str | None) -> None:
     unreachable = [r for r in results if not r.ok and r.exit_code != jobs.NO_RUN_EXIT]
     if unreachable:
         details = "; ".join(f"{r.host.label}: {r.error or r.stderr.strip()}" for r in unreachable)
-        raise TpuctlError(f"could not read the log on {len(unreachable)} worker(s): {details}", 1)
+        raise TpuctlError(
+            f"could not read the log on {plural(len(unreachable), 'worker')}: {details}", 1
+        )
 
 
 @app.command()
@@ -282,7 +285,7 @@ def kill(
         holders = "".join(f"; killed {h}" for h in report.holders)
         print(f"{report.label}: {what}{holders}")
     if failed:
-        raise TpuctlError(f"kill failed on {failed} worker(s)", 1)
+        raise TpuctlError(f"kill failed on {plural(failed, 'worker')}", 1)
 
 
 @app.command()

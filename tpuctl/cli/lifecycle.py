@@ -28,6 +28,7 @@ from tpuctl.providers import (
     resolve_node,
 )
 from tpuctl.providers.base import Node, NodeSpec
+from tpuctl.wording import plural
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -189,7 +190,7 @@ def _bring_up(settings: Settings, plan: NodePlan, wait: bool) -> Node | None:
         )
         node = create_planned(provider, plan, status.update, wait=wait)
         if node is not None:
-            status.update(f"{node.name} is READY with {len(node.workers)} workers")
+            status.update(f"{node.name} is READY with {plural(len(node.workers), 'worker')}")
         return node
 
 
@@ -339,7 +340,7 @@ def down(
             + missing_hint(settings, str(chosen))
         )
         return
-    summary = f"{node.name} ({node.accelerator_type}, {len(node.workers)} workers, {node.state}) in {describe_location(settings)}"
+    summary = f"{node.name} ({node.accelerator_type}, {plural(len(node.workers), 'worker')}, {node.state}) in {describe_location(settings)}"
     if not yes:
         typer.confirm(f"Delete {summary}?", abort=True)
     provider = provider_for(settings)  # pointed at the node's place by find_node
@@ -414,7 +415,7 @@ def _own_node(settings: Settings) -> Node:
     )
     why = "none of them was created by you" if not mine else "several are yours"
     raise TpuctlError(
-        f"{len(nodes)} node(s) in {describe_location(settings)} and {why}: {candidates}; "
+        f"{plural(len(nodes), 'node')} in {describe_location(settings)} and {why}: {candidates}; "
         "name the one to delete: `tpuctl down NAME`"
     )
 

@@ -11,6 +11,7 @@ from tpuctl import config
 from tpuctl.cli.app import app
 from tpuctl.cli.output import console, print_json, print_table
 from tpuctl.durations import Clock, format_duration, parse_duration
+from tpuctl.wording import plural
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -56,7 +57,7 @@ def top(
 def _table(rows: list[dict[str, Any]]) -> Table:
     from rich.table import Table
 
-    table = Table(box=None, header_style="bold", caption=f"{len(rows)} node(s)")
+    table = Table(box=None, header_style="bold", caption=plural(len(rows), "node"))
     for column in COLUMNS:
         table.add_column(column, no_wrap=True)
     for row in rows:

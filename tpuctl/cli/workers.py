@@ -527,4 +527,5 @@ def _print_health(results, health, problems: list[str]) -> None:
         for problem in problems:
             err_console.print(f"  {problem}", markup=False)
     else:
-        err_console.print(f"[bold green]✓ healthy: all {len(results)} workers agree[/bold green]")
+        agree = f"all {len(results)} workers agree" if len(results) > 1 else "1 worker"
+        err_console.print(f"[bold green]✓ healthy: {agree}[/bold green]")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from tpuctl.fanout.base import Host, HostResult, StopSignal
+from tpuctl.wording import plural
 
 PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "bright_cyan", "bright_magenta")
 TAIL_LINES = 5
@@ -149,9 +150,10 @@ def summary_lines(results: Sequence[HostResult], interrupted: bool, paint) -> li
     unreachable = [r for r in results if r.unreachable]
     stopped = [r for r in results if r.error is not None and not r.unreachable]
     if len(ok) == total:
-        return [paint(f"✓ all {total} workers succeeded", "bold green")]
+        every = "all " if total > 1 else ""
+        return [paint(f"✓ {every}{plural(total, 'worker')} succeeded", "bold green")]
     heading = "interrupted: " if interrupted else ""
-    lines = [paint(f"✗ {heading}{len(ok)}/{total} workers succeeded", "bold red")]
+    lines = [paint(f"✗ {heading}{len(ok)}/{plural(total, 'worker')} succeeded", "bold red")]
     if failed:
         by_code: dict[int | None, list[str]] = {}
         for result in failed:

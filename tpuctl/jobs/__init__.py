@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from tpuctl.errors import TpuctlError
 from tpuctl.fanout import STREAMED_TAIL_BYTES, Host, HostResult, Interrupted, run
+from tpuctl.wording import plural
 from tpuctl.worker_scripts import holders_function
 
 BUSY_EXIT = 75  # a job (or another process) holds the worker
@@ -359,7 +360,7 @@ def launch(
     if busy:  # something started between the status check and the launch
         raise JobBusy(_busy_message([(r.host.label, r.stdout.strip()) for r in busy]), 1)
     details = "; ".join(f"{r.host.label}: {_failure(r)}" for r in failed)
-    raise TpuctlError(f"the job did not start on {len(failed)} worker(s): {details}", 1)
+    raise TpuctlError(f"the job did not start on {plural(len(failed), 'worker')}: {details}", 1)
 
 
 def replaced(results: list[HostResult]) -> list[str]:

@@ -28,6 +28,7 @@ from tpuctl.config import private_dir, private_opener, write_private
 from tpuctl.errors import TpuctlError
 from tpuctl.providers import registry
 from tpuctl.providers.base import Capabilities, Node, NodeSpec, ProgressFn, Worker
+from tpuctl.wording import plural
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -128,7 +129,7 @@ class LocalProvider:
         )
         _write_record(pod_dir / RECORD_FILE, node)
         registry.record(spec.name, LOCATION)
-        progress(f"READY: {hosts} local workers under {pod_dir / 'workers'}")
+        progress(f"READY: {plural(hosts, 'local worker')} under {pod_dir / 'workers'}")
         return node
 
     def delete(self, name: str, progress: ProgressFn) -> bool:
