@@ -1016,11 +1016,20 @@ def test_status_among_several_nodes_asks_for_a_name_the_way_status_takes_it(run_
 
 
 def test_status_of_a_missing_node_names_it_and_the_zone(run_tpuctl, fake_tpu):
+    """Having looked in every zone, it said the node was in none and still sent the user
+    to `tpuctl list --all-zones` to look there."""
     result = run_tpuctl("status", "ghost")
     assert result.code == 1
     assert result.err.strip() == (
         "error: no node named 'ghost' in zone us-central1-a of project test-project; "
-        "it is in no zone of the project (`tpuctl list --all-zones`)"
+        "no other zone of the project has one either"
+    )
+    fake_tpu.add_node("ghost-1", "v3-8", project="test-project", zone="us-east1-d")
+    result = run_tpuctl("down", "ghost", "--yes")
+    assert result.code == 0
+    assert result.err.strip().endswith(
+        "nothing deleted; no other zone of the project has one either; did you mean "
+        "'ghost-1' (zone us-east1-d)?"
     )
     fake_tpu.add_node("far", "v3-8", project="test-project", zone="europe-west4-a")
     # An explicit --zone is where the user wants to look: elsewhere is only a hint.

@@ -83,17 +83,24 @@ def cloud_hint(settings: Settings) -> str:
 
 def missing_hint(settings: Settings, name: str) -> str:
     """ "; did you mean 'mine'? (local pods: mine)", "; it is in zone Z: pass --zone Z" and
-    the like for a node `find_node` did not find where `describe_location` says."""
+    the like for a node `find_node` did not find where `describe_location` says: where it
+    is, or that no zone has it (and the name it most likely misspells)."""
     if settings.get("provider") == "local" or _no_project(settings):
         return "; " + _local_pods_hint(name) + cloud_hint(settings)
     if not settings.get("zone"):  # every zone was looked at already
         return ""
-    found = [node.zone for node in _any_zone(settings).locate(name)]
+    everywhere = _any_zone(settings).list(all_zones=True)
+    found = [node.zone for node in everywhere if node.name == name]
     if len(found) == 1:
         return f"; it is in zone {found[0]}: pass --zone {found[0]}"
     if found:
         return f"; zones {', '.join(found)} have one: pass --zone with one of them"
-    return "; it is in no zone of the project (`tpuctl list --all-zones`)"
+    # Every zone was looked at: `list --all-zones` would not find it either, but a
+    # misspelling of a name that is there is worth naming.
+    nowhere = "; no other zone of the project has one either"
+    close = difflib.get_close_matches(name, [node.name for node in everywhere], n=1)
+    near = [node for node in everywhere if node.name in close]
+    return nowhere + (f"; did you mean {near[0].name!r} (zone {near[0].zone})?" if near else "")
 
 
 def _any_zone(settings: Settings) -> CloudTpuProvider:
