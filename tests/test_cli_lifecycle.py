@@ -277,28 +277,45 @@ def test_a_queued_resource_failed_for_capacity_is_deleted_and_retried_as_a_stock
     assert fake_tpu.queued_resource_state("q") == "ACTIVE"  # the second one
 
 
-def test_up_never_takes_over_a_colleagues_queued_resource_or_one_of_another_type(
-    run_tpuctl, fake_tpu, monkeypatch
-):
+def test_up_never_takes_over_a_colleagues_queued_resource(run_tpuctl, fake_tpu, monkeypatch):
     fake_tpu.set_queued_wait(60)
     for name in ("LOGNAME", "USER"):
         monkeypatch.setenv(name, "bob")
     assert run_tpuctl("up", "v4-32", "--name", "shared", "--no-wait").code == 0
     for name in ("LOGNAME", "USER"):
         monkeypatch.setenv(name, "alice")
-    other_type = run_tpuctl("up", "v4-16", "--name", "shared")
-    assert other_type.code == 1
-    assert other_type.err.strip().splitlines()[-1] == (
-        "error: queued resource shared in us-central1-a asks for a v4-32, not a v4-16: choose "
-        "another --name, or delete it first (`tpuctl down shared`)"
-    )
-    bobs = run_tpuctl("up", "v4-32", "--name", "shared")  # before: waited on it, and took it
-    assert bobs.code == 1
-    assert bobs.err.strip().splitlines()[-1] == (
-        "error: queued resource shared in us-central1-a is not yours (labels tpuctl-user=bob): "
-        "choose another --name"
-    )
+    for kind in ("v4-32", "v4-16"):  # of another type, it offered to delete bob's
+        bobs = run_tpuctl("up", kind, "--name", "shared")  # before: waited on it, and took it
+        assert bobs.code == 1
+        assert bobs.err.strip().splitlines()[-1] == (
+            "error: queued resource shared in us-central1-a is not yours (labels "
+            "tpuctl-user=bob): choose another --name"
+        )
     assert fake_tpu.queued_resource_state("shared") == "WAITING_FOR_RESOURCES"  # still bob's
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "differs"),
+    [
+        (["v4-32"], ["v4-32", "--spot"], "on-demand capacity, not spot"),
+        (["v4-32", "--spot"], ["v4-32"], "spot capacity, not on-demand"),
+        (["v4-32"], ["v4-16", "--spot"], "a v4-32, not a v4-16 and on-demand capacity, not spot"),
+    ],
+)
+def test_up_waits_only_on_a_queued_resource_that_asks_for_what_it_asks_for(
+    run_tpuctl, fake_tpu, first, then, differs
+):
+    """`up --spot` waited on an on-demand queued resource of the name (and the reverse),
+    and would have returned a node of the other kind."""
+    fake_tpu.set_queued_wait(60)
+    assert run_tpuctl("up", *first, "--name", "q", "--no-wait").code == 0
+    result = run_tpuctl("up", *then, "--name", "q")
+    assert result.code == 2
+    assert result.err.strip().splitlines()[-1] == (
+        f"error: queued resource q in us-central1-a asks for {differs}: choose another "
+        "--name, or delete it first (`tpuctl down q`)"
+    )
+    assert fake_tpu.queued_resource_state("q") == "WAITING_FOR_RESOURCES"  # left as it was
 
 
 def test_down_deletes_a_queued_resource_that_has_no_node_yet(run_tpuctl, fake_tpu):

@@ -547,8 +547,9 @@ class CloudTpuProvider:
 
     def _check_existing_queued(self, path: str, spec: NodeSpec) -> None:
         """A queued resource of the node's name exists already: `up` waits on it (and may
-        delete it when it gives up) only when it asks for the same type for the same user,
-        as an earlier `up --no-wait` of this node does. Anyone else's is left alone."""
+        delete it when it gives up) only when it is the same user's and asks for the same
+        type and capacity (spot, on-demand, reserved), as an earlier `up --no-wait` of this
+        node does. Anyone else's is left alone, and not offered for deletion."""
         from google.api_core import exceptions
 
         from tpuctl import ownership
@@ -564,16 +565,20 @@ class CloudTpuProvider:
         kind = node.accelerator_type if node is not None else "node of unknown type"
         labels = dict(node.labels) if node is not None else {}
         where = f"queued resource {spec.name} in {spec.zone}"
-        if kind != spec.accelerator_type:
-            raise TpuctlError(
-                f"{where} asks for a {kind}, not a {spec.accelerator_type}: choose another "
-                f"--name, or delete it first (`tpuctl down {spec.name}`)",
-                exit_code=1,
-            )
         if labels.get(ownership.USER_LABEL) != spec.labels.get(ownership.USER_LABEL):
             raise TpuctlError(
                 f"{where} is not yours ({ownership.describe_owner(labels)}): choose another --name",
                 exit_code=1,
+            )
+        differs = []
+        if kind != spec.accelerator_type:
+            differs.append(f"a {kind}, not a {spec.accelerator_type}")
+        if (scheduling := _queued_scheduling(existing)) != spec.scheduling:
+            differs.append(f"{scheduling} capacity, not {spec.scheduling}")
+        if differs:  # waiting on it would give a node other than the one asked for
+            raise TpuctlError(
+                f"{where} asks for {' and '.join(differs)}: choose another --name, or delete "
+                f"it first (`tpuctl down {spec.name}`)"
             )
 
     def _wait_for_queued(
@@ -816,6 +821,15 @@ def _scheduling_config(scheduling: str) -> Any:
     if scheduling == "on-demand":
         return None
     return tpu_v2.SchedulingConfig(**{scheduling: True})
+
+
+def _queued_scheduling(queued: Any) -> str:
+    """The capacity a tpu_v2.QueuedResource asks for, as NodeSpec.scheduling names it."""
+    if "spot" in queued:
+        return "spot"
+    if "guaranteed" in queued and queued.guaranteed.reserved:
+        return "reserved"
+    return "on-demand"
 
 
 def _network_config(spec: NodeSpec) -> Any:
