@@ -723,7 +723,7 @@ def test_up_local_needs_no_zone_or_project(run_tpuctl, fake_tpu, monkeypatch):
     monkeypatch.setenv("TPUCTL_PROVIDER", "local")
     assert [n["name"] for n in json.loads(run_tpuctl("list", "--json").out)["nodes"]] == ["loc"]
     assert run_tpuctl("down", "loc", "--yes").code == 0
-    assert json.loads(run_tpuctl("list", "--json").out) == {"nodes": []}
+    assert json.loads(run_tpuctl("list", "--json").out) == {"nodes": [], "queued_resources": []}
 
 
 def test_down_without_name_deletes_your_only_local_pod_without_provider_or_project(
@@ -736,7 +736,7 @@ def test_down_without_name_deletes_your_only_local_pod_without_provider_or_proje
     assert result.code == 0, result.err
     assert "deleted mine" in result.out
     monkeypatch.setenv("TPUCTL_PROVIDER", "local")
-    assert json.loads(run_tpuctl("list", "--json").out) == {"nodes": []}
+    assert json.loads(run_tpuctl("list", "--json").out) == {"nodes": [], "queued_resources": []}
 
 
 SET_PROJECT = (
@@ -805,7 +805,7 @@ def test_without_a_project_or_local_pods_list_is_empty_and_says_how_to_get_nodes
 ):
     """As the README says: without a cloud project, `list` shows the local pods alone."""
     result = run_tpuctl("list", "--json")
-    assert (result.code, json.loads(result.out)) == (0, {"nodes": []})
+    assert (result.code, json.loads(result.out)) == (0, {"nodes": [], "queued_resources": []})
     result = run_tpuctl("list")
     assert (result.code, result.err.strip()) == (0, f"no nodes in the local pods; {SET_PROJECT}")
     result = run_tpuctl("status")
@@ -975,6 +975,43 @@ def test_list_json_shape(run_tpuctl, fake_tpu):
     assert isinstance(nodes[0]["age_s"], int)
     every = json.loads(run_tpuctl("list", "--all-zones", "--json").out)["nodes"]
     assert [n["name"] for n in every] == ["c", "a", "b"]  # by zone, then name
+
+
+def test_list_shows_a_queued_resource_that_has_no_node_yet(run_tpuctl, fake_tpu):
+    """After `up --no-wait` of a type that is queued, `list` showed nothing (only `status
+    NAME` knew of it): the user thought nothing had happened."""
+    fake_tpu.set_queued_wait(60)
+    assert run_tpuctl("up", "v4-32", "--spot", "--name", "q", "--no-wait").code == 0
+    assert run_tpuctl("up", "v4-8", "--name", "far", "--zone", "europe-west4-a", "--no-wait",
+                      "--queued").code == 0  # fmt: skip
+    table = run_tpuctl("list")
+    assert (table.code, table.err) == (0, "")
+    row = next(line for line in table.out.splitlines() if line.split()[:1] == ["q"]).split()
+    assert row[:7] + row[8:] == [
+        "q", "cloud", "v4-32", "us-central1-a", "WAITING_FOR_RESOURCES", "-", "yes", "-",
+        "queued", "resource,", "no", "node", "yet",
+    ]  # fmt: skip
+    assert "far" not in table.out  # another zone
+    listed = json.loads(run_tpuctl("list", "--json").out)
+    assert listed["nodes"] == []
+    [queued] = listed["queued_resources"]
+    assert isinstance(queued.pop("age_s"), int) and queued.pop("created")
+    assert queued == {
+        "name": "q", "project": "test-project", "zone": "us-central1-a",
+        "accelerator_type": "v4-32", "state": "WAITING_FOR_RESOURCES", "scheduling": "spot",
+        "spot": True, "labels": mine(),
+    }  # fmt: skip
+    every = json.loads(run_tpuctl("list", "--all-zones", "--json").out)["queued_resources"]
+    assert [(q["name"], q["zone"]) for q in every] == [
+        ("far", "europe-west4-a"),
+        ("q", "us-central1-a"),
+    ]
+    # Once it has its node, the queued resource is listed as that node, once.
+    fake_tpu.set_queued_wait(0.05)  # for the next one: q waits on
+    assert run_tpuctl("up", "v4-32", "--name", "made").code == 0
+    listed = json.loads(run_tpuctl("list", "--json").out)
+    assert [n["name"] for n in listed["nodes"]] == ["made"]
+    assert [q["name"] for q in listed["queued_resources"]] == ["q"]
 
 
 def test_list_all_zones_needs_no_zone_setting(run_tpuctl, fake_tpu, monkeypatch):
@@ -1233,7 +1270,7 @@ def test_readme_demo_from_a_shell(tmp_path):
         ]
         down = shell("down", "--yes")
         assert down.returncode == 0, down.stderr
-        assert json.loads(shell("list", "--json").stdout) == {"nodes": []}
+        assert json.loads(shell("list", "--json").stdout) == {"nodes": [], "queued_resources": []}
     finally:
         server.terminate()
         server.wait(timeout=10)

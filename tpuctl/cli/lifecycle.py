@@ -21,6 +21,7 @@ from tpuctl.providers import (
     describe_location,
     find_node,
     list_all,
+    listed_cloud,
     missing_hint,
     only_node,
     provider_for,
@@ -32,6 +33,7 @@ from tpuctl.wording import plural
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
+    from tpuctl.providers.cloud_tpu import QueuedNode
 
 DEFAULT_RETRY_FOR = "30m"
 # A slice is READY in minutes, a large one in under half an hour; much longer is a node
@@ -43,11 +45,12 @@ PROJECT_OPTION = typer.Option(None, "--project", "-p", help="Project (default: c
 JSON_OPTION = typer.Option(False, "--json", help="Print JSON (documented in the README).")
 
 
+def _age_s(created: datetime | None) -> int | None:
+    return None if created is None else max(0, int((datetime.now(UTC) - created).total_seconds()))
+
+
 def node_json(node: Node) -> dict[str, Any]:
     """A node as the stable JSON object `up`, `list` and `status` print."""
-    age = None
-    if node.created is not None:
-        age = max(0, int((datetime.now(UTC) - node.created).total_seconds()))
     return {
         "name": node.name,
         "project": node.project,
@@ -59,13 +62,29 @@ def node_json(node: Node) -> dict[str, Any]:
         "spot": node.scheduling in ("spot", "preemptible"),
         "runtime_version": node.runtime_version,
         "created": node.created.isoformat() if node.created else None,
-        "age_s": age,
+        "age_s": _age_s(node.created),
         "labels": dict(node.labels),
         "provider": node.provider,
         "workers": [
             {"index": w.index, "internal_ip": w.internal_ip, "external_ip": w.external_ip}
             for w in node.workers
         ],
+    }
+
+
+def queued_json(queued: QueuedNode) -> dict[str, Any]:
+    """A queued resource whose node is not made yet, as the JSON object `list` prints."""
+    return {
+        "name": queued.name,
+        "project": queued.project,
+        "zone": queued.zone,
+        "accelerator_type": queued.accelerator_type,
+        "state": queued.state,
+        "scheduling": queued.scheduling,
+        "spot": queued.scheduling == "spot",
+        "created": queued.created.isoformat() if queued.created else None,
+        "age_s": _age_s(queued.created),
+        "labels": dict(queued.labels),
     }
 
 
@@ -430,13 +449,16 @@ def list_nodes(
     all_zones: bool = typer.Option(False, "--all-zones", help="Every zone of the project."),
     json_out: bool = JSON_OPTION,
 ) -> None:
-    """List nodes: name, type, zone, state, health, spot, age, workers."""
+    """List nodes: name, type, zone, state, health, spot, age, workers; and the queued
+    resources whose node is not made yet (`up --no-wait`), with their state."""
     settings = config.load({"zone": zone, "project": project})
     nodes = list_all(settings, all_zones=all_zones)
+    queued = _queued_without_node(settings, nodes, all_zones)
     if json_out:
-        print_json({"nodes": [node_json(n) for n in nodes]})
+        queued_resources = [queued_json(q) for q in queued]
+        print_json({"nodes": [node_json(n) for n in nodes], "queued_resources": queued_resources})
         return
-    if not nodes:
+    if not nodes and not queued:
         where = describe_location(settings) if not all_zones else "any zone"
         err_console.print(f"no nodes in {where}" + cloud_hint(settings))
         return
@@ -460,7 +482,27 @@ def list_nodes(
             str(len(node.workers)),
             _ip_summary(node),
         )
+    for waiting in queued:
+        data = queued_json(waiting)
+        age = format_duration(data["age_s"]) if data["age_s"] is not None else "-"
+        spot = "yes" if data["spot"] else "no"
+        table.add_row(
+            waiting.name, "cloud", waiting.accelerator_type, waiting.zone, waiting.state, "-",
+            spot, age, "-", "queued resource, no node yet",
+        )  # fmt: skip
     print_table(table)
+
+
+def _queued_without_node(
+    settings: Settings, nodes: list[Node], all_zones: bool
+) -> list[QueuedNode]:
+    """The queued resources where `list` lists cloud nodes whose node is not made yet (`up
+    --no-wait`): else a user who asked for one sees nothing. One with a node shows as it."""
+    cloud = listed_cloud(settings, all_zones)
+    if cloud is None:
+        return []
+    made = {(node.zone, node.name) for node in nodes if node.provider == "cloud"}
+    return [q for q in cloud.list_queued(all_zones=all_zones) if (q.zone, q.name) not in made]
 
 
 @app.command()

@@ -220,21 +220,29 @@ def list_all(settings: Settings, all_zones: bool = False) -> list[Node]:
     the local pods: both unless the `provider` setting names one. Without a cloud
     project, the local pods alone, if any; unless --zone or `all_zones` asks for the
     cloud (the missing-project error)."""
-    from tpuctl.config import Settings
-    from tpuctl.providers.cloud_tpu import CloudTpuProvider
     from tpuctl.providers.local import LocalProvider
 
     chosen = settings.get("provider") if _explicit(settings, "provider", "any") else None
     local = LocalProvider().list() if chosen != "cloud" else []
+    cloud = listed_cloud(settings, all_zones)
+    return [*(cloud.list(all_zones=all_zones) if cloud else []), *local]
+
+
+def listed_cloud(settings: Settings, all_zones: bool = False) -> CloudTpuProvider | None:
+    """The Cloud TPU provider whose nodes `list_all` lists (in the configured zone, or in
+    every zone with `all_zones`); None where it lists the local pods alone."""
+    from tpuctl.config import Settings
+    from tpuctl.providers.cloud_tpu import CloudTpuProvider
+
+    chosen = settings.get("provider") if _explicit(settings, "provider", "any") else None
     cloud_asked = settings.get("project") or all_zones or _explicit(settings, "zone")
     if chosen == "local" or (chosen is None and not cloud_asked):
-        return local
+        return None
     if all_zones and settings.get("project") and not settings.get("zone"):
-        cloud = _any_zone(settings)
-    else:
-        cloud = provider_for(Settings({**settings.values, "provider": "cloud"}, settings.sources))
+        return _any_zone(settings)
+    cloud = provider_for(Settings({**settings.values, "provider": "cloud"}, settings.sources))
     assert isinstance(cloud, CloudTpuProvider)
-    return [*cloud.list(all_zones=all_zones), *local]
+    return cloud
 
 
 def _cloud_at(place: Location) -> Provider:

@@ -46,6 +46,21 @@ class Stockout(TpuctlError):
         self.reason = api_message.split(";")[0].strip()
 
 
+@dataclass(frozen=True)
+class QueuedNode:
+    """A queued resource as `list` shows it: a node asked for (`up --no-wait`) that may not
+    exist yet. Named like its node, as tpuctl names both."""
+
+    name: str
+    project: str
+    zone: str
+    accelerator_type: str
+    state: str  # WAITING_FOR_RESOURCES, PROVISIONING, ACTIVE, FAILED, ...
+    scheduling: str
+    created: datetime | None
+    labels: dict[str, str]
+
+
 class QueuedResourceEnded(TpuctlError):
     """A queued resource ended FAILED or SUSPENDED: `up` gives up on it and deletes it."""
 
@@ -235,6 +250,12 @@ class CloudTpuProvider:
         parent = self._parent("-" if all_zones else None)
         pages = self._call(self.client.list_nodes, parent=parent)
         return sorted((node_from_api(n) for n in pages), key=lambda n: (n.zone, n.name))
+
+    def list_queued(self, all_zones: bool = False) -> list[QueuedNode]:
+        """Queued resources in the zone (or every zone of the project), by zone and name."""
+        parent = self._parent("-" if all_zones else None)
+        pages = self._call(self.client.list_queued_resources, parent=parent)
+        return sorted((_queued_from_api(q) for q in pages), key=lambda q: (q.zone, q.name))
 
     def locate(self, name: str) -> list[Node]:
         """The nodes called `name` in every zone of the project (one list call), by zone."""
@@ -830,6 +851,23 @@ def _queued_scheduling(queued: Any) -> str:
     if "guaranteed" in queued and queued.guaranteed.reserved:
         return "reserved"
     return "on-demand"
+
+
+def _queued_from_api(raw: Any) -> QueuedNode:
+    """A tpu_v2.QueuedResource as tpuctl's QueuedNode."""
+    parts = raw.name.split("/")
+    specs = raw.tpu.node_spec
+    node = specs[0].node if specs else None
+    return QueuedNode(
+        name=parts[-1],
+        project=parts[1],
+        zone=parts[3],
+        accelerator_type=node.accelerator_type if node is not None else "",
+        state=raw.state.state.name,
+        scheduling=_queued_scheduling(raw),
+        created=raw.create_time if isinstance(raw.create_time, datetime) else None,
+        labels=dict(node.labels) if node is not None else {},
+    )
 
 
 def _network_config(spec: NodeSpec) -> Any:

@@ -286,7 +286,7 @@ class FakeTpuApi:
             case ("GET", ["operations", op_id]):
                 return self._get_operation(f"{location}/operations/{op_id}")
             case ("GET", ["queuedResources"]):
-                queued = [q.body for p, q in self._queued.items() if p.startswith(location + "/")]
+                queued = [q.body for p, q in self._queued.items() if _in(p, location)]
                 return {"queuedResources": queued}
             case ("POST", ["queuedResources"]):
                 return self._create_queued(location, query.get("queuedResourceId", ""), body)
@@ -413,12 +413,7 @@ class FakeTpuApi:
         return node
 
     def _nodes_in(self, location: str) -> list[dict[str, Any]]:
-        project, zone = location.split("/")[1], location.split("/")[3]
-        return [
-            n
-            for n in self.nodes.values()
-            if n["name"].split("/")[1] == project and zone in ("-", n["name"].split("/")[3])
-        ]
+        return [n for n in self.nodes.values() if _in(n["name"], location)]
 
     def _find_node(self, name: str) -> dict[str, Any] | None:
         return next((n for p, n in self.nodes.items() if p.rsplit("/", 1)[-1] == name), None)
@@ -606,6 +601,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: tests and the demo read tpuctl's output, not the server's access log."""
+
+
+def _in(path: str, location: str) -> bool:
+    """Whether the resource at `path` lives at `location` (`projects/P/locations/Z`; zone
+    `-`: any zone of P, as the API's list calls take it)."""
+    project, zone = location.split("/")[1], location.split("/")[3]
+    return path.split("/")[1] == project and zone in ("-", path.split("/")[3])
 
 
 def _node_path(project: str, zone: str, name: str) -> str:
