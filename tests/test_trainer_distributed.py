@@ -163,6 +163,28 @@ def test_a_recipe_error_after_joining_ends_every_process_with_its_line_and_exit_
         assert "Traceback" not in output
 
 
+def test_a_run_dir_the_processes_do_not_share_ends_every_process_with_its_line_and_exit_2(
+    tmp_path,
+):
+    """Each process with a run_dir of its own (as a plain path on each worker's own disk is):
+    every process exits 2 with one line naming run_dir, the process that does not see it and
+    the fix, before anything is written there. The run trained all its steps and then idled
+    in orbax's multi-host save of the final checkpoint, which waits for files the other
+    process never sees, until checkpoint.save_timeout_s (600 s)."""
+    args = [str(TINY_RECIPE), "train.steps=1", "eval.every_steps=0"]
+    own = {i: [f"run_dir={tmp_path / f'run{i}'}"] for i in range(2)}
+    results = wait_all(launch_trainer(args, 2, 1, tmp_path, args_of=own), timeout=120)
+    assert [code for code, _ in results] == [EXIT_BAD_INPUT] * 2, results
+    for _code, output in results:
+        last = output.strip().splitlines()[-1]
+        assert last.startswith(f"error: run_dir {tmp_path / 'run'}"), output[-2000:]
+        assert "process 1 (on " in last and "of 2" in last, last
+        assert "set run_dir to a gs:// path, or to a filesystem every worker mounts" in last
+        assert "Traceback" not in output
+    assert [p.name for p in (tmp_path / "run0").iterdir()] == ["trainer.lock"]  # probe removed
+    assert not (tmp_path / "run1").exists()
+
+
 # A TPU pod: jax finds its coordinator itself, tpuctl names only where the processes meet.
 TPU_POD = {"meet_at": "TPUCTL_RENDEZVOUS", "TPU_WORKER_HOSTNAMES": "w0,w1,w2"}
 

@@ -22,6 +22,7 @@ import faulthandler
 import json
 import math
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -31,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NoReturn
 
-from trainer import preemption, rendezvous
+from trainer import io, preemption, rendezvous
 from trainer.config import MESH_AXES, MeshConfig, RecipeError, TrainerError
 from trainer.contract import EXIT_BAD_INPUT, EXIT_PEER_LOST, EXIT_PREEMPTED
 
@@ -44,6 +45,9 @@ _ACK_DIR = "tpuctl/fatal_ack/"
 _MACHINE_DIR = "tpuctl/machine/"  # each process's machine, for `machine_count`
 _MACHINE_WAIT_S = 60
 _ACK_TIMEOUT_S = 30.0
+_PROBE_KEY = "tpuctl/run_dir_probe"  # the token process 0 wrote into the run directory
+_SEEN_DIR = "tpuctl/run_dir_seen/"  # whether each other process read it back, and its host
+_PROBE_TIMEOUT_S = 300  # process 0 takes the run's lock and writes one small file first
 _watch: list[PodWatch] = []  # this process's PodWatch, once joined
 _stacks_shown = threading.Lock()  # held once this process has printed its stacks
 _met = threading.Event()  # set once every process reached the rendezvous
@@ -209,6 +213,55 @@ def failed_after_joining(error: RecipeError | TrainerError | ImportError) -> int
         _print_line(f"error: {error}")
         return status
     fail_everywhere(str(error), status)
+
+
+def check_shared_run_dir(run_dir: str) -> None:
+    """Raise RecipeError on every process of a multi-process run when some process does not
+    see the files process 0 writes into `run_dir` (a plain path on each worker's own disk):
+    orbax's multi-host save waits for files the others never see, and the run would idle
+    after its last step instead of ending. Process 0 writes a file with a random token, the
+    others read it back, all meet at a barrier, and process 0 removes it; a no-op for a
+    single process. Call once the pod has joined, before anything else is written there."""
+    import jax
+
+    client = _client()
+    if client is None or jax.process_count() == 1:
+        return
+    index, count, timeout_ms = jax.process_index(), jax.process_count(), _PROBE_TIMEOUT_S * 1000
+    if index == 0:
+        token = secrets.token_hex(16)
+        probe = io.join(run_dir, f".shared-probe-{token}")
+        io.write_text(probe, token)
+        client.key_value_set(_PROBE_KEY, token)
+    else:
+        token = client.blocking_key_value_get(_PROBE_KEY, timeout_ms)
+        probe = io.join(run_dir, f".shared-probe-{token}")
+        seen = {"seen": _read_or_none(probe) == token, "host": socket.gethostname()}
+        client.key_value_set(f"{_SEEN_DIR}{index}", json.dumps(seen))
+    client.wait_at_barrier("tpuctl/run_dir_probed", timeout_ms)
+    if index == 0:
+        io.remove(probe)
+    reports = sorted(
+        (int(key.rsplit("/", 1)[1]), json.loads(value))
+        for key, value in client.key_value_dir_get(_SEEN_DIR)
+    )
+    blind = [f"{i} (on {report['host']})" for i, report in reports if not report["seen"]]
+    if blind:
+        raise RecipeError(
+            f"run_dir {run_dir} is not shared by the run's processes: "
+            f"process{'es' if len(blind) > 1 else ''} {', '.join(blind)} of {count} "
+            "cannot see the file process 0 wrote there (a plain path is on each worker's own "
+            "disk), and their checkpoints need one directory they all see: set run_dir to a "
+            "gs:// path, or to a filesystem every worker mounts"
+        )
+
+
+def _read_or_none(path: str) -> str | None:
+    """The text of `path`, None when there is no such file (or directory)."""
+    try:
+        return io.read_text(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _machine_id() -> str:

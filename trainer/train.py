@@ -441,10 +441,12 @@ def train(recipe: Recipe) -> int:
     (EXIT_DIVERGED) at a step whose loss or gradient norm is not finite. Process 0 holds the
     run directory throughout (trainer.run_lock): a second trainer on it, or one that cannot
     write it (read-only), ends every process of its own pod with one line and status 2,
-    before it writes anything there."""
+    before it writes anything there; so does a run_dir that some process of a multi-process
+    run does not see (`distributed.check_shared_run_dir`)."""
     held = run_lock.hold(recipe.run_dir) if jax.process_index() == 0 else contextlib.nullcontext()
     try:
         with held:
+            distributed.check_shared_run_dir(recipe.run_dir)  # before anything is written there
             return _train(recipe)
     except run_lock.RunDirUnusable as e:
         distributed.fail_everywhere(str(e), 2)
