@@ -4,12 +4,13 @@ the run, every process of it, with the stacks that show where it waits."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import pytest
 from polling import wait_for
 
-from tests.fixtures_trainer import TINY_RECIPE, launch_trainer, wait_all
+from tests.fixtures_trainer import TINY_RECIPE, launch_processes, launch_trainer, wait_all
 from trainer.contract import EXIT_STALLED
 from trainer.watchdog import Watchdog, stalled
 
@@ -94,3 +95,32 @@ def test_a_loop_hung_on_one_process_ends_every_process_with_its_stack(tmp_path):
         assert "no progress for 10 s since the start of the loop (train.stall_timeout_s=10; " \
             "raise it if an iteration can take that long)" in output  # fmt: skip
         assert "error: training stalled on process " in output
+
+
+# Process 1 sees a directory of its own (a tmpfs in a mount namespace of its own) at
+# {run_dir}/checkpoints, $0 here: the rest of the run directory is the one process 0 sees.
+_OWN_CHECKPOINTS = (
+    'if [ "$TPUCTL_PROCESS_ID" = 1 ]; then mount -t tmpfs t "$0" || exit 99; fi; exec "$@"'
+)
+
+
+def test_a_final_save_that_never_commits_ends_every_process_as_a_stall(tmp_path):
+    """The final save (after the loop's last step) waits in orbax's commit for files process 1
+    wrote where process 0 does not see them: train.stall_timeout_s ends the run with the
+    stacks. The watchdog stopped with the loop, so the run idled until
+    checkpoint.save_timeout_s (600 s by default)."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    command = [
+        "unshare", "--mount", "sh", "-c", _OWN_CHECKPOINTS, str(run_dir / "checkpoints"),
+        sys.executable, "-m", "trainer", str(TINY_RECIPE), f"run_dir={run_dir}",
+        "train.steps=2", "train.stall_timeout_s=10", "checkpoint.save_timeout_s=600",
+        "eval.every_steps=0",
+    ]  # fmt: skip
+    results = wait_all(launch_processes(command, 2, 1, tmp_path), timeout=120)
+    assert [code for code, _ in results] == [EXIT_STALLED] * 2, results[0][1][-3000:]
+    for output in (output for _, output in results):
+        assert output.count("; the stack of every thread follows") == 1, output[-3000:]
+        assert 'trainer/checkpoint.py", line' in output and " in close\n" in output, output
+        assert " s since step 2 (train.stall_timeout_s=10; " in output  # 10 s, or 11 polled
+    assert not (run_dir / "DONE").exists()

@@ -489,7 +489,26 @@ def _train(recipe: Recipe) -> int:
         if is_main
         else None
     )
-    step, last, preempted = train_loop(run, feed, step, checkpointer, log, peak)
+    # Past the loop too: the final save, its commit and DONE can hang as an iteration can
+    # (a commit waiting for files another process wrote where this one does not see them).
+    watchdog = Watchdog(recipe.train.stall_timeout_s, _end_stalled(recipe.train.stall_timeout_s))
+    try:  # however the run ends (a crash included), the watchdog goes with it
+        step, last, preempted = train_loop(run, feed, step, checkpointer, log, peak, watchdog)
+        return _end(run, checkpointer, step, last, preempted, started)
+    finally:
+        watchdog.stop()
+
+
+def _end(
+    run: Run,
+    checkpointer: Checkpointer,
+    step: int,
+    last: dict[str, Any],
+    preempted: bool,
+    started: float,
+) -> int:
+    """End a run whose loop stopped at `step`: save the final state (unless a SIGTERM's stop
+    saved it), wait until it commits, and write DONE (process 0); the exit status."""
     if preempted and step < run.total_steps:
         checkpointer.close()
         print(f"trainer: stopped on SIGTERM at step {step}, checkpoint committed", flush=True)
@@ -497,8 +516,8 @@ def _train(recipe: Recipe) -> int:
     if not preempted:  # a stop at the last step has saved it already: the run is done
         checkpointer.save(run.state)  # the final state, whatever the save interval
     checkpointer.close()
-    if is_main:
-        _write_done(recipe, step, last, started)
+    if jax.process_index() == 0:
+        _write_done(run.recipe, step, last, started)
     else:
         print(f"trainer: {_process()} finished at step {step}", flush=True)
     return 0
@@ -560,10 +579,12 @@ def train_loop(
     checkpointer: Checkpointer,
     log: metrics.MetricsLog | None,
     peak: float,
+    watchdog: Watchdog,
 ) -> tuple[int, dict[str, Any], bool]:
     """Train from `step` to the run's last step, logging, evaluating and saving as the
     recipe says: (the step it stopped at, that step's record, whether SIGTERM stopped it
-    after a committed save). The stall watchdog and the profile trace cover this loop.
+    after a committed save). The profile trace covers this loop; `watchdog` (the stall
+    watchdog, which the caller stops) starts once the step is compiled.
     Raises Diverged, saving nothing more, at the first checked step (logged, or due to be
     saved) whose loss or gradient norm is not finite."""
     recipe = run.recipe
@@ -573,42 +594,38 @@ def train_loop(
     compiled = run.train_step.lower(run.state, batch, *run.frozen).compile()
     is_main = jax.process_index() == 0
     trace = StepTrace(recipe.run_dir, recipe.train.profile_steps if is_main else [])
-    watchdog = Watchdog(recipe.train.stall_timeout_s, _end_stalled(recipe.train.stall_timeout_s))
     watchdog.start()
     preemption.started()  # a SIGTERM from now on saves the step it stops at
     interval_start, interval_steps = time.perf_counter(), 0
-    try:  # however the loop ends (a crash included), the watchdog goes with it
-        while step < run.total_steps:
-            trace.at_step(step, run.state)
-            run.state, stats = compiled(run.state, batch, *run.frozen)
-            step += 1
-            interval_steps += 1
-            if step < run.total_steps:  # read the next batch while the devices work on this one
-                batch = feed.batch(run, step)
-            if step % recipe.logging.every_steps == 0 or step == run.total_steps:
-                stats = jax.device_get(stats)  # first: a step's time ends when its results are in
-                elapsed = time.perf_counter() - interval_start
-                last = _step_record(step, stats, elapsed / interval_steps, run, peak)
-                if log is not None:
-                    log.write(last)
-                    print(metrics.progress_line(last), flush=True)
-                interval_start, interval_steps = time.perf_counter(), 0
-                stop_if_diverged(run, stats, step, checkpointer)
-            if _evaluates_at(run, feed, step):
-                result = {"step": step, **evaluate(run, feed.eval, feed.references["eval"])}
-                last.update(result)
-                if log is not None:
-                    log.write(result)
-                    print(metrics.eval_line(result), flush=True)
-                interval_start = time.perf_counter()
-            # Host step: no wait on the devices, unless a save (which waits for the step
-            # anyway) is due; then first the step's loss must be finite.
-            finite = functools.partial(stop_if_diverged, run, stats, step, checkpointer)
-            if checkpointer.maybe_save(run.state, step, before_save=finite):
-                return step, last, True
-            watchdog.progress(f"step {step}")
-    finally:
-        watchdog.stop()
+    while step < run.total_steps:
+        trace.at_step(step, run.state)
+        run.state, stats = compiled(run.state, batch, *run.frozen)
+        step += 1
+        interval_steps += 1
+        if step < run.total_steps:  # read the next batch while the devices work on this one
+            batch = feed.batch(run, step)
+        if step % recipe.logging.every_steps == 0 or step == run.total_steps:
+            stats = jax.device_get(stats)  # first: a step's time ends when its results are in
+            elapsed = time.perf_counter() - interval_start
+            last = _step_record(step, stats, elapsed / interval_steps, run, peak)
+            if log is not None:
+                log.write(last)
+                print(metrics.progress_line(last), flush=True)
+            interval_start, interval_steps = time.perf_counter(), 0
+            stop_if_diverged(run, stats, step, checkpointer)
+        if _evaluates_at(run, feed, step):
+            result = {"step": step, **evaluate(run, feed.eval, feed.references["eval"])}
+            last.update(result)
+            if log is not None:
+                log.write(result)
+                print(metrics.eval_line(result), flush=True)
+            interval_start = time.perf_counter()
+        # Host step: no wait on the devices, unless a save (which waits for the step
+        # anyway) is due; then first the step's loss must be finite.
+        finite = functools.partial(stop_if_diverged, run, stats, step, checkpointer)
+        if checkpointer.maybe_save(run.state, step, before_save=finite):
+            return step, last, True
+        watchdog.progress(f"step {step}")
     trace.at_step(step, run.state, done=True)
     return step, last, False
 

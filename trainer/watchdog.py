@@ -4,7 +4,8 @@ A process that hangs without dying (a file read or write that never returns, a c
 waiting on a process that is itself stuck) keeps the whole pod busy doing nothing: jax's
 heartbeats still flow, so `distributed.PodWatch` sees no lost process, and a `tpuctl run`
 would wait for ever. Each process therefore watches its own loop: when no iteration (a step,
-its logging, eval and checkpoint save) has completed for `stall_timeout_s` seconds, it prints
+its logging, eval and checkpoint save) has completed for `stall_timeout_s` seconds, nor after
+the last one what ends the run (the final save, its commit and DONE), it prints
 every thread's Python stack to stderr (which shows where it hangs) and ends every process of
 the run with one line and `EXIT_STALLED`, as a failed save does. `tpuctl babysit` then
 relaunches the run as a failure, from its last committed checkpoint.
