@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from tpuctl.cli import _exit_status
 
 HEAVY_MODULES = ("jax", "flax", "optax", "orbax", "google.cloud.tpu_v2", "google.cloud.storage")
@@ -82,11 +84,26 @@ def test_the_ssh_transport_imports_paramiko_without_invoke():
     assert out.stdout.strip() == "False"
 
 
-def test_unknown_command_is_a_usage_error_not_a_traceback():
-    result = tpuctl("no-such-command")
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert "No such command" in result.stderr
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["no-such-command"], "no such command 'no-such-command' (usage: `tpuctl -h`)"),
+        (["exce"], "no such command 'exce'. Did you mean 'exec'? (usage: `tpuctl -h`)"),
+        (["ssh", "pod", "--worker", "0,1"],
+         "invalid value for '--worker' / '-w': '0,1' is not a valid int (usage: `tpuctl ssh -h`)"),
+        (["logs", "--bogus"], "no such option: --bogus (usage: `tpuctl logs -h`)"),
+        (["up"], "missing argument 'accelerator_type' (usage: `tpuctl up -h`)"),
+    ],
+)  # fmt: skip
+def test_a_usage_error_is_one_line_naming_the_flag_with_exit_2(args, line):
+    """click's display was four lines: the command's usage, a hint, a blank, the error."""
+    result = tpuctl(*args)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {line}\n")
+
+
+def test_a_group_given_no_command_shows_its_help():
+    result = tpuctl("config")
+    assert result.returncode == 2 and result.stderr.startswith("Usage: tpuctl config")
 
 
 def _entry(prelude: str, *args: str) -> subprocess.CompletedProcess:

@@ -8,6 +8,8 @@ import sys
 import threading
 from typing import NoReturn
 
+import typer
+
 from tpuctl.cli.app import app
 from tpuctl.errors import TpuctlError
 
@@ -52,16 +54,33 @@ def load_commands(argv: list[str]) -> None:
 
 
 def main() -> None:
-    """Run the CLI; a TpuctlError becomes one line on stderr, never a traceback.
-
-    Usage errors, --help and Ctrl-C are left to typer's standalone mode.
-    """
+    """Run the CLI; a TpuctlError, and a usage error (an unknown option, a flag's value of
+    the wrong type, a missing argument), become one line on stderr, never a traceback."""
     load_commands(sys.argv[1:])
     try:
-        app()
+        status = app(prog_name="tpuctl", standalone_mode=False)  # --help, Exit, Ctrl-C: a status
     except TpuctlError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except typer.Abort:
+        print("Aborted!", file=sys.stderr)
+        sys.exit(1)
+    except typer.TyperException as err:  # the errors of the click typer vendors
+        _show_click_error(err)
+        sys.exit(err.exit_code)
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def _show_click_error(err: typer.TyperException) -> None:
+    """A usage error as one line naming the flag, with where to read the usage: click's own
+    display is the command's usage, a hint and the error, on four lines."""
+    if type(err).__name__ == "NoArgsIsHelpError":  # a group given no command: its help
+        err.show()
+        return
+    message = " ".join(err.format_message().split()).removesuffix(".")
+    context = getattr(err, "ctx", None)
+    usage = f" (usage: `{context.command_path} -h`)" if context is not None else ""
+    print(f"error: {message[:1].lower()}{message[1:]}{usage}", file=sys.stderr)
 
 
 def entry() -> NoReturn:
