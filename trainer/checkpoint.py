@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -245,6 +246,7 @@ class Checkpointer:
         of jax.ShapeDtypeStruct with shardings, e.g. from jax.eval_shape). None only when the
         directory holds no committed checkpoint; one that cannot be loaded raises CheckpointError.
         """
+        self._await_cleanup()
         step = self.latest_step
         if step is None:
             return None
@@ -382,11 +384,24 @@ class Checkpointer:
     def close(self) -> None:
         """Wait for pending saves, then release orbax's threads and the SIGTERM handler."""
         self.wait_until_committed()
+        self._await_cleanup()
         self._manager.close()
         self._save_errors.close()
         self._save_started = None
         preemption.unwatch(self._previous_sigterm_handler)
         self._previous_sigterm_handler = None
+
+    def _await_cleanup(self) -> None:
+        """Wait until orbax has removed the saves earlier runs left unfinished. Its
+        CheckpointManager starts that in a thread of its own as it opens and waits for it
+        only before its first save, not in close(): a process that ended before (a resume
+        refused, a run already finished) had that thread's traceback ("cannot schedule new
+        futures after shutdown") printed after its own last line. No public call waits for
+        it; a clean-up that failed fails the next save instead, where orbax waits for it."""
+        wait = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if wait is not None:
+            with contextlib.suppress(Exception):
+                wait()
 
     def __enter__(self) -> Checkpointer:
         return self
