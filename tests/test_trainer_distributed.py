@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -113,6 +114,34 @@ def test_a_process_that_fails_and_leaves_while_another_looks_is_not_taken_for_de
     for _code, output in results:
         last = output.strip().splitlines()[-1]
         assert last == "trainer: stopped on SIGTERM while starting up", output[-2000:]
+
+
+_FAIL_AND_LEAVE = """
+import time, jax
+from trainer import distributed
+distributed.initialize()
+if jax.process_index() == 1:
+    distributed.fail_everywhere("checkpoint save of step 4 failed on process 1", 74)
+time.sleep(120)
+"""
+
+
+def test_a_failure_reaches_the_others_at_once_not_after_the_leavers_heartbeats_time_out(
+    tmp_path,
+):
+    """Reading liveness first (a barrier of the live processes, which waits for one that left
+    without a word until its heartbeats time out) held the failure back that long; a process
+    in `crash` meanwhile took the collective's error for its own and printed its traceback."""
+    command = [sys.executable, "-c", _FAIL_AND_LEAVE]
+    procs = launch_processes(command, 2, 1, tmp_path, TPUCTL_HEARTBEAT_TIMEOUT="100")
+    started = time.monotonic()
+    results = wait_all(procs, timeout=120)
+    assert time.monotonic() - started < 60, results  # the launch and joining included
+    assert [code for code, _ in results] == [74, 74], results
+    for _code, output in results:
+        assert output.strip().splitlines()[-1] == (
+            "error: checkpoint save of step 4 failed on process 1"
+        ), output[-2000:]
 
 
 _CRASH_WHILE_STOPPING = """

@@ -473,11 +473,15 @@ class PodWatch(threading.Thread):
 
     def poll(self, client) -> tuple[str, int, int | None] | None:
         """How this process must end now (`_leave`'s line, status and leaving count), or
-        None while the pod is whole. Liveness is read before the failure key: a process
-        that fails sets the key and then leaves, so one seen gone has set it by then, and
-        its own line and status win over "stopped (no heartbeat)" (read the other way
-        round, a process slowed between the two reads took a peer's SIGTERM for a death)."""
+        None while the pod is whole. The failure key is read first: liveness is a barrier
+        of the live processes, which waits for one that has just failed and left until its
+        heartbeats time out. It is read again when liveness shows a process gone: one that fails sets the key and
+        then leaves, so its line and status win over "stopped (no heartbeat)" even when it
+        left between the two reads (a process slowed there took a peer's SIGTERM stop for
+        a death)."""
         everyone = list(range(self.count))
+        if (failure := self._failure(client)) is not None:
+            return failure
         try:
             live = client.get_live_nodes(everyone)
         except Exception as e:
@@ -488,24 +492,30 @@ class PodWatch(threading.Thread):
                 f"stopping process {self.index} too",
                 EXIT_PEER_LOST,
             )
+        if not (dead := sorted(set(everyone) - set(live))) or self.stopped.is_set():
+            return None
+        if (failure := self._failure(client)) is not None:
+            return failure
+        names = ", ".join(map(str, dead))
+        return (
+            f"error: process {names} of {self.count} stopped (no heartbeat for "
+            f"{self.heartbeat_timeout_s} s); stopping process {self.index} too",
+            EXIT_PEER_LOST,
+            self.count - len(dead),
+        )
+
+    def _failure(self, client) -> tuple[str, int, None] | None:
+        """The line and status another process ended the run with, if one did."""
         try:
             failure = client.key_value_try_get(_FAILURE_KEY)
         except Exception:  # not set yet (NOT_FOUND), or the coordinator is gone
-            failure = None
-        if failure:
-            failure = json.loads(failure)
-            if failure.get("stacks"):
-                show_stacks(f"process {self.index} of {self.count} as the run ends")
-            return failure["line"], failure["status"], None
-        if (dead := sorted(set(everyone) - set(live))) and not self.stopped.is_set():
-            names = ", ".join(map(str, dead))
-            return (
-                f"error: process {names} of {self.count} stopped (no heartbeat for "
-                f"{self.heartbeat_timeout_s} s); stopping process {self.index} too",
-                EXIT_PEER_LOST,
-                self.count - len(dead),
-            )
-        return None
+            return None
+        if not failure:
+            return None
+        failure = json.loads(failure)
+        if failure.get("stacks"):
+            show_stacks(f"process {self.index} of {self.count} as the run ends")
+        return failure["line"], failure["status"], None
 
 
 def first_line(error: BaseException) -> str:
