@@ -298,7 +298,7 @@ def test_a_worker_that_cannot_start_the_job_stops_it_everywhere(hosts):
     broken = Path(hosts[1].workdir) / ".tpuctl"
     broken.mkdir()
     (broken / "jobs").write_text("not a directory")  # w01 cannot keep job records
-    with pytest.raises(TpuctlError, match=r"did not start on 1 worker\(s\): w01"):
+    with pytest.raises(TpuctlError, match=r"did not start on 1 worker: w01"):
         jobs.launch(hosts, spec(STEPS="1000"))
     report = jobs.status([hosts[0], hosts[2]])
     assert [j.state for j in report] == ["exited", "exited"]

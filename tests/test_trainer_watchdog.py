@@ -4,6 +4,7 @@ the run, every process of it, with the stacks that show where it waits."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 
@@ -92,8 +93,10 @@ def test_a_loop_hung_on_one_process_ends_every_process_with_its_stack(tmp_path):
     assert "in process_allgather" in waiting, waiting[-3000:]  # the next collective
     for output in (hung, waiting):
         assert output.count("; the stack of every thread follows") == 1, output[-3000:]
-        assert "no progress for 10 s since the start of the loop (train.stall_timeout_s=10; " \
-            "raise it if an iteration can take that long)" in output  # fmt: skip
+        # The time it waited, measured: the timeout, or a second or two past it under load.
+        assert re.search(r"no progress for 1[0-9] s since the start of the loop \(train\."
+                         r"stall_timeout_s=10; raise it if an iteration can take that long\)",
+                         output), output[-3000:]  # fmt: skip
         assert "error: training stalled on process " in output
 
 

@@ -140,7 +140,7 @@ def test_container_launcher_passes_environment_by_name_only():
 def test_failing_setup_names_the_workers(hosts):
     broken = workerenv.WorkerEnv(python="python3", setup="echo 'no such mirror' >&2; exit 4")
     with pytest.raises(
-        TpuctlError, match=r"failed on 2 worker\(s\): w00: running worker.setup: no such mirror"
+        TpuctlError, match=r"failed on 2 workers: w00: running worker.setup: no such mirror"
     ):
         workerenv.prepare(hosts, broken, lambda _m: None)
 
