@@ -511,13 +511,13 @@ class Babysitter:
         if uri.startswith("gs://"):
             self._use_local_gcs()
         try:
-            ours = load_recipe(given, self.options.overrides)
+            edited = load_recipe(given, self.options.overrides)
         except TpuctlError:  # an edit that broke it: nothing relaunches it either
             return
-        if not (changes := recipe_differences(ours, load_recipe(uri, []))):
+        if not (changes := recipe_differences(edited, load_recipe(uri, []))):
             return
         shown = ", ".join(
-            f"{key} {ours!r} (the run's: {theirs!r})" for key, ours, theirs in changes[:3]
+            f"{key} {value!r} (the run's: {stored!r})" for key, value, stored in changes[:3]
         )
         more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
         self.log(
