@@ -73,6 +73,17 @@ def test_a_timeout_of_0_starts_no_watch():
     assert not watchdog.watching
 
 
+# jax's liveness check is not what these tests test, so it gets a margin no stall of the test
+# machine reaches. Process 0 hosts jax's coordination service, which declares a process dead
+# once it has recorded no heartbeat from it for TPUCTL_HEARTBEAT_TIMEOUT seconds (each process
+# sends one every half of that; a hung open() or a collective does not stop them). With the
+# default 20, the service's host or the whole 2-core CI machine not running for 10 s or so
+# (seen once in a full CI run: both processes declared dead at the same instant, before the
+# first step) ended a run as lost peers, 69 and no stacks, not as a stall. The watchdog alone
+# ends these runs, so the longer timeout adds nothing to their time.
+LIVENESS_MARGIN = {"TPUCTL_HEARTBEAT_TIMEOUT": "60"}
+
+
 @pytest.mark.slow  # two 2-process tiny runs
 def test_a_loop_hung_on_one_process_ends_every_process_with_its_stack(tmp_path):
     # Process 0 writes the first step's metrics line into a FIFO nobody reads: its open()
@@ -85,7 +96,7 @@ def test_a_loop_hung_on_one_process_ends_every_process_with_its_stack(tmp_path):
         str(TINY_RECIPE), f"run_dir={run_dir}", "train.steps=50", "train.stall_timeout_s=10",
         "logging.every_steps=1", "eval.every_steps=0",
     ]  # fmt: skip
-    results = wait_all(launch_trainer(args, 2, 2, tmp_path), timeout=300)
+    results = wait_all(launch_trainer(args, 2, 2, tmp_path, **LIVENESS_MARGIN), timeout=300)
     assert [code for code, _ in results] == [EXIT_STALLED] * 2, results[0][1][-3000:]
     hung, waiting = (output for _, output in results)
     # Whichever process noticed first, each shows where it waits: the hung one in the write.
@@ -120,7 +131,7 @@ def test_a_final_save_that_never_commits_ends_every_process_as_a_stall(tmp_path)
         "train.steps=2", "train.stall_timeout_s=10", "checkpoint.save_timeout_s=600",
         "eval.every_steps=0",
     ]  # fmt: skip
-    results = wait_all(launch_processes(command, 2, 1, tmp_path), timeout=120)
+    results = wait_all(launch_processes(command, 2, 1, tmp_path, **LIVENESS_MARGIN), timeout=120)
     assert [code for code, _ in results] == [EXIT_STALLED] * 2, results[0][1][-3000:]
     for output in (output for _, output in results):
         assert output.count("; the stack of every thread follows") == 1, output[-3000:]
