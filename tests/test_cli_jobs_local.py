@@ -395,6 +395,7 @@ def test_a_container_image_gets_every_variable_the_job_gets(tmp_path):
     cli.env["PATH"] = f"{bin_dir}:{cli.env['PATH']}"
     cli.env["PYTHONPATH"] = str(REPO)
     (tmp_path / "tpuctl.yaml").write_text("worker:\n  image: example/trainer:1\n")
+    cli.ok("config", "trust")
     cli.ok("up", "v4-8", "--local", "--name", "boxed")
     try:
         out = cli.ok(
@@ -414,6 +415,7 @@ def test_run_follow_reports_a_stop_on_sigterm_as_a_stop_to_resume_not_a_failure(
     stopped.write_text("#!/bin/sh\necho 'trainer: stopped on SIGTERM at step 7'\nexit 75\n")
     stopped.chmod(0o755)
     (tmp_path / "tpuctl.yaml").write_text(f"worker:\n  python: {stopped}\n")
+    cli.ok("config", "trust")
     cli.ok("up", "v4-16", "--local", "--name", "stopping")
     try:
         out = cli("run", TINY, "--name", "stopping", "--all-workers", "--follow", "--run-id", "s")

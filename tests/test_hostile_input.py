@@ -550,7 +550,42 @@ def test_the_babysit_log_is_private(tmp_path, monkeypatch):
     assert _open_modes(tmp_path / "tpuctl") == []
 
 
-# -- 6. ssh.user is a user name, never an ssh option -------------------------------------
+# -- 6. a checkout's ./tpuctl.yaml: trusted before it decides code or logins -------------
+
+
+def test_a_checkouts_project_file_runs_nothing_on_the_workers_until_trusted(tmp_path):
+    """A repository you clone and `cd` into ran its ./tpuctl.yaml's worker.setup on every
+    worker at your next `prepare` (or chose your bucket, project, ssh key or jump host).
+    Such keys now apply only to the content `tpuctl config trust` recorded."""
+    cli = LocalCli(tmp_path)
+    project = tmp_path / "tpuctl.yaml"
+    cli.ok("up", "v4-8", "--local", "--name", "cloned")
+    try:
+        one_line_error(cli("config", "trust"), f"no ./tpuctl.yaml in {tmp_path}: nothing to trust")
+        project.write_text("node: cloned\nworker:\n  setup: echo ran >> setup-ran\n")
+        fix = "review ./tpuctl.yaml, then run `tpuctl config trust`"
+        one_line_error(cli("prepare"), f"./tpuctl.yaml ({project}) is not trusted", "setup", fix)
+        assert not list(tmp_path.rglob("setup-ran"))
+        shown = cli.ok("config", "show").splitlines()  # to review it: shown, marked
+        rows = {" ".join(line.split()) for line in shown}
+        assert "worker.setup echo ran >> setup-ran ./tpuctl.yaml (untrusted)" in rows
+        assert "node cloned ./tpuctl.yaml" in rows
+        assert shown[-1].startswith("note: ./tpuctl.yaml") and shown[-1].endswith(fix)
+
+        assert "its worker.setup now apply" in cli.ok("config", "trust")
+        store = tmp_path / "state" / "tpuctl" / "trusted_project_files.json"
+        assert store.stat().st_mode & 0o777 == 0o600
+        cli.ok("prepare")
+        assert [p.read_text() for p in tmp_path.rglob("setup-ran")] == ["ran\n"]
+
+        project.write_text(project.read_text().replace("ran >>", "edited >>"))
+        one_line_error(cli("prepare"), "changed since you trusted it", "worker.setup", fix)
+        project.write_text("node: cloned\nzone: us-east1-d\nworker: {platform: cpu}\n")
+        assert cli.ok("prepare") == "cloned: 1 worker ready\n"  # harmless keys: no trust
+        assert [p.read_text() for p in tmp_path.rglob("setup-ran")] == ["ran\n"]
+    finally:
+        project.unlink(missing_ok=True)
+        cli("down", "cloned", "--yes")
 
 
 @pytest.mark.parametrize("user", ["-oProxyCommand=touch /tmp/owned", "alice\nroot", "a b"])
@@ -558,7 +593,10 @@ def test_an_ssh_user_that_is_no_user_name_is_refused_from_an_untrusted_checkout(
     cli = LocalCli(tmp_path)
     (tmp_path / "tpuctl.yaml").write_text(yaml.safe_dump({"ssh": {"user": user}}))
     result = cli("exec", "--", "true")
-    one_line_error(result, "ssh.user", "./tpuctl.yaml")
+    one_line_error(result, "ssh.user", "./tpuctl.yaml", "is not trusted")
+    cli.ok("config", "trust")  # even a file you trust gives ssh no option
+    result = cli("exec", "--", "true")
+    one_line_error(result, "ssh.user", "./tpuctl.yaml", "is not a user name")
     result = cli("exec", "--ssh-user", "-l", "--", "true")
     one_line_error(result, "ssh.user", "--ssh-user")
 

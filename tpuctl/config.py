@@ -2,16 +2,19 @@
 
 Every value remembers where it came from, so `tpuctl config show` can explain itself.
 Keys are dotted paths (`ssh.user`, `accelerators.v3-256.zone`); YAML files hold the
-same keys as nested mappings.
+same keys as nested mappings. A ./tpuctl.yaml that sets a key outside HARMLESS_KEYS
+applies only once the user trusts its content (`tpuctl config trust`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import getpass
 import os
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,27 @@ _NAME_KEYS = frozenset({"project", "zone", "node", "bucket"})  # strings, never 
 _SECTIONS = frozenset({"accelerators", *(key.split(".")[0] for key in KNOWN_KEYS if "." in key)})
 BOOL_KEYS = frozenset({"ssh.internal_ip"})
 LIST_FIELDS = frozenset({"zones"})
+
+# What a ./tpuctl.yaml may set before its content is trusted: a repository you clone and
+# `cd` into picks with these only among your own nodes, zones and connections. Every other
+# key would let the file's author choose what runs on your workers (worker.setup, .image,
+# .python, .base_python, .python_version (uv takes a path too), .python_mirror, .packages,
+# .pip_args, .uv_args), the software your VMs boot (accelerators.TYPE.runtime_version),
+# where your run files go (bucket), whose project your TPUs and --env secrets live in
+# (project, accelerators.TYPE.project), or how you log in: ssh.key (its public half goes
+# into your nodes' metadata, and the file's author may hold the private half), ssh.user,
+# ssh.proxy_jump (every connection through their host). As `mise trust` and `direnv allow`.
+HARMLESS_KEYS = frozenset(
+    {
+        "zone",  # a zone of your own project
+        "node",  # one of your own nodes; `down` still asks before deleting it
+        "provider",  # your cloud project or a simulated pod on this machine
+        "ssh.internal_ip",  # which of a worker's addresses, both from the TPU API
+        "ssh.reuse",  # how long your own connections stay open while idle
+        "worker.platform",  # whether tpuctl sets up jax.distributed on CPU
+    }
+)
+HARMLESS_ACCELERATOR_FIELDS = frozenset({"zone", "zones"})  # of accelerators.TYPE
 
 
 def config_dir() -> Path:
@@ -147,6 +171,8 @@ class Settings:
 
     values: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
+    # Why ./tpuctl.yaml's keys that need trust do not apply; set only by load(review=True).
+    untrusted: str | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of a dotted key; a prefix such as `accelerators.v3-8` gives a dict."""
@@ -165,16 +191,20 @@ class Settings:
         return [(k, self.values[k], self.source(k)) for k in sorted(self.values)]
 
 
-def load(flags: dict[str, object] | None = None) -> Settings:
+def load(flags: dict[str, object] | None = None, review: bool = False) -> Settings:
     """Resolve settings from flags, environment, project file, user file and defaults.
 
     `flags` maps dotted keys to command-line values; None values mean "flag not given".
+    A project file whose keys need trust (see HARMLESS_KEYS) and whose content is not
+    trusted is a TpuctlError, unless `review` (for `config show`): then its values are
+    there, their source says "untrusted" and `Settings.untrusted` says why.
     """
     settings = Settings()
+    project, gated, refusal = _project_file()
     layers: list[tuple[dict[str, Any], Any]] = [
         (_defaults(), lambda _k: "default"),
         (_read_yaml(user_config_path()), lambda _k: _display_path(user_config_path())),
-        (_read_yaml(PROJECT_FILE), lambda _k: f"./{PROJECT_FILE}"),
+        (project, lambda _k: f"./{PROJECT_FILE}"),
         (_from_env(), lambda k: f"env {_env_name(k)}"),
         (
             {k: v for k, v in (flags or {}).items() if v is not None},
@@ -187,6 +217,12 @@ def load(flags: dict[str, object] | None = None) -> Settings:
             # Files may hold any key: a misspelt one would otherwise be ignored without a word.
             validate_key(key, describe(key))
             settings.sources[key] = describe(key)
+    if refusal and not review:
+        raise TpuctlError(refusal)
+    settings.untrusted = refusal
+    for key in gated:  # those the file still decides (no env or flag overrides them)
+        if settings.sources[key] == f"./{PROJECT_FILE}":
+            settings.sources[key] += " (untrusted)"
     _check_provider(settings)
     _check_ssh_user(settings)
     return settings
@@ -248,8 +284,6 @@ def set_user_value(key: str, raw_value: str) -> tuple[Path, Any]:
     """Write one key into the user config file (creating it); returns the file's path and
     the value written. A config file that is a link (to a dotfiles repo) stays one: the
     file it names is replaced. Comments in the file are not kept."""
-    import fcntl
-
     import yaml
 
     validate_key(key)
@@ -265,10 +299,7 @@ def set_user_value(key: str, raw_value: str) -> tuple[Path, Any]:
         check(Settings(values={key: value}, sources={key: f"tpuctl config set {key}"}))
     _check_cloud_names(key, value)
     path = user_config_path().resolve()
-    private_dir(path.parent)
-    # One writer at a time: two `config set` at once must not each drop the other's key.
-    with open(path.with_name(f".{path.name}.lock"), "a", opener=private_opener) as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _one_writer(path):
         data = _read_yaml_nested(path)
         node = data
         *parents, leaf = key.split(".")
@@ -280,6 +311,92 @@ def set_user_value(key: str, raw_value: str) -> tuple[Path, Any]:
         node[leaf] = value
         write_private(path, yaml.safe_dump(data, sort_keys=True))
     return path, value
+
+
+@contextlib.contextmanager
+def _one_writer(path: Path) -> Iterator[None]:
+    """Hold a lock beside `path` while changing it: two writers at once (two `config set`)
+    must not each drop the other's change."""
+    import fcntl
+
+    private_dir(path.parent)
+    with open(path.with_name(f".{path.name}.lock"), "a", opener=private_opener) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def needs_trust(key: str) -> bool:
+    """Whether a ./tpuctl.yaml setting `key` applies only once its content is trusted."""
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] == "accelerators":
+        return parts[2] not in HARMLESS_ACCELERATOR_FIELDS
+    return key not in HARMLESS_KEYS
+
+
+def trust_store_path() -> Path:
+    """Where `tpuctl config trust` records each trusted project file's path and SHA-256."""
+    return state_dir() / "trusted_project_files.json"
+
+
+def trust_project_file() -> tuple[Path, list[str]]:
+    """Trust the current content of ./tpuctl.yaml (`tpuctl config trust`); returns its
+    absolute path and the keys it sets that needed the trust. A file that does not parse,
+    or sets a key tpuctl does not know, is refused, not recorded."""
+    import json
+
+    raw = _read_bytes(PROJECT_FILE)
+    if raw is None:
+        raise TpuctlError(f"no ./{PROJECT_FILE} in {Path.cwd()}: nothing to trust")
+    keys = list(_flatten(_parse_yaml(raw, PROJECT_FILE)))
+    for key in keys:
+        validate_key(key, f"./{PROJECT_FILE}")
+    path = PROJECT_FILE.resolve()
+    store = trust_store_path()
+    with _one_writer(store):
+        trusted = _trusted_files()
+        trusted[str(path)] = _sha256(raw)
+        write_private(store, json.dumps(trusted, indent=1, sort_keys=True) + "\n")
+    return path, [key for key in keys if needs_trust(key)]
+
+
+def _project_file() -> tuple[dict[str, Any], list[str], str | None]:
+    """./tpuctl.yaml's settings; those of its keys that need trust which its content has
+    not been given; and, when there are any, the one line that says so and what to do."""
+    raw = _read_bytes(PROJECT_FILE)
+    if raw is None:
+        return {}, [], None
+    values = _flatten(_parse_yaml(raw, PROJECT_FILE))
+    gated = [key for key in values if needs_trust(key)]
+    if not gated:
+        return values, [], None
+    recorded = _trusted_files().get(str(PROJECT_FILE.resolve()))
+    if recorded == _sha256(raw):
+        return values, [], None
+    state = "changed since you trusted it" if recorded else "is not trusted"
+    refusal = (
+        f"./{PROJECT_FILE} ({PROJECT_FILE.resolve()}) {state} and sets {', '.join(gated)}, "
+        "which choose what runs on your workers, where your files and TPUs go or how you "
+        f"log in: review ./{PROJECT_FILE}, then run `tpuctl config trust`"
+    )
+    return values, gated, refusal
+
+
+def _trusted_files() -> dict[str, str]:
+    """Trusted project files, absolute path to SHA-256; none when the record is unreadable
+    (every file then needs trusting again, never the other way round)."""
+    import json
+
+    try:
+        trusted = json.loads(trust_store_path().read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return trusted if isinstance(trusted, dict) else {}
+
+
+def _sha256(raw: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(raw).hexdigest()
 
 
 def _check_cloud_names(key: str, value: Any) -> None:
@@ -398,15 +515,32 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _read_yaml_nested(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    import yaml
+    raw = _read_bytes(path)
+    return {} if raw is None else _parse_yaml(raw, path)
 
-    from trainer.yaml_input import YamlInputError, load_yaml, read_capped
+
+def _read_bytes(path: Path) -> bytes | None:
+    """A config file's bytes (read once: what is trusted is what is parsed); None if none."""
+    if not path.is_file():
+        return None
+    from trainer.yaml_input import YamlInputError, read_capped
 
     try:
         with open(path, "rb") as handle:
-            data = load_yaml(read_capped(handle, str(path)), str(path)) or {}
+            return read_capped(handle, str(path))
+    except YamlInputError as err:
+        raise TpuctlError(str(err)) from None
+
+
+def _parse_yaml(raw: bytes, path: Path) -> dict[str, Any]:
+    """A config file's mapping of settings; a one-line TpuctlError naming `path` if it is
+    no such thing."""
+    import yaml
+
+    from trainer.yaml_input import YamlInputError, load_yaml
+
+    try:
+        data = load_yaml(raw, str(path)) or {}
     except YamlInputError as err:
         raise TpuctlError(str(err)) from None
     except yaml.YAMLError as err:

@@ -1,4 +1,4 @@
-"""`tpuctl config show` and `tpuctl config set`: resolved settings and where they came from."""
+"""`tpuctl config show`, `set` and `trust`: resolved settings and where they came from."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ from tpuctl.cli.app import app
 from tpuctl.cli.output import console, print_json
 
 config_app = typer.Typer(
-    help="Show resolved settings, or set one in the user config file.", no_args_is_help=True
+    help="Show resolved settings, set one in the user config file, or trust ./tpuctl.yaml.",
+    no_args_is_help=True,
 )
 app.add_typer(config_app, name="config")
 
 
 @config_app.command("show")
 def show(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Print every resolved setting, its value and where it came from."""
-    settings = config.load()
+    """Print every resolved setting, its value and where it came from; the values of an
+    untrusted ./tpuctl.yaml too, marked, so you can review them before trusting it."""
+    settings = config.load(review=True)
     rows = settings.items()
     # Known keys that nothing sets are shown too, so users see what they could set.
     unset = [(key, None, "unset") for key in config.KNOWN_KEYS if settings.get(key) is None]
@@ -39,6 +41,8 @@ def show(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> 
     for key, shown, source in lines:
         console.print(f"{key:<{key_width}}  {shown:<{value_width}}  {source}", markup=False)
     console.print(f"user file: {config.user_config_path()}")
+    if settings.untrusted:
+        console.print(f"note: {settings.untrusted}", markup=False)
 
 
 @config_app.command("set")
@@ -51,3 +55,13 @@ def set_value(
     console.print(f"{key} = {written!r} written to {path}", markup=False)
     if var := config.env_override(key):
         console.print(f"note: {var} is set in this shell and overrides it here", markup=False)
+
+
+@config_app.command("trust")
+def trust() -> None:
+    """Let ./tpuctl.yaml set keys that choose what runs on your workers, where your files
+    and TPUs go, or how you log in (worker.*, bucket, project, ssh.key, ...). Trusts this
+    content only: once the file changes, commands refuse it until you trust it again."""
+    path, keys = config.trust_project_file()
+    what = f"; its {', '.join(keys)} now apply" if keys else " (it sets no key that needs it)"
+    console.print(f"trusted {path} as it is now{what}", markup=False)
