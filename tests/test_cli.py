@@ -65,6 +65,27 @@ def test_each_command_loads_from_the_module_that_registers_it():
     assert {name: f"tpuctl.cli.{m}" for name, m in COMMAND_MODULES.items()} == registered
 
 
+def test_every_command_that_takes_a_node_takes_dash_dash_name():
+    """A node is NAME for most commands and --name for `run`, `babysit`, `up`, `put` and
+    `get`: --name works for all of them."""
+    import typer.main
+
+    from tpuctl.cli import app, load_commands
+
+    load_commands([])
+    commands = typer.main.get_command(app).commands
+    takes_a_node = {
+        name: command
+        for name, command in commands.items()
+        if any(p.name == "name" or "--name" in getattr(p, "opts", ()) for p in command.params)
+    }
+    assert {"run", "babysit", "up", "logs", "exec", "down", "status"} <= set(takes_a_node)
+    without = [
+        name for name, c in takes_a_node.items() if not any("--name" in p.opts for p in c.params)
+    ]
+    assert without == []
+
+
 def test_a_command_imports_only_its_own_module():
     code = (
         "import sys, tpuctl.cli; sys.argv = ['tpuctl', 'exec', '--help']\n"

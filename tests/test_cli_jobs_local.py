@@ -46,8 +46,8 @@ def idle_pod(pod, cli):
     cli("kill", pod, "--grace", "5")
 
 
-def ps_rows(cli, name):
-    lines = cli.ok("ps", name).splitlines()[1:]
+def ps_rows(cli, *node):
+    lines = cli.ok("ps", *node).splitlines()[1:]
     return [line.split(None, 3) for line in lines]
 
 
@@ -465,6 +465,25 @@ def test_a_local_pod_is_found_by_name_by_every_command_without_the_provider_sett
         assert "deleted mine" in cli.ok("down", "mine", "--yes")
     missing = cli("status", "mine")
     assert missing.returncode == 1 and "no node named 'mine'" in missing.stderr
+
+
+def test_every_command_that_takes_a_node_as_name_takes_it_as_dash_dash_name_too(cli):
+    """`run` and `babysit` take the node as --name; `logs --name NODE` after them used to be
+    "no such option"."""
+    cli.ok("up", "v3-8", "--local", "--name", "named")
+    try:
+        assert cli.ok("exec", "--name", "named", "--", "echo", "hi").strip() == "[w00] hi"
+        assert '"name": "named"' in cli.ok("status", "--name", "named", "--json")
+        assert ps_rows(cli, "--name", "named")[0][:3] == ["w00", "-", "absent"]
+        assert cli.ok("kill", "--name", "named").strip() == "w00: nothing running"
+        cli.ok("clear-locks", "--name", "named")
+        twice = cli("status", "named", "--name", "other")
+        assert (twice.returncode, twice.stdout) == (2, "")
+        assert (
+            twice.stderr == "error: NAME named and --name other are two nodes: give the node once\n"
+        )
+    finally:
+        assert "deleted named" in cli.ok("down", "--name", "named", "--yes")
 
 
 def test_logs_and_ps_leave_out_gloo_chatter_that_raw_keeps(cli, tmp_path):

@@ -13,7 +13,13 @@ import typer
 
 from tpuctl import config
 from tpuctl.cli.app import app
-from tpuctl.cli.options import parse_env_flags, seconds
+from tpuctl.cli.options import (
+    NODE_ARGUMENT,
+    NODE_NAME_OPTION,
+    chosen_node,
+    parse_env_flags,
+    seconds,
+)
 from tpuctl.cli.output import err_console, format_duration
 from tpuctl.errors import TpuctlError
 from tpuctl.wording import plural
@@ -23,7 +29,6 @@ if TYPE_CHECKING:
     from tpuctl.fanout import Host, HostResult
     from tpuctl.providers.base import Node
 
-NODE_ARGUMENT = typer.Argument(None, help="Node name (default: config `node`, or the only node).")
 WORKER_OPTION = typer.Option(None, "--worker", "-w", help="Workers, e.g. 0,3,5-7 (default: all).")
 
 
@@ -90,10 +95,14 @@ def _follow(
 
 
 @app.command()
-def prepare(name: str | None = NODE_ARGUMENT) -> None:
+def prepare(
+    name: str | None = NODE_ARGUMENT,
+    name_option: str | None = NODE_NAME_OPTION,
+) -> None:
     """Prepare every worker to run the trainer, as `run` would first: a Python that fits
     (uv installs one where the worker's python3 is too old), a venv with the trainer and
     jax. Workers already prepared with the same source and settings are skipped."""
+    name = chosen_node(name, name_option)
     from tpuctl.jobs.runs import prepare_workers
 
     settings, node, hosts = _target(name, fresh=True)
@@ -184,6 +193,7 @@ def _report_end(hosts: list[Host], run_id: str, summary: dict | None, run_dir: s
 @app.command()
 def logs(
     name: str | None = NODE_ARGUMENT,
+    name_option: str | None = NODE_NAME_OPTION,
     tail: bool = typer.Option(False, "--tail", "-f", help="Follow until the job exits."),
     lines: int | None = typer.Option(
         None, "-n", "--lines", help="Lines of history (default: all; 20 with --tail)."
@@ -199,6 +209,7 @@ def logs(
 ) -> None:
     """Show the run's log: worker 0 in full plus error lines from the others, without
     runtime chatter (`--raw` keeps it)."""
+    name = chosen_node(name, name_option)
     from tpuctl import jobs
 
     _settings, _node, hosts = _target(name, worker)
@@ -233,9 +244,14 @@ def _report_missing_logs(results: list[HostResult], run_id: str | None) -> None:
 
 
 @app.command()
-def ps(name: str | None = NODE_ARGUMENT, run_id: str | None = RUN_ID_OPTION) -> None:
+def ps(
+    name: str | None = NODE_ARGUMENT,
+    name_option: str | None = NODE_NAME_OPTION,
+    run_id: str | None = RUN_ID_OPTION,
+) -> None:
     """Per worker: the run, its state (running / exited with code / absent), uptime, and
     the newest log line that is not runtime chatter."""
+    name = chosen_node(name, name_option)
     from tpuctl import jobs
 
     _settings, _node, hosts = _target(name)
@@ -260,6 +276,7 @@ def ps(name: str | None = NODE_ARGUMENT, run_id: str | None = RUN_ID_OPTION) -> 
 @app.command()
 def kill(
     name: str | None = NODE_ARGUMENT,
+    name_option: str | None = NODE_NAME_OPTION,
     grace: float = typer.Option(
         30.0,
         "--grace",
@@ -272,6 +289,7 @@ def kill(
 ) -> None:
     """Stop the job on every worker: SIGTERM (the trainer saves), SIGKILL after --grace,
     then clear lockfiles. Nothing running is not an error."""
+    name = chosen_node(name, name_option)
     from tpuctl import jobs
 
     _settings, _node, hosts = _target(name)

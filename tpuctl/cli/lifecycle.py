@@ -12,6 +12,7 @@ import typer
 
 from tpuctl import catalog, config
 from tpuctl.cli.app import app
+from tpuctl.cli.options import NODE_ARGUMENT, NODE_NAME_OPTION, chosen_node
 from tpuctl.cli.output import StatusLine, console, err_console, print_json, print_table
 from tpuctl.durations import format_duration, parse_duration
 from tpuctl.errors import TpuctlError
@@ -342,12 +343,14 @@ def down(
     name: str | None = typer.Argument(
         None, help="Node name (default: config `node`, or the only node you created)."
     ),
+    name_option: str | None = NODE_NAME_OPTION,
     zone: str | None = ZONE_OPTION,
     project: str | None = PROJECT_OPTION,
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
     """Delete a node and wait until it is gone. A node that does not exist is not an error.
     Without NAME (and no `node` setting) only a node you created with tpuctl is picked."""
+    name = chosen_node(name, name_option)
     settings = config.load({"zone": zone, "project": project})
     chosen = name or settings.get("node")
     node = find_node(settings, chosen) if chosen else _own_node(settings)
@@ -507,14 +510,14 @@ def _queued_without_node(
 
 @app.command()
 def status(
-    name: str | None = typer.Argument(
-        None, help="Node name (default: config `node`, or the only node)."
-    ),
+    name: str | None = NODE_ARGUMENT,
+    name_option: str | None = NODE_NAME_OPTION,
     zone: str | None = ZONE_OPTION,
     project: str | None = PROJECT_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Show one node: state, health, scheduling, age and every worker's IPs."""
+    name = chosen_node(name, name_option)
     settings = config.load({"zone": zone, "project": project})
     chosen = name or settings.get("node")
     node = find_node(settings, chosen) if chosen else None

@@ -4,7 +4,25 @@ import os
 import re
 from collections.abc import Callable
 
+import typer
+
 from tpuctl.errors import TpuctlError
+
+NODE_ARGUMENT = typer.Argument(
+    None, help="Node name (default: config `node`, or the only node).", show_default=False
+)
+# `run`, `babysit`, `up`, `put` and `get` take the node as --name (their arguments are
+# other things), so every command that takes NAME takes --name too: the flag a user just
+# typed for `run` works for the `logs` that follows.
+NODE_NAME_OPTION = typer.Option(None, "--name", help="The node, as NAME.", show_default=False)
+
+
+def chosen_node(argument: str | None, option: str | None) -> str | None:
+    """The node a command was given, as NAME or as --name; both, naming two nodes, is a
+    usage error."""
+    if argument and option and argument != option:
+        raise TpuctlError(f"NAME {argument} and --name {option} are two nodes: give the node once")
+    return argument or option
 
 
 def parse_env_flags(pairs: list[str]) -> dict[str, str]:

@@ -19,7 +19,13 @@ from typer.core import TyperCommand
 
 from tpuctl import config
 from tpuctl.cli.app import app
-from tpuctl.cli.options import parse_env_flags, seconds
+from tpuctl.cli.options import (
+    NODE_ARGUMENT,
+    NODE_NAME_OPTION,
+    chosen_node,
+    parse_env_flags,
+    seconds,
+)
 from tpuctl.errors import TpuctlError
 
 if TYPE_CHECKING:
@@ -27,7 +33,6 @@ if TYPE_CHECKING:
     from tpuctl.fanout import Host, HostResult
     from tpuctl.providers.base import Node
 
-NAME_ARGUMENT = typer.Argument(None, help="Node name (default: config `node`, or the only node).")
 NAME_OPTION = typer.Option(None, "--name", "-n", help="Node name (default: config `node`).")
 WORKER_OPTION = typer.Option(
     None, "--worker", "-w", help="Workers to use, e.g. 0,3,5-7 (default: all)."
@@ -165,7 +170,8 @@ def _result_json(result: HostResult) -> dict[str, Any]:
 @app.command("exec", cls=DashDashCommand)
 def exec_(
     ctx: typer.Context,
-    name: str | None = NAME_ARGUMENT,
+    name: str | None = NODE_ARGUMENT,
+    name_option: str | None = NODE_NAME_OPTION,
     worker: str | None = WORKER_OPTION,
     all_workers: bool = ALL_WORKERS_OPTION,
     timeout: float | None = typer.Option(
@@ -181,6 +187,7 @@ def exec_(
     project: str | None = PROJECT_OPTION,
 ) -> None:
     """Run COMMAND (after `--`) on every worker at once: `tpuctl exec -- hostname`."""
+    name = chosen_node(name, name_option)
     from tpuctl.fanout import STREAMED_TAIL_BYTES, Interrupted, StopSignal, run
     from tpuctl.fanout.report import Reporter
 
@@ -228,7 +235,8 @@ def exec_(
 @app.command("ssh", cls=DashDashCommand)
 def ssh(
     ctx: typer.Context,
-    name: str | None = NAME_ARGUMENT,
+    name: str | None = NODE_ARGUMENT,
+    name_option: str | None = NODE_NAME_OPTION,
     worker: int = typer.Option(0, "--worker", "-w", help="Worker number (default: 0)."),
     ssh_user: str | None = SSH_USER_OPTION,
     internal_ip: bool | None = INTERNAL_IP_OPTION,
@@ -236,6 +244,7 @@ def ssh(
     project: str | None = PROJECT_OPTION,
 ) -> None:
     """A shell on one worker; arguments after `--` go to ssh (e.g. -L 6006:localhost:6006)."""
+    name = chosen_node(name, name_option)
     target = _target(_settings(zone, project, ssh_user, internal_ip), name, str(worker), False)
     host = target.hosts[0]
     extra = ctx.meta["after_dashdash"]
@@ -398,7 +407,8 @@ def _run_script(target: Target, script: str, timeout: float) -> list[HostResult]
 
 @app.command("clear-locks")
 def clear_locks(
-    name: str | None = NAME_ARGUMENT,
+    name: str | None = NODE_ARGUMENT,
+    name_option: str | None = NODE_NAME_OPTION,
     worker: str | None = WORKER_OPTION,
     all_workers: bool = ALL_WORKERS_OPTION,
     force: bool = typer.Option(
@@ -411,6 +421,7 @@ def clear_locks(
 ) -> None:
     """Remove the TPU runtime's stale lockfile and logs (/tmp/libtpu_lockfile, /tmp/tpu_logs)
     on every worker; refuses where a live process holds the TPU, unless --force."""
+    name = chosen_node(name, name_option)
     from tpuctl.fanout.report import Reporter
     from tpuctl.worker_scripts import REFUSED_EXIT, clear_locks_script, parse_lock_report
 
@@ -437,7 +448,8 @@ def clear_locks(
 
 @app.command("check")
 def check(
-    name: str | None = NAME_ARGUMENT,
+    name: str | None = NODE_ARGUMENT,
+    name_option: str | None = NODE_NAME_OPTION,
     worker: str | None = WORKER_OPTION,
     all_workers: bool = ALL_WORKERS_OPTION,
     python: str | None = typer.Option(
@@ -454,6 +466,7 @@ def check(
 ) -> None:
     """Health of every worker: its Python and jax versions, does JAX see the devices, do
     all workers agree, is the TPU held by another process, how much disk and memory are free."""
+    name = chosen_node(name, name_option)
     from dataclasses import asdict, fields
 
     from tpuctl.worker_scripts import WorkerHealth, check_script, health_verdict, parse_health
