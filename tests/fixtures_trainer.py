@@ -110,6 +110,10 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, s
 
 
 COMPILE_CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+# A trainer the suite kills on a gs:// run directory (SIGKILL, a test pod taken away, a
+# failure's exit) leaves its lease (trainer.run_lock) behind, which the relaunch waits out:
+# 5 s rather than a real run's 60, for every trainer the suite starts.
+LEASE_TTL_ENV, LEASE_TTL_S = "TPUCTL_LEASE_TTL", "5"
 _COMPILE_CACHE = pytest.StashKey[str]()  # the suite's cache directory, for its removal
 
 
@@ -118,7 +122,7 @@ def pytest_configure(config: pytest.Config) -> None:
     of starts compile a handful of distinct programs, and each start after the first loads
     them. Made once, by the process that starts the run: pytest-xdist's workers inherit it
     from its environment, as processes started by tests and a local pod's workers do; an SSH
-    test pod's hosts get it through `--env` (`compile_cache_env_args`), and see it because it
+    test pod's hosts get it through `--env` (`worker_env_args`), and see it because it
     is in /var/tmp, not in their private /tmp. As a user's own JAX_COMPILATION_CACHE_DIR
     does, it takes the place of the run directory's cache; tests/test_trainer_compile_cache.py
     removes it to test that one, and tests/test_readme.py because a reader's shell has no
@@ -129,6 +133,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_COMPILE_CACHE] = path
     os.environ[COMPILE_CACHE_ENV[0]] = path
     os.environ[COMPILE_CACHE_ENV[1]] = "0"  # small programs too
+    os.environ[LEASE_TTL_ENV] = LEASE_TTL_S
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -136,9 +141,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def compile_cache_env_args() -> list[str]:
-    """`tpuctl run`/`babysit` flags that hand the shared compile cache to remote workers."""
-    return [arg for name in COMPILE_CACHE_ENV for arg in ("--env", name)]
+def worker_env_args() -> list[str]:
+    """`tpuctl run`/`babysit` flags that hand remote workers the suite's settings: the shared
+    compile cache and the short lease TTL."""
+    return [arg for name in (*COMPILE_CACHE_ENV, LEASE_TTL_ENV) for arg in ("--env", name)]
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from local_cli import LocalCli
 
-from tests.fixtures_trainer import compile_cache_env_args
+from tests.fixtures_trainer import worker_env_args
 from tpuctl.gcs_emulator import GcsEmulator, emulator_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,7 +182,7 @@ def babysit_args(
 ) -> list[str]:
     return [
         "babysit", accelerator_type, TINY, "--name", name, "--run-id", run_id, "--poll", "0.3",
-        "--grace", "5", *compile_cache_env_args(),
+        "--grace", "5", *worker_env_args(),
         *extra, "--", *OVERRIDES, f"run_dir={run_dir}", *overrides,
     ]  # fmt: skip
 

@@ -20,7 +20,7 @@ import pytest
 from polling import wait_for
 
 from tests.fixtures_pod import pod_hosts
-from tests.fixtures_trainer import compile_cache_env_args
+from tests.fixtures_trainer import worker_env_args
 from tpuctl.fanout import run
 from tpuctl.gcs_emulator import GcsEmulator, emulator_env
 from tpuctl.jobs.runs import pod_env
@@ -114,7 +114,7 @@ def test_run_follow_trains_across_the_four_hosts_with_jax_distributed(pod, share
     ssh_pod, _hosts = pod
     out = ok(
         "run", TINY, "--name", "pod", "--all-workers", "--follow", "--run-id", "ssh-e2e",
-        *compile_cache_env_args(), "--", *FAST, "train.steps=3", f"run_dir={shared_dir}",
+        *worker_env_args(), "--", *FAST, "train.steps=3", f"run_dir={shared_dir}",
     )  # fmt: skip
     assert "run ssh-e2e started on 4 workers of pod" in out
     assert "gs://test-bucket/tpuctl/runs/ssh-e2e/recipe.yaml" in out
@@ -135,7 +135,7 @@ def test_second_run_refused_secrets_hidden_crash_visible_and_kill_leaves_nothing
     secret = "wandb-secret-on-ssh-77"
     ok(
         "run", TINY, "--name", "pod", "--all-workers", "--run-id", "ssh-long",
-        "--env", f"WANDB_API_KEY={secret}", *compile_cache_env_args(),
+        "--env", f"WANDB_API_KEY={secret}", *worker_env_args(),
         "--", *FAST, "train.steps=100000", f"run_dir={shared_dir}",
     )  # fmt: skip
     wait_for(lambda: "step 1 " in ok("logs", "pod", "-n", "5"), timeout=SLOW_S)
@@ -176,7 +176,7 @@ def test_run_follow_reports_the_done_record_a_run_wrote_on_its_workers_disk(
     run_dir.mkdir()
     (run_dir / "DONE").write_text('{"step": 99, "final": {"loss": 9.5}}')  # a local run's
     out = ok(
-        "run", TINY, "--name", "one", "--follow", "--run-id", "on-disk", *compile_cache_env_args(),
+        "run", TINY, "--name", "one", "--follow", "--run-id", "on-disk", *worker_env_args(),
         "--", *FAST, "train.steps=2", f"run_dir={run_dir}",
     )  # fmt: skip
     done = json.loads(ssh_pod.path(0, f"{run_dir}/DONE").read_text())

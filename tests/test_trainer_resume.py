@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import io
+from tests.fixtures_trainer import LEASE_TTL_ENV
+from trainer import io, run_lock
 from trainer.contract import EXIT_CHECKPOINT_IO, EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,7 +61,11 @@ class TrainerPod:
         self.logs = Path(tempfile.mkdtemp(prefix="resume-", dir=logs))
         self.procs: list[subprocess.Popen] = []
         for index in range(processes):
-            env = {k: v for k, v in os.environ.items() if not k.startswith("TPUCTL_")}
+            env = {
+                k: v
+                for k, v in os.environ.items()
+                if not k.startswith("TPUCTL_") or k == LEASE_TTL_ENV  # the suite's short one
+            }
             env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=str(REPO))
             if processes > 1:
                 env.update(
@@ -322,6 +327,35 @@ def test_a_resume_that_cannot_write_its_run_dir_ends_in_one_line_with_its_status
         f"error: run_dir {run_dir} cannot be written (Read-only file system): make it "
         "writable, or set another run_dir"
     )
+
+
+def test_a_trainers_gs_lease_goes_with_its_sigterm_stop_and_once_taken_over_it_stops(gcs, tmp_path):
+    """A gs:// run directory had no lock at all: a trainer started beside a live one, or after
+    one presumed dead, trained on beside it. The lease's holder is named in it; a SIGTERM stop
+    releases it, so the relaunch starts at once; a trainer paused past the lease's TTL (a
+    stopped VM) finds it taken over and stops with one line, status 2."""
+    run_dir, lock = "gs://test-bucket/runs/leased", "gs://test-bucket/runs/leased/trainer.lock"
+    first = TrainerPod(run_dir, 1, tmp_path)
+    first.wait_for_step(1)
+    record = json.loads(io.read_bytes(lock))
+    assert (record["pid"], record["run_id"]) == (first.procs[0].pid, "tiny")
+    stopped = first.stop_at(2, signal.SIGTERM)
+    assert io.read_with_generation(lock) is None
+    second = TrainerPod(run_dir, 1, tmp_path)
+    second.wait_for_step(stopped + 1)
+    assert "leased to" not in second.output()  # nothing to wait out
+    second.procs[0].send_signal(signal.SIGSTOP)
+    try:
+        with run_lock.hold(run_dir, "taker"):  # waits out the TTL, then takes it over
+            second.procs[0].send_signal(signal.SIGCONT)
+            assert second.wait() == [2], second.output()[-3000:]
+    finally:
+        second.procs[0].send_signal(signal.SIGCONT)
+    assert (
+        second.output()
+        .splitlines()[-1]
+        .startswith(f"error: run_dir {run_dir}'s lease was taken over by pid {os.getpid()} on ")
+    ), second.output()[-3000:]
 
 
 def test_a_second_trainer_on_a_run_dir_in_use_stops_and_leaves_the_first_alone(tmp_path):

@@ -7,7 +7,8 @@ trainer's dependencies (`pip install tpuctl` brings neither jax nor fsspec).
 """
 
 # Bad input: a recipe, its files or the environment, in one `error:` line (trainer.__main__);
-# launched again, the same recipe fails the same way.
+# launched again, the same recipe fails the same way. So does a run_dir that another trainer
+# holds, found so at the start or when it took this one's gs:// lease over (trainer.run_lock).
 EXIT_BAD_INPUT = 2
 # Another process of the pod died, or never joined it (sysexits' EX_UNAVAILABLE): the failure
 # is that process's, and a relaunch may well succeed.

@@ -212,6 +212,50 @@ def remove(path: str) -> None:
         os.remove(path)
 
 
+class GenerationMismatch(Exception):
+    """A generation-matched gs:// write or delete found the object at another generation, or
+    gone: someone else wrote or removed it since."""
+
+
+def read_with_generation(path: str) -> tuple[bytes, int] | None:
+    """A gs:// object's content and its generation, from one read; None when there is none."""
+    fs = _gcs()
+    bucket, key, _ = fs.split_path(path)
+    try:
+        headers, data = fs.call("GET", "b/{}/o/{}", bucket, key, alt="media")
+    except FileNotFoundError:
+        return None
+    return data, int(headers["x-goog-generation"])
+
+
+def write_if_generation(path: str, data: bytes, generation: int) -> int:
+    """Write a gs:// object only while its generation is `generation` (0: only while there
+    is none); its new generation. GenerationMismatch when another is live."""
+    fs = _gcs()
+    bucket, key, _ = fs.split_path(path)
+    # gcsfs's own writes take no generation but 0 (mode="create"): its upload URL, as it builds it
+    upload = f"{fs._location}/upload/storage/v1/b/{{}}/o"
+    try:
+        written = fs.call(
+            "POST", upload, bucket, uploadType="media", name=key,
+            ifGenerationMatch=str(generation), data=data, json_out=True,
+        )  # fmt: skip
+    except FileExistsError:  # gcsfs's reading of 412 Precondition Failed
+        raise GenerationMismatch(path) from None
+    return int(written["generation"])
+
+
+def remove_if_generation(path: str, generation: int) -> None:
+    """Delete a gs:// object only while its generation is `generation`; GenerationMismatch
+    when another is live, or none."""
+    fs = _gcs()
+    bucket, key, _ = fs.split_path(path)
+    try:
+        fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(generation))
+    except (FileExistsError, FileNotFoundError):
+        raise GenerationMismatch(path) from None
+
+
 def copy_tree(source: str, destination: str) -> None:
     """Copy a local directory to a local path or a gs:// prefix."""
     if is_gcs(destination):

@@ -55,7 +55,13 @@ from trainer.config import (
     check_batch_divisible,
     mesh_shape,
 )
-from trainer.contract import DONE_PENDING, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_STALLED
+from trainer.contract import (
+    DONE_PENDING,
+    EXIT_BAD_INPUT,
+    EXIT_DIVERGED,
+    EXIT_PREEMPTED,
+    EXIT_STALLED,
+)
 from trainer.mixture import Mixture
 from trainer.model import Decoder, attention_path, backend_platform, count_params, init_params
 from trainer.optim import make_optimizer
@@ -442,14 +448,26 @@ def train(recipe: Recipe) -> int:
     run directory throughout (trainer.run_lock): a second trainer on it, or one that cannot
     write it (read-only), ends every process of its own pod with one line and status 2,
     before it writes anything there; so does a run_dir that some process of a multi-process
-    run does not see (`distributed.check_shared_run_dir`)."""
-    held = run_lock.hold(recipe.run_dir) if jax.process_index() == 0 else contextlib.nullcontext()
+    run does not see (`distributed.check_shared_run_dir`); and one whose gs:// lease another
+    trainer took over, at once, mid-run."""
+    held = (
+        run_lock.hold(recipe.run_dir, recipe.run_id, _end_taken_over)
+        if jax.process_index() == 0
+        else contextlib.nullcontext()
+    )
     try:
         with held:
             distributed.check_shared_run_dir(recipe.run_dir)  # before anything is written there
             return _train(recipe)
     except run_lock.RunDirUnusable as e:
         distributed.fail_everywhere(str(e), 2)
+
+
+def _end_taken_over(message: str) -> None:
+    """What process 0 does when another trainer took its gs:// run directory's lease over:
+    end every process of the run now, before they save over that trainer's checkpoints, with
+    the status of a run directory found in use (no relaunch can have it back)."""
+    distributed.fail_everywhere(message, EXIT_BAD_INPUT)
 
 
 def _train(recipe: Recipe) -> int:
