@@ -38,6 +38,18 @@ def test_cli_import_pulls_in_no_heavy_library():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_resume_refusals_tpuctl_run_makes_import_no_heavy_library():
+    """`tpuctl run` refuses what the trainer refuses on resume with the trainer's own rules
+    (trainer.resume), so those must come without jax and orbax."""
+    code = (
+        "import sys, trainer.resume; "
+        f"print([m for m in {HEAVY_MODULES!r} if any(k == m or k.startswith(m + '.') "
+        "for k in sys.modules)])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_cli_import_leaves_rich_and_paramiko_to_the_commands_that_use_them():
     # A cold `tpuctl exec` pays for every import: rich and paramiko come only when needed.
     code = (

@@ -575,8 +575,9 @@ def test_a_run_is_not_resumed_under_another_objective(local_dir):
 def _started(directory: str, *overrides: str, init_from: str | None = None, dim: int = 4):
     """A Checkpointer as the trainer opens it for recipes/tiny.yaml with `overrides` (the
     model `dim` wide, to fit the small test state)."""
-    from trainer.checkpoint import Checkpointer, resume_settings
+    from trainer.checkpoint import Checkpointer
     from trainer.config import load_recipe
+    from trainer.resume import resume_settings
 
     recipe = load_recipe(str(REPO / "recipes" / "tiny.yaml"), [f"run_dir={directory}", *overrides])
     model = dataclasses.replace(recipe.model, dim=dim, init_from=init_from)
@@ -620,6 +621,44 @@ def test_a_resume_under_another_optimizer_or_init_from_is_refused_naming_both(
         checkpointer.restore(_abstract(width=4))
     with _started(local_dir, init_from=str(tmp_path / "base")) as checkpointer:  # the same dir
         assert int(checkpointer.restore(_abstract(width=4)).step) == 3
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_a_recipe_the_trainer_refuses_is_refused_from_the_run_dir_alone_in_its_words(
+    where, request, tmp_path
+):
+    """`tpuctl run` stored such a recipe as the run's (what its relaunches train) before the
+    trainer on the workers refused it: trainer.resume, which tpuctl calls without jax, now
+    refuses what the restore refuses, with the same line, and takes what it takes."""
+    from trainer.checkpoint import CheckpointError
+    from trainer.config import load_recipe
+    from trainer.resume import check_recipe
+
+    run_dir = str(tmp_path)
+    if where == "gcs":
+        request.getfixturevalue("gcs")
+        run_dir = "gs://test-bucket/refused"
+    directory = io.join(run_dir, "checkpoints")
+    base = tmp_path / "base"
+    base.mkdir()
+
+    def recipe(*overrides: str):
+        return load_recipe(str(REPO / "recipes" / "tiny.yaml"), [f"run_dir={run_dir}", *overrides])
+
+    check_recipe(recipe("optimizer.name=lion"))  # no checkpoint yet: nothing to refuse
+    with _started(directory) as checkpointer:
+        checkpointer.save(_state(3, width=4))
+    refused = [
+        (_started(directory, "optimizer.name=lion"), recipe("optimizer.name=lion")),
+        (_started(directory, init_from=str(base)), recipe(f"model.init_from={base}")),
+    ]
+    for started, changed in refused:
+        with started as checkpointer, pytest.raises(CheckpointError) as by_trainer:
+            checkpointer.restore(_abstract(width=4))
+        with pytest.raises(CheckpointError) as by_recipe:
+            check_recipe(changed)
+        assert str(by_recipe.value) == str(by_trainer.value)
+    check_recipe(recipe("train.steps=4", "optimizer.lr=1e-3"))  # a resume takes these
 
 
 def test_a_resume_names_the_settings_it_changed_and_a_failed_one_those_it_needs(local_dir, capsys):
@@ -666,6 +705,8 @@ def test_time_based_save_between_step_saves(local_dir):
 
 @pytest.mark.parametrize("where", ["local", "gcs"])
 def test_uncommitted_checkpoint_is_ignored(where, request, local_dir):
+    from trainer.resume import newest_step
+
     if where == "gcs":
         request.getfixturevalue("gcs")
         local_dir = "gs://test-bucket/uncommitted/checkpoints"
@@ -678,10 +719,12 @@ def test_uncommitted_checkpoint_is_ignored(where, request, local_dir):
         io.remove(io.join(local_dir, "2", "commit_success.txt"))
     else:
         os.rename(f"{local_dir}/2", f"{local_dir}/2.orbax-checkpoint-tmp-1700000000")
+    assert newest_step(local_dir) == 1  # as tpuctl reads it, without orbax
     with _checkpointer(local_dir) as checkpointer:
         assert checkpointer.latest_step == 1
         assert int(checkpointer.restore(_abstract()).step) == 1
         checkpointer.save(_state(2))  # the leftover does not block saving that step again
+    assert newest_step(local_dir) == 2
     with _checkpointer(local_dir) as checkpointer:
         assert int(checkpointer.restore(_abstract()).step) == 2
 

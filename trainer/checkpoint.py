@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import json
 import logging
@@ -39,53 +38,26 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from trainer import io, preemption
-from trainer.config import (
-    CheckpointConfig,
-    ModelConfig,
-    OptimizerConfig,
-    Recipe,
-    TrainerError,
-    absolute_path,
-    with_absolute_paths,
-)
+from trainer.config import CheckpointConfig, ModelConfig
 from trainer.contract import EXIT_BAD_INPUT, EXIT_CHECKPOINT_IO
 from trainer.distributed import fail_everywhere, first_line
+from trainer.resume import (  # what a resume refuses, jax-free: `tpuctl run` refuses it too
+    MODEL_INFO_FILE,
+    CheckpointError,
+    check_resumable,
+    recorded_info,
+    run_record,
+)
 
 _WATCHDOG_POLL_S = 0.2
 # tensorstore appends its status payloads ([http_response_body='...']) to error messages.
 _STATUS_PAYLOAD = re.compile(r"( \[\w+='.*)$")
-MODEL_INFO_FILE = "model.json"  # beside the step directories: what export needs to know
-# Beside them too: the milestone steps saved so far, kept whatever a later recipe's
-# milestone_every says (a resume under another setting must not delete them).
+# Beside the step directories too: the milestone steps saved so far, kept whatever a later
+# recipe's milestone_every says (a resume under another setting must not delete them).
 MILESTONES_FILE = "milestones.json"
-# The recipe settings besides the model's that a resume may change (it prints which did), as
-# model.json records them; the others (mesh, eval, logging, checkpoint, data caching) change
-# nothing a run computes. objective.name and optimizer.name are refused instead: the step
-# count and optimizer state would carry on under another loss, or not load.
-RESUME_SETTINGS = {
-    "train": ("steps", "epochs", "batch_size", "seq_len", "grad_accum", "seed"),
-    "optimizer": tuple(f.name for f in dataclasses.fields(OptimizerConfig)),
-    "objective": ("name", "beta", "loss", "label_smoothing", "gamma", "reference"),
-    "data": ("train", "eval", "format", "text_field", "chat_template"),
-    "tokenizer": ("path", "add_bos", "add_eos"),
-}
 # What the train state's arrays and tree depend on: the model config, and the optimizer
 # settings that add or drop parts of its state (optimizer.name is refused before).
 _STATE_SETTINGS = ("model.", "optimizer.clip_norm", "optimizer.weight_decay")
-_EXPORT_HINT = (
-    "(to start from that run's weights, export them with `python -m trainer.export` and set "
-    "model.init_from to the export)"
-)
-
-
-class CheckpointError(TrainerError):
-    """A checkpoint is missing or cannot be used; the message says which one and what to do.
-    `status`: EXIT_BAD_INPUT when another launch would fail alike (a checkpoint of another
-    model), EXIT_CHECKPOINT_IO when storage failed to read it (a relaunch may well succeed)."""
-
-    def __init__(self, message: str, status: int = EXIT_BAD_INPUT):
-        super().__init__(message)
-        self.status = status
 
 
 class Checkpointer:
@@ -122,14 +94,7 @@ class Checkpointer:
             ) from None
         self._info: dict | None = None
         if model is not None:
-            # absolute: export runs from anywhere, not only where the trainer was started
-            tokenizer = io.absolute(tokenizer_path) if tokenizer_path else None
-            init_from = absolute_path(model.init_from) if model.init_from else None
-            model_record = dataclasses.asdict(dataclasses.replace(model, init_from=init_from))
-            info = {"model": model_record, "tokenizer": tokenizer}
-            info |= {"objective": objective} if objective else {}
-            info |= {"generation": generation} if generation else {}
-            self._info = info | ({"settings": settings} if settings else {})
+            self._info = run_record(model, tokenizer_path, objective, generation, settings)
         self.directory = directory
         self.cfg = cfg
         self._milestones = _recorded_milestones(directory)
@@ -175,43 +140,6 @@ class Checkpointer:
             text = json.dumps({"steps": sorted(self._milestones)}) + "\n"
             io.write_text(io.join(self.directory, MILESTONES_FILE), text)
 
-    def _check_resumable(self, recorded: dict, step: int) -> None:
-        """Refuse to resume a run (`recorded`: its model.json) under another objective (its
-        step count and optimizer state would carry on under a different loss), another
-        optimizer.name (its optimizer state does not load into another optimizer's) or another
-        model.init_from (a resume takes its weights from the checkpoint, and so the change
-        would do nothing but change a DPO run's reference); the line names both settings."""
-        ours, theirs = self._info or {}, recorded
-        where = f"{self.directory} holds checkpoints of"
-        if ours.get("objective") and theirs.get("objective") not in (None, ours["objective"]):
-            raise CheckpointError(
-                f"{where} an objective '{theirs['objective']}' run (newest step {step}) and this "
-                f"recipe's objective is '{ours['objective']}': set a new run_dir {_EXPORT_HINT}"
-            )
-        name = ours.get("settings", {}).get("optimizer.name")
-        saved = theirs.get("settings", {}).get("optimizer.name")
-        if name and saved not in (None, name):
-            raise CheckpointError(
-                f"{where} an optimizer.name '{saved}' run (newest step {step}) and this recipe's "
-                f"optimizer.name is '{name}', whose optimizer state is another: set "
-                f"optimizer.name={saved} to resume it, or a new run_dir {_EXPORT_HINT}"
-            )
-        if ours and theirs:
-            self._check_init_from(theirs["model"].get("init_from"), step)
-
-    def _check_init_from(self, saved: str | None, step: int) -> None:
-        ours = self._info["model"]["init_from"]
-        if (absolute_path(saved) if saved else None) == ours:
-            return
-        back = f"set model.init_from={saved}" if saved else "drop model.init_from"
-        start = f"from {ours}" if ours else "from fresh weights"
-        raise CheckpointError(
-            f"{self.directory} holds checkpoints of a run started from model.init_from "
-            f"{saved or 'none (fresh weights)'} (newest step {step}) and this recipe's "
-            f"model.init_from is {ours or 'none'}: a resume takes its weights from its "
-            f"checkpoint; {back} to resume it, or set a new run_dir to start {start}"
-        )
-
     @staticmethod
     def _options(cfg: CheckpointConfig, milestones: list[int]) -> ocp.CheckpointManagerOptions:
         policies = [checkpoint_managers.LatestN(cfg.keep if cfg.keep > 0 else None)]
@@ -250,8 +178,8 @@ class Checkpointer:
         step = self.latest_step
         if step is None:
             return None
-        recorded = _recorded_info(self.directory) or {}
-        self._check_resumable(recorded, step)
+        recorded = recorded_info(self.directory) or {}
+        check_resumable(self.directory, self._info or {}, recorded, step)
         try:
             state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except Exception as e:
@@ -524,7 +452,7 @@ def restore_failure_status(error: BaseException) -> int:
 
 def read_model_info(directory: str) -> tuple[ModelConfig, str | None]:
     """The ModelConfig and tokenizer path a Checkpointer recorded in `directory`."""
-    info = _recorded_info(directory)
+    info = recorded_info(directory)
     if info is None:
         raise CheckpointError(
             f"{io.join(directory, MODEL_INFO_FILE)} not found: this run did not record its "
@@ -536,7 +464,7 @@ def read_model_info(directory: str) -> tuple[ModelConfig, str | None]:
 def read_generation_info(directory: str) -> dict:
     """The generation settings a Checkpointer recorded in `directory` (trainer.generation);
     empty for a run that recorded none."""
-    generation = (_recorded_info(directory) or {}).get("generation")
+    generation = (recorded_info(directory) or {}).get("generation")
     return generation if isinstance(generation, dict) else {}
 
 
@@ -549,19 +477,6 @@ def _recorded_milestones(directory: str) -> list[int]:
     except (OSError, ValueError, KeyError, TypeError):
         return []
     return [s for s in steps if isinstance(s, int)] if isinstance(steps, list) else []
-
-
-def resume_settings(recipe: Recipe) -> dict[str, Any]:
-    """`recipe`'s RESUME_SETTINGS by dotted key, as JSON holds them, with local paths absolute
-    (tpuctl launches a run with absolute ones: by hand and by tpuctl are the same run)."""
-    recipe = with_absolute_paths(recipe)
-    settings: dict[str, Any] = {}
-    for section, keys in RESUME_SETTINGS.items():
-        values = dataclasses.asdict(getattr(recipe, section))
-        settings |= {f"{section}.{key}": values[key] for key in keys}
-    for split in ("data.train", "data.eval"):  # entries without their unset fields: shorter lines
-        settings[split] = [{k: v for k, v in e.items() if v is not None} for e in settings[split]]
-    return json.loads(json.dumps(settings))  # tuples as lists: as a record read back compares
 
 
 def _settings_of(info: dict) -> dict[str, Any]:
@@ -580,23 +495,6 @@ def _read_or_none(path: str) -> str | None:
         return io.read_text(path) if io.exists(path) else None
     except Exception:  # unreadable for whatever reason: writing it again is the remedy
         return None
-
-
-def _recorded_info(directory: str) -> dict | None:
-    """What a Checkpointer recorded beside the checkpoints in `directory`, None if nothing."""
-    path = io.join(directory, MODEL_INFO_FILE)
-    if not io.exists(path):
-        return None
-    try:
-        info = json.loads(io.read_text(path))
-    except ValueError:
-        info = None
-    if not isinstance(info, dict) or not isinstance(info.get("model"), dict):
-        raise CheckpointError(
-            f"{path} is not the model record the trainer writes (cut short, or edited): "
-            "restore it from a copy, or delete it and pass the recipe the run trained with"
-        )
-    return info
 
 
 def load_params(directory: str, step: int | None = None) -> tuple[int, Any]:

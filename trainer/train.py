@@ -42,11 +42,12 @@ from trainer import (
     metrics,
     preemption,
     reference,
+    resume,
     reward,
     run_lock,
     sharding,
 )
-from trainer.checkpoint import Checkpointer, resume_settings
+from trainer.checkpoint import Checkpointer
 from trainer.config import (
     ObjectiveConfig,
     Recipe,
@@ -559,13 +560,13 @@ def open_checkpointer(run: Run, generation_info: dict) -> Checkpointer:
     `generation_info` (trainer.generation.record) is recorded with the model for export."""
     recipe = run.recipe
     checkpointer = Checkpointer(
-        io.join(recipe.run_dir, "checkpoints"),
+        io.join(recipe.run_dir, resume.CHECKPOINTS_DIR),
         recipe.checkpoint,
         model=recipe.model,  # recorded for `python -m trainer.export`
         tokenizer_path=recipe.tokenizer.path,
         objective=recipe.objective.name,
         generation=generation_info,
-        settings=resume_settings(recipe),  # what a resume is told it changed
+        settings=resume.resume_settings(recipe),  # what a resume is told it changed
     )
     restored = checkpointer.restore(jax.tree_util.tree_map(_abstract, run.state))
     if restored is not None:
