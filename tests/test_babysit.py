@@ -384,6 +384,40 @@ def test_a_recipe_the_trainer_rejects_stops_babysitting_at_once_with_its_line(cl
     assert "running" not in cli("ps", "pod").stdout  # the job stopped everywhere
 
 
+def test_a_recipe_that_cannot_resume_the_runs_checkpoints_stops_babysitting_at_once(
+    cli, tmp_path, monkeypatch
+):
+    """Refused by `tpuctl run`'s own check before anything is stored (trainer.resume), the
+    first launch of a babysitter was an action failure like any other: retried up to
+    --max-failures times, each refused alike, then exit 1."""
+    from tpuctl import storage
+    from tpuctl.providers.local import running_gcs_emulator_url
+
+    run_dir = tmp_path / "run"
+    cli.ok("up", "v4-16", "--local", "--name", "pod")
+    cli.ok("run", TINY, "--name", "pod", "--run-id", "kept", "--all-workers", "--follow",
+           "--", *OVERRIDES, "train.steps=3", f"run_dir={run_dir}")  # fmt: skip
+    monkeypatch.setenv("XDG_STATE_HOME", str(cli.root / "state"))
+    stored_uri = "gs://tpuctl-local/tpuctl/runs/kept/recipe.yaml"
+    with storage.emulated(running_gcs_emulator_url()):
+        stored = storage.read_text(stored_uri)
+    lion = ("train.steps=6", "optimizer.name=lion")
+    result = cli(*babysit_args("pod", "kept", run_dir, overrides=lion))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: stopped babysitting run kept: {run_dir}/checkpoints holds checkpoints of an "
+        "optimizer.name 'adamw' run (newest step 3) and this recipe's optimizer.name is "
+        "'lion', whose optimizer state is another: set optimizer.name=adamw to resume it, or a "
+        "new run_dir (to start from that run's weights, export them with `python -m "
+        "trainer.export` and set model.init_from to the export) (nothing was stored or "
+        "launched)"
+    ), result.stderr
+    assert "action failed" not in result.stdout + result.stderr  # not retried
+    with storage.emulated(running_gcs_emulator_url()):
+        assert storage.read_text(stored_uri) == stored
+    assert json.loads((run_dir / "DONE").read_text())["step"] == 3
+
+
 def test_a_run_that_diverges_stops_babysitting_at_once_with_the_trainers_line(cli, tmp_path):
     """Exit 65: the trainer stopped a run whose gradient norm was NaN, saving nothing after
     its last finite step; it was relaunched from that checkpoint, to diverge again, up to

@@ -215,6 +215,39 @@ def test_a_finished_epochs_run_launched_again_never_shows_its_old_done_as_the_ne
     assert run_summary(str(run_dir))["step"] > finished
 
 
+def test_a_relaunch_the_trainer_would_refuse_to_resume_leaves_the_run_as_it_was(
+    cli, idle_pod, tmp_path, monkeypatch
+):
+    """Relaunched under another optimizer.name, a run got that recipe stored as its own (what
+    its babysitter relaunches) and lost its DONE record before the trainer on the workers
+    refused to resume its checkpoints: no relaunch of the run could resume them after."""
+    from tpuctl import storage
+    from tpuctl.providers.local import running_gcs_emulator_url
+
+    run_dir = tmp_path / "run"
+    launch = ["run", TINY, "--name", idle_pod, "--all-workers", "--run-id", "kept"]
+    overrides = ["--", *FAST, f"run_dir={run_dir}"]
+    cli.ok(*launch, "--follow", *overrides, "train.steps=2", timeout=SLOW_S)
+    done, jobs_before = (run_dir / "DONE").read_text(), ps_rows(cli, idle_pod)
+    monkeypatch.setenv("XDG_STATE_HOME", str(cli.root / "state"))
+    stored_uri = "gs://tpuctl-local/tpuctl/runs/kept/recipe.yaml"
+    with storage.emulated(running_gcs_emulator_url()):
+        stored = storage.read_text(stored_uri)
+    lion = cli(*launch, *overrides, "train.steps=4", "optimizer.name=lion")
+    assert lion.returncode == 2, lion.stderr
+    assert lion.stderr == (
+        f"error: {run_dir}/checkpoints holds checkpoints of an optimizer.name 'adamw' run "
+        "(newest step 2) and this recipe's optimizer.name is 'lion', whose optimizer state is "
+        "another: set optimizer.name=adamw to resume it, or a new run_dir (to start from that "
+        "run's weights, export them with `python -m trainer.export` and set model.init_from "
+        "to the export)\n"
+    )
+    with storage.emulated(running_gcs_emulator_url()):
+        assert storage.read_text(stored_uri) == stored
+    assert (run_dir / "DONE").read_text() == done
+    assert ps_rows(cli, idle_pod) == jobs_before  # nothing launched
+
+
 def test_a_crashing_worker_shows_in_ps_and_logs(cli, idle_pod, tmp_path):
     cli.ok(
         "run", TINY, "--name", "pod", "--all-workers", "--run-id", "crash",

@@ -769,7 +769,7 @@ class Babysitter:
     def _launch(
         self, stop_first: bool, node: Node | None = None, hosts: list[Host] | None = None
     ) -> None:
-        from tpuctl.jobs.runs import RunRequest, start_run
+        from tpuctl.jobs.runs import ResumeRefused, RunRequest, start_run
 
         node = node or self._current_node()
         hosts = hosts or self._hosts(node)
@@ -782,7 +782,13 @@ class Babysitter:
         self.view.activity = f"launching run {self.run_id} on {node.name}"
         self.log(f"launching run {self.run_id} on {plural(len(hosts), 'worker')} of {node.name}")
         request = RunRequest(recipe, overrides, self._run_env, self.run_id, force=False)
-        started = start_run(self.settings, node, hosts, request, self._progress)
+        try:
+            started = start_run(self.settings, node, hosts, request, self._progress)
+        except ResumeRefused as err:  # not a failure to retry: every launch is refused alike
+            raise StopBabysitting(
+                f"stopped babysitting run {self.run_id}: {err} (nothing was stored or launched)",
+                exit_code=2,
+            ) from None
         self._run_env = dict(started.env)
         self.state.recipe_uri, self.state.run_dir = started.recipe_uri, started.run_dir
         self.state.launches += 1

@@ -1,8 +1,9 @@
 """`tpuctl run`: from a recipe on this machine to the trainer running on every worker.
 
 Steps, each failing with one line before anything is launched: validate the recipe with
-the trainer's own loader, check no job runs and that the run id is not another run's
-(tpuctl.jobs.owner), store the resolved recipe in GCS
+the trainer's own loader, check no job runs, that the recipe can resume the checkpoints in
+its run_dir (trainer.resume, where this machine reads it) and that the run id is not another
+run's (tpuctl.jobs.owner), store the resolved recipe in GCS
 (gs://BUCKET/tpuctl/runs/RUN_ID/recipe.yaml, so every worker and any later relaunch read
 the same copy), prepare the workers' environment, then launch detached on all workers.
 """
@@ -34,6 +35,11 @@ if TYPE_CHECKING:
 LOCAL_POD_BUCKET = "tpuctl-local"
 # jax.distributed's usual coordinator port, for CPU pods whose workers are separate hosts.
 COORDINATOR_PORT = 8476
+
+
+class ResumeRefused(TpuctlError):
+    """The recipe cannot resume the checkpoints in its run_dir (`refuse_unresumable`): every
+    launch of it would be refused alike."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,8 @@ def start_run(
     if not request.force:
         jobs.refuse_if_busy(worker_jobs)
     uri = stored_recipe_uri(settings, node, run_id)
+    if run_dir_is_here(recipe.run_dir, node.provider):
+        refuse_unresumable(recipe)
     owner.claim(uri, run_id, owner.RunOwner(node.name, local_user()), absolute_path(recipe.run_dir))
     storage.upload_text(uri, resolved_recipe_yaml(recipe))
     if run_dir_is_here(recipe.run_dir, node.provider):
@@ -99,6 +107,23 @@ def start_run(
     run_dir = absolute_path(recipe.run_dir)
     launches.record(launches.Launch(node.name, run_id, run_dir, recipe.train.steps, time.time()))
     return StartedRun(run_id, uri, run_dir, f".tpuctl/jobs/{run_id}/log", hosts, secrets)
+
+
+def refuse_unresumable(recipe: Any) -> None:
+    """Refuse `recipe` here, before anything is stored, when the trainer would refuse to resume
+    the checkpoints in its run_dir with it (trainer.resume: another objective.name,
+    optimizer.name or model.init_from): stored, it would be the recipe every relaunch of the
+    run trains, none of which could resume them, and the run's DONE record would be gone
+    (`_clear_stale_done`). For a run directory this machine reads; storage trouble reading
+    it leaves the refusal to the trainer, as on the workers' own disks."""
+    from trainer.resume import CheckpointError, check_recipe
+
+    try:
+        check_recipe(recipe)
+    except CheckpointError as err:
+        raise ResumeRefused(str(err)) from None
+    except Exception:  # unreadable from here (GCS trouble, no gcsfs): the trainer checks it
+        return
 
 
 def run_env(recipe: Any, request: RunRequest, progress: Callable[[str], None]) -> dict[str, str]:
