@@ -1,5 +1,6 @@
 """The CLI shell: fast start-up, no heavy imports, one-line errors."""
 
+import json
 import subprocess
 import sys
 
@@ -28,26 +29,25 @@ def test_version():
     assert result.stdout.startswith("tpuctl ")
 
 
-def test_cli_import_pulls_in_no_heavy_library():
+def heavy_modules_after(statements: str) -> list[str]:
+    """The HEAVY_MODULES a fresh interpreter has imported after running `statements`."""
     code = (
-        "import sys, tpuctl.cli; tpuctl.cli.load_commands([]); "
-        f"print([m for m in {HEAVY_MODULES!r} if any(k == m or k.startswith(m + '.') "
-        "for k in sys.modules)])"
+        f"import json, sys; {statements}; "
+        f"print(json.dumps([m for m in {HEAVY_MODULES!r} if any(k == m or k.startswith(m + '.') "
+        "for k in sys.modules)]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    return json.loads(out.stdout)
+
+
+def test_cli_import_pulls_in_no_heavy_library():
+    assert heavy_modules_after("import tpuctl.cli; tpuctl.cli.load_commands([])") == []
 
 
 def test_the_resume_refusals_tpuctl_run_makes_import_no_heavy_library():
     """`tpuctl run` refuses what the trainer refuses on resume with the trainer's own rules
     (trainer.resume), so those must come without jax and orbax."""
-    code = (
-        "import sys, trainer.resume; "
-        f"print([m for m in {HEAVY_MODULES!r} if any(k == m or k.startswith(m + '.') "
-        "for k in sys.modules)])"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert heavy_modules_after("import trainer.resume") == []
 
 
 def test_cli_import_leaves_rich_and_paramiko_to_the_commands_that_use_them():
