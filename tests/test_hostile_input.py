@@ -572,7 +572,7 @@ def test_a_checkouts_project_file_runs_nothing_on_the_workers_until_trusted(tmp_
         assert "node cloned ./tpuctl.yaml" in rows
         assert shown[-1].startswith("note: ./tpuctl.yaml") and shown[-1].endswith(fix)
 
-        assert "its worker.setup now apply" in cli.ok("config", "trust")
+        assert "its worker.setup now applies" in cli.ok("config", "trust")
         store = tmp_path / "state" / "tpuctl" / "trusted_project_files.json"
         assert store.stat().st_mode & 0o777 == 0o600
         cli.ok("prepare")

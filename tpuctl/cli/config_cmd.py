@@ -63,5 +63,6 @@ def trust() -> None:
     and TPUs go, or how you log in (worker.*, bucket, project, ssh.key, ...). Trusts this
     content only: once the file changes, commands refuse it until you trust it again."""
     path, keys = config.trust_project_file()
-    what = f"; its {', '.join(keys)} now apply" if keys else " (it sets no key that needs it)"
+    verb = "applies" if len(keys) == 1 else "apply"
+    what = f"; its {', '.join(keys)} now {verb}" if keys else " (it sets no key that needs it)"
     console.print(f"trusted {path} as it is now{what}", markup=False)
