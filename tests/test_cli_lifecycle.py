@@ -1054,18 +1054,17 @@ def test_status_shows_every_worker(run_tpuctl, fake_tpu):
 
 
 def test_status_among_several_nodes_asks_for_a_name_the_way_status_takes_it(run_tpuctl, fake_tpu):
-    """The error told every command to `pick one with --name NAME`, an option `status`,
-    `exec`, `ssh`, `logs`, ... do not have: following it was a usage error."""
+    """The error tells every command to `pick one with --name NAME`: an option `status`,
+    `exec`, `ssh`, `logs`, ... once lacked, so following it was a usage error."""
     for name in ("a", "b"):
         fake_tpu.add_node(name, "v3-8", project="test-project", zone="us-central1-a")
     result = run_tpuctl("status")
     assert result.code == 2
     assert result.err.strip() == (
-        "error: 2 nodes in zone us-central1-a of project test-project (a, b); pick one: give "
-        "its name (`put`, `get`, `run` and `babysit` take it as --name NAME), or "
-        "`tpuctl config set node NAME`"
+        "error: 2 nodes in zone us-central1-a of project test-project (a, b); pick one with "
+        "--name NAME, or `tpuctl config set node NAME`"
     )
-    assert run_tpuctl("status", "--name", "a").code == 2  # why it must not say --name
+    assert run_tpuctl("status", "--name", "a").code == 0
     assert run_tpuctl("status", "a").code == 0
 
 

@@ -301,9 +301,8 @@ def resolve_node(settings: Settings, name: str | None) -> Node:
             exit_code=1,
         )
     names = ", ".join(sorted(n.name for n in nodes))
-    # Most commands take the name as an argument, and --name is an unknown option to them.
+    # Every command that takes a node takes --name NAME (most take NAME too).
     raise TpuctlError(
-        f"{len(nodes)} nodes in {describe_location(settings)} ({names}); pick one: give its "
-        "name (`put`, `get`, `run` and `babysit` take it as --name NAME), or "
-        "`tpuctl config set node NAME`"
+        f"{len(nodes)} nodes in {describe_location(settings)} ({names}); pick one with "
+        "--name NAME, or `tpuctl config set node NAME`"
     )
