@@ -23,3 +23,15 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.05)
+
+
+def stopped(pid: int) -> bool:
+    """Whether every thread of process `pid` has stopped (SIGSTOP is delivered
+    asynchronously: a thread may still write for a moment after `send_signal` returns)."""
+    from pathlib import Path
+
+    states = [
+        (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    ]
+    return all(state in ("T", "t") for state in states)

@@ -30,7 +30,7 @@ from tests.fixtures_data import (
     write_parquet,
 )
 from tests.fixtures_trainer import REPO
-from tests.polling import wait_for
+from tests.polling import stopped, wait_for
 from trainer import cache, data, io
 from trainer.config import DataConfig, RecipeError
 from trainer.tokenizer import load_tokenizer
@@ -208,8 +208,7 @@ def test_a_killed_builders_temporary_shard_is_removed_and_a_live_ones_kept(tmp_p
     try:
         (temp,) = wait_for(lambda: list(root.rglob(".tmp-shard-*")), what="a temporary shard")
         proc.send_signal(signal.SIGSTOP)
-        stat = Path(f"/proc/{proc.pid}/stat")
-        wait_for(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "T", what="a stop")
+        wait_for(lambda: stopped(proc.pid), what="a stop")
         assert temp.exists() and not list(root.rglob("shard-*.json")), "built too fast"
         # Another process of the run builds its share meanwhile: the live temp stays.
         cache.build(caches, settings(DataConfig(), 33), 1, 2, write_index=False)

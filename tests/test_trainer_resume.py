@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures_trainer import LEASE_TTL_ENV
+from tests.polling import stopped, wait_for
 from trainer import io, run_lock
 from trainer.contract import EXIT_CHECKPOINT_IO, EXIT_PREEMPTED
 
@@ -367,6 +368,7 @@ def test_a_second_trainer_on_a_run_dir_in_use_stops_and_leaves_the_first_alone(t
     first.wait_for_step(5)
     first.procs[0].send_signal(signal.SIGSTOP)  # alive, holding the run dir, writing nothing
     try:
+        wait_for(lambda: stopped(first.procs[0].pid), what="the first trainer to stop")
         files = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
         second = TrainerPod(str(run_dir), 1, tmp_path, ("optimizer.lr=1e-2",))
         assert second.wait() == [2]
