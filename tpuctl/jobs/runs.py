@@ -88,11 +88,12 @@ def start_run(
     if not request.force:
         jobs.refuse_if_busy(worker_jobs)
     uri = stored_recipe_uri(settings, node, run_id)
-    if run_dir_is_here(recipe.run_dir, node.provider):
+    readable_here = run_dir_is_here(recipe.run_dir, node.provider)
+    if readable_here:
         refuse_unresumable(recipe)
     owner.claim(uri, run_id, owner.RunOwner(node.name, local_user()), absolute_path(recipe.run_dir))
     storage.upload_text(uri, resolved_recipe_yaml(recipe))
-    if run_dir_is_here(recipe.run_dir, node.provider):
+    if readable_here:
         _clear_stale_done(absolute_path(recipe.run_dir), recipe.train.steps, run_id, progress)
     cpu = _is_cpu_pod(settings, node, worker_jobs)
     worker_env = prepare_workers(settings, node, hosts, progress, cpu)
