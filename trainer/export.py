@@ -25,6 +25,7 @@ import numpy as np
 from trainer import generation, io
 from trainer.config import ModelConfig, RecipeError, TrainerError
 from trainer.hf import GENERATION_CONFIG
+from trainer.resume import CHECKPOINTS_DIR
 from trainer.tokenizer import (
     CHAT_TEMPLATE_FILE,
     CONFIG_FILES,
@@ -184,7 +185,7 @@ def export(
     from trainer.checkpoint import load_params
     from trainer.hf import hf_config_from_model, params_to_hf
 
-    checkpoints = io.join(run_dir, "checkpoints")
+    checkpoints = io.join(run_dir, CHECKPOINTS_DIR)
     step, params = load_params(checkpoints, step)
     model_cfg, tokenizer_path, recorded = _run_description(checkpoints, recipe)
     _check_fits(params, model_cfg, "--recipe" if recipe else "the run's recorded model")

@@ -26,6 +26,7 @@ import numpy as np
 
 from trainer import data, io, preference, sources
 from trainer.config import DataConfig, ModelConfig, RecipeError, TokenizerConfig, TrainerError
+from trainer.resume import CHECKPOINTS_DIR
 
 BATCH = 16  # sequences scored together
 
@@ -35,7 +36,7 @@ def load_reward_model(source: str, step: int | None = None) -> tuple[ModelConfig
     from trainer.checkpoint import load_params, read_model_info
     from trainer.hf import load_hf_dir
 
-    checkpoints = io.join(source, "checkpoints")
+    checkpoints = io.join(source, CHECKPOINTS_DIR)
     if io.exists(io.join(source, "config.json")):
         if step is not None:
             raise RecipeError(f"--step: {source} is an exported directory, not a run directory")
